@@ -1,0 +1,143 @@
+"""Load a GPT-2 and its tokenizer from any source botkit accepts; the one loader used everywhere."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+
+from .errors import InputError, ModelLoadError
+
+log = logging.getLogger("botkit")
+
+HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+
+
+def asset_dir(name: str) -> Path:
+    """A folder shipped inside the package (`gpt2` tokenizer, `demo` model)."""
+    return Path(str(resources.files("botkit") / "assets" / name))
+
+
+def gpt2_tokenizer() -> PreTrainedTokenizerBase:
+    """OpenAI's GPT-2 BPE tokenizer from the files bundled with botkit; needs no network."""
+    return _finish_tokenizer(AutoTokenizer.from_pretrained(asset_dir("gpt2")))
+
+
+def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token; padded columns are masked anyway
+    tokenizer.padding_side = "left"  # GPT-2 samples from the last column
+    return tokenizer
+
+
+@dataclass
+class LoadedModel:
+    model: GPT2LMHeadModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def max_context(self) -> int:
+        """The model window in tokens (1024 for GPT-2)."""
+        return self.model.config.n_positions
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> str:
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"  # CPU matmuls in half precision are slower than in float32
+
+
+def load_model(
+    model: str | os.PathLike | GPT2Config | None = None,
+    *,
+    run_name: str | None = None,
+    checkpoint_dir: str | os.PathLike = "checkpoint",
+    device: str | None = None,
+    dtype: str | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load a model for generation or training.
+
+    `model` is a Hugging Face hub name (`gpt2`, `distilgpt2`, ...), a local Hugging Face folder, a
+    `GPT2Config` (a randomly initialised model, seeded with `seed`), or None: then `run_name` picks
+    `checkpoint_dir/run_name`, and with neither the bundled demo model is used. A folder without
+    tokenizer files gets the bundled GPT-2 tokenizer.
+    """
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    if dtype not in DTYPES:
+        raise InputError(f"Unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"Device {device!r} was asked for but no CUDA GPU is available: use --device cpu.")
+
+    if isinstance(model, GPT2Config):
+        torch.manual_seed(seed)
+        loaded = LoadedModel(GPT2LMHeadModel(model), gpt2_tokenizer(), name="random-gpt2")
+    else:
+        source, name = _resolve(model, run_name, checkpoint_dir)
+        loaded = _load_pretrained(source, name)
+    loaded.model.to(device=device, dtype=DTYPES[dtype]).eval()
+    return loaded
+
+
+def _resolve(model, run_name, checkpoint_dir) -> tuple[str, str]:
+    if model is None and run_name:
+        path = Path(checkpoint_dir) / run_name
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"No trained model in {path}: check --run-name and --checkpoint-dir, or train one with `botkit finetune`.")
+        return str(path), run_name
+    if model is None:
+        path = asset_dir("demo")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError("The bundled demo model is missing from this install: pass --model gpt2 (online) or a local model folder.")
+        return str(path), "botkit-demo"
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} has no config.json: point --model at a folder saved by `save_pretrained` or `botkit finetune`.")
+        return str(path), path.name
+    if path.exists() or os.sep in str(model) or str(model).startswith("."):
+        raise ModelLoadError(f"Model path {model} does not exist: check the path, or use a hub name such as gpt2.")
+    return str(model), str(model)
+
+
+def _load_pretrained(source: str, name: str) -> LoadedModel:
+    is_local = Path(source).is_dir()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source)
+    except OSError as exc:
+        if is_local:
+            raise ModelLoadError(f"Could not read the model in {source} ({exc.__class__.__name__}): is the folder complete?") from exc
+        raise ModelLoadError(
+            f"Could not get {source!r} from the Hugging Face hub (offline, or no such model): "
+            "download it once while online, or pass a local folder with --model."
+        ) from exc
+    if is_local and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
+        tokenizer = gpt2_tokenizer()
+    else:
+        try:
+            tokenizer = _finish_tokenizer(AutoTokenizer.from_pretrained(source))
+        except OSError:
+            log.warning("No usable tokenizer with %s; using the bundled GPT-2 tokenizer.", name)
+            tokenizer = gpt2_tokenizer()
+    return LoadedModel(model, tokenizer, name=name)
