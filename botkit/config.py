@@ -61,6 +61,7 @@ class WebConfig:
     port: int = 8080
     api_key_env: str = ""  # environment variable with the API key (required unless host is loopback)
     max_body_bytes: int = 65536
+    max_n: int = 8  # most samples one request may ask for (playground nsamples; API n × prompts)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,335 @@
+"""The web adapter: the playground page and an HTTP JSON API (OpenAI-style `/v1/completions`,
+`/v1/models`, `/api/stats`, `/api/recent`) around one core, served by aiohttp.
+
+Safe by default: bound to 127.0.0.1, and it refuses to bind elsewhere without an API key. With a key
+every API route needs `Authorization: Bearer <key>`; without one it answers only requests addressed to
+localhost (a DNS-rebinding page cannot reach it) and only JSON POSTs (a cross-site form cannot).
+
+    async with WebAdapter(core, config.web, api_key) as web:
+        print(web.url)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import ipaddress
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from botkit.config import WebConfig
+from botkit.errors import BotkitError, BusyError, ConfigError, InputError, RateLimitedError, RequestTimeout
+
+from .web_params import CompletionRequest, parse_completion, parse_playground
+
+log = logging.getLogger("botkit.web")
+
+PAGE_PATH = Path(__file__).parent / "static" / "playground.html"
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+# (status, OpenAI error type) per error class; the first match wins, so subclasses come first.
+ERROR_STATUS = (
+    (InputError, 400, "invalid_request_error"),
+    (RateLimitedError, 429, "rate_limit_error"),
+    (BusyError, 503, "server_busy"),
+    (RequestTimeout, 504, "timeout"),
+    (BotkitError, 500, "server_error"),
+)
+HTTP_SENTENCES = {
+    401: "This server needs an API key: send the header Authorization: Bearer <key>.",
+    404: "There is nothing at this path: the API is POST /v1/completions, GET /v1/models and GET /api/stats.",
+    405: "This path does not accept that method: see the API routes on the playground page.",
+}
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip("[]") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve anywhere
+
+
+class WebAdapter:
+    """Serves the playground and the API on `config.host:config.port` (port 0 picks a free one)."""
+
+    def __init__(self, core, config: WebConfig, api_key: str | None = None, *, model_name: str = "botkit"):
+        self.core = core
+        self.config = config
+        self.api_key = api_key or None
+        self.model_name = model_name
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+        self._streams: set[asyncio.Task] = set()  # open streaming responses, ended on shutdown
+
+    async def __aenter__(self) -> WebAdapter:
+        if not is_loopback(self.config.host) and not self.api_key:
+            raise ConfigError(
+                f"web.host is {self.config.host!r}, which other machines can reach: set web.api_key_env to an "
+                "environment variable holding an API key, or bind to 127.0.0.1."
+            )
+        self._runner = web.AppRunner(self.build_app(), access_log=None, shutdown_timeout=2.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise ConfigError(
+                f"The web adapter cannot listen on {self.config.host}:{self.config.port} ({exc.strerror}): "
+                "set web.port to a free port."
+            ) from None
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+        log.info("Web playground and API at %s", self.url)
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        for task in list(self._streams):
+            task.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def build_app(self) -> web.Application:
+        # client_max_size makes aiohttp refuse a bigger body with 413, even one sent chunked.
+        app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._errors, self._guard])
+        app.router.add_get("/", self.page)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/api/generate", self.generate)
+        app.router.add_get("/api/recent", self.recent)
+        app.router.add_get("/api/stats", self.stats)
+        return app
+
+    # -- middlewares -----------------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        """Every failure becomes `{"error": {"message": <sentence>}}`; a traceback goes to the log only."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            if exc.status == 413:
+                message = f"The request body is over the {self.config.max_body_bytes}-byte limit: send a shorter prompt."
+            else:
+                message = HTTP_SENTENCES.get(exc.status) or exc.text or exc.reason
+            return error_response(exc.status, message, "invalid_request_error", headers=exc.headers)
+        except BotkitError as exc:
+            return botkit_error_response(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("Unexpected error answering %s %s", request.method, request.path)
+            return error_response(500, "The server failed to answer this request; the details are in its log.", "server_error")
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler):
+        if request.path == "/":  # the page holds no data; it asks for a key when the API answers 401
+            return await handler(request)
+        if self.api_key:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"})
+        elif request.host.rsplit(":", 1)[0] not in LOCAL_NAMES:
+            raise web.HTTPForbidden(text="This server answers only requests addressed to localhost; set web.api_key_env to serve others.")
+        if request.method == "POST":
+            if request.content_type != "application/json":
+                raise web.HTTPUnsupportedMediaType(text="Send the body as JSON with the header Content-Type: application/json.")
+            if (request.content_length or 0) > self.config.max_body_bytes:
+                raise web.HTTPRequestEntityTooLarge(max_size=self.config.max_body_bytes, actual_size=request.content_length)
+        return await handler(request)
+
+    # -- routes ----------------------------------------------------------------------------------
+
+    async def page(self, request: web.Request) -> web.Response:
+        return web.Response(body=PAGE_PATH.read_bytes(), content_type="text/html", charset="utf-8")
+
+    async def models(self, request: web.Request) -> web.Response:
+        model = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "botkit"}
+        return web.json_response({"object": "list", "data": [model]})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        stats = self.core.stats()
+        body = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(vars(stats))
+        body["summary"] = stats.summary()
+        return web.json_response(body, dumps=_dumps)
+
+    async def recent(self, request: web.Request) -> web.Response:
+        try:
+            limit = min(max(int(request.query.get("limit", "20")), 1), 100)
+        except ValueError:
+            raise InputError("limit must be a whole number from 1 to 100.") from None
+        return web.json_response({"recent": await self.core.recent(limit=limit)}, dumps=_dumps)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        req = parse_completion(await read_json(request), max_n=self.config.max_n)
+        tickets = await self._submit(request, req)
+        if req.stream:
+            return await self._stream_openai(request, req, tickets)
+        try:
+            replies = await asyncio.gather(*(t.result() for t in tickets))
+        finally:
+            for ticket in tickets:
+                ticket.cancel()  # no-op for finished ones; frees the slots of the others on a failure
+        choices = [
+            {"text": r.text, "index": i, "logprobs": None, "finish_reason": finish_reason(r.finish_reason)}
+            for i, r in enumerate(replies)
+        ]
+        body = self._envelope(choices)
+        body["usage"] = self._usage(req, sum(r.num_tokens for r in replies))
+        return web.json_response(body)
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        """The playground: samples stream as server-sent events, one JSON object per event."""
+        req = parse_playground(await read_json(request), max_n=self.config.max_n)
+        tickets = await self._submit(request, req)
+        response = await self._open_sse(request)
+        await _send(response, {"type": "start", "samples": [t.request_id for t in tickets]})
+        async for index, kind, value in merge_streams(tickets, self._streams):
+            if kind == "delta":
+                await _send(response, {"type": "delta", "index": index, "text": value})
+            elif kind == "done":
+                event = {"type": "done", "index": index, "text": value.text, "finish_reason": finish_reason(value.finish_reason)}
+                await _send(response, event)
+            else:
+                await _send(response, {"type": "error", "index": index, "message": value})
+        await _send(response, {"type": "end"})
+        return response
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    async def _submit(self, request: web.Request, req: CompletionRequest) -> list:
+        """One ticket per sample, all or none: a refusal part-way cancels those already queued."""
+        tickets = []
+        try:
+            for prompt, params in req.samples():
+                tickets.append(
+                    await self.core.submit_completion(
+                        prompt, params, platform="web", chat_id="web", user_id=request.remote or "web"
+                    )
+                )
+        except BaseException:
+            for ticket in tickets:
+                ticket.cancel()
+            raise
+        return tickets
+
+    async def _open_sse(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        return response
+
+    async def _stream_openai(self, request, req: CompletionRequest, tickets: list) -> web.StreamResponse:
+        response = await self._open_sse(request)
+        envelope = self._envelope([])
+        num_tokens = 0
+        async for index, kind, value in merge_streams(tickets, self._streams):
+            if kind == "error":
+                await _send(response, {"error": {"message": value, "type": "server_error", "code": 500}})
+                continue
+            if kind == "delta":
+                choice = {"text": value, "index": index, "logprobs": None, "finish_reason": None}
+            else:
+                num_tokens += value.num_tokens
+                choice = {"text": "", "index": index, "logprobs": None, "finish_reason": finish_reason(value.finish_reason)}
+            await _send(response, {**envelope, "choices": [choice]})
+        if req.include_usage:
+            await _send(response, {**envelope, "choices": [], "usage": self._usage(req, num_tokens)})
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    def _envelope(self, choices: list) -> dict:
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": choices,
+        }
+
+    def _usage(self, req: CompletionRequest, completion_tokens: int) -> dict:
+        prompt_tokens = req.n * sum(self.core.count_tokens(p) for p in req.prompts)
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+
+async def merge_streams(tickets: list, registry: set[asyncio.Task]) -> AsyncIterator[tuple[int, str, object]]:
+    """(index, "delta", text), (index, "done", Reply) and (index, "error", sentence) from all tickets,
+    in the order they happen. If the consumer stops (client gone, shutdown) every ticket is cancelled."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, ticket) -> None:
+        try:
+            async for delta in ticket.stream():
+                if delta:
+                    queue.put_nowait((index, "delta", delta))
+            queue.put_nowait((index, "done", await ticket.result()))
+        except BotkitError as exc:
+            queue.put_nowait((index, "error", str(exc)))
+        except Exception:
+            log.exception("Streaming request %s failed", ticket.request_id)
+            queue.put_nowait((index, "error", "Generation failed on the server; the details are in its log."))
+
+    pumps = [asyncio.create_task(pump(i, t)) for i, t in enumerate(tickets)]
+    this_task = asyncio.current_task()
+    registry.add(this_task)
+    remaining = len(tickets)
+    try:
+        while remaining:
+            item = await queue.get()
+            remaining -= item[1] != "delta"  # each ticket ends with one "done" or "error"
+            yield item
+    finally:
+        registry.discard(this_task)
+        for task in pumps:
+            task.cancel()
+        for ticket in tickets:
+            ticket.cancel()
+
+
+async def read_json(request: web.Request):
+    raw = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge, answered 413
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"The request body is not valid JSON ({exc.__class__.__name__}): send a JSON object.") from None
+
+
+async def _send(response: web.StreamResponse, event: dict) -> None:
+    await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+
+
+def finish_reason(reason: str | None) -> str:
+    """OpenAI's names: "length" when max_tokens ran out, otherwise "stop" (a stop string or end of text)."""
+    return "length" if reason == "length" else "stop"
+
+
+def error_response(status: int, message: str, kind: str, headers=None) -> web.Response:
+    keep = {k: v for k, v in (headers or {}).items() if k in ("WWW-Authenticate", "Retry-After", "Allow")}
+    body = {"error": {"message": message, "type": kind, "code": status}}
+    return web.json_response(body, status=status, headers=keep)
+
+
+def botkit_error_response(exc: BotkitError) -> web.Response:
+    for cls, status, kind in ERROR_STATUS:
+        if isinstance(exc, cls):
+            headers = {"Retry-After": "5"} if status in (429, 503) else None
+            return error_response(status, str(exc), kind, headers)
+    raise AssertionError("BotkitError is the last row of ERROR_STATUS")
+
+
+def _dumps(value) -> str:
+    return json.dumps(value, default=str)  # timestamps and paths from the store become strings

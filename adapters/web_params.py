@@ -1,0 +1,141 @@
+"""Turn an HTTP JSON body into validated generation requests: the playground's form and OpenAI's
+`/v1/completions` body. Pure functions, no aiohttp: every refusal is an InputError whose str() is the
+one sentence the client sees in `{"error": {"message": ...}}`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from botkit.errors import InputError
+from botkit.params import STOP_LIMIT, SamplingParams
+
+_KIND_NAMES = {int: "whole number", float: "number", str: "string", bool: "true or false"}
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """One HTTP request: `prompts × n` samples, choice `i * n + j` is sample j of prompt i."""
+
+    prompts: tuple[str, ...]
+    n: int
+    params: SamplingParams
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with token counts
+
+    def samples(self) -> list[tuple[str, SamplingParams]]:
+        """(prompt, params) per choice index; with a seed, sample j uses seed + j so the n differ."""
+        out = []
+        for prompt in self.prompts:
+            for j in range(self.n):
+                seed = None if self.params.seed is None else self.params.seed + j
+                out.append((prompt, _with_seed(self.params, seed)))
+        return out
+
+
+def parse_completion(body, *, max_n: int) -> CompletionRequest:
+    """An OpenAI completions body (prompt, max_tokens, temperature, top_p, n, stop, stream, seed;
+    top_k and repetition_penalty as vLLM's extensions). OpenAI's defaults: 16 tokens, temperature 1."""
+    body = _object(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompts = (prompt,)
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = tuple(prompt)
+    else:
+        raise InputError("prompt must be a string or a non-empty list of strings (token-id prompts are not supported).")
+    for key, allowed in (("logprobs", (None, 0)), ("echo", (None, False)), ("suffix", (None, ""))):
+        if body.get(key) not in allowed:
+            raise InputError(f"{key} is not supported by this server: leave it out.")
+    n = _field(body, "n", int, 1)
+    best_of = _field(body, "best_of", int, n)
+    if best_of != n:
+        raise InputError("best_of is not supported by this server: leave it out or make it equal to n.")
+    if not 1 <= n * len(prompts) <= max_n:
+        raise InputError(f"n × the number of prompts must be from 1 to {max_n}, not {n * len(prompts)}.")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise InputError("stream_options must be an object such as {\"include_usage\": true}.")
+    params = _sampling(
+        max_new_tokens=_field(body, "max_tokens", int, 16),
+        temperature=_field(body, "temperature", float, 1.0),
+        top_k=max(0, _field(body, "top_k", int, 0)),  # vLLM writes "off" as -1, botkit as 0
+        top_p=_field(body, "top_p", float, 1.0),
+        repetition_penalty=_field(body, "repetition_penalty", float, 1.0),
+        stop=_stop(body.get("stop")),
+        seed=_field(body, "seed", int, None),
+    )
+    return CompletionRequest(
+        prompts=prompts,
+        n=n,
+        params=params,
+        stream=_field(body, "stream", bool, False),
+        include_usage=_field(stream_options, "include_usage", bool, False),
+    )
+
+
+def parse_playground(body, *, max_n: int) -> CompletionRequest:
+    """The playground form: prefix, length, temperature, top_k, top_p, nsamples, truncate, seed
+    (gpt-2-simple's names); a sample ends before `truncate` ("" = only at the end of text or length)."""
+    body = _object(body)
+    prefix = _field(body, "prefix", str, "")
+    nsamples = _field(body, "nsamples", int, 1)
+    if not 1 <= nsamples <= max_n:
+        raise InputError(f"nsamples must be from 1 to {max_n}, not {nsamples}.")
+    truncate = _field(body, "truncate", str, "")
+    params = _sampling(
+        max_new_tokens=_field(body, "length", int, 60),
+        temperature=_field(body, "temperature", float, 0.8),
+        top_k=_field(body, "top_k", int, 40),
+        top_p=_field(body, "top_p", float, 0.95),
+        stop=(truncate,) if truncate else (),
+        seed=_field(body, "seed", int, None),
+    )
+    return CompletionRequest(prompts=(prefix,), n=nsamples, params=params, stream=True)
+
+
+def _object(body) -> dict:
+    if not isinstance(body, dict):
+        raise InputError("The request body must be a JSON object such as {\"prompt\": \"Once upon a time\"}.")
+    return body
+
+
+def _field(body: dict, key: str, kind: type, default):
+    value = body.get(key)
+    if value is None:
+        return default
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)  # 40.0 from a JavaScript number input
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise InputError(f"{key} must be a {_KIND_NAMES[kind]}, not {_short(value)}.")
+    return value
+
+
+def _stop(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise InputError("stop must be a string or a list of strings.")
+    if len(value) > STOP_LIMIT:
+        raise InputError(f"At most {STOP_LIMIT} stop strings are allowed, not {len(value)}.")
+    return tuple(value)
+
+
+def _sampling(**fields) -> SamplingParams:
+    try:
+        return SamplingParams(**fields)
+    except TypeError:  # a comparison with a value of the wrong kind; _field checks kinds first
+        raise InputError("A sampling parameter has the wrong type: use numbers for the numeric fields.") from None
+
+
+def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
+    return params if seed == params.seed else replace(params, seed=seed)
+
+
+def _short(value) -> str:
+    """A client's value echoed back in an error, cut short so a 60 kB field is not returned whole."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
