@@ -93,6 +93,13 @@ class TelegramConfig:
     webhook_port: int = 8443
     base_url: str = ""  # Bot API server ("" = Telegram's); tests point it at a fake
     max_reply_parts: int = 3
+    webhook_secret_env: str = ""  # env var with a secret Telegram echoes on every webhook call ("" = none)
+    typing_interval_s: float = 4.0  # resend "typing…" this often while a reply is pending (it shows for 5 s)
+    queue_notice_s: float = 5.0  # a reply still queued after this long gets an "n-th in line" notice
+    chat_send_interval_s: float = 1.0  # at most one message per chat this often (Telegram's flood limit)
+    group_sends_per_minute: int = 20  # at most this many messages per group per minute (Telegram's limit)
+    max_send_retries: int = 2  # a send refused with 429 (after its retry_after), a 5xx or a dropped connection
+    request_timeout_s: float = 10.0  # connect/read/write timeout of one Bot API call
 
 
 @dataclass(frozen=True)

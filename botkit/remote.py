@@ -9,17 +9,21 @@ request. Errors are one sentence naming the server and what to check; the API ke
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
 from yarl import URL
 
+from .backends import Completion, Job
 from .config import Config, secret
 from .errors import ConfigError, GenerationError, ModelLoadError, RequestTimeout
+from .models import gpt2_tokenizer
 from .params import SamplingParams
 
 log = logging.getLogger("botkit.remote")
@@ -35,6 +39,7 @@ class Chunk:
     text: str
     finish_reason: str | None = None  # "stop" | "length" on the last chunk
     num_tokens: int = 0  # completion tokens, on the last chunk
+    num_prompt_tokens: int | None = None  # as the server counted them, on the last chunk if it said
 
 
 def completions_url(url: str) -> URL:
@@ -46,6 +51,77 @@ def completions_url(url: str) -> URL:
     if path.endswith("/completions"):
         return parsed.with_path(path)
     return parsed.with_path((path or "/v1") + "/completions")
+
+
+class RemoteBackend:
+    """The Backend interface (botkit.backends) over a RemoteClient. Counts tokens with the bundled
+    GPT-2 tokenizer, which is right for GPT-2-family models; `max_context` is the remote window."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        model: str = "",
+        api_key: str | None = None,
+        max_batch_size: int = 32,
+        max_context: int = 1024,
+        timeout_s: float = 120.0,
+    ):
+        self.client = RemoteClient(url, model=model, api_key=api_key, max_concurrency=max_batch_size, timeout_s=timeout_s)
+        self.name = model or "remote"
+        self.max_batch_size = max_batch_size
+        self.max_context = max_context
+        self.tokenizer = gpt2_tokenizer()
+
+    @classmethod
+    def from_config(cls, config: Config) -> RemoteBackend:
+        if not config.model.url:
+            raise ConfigError('model.backend is "remote" but model.url is empty: set it to the server\'s URL, such as http://gpu-box:8000/v1.')
+        return cls(
+            config.model.url,
+            model=config.model.remote_model,
+            api_key=remote_api_key(config),
+            max_batch_size=config.batch.max_size,
+            max_context=config.model.max_context,
+            timeout_s=config.batch.timeout_s,
+        )
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text).input_ids)
+
+    async def __aenter__(self) -> RemoteBackend:
+        await self.client.__aenter__()
+        self.name = self.client.model
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.client.__aexit__(*exc)
+
+    async def generate(self, job: Job) -> Completion:
+        prompt, params = self._fit_window(job.prompt, job.params)
+        text, first_token_at, last = [], None, Chunk("")
+        async for chunk in self.client.stream(prompt, params):
+            if chunk.text:
+                first_token_at = first_token_at or time.time()
+                text.append(chunk.text)
+                job.on_text(chunk.text)
+            last = chunk
+        num_prompt_tokens = last.num_prompt_tokens if last.num_prompt_tokens is not None else self.count_tokens(prompt)
+        return Completion("".join(text), last.finish_reason or "stop", num_prompt_tokens, last.num_tokens,
+                          params.seed, first_token_at)
+
+    def _fit_window(self, prompt: str, params: SamplingParams) -> tuple[str, SamplingParams]:
+        """The remote server refuses prompt + max_tokens over its window, where the local engine slides
+        it: keep the prompt's last tokens and, if need be, ask for fewer new ones."""
+        ids = self.tokenizer(prompt).input_ids
+        budget = max(self.max_context - params.max_new_tokens, 1)
+        if len(ids) > budget:
+            ids = ids[-budget:]
+            prompt = self.tokenizer.decode(ids)
+        max_new_tokens = min(params.max_new_tokens, self.max_context - len(ids))
+        if max_new_tokens != params.max_new_tokens:
+            params = dataclasses.replace(params, max_new_tokens=max(max_new_tokens, 1))
+        return prompt, params
 
 
 class RemoteClient:
@@ -164,7 +240,7 @@ class RemoteClient:
         raise GenerationError(f"The remote model server {self.server} refused the request ({response.status}: {message or response.reason}).")
 
     async def _read_events(self, response: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
-        finish_reason, num_tokens, num_chunks = None, None, 0
+        finish_reason, num_tokens, num_prompt_tokens, num_chunks = None, None, None, 0
         async for raw in response.content:
             line = raw.decode("utf-8", "replace").strip()
             if not line.startswith("data:"):
@@ -177,6 +253,7 @@ class RemoteClient:
                 raise GenerationError(f"The remote model server {self.server} failed mid-answer: {_message_of(event)}")
             if event.get("usage"):
                 num_tokens = event["usage"].get("completion_tokens")
+                num_prompt_tokens = event["usage"].get("prompt_tokens")
             for choice in event.get("choices") or ():
                 num_chunks += 1
                 if choice.get("finish_reason"):
@@ -185,7 +262,8 @@ class RemoteClient:
                     yield Chunk(choice["text"])
         if finish_reason is None:
             raise GenerationError(f"The remote model server {self.server} ended the answer without a finish reason: is it overloaded or restarting?")
-        yield Chunk("", finish_reason="length" if finish_reason == "length" else "stop", num_tokens=num_tokens or num_chunks)
+        reason = "length" if finish_reason == "length" else "stop"
+        yield Chunk("", finish_reason=reason, num_tokens=num_tokens or num_chunks, num_prompt_tokens=num_prompt_tokens)
 
 
 def _translate(client: RemoteClient, exc: BaseException) -> BaseException:

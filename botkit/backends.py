@@ -1,0 +1,220 @@
+"""Where text is generated: the Backend interface and the default in-process worker.
+
+The core hands a backend one job at a time (at most `max_batch_size` in flight) and awaits its
+completion; the backend batches whatever is in flight. `LocalBackend` runs botkit's engine in its
+own thread so the event loop never waits on torch; `botkit.remote.RemoteBackend` sends the same
+jobs to an OpenAI-style completions server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .engine import Engine, Event, Sequence
+from .errors import GenerationError
+from .models import LoadedModel
+from .params import SamplingParams
+
+log = logging.getLogger("botkit")
+
+
+@dataclass
+class Job:
+    id: int
+    prompt: str
+    params: SamplingParams
+    on_text: Callable[[str], None] = lambda delta: None  # called on the event loop with each new piece of text
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # stop | length
+    num_prompt_tokens: int
+    num_tokens: int
+    seed: int | None = None
+    first_token_at: float | None = None  # time.time() of the first generated text
+
+
+class Backend(Protocol):
+    name: str
+    max_batch_size: int  # jobs in flight at once
+    max_context: int  # the model window, in tokens
+
+    def count_tokens(self, text: str) -> int: ...
+
+    async def generate(self, job: Job) -> Completion:
+        """Run one job; cancelling the awaiting task frees its slot. Raises GenerationError."""
+        ...
+
+    async def __aenter__(self) -> Backend: ...
+
+    async def __aexit__(self, *exc) -> None: ...
+
+
+@dataclass
+class _Pending:
+    job: Job
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    first_token_at: float | None = None
+    retried: bool = False
+    seq: Sequence | None = field(default=None, repr=False)
+
+
+class LocalBackend:
+    """botkit's continuous-batching engine in a worker thread.
+
+    A step that raises (an exception, out of memory) fails only the sequences in that step: each is
+    retried once on its own, and fails with the reason if it fails again. `before_step` is called in
+    the worker with the running sequences before each step (fault injection in tests).
+    """
+
+    def __init__(self, lm: LoadedModel, max_batch_size: int = 32, before_step: Callable[[list[Sequence]], None] | None = None):
+        self.lm = lm
+        self.name = lm.name
+        self.max_batch_size = max_batch_size
+        self.max_context = lm.max_context
+        self.before_step = before_step
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._by_seq: dict[int, _Pending] = {}
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.lm.tokenizer(text).input_ids)
+
+    async def __aenter__(self) -> LocalBackend:
+        self._thread = threading.Thread(target=self._run, name="botkit-generation", daemon=True)
+        self._thread.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._inbox.put(None)
+        await asyncio.to_thread(self._thread.join)
+
+    async def generate(self, job: Job) -> Completion:
+        loop = asyncio.get_running_loop()
+        pending = _Pending(job, loop, loop.create_future())
+        self._inbox.put(("add", pending))
+        try:
+            return await asyncio.shield(pending.future)
+        except asyncio.CancelledError:
+            self._inbox.put(("cancel", job.id))
+            raise
+
+    # -- the worker thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        engine = Engine(self.lm, self.max_batch_size)
+        while True:
+            try:
+                message = self._inbox.get(block=not engine.has_work)
+            except queue.Empty:
+                message = ()
+            while message is not None:
+                if message:
+                    self._handle(engine, *message)
+                try:
+                    message = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+            if message is None:
+                self._fail_all(engine.reset(), "botkit is shutting down")
+                return
+            if engine.has_work:
+                self._step(engine)
+
+    def _handle(self, engine: Engine, kind: str, arg) -> None:
+        if kind == "add":
+            pending: _Pending = arg
+            try:
+                ids = self.lm.tokenizer(pending.job.prompt).input_ids
+                pending.seq = engine.add(ids, pending.job.params, seq_id=pending.job.id)
+            except Exception as exc:  # noqa: BLE001 - a bad job fails alone
+                self._resolve(pending, error=GenerationError(f"Could not start generating: {exc}."))
+                return
+            self._by_seq[pending.job.id] = pending
+        elif kind == "cancel":
+            engine.cancel(arg)
+            self._by_seq.pop(arg, None)
+
+    def _step(self, engine: Engine) -> None:
+        running = list(engine.rows) + list(engine.waiting)
+        try:
+            if self.before_step:
+                self.before_step(running)
+            events = engine.step()
+        except Exception as exc:  # noqa: BLE001 - keep serving; fail or retry only this step's sequences
+            reason = "out of memory" if isinstance(exc, torch.OutOfMemoryError | MemoryError) else f"{type(exc).__name__}: {exc}"
+            log.warning("A generation step failed (%s); retrying its %d requests one at a time.", reason, len(running))
+            for seq in engine.reset():
+                self._retry_alone(seq, reason)
+            return
+        for event in events:
+            self._deliver(event)
+
+    def _retry_alone(self, seq: Sequence, reason: str) -> None:
+        pending = self._by_seq.pop(seq.id, None)
+        if pending is None:
+            return
+        if pending.retried:
+            self._resolve(pending, error=GenerationError(f"Generation failed ({reason}); please try again."))
+            return
+        pending.retried = True
+        solo = Engine(self.lm, max_batch_size=1)
+        pending.seq = solo.add(seq.prompt_ids, seq.params, seq_id=seq.id)
+        pending.seq.num_emitted = seq.num_emitted  # the caller already has that much text
+        self._by_seq[seq.id] = pending
+        try:
+            while solo.has_work:
+                if self.before_step:
+                    self.before_step(list(solo.rows) + list(solo.waiting))
+                for event in solo.step():
+                    self._deliver(event)
+        except Exception as exc:  # noqa: BLE001
+            self._by_seq.pop(seq.id, None)
+            self._resolve(pending, error=GenerationError(f"Generation failed on its own too ({type(exc).__name__}); please try again."))
+
+    def _deliver(self, event: Event) -> None:
+        pending = self._by_seq.get(event.seq.id)
+        if pending is None:
+            return
+        if event.delta:
+            if pending.first_token_at is None:
+                pending.first_token_at = time.time()
+            pending.loop.call_soon_threadsafe(pending.job.on_text, event.delta)
+        if event.finished:
+            del self._by_seq[event.seq.id]
+            seq = event.seq
+            self._resolve(pending, result=Completion(seq.text, seq.finish_reason, len(seq.prompt_ids), len(seq.generated),
+                                                    seq.seed, pending.first_token_at))
+
+    def _fail_all(self, seqs: list[Sequence], reason: str) -> None:
+        for seq in seqs:
+            pending = self._by_seq.pop(seq.id, None)
+            if pending:
+                self._resolve(pending, error=GenerationError(f"Generation stopped: {reason}."))
+
+    @staticmethod
+    def _resolve(pending: _Pending, result: Completion | None = None, error: Exception | None = None) -> None:
+        def settle():
+            if not pending.future.done():
+                if error is not None:
+                    pending.future.set_exception(error)
+                else:
+                    pending.future.set_result(result)
+
+        try:
+            pending.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the event loop is closed: nobody is waiting any more
+            pass

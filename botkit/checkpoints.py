@@ -1,0 +1,152 @@
+"""A fine-tuning run's folder: the Hugging Face model at its top level, the trainer state beside it
+(so a resumed run is the same run), the loss log and its plot.
+
+    checkpoint/<run_name>/
+        config.json, model.safetensors, generation_config.json, tokenizer files   <- from_pretrained()
+        trainer_state.json   step, average loss, best held-out loss (readable)
+        trainer_state.pt     optimizer, scheduler, RNG and grad-scaler state
+        loss.csv, loss.png   one row per step; the curve, refreshed while training
+        best/                the model with the lowest held-out loss (with early stopping)
+        checkpoint-<step>/   older models, when max_checkpoints > 1
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+STATE_JSON = "trainer_state.json"
+STATE_PT = "trainer_state.pt"
+LOSS_CSV = "loss.csv"
+LOSS_PNG = "loss.png"
+LOSS_COLUMNS = ("step", "loss", "avg_loss", "learning_rate", "tokens_per_s", "val_loss")
+
+
+@dataclass
+class TrainerState:
+    """What the loop needs besides weights and optimizer to continue exactly."""
+
+    step: int = 0
+    avg_loss_sum: float = 0.0  # gpt-2-simple's decaying average: sum and weight, both *0.99 per step
+    avg_loss_weight: float = 0.0
+    best_val_loss: float | None = None
+    best_val_step: int | None = None
+    evals_without_improvement: int = 0
+    num_tokens: int = 0
+
+    @property
+    def avg_loss(self) -> float:
+        return self.avg_loss_sum / self.avg_loss_weight if self.avg_loss_weight else float("nan")
+
+    def add_loss(self, loss: float) -> None:
+        self.avg_loss_sum = self.avg_loss_sum * 0.99 + loss
+        self.avg_loss_weight = self.avg_loss_weight * 0.99 + 1.0
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return (run_dir / STATE_JSON).is_file() or (run_dir / "config.json").is_file()
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerState, scaler=None, max_checkpoints: int = 1) -> None:
+    """Write the model (Hugging Face format) and the trainer state. Files are written to a temporary
+    folder first and moved into place, so a crash mid-save leaves the previous checkpoint readable."""
+    tmp = run_dir / ".saving"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        tmp / STATE_PT,
+    )
+    (tmp / STATE_JSON).write_text(json.dumps(asdict(state), indent=2))
+    for path in sorted(tmp.iterdir(), key=lambda p: p.name == STATE_JSON):  # the step file last: it marks completion
+        os.replace(path, run_dir / path.name)
+    tmp.rmdir()
+    if max_checkpoints > 1:
+        _keep_copy(run_dir, model, state.step, max_checkpoints - 1)
+
+
+def _keep_copy(run_dir: Path, model, step: int, num_copies: int) -> None:
+    model.save_pretrained(run_dir / f"checkpoint-{step}")
+    copies = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    for old in copies[:-num_copies]:
+        shutil.rmtree(old)
+
+
+def load_trainer_state(run_dir: Path, optimizer, scheduler, scaler=None) -> TrainerState:
+    """Restore optimizer, scheduler, scaler and RNG into the given objects; return the loop state."""
+    state = TrainerState(**json.loads((run_dir / STATE_JSON).read_text()))
+    saved = torch.load(run_dir / STATE_PT, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if scaler is not None and saved["scaler"] is not None:
+        scaler.load_state_dict(saved["scaler"])
+    torch.set_rng_state(saved["torch_rng"])
+    if saved["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    return state
+
+
+@dataclass
+class LossLog:
+    """loss.csv (one row per step) and loss.png. On resume, rows after the checkpoint's step are dropped
+    so the log continues exactly where the weights do."""
+
+    path: Path
+    rows: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, run_dir: Path, resume_step: int) -> LossLog:
+        log = cls(run_dir / LOSS_CSV)
+        if resume_step and log.path.is_file():
+            with log.path.open(newline="") as f:
+                log.rows = [row for row in csv.DictReader(f) if int(row["step"]) <= resume_step]
+        with log.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, LOSS_COLUMNS)
+            writer.writeheader()
+            writer.writerows(log.rows)
+        return log
+
+    def append(self, **row) -> None:
+        row = {key: _fmt(row.get(key)) for key in LOSS_COLUMNS}
+        self.rows.append(row)
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, LOSS_COLUMNS).writerow(row)
+
+    def plot(self) -> Path:
+        """Draw loss.png: training loss, its running average and held-out loss against the step."""
+        steps = [int(r["step"]) for r in self.rows]
+        fig = Figure(figsize=(7, 4), dpi=100)
+        FigureCanvasAgg(fig)  # a canvas of its own: no pyplot global state, safe in any thread
+        ax = fig.add_subplot()
+        ax.plot(steps, [float(r["loss"]) for r in self.rows], lw=0.6, alpha=0.4, label="loss")
+        ax.plot(steps, [float(r["avg_loss"]) for r in self.rows], lw=1.5, label="average loss")
+        val = [(int(r["step"]), float(r["val_loss"])) for r in self.rows if r["val_loss"]]
+        if val:
+            ax.plot(*zip(*val, strict=True), "o-", lw=1.5, label="held-out loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        out = self.path.with_name(LOSS_PNG)
+        fig.savefig(out)
+        return out
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,264 @@
+"""The async core: accept a prompt, record it, queue it fairly, generate it in batches, answer.
+
+Adapters call `submit` (a chat message: template, context, rate limits) or `submit_completion` (a raw
+prefix) and get a Ticket to await. The request is committed to the store before it is queued; it
+ends done, failed (with the reason) or cancelled, in the store and for the caller. A dispatcher task
+hands queued requests to the backend, at most `backend.max_batch_size` at once, serving users in turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from .backends import Backend, Job
+from .config import Config
+from .errors import (
+    BotkitError,
+    BusyError,
+    GenerationError,
+    InputError,
+    RateLimitedError,
+    RequestCancelled,
+    RequestTimeout,
+)
+from .metrics import Metrics, Stats
+from .params import ChatSettings, SamplingParams
+from .prompting import build_prompt, clean_message
+from .scheduler import FairQueue, RateLimiter
+from .store import Store
+
+log = logging.getLogger("botkit")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A chat message that asks for a reply."""
+
+    platform: str
+    chat_id: str
+    user_id: str
+    text: str
+    message_id: str | None = None
+    user_name: str = ""
+
+
+@dataclass(frozen=True)
+class Reply:
+    request_id: int
+    text: str
+    finish_reason: str
+    num_tokens: int
+
+
+class Ticket:
+    """A queued request: await `result()`, or follow `stream()`, ask `position()`, or `cancel()`."""
+
+    def __init__(self, core: Core, request_id: int, user_key: tuple, prompt: str, params: SamplingParams):
+        self.request_id = request_id
+        self.user_key = user_key
+        self.prompt = prompt
+        self.params = params
+        self.accepted_at = time.monotonic()
+        self._core = core
+        self._future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._future.add_done_callback(lambda f: f.cancelled() or f.exception())  # an unawaited failure is not an error
+        self._deltas: asyncio.Queue[str | None] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._stop_error: GenerationError | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._future.done()
+
+    def position(self) -> int:
+        """0 while generating (or finished), otherwise 1 + the number of requests served before it."""
+        if self._task is not None or self.done:
+            return 0
+        return self._core._queue.ahead_of(self.user_key, self) + 1
+
+    async def result(self) -> Reply:
+        return await asyncio.shield(self._future)
+
+    async def stream(self) -> AsyncIterator[str]:
+        """The reply's text piece by piece as it is generated; raises like `result()` on failure."""
+        while (delta := await self._deltas.get()) is not None:
+            yield delta
+        await self.result()
+
+    def cancel(self) -> None:
+        self._core._stop(self, RequestCancelled("The request was cancelled."))
+
+    def _settle(self, reply: Reply | None = None, error: BaseException | None = None) -> None:
+        if self._timer:
+            self._timer.cancel()
+        if not self._future.done():
+            self._future.set_exception(error) if error else self._future.set_result(reply)
+        self._deltas.put_nowait(None)
+
+
+class Core:
+    def __init__(self, backend: Backend, store: Store, config: Config | None = None):
+        self.backend = backend
+        self.store = store
+        self.config = config or Config()
+        self._queue: FairQueue[Ticket] = FairQueue(self.config.batch.max_queue)
+        self._user_limit = RateLimiter(self.config.limits.user_per_minute)
+        self._chat_limit = RateLimiter(self.config.limits.chat_per_minute)
+        self._running: set[Ticket] = set()
+        self._wake = asyncio.Event()
+        self._dispatcher: asyncio.Task | None = None
+        self.metrics = Metrics()
+        self._pending_fails: set[asyncio.Future] = set()
+
+    async def __aenter__(self) -> Core:
+        interrupted = await self.store.recover()
+        if interrupted:
+            log.warning("%d requests were interrupted by the last shutdown and are marked failed.", interrupted)
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="botkit-dispatcher")
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._dispatcher.cancel()
+        stopping = BusyError("botkit is shutting down; please try again in a moment.")
+        while self._queue:
+            self._stop(self._queue.pop(), stopping, queued=True)
+        for ticket in list(self._running):
+            self._stop(ticket, stopping)
+        await asyncio.gather(self._dispatcher, *(t._task for t in self._running if t._task), return_exceptions=True)
+        await asyncio.gather(*self._pending_fails)
+
+    # -- accepting work ---------------------------------------------------------------------
+
+    async def submit(self, prompt: Prompt, settings: ChatSettings | None = None) -> Ticket:
+        """Queue a chat message for a reply (BusyError, RateLimitedError, InputError at once)."""
+        text = clean_message(prompt.text, self.config.limits.max_message_chars)
+        self._admit(prompt.platform, prompt.chat_id, prompt.user_id)
+        settings = settings or await self.get_settings(prompt.platform, prompt.chat_id)
+        history = []
+        if settings.use_context:
+            history = await self.store.context(prompt.platform, prompt.chat_id, self.config.limits.context_messages)
+        budget = self.backend.max_context - settings.length
+        full = build_prompt(settings.template, text, history, settings.truncate or "\n", budget, self.backend.count_tokens)
+        return await self._enqueue("chat", prompt, text, full, settings.sampling())
+
+    async def submit_completion(self, text: str, params: SamplingParams, *, platform: str = "api", chat_id: str = "api",
+                                user_id: str = "api", user_name: str = "") -> Ticket:
+        """Queue a raw prefix for completion (no template or context)."""
+        if not isinstance(text, str) or len(text) > self.config.limits.max_message_chars:
+            raise InputError(f"The prompt must be text of at most {self.config.limits.max_message_chars} characters.")
+        text = text.encode("utf-8", "replace").decode("utf-8")
+        self._admit(platform, chat_id, user_id)
+        prompt = Prompt(platform, chat_id, user_id, text, None, user_name)
+        return await self._enqueue("completion", prompt, text, text, params)
+
+    def _admit(self, platform: str, chat_id: str, user_id: str) -> None:
+        if self._queue.is_full:
+            raise BusyError(f"I'm busy with {len(self._queue)} requests; please try again in a minute.")
+        wait = self._user_limit.retry_after((platform, user_id))
+        if wait:
+            raise RateLimitedError(f"You're sending requests too fast; try again in {wait:.0f} s.")
+        wait = self._chat_limit.retry_after((platform, chat_id))
+        if wait:
+            raise RateLimitedError(f"This chat is sending requests too fast; try again in {wait:.0f} s.")
+
+    async def _enqueue(self, kind: str, prompt: Prompt, text: str, full_prompt: str, params: SamplingParams) -> Ticket:
+        request_id = await self.store.add_request(
+            kind=kind, platform=prompt.platform, chat_id=prompt.chat_id, user_id=prompt.user_id, user_name=prompt.user_name,
+            platform_message_id=prompt.message_id, text=text, prompt=full_prompt, params=dataclasses.asdict(params))
+        ticket = Ticket(self, request_id, (prompt.platform, prompt.user_id), full_prompt, params)
+        self._queue.push(ticket.user_key, ticket)
+        timeout = RequestTimeout(f"No reply within {self.config.batch.timeout_s:.0f} s; please try again.")
+        ticket._timer = asyncio.get_running_loop().call_later(self.config.batch.timeout_s, self._stop, ticket, timeout)
+        self._wake.set()
+        return ticket
+
+    # -- running work -----------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        while True:
+            while not self._queue or len(self._running) >= self.backend.max_batch_size:
+                self._wake.clear()
+                await self._wake.wait()
+            ticket = self._queue.pop()
+            self._running.add(ticket)
+            ticket._task = asyncio.create_task(self._run(ticket), name=f"botkit-request-{ticket.request_id}")
+
+    async def _run(self, ticket: Ticket) -> None:
+        try:
+            await self.store.mark_running(ticket.request_id)
+            job = Job(ticket.request_id, ticket.prompt, ticket.params, on_text=ticket._deltas.put_nowait)
+            done = await self.backend.generate(job)
+            await self.store.finish(ticket.request_id, reply=done.text, finish_reason=done.finish_reason,
+                                    num_prompt_tokens=done.num_prompt_tokens, num_tokens=done.num_tokens, seed=done.seed,
+                                    first_token_at=done.first_token_at)
+            self.metrics.done(time.monotonic() - ticket.accepted_at, done.num_tokens)
+            ticket._settle(Reply(ticket.request_id, done.text, done.finish_reason, done.num_tokens))
+        except asyncio.CancelledError:
+            error = ticket._stop_error or RequestCancelled("botkit stopped before this request finished.")
+            await self._record_failure(ticket, error)
+        except Exception as exc:  # noqa: BLE001 - every request ends with a recorded reason
+            error = exc if isinstance(exc, BotkitError) else GenerationError(f"Generation failed ({type(exc).__name__}); please try again.")
+            if not isinstance(exc, BotkitError):
+                log.exception("Request %d failed", ticket.request_id)
+            await self._record_failure(ticket, error)
+        finally:
+            self._running.discard(ticket)
+            self._wake.set()
+
+    async def _record_failure(self, ticket: Ticket, error: BaseException) -> None:
+        self.metrics.failed()
+        status = "cancelled" if isinstance(error, RequestCancelled) else "failed"
+        try:
+            await self.store.fail(ticket.request_id, str(error), status)
+        except Exception:  # noqa: BLE001 - the caller still gets its answer
+            log.exception("Could not record the failure of request %d", ticket.request_id)
+        ticket._settle(error=error)
+
+    def _stop(self, ticket: Ticket, error: GenerationError | BusyError, queued: bool = False) -> None:
+        """Cancel or time out a ticket wherever it is."""
+        if ticket.done:
+            return
+        ticket._stop_error = error
+        if queued or self._queue.remove(ticket.user_key, ticket):
+            task = asyncio.ensure_future(self._record_failure(ticket, error))
+            self._pending_fails.add(task)
+            task.add_done_callback(self._pending_fails.discard)
+        elif ticket._task is not None:
+            ticket._task.cancel()  # the backend frees the slot; _run records the failure
+
+    # -- chats ------------------------------------------------------------------------------
+
+    async def get_settings(self, platform: str, chat_id: str) -> ChatSettings:
+        changes = await self.store.chat_settings(platform, chat_id)
+        try:
+            return self.config.chat.replace(**changes)
+        except InputError:
+            log.warning("Stored settings for %s/%s are no longer valid; using the defaults.", platform, chat_id)
+            return self.config.chat
+
+    async def update_settings(self, platform: str, chat_id: str, **changes) -> ChatSettings:
+        settings = (await self.get_settings(platform, chat_id)).replace(**changes)
+        defaults = self.config.chat.to_dict()
+        await self.store.set_chat_settings(platform, chat_id, {k: v for k, v in settings.to_dict().items() if v != defaults[k]})
+        return settings
+
+    async def reset_context(self, platform: str, chat_id: str) -> None:
+        await self.store.reset_context(platform, chat_id)
+
+    async def record_delivery(self, request_id: int, platform_message_ids: list[str]) -> None:
+        await self.store.record_delivery(request_id, platform_message_ids)
+
+    async def is_delivered(self, request_id: int) -> bool:
+        return await self.store.is_delivered(request_id)
+
+    async def recent(self, limit: int = 20) -> list[dict]:
+        return await self.store.recent(limit)
+
+    def stats(self) -> Stats:
+        return self.metrics.snapshot(self.backend.name, len(self._queue), len(self._running))

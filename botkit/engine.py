@@ -1,0 +1,281 @@
+"""The generation engine: continuous batching over GPT-2's KV cache, one forward pass per step.
+
+Why our own loop rather than transformers' `ContinuousBatchingManager`: that manager has no
+per-request stop strings or seeds, and on this 2-core CPU it reached 2.2x sequential on the shared
+workload (FACTS.md) where this loop is measured in BENCHMARKS.md (`benchmarks/serve.py`). The model
+forward itself is transformers'; only the batching and the cache layout (kvcache.py) are ours.
+
+Each step: waiting sequences are prefilled (grouped by length to limit padding) and copied into free
+rows, then every running row decodes one token. A row that hits its stop string, end of text or
+length leaves at once and its slot is free for the next step. Not thread-safe: one thread owns it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .kvcache import SlotCache
+from .models import LoadedModel
+from .params import SamplingParams
+from .sampling import apply_repetition_penalty, sample_next
+
+log = logging.getLogger("botkit")
+
+MAX_PREFILL_TOKENS = 4096  # prompt tokens prefilled per step at most, so running rows are not stalled long
+PAD_WASTE = 1.3  # a prefill group's padded size may be at most this times its real tokens
+
+
+@dataclass
+class Sequence:
+    """One sample being generated. `text` is the generated text so far (prompt excluded)."""
+
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    seed: int
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    num_emitted: int = 0  # characters of text already handed out as deltas
+    offset: int = 0  # tokens dropped from the front of prompt_ids + generated (window slides)
+    finish_reason: str | None = None  # "stop" (stop string or end of text) | "length" | "cancelled"
+
+    @property
+    def context(self) -> list[int]:
+        return (self.prompt_ids + self.generated)[self.offset :]
+
+
+@dataclass
+class Event:
+    seq: Sequence
+    delta: str  # new text since the last event
+    finished: bool
+
+
+class Engine:
+    def __init__(self, lm: LoadedModel, max_batch_size: int = 32):
+        self.lm = lm
+        self.model = lm.model
+        self.window = lm.max_context
+        self.max_batch_size = max_batch_size
+        self.eos = lm.eos_token_id
+        self.waiting: deque[Sequence] = deque()
+        self.rows: list[Sequence] = []  # rows[i] lives in cache row i
+        self.start = torch.zeros(max_batch_size, dtype=torch.long)  # first cache column of each row
+        self.cache: SlotCache | None = None
+        self.num_forward_passes = 0
+        self._ids = itertools.count()
+
+    # -- what callers use -------------------------------------------------------------------
+
+    def add(self, prompt_ids: list[int], params: SamplingParams, seq_id: int | None = None) -> Sequence:
+        """Queue a sample. A prompt longer than the window keeps its last tokens."""
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seq = Sequence(next(self._ids) if seq_id is None else seq_id, list(prompt_ids) or [self.eos], params,
+                       torch.Generator().manual_seed(seed), seed)
+        max_prompt = self.window - min(params.max_new_tokens, self.window // 2)
+        if len(seq.prompt_ids) > max_prompt:
+            log.warning("A prompt of %d tokens is longer than the window allows; keeping its last %d.", len(seq.prompt_ids), max_prompt)
+            seq.offset = len(seq.prompt_ids) - max_prompt
+        self.waiting.append(seq)
+        return seq
+
+    def cancel(self, seq_id: int) -> Sequence | None:
+        for seq in [*self.waiting, *self.rows]:
+            if seq.id == seq_id:
+                seq.finish_reason = "cancelled"
+                if seq in self.waiting:
+                    self.waiting.remove(seq)
+                else:
+                    self._drop_rows([self.rows.index(seq)])
+                return seq
+        return None
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.rows)
+
+    def reset(self) -> list[Sequence]:
+        """Forget every sequence (after a failed step); returns them."""
+        lost = [*self.rows, *self.waiting]
+        self.rows, self.waiting, self.cache = [], deque(), None
+        return lost
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Admit waiting sequences into free rows, then decode one token for every row."""
+        events: list[Event] = []
+        if self.rows:
+            self._slide_full_rows()
+        self._admit(events)
+        if self.rows:
+            self._decode(events)
+        return events
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _ensure_cache(self, columns: int) -> SlotCache:
+        if self.cache is None:
+            dtype = self.model.dtype
+            self.cache = SlotCache(self.model.config, self.max_batch_size, min(self.window, max(256, columns)), dtype, self.model.device)
+        elif self.cache.capacity < columns:
+            self.cache.grow(min(self.window, max(columns, 2 * self.cache.capacity)))
+        return self.cache
+
+    def _admit(self, events: list[Event]) -> None:
+        free = self.max_batch_size - len(self.rows)
+        budget, chosen = MAX_PREFILL_TOKENS, []
+        while self.waiting and len(chosen) < free and (not chosen or len(self.waiting[0].context) <= budget):
+            seq = self.waiting.popleft()
+            budget -= len(seq.context)
+            chosen.append(seq)
+        chosen.sort(key=lambda s: len(s.context))
+        group: list[Sequence] = []
+        for seq in chosen:  # groups of similar length: padding costs compute
+            if group and len(seq.context) * (len(group) + 1) > PAD_WASTE * (sum(len(s.context) for s in group) + len(seq.context)):
+                self._prefill(group, events)
+                group = []
+            group.append(seq)
+        if group:
+            self._prefill(group, events)
+
+    def _prefill(self, group: list[Sequence], events: list[Event]) -> None:
+        contexts = [seq.context for seq in group]
+        width = max(map(len, contexts))
+        device = self.model.device
+        ids = torch.full((len(group), width), self.eos, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for i, ctx in enumerate(contexts):  # left padding: the last column is every row's newest token
+            ids[i, width - len(ctx) :] = torch.tensor(ctx)
+            mask[i, width - len(ctx) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        past = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                         past_key_values=past, use_cache=True, logits_to_keep=1)
+        self.num_forward_passes += 1
+
+        cache = self._ensure_cache(width)
+        shape = cache.shape
+        if shape.length < width:  # the newcomers are longer than the running rows: shift those right
+            offset = width - shape.length
+            if self.rows:
+                cache.shift_columns(offset)
+                self.start[: shape.batch] += offset
+            shape.length = width
+        row = len(self.rows)
+        cache.put_rows(row, past, shape.length - width)
+        for i, ctx in enumerate(contexts):
+            self.start[row + i] = shape.length - len(ctx)
+        self.rows.extend(group)
+        shape.batch = len(self.rows)
+        self._accept(list(range(row, row + len(group))), out.logits[:, -1, :], events)
+
+    def _slide_full_rows(self) -> None:
+        """A row whose next token would fall outside the window restarts on its last half-window."""
+        length = self.cache.shape.length
+        full = [i for i, seq in enumerate(self.rows) if length - int(self.start[i]) >= self.window]
+        for i in full:
+            seq = self.rows[i]
+            seq.offset = len(seq.prompt_ids) + len(seq.generated) - self.window // 2
+            self.waiting.appendleft(seq)  # its prefill yields its next token: nothing is skipped
+        if full:
+            self._drop_rows(full)
+
+    def _decode(self, events: list[Event]) -> None:
+        cache, device = self.cache, self.model.device
+        shape = cache.shape
+        if shape.length + 1 > cache.capacity:
+            if cache.capacity < self.window:
+                self._ensure_cache(shape.length + 1)
+            else:
+                self._compact_columns(force=True)  # no row is full (slid above), so some columns are free
+        b = shape.batch
+        ids = torch.tensor([[seq.context[-1]] for seq in self.rows], device=device)
+        start = self.start[:b]
+        positions = (shape.length - start)[:, None]
+        mask = (torch.arange(shape.length + 1)[None, :] >= start[:, None]).long()
+        out = self.model(input_ids=ids, attention_mask=mask.to(device), position_ids=positions.to(device),
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.num_forward_passes += 1
+        shape.length += 1
+        self._accept(list(range(b)), out.logits[:, -1, :], events)
+
+    def _accept(self, rows: list[int], logits: torch.Tensor, events: list[Event]) -> None:
+        """Sample one token for each of `rows` (logits (len(rows), vocab)) and retire finished rows."""
+        logits = logits.float()
+        seqs = [self.rows[r] for r in rows]
+        for i, seq in enumerate(seqs):
+            if seq.params.repetition_penalty != 1.0:
+                apply_repetition_penalty(logits, i, torch.tensor(seq.context, device=logits.device), seq.params.repetition_penalty)
+        tokens = sample_next(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+        done = []
+        for r, seq, token in zip(rows, seqs, tokens, strict=True):
+            if token == self.eos:
+                seq.finish_reason = "stop"
+            else:
+                seq.generated.append(token)
+                self._update_text(seq)
+                if seq.finish_reason is None and len(seq.generated) >= seq.params.max_new_tokens:
+                    seq.finish_reason = "length"
+            delta = self._take_delta(seq)
+            if seq.finish_reason:
+                done.append(r)
+            if delta or seq.finish_reason:
+                events.append(Event(seq, delta, seq.finish_reason is not None))
+        if done:
+            self._drop_rows(done)
+
+    def _update_text(self, seq: Sequence) -> None:
+        text = self.lm.tokenizer.decode(seq.generated)
+        stops = seq.params.stop
+        if stops:
+            longest = max(map(len, stops))
+            since = max(0, len(seq.text) - longest)
+            cuts = [i for i in (text.find(s, since) for s in stops) if i >= 0]
+            if cuts:
+                seq.text, seq.finish_reason = text[: min(cuts)], "stop"
+                return
+        seq.text = text
+
+    def _take_delta(self, seq: Sequence) -> str:
+        """New text that is safe to hand out: no half-decoded character, no possible stop-string start."""
+        text = seq.text.rstrip("\ufffd")  # a multi-byte character not complete yet (or cut off at the end)
+        if seq.finish_reason:
+            seq.text = text
+        else:
+            hold = max(map(len, seq.params.stop), default=1) - 1  # a stop string may be starting here
+            text = text[: len(text) - hold] if hold else text
+        delta = text[seq.num_emitted :]
+        seq.num_emitted = max(seq.num_emitted, len(text))
+        return delta
+
+    def _drop_rows(self, rows: list[int]) -> None:
+        """Free rows: each hole is filled by the current last row (one row copied)."""
+        cache = self.cache
+        for r in sorted(rows, reverse=True):
+            last = len(self.rows) - 1
+            if r != last:
+                cache.move_row(last, r)
+                self.start[r] = self.start[last]
+                self.rows[r] = self.rows[last]
+            self.rows.pop()
+        cache.shape.batch = len(self.rows)
+        if not self.rows:
+            cache.shape.length = 0
+        else:
+            self._compact_columns()
+
+    def _compact_columns(self, force: bool = False) -> None:
+        """Drop leading columns no row uses, when that saves enough attention work to pay for the copy."""
+        shape = self.cache.shape
+        lead = int(self.start[: shape.batch].min())
+        if lead and (force or lead >= max(32, shape.length // 4)):
+            self.cache.shift_columns(-lead)
+            self.start[: shape.batch] -= lead

@@ -1,0 +1,88 @@
+"""gpt-2-simple's `generate` / `generate_to_file`, on botkit's continuous-batching engine.
+
+A gpt-2-simple script ports by replacing its session lines:
+
+    sess = gpt2.start_tf_sess(); gpt2.load_gpt2(sess, run_name="run1")    # before
+    sess = botkit.load_model(run_name="run1")                             # after
+    botkit.generate(sess, prefix="<|startoftext|>", truncate="<|endoftext|>", nsamples=4, batch_size=2)
+
+Unlike gpt-2-simple, `length` counts new tokens and may exceed the window, each sample stops at its
+`truncate` string or end of text (its batch slot goes to the next sample at once), `include_prefix`
+works without `truncate`, and `prefix` may be a list of different prompts.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from .engine import Engine
+from .errors import InputError
+from .models import LoadedModel, load_model
+from .params import SamplingParams
+
+DEFAULT_DELIM = "=" * 20 + "\n"
+
+
+def generate(
+    sess: LoadedModel | None = None,
+    run_name: str | None = None,
+    checkpoint_dir: str = "checkpoint",
+    model_name: str | None = None,
+    return_as_list: bool = False,
+    truncate: str | None = None,
+    destination_path: str | None = None,
+    sample_delim: str = DEFAULT_DELIM,
+    prefix: str | list[str] | None = None,
+    seed: int | None = None,
+    nsamples: int = 1,
+    batch_size: int = 1,
+    length: int = 1023,
+    temperature: float = 0.7,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    include_prefix: bool = True,
+    repetition_penalty: float = 1.0,
+) -> list[str] | None:
+    """Generate `nsamples` texts per prefix, `batch_size` at a time, as gpt-2-simple does.
+
+    Returns the texts when `return_as_list`; otherwise writes them to `destination_path` (or prints
+    them), each followed by `sample_delim`.
+    """
+    if not isinstance(nsamples, int) or nsamples < 1 or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"nsamples and batch_size must be positive whole numbers, not {nsamples!r} and {batch_size!r}.")
+    if nsamples % batch_size:
+        raise InputError(f"nsamples ({nsamples}) must be a multiple of batch_size ({batch_size}), as in gpt-2-simple.")
+    lm = sess or load_model(model_name, run_name=run_name, checkpoint_dir=checkpoint_dir)
+    prefixes = [prefix] if prefix is None or isinstance(prefix, str) else list(prefix)
+    base = SamplingParams(max_new_tokens=length, temperature=temperature, top_k=top_k, top_p=top_p,
+                          repetition_penalty=repetition_penalty, stop=(truncate,) if truncate else ())
+    engine = Engine(lm, max_batch_size=batch_size)
+    samples = []  # (prefix, Sequence), in order
+    for p in prefixes:
+        ids = lm.tokenizer(p).input_ids if p else [lm.eos_token_id]  # no prefix: start from end of text
+        for _ in range(nsamples):
+            sample_seed = None if seed is None else seed + len(samples)
+            samples.append((p, engine.add(ids, replace(base, seed=sample_seed))))
+    while engine.has_work:
+        engine.step()
+
+    texts = [((p or "") + seq.text if include_prefix else seq.text).lstrip("\n") for p, seq in samples]
+    if return_as_list:
+        return texts
+    if destination_path:
+        with open(destination_path, "w", encoding="utf-8") as f:
+            f.writelines(text + "\n" + sample_delim for text in texts)
+    else:
+        for text in texts:
+            sys.stdout.write(text + "\n" + sample_delim)
+    return None
+
+
+def generate_to_file(sess: LoadedModel | None = None, destination_path: str = "gpt_2_gen_texts.txt", **kwargs) -> None:
+    """gpt-2-simple's `generate_to_file`: `generate` writing every sample to one file."""
+    Path(destination_path).parent.mkdir(parents=True, exist_ok=True)
+    generate(sess, destination_path=destination_path, return_as_list=False, **kwargs)
+
+

@@ -1,0 +1,53 @@
+"""Serving figures for /stats and the web page: queue, throughput, latency."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stats:
+    model: str
+    queue_depth: int
+    running: int
+    tokens_per_s: float  # generated tokens per second over the last minute
+    p50_ms: float  # latency from accepted to done, recent requests
+    p99_ms: float
+    num_done: int
+    num_failed: int
+
+    def summary(self) -> str:
+        return (f"model {self.model} | queue {self.queue_depth} | generating {self.running} | "
+                f"{self.tokens_per_s:.1f} tokens/s | latency p50 {self.p50_ms:.0f} ms, p99 {self.p99_ms:.0f} ms | "
+                f"{self.num_done} done, {self.num_failed} failed")
+
+
+class Metrics:
+    WINDOW_S = 60.0
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.started = clock()
+        self.latencies_ms: deque[float] = deque(maxlen=1000)
+        self.tokens: deque[tuple[float, int]] = deque()
+        self.num_done = 0
+        self.num_failed = 0
+
+    def done(self, latency_s: float, num_tokens: int) -> None:
+        self.num_done += 1
+        self.latencies_ms.append(latency_s * 1000)
+        self.tokens.append((self.clock(), num_tokens))
+
+    def failed(self) -> None:
+        self.num_failed += 1
+
+    def snapshot(self, model: str, queue_depth: int, running: int) -> Stats:
+        now = self.clock()
+        while self.tokens and self.tokens[0][0] < now - self.WINDOW_S:
+            self.tokens.popleft()
+        lat = sorted(self.latencies_ms)
+        pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else 0.0  # noqa: E731
+        return Stats(model, queue_depth, running, sum(n for _, n in self.tokens) / max(1.0, min(self.WINDOW_S, now - self.started)),
+                     pick(0.5), pick(0.99), self.num_done, self.num_failed)

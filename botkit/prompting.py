@@ -1,0 +1,40 @@
+"""Turning a chat message into the text the model continues: cleaning, template, context."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from .errors import InputError
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0/C1 controls except tab and newline
+_INVISIBLE = re.compile(r"[\s\u200b-\u200f\u2060-\u2064\ufeff\u00ad]+")
+
+
+def clean_message(text: str, max_chars: int) -> str:
+    """The message as the model should see it, or an InputError that says what is wrong."""
+    if not isinstance(text, str):
+        raise InputError("The message must be text.")
+    text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates become "?"
+    text = _CONTROL.sub("", text).replace("\r\n", "\n")
+    if not _INVISIBLE.sub("", text):
+        raise InputError("The message is empty: write some text for me to continue.")
+    if len(text) > max_chars:
+        raise InputError(f"The message is {len(text)} characters long; send at most {max_chars}.")
+    return text
+
+
+def build_prompt(template: str, message: str, history: list[tuple[str, str]], separator: str,
+                 budget_tokens: int, count_tokens: Callable[[str], int]) -> str:
+    """`history` (oldest first) rendered with the template, then the new message; the oldest
+    exchanges are dropped until the whole fits `budget_tokens` (the window minus the reply length)."""
+    current = template.format(message=message)
+    pieces = [template.format(message=m) + reply + separator for m, reply in history]
+    sizes = [count_tokens(p) for p in pieces]
+    total = count_tokens(current) + sum(sizes)
+    while pieces and total > budget_tokens:
+        total -= sizes.pop(0)
+        pieces.pop(0)
+    while pieces and count_tokens("".join(pieces) + current) > budget_tokens:  # merges across joins
+        pieces.pop(0)
+    return "".join(pieces) + current
