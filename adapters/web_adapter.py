@@ -60,11 +60,10 @@ def is_loopback(host: str) -> bool:
 class WebAdapter:
     """Serves the playground and the API on `config.host:config.port` (port 0 picks a free one)."""
 
-    def __init__(self, core, config: WebConfig, api_key: str | None = None, *, model_name: str = "botkit"):
+    def __init__(self, core, config: WebConfig, api_key: str | None = None):
         self.core = core
         self.config = config
         self.api_key = api_key or None
-        self.model_name = model_name
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._streams: set[asyncio.Task] = set()  # open streaming responses, ended on shutdown
@@ -248,6 +247,10 @@ class WebAdapter:
         await response.write(b"data: [DONE]\n\n")
         return response
 
+    @property
+    def model_name(self) -> str:
+        return self.core.backend.name  # a remote backend learns its name only once started
+
     def _envelope(self, choices: list) -> dict:
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
@@ -258,7 +261,7 @@ class WebAdapter:
         }
 
     def _usage(self, req: CompletionRequest, completion_tokens: int) -> dict:
-        prompt_tokens = req.n * sum(self.core.count_tokens(p) for p in req.prompts)
+        prompt_tokens = req.n * sum(self.core.backend.count_tokens(p) for p in req.prompts)
         return {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,

@@ -112,15 +112,17 @@ class RemoteBackend:
 
     def _fit_window(self, prompt: str, params: SamplingParams) -> tuple[str, SamplingParams]:
         """The remote server refuses prompt + max_tokens over its window, where the local engine slides
-        it: keep the prompt's last tokens and, if need be, ask for fewer new ones."""
+        it: keep the prompt's last tokens and, if need be, ask for fewer new ones. An empty prompt
+        starts from end-of-text, as it does locally."""
+        prompt = prompt or self.tokenizer.eos_token
         ids = self.tokenizer(prompt).input_ids
-        budget = max(self.max_context - params.max_new_tokens, 1)
+        budget = max(self.max_context - params.max_new_tokens, self.max_context // 2)
         if len(ids) > budget:
             ids = ids[-budget:]
             prompt = self.tokenizer.decode(ids)
         max_new_tokens = min(params.max_new_tokens, self.max_context - len(ids))
         if max_new_tokens != params.max_new_tokens:
-            params = dataclasses.replace(params, max_new_tokens=max(max_new_tokens, 1))
+            params = dataclasses.replace(params, max_new_tokens=max_new_tokens)
         return prompt, params
 
 
