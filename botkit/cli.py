@@ -1,0 +1,176 @@
+"""`botkit` on the command line; `run` is the composition root that builds and owns everything."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from contextlib import AsyncExitStack
+
+from .config import Config, load_config, secret
+from .errors import BotkitError
+
+log = logging.getLogger("botkit")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("botkit").setLevel(logging.INFO)
+    try:
+        return args.func(args) or 0
+    except BotkitError as exc:
+        print(f"botkit: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="botkit", description="Fine-tune a GPT-2 and serve it to Discord, Telegram and the web.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="serve the bot (with no config: a local web playground on the demo model)")
+    run.add_argument("--config", help="a TOML file (see config.example.toml)")
+    run.add_argument("--console", action="store_true", help="also chat in this terminal")
+    run.add_argument("--port", type=int, help="web port (overrides [web] port)")
+    run.add_argument("-v", "--verbose", action="store_true")
+    run.set_defaults(func=lambda a: _serve(a, console=a.console))
+
+    chat = sub.add_parser("chat", help="chat with the model in this terminal")
+    chat.add_argument("--config")
+    chat.add_argument("--port", type=int)
+    chat.set_defaults(func=lambda a: _serve(a, console=True, web=False))
+
+    gen = sub.add_parser("generate", help="generate text, with gpt-2-simple's options")
+    _model_args(gen)
+    gen.add_argument("--prefix", type=_unescape, default=None, help="text to continue (default: start from <|endoftext|>)")
+    gen.add_argument("--truncate", type=_unescape, default=None, help="end each sample before this string")
+    gen.add_argument("--include-prefix", action=argparse.BooleanOptionalAction, default=True, help="keep the prefix in the output")
+    gen.add_argument("--nsamples", type=int, default=1)
+    gen.add_argument("--batch-size", type=int, default=1)
+    gen.add_argument("--length", type=int, default=1023, help="new tokens per sample (may exceed the window)")
+    gen.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--destination-path", default=None, help="write the samples to this file instead of printing them")
+    gen.add_argument("--sample-delim", type=_unescape, default="=" * 20 + "\n")
+    gen.set_defaults(func=_generate)
+
+    try:
+        from .finetune import add_cli
+    except ImportError:  # fine-tuning not installed in this checkout
+        pass
+    else:
+        add_cli(sub)
+    return parser
+
+
+def _unescape(text: str) -> str:
+    """`--truncate '\\n'` on a shell means a newline."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="hub name, local folder (default: the bundled demo model)")
+    p.add_argument("--run-name", default=None, help="a run in --checkpoint-dir, from `botkit finetune`")
+    p.add_argument("--checkpoint-dir", default="checkpoint")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+
+
+def _generate(args) -> None:
+    from .generate import generate
+    from .models import load_model
+
+    lm = load_model(args.model, run_name=args.run_name, checkpoint_dir=args.checkpoint_dir, device=args.device, dtype=args.dtype)
+    generate(lm, prefix=args.prefix, truncate=args.truncate, include_prefix=args.include_prefix, nsamples=args.nsamples,
+             batch_size=args.batch_size, length=args.length, temperature=args.temperature, top_k=args.top_k,
+             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+             destination_path=args.destination_path, sample_delim=args.sample_delim)
+
+
+def _serve(args, console: bool, web: bool = True) -> None:
+    config = load_config(args.config)
+    if args.port is not None:
+        config = _replace(config, "web", port=args.port)
+    if not web:
+        config = _replace(config, "web", enabled=False)
+    asyncio.run(serve(config, console=console or config.console.enabled))
+
+
+def _replace(config: Config, section: str, **changes) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changes)})
+
+
+async def serve(config: Config, console: bool = False) -> None:
+    """Run the core and every enabled adapter around one model until interrupted (or the console ends)."""
+    from .core import Core
+    from .store import Store
+
+    # Secrets first: a missing token should fail before minutes of model loading.
+    tokens = {
+        "web": secret(config.web.api_key_env, "The web API key ([web] api_key_env)") if config.web.api_key_env else None,
+        "discord": secret(config.discord.token_env, "Discord ([discord] token_env)") if config.discord.enabled else None,
+        "telegram": secret(config.telegram.token_env, "Telegram ([telegram] token_env)") if config.telegram.enabled else None,
+    }
+    backend = await asyncio.to_thread(_make_backend, config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async with AsyncExitStack() as stack:
+        store = await stack.enter_async_context(Store.open(config.store.path))
+        await stack.enter_async_context(backend)
+        core = await stack.enter_async_context(Core(backend, store, config))
+        if config.web.enabled:
+            from botkit.adapters.web_adapter import WebAdapter
+
+            web = await stack.enter_async_context(WebAdapter(core, config.web, tokens["web"]))
+            print(f"botkit is serving {backend.name}: open {web.url}", flush=True)
+        if config.discord.enabled:
+            from botkit.adapters.discord_adapter import DiscordAdapter
+
+            await stack.enter_async_context(DiscordAdapter(core, config.discord, tokens["discord"]))
+        if config.telegram.enabled:
+            from botkit.adapters.telegram_adapter import TelegramAdapter
+
+            await stack.enter_async_context(TelegramAdapter(core, config.telegram, tokens["telegram"]))
+        if console:
+            from botkit.adapters.console_adapter import ConsoleAdapter
+
+            chat = await stack.enter_async_context(ConsoleAdapter(core, config.console))
+            done = asyncio.create_task(chat.run())
+            await asyncio.wait([done, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        else:
+            print("Press Ctrl-C to stop.", flush=True)
+            await stop.wait()
+
+
+def _make_backend(config: Config):
+    if config.model.backend == "remote":
+        from .remote import RemoteBackend
+
+        return RemoteBackend.from_config(config)
+    if config.model.backend != "local":
+        raise BotkitError(f'model.backend must be "local" or "remote", not {config.model.backend!r}.')
+    from .backends import LocalBackend
+    from .models import load_model
+
+    m = config.model
+    lm = load_model(m.source or None, run_name=m.run_name or None, checkpoint_dir=m.checkpoint_dir,
+                    device=m.device or None, dtype=m.dtype or None)
+    return LocalBackend(lm, max_batch_size=config.batch.max_size)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
