@@ -74,7 +74,8 @@ class WebAdapter:
                 f"web.host is {self.config.host!r}, which other machines can reach: set web.api_key_env to an "
                 "environment variable holding an API key, or bind to 127.0.0.1."
             )
-        self._runner = web.AppRunner(self.build_app(), access_log=None, shutdown_timeout=2.0)
+        # handler_cancellation: a client that hangs up cancels its handler, which cancels its tickets.
+        self._runner = web.AppRunner(self.build_app(), access_log=None, shutdown_timeout=2.0, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port)
         try:
