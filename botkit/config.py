@@ -78,6 +78,11 @@ class DiscordConfig:
     allowed_channels: tuple[str, ...] = ()  # empty = all channels
     admin_user_ids: tuple[str, ...] = ()  # may change settings, besides members with Manage Server
     max_reply_parts: int = 3
+    allow_dms: bool = True  # answer direct messages (any text in a DM is a prompt)
+    sync_commands: bool = True  # overwrite the bot's global slash commands with botkit's at start
+    typing_interval_s: float = 5.0  # resend "typing…" this often while a reply is pending (it shows for ~10 s)
+    queue_notice_s: float = 5.0  # a reply still queued after this long gets an "n-th in line" notice
+    connect_timeout_s: float = 60.0  # start() fails if the gateway has not said READY by then
 
 
 @dataclass(frozen=True)
