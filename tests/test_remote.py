@@ -1,0 +1,235 @@
+"""RemoteBackend: a second botkit generating through the first one's /v1/completions, and a small
+fake vLLM server on 127.0.0.1 for its wire format, retries, concurrency limit and failures."""
+
+import asyncio
+import contextlib
+import json
+import socket
+from dataclasses import replace
+
+import pytest
+from aiohttp import web
+from botkit.adapters.web_adapter import WebAdapter
+
+from botkit.backends import Job, LocalBackend
+from botkit.config import Config, LimitsConfig, ModelConfig, WebConfig
+from botkit.core import Core, Prompt
+from botkit.errors import ConfigError, GenerationError, ModelLoadError
+from botkit.params import ChatSettings, SamplingParams
+from botkit.remote import RemoteBackend, completions_url
+from botkit.store import Store
+
+UNLIMITED = Config(limits=LimitsConfig(user_per_minute=0, chat_per_minute=0))
+
+
+@contextlib.asynccontextmanager
+async def first_botkit(tmp_path, lm, api_key=None):
+    """The serving botkit: local model, store, core and web adapter on a free port."""
+    async with Store.open(tmp_path / "first.db") as store, LocalBackend(lm, max_batch_size=8) as backend, \
+            Core(backend, store, UNLIMITED) as core, WebAdapter(core, WebConfig(port=0), api_key) as web:
+        yield core, web
+
+
+@contextlib.asynccontextmanager
+async def second_botkit(tmp_path, config):
+    """The front botkit: no model of its own, `[model] backend = "remote"`."""
+    async with Store.open(tmp_path / "second.db") as store, RemoteBackend.from_config(config) as backend, \
+            Core(backend, store, config) as core:
+        yield core
+
+
+def remote_config(url, **model):
+    return Config(model=ModelConfig(backend="remote", url=url, **model), limits=UNLIMITED.limits)
+
+
+async def test_a_second_botkit_gets_completions_from_the_first(tmp_path, tiny_lm):
+    async with first_botkit(tmp_path, tiny_lm) as (first, web), second_botkit(tmp_path, remote_config(web.url + "v1")) as second:
+        assert second.backend.name == "random-gpt2"  # learnt from the first's /v1/models
+        prompt = Prompt(platform="discord", chat_id="1", user_id="2", text="hello", message_id="9")
+        ticket = await second.submit(prompt, ChatSettings(length=8, truncate=""))
+        deltas = [d async for d in ticket.stream()]
+        reply = await ticket.result()
+        served = (await first.recent(limit=1))[0]
+    assert reply.text and len(deltas) > 1 and "".join(deltas) == reply.text
+    assert served["reply"] == reply.text and served["status"] == "done" and served["platform"] == "web"
+    assert served["text"] == "hello\n"  # the second botkit applied the chat template; the first got a raw completion
+    assert reply.num_tokens == served["num_tokens"]
+
+
+async def test_remote_samples_equal_local_ones_for_the_same_parameters(tmp_path, tiny_lm):
+    params = SamplingParams(max_new_tokens=10, temperature=0.7, top_k=30, top_p=0.9, repetition_penalty=1.3, seed=42)
+    async with first_botkit(tmp_path, tiny_lm) as (first, web), second_botkit(tmp_path, remote_config(web.url)) as second:
+        local = await (await first.submit_completion("The river", params)).result()
+        remote = await (await second.submit_completion("The river", params)).result()
+        stop = local.text.split()[3]
+        stopped = await (await second.submit_completion("The river", replace(params, stop=(stop,)))).result()
+        other_seed = await (await second.submit_completion("The river", replace(params, seed=43))).result()
+    assert remote.text == local.text and remote.finish_reason == "length" and remote.num_tokens == 10
+    assert stopped.text == local.text[: local.text.index(stop)] and stopped.finish_reason == "stop"
+    assert other_seed.text != local.text
+
+
+async def test_api_key_comes_from_the_environment(tmp_path, tiny_lm, monkeypatch):
+    async with first_botkit(tmp_path, tiny_lm, api_key="right-key-123") as (first, web):
+        monkeypatch.setenv("FIRST_KEY", "right-key-123")
+        async with second_botkit(tmp_path, remote_config(web.url + "v1", api_key_env="FIRST_KEY")) as second:
+            assert (await (await second.submit_completion("x", SamplingParams(max_new_tokens=2))).result()).num_tokens == 2
+        monkeypatch.setenv("FIRST_KEY", "wrong-key-456")
+        with pytest.raises(ModelLoadError, match="refused the API key.*model.api_key_env") as refused:
+            async with second_botkit(tmp_path, remote_config(web.url + "v1", api_key_env="FIRST_KEY")):
+                pass
+        assert "wrong-key-456" not in str(refused.value)
+        monkeypatch.delenv("FIRST_KEY")
+        with pytest.raises(ConfigError, match="FIRST_KEY"):
+            RemoteBackend.from_config(remote_config(web.url, api_key_env="FIRST_KEY"))
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_unreachable_server_is_one_clear_sentence(tmp_path, tiny_lm):
+    with pytest.raises(ModelLoadError, match=r"cannot be reached \(Connection refused\): check model.url"):
+        async with RemoteBackend(f"http://127.0.0.1:{closed_port()}/v1"):
+            pass
+    with pytest.raises(ConfigError, match="model.url is empty"):
+        RemoteBackend.from_config(remote_config(""))
+    with pytest.raises(ConfigError, match="http"):
+        RemoteBackend.from_config(remote_config("gpu-box:8000"))
+
+
+async def test_a_server_that_goes_away_fails_only_those_requests(tmp_path, tiny_lm):
+    async with first_botkit(tmp_path, tiny_lm) as (first, web):
+        second_context = second_botkit(tmp_path, remote_config(web.url))
+        second = await second_context.__aenter__()
+    try:  # the first botkit is gone now
+        ticket = await second.submit_completion("x", SamplingParams(max_new_tokens=2))
+        with pytest.raises(GenerationError, match="cannot be reached"):
+            await ticket.result()
+        failed = (await second.recent(limit=1))[0]
+        assert failed["status"] == "failed" and "cannot be reached" in failed["error"]
+    finally:
+        await second_context.__aexit__(None, None, None)
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("http://gpu:8000/v1", "http://gpu:8000/v1/completions"),
+    ("http://gpu:8000/v1/", "http://gpu:8000/v1/completions"),
+    ("http://gpu:8000", "http://gpu:8000/v1/completions"),
+    ("https://gpu/api/v1/completions", "https://gpu/api/v1/completions"),
+])
+def test_completions_url(url, expected):
+    assert str(completions_url(url)) == expected
+
+
+class FakeVLLM:
+    """Speaks like `vllm serve`: its /v1/models, its stream chunks (finish_reason on the last text
+    chunk, then a usage chunk), its older error body; scripted busy answers; counts what is in flight."""
+
+    def __init__(self, busy_answers=0, hold_s=0.0):
+        self.busy_answers = busy_answers
+        self.hold_s = hold_s
+        self.bodies = []
+        self.in_flight = self.max_in_flight = 0
+
+    def app(self):
+        app = web.Application()
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/completions", self.completions)
+        return app
+
+    async def models(self, request):
+        return web.json_response({"object": "list", "data": [{"id": "gpt2", "object": "model", "max_model_len": 1024}]})
+
+    async def completions(self, request):
+        body = await request.json()
+        self.bodies.append(body)
+        if self.busy_answers:
+            self.busy_answers -= 1
+            return web.json_response({"object": "error", "message": "overloaded"}, status=503, headers={"Retry-After": "0"})
+        if body["model"] != "gpt2":
+            return web.json_response({"object": "error", "message": f"The model `{body['model']}` does not exist."}, status=404)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.hold_s)
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            pieces = [" one", " two", " three"]
+            for i, piece in enumerate(pieces):
+                last = i == len(pieces) - 1
+                chunk = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "gpt2",
+                         "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": "length" if last else None,
+                                      "stop_reason": None}], "usage": None}
+                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+            await response.write(f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n".encode())
+            return response
+        finally:
+            self.in_flight -= 1
+
+
+@contextlib.asynccontextmanager
+async def fake_vllm(fake):
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    finally:
+        await runner.cleanup()
+
+
+async def test_speaks_vllms_dialect(tmp_path):
+    fake = FakeVLLM()
+    async with fake_vllm(fake) as url, RemoteBackend(url) as backend:
+        seen = []
+        params = SamplingParams(max_new_tokens=3, temperature=0.5, top_k=40, top_p=0.9, stop=("\n",), seed=1)
+        done = await backend.generate(Job(1, "Hello", params, on_text=seen.append))
+        await backend.generate(Job(2, "Hello", SamplingParams(top_k=0)))
+    assert backend.name == "gpt2"
+    assert seen == [" one", " two", " three"] and done.text == " one two three"
+    assert (done.finish_reason, done.num_tokens, done.num_prompt_tokens, done.seed) == ("length", 3, 7, 1)
+    sent = fake.bodies[0]
+    assert sent == {"model": "gpt2", "prompt": "Hello", "max_tokens": 3, "temperature": 0.5, "top_p": 0.9, "stream": True,
+                    "stream_options": {"include_usage": True}, "stop": ["\n"], "seed": 1, "top_k": 40}
+    assert "top_k" not in fake.bodies[1] and "seed" not in fake.bodies[1]  # OpenAI's API has no top_k; off means absent
+
+
+async def test_busy_server_is_retried_then_reported(tmp_path):
+    fake = FakeVLLM(busy_answers=2)
+    async with fake_vllm(fake) as url, RemoteBackend(url) as backend:
+        assert (await backend.generate(Job(1, "x", SamplingParams()))).text == " one two three"
+        assert len(fake.bodies) == 3
+        fake.busy_answers = 5
+        with pytest.raises(GenerationError, match="busy"):
+            await backend.generate(Job(2, "x", SamplingParams()))
+
+
+async def test_server_errors_are_passed_on_as_a_sentence(tmp_path):
+    async with fake_vllm(FakeVLLM()) as url, RemoteBackend(url, model="llama") as backend:
+        with pytest.raises(GenerationError, match=r"refused the request \(404: The model `llama` does not exist.\)"):
+            await backend.generate(Job(1, "x", SamplingParams()))
+
+
+async def test_at_most_max_batch_size_requests_are_in_flight(tmp_path):
+    fake = FakeVLLM(hold_s=0.05)
+    async with fake_vllm(fake) as url, RemoteBackend(url, max_batch_size=2) as backend:
+        done = await asyncio.gather(*(backend.generate(Job(i, "x", SamplingParams())) for i in range(6)))
+    assert len(done) == 6 and fake.max_in_flight == 2
+
+
+async def test_a_prompt_longer_than_the_remote_window_keeps_its_end(tmp_path):
+    fake = FakeVLLM()
+    async with fake_vllm(fake) as url, RemoteBackend(url, max_context=64) as backend:
+        await backend.generate(Job(1, "word " * 200 + "THE END", SamplingParams(max_new_tokens=20)))
+        await backend.generate(Job(2, "short", SamplingParams(max_new_tokens=100)))
+        await backend.generate(Job(3, "", SamplingParams(max_new_tokens=5)))
+    long, short, empty = fake.bodies
+    assert long["prompt"].endswith("THE END") and backend.count_tokens(long["prompt"]) == 64 - 20
+    assert long["max_tokens"] == 20
+    assert short["prompt"] == "short" and short["max_tokens"] == 64 - 1  # "short" is one token
+    assert empty["prompt"] == "<|endoftext|>"  # as the local engine does, GPT-2's unconditional start
