@@ -1,0 +1,67 @@
+"""Terminal chat through a real core and tiny model; the terminal is a pipe or a StringIO."""
+
+import asyncio
+import contextlib
+import io
+import os
+
+from botkit.adapters.console_adapter import ConsoleAdapter
+
+from botkit.backends import LocalBackend
+from botkit.config import Config, ConsoleConfig, LimitsConfig
+from botkit.core import Core
+from botkit.params import ChatSettings
+from botkit.store import Store
+
+
+@contextlib.asynccontextmanager
+async def chatting(tmp_path, lm, stdin, limits=None):
+    config = Config(chat=ChatSettings(length=6, truncate=""), limits=limits or LimitsConfig())
+    out = io.StringIO()
+    async with Store.open(tmp_path / "bot.db") as store, LocalBackend(lm, max_batch_size=4) as backend, \
+            Core(backend, store, config) as core, \
+            ConsoleAdapter(core, ConsoleConfig(enabled=True), stdin=stdin, stdout=out) as console:
+        yield core, console, out
+
+
+async def test_each_line_gets_a_reply_and_commands_work(tmp_path, tiny_lm):
+    lines = io.StringIO("hello bot\n   \n/set temperature 0.5\n/settings\nsecond message\n/reset\n/bogus\n")
+    async with chatting(tmp_path, tiny_lm, lines) as (core, console, out):
+        await asyncio.wait_for(console.run(), 30)
+        recent = await core.recent()
+        settings = await core.get_settings("console", "console")
+        delivered = [await core.is_delivered(r["id"]) for r in recent]
+    text = out.getvalue()
+    assert [r["text"] for r in recent] == ["second message", "hello bot"]  # the blank line was not sent
+    for row in recent:
+        assert f"bot> {row['reply']}\n" in text and row["status"] == "done" and row["num_tokens"] == 6
+    assert delivered == [True, True]
+    assert settings.temperature == 0.5 and "  temperature = 0.5\n" in text
+    assert "Context forgotten." in text and "Unknown command '/bogus'" in text
+
+
+async def test_an_error_is_a_sentence_and_the_chat_goes_on(tmp_path, tiny_lm):
+    lines = io.StringIO("this message is far too long\n/set temperature hot\nok\n")
+    async with chatting(tmp_path, tiny_lm, lines, LimitsConfig(max_message_chars=10)) as (core, console, out):
+        await asyncio.wait_for(console.run(), 30)
+        recent = await core.recent()
+    text = out.getvalue()
+    assert "! The message is 28 characters long; send at most 10.\n" in text
+    assert "! Setting 'temperature' must be a float, not 'hot'.\n" in text
+    assert [r["text"] for r in recent] == ["ok"] and f"bot> {recent[0]['reply']}\n" in text
+
+
+async def test_ctrl_d_ends_the_chat_while_it_waits_for_input(tmp_path, tiny_lm):
+    read_fd, write_fd = os.pipe()
+    with open(read_fd, encoding="utf-8") as stdin, open(write_fd, "w", encoding="utf-8") as typing:
+        async with chatting(tmp_path, tiny_lm, stdin) as (core, console, out):
+            chat = asyncio.create_task(console.run())
+            typing.write("first\n")
+            typing.flush()
+            while "bot> " not in out.getvalue() or not out.getvalue().endswith("\n"):
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            assert not chat.done()  # still waiting for the next line
+            typing.close()  # Ctrl-D
+            await asyncio.wait_for(chat, 5)
+            assert [r["text"] for r in await core.recent()] == ["first"]
