@@ -153,17 +153,17 @@ class Core:
         if not isinstance(text, str) or len(text) > self.config.limits.max_message_chars:
             raise InputError(f"The prompt must be text of at most {self.config.limits.max_message_chars} characters.")
         text = text.encode("utf-8", "replace").decode("utf-8")
-        self._admit(platform, chat_id, user_id)
+        self._admit(platform, None, user_id)  # completions are limited per user only
         prompt = Prompt(platform, chat_id, user_id, text, None, user_name)
         return await self._enqueue("completion", prompt, text, text, params)
 
-    def _admit(self, platform: str, chat_id: str, user_id: str) -> None:
+    def _admit(self, platform: str, chat_id: str | None, user_id: str) -> None:
         if self._queue.is_full:
             raise BusyError(f"I'm busy with {len(self._queue)} requests; please try again in a minute.")
         wait = self._user_limit.retry_after((platform, user_id))
         if wait:
             raise RateLimitedError(f"You're sending requests too fast; try again in {wait:.0f} s.")
-        wait = self._chat_limit.retry_after((platform, chat_id))
+        wait = chat_id is not None and self._chat_limit.retry_after((platform, chat_id))
         if wait:
             raise RateLimitedError(f"This chat is sending requests too fast; try again in {wait:.0f} s.")
 

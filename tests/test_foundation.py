@@ -1,0 +1,77 @@
+"""The bundled tokenizer, the model loader and the import rules."""
+
+import ast
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, GPT2Config
+
+from botkit.errors import ModelLoadError
+from botkit.models import gpt2_tokenizer, load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(("text", "ids"), [
+    ("Hello world", [15496, 995]),
+    (" Hello world", [18435, 995]),
+    ("<|endoftext|>", [50256]),
+    ("你好", [19526, 254, 25001, 121]),
+])
+def test_bundled_gpt2_tokenizer_gives_openai_ids(text, ids):
+    tok = gpt2_tokenizer()
+    assert tok(text).input_ids == ids
+    assert tok.decode(ids) == text
+    assert tok.eos_token_id == 50256 and tok.padding_side == "left"
+
+
+def test_loads_a_local_folder_without_tokenizer_files(tmp_path):
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=64)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    lm = load_model(tmp_path, device="cpu")
+    assert lm.max_context == 64
+    assert lm.tokenizer("Hello world").input_ids == [15496, 995]  # the bundled tokenizer stepped in
+    assert not lm.model.training
+
+
+def test_loads_a_run_directory(tmp_path):
+    run = tmp_path / "checkpoint" / "run1"
+    AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_head=2, n_embd=16)).save_pretrained(run)
+    assert load_model(run_name="run1", checkpoint_dir=tmp_path / "checkpoint").name == "run1"
+
+
+@pytest.mark.parametrize(("source", "run_name", "says"), [
+    ("./no/such/model", None, "does not exist"),
+    ("gpt2", None, "Hugging Face hub"),  # HF_HUB_OFFLINE=1 in tests: the hub cannot be reached
+    (None, "missing-run", "No trained model"),
+])
+def test_missing_models_get_one_sentence(tmp_path, source, run_name, says):
+    with pytest.raises(ModelLoadError) as info:
+        load_model(source, run_name=run_name, checkpoint_dir=tmp_path)
+    message = str(info.value)
+    assert says in message and message.endswith(".") and "\n" not in message
+
+
+def test_random_model_from_config_is_seeded():
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=16)
+    a, b = load_model(config, seed=1).model, load_model(config, seed=1).model
+    assert all((p == q).all() for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+PLATFORM_SDKS = {"discord", "telegram", "adapters", "botkit.adapters"}
+
+
+def test_core_imports_no_platform_sdk():
+    """STYLE.md: the core never imports a platform SDK; adapters never import each other."""
+    offenders = []
+    for path in (ROOT / "botkit").rglob("*.py"):
+        if path.name == "cli.py":  # the composition root builds the adapters
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in PLATFORM_SDKS or n.startswith("botkit.adapters")]
+    for path in (ROOT / "adapters").glob("*_adapter.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and "_adapter" in node.module:
+                offenders.append(f"{path.name}: {node.module}")
+    assert offenders == []
