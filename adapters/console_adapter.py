@@ -80,7 +80,11 @@ class ConsoleAdapter:
                         message_id=str(next(self._message_ids)), user_name=self.user_name)
         ticket = await self.core.submit(prompt)
         self._write("bot> ")
+        started = False
         async for delta in ticket.stream():
+            if not started:  # GPT-2 replies usually begin with a space or a newline
+                delta = delta.lstrip()
+                started = bool(delta)
             self._write(delta)
         reply = await ticket.result()
         self._write("\n")

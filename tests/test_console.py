@@ -34,7 +34,7 @@ async def test_each_line_gets_a_reply_and_commands_work(tmp_path, tiny_lm):
     text = out.getvalue()
     assert [r["text"] for r in recent] == ["second message", "hello bot"]  # the blank line was not sent
     for row in recent:
-        assert f"bot> {row['reply']}\n" in text and row["status"] == "done" and row["num_tokens"] == 6
+        assert f"bot> {row['reply'].lstrip()}\n" in text and row["status"] == "done" and row["num_tokens"] == 6
     assert delivered == [True, True]
     assert settings.temperature == 0.5 and "  temperature = 0.5\n" in text
     assert "Context forgotten." in text and "Unknown command '/bogus'" in text
@@ -48,7 +48,7 @@ async def test_an_error_is_a_sentence_and_the_chat_goes_on(tmp_path, tiny_lm):
     text = out.getvalue()
     assert "! The message is 28 characters long; send at most 10.\n" in text
     assert "! Setting 'temperature' must be a float, not 'hot'.\n" in text
-    assert [r["text"] for r in recent] == ["ok"] and f"bot> {recent[0]['reply']}\n" in text
+    assert [r["text"] for r in recent] == ["ok"] and f"bot> {recent[0]['reply'].lstrip()}\n" in text
 
 
 async def test_ctrl_d_ends_the_chat_while_it_waits_for_input(tmp_path, tiny_lm):
