@@ -151,9 +151,16 @@ class RemoteClient:
         return str(self.url.origin())
 
     async def __aenter__(self) -> RemoteClient:
+        """Checks the server answers (and learns the model name if none is configured), so a wrong
+        url or key stops botkit at start with one sentence rather than failing every request."""
         self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
         try:
             models = await self.list_models()
+        except _NoModelList as exc:
+            if not self.model:
+                await self.__aexit__(None, None, None)
+                raise ModelLoadError(str(exc)) from None
+            models = None  # some OpenAI-style servers have no /v1/models; a named model is enough
         except GenerationError as exc:
             await self.__aexit__(None, None, None)
             raise ModelLoadError(str(exc)) from None
@@ -176,6 +183,8 @@ class RemoteClient:
         models_url = self.url.with_path(self.url.path.rsplit("/", 1)[0] + "/models")
         try:
             async with self._request("GET", models_url) as response:
+                if response.status in (404, 405):
+                    raise _NoModelList(f"The remote model server has no {models_url}: set model.remote_model.")
                 await self._check(response)
                 body = await response.json(content_type=None)
         except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
@@ -251,6 +260,8 @@ class RemoteClient:
             if data == "[DONE]":
                 break
             event = json.loads(data)
+            if not isinstance(event, dict):
+                raise ValueError("a stream event that is not a JSON object")
             if event.get("error"):
                 raise GenerationError(f"The remote model server {self.server} failed mid-answer: {_message_of(event)}")
             if event.get("usage"):
@@ -266,6 +277,10 @@ class RemoteClient:
             raise GenerationError(f"The remote model server {self.server} ended the answer without a finish reason: is it overloaded or restarting?")
         reason = "length" if finish_reason == "length" else "stop"
         yield Chunk("", finish_reason=reason, num_tokens=num_tokens or num_chunks, num_prompt_tokens=num_prompt_tokens)
+
+
+class _NoModelList(GenerationError):
+    """The server has no model list (only fatal when no model name is configured)."""
 
 
 def _translate(client: RemoteClient, exc: BaseException) -> BaseException:

@@ -128,15 +128,18 @@ class FakeVLLM:
     """Speaks like `vllm serve`: its /v1/models, its stream chunks (finish_reason on the last text
     chunk, then a usage chunk), its older error body; scripted busy answers; counts what is in flight."""
 
-    def __init__(self, busy_answers=0, hold_s=0.0):
+    def __init__(self, busy_answers=0, hold_s=0.0, has_models=True, drop_mid_answer=False):
         self.busy_answers = busy_answers
         self.hold_s = hold_s
+        self.has_models = has_models
+        self.drop_mid_answer = drop_mid_answer
         self.bodies = []
         self.in_flight = self.max_in_flight = 0
 
     def app(self):
         app = web.Application()
-        app.router.add_get("/v1/models", self.models)
+        if self.has_models:
+            app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
         return app
 
@@ -164,6 +167,9 @@ class FakeVLLM:
                          "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": "length" if last else None,
                                       "stop_reason": None}], "usage": None}
                 await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                if self.drop_mid_answer:
+                    request.transport.close()  # the engine crashed
+                    return response
             usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
             await response.write(f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n".encode())
             return response
@@ -233,3 +239,20 @@ async def test_a_prompt_longer_than_the_remote_window_keeps_its_end(tmp_path):
     assert long["max_tokens"] == 20
     assert short["prompt"] == "short" and short["max_tokens"] == 64 - 1  # "short" is one token
     assert empty["prompt"] == "<|endoftext|>"  # as the local engine does, GPT-2's unconditional start
+
+
+async def test_a_server_without_a_model_list_needs_remote_model(tmp_path):
+    async with fake_vllm(FakeVLLM(has_models=False)) as url:
+        with pytest.raises(ModelLoadError, match="set model.remote_model"):
+            async with RemoteBackend(url):
+                pass
+        async with RemoteBackend(url, model="gpt2") as backend:
+            assert (await backend.generate(Job(1, "x", SamplingParams()))).text == " one two three"
+
+
+async def test_a_connection_dropped_mid_answer_fails_that_request(tmp_path):
+    async with fake_vllm(FakeVLLM(drop_mid_answer=True)) as url, RemoteBackend(url) as backend:
+        seen = []
+        with pytest.raises(GenerationError, match="remote model server http://127.0.0.1:[0-9]+ "):
+            await backend.generate(Job(1, "x", SamplingParams(), on_text=seen.append))
+    assert seen == [" one"]
