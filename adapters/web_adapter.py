@@ -12,6 +12,7 @@ localhost (a DNS-rebinding page cannot reach it) and only JSON POSTs (a cross-si
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import ipaddress
@@ -174,13 +175,10 @@ class WebAdapter:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req = parse_completion(await read_json(request), max_n=self.config.max_n)
         tickets = await self._submit(request, req)
-        if req.stream:
-            return await self._stream_openai(request, req, tickets)
-        try:
+        with cancelling(tickets):
+            if req.stream:
+                return await self._stream_openai(request, req, tickets)
             replies = await asyncio.gather(*(t.result() for t in tickets))
-        finally:
-            for ticket in tickets:
-                ticket.cancel()  # no-op for finished ones; frees the slots of the others on a failure
         choices = [
             {"text": r.text, "index": i, "logprobs": None, "finish_reason": finish_reason(r.finish_reason)}
             for i, r in enumerate(replies)
@@ -193,16 +191,18 @@ class WebAdapter:
         """The playground: samples stream as server-sent events, one JSON object per event."""
         req = parse_playground(await read_json(request), max_n=self.config.max_n)
         tickets = await self._submit(request, req)
-        response = await self._open_sse(request)
-        await _send(response, {"type": "start", "samples": [t.request_id for t in tickets]})
-        async for index, kind, value in merge_streams(tickets, self._streams):
-            if kind == "delta":
-                await _send(response, {"type": "delta", "index": index, "text": value})
-            elif kind == "done":
-                event = {"type": "done", "index": index, "text": value.text, "finish_reason": finish_reason(value.finish_reason)}
-                await _send(response, event)
-            else:
-                await _send(response, {"type": "error", "index": index, "message": value})
+        with cancelling(tickets):
+            response = await self._open_sse(request)
+            await _send(response, {"type": "start", "samples": [t.request_id for t in tickets]})
+            async with contextlib.aclosing(merge_streams(tickets, self._streams)) as events:
+                async for index, kind, value in events:
+                    if kind == "delta":
+                        await _send(response, {"type": "delta", "index": index, "text": value})
+                    elif kind == "done":
+                        done = {"type": "done", "index": index, "text": value.text, "finish_reason": finish_reason(value.finish_reason)}
+                        await _send(response, done)
+                    else:
+                        await _send(response, {"type": "error", "index": index, "message": value})
         await _send(response, {"type": "end"})
         return response
 
@@ -233,16 +233,17 @@ class WebAdapter:
         response = await self._open_sse(request)
         envelope = self._envelope([])
         num_tokens = 0
-        async for index, kind, value in merge_streams(tickets, self._streams):
-            if kind == "error":
-                await _send(response, {"error": {"message": value, "type": "server_error", "code": 500}})
-                continue
-            if kind == "delta":
-                choice = {"text": value, "index": index, "logprobs": None, "finish_reason": None}
-            else:
-                num_tokens += value.num_tokens
-                choice = {"text": "", "index": index, "logprobs": None, "finish_reason": finish_reason(value.finish_reason)}
-            await _send(response, {**envelope, "choices": [choice]})
+        async with contextlib.aclosing(merge_streams(tickets, self._streams)) as events:
+            async for index, kind, value in events:
+                if kind == "error":
+                    await _send(response, {"error": {"message": value, "type": "server_error", "code": 500}})
+                    continue
+                if kind == "delta":
+                    choice = {"text": value, "index": index, "logprobs": None, "finish_reason": None}
+                else:
+                    num_tokens += value.num_tokens
+                    choice = {"text": "", "index": index, "logprobs": None, "finish_reason": finish_reason(value.finish_reason)}
+                await _send(response, {**envelope, "choices": [choice]})
         if req.include_usage:
             await _send(response, {**envelope, "choices": [], "usage": self._usage(req, num_tokens)})
         await response.write(b"data: [DONE]\n\n")
@@ -270,9 +271,21 @@ class WebAdapter:
         }
 
 
+@contextlib.contextmanager
+def cancelling(tickets: list):
+    """However the handler ends (a failure, the client hanging up), no sample goes on generating for
+    nobody; cancelling a finished ticket does nothing."""
+    try:
+        yield
+    finally:
+        for ticket in tickets:
+            ticket.cancel()
+
+
 async def merge_streams(tickets: list, registry: set[asyncio.Task]) -> AsyncIterator[tuple[int, str, object]]:
     """(index, "delta", text), (index, "done", Reply) and (index, "error", sentence) from all tickets,
-    in the order they happen. If the consumer stops (client gone, shutdown) every ticket is cancelled."""
+    in the order they happen. Use it under `contextlib.aclosing`, so that a consumer that stops early
+    ends the pump tasks at once rather than at garbage collection."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, ticket) -> None:
@@ -300,8 +313,6 @@ async def merge_streams(tickets: list, registry: set[asyncio.Task]) -> AsyncIter
         registry.discard(this_task)
         for task in pumps:
             task.cancel()
-        for ticket in tickets:
-            ticket.cancel()
 
 
 async def read_json(request: web.Request):
