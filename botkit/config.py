@@ -24,7 +24,7 @@ from .params import ChatSettings
 class ModelConfig:
     source: str = ""  # hub name, local folder, or "" for the bundled demo model
     run_name: str = ""  # a run in checkpoint_dir (from `botkit finetune`), used when source is ""
-    checkpoint_dir: str = "checkpoint"
+    checkpoint_dir: str = "checkpoint"  # where `botkit finetune` saves runs
     device: str = ""  # "" = cuda if available, else cpu
     dtype: str = ""  # "" = bfloat16/float16 on GPU, float32 on CPU
     backend: str = "local"  # local | remote (an OpenAI-style /v1/completions server)
@@ -56,28 +56,28 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class WebConfig:
-    enabled: bool = True
+    enabled: bool = True  # serve the playground and the HTTP API
     host: str = "127.0.0.1"  # bind elsewhere only with api_key_env set
-    port: int = 8080
+    port: int = 8080  # 0 picks a free port
     api_key_env: str = ""  # environment variable with the API key (required unless host is loopback)
-    max_body_bytes: int = 65536
+    max_body_bytes: int = 65536  # larger request bodies get 413
     max_n: int = 8  # most samples one request may ask for (playground nsamples; API n × prompts)
 
 
 @dataclass(frozen=True)
 class ConsoleConfig:
-    enabled: bool = False
+    enabled: bool = False  # chat in the terminal too (same as `botkit run --console`)
 
 
 @dataclass(frozen=True)
 class DiscordConfig:
-    enabled: bool = False
-    token_env: str = "DISCORD_TOKEN"
+    enabled: bool = False  # connect to Discord
+    token_env: str = "DISCORD_TOKEN"  # environment variable holding the bot token
     command_prefix: str = "!gen"  # text command; the slash command is /gen
     allowed_guilds: tuple[str, ...] = ()  # empty = all servers
     allowed_channels: tuple[str, ...] = ()  # empty = all channels
     admin_user_ids: tuple[str, ...] = ()  # may change settings, besides members with Manage Server
-    max_reply_parts: int = 3
+    max_reply_parts: int = 3  # a long reply is split into at most this many messages
     allow_dms: bool = True  # answer direct messages (any text in a DM is a prompt)
     sync_commands: bool = True  # overwrite the bot's global slash commands with botkit's at start
     typing_interval_s: float = 5.0  # resend "typing…" this often while a reply is pending (it shows for ~10 s)
@@ -87,17 +87,17 @@ class DiscordConfig:
 
 @dataclass(frozen=True)
 class TelegramConfig:
-    enabled: bool = False
-    token_env: str = "TELEGRAM_TOKEN"
-    command_prefix: str = "!gen"
+    enabled: bool = False  # connect to Telegram
+    token_env: str = "TELEGRAM_TOKEN"  # environment variable holding the bot token
+    command_prefix: str = "!gen"  # text command; /gen works too
     allowed_chats: tuple[str, ...] = ()  # empty = all chats
     admin_user_ids: tuple[str, ...] = ()  # may change settings, besides chat administrators
     mode: str = "polling"  # polling | webhook
     webhook_url: str = ""  # public HTTPS URL Telegram posts to (webhook mode)
-    webhook_listen: str = "127.0.0.1"
-    webhook_port: int = 8443
+    webhook_listen: str = "127.0.0.1"  # local address the webhook server binds (behind your HTTPS proxy)
+    webhook_port: int = 8443  # local port of the webhook server
     base_url: str = ""  # Bot API server ("" = Telegram's); tests point it at a fake
-    max_reply_parts: int = 3
+    max_reply_parts: int = 3  # a long reply is split into at most this many messages
     webhook_secret_env: str = ""  # env var with a secret Telegram echoes on every webhook call ("" = none)
     typing_interval_s: float = 4.0  # resend "typing…" this often while a reply is pending (it shows for 5 s)
     queue_notice_s: float = 5.0  # a reply still queued after this long gets an "n-th in line" notice

@@ -52,9 +52,9 @@ class ChatSettings:
     template: str = "{message}\n"  # how a message becomes a prompt; {message} is the user's text
     truncate: str = "\n"  # a reply ends before this string ("" = only at end of text or length)
     length: int = 60  # new tokens at most
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
+    temperature: float = 0.8  # 0 = greedy; higher = more surprising
+    top_k: int = 40  # sample from the k likeliest tokens (0 = off)
+    top_p: float = 0.95  # sample from the smallest set holding this much probability (1 = off)
     use_context: bool = True  # prepend the chat's recent messages, as many as fit the window
     trigger: str = "mention"  # when the bot speaks in group chats: mention | always | command | never
     random_reply_chance: float = 0.0  # chance of answering an untriggered message in an allowed channel

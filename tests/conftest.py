@@ -1,9 +1,13 @@
 import os
 
-import pytest
-from transformers import GPT2Config
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download; set before huggingface_hub is imported
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only contend on 2 cores (subprocesses too)
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import GPT2Config  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
