@@ -1,8 +1,10 @@
+import asyncio
 import dataclasses
 
 import pytest
 import torch
 
+from botkit.backends import Completion, Job
 from botkit.config import Config
 
 
@@ -24,3 +26,29 @@ def make_config(*, timeout_s: float = 120.0, max_queue: int = 256, length: int =
         limits=dataclasses.replace(config.limits, user_per_minute=0, chat_per_minute=0),
         chat=dataclasses.replace(config.chat, length=length),
     )
+
+
+class EchoBackend:
+    """Answers every job at once with a fixed text; `max_batch_size` jobs in flight."""
+
+    name = "echo"
+    max_batch_size = 32
+    max_context = 1024
+
+    def __init__(self):
+        self.num_jobs = 0
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split()) + 1
+
+    async def generate(self, job: Job) -> Completion:
+        self.num_jobs += 1
+        await asyncio.sleep(0)
+        job.on_text("ok")
+        return Completion("ok", "stop", self.count_tokens(job.prompt), 1)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        return None

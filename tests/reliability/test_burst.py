@@ -13,38 +13,12 @@ from botkit.core import Core, Prompt
 from botkit.errors import BusyError
 from botkit.store import Store
 
-from .conftest import make_config
+from .conftest import EchoBackend, make_config
 
 NUM_PROMPTS = 10_000
 MAX_QUEUE = 256
 MAX_LAG_S = 2.0  # generous: the machine is shared; a Discord heartbeat tolerates far more
 MAX_RSS_GROWTH_MB = 400
-
-
-class EchoBackend:
-    """Answers every job at once with a fixed text; `max_batch_size` jobs in flight."""
-
-    name = "echo"
-    max_batch_size = 32
-    max_context = 1024
-
-    def __init__(self):
-        self.num_jobs = 0
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split()) + 1
-
-    async def generate(self, job: Job) -> Completion:
-        self.num_jobs += 1
-        await asyncio.sleep(0)
-        job.on_text("ok")
-        return Completion("ok", "stop", self.count_tokens(job.prompt), 1)
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        return None
 
 
 class Heartbeat:

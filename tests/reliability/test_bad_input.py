@@ -1,0 +1,269 @@
+"""Bad input, one table: every case is either accepted (and then it is in the store, intact or cleaned
+as documented) or refused with one clear sentence (a BotkitError, or an HTTP error body), never a
+traceback. Chat messages go through Core.submit, replies through defuse_mentions + split_reply,
+config files through load_config, datasets through botkit.datasets, HTTP bodies through the web
+adapter's aiohttp app with aiohttp's test client."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from botkit.adapters.web_adapter import WebAdapter
+
+from botkit.config import load_config, secret
+from botkit.core import Core, Prompt
+from botkit.datasets import read_documents
+from botkit.errors import BotkitError, ConfigError, DatasetError, InputError
+from botkit.params import ChatSettings
+from botkit.replies import defuse_mentions, split_reply
+from botkit.store import Store
+
+from .conftest import EchoBackend, make_config
+
+DISCORD_LIMIT = 2000
+PASTED_TOKEN = "MTA5ODc2NTQzMjEwOTg3NjU0MzI.GhIjKl.abcdefghijklmnopqrstuvwxyz0123456789AB"
+PINGS = re.compile(r"@(everyone|here)\b|<@[!&]?\d+>", re.IGNORECASE)  # what Discord would parse as a mention
+TELEGRAM_PING = re.compile(r"(?<!\w)@\w")
+
+
+def assert_one_sentence(message: str) -> None:
+    assert message.strip(), "an empty error message"
+    assert "\n" not in message and "Traceback" not in message, message
+    assert message.rstrip()[-1] in ".?!", f"not a sentence: {message!r}"
+    assert not re.search(r"[.!?]\s+[A-Z]", message), f"more than one sentence: {message!r}"
+    assert len(message) < 400, f"too long to show a user: {message[:100]!r}..."
+
+
+@dataclass
+class Env:
+    core: Core
+    store: Store
+    tmp_path: object
+    http: TestClient
+
+
+# -- what each case does ---------------------------------------------------------------------------
+
+def chat(text) -> Callable[[Env], Awaitable]:
+    async def run(env: Env):
+        ticket = await env.core.submit(Prompt("discord", "chan", "user", text, message_id="m1", user_name="someone"))
+        await ticket.result()
+        return await env.store.request(ticket.request_id)
+
+    return run
+
+
+def reply(text: str, *, usernames: bool = False, limit: int = DISCORD_LIMIT) -> Callable[[Env], Awaitable]:
+    async def run(env: Env):
+        return split_reply(defuse_mentions(text, usernames=usernames), limit, max_parts=1000)
+
+    return run
+
+
+def settings(**changes) -> Callable[[Env], Awaitable]:
+    async def run(env: Env):
+        return await env.core.update_settings("discord", "chan", **changes)
+
+    return run
+
+
+def config_file(content: str | bytes) -> Callable[[Env], Awaitable]:
+    async def run(env: Env):
+        path = env.tmp_path / "bot.toml"
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return load_config(path)
+
+    return run
+
+
+def missing_secret() -> Callable[[Env], Awaitable]:
+    async def run(env: Env):
+        return secret("BOTKIT_RELIABILITY_UNSET_TOKEN", "Discord ([discord] token_env)")
+
+    return run
+
+
+def dataset(name: str, content: bytes) -> Callable[[Env], Awaitable]:
+    async def run(env: Env):
+        path = env.tmp_path / name
+        path.write_bytes(content)
+        return read_documents(path)
+
+    return run
+
+
+def http(body: bytes | str, content_type: str = "application/json", path: str = "/v1/completions") -> Callable[[Env], Awaitable]:
+    async def run(env: Env):
+        data = body.encode() if isinstance(body, str) else body
+        response = await env.http.post(path, data=data, headers={"Content-Type": content_type})
+        return response.status, await response.json()
+
+    return run
+
+
+# -- what each case expects ------------------------------------------------------------------------
+
+def refused(kind: type[BotkitError] = BotkitError, *words: str):
+    def check(outcome):
+        assert isinstance(outcome, kind), f"expected {kind.__name__}, got {outcome!r}"
+        assert_one_sentence(str(outcome))
+        for word in words:
+            assert word in str(outcome), f"{word!r} not in {str(outcome)!r}"
+
+    return check
+
+
+def stored(expected_text: str):
+    def check(row):
+        assert isinstance(row, dict) and row["status"] == "done", row
+        assert row["text"] == expected_text
+
+    return check
+
+
+def pings_nobody(original: str, *, telegram: bool = False):
+    def check(parts):
+        assert parts, "the reply disappeared"
+        for part in parts:
+            assert not PINGS.search(part), f"a part still pings: {part!r}"
+            assert not (telegram and TELEGRAM_PING.search(part)), f"a part still pings: {part!r}"
+            assert len(part) <= DISCORD_LIMIT
+        assert "".join(parts).replace("\u200b", "") == original.replace("\u200b", ""), "text was lost or changed"
+
+    return check
+
+
+def http_error(status: int, *words: str):
+    def check(outcome):
+        got_status, body = outcome
+        assert got_status == status, outcome
+        assert_one_sentence(body["error"]["message"])
+        for word in words:
+            assert word in body["error"]["message"]
+
+    return check
+
+
+def documents(count: int, length: int | None = None):
+    def check(docs):
+        assert isinstance(docs, list) and len(docs) == count, docs if not isinstance(docs, list) else len(docs)
+        assert length is None or len(docs[0]) == length
+
+    return check
+
+
+LONG_LINE = "word " * 400_000  # a 2 MB dataset line
+
+CASES = [
+    # chat messages
+    ("empty message", chat(""), refused(InputError, "empty")),
+    ("whitespace-only message", chat("  \n\t  \r\n "), refused(InputError, "empty")),
+    ("1 MB message", chat("a" * 1_000_000), refused(InputError, "4000")),
+    ("4097-character message", chat("b" * 4097), refused(InputError, "4000")),
+    ("4000-character message", chat("c" * 4000), stored("c" * 4000)),
+    ("lone surrogate", chat("hi \ud800 there"), stored("hi ? there")),
+    ("invalid UTF-8 (surrogateescape)", chat(b"\xff\xfe hello".decode("utf-8", "surrogateescape")), stored("?? hello")),
+    ("bytes instead of text", chat(b"hello"), refused(InputError, "text")),
+    ("None instead of text", chat(None), refused(InputError, "text")),
+    ("control characters", chat("\x00he\x07llo\x1b[31m\x7f"), stored("hello[31m")),
+    ("only control characters", chat("\x00\x01\x02\x1b"), refused(InputError, "empty")),
+    ("zero-width-only text", chat("\u200b\u200c\u200d\u2060\ufeff"), refused(InputError, "empty")),
+    ("emoji, RTL and combining marks", chat("שלום 👨‍👩‍👧 e\u0301"), stored("שלום 👨‍👩‍👧 e\u0301")),
+    ("SQL in a message", chat("'); DROP TABLE requests; --"), stored("'); DROP TABLE requests; --")),
+    # replies that try to ping
+    ("@everyone in a reply", reply("hey @everyone look"), pings_nobody("hey @everyone look")),
+    ("@here in a reply", reply("@here @HERE @Everyone"), pings_nobody("@here @HERE @Everyone")),
+    ("role mention", reply("ping <@&123456789012345678>"), pings_nobody("ping <@&123456789012345678>")),
+    ("user mentions", reply("<@42> and <@!43>"), pings_nobody("<@42> and <@!43>")),
+    ("@everyone across a split point", reply("x" * 1995 + " @everyone"), pings_nobody("x" * 1995 + " @everyone")),
+    ("a mention at every split point", reply(("y" * 17 + "<@&99>") * 200, limit=20),
+     pings_nobody(("y" * 17 + "<@&99>") * 200)),
+    ("Telegram @username", reply("ask @durov or @admin", usernames=True),
+     pings_nobody("ask @durov or @admin", telegram=True)),
+    # templates and settings
+    ("template with a bad placeholder", settings(template="{user}: {message}"), refused(InputError, "placeholder")),
+    ("template with a positional placeholder", settings(template="{message} {0}"), refused(InputError, "placeholder")),
+    ("malformed template", settings(template="{message"), refused(InputError, "malformed")),
+    ("unknown setting", settings(colour="blue"), refused(InputError, "colour")),
+    ("setting of the wrong type", settings(temperature="hot"), refused(InputError, "temperature")),
+    # config files
+    ("config: unknown key", config_file("[batch]\nmax_sise = 3\n"), refused(ConfigError, "batch.max_sise")),
+    ("config: unknown table", config_file("[batchh]\nmax_size = 3\n"), refused(ConfigError, "batchh")),
+    ("config: wrong type", config_file('[batch]\nmax_size = "big"\n'), refused(ConfigError, "batch.max_size")),
+    ("config: bool as string", config_file('[web]\nenabled = "yes"\n'), refused(ConfigError, "web.enabled")),
+    ("config: token pasted into the file", config_file(f'[discord]\ntoken_env = "{PASTED_TOKEN}"\n'),
+     refused(ConfigError, "discord.token_env", "environment variable")),
+    ("config: missing token env", missing_secret(), refused(ConfigError, "BOTKIT_RELIABILITY_UNSET_TOKEN")),
+    ("config: not TOML", config_file("this is = = not toml\n"), refused(ConfigError, "TOML")),
+    ("config: not UTF-8", config_file(b"[chat]\ntemplate = \"\xff{message}\"\n"), refused(ConfigError, "UTF-8")),
+    ("config: bad template", config_file('[chat]\ntemplate = "{user}: {message}"\n'), refused(ConfigError, "placeholder")),
+    # datasets
+    ("dataset: empty", dataset("empty.txt", b""), refused(DatasetError, "empty")),
+    ("dataset: whitespace only", dataset("blank.txt", b"\n\n   \n"), refused(DatasetError, "empty")),
+    ("dataset: binary", dataset("model.txt", bytes(range(256)) * 10), refused(DatasetError, "binary")),
+    ("dataset: wrong encoding", dataset("latin1.txt", "café crème".encode("latin-1")), refused(DatasetError, "UTF-8")),
+    ("dataset: a 2 MB line", dataset("long.txt", LONG_LINE.encode()), documents(1, len(LONG_LINE))),
+    ("dataset: JSONL with a broken line", dataset("bad.jsonl", b'{"text": "ok"}\n{"text": \n'), refused(DatasetError, "line 2")),
+    ("dataset: CSV with two columns", dataset("two.csv", b"text,label\nhello,1\n"), refused(DatasetError, "one column")),
+    # HTTP bodies
+    ("HTTP: oversize body", http(json.dumps({"prompt": "z" * 70_000})), http_error(413, "limit")),
+    ("HTTP: not JSON", http("prompt=hello"), http_error(400, "JSON")),
+    ("HTTP: invalid UTF-8 body", http(b'{"prompt": "\xff"}'), http_error(400, "JSON")),
+    ("HTTP: a form post", http("prompt=hello", "application/x-www-form-urlencoded"), http_error(415, "JSON")),
+    ("HTTP: JSON that is not an object", http("[1, 2, 3]"), http_error(400, "object")),
+    ("HTTP: max_tokens out of range", http('{"prompt": "hi", "max_tokens": 1000000}'), http_error(400, "max_tokens")),
+    ("HTTP: negative temperature", http('{"prompt": "hi", "temperature": -1}'), http_error(400, "temperature")),
+    ("HTTP: n too large", http('{"prompt": "hi", "n": 1000}'), http_error(400, "n ")),
+    ("HTTP: token-id prompt", http('{"prompt": [1, 2, 3]}'), http_error(400, "prompt")),
+    ("HTTP: string where a number goes", http('{"prompt": "hi", "top_p": "high"}'), http_error(400, "top_p")),
+    ("HTTP: playground length out of range", http('{"prefix": "hi", "length": 0}', path="/api/generate"),
+     http_error(400, "length")),
+]
+
+
+def test_the_table_has_at_least_25_cases():
+    assert len(CASES) >= 25
+    assert len({name for name, _, _ in CASES}) == len(CASES)
+
+
+@pytest.fixture
+async def env(tmp_path):
+    config = make_config()
+    async with Store.open(tmp_path / "bot.db") as store, EchoBackend() as backend, Core(backend, store, config) as core:
+        async with TestClient(TestServer(WebAdapter(core, config.web).build_app())) as client:
+            yield Env(core, store, tmp_path, client)
+
+
+async def count_requests(store: Store) -> int:
+    return (await store._rows("SELECT COUNT(*) FROM requests"))[0][0]
+
+
+@pytest.mark.parametrize("name, run, check", CASES, ids=[c[0] for c in CASES])
+async def test_bad_input(env, name, run, check):
+    before = await count_requests(env.store)
+    try:
+        outcome = await run(env)
+    except BotkitError as exc:
+        outcome = exc
+    check(outcome)
+    if isinstance(outcome, BotkitError) or (isinstance(outcome, tuple) and outcome[0] >= 400):
+        assert await count_requests(env.store) == before, "a refused input left a request behind"
+
+
+async def test_an_accepted_http_request_is_in_the_store(env):
+    response = await env.http.post("/v1/completions", json={"prompt": "bad \ud800 input?", "max_tokens": 3})
+    assert response.status == 200
+    body = await response.json()
+    assert body["choices"][0]["text"] == "ok"
+    rows = await env.core.recent(limit=5)
+    assert [(r["text"], r["status"]) for r in rows] == [("bad ? input?", "done")]
+
+
+def test_a_valid_default_settings_object_is_not_refused():
+    """The refusals above are about the input, not the settings machinery."""
+    assert ChatSettings().replace(template="{message} says:", temperature="0.5").temperature == 0.5
