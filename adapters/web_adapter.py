@@ -198,6 +198,8 @@ class WebAdapter:
                 async for index, kind, value in events:
                     if kind == "delta":
                         await _send(response, {"type": "delta", "index": index, "text": value})
+                    elif kind == "waiting":
+                        await _send(response, {"type": "waiting", "index": index, "position": value})
                     elif kind == "done":
                         done = {"type": "done", "index": index, "text": value.text, "finish_reason": finish_reason(value.finish_reason)}
                         await _send(response, done)
@@ -235,6 +237,9 @@ class WebAdapter:
         num_tokens = 0
         async with contextlib.aclosing(merge_streams(tickets, self._streams)) as events:
             async for index, kind, value in events:
+                if kind == "waiting":
+                    await response.write(b": waiting in line\n\n")  # an SSE comment: clients skip it
+                    continue
                 if kind == "error":
                     await _send(response, {"error": {"message": value, "type": "server_error", "code": 500}})
                     continue
@@ -282,10 +287,11 @@ def cancelling(tickets: list):
             ticket.cancel()
 
 
-async def merge_streams(tickets: list, registry: set[asyncio.Task]) -> AsyncIterator[tuple[int, str, object]]:
+async def merge_streams(tickets: list, registry: set[asyncio.Task], idle_s: float = 1.0) -> AsyncIterator[tuple[int, str, object]]:
     """(index, "delta", text), (index, "done", Reply) and (index, "error", sentence) from all tickets,
-    in the order they happen. Use it under `contextlib.aclosing`, so that a consumer that stops early
-    ends the pump tasks at once rather than at garbage collection."""
+    in the order they happen, and (index, "waiting", place in line) for each queued one after every
+    `idle_s` without news (which also keeps idle connections alive). Use it under
+    `contextlib.aclosing`, so that a consumer that stops early ends the pumps at once."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, ticket) -> None:
@@ -306,8 +312,14 @@ async def merge_streams(tickets: list, registry: set[asyncio.Task]) -> AsyncIter
     remaining = len(tickets)
     try:
         while remaining:
-            item = await queue.get()
-            remaining -= item[1] != "delta"  # each ticket ends with one "done" or "error"
+            try:
+                item = await asyncio.wait_for(queue.get(), idle_s)
+            except TimeoutError:
+                for index, ticket in enumerate(tickets):
+                    if not ticket.done and ticket.position() > 0:
+                        yield index, "waiting", ticket.position()
+                continue
+            remaining -= item[1] not in ("delta", "waiting")  # each ticket ends with one "done" or "error"
             yield item
     finally:
         registry.discard(this_task)

@@ -307,3 +307,23 @@ async def test_client_that_hangs_up_cancels_its_samples(tmp_path, tiny_lm):
                 break
             await asyncio.sleep(0.02)
         assert statuses == {"cancelled"}
+
+
+async def test_queued_samples_say_their_place_in_line(tmp_path, tiny_lm):
+    config = Config(limits=UNLIMITED, batch=BatchConfig(max_size=1))
+    async with held_worker(tmp_path, tiny_lm, config) as (core, web, http, gate):
+        first = asyncio.create_task(http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}))
+        while core.stats().running < 1:
+            await asyncio.sleep(0.01)
+        response = await http.post("/api/generate", json={"prefix": "b", "nsamples": 2, "length": 2})
+        waiting = {}
+        while len(waiting) < 2:
+            event = json.loads(sse_events((await response.content.readuntil(b"\n\n")).decode())[0])
+            if event["type"] == "waiting":
+                waiting[event["index"]] = event["position"]
+        gate.set()
+        rest = [json.loads(e) for e in sse_events((await response.content.read()).decode())]
+        response.close()
+        (await first).close()
+    assert waiting == {0: 1, 1: 2}
+    assert [e["type"] for e in rest if e["type"] in ("done", "end")] == ["done", "done", "end"]
