@@ -55,9 +55,10 @@ def has_checkpoint(run_dir: Path) -> bool:
     return (run_dir / STATE_JSON).is_file() or (run_dir / "config.json").is_file()
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerState, scaler=None, max_checkpoints: int = 1) -> None:
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerState, scaler=None, max_checkpoints: int = 1, rng_state=None) -> None:
     """Write the model (Hugging Face format) and the trainer state. Files are written to a temporary
-    folder first and moved into place, so a crash mid-save leaves the previous checkpoint readable."""
+    folder first and moved into place, so a crash mid-save leaves the previous checkpoint readable.
+    `rng_state` is the torch RNG as it was when `state.step` ended (default: as it is now)."""
     tmp = run_dir / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -66,7 +67,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerSt
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": torch.get_rng_state() if rng_state is None else rng_state,
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         },
         tmp / STATE_PT,

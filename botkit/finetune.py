@@ -131,31 +131,35 @@ def finetune(
             lm.tokenizer.save_pretrained(run_dir)
     loss_log = LossLog.open(run_dir, state.step) if accelerator.is_main_process else None
 
-    def save() -> None:
+    def save(rng_state=None) -> None:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            checkpoints.save_checkpoint(run_dir, accelerator.unwrap_model(net), opt, sched, state, accelerator.scaler, max_checkpoints)
+            checkpoints.save_checkpoint(run_dir, accelerator.unwrap_model(net), opt, sched, state, accelerator.scaler, max_checkpoints, rng_state)
             loss_log.plot()
 
     val_every = val_every or save_every
     last_stop = stop_at_step or steps
     tokens_per_step = batch_size * block * accumulate_gradients * accelerator.num_processes
     bar = tqdm(total=last_stop, initial=state.step, disable=not progress or not accelerator.is_main_process, unit="step", dynamic_ncols=True)
-    stopped, val_loss, tokens_per_s = "steps", None, None
+    stopped, val_loss, tokens_per_s, save_pending = "steps", None, None, False
     try:
         while state.step < last_stop:
-            started = time.perf_counter()
-            loss = _train_step(accelerator, net, opt, sched, train, block, batch_size, accumulate_gradients, seed, state.step, max_grad_norm)
+            started, rng_state = time.perf_counter(), torch.get_rng_state()
+            loss = _forward_backward(accelerator, net, train, block, batch_size, accumulate_gradients, seed, state.step)
             if not math.isfinite(loss):
                 kept = f"the last good checkpoint (step {_saved_step(run_dir)}) is kept" if checkpoints.has_checkpoint(run_dir) else "no checkpoint was saved"
                 raise InputError(f"The loss became {loss} at step {state.step + 1}, so training stopped and {kept}: lower learning_rate (now {learning_rate}) and train again.")
+            if save_pending:  # saved only now that these weights gave a finite loss: a checkpoint is always a good one
+                save(rng_state)
+                save_pending = False
+            _optimizer_step(accelerator, net, opt, sched, max_grad_norm)
             state.step += 1
             state.num_tokens += tokens_per_step
             state.add_loss(loss)
             rate = tokens_per_step / (time.perf_counter() - started)
             tokens_per_s = rate if tokens_per_s is None else 0.9 * tokens_per_s + 0.1 * rate
             val_loss = None
-            if val is not None and (state.step % val_every == 0 or state.step == last_stop):
+            if val is not None and (state.step % val_every == 0 or state.step == steps):
                 val_loss = evaluate_loss(accelerator.unwrap_model(net), val, block, batch_size, val_batches)
                 net.train()
                 if _improved(state, val_loss, early_stopping, accelerator, net, run_dir):
@@ -172,8 +176,7 @@ def finetune(
                 log.info("Held-out loss has not improved for %d evaluations: stopping at step %d (best %.4f at step %d, saved in %s).",
                          early_stopping, state.step, state.best_val_loss, state.best_val_step, run_dir / "best")
                 break
-            if state.step % save_every == 0 and state.step < last_stop:
-                save()
+            save_pending = state.step % save_every == 0
     except KeyboardInterrupt:
         stopped = "interrupted"
         opt.zero_grad(set_to_none=True)  # drop a half-accumulated step; the checkpoint holds whole steps only
@@ -187,22 +190,23 @@ def finetune(
     return FinetuneResult(LoadedModel(net, lm.tokenizer, run_name), run_dir, state.step, state.avg_loss, val_loss, state.best_val_loss, stopped)
 
 
-def _train_step(accelerator, net, opt, sched, train: TokenStream, block, batch_size, accumulate, seed, step, max_grad_norm) -> float:
-    """One optimizer step over `accumulate` micro-batches; returns the mean loss (nats/token)."""
+def _forward_backward(accelerator, net, train: TokenStream, block, batch_size, accumulate, seed, step) -> float:
+    """Gradients of one optimizer step over `accumulate` micro-batches; returns the mean loss (nats/token)."""
     total = 0.0
     for micro in range(accumulate):
         x = batch_windows(train.tokens, block, batch_size, seed, step, micro, accelerator.process_index).to(accelerator.device)
         loss = net(input_ids=x, labels=x).loss / accumulate  # (B, T) in; labels are shifted inside the model
         accelerator.backward(loss)
         total += loss.item()
-    total = accelerator.reduce(torch.tensor(total, device=accelerator.device), "mean").item()
-    if math.isfinite(total):
-        if max_grad_norm > 0:
-            accelerator.clip_grad_norm_(net.parameters(), max_grad_norm)
-        opt.step()
-        sched.step()
+    return accelerator.reduce(torch.tensor(total, device=accelerator.device), "mean").item()
+
+
+def _optimizer_step(accelerator, net, opt, sched, max_grad_norm: float) -> None:
+    if max_grad_norm > 0:
+        accelerator.clip_grad_norm_(net.parameters(), max_grad_norm)
+    opt.step()
+    sched.step()
     opt.zero_grad(set_to_none=True)
-    return total
 
 
 def batch_windows(tokens: np.ndarray, block: int, batch_size: int, seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Tensor:
@@ -235,13 +239,11 @@ def _improved(state: TrainerState, val_loss: float, patience: int, accelerator, 
 
 
 def _write_samples(lm: LoadedModel, model, out_dir: Path, step: int, num: int, length: int, seed: int) -> None:
+    from .generate import generate
+
     model.eval()
-    prompt = torch.tensor([[lm.tokenizer.eos_token_id]] * num, device=model.device)  # unconditional, like gpt-2-simple
-    length = min(length, model.config.n_positions - 1)
-    with torch.random.fork_rng(devices=[]):  # sampling must not move the training RNG, or resume would differ
-        torch.manual_seed(seed + step)
-        out = model.generate(prompt, do_sample=True, top_k=40, max_new_tokens=length, min_new_tokens=length, pad_token_id=lm.tokenizer.eos_token_id)
-    texts = lm.tokenizer.batch_decode(out[:, 1:])
+    with torch.random.fork_rng(devices=[]):  # sampling must not move the training RNG, or a resumed run would differ
+        texts = generate(LoadedModel(model, lm.tokenizer, lm.name), nsamples=num, batch_size=num, length=length, top_k=40, seed=seed + step, return_as_list=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     sep = "\n" + "=" * 20 + "\n"
     (out_dir / f"samples-{step}.txt").write_text(sep.join(texts), encoding="utf-8")
