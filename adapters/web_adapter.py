@@ -66,6 +66,7 @@ class WebAdapter:
         self.config = config
         self.api_key = api_key or None
         self.url = ""
+        self._page = PAGE_PATH.read_bytes()
         self._runner: web.AppRunner | None = None
         self._streams: set[asyncio.Task] = set()  # open streaming responses, ended on shutdown
 
@@ -153,7 +154,7 @@ class WebAdapter:
     # -- routes ----------------------------------------------------------------------------------
 
     async def page(self, request: web.Request) -> web.Response:
-        return web.Response(body=PAGE_PATH.read_bytes(), content_type="text/html", charset="utf-8")
+        return web.Response(body=self._page, content_type="text/html", charset="utf-8")
 
     async def models(self, request: web.Request) -> web.Response:
         model = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "botkit"}
@@ -161,9 +162,7 @@ class WebAdapter:
 
     async def stats(self, request: web.Request) -> web.Response:
         stats = self.core.stats()
-        body = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(vars(stats))
-        body["summary"] = stats.summary()
-        return web.json_response(body, dumps=_dumps)
+        return web.json_response({**dataclasses.asdict(stats), "summary": stats.summary()}, dumps=_dumps)
 
     async def recent(self, request: web.Request) -> web.Response:
         try:
