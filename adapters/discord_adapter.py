@@ -157,36 +157,38 @@ class DiscordAdapter:
     # -- answering ---------------------------------------------------------------------------------
 
     async def _answer(self, prompt: Prompt, out: _MessageReplies | _InteractionReplies, typing_in=None) -> None:
-        """Generate (an empty reply is retried once), send in parts, record the delivery; errors become sentences."""
+        """Generate (an empty reply is retried once) and send the reply or the sentence saying why not."""
         self._handlers.add(task := asyncio.current_task())
-        typing = asyncio.create_task(self._keep_typing(typing_in)) if typing_in is not None else None
+        typing = _Typing(typing_in, self.config.typing_interval_s)
         try:
-            reply = await self._generate(prompt, out)
-            if not reply.text.strip():
-                reply = await self._generate(prompt, out)
-            text = reply.text if reply.text.strip() else EMPTY_REPLY
-            parts = [
-                p
-                for p in split_reply(defuse_mentions(text), MAX_MESSAGE_CHARS, self.config.max_reply_parts)
-                if p.strip()
-            ]
-            sent: list[str] = []
             try:
-                await out.send(parts, sent)
-            finally:
-                if sent:
-                    await self.core.record_delivery(reply.request_id, sent)
-        except BotkitError as exc:
-            await _say(out, defuse_mentions(str(exc)))
+                reply = await self._generate(prompt, out)
+                if not reply.text.strip():
+                    reply = await self._generate(prompt, out)
+            except BotkitError as exc:
+                reply, text = None, str(exc)
+            else:
+                text = reply.text if reply.text.strip() else EMPTY_REPLY
+            await typing.stop()  # before sending: a late indicator would show again under the reply
+            await self._send(out, reply, text)
         except discord.HTTPException as exc:
             log.warning("Could not send a reply to Discord channel %s: %s", prompt.chat_id, exc)
         except Exception:
             log.exception("Answering Discord message %s failed", prompt.message_id)
             await _say(out, FAILED)
         finally:
-            if typing is not None:
-                typing.cancel()
+            await typing.stop()
             self._handlers.discard(task)
+
+    async def _send(self, out: _MessageReplies | _InteractionReplies, reply: Reply | None, text: str) -> None:
+        """Send `text` defused and split; record the message ids of a reply, even if only some parts went out."""
+        parts = split_reply(defuse_mentions(text), MAX_MESSAGE_CHARS, self.config.max_reply_parts)
+        sent: list[str] = []
+        try:
+            await out.send([p for p in parts if p.strip()], sent)  # Discord refuses whitespace-only messages
+        finally:
+            if sent and reply is not None:
+                await self.core.record_delivery(reply.request_id, sent)
 
     async def _generate(self, prompt: Prompt, out) -> Reply:
         """Submit and wait; if the wait is long and the request is still queued, say where it is in line."""
@@ -201,15 +203,6 @@ class DiscordAdapter:
             ticket.cancel()
             result.cancel()
             raise
-
-    async def _keep_typing(self, channel) -> None:
-        """Show "typing…" until cancelled; a refused indicator never stops the reply."""
-        while True:
-            try:
-                await channel.typing()  # one POST …/typing; Discord shows it for about 10 s
-            except discord.HTTPException as exc:
-                log.debug("Typing indicator refused: %s", exc)
-            await asyncio.sleep(self.config.typing_interval_s)
 
     # -- slash commands ----------------------------------------------------------------------------
 
@@ -306,6 +299,28 @@ class _Client(discord.Client):
 
     async def on_message(self, message: discord.Message) -> None:
         await self.adapter.on_message(message)
+
+
+class _Typing:
+    """Keeps "typing…" on in a channel until `stop()`; a refused indicator never holds up the reply."""
+
+    def __init__(self, channel, interval_s: float):
+        self.task = asyncio.create_task(self._run(channel, interval_s)) if channel is not None else None
+
+    @staticmethod
+    async def _run(channel, interval_s: float) -> None:
+        while True:
+            try:
+                await channel.typing()  # one POST …/typing; Discord shows it for about 10 s
+            except discord.HTTPException as exc:
+                log.debug("Typing indicator refused: %s", exc)
+            await asyncio.sleep(interval_s)
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+            self.task = None
 
 
 class _MessageReplies:
