@@ -34,11 +34,12 @@ _ADMIN_RIGHTS = ("can_be_edited", "is_anonymous", "can_manage_chat", "can_delete
 @dataclass
 class Call:
     """One request the bot made: the method as the client spelled it, its decoded parameters,
-    what the fake answered ("ok", "error 429", "error 500", "dropped") and when (time.monotonic())."""
+    what the fake answered ("pending" until then, "ok", "error 429", "error 500", "dropped") and
+    when it arrived (time.monotonic())."""
 
     method: str
     params: dict
-    outcome: str = "ok"
+    outcome: str = "pending"
     at: float = field(default_factory=time.monotonic)
 
 
@@ -162,11 +163,12 @@ class FakeTelegram:
         """The messages the bot has in a chat, oldest first, as they read now (after edits)."""
         return [m for m in self.messages[chat_id].values() if m["from"]["id"] == self.bot["id"]]
 
-    async def wait_for(self, method: str, count: int = 1, *, timeout_s: float = 10.0, where=None) -> list[Call]:
-        """Wait until `count` successful calls of `method` (matching `where(params)`) have arrived."""
+    async def wait_for(self, method: str, count: int = 1, *, timeout_s: float = 10.0, where=None,
+                       outcome: str | None = "ok") -> list[Call]:
+        """Wait until `count` calls of `method` with `outcome` (and matching `where(params)`) have come."""
 
         def matching():
-            return [c for c in self.calls_of(method) if where is None or where(c.params)]
+            return [c for c in self.calls_of(method, outcome=outcome) if where is None or where(c.params)]
 
         async with self._changed:
             try:
@@ -187,6 +189,7 @@ class FakeTelegram:
             params[key] = value if key in _STRING_PARAMS else _json_or_str(value)
         call = Call(method, params)
         self.calls.append(call)
+        self._notify()
         if fault := (self._faults[method.lower()] or [None])[0]:
             self._faults[method.lower()].popleft()
             call.outcome = "dropped" if fault.status == "drop" else f"error {fault.status}"
@@ -204,6 +207,7 @@ class FakeTelegram:
             return self._error(404, "Not Found: method not found")
         try:
             result = await handler(params)
+            call.outcome = "ok"
         except _ApiError as exc:
             call.outcome = f"error {exc.code}"
             return self._error(exc.code, exc.description)
