@@ -100,6 +100,8 @@ class DiscordAdapter:
     async def on_message(self, message: discord.Message) -> None:
         if message.author.bot or message.webhook_id or not self._is_new(message.id):
             return  # bots (itself included) never trigger a reply: no bot-to-bot loops
+        if message.type not in (discord.MessageType.default, discord.MessageType.reply):
+            return  # pins, joins, thread starts: system messages are not prompts
         if not self._allowed(message.guild and message.guild.id, message.channel):
             return
         settings = await self.core.get_settings(PLATFORM, str(message.channel.id))
@@ -130,8 +132,12 @@ class DiscordAdapter:
             return content  # a direct message is always for the bot
         ref = message.reference
         replied = ref is not None and isinstance(ref.resolved, discord.Message) and ref.resolved.author.id == me
-        if settings.trigger == "always" or me in message.raw_mentions or replied:
+        if me in message.raw_mentions or replied:
             return re.sub(rf"<@!?{me}>", "", content).strip()
+        if not content.strip():
+            return None  # an image or sticker alone is a prompt only when addressed to the bot
+        if settings.trigger == "always":
+            return content
         if settings.random_reply_chance and self.chance() < settings.random_reply_chance:
             return content
         return None

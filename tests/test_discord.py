@@ -181,6 +181,7 @@ async def test_trigger_setting_and_random_reply_chance(tmp_path, fake, trigger, 
         await fake.wait_connected()
         sent = {
             "plain": await fake.send_message("plain"),
+            "blank": await fake.send_message(""),  # an image alone: never a prompt unless addressed to the bot
             "mention": await fake.send_message("mention", mention_bot=True),
             "!gen": await fake.send_message("!gen command"),
         }
