@@ -75,7 +75,8 @@ class PacedRateLimiter(AIORateLimiter):
         chat = str(data.get("chat_id"))
         if len(self._chat_locks) > 1024:  # forget idle chats so the dicts stay small
             for key in [k for k, lock in self._chat_locks.items() if not lock.locked()]:
-                del self._chat_locks[key], self._chat_last_send[key]
+                del self._chat_locks[key]
+                self._chat_last_send.pop(key, None)
         async with self._chat_locks.setdefault(chat, asyncio.Lock()):
             loop = asyncio.get_running_loop()
             wait_s = self._chat_last_send.get(chat, -1e9) + self._chat_interval_s - loop.time()
