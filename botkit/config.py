@@ -46,6 +46,7 @@ class LimitsConfig:
     max_message_chars: int = 4000  # longer messages are refused with a sentence
     user_per_minute: int = 10  # requests per user per minute (0 = unlimited)
     chat_per_minute: int = 30  # requests per chat per minute (0 = unlimited)
+    api_per_minute: int = 0  # samples per client per minute on the web playground / HTTP API (0 = unlimited)
     context_messages: int = 20  # recent messages considered for context (then trimmed to the window)
 
 

@@ -110,6 +110,7 @@ class Core:
         self._queue: FairQueue[Ticket] = FairQueue(self.config.batch.max_queue)
         self._user_limit = RateLimiter(self.config.limits.user_per_minute)
         self._chat_limit = RateLimiter(self.config.limits.chat_per_minute)
+        self._api_limit = RateLimiter(self.config.limits.api_per_minute)  # completions: trusted local or keyed clients
         self._running: set[Ticket] = set()
         self._wake = asyncio.Event()
         self._dispatcher: asyncio.Task | None = None
@@ -153,14 +154,14 @@ class Core:
         if not isinstance(text, str) or len(text) > self.config.limits.max_message_chars:
             raise InputError(f"The prompt must be text of at most {self.config.limits.max_message_chars} characters.")
         text = text.encode("utf-8", "replace").decode("utf-8")
-        self._admit(platform, None, user_id)  # completions are limited per user only
+        self._admit(platform, None, user_id, self._api_limit)
         prompt = Prompt(platform, chat_id, user_id, text, None, user_name)
         return await self._enqueue("completion", prompt, text, text, params)
 
-    def _admit(self, platform: str, chat_id: str | None, user_id: str) -> None:
+    def _admit(self, platform: str, chat_id: str | None, user_id: str, user_limit: RateLimiter | None = None) -> None:
         if self._queue.is_full:
             raise BusyError(f"I'm busy with {len(self._queue)} requests; please try again in a minute.")
-        wait = self._user_limit.retry_after((platform, user_id))
+        wait = (user_limit or self._user_limit).retry_after((platform, user_id))
         if wait:
             raise RateLimitedError(f"You're sending requests too fast; try again in {wait:.0f} s.")
         wait = chat_id is not None and self._chat_limit.retry_after((platform, chat_id))

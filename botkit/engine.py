@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .kvcache import SlotCache
+from .kvcache import ROWS_ATTENTION, SlotCache
 from .models import LoadedModel
 from .params import SamplingParams
 from .sampling import apply_repetition_penalty, sample_next
@@ -48,6 +48,10 @@ class Sequence:
     finish_reason: str | None = None  # "stop" (stop string or end of text) | "length" | "cancelled"
 
     @property
+    def last_token(self) -> int:
+        return self.generated[-1] if self.generated else self.prompt_ids[-1]
+
+    @property
     def context(self) -> list[int]:
         return (self.prompt_ids + self.generated)[self.offset :]
 
@@ -63,6 +67,7 @@ class Engine:
     def __init__(self, lm: LoadedModel, max_batch_size: int = 32):
         self.lm = lm
         self.model = lm.model
+        self.model.set_attn_implementation(ROWS_ATTENTION)  # SDPA, except decode reads only each row's columns
         self.window = lm.max_context
         self.max_batch_size = max_batch_size
         self.eos = lm.eos_token_id
@@ -195,14 +200,13 @@ class Engine:
             if cache.capacity < self.window:
                 self._ensure_cache(shape.length + 1)
             else:
-                self._compact_columns(force=True)  # no row is full (slid above), so some columns are free
+                self._compact_columns()  # no row is full (slid above), so some columns are free
         b = shape.batch
-        ids = torch.tensor([[seq.context[-1]] for seq in self.rows], device=device)
+        ids = torch.tensor([[seq.last_token] for seq in self.rows], device=device)
         start = self.start[:b]
         positions = (shape.length - start)[:, None]
-        mask = (torch.arange(shape.length + 1)[None, :] >= start[:, None]).long()
-        out = self.model(input_ids=ids, attention_mask=mask.to(device), position_ids=positions.to(device),
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids, position_ids=positions.to(device), past_key_values=cache, use_cache=True,
+                         logits_to_keep=1, row_starts=start.tolist())
         self.num_forward_passes += 1
         shape.length += 1
         self._accept(list(range(b)), out.logits[:, -1, :], events)
@@ -269,13 +273,11 @@ class Engine:
         cache.shape.batch = len(self.rows)
         if not self.rows:
             cache.shape.length = 0
-        else:
-            self._compact_columns()
 
-    def _compact_columns(self, force: bool = False) -> None:
-        """Drop leading columns no row uses, when that saves enough attention work to pay for the copy."""
+    def _compact_columns(self) -> None:
+        """Drop the leading columns no row uses (only when the window is full: padding costs no attention
+        work, since decode attention reads each row's own columns)."""
         shape = self.cache.shape
         lead = int(self.start[: shape.batch].min())
-        if lead and (force or lead >= max(32, shape.length // 4)):
-            self.cache.shift_columns(-lead)
-            self.start[: shape.batch] -= lead
+        self.cache.shift_columns(-lead)
+        self.start[: shape.batch] -= lead

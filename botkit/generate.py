@@ -52,10 +52,10 @@ def generate(
     """
     if not isinstance(nsamples, int) or nsamples < 1 or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"nsamples and batch_size must be positive whole numbers, not {nsamples!r} and {batch_size!r}.")
-    if nsamples % batch_size:
-        raise InputError(f"nsamples ({nsamples}) must be a multiple of batch_size ({batch_size}), as in gpt-2-simple.")
-    lm = sess or load_model(model_name, run_name=run_name, checkpoint_dir=checkpoint_dir)
     prefixes = [prefix] if prefix is None or isinstance(prefix, str) else list(prefix)
+    if (nsamples * len(prefixes)) % batch_size:
+        raise InputError(f"nsamples ({nsamples}) times the number of prefixes must be a multiple of batch_size ({batch_size}), as in gpt-2-simple.")
+    lm = sess or load_model(model_name, run_name=run_name, checkpoint_dir=checkpoint_dir)
     base = SamplingParams(max_new_tokens=length, temperature=temperature, top_k=top_k, top_p=top_p,
                           repetition_penalty=repetition_penalty, stop=(truncate,) if truncate else ())
     engine = Engine(lm, max_batch_size=batch_size)

@@ -11,7 +11,37 @@ column. The engine owns the bookkeeping (who is in which row, where each row sta
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+ROWS_ATTENTION = "botkit_rows"
+
+
+def rows_attention(module, query, key, value, attention_mask, *, row_starts: list[int] | None = None, **kwargs):
+    """Decode attention that reads each row's own columns only: no left padding, no mask.
+
+    With rows of different lengths in one slotted cache, a masked batched attention reads (and
+    masks) every padded column; on CPU that memory traffic is most of the attention time. Prefill
+    (several query positions) and calls without `row_starts` use transformers' SDPA.
+    query (B, H, 1, D); key/value (B, H, T, D); returns (B, 1, H, D) like sdpa_attention_forward.
+    """
+    if row_starts is None or query.shape[2] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    scale = kwargs.get("scaling")
+    if min(row_starts) == max(row_starts):
+        s = row_starts[0]
+        out = F.scaled_dot_product_attention(query, key[:, :, s:], value[:, :, s:], scale=scale)
+    else:
+        out = torch.cat([F.scaled_dot_product_attention(query[i : i + 1], key[i : i + 1, :, s:], value[i : i + 1, :, s:], scale=scale)
+                         for i, s in enumerate(row_starts)])
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ROWS_ATTENTION, rows_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ROWS_ATTENTION, sdpa_mask)  # prefill masks as for SDPA
 
 
 class _Shape:
@@ -56,13 +86,13 @@ class SlotCache(Cache):
         return self.layers[0].k.shape[2]
 
     def grow(self, capacity: int) -> None:
-        """Reallocate to hold `capacity` columns (keeps the used ones)."""
-        n = self.shape.length
+        """Reallocate to hold `capacity` columns (keeps the active rows' used columns)."""
+        b, n = self.shape.batch, self.shape.length
         for layer in self.layers:
             for name in ("k", "v"):
                 old = getattr(layer, name)
                 new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
-                new[:, :, :n] = old[:, :, :n]
+                new[:b, :, :n] = old[:b, :, :n]
                 setattr(layer, name, new)
 
     def put_rows(self, row: int, past: Cache, first_col: int) -> None:

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -165,15 +166,16 @@ def test_fair_queue_serves_users_in_turn():
 
 
 async def test_a_flooding_user_does_not_starve_a_light_user(serve):
-    order = []
-    core, _, _ = await serve(max_batch_size=1)
+    order, submitted = [], threading.Event()
+    core, _, _ = await serve(max_batch_size=1, before_step=lambda rows: submitted.wait())  # nothing ends before all arrive
     flood = [await core.submit_completion("hi", greedy(3), user_id="flooder") for _ in range(8)]
     light = await core.submit_completion("hi", greedy(3), user_id="light")
-    assert light.position() <= 2
+    submitted.set()
+    assert light.position() == 2  # behind the running flood request and one more of the flooder's
     for t in [*flood, light]:
         t._future.add_done_callback(lambda f, t=t: order.append(t))
     await asyncio.gather(*(t.result() for t in [*flood, light]))
-    assert order.index(light) <= 2
+    assert order.index(light) == 2
 
 
 async def test_a_failing_step_fails_only_its_requests_after_one_retry_alone(serve, tiny_lm):

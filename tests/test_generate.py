@@ -79,6 +79,8 @@ def test_same_seed_same_text_and_batches_do_not_change_it(tiny_lm):
     assert a == botkit.generate(tiny_lm, batch_size=1, **kw)
     assert a == botkit.generate(tiny_lm, batch_size=2, **kw)
     assert len(set(a)) == 4
+    one_each = {**kw, "nsamples": 1}
+    assert botkit.generate(tiny_lm, **one_each, batch_size=2) == botkit.generate(tiny_lm, **one_each, batch_size=1)  # two prompts, one batch
     assert botkit.generate(tiny_lm, batch_size=1, **{**kw, "seed": 8}) != a
 
 

@@ -244,7 +244,7 @@ async def test_without_a_key_only_requests_addressed_to_localhost_are_answered(t
 
 
 async def test_rate_limited_is_429_with_retry_after(tmp_path, tiny_lm):
-    config = Config(limits=LimitsConfig(user_per_minute=1, chat_per_minute=0))
+    config = Config(limits=LimitsConfig(api_per_minute=1))
     async with serving(tmp_path, tiny_lm, config=config) as (core, web, http):
         async with http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}) as response:
             assert response.status == 200
