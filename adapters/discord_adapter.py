@@ -33,6 +33,10 @@ log = logging.getLogger("botkit.discord")
 PLATFORM = "discord"
 MAX_MESSAGE_CHARS = 2000  # Discord's limit for a message's content
 NO_PINGS = discord.AllowedMentions.none()
+# What the bot needs in a channel; replying to a message needs Read Message History.
+PERMISSIONS = discord.Permissions(
+    view_channel=True, send_messages=True, send_messages_in_threads=True, read_message_history=True
+)
 SETTING_KEYS = [f.name for f in fields(ChatSettings)]
 EMPTY_REPLY = "The model gave an empty reply twice; try rephrasing, or raise `length` with /settings."
 FAILED = "Something went wrong on my side; please try again in a moment."
@@ -79,6 +83,10 @@ class DiscordAdapter:
                 if self._gateway.done():
                     self._gateway.result()  # raises why the gateway gave up
                 raise TimeoutError
+            invite = discord.utils.oauth_url(
+                self.client.application_id, permissions=PERMISSIONS, scopes=("bot", "applications.commands")
+            )
+            log.info("Discord: connected as %s; invite it to a server with %s", self.client.user, invite)
         except BaseException as exc:
             await self.close()
             error = _startup_error(exc, self.config)
