@@ -67,3 +67,29 @@ model = AutoModelForCausalLM.from_pretrained("checkpoint/demo", dtype=torch.floa
 model.save_pretrained(out)
 AutoTokenizer.from_pretrained("checkpoint/demo").save_pretrained(out)
 PY
+
+# 5. Held-out loss and bits per byte of the shipped (float16) model vs an untrained model of the
+#    same shape, on the same held-out 5 % (every full 256-token block of it).
+python - "$REPO/botkit/assets/demo" <<'PY'
+import json, math, sys
+import torch
+from transformers import GPT2LMHeadModel
+from botkit.datasets import load_tokens
+from botkit.finetune import evaluate_loss
+from botkit.models import load_model
+
+lm = load_model(sys.argv[1], device="cpu", dtype="float32")
+_, held_out = load_tokens("fortunes.txt", lm.tokenizer).split(0.05)
+block = 256
+num_blocks = len(held_out) // block
+windows = held_out.tokens[: num_blocks * block].reshape(num_blocks, block)
+predicted_bytes = sum(len(lm.tokenizer.decode(w[1:]).encode()) for w in windows)  # token 0 of a block is context only
+torch.manual_seed(0)
+untrained = GPT2LMHeadModel(lm.model.config)  # same shape, random init
+report = {"held_out_tokens": int(num_blocks * block), "held_out_bytes": predicted_bytes}
+for name, model in (("trained", lm.model), ("untrained", untrained)):
+    loss = evaluate_loss(model, held_out, block, batch_size=8, max_batches=10**6)
+    report[name] = {"loss_nats_per_token": round(loss, 4),
+                    "bits_per_byte": round(loss * num_blocks * (block - 1) / math.log(2) / predicted_bytes, 3)}
+print(json.dumps(report))
+PY
