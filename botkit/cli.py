@@ -112,8 +112,9 @@ def _replace(config: Config, section: str, **changes) -> Config:
     return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changes)})
 
 
-async def serve(config: Config, console: bool = False) -> None:
-    """Run the core and every enabled adapter around one model until interrupted (or the console ends)."""
+async def serve(config: Config, console: bool = False, stop: asyncio.Event | None = None) -> None:
+    """Run the core and every enabled adapter around one model until `stop` is set (by default: until
+    SIGINT/SIGTERM) or the console chat ends."""
     from .core import Core
     from .store import Store
 
@@ -124,10 +125,10 @@ async def serve(config: Config, console: bool = False) -> None:
         "telegram": secret(config.telegram.token_env, "Telegram ([telegram] token_env)") if config.telegram.enabled else None,
     }
     backend = await asyncio.to_thread(_make_backend, config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
 
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(Store.open(config.store.path))
