@@ -7,7 +7,7 @@
         trainer_state.pt     optimizer, scheduler, RNG and grad-scaler state
         loss.csv, loss.png   one row per step; the curve, refreshed while training
         best/                the model with the lowest held-out loss (with early stopping)
-        checkpoint-<step>/   older models, when max_checkpoints > 1
+        checkpoint-<step>/   the previous max_checkpoints - 1 models (with their tokenizer)
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerSt
     """Write the model (Hugging Face format) and the trainer state. Files are written to a temporary
     folder first and moved into place, so a crash mid-save leaves the previous checkpoint readable.
     `rng_state` is the torch RNG as it was when `state.step` ended (default: as it is now)."""
+    if max_checkpoints > 1 and (run_dir / STATE_JSON).is_file():
+        _archive_previous(run_dir, max_checkpoints - 1)
     tmp = run_dir / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -76,12 +78,21 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerSt
     for path in sorted(tmp.iterdir(), key=lambda p: p.name == STATE_JSON):  # the step file last: it marks completion
         os.replace(path, run_dir / path.name)
     tmp.rmdir()
-    if max_checkpoints > 1:
-        _keep_copy(run_dir, model, state.step, max_checkpoints - 1)
 
 
-def _keep_copy(run_dir: Path, model, step: int, num_copies: int) -> None:
-    model.save_pretrained(run_dir / f"checkpoint-{step}")
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "vocab.json", "merges.txt", "special_tokens_map.json")
+
+
+def _archive_previous(run_dir: Path, num_copies: int) -> None:
+    """Copy the model about to be replaced to checkpoint-<step>/ (copied, not moved, so the top level
+    stays loadable throughout), keeping the newest `num_copies` of them."""
+    step = json.loads((run_dir / STATE_JSON).read_text())["step"]
+    dest = run_dir / f"checkpoint-{step}"
+    dest.mkdir(exist_ok=True)
+    for name in MODEL_FILES:
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, dest / name)
     copies = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     for old in copies[:-num_copies]:
         shutil.rmtree(old)

@@ -113,7 +113,7 @@ def finetune(
     net = lm.model.train()
     if gradient_checkpointing:
         net.config.use_cache = False
-        net.gradient_checkpointing_enable()
+        (getattr(net, "activation_checkpointing_enable", None) or net.gradient_checkpointing_enable)()  # renamed in transformers 5
     params = _trainable(net, only_train_transformer_layers)
     opt = _optimizer(optimizer, params, learning_rate, weight_decay)
     sched = get_scheduler(lr_schedule, opt, num_warmup_steps=warmup_steps, num_training_steps=steps)
@@ -123,7 +123,7 @@ def finetune(
         state = checkpoints.load_trainer_state(run_dir, opt, sched, accelerator.scaler)
         log.info("Resuming %s at step %d of %d.", run_name, state.step, steps)
         if state.step >= steps:
-            raise InputError(f"Run {run_name!r} has already trained {state.step} steps: pass a larger steps to train it further.")
+            raise InputError(f"Run {run_name!r} has already trained {state.step} steps: pass a larger steps (--steps) to train it further.")
     else:
         state = TrainerState()
         torch.manual_seed(seed)  # dropout; a resumed run restores this RNG from the checkpoint instead
@@ -262,7 +262,7 @@ def _prepare_run_dir(run_dir: Path, restore_from: str, overwrite: bool, is_main:
             raise InputError(f"{run_dir} has a model but no trainer state to resume from: pass it as --model instead, with a new --run-name.")
         return True
     if exists and not overwrite:
-        raise InputError(f"Run {run_dir.name!r} already exists in {run_dir.parent}: pass restore_from='latest' to continue it, overwrite=True to start it over, or another run_name.")
+        raise InputError(f"Run {run_dir.name!r} already exists in {run_dir.parent}: pass restore_from='latest' (--restore-from latest) to continue it, overwrite=True (--overwrite) to start it over, or another run_name.")
     if exists and is_main:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,24 @@ def test_loss_falls_and_checkpoint_loads_with_plain_transformers(tmp_path, text_
     assert lm.tokenizer.encode("The quick brown fox") == ids[0].tolist()
 
 
+def test_older_checkpoints_are_kept_up_to_max_checkpoints(tmp_path, text_file):
+    result = tiny(tmp_path, text_file, steps=7, save_every=2, max_checkpoints=3, run_name="keep")
+    assert sorted(p.name for p in result.run_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    older = load_model(result.run_dir / "checkpoint-4", device="cpu")
+    assert older.tokenizer.get_vocab() == result.lm.tokenizer.get_vocab()
+    assert not torch.equal(older.model.transformer.wte.weight, result.lm.model.transformer.wte.weight)
+
+
+def test_gradient_checkpointing_and_frozen_embeddings(tmp_path, text_file):
+    plain = tiny(tmp_path, text_file, steps=3, run_name="plain")
+    checkpointed = tiny(tmp_path, text_file, steps=3, run_name="gc", gradient_checkpointing=True)
+    torch.testing.assert_close(plain.lm.model.lm_head.weight, checkpointed.lm.model.lm_head.weight)
+    frozen = tiny(tmp_path, text_file, steps=3, run_name="frozen", only_train_transformer_layers=True)
+    initial = tiny(tmp_path, text_file, steps=1, learning_rate=1e-12, run_name="initial")  # same seed: the starting weights
+    torch.testing.assert_close(frozen.lm.model.transformer.wte.weight, initial.lm.model.transformer.wte.weight)
+    assert not torch.allclose(frozen.lm.model.transformer.h[0].mlp.c_fc.weight, initial.lm.model.transformer.h[0].mlp.c_fc.weight)
+
+
 def test_gpt2_model_trains_on_csv_and_writes_samples(tmp_path):
     dataset = tmp_path / "rows.csv"
     dataset.write_text("text\n" + "".join(f"\"line {i}, with a comma\"\n" for i in range(40)))
@@ -142,7 +160,7 @@ def test_chinese_dataset_trains_and_generates_utf8(tmp_path):
 
 def test_existing_run_needs_overwrite_or_restore(tmp_path, text_file):
     tiny(tmp_path, text_file, steps=1, run_name="r")
-    with pytest.raises(InputError, match="already exists.*restore_from='latest'.*overwrite=True"):
+    with pytest.raises(InputError, match=r"already exists.*restore_from='latest' \(--restore-from latest\).*overwrite=True"):
         tiny(tmp_path, text_file, steps=2, run_name="r")
     assert tiny(tmp_path, text_file, steps=2, run_name="r", overwrite=True).step == 2
     with pytest.raises(InputError, match="already trained 2 steps"):
