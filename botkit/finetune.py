@@ -117,7 +117,9 @@ def finetune(
     params = _trainable(net, only_train_transformer_layers)
     opt = _optimizer(optimizer, params, learning_rate, weight_decay)
     sched = get_scheduler(lr_schedule, opt, num_warmup_steps=warmup_steps, num_training_steps=steps)
-    net, opt, sched = accelerator.prepare(net, opt, sched)
+    # The scheduler stays unprepared: accelerate would step it once per process, but `steps` counts
+    # optimizer steps of the whole run (each process draws its own batch).
+    net, opt = accelerator.prepare(net, opt)
 
     if resume:
         state = checkpoints.load_trainer_state(run_dir, opt, sched, accelerator.scaler)
