@@ -67,6 +67,7 @@ class _Pending:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     first_token_at: float | None = None
+    num_delivered: int = 0  # characters of text already handed to the caller
     retried: bool = False
     seq: Sequence | None = field(default=None, repr=False)
 
@@ -172,8 +173,8 @@ class LocalBackend:
             return
         pending.retried = True
         solo = Engine(self.lm, max_batch_size=1)
-        pending.seq = solo.add(seq.prompt_ids, seq.params, seq_id=seq.id)
-        pending.seq.num_emitted = seq.num_emitted  # the caller already has that much text
+        seq.num_emitted = pending.num_delivered  # text of the failed step was never handed out
+        solo.resume(seq)  # from where it stopped: what the caller already has stays true
         self._by_seq[seq.id] = pending
         try:
             while solo.has_work:
@@ -192,6 +193,7 @@ class LocalBackend:
         if event.delta:
             if pending.first_token_at is None:
                 pending.first_token_at = time.time()
+            pending.num_delivered += len(event.delta)
             pending.loop.call_soon_threadsafe(pending.job.on_text, event.delta)
         if event.finished:
             del self._by_seq[event.seq.id]

@@ -9,8 +9,10 @@ hands queued requests to the backend, at most `backend.max_batch_size` at once, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -112,6 +114,7 @@ class Core:
         self._chat_limit = RateLimiter(self.config.limits.chat_per_minute)
         self._api_limit = RateLimiter(self.config.limits.api_per_minute)  # completions: trusted local or keyed clients
         self._running: set[Ticket] = set()
+        self._arriving = 0  # submits between their queue check and their push
         self._wake = asyncio.Event()
         self._dispatcher: asyncio.Task | None = None
         self.metrics = Metrics()
@@ -139,14 +142,16 @@ class Core:
     async def submit(self, prompt: Prompt, settings: ChatSettings | None = None) -> Ticket:
         """Queue a chat message for a reply (BusyError, RateLimitedError, InputError at once)."""
         text = clean_message(prompt.text, self.config.limits.max_message_chars)
-        self._admit(prompt.platform, prompt.chat_id, prompt.user_id)
-        settings = settings or await self.get_settings(prompt.platform, prompt.chat_id)
-        history = []
-        if settings.use_context:
-            history = await self.store.context(prompt.platform, prompt.chat_id, self.config.limits.context_messages)
-        budget = self.backend.max_context - settings.length
-        full = build_prompt(settings.template, text, history, settings.truncate or "\n", budget, self.backend.count_tokens)
-        return await self._enqueue("chat", prompt, text, full, settings.sampling())
+        with self._queue_place():
+            self._check_rate(self._user_limit, prompt.platform, prompt.user_id, "You're")
+            self._check_rate(self._chat_limit, prompt.platform, prompt.chat_id, "This chat is")
+            settings = settings or await self.get_settings(prompt.platform, prompt.chat_id)
+            history = []
+            if settings.use_context:
+                history = await self.store.context(prompt.platform, prompt.chat_id, self.config.limits.context_messages)
+            budget = self.backend.max_context - settings.length
+            full = build_prompt(settings.template, text, history, settings.truncate or "\n", budget, self.backend.count_tokens)
+            return await self._enqueue("chat", prompt, text, full, settings.sampling())
 
     async def submit_completion(self, text: str, params: SamplingParams, *, platform: str = "api", chat_id: str = "api",
                                 user_id: str = "api", user_name: str = "") -> Ticket:
@@ -154,24 +159,36 @@ class Core:
         if not isinstance(text, str) or len(text) > self.config.limits.max_message_chars:
             raise InputError(f"The prompt must be text of at most {self.config.limits.max_message_chars} characters.")
         text = text.encode("utf-8", "replace").decode("utf-8")
-        self._admit(platform, None, user_id, self._api_limit)
-        prompt = Prompt(platform, chat_id, user_id, text, None, user_name)
-        return await self._enqueue("completion", prompt, text, text, params)
+        with self._queue_place():
+            self._check_rate(self._api_limit, platform, user_id, "You're")
+            return await self._enqueue("completion", Prompt(platform, chat_id, user_id, text, None, user_name), text, text, params)
 
-    def _admit(self, platform: str, chat_id: str | None, user_id: str, user_limit: RateLimiter | None = None) -> None:
-        if self._queue.is_full:
+    @contextlib.contextmanager
+    def _queue_place(self):
+        """Hold a place in the bounded queue while a request is being recorded, so that concurrent
+        submits can never push the queue past `batch.max_queue`."""
+        if len(self._queue) + self._arriving >= self._queue.max_size:
             raise BusyError(f"I'm busy with {len(self._queue)} requests; please try again in a minute.")
-        wait = (user_limit or self._user_limit).retry_after((platform, user_id))
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+
+    @staticmethod
+    def _check_rate(limiter: RateLimiter, platform: str, key: str, who: str) -> None:
+        wait = limiter.retry_after((platform, key))
         if wait:
-            raise RateLimitedError(f"You're sending requests too fast; try again in {wait:.0f} s.")
-        wait = chat_id is not None and self._chat_limit.retry_after((platform, chat_id))
-        if wait:
-            raise RateLimitedError(f"This chat is sending requests too fast; try again in {wait:.0f} s.")
+            raise RateLimitedError(f"{who} sending requests too fast; try again in {max(1, round(wait))} s.")
 
     async def _enqueue(self, kind: str, prompt: Prompt, text: str, full_prompt: str, params: SamplingParams) -> Ticket:
-        request_id = await self.store.add_request(
-            kind=kind, platform=prompt.platform, chat_id=prompt.chat_id, user_id=prompt.user_id, user_name=prompt.user_name,
-            platform_message_id=prompt.message_id, text=text, prompt=full_prompt, params=dataclasses.asdict(params))
+        try:
+            request_id = await self.store.add_request(
+                kind=kind, platform=prompt.platform, chat_id=prompt.chat_id, user_id=prompt.user_id, user_name=prompt.user_name,
+                platform_message_id=prompt.message_id, text=text, prompt=full_prompt, params=dataclasses.asdict(params))
+        except sqlite3.Error as exc:  # not recorded, so not accepted: the caller is told to retry
+            log.warning("Could not record a request: %s", exc)
+            raise BusyError("My database is busy right now; please try again in a moment.") from None
         ticket = Ticket(self, request_id, (prompt.platform, prompt.user_id), full_prompt, params)
         self._queue.push(ticket.user_key, ticket)
         timeout = RequestTimeout(f"No reply within {self.config.batch.timeout_s:.0f} s; please try again.")

@@ -92,6 +92,13 @@ class Engine:
         self.waiting.append(seq)
         return seq
 
+    def resume(self, seq: Sequence) -> None:
+        """Continue a sequence interrupted in another engine: same tokens so far, same random stream."""
+        if len(seq.context) >= self.window:
+            seq.offset = len(seq.prompt_ids) + len(seq.generated) - self.window // 2
+        seq.finish_reason = None
+        self.waiting.append(seq)
+
     def cancel(self, seq_id: int) -> Sequence | None:
         for seq in [*self.waiting, *self.rows]:
             if seq.id == seq_id:

@@ -101,9 +101,6 @@ class StuckBackend(EchoBackend):
         return await super().generate(job)
 
 
-@pytest.mark.xfail(strict=True, reason="Core._admit checks _queue.is_full before the awaits in submit (settings, "
-                                       "context, store.add_request) and _enqueue pushes after them, so concurrent "
-                                       "submits all pass the check and the queue grows past batch.max_queue")
 async def test_concurrent_submits_never_grow_the_queue_past_max_queue(tmp_path):
     async with Store.open(tmp_path / "bot.db") as store, StuckBackend() as backend, \
             Core(backend, store, make_config(max_queue=10)) as core:
