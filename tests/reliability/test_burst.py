@@ -6,7 +6,6 @@ import asyncio
 import time
 
 import psutil
-import pytest
 
 from botkit.backends import Completion, Job
 from botkit.core import Core, Prompt
@@ -85,6 +84,8 @@ async def test_ten_thousand_prompts_at_once(tmp_path, record_property):
           f"max loop lag {heartbeat.max_lag_s * 1000:.0f} ms, max queue {heartbeat.max_queue_depth}, {elapsed_s:.1f} s")
     assert heartbeat.max_lag_s < MAX_LAG_S
     assert growth_mb < MAX_RSS_GROWTH_MB
+    assert heartbeat.max_queue_depth <= MAX_QUEUE, "the queue grew past batch.max_queue"
+    assert num_busy > 0, "nobody was told busy: the burst did not fill the queue"
 
 
 class StuckBackend(EchoBackend):
