@@ -263,7 +263,7 @@ def main() -> int:
     if args.child:
         asyncio.run(child(args.child[0], int(args.child[1]), fault_every=23))
         return 0
-    num_kills, num_prompts = (3, 10_000) if args.quick else (12, 30_000)
+    num_kills, num_prompts = (10, 10_000) if args.quick else (40, 30_000)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="botkit-soak-") as tmp:
         workdir = Path(tmp)

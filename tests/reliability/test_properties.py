@@ -130,6 +130,10 @@ def test_build_prompt_fits_the_budget_and_keeps_the_newest_history(tiny_lm, mess
 NAMES = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=12)
 
 
+def toml_string(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")  # TOML also forbids a raw DEL
+
+
 def to_toml(config: Config) -> str:
     lines = []
     for section in ("batch", "limits", "web", "discord"):
@@ -138,9 +142,9 @@ def to_toml(config: Config) -> str:
             if isinstance(value, bool):
                 text = "true" if value else "false"
             elif isinstance(value, str | int | float):
-                text = json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
+                text = toml_string(value) if isinstance(value, str) else repr(value)
             else:  # tuple of strings
-                text = "[" + ", ".join(json.dumps(v, ensure_ascii=False) for v in value) + "]"
+                text = "[" + ", ".join(map(toml_string, value)) + "]"
             lines.append(f"{key} = {text}")
     return "\n".join(lines) + "\n"
 
