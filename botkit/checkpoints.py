@@ -127,7 +127,7 @@ class LossLog:
             with log.path.open(newline="") as f:
                 log.rows = [row for row in csv.DictReader(f) if int(row["step"]) <= resume_step]
         with log.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, LOSS_COLUMNS)
+            writer = csv.DictWriter(f, LOSS_COLUMNS, lineterminator="\n")
             writer.writeheader()
             writer.writerows(log.rows)
         return log
@@ -136,7 +136,7 @@ class LossLog:
         row = {key: _fmt(row.get(key)) for key in LOSS_COLUMNS}
         self.rows.append(row)
         with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, LOSS_COLUMNS).writerow(row)
+            csv.DictWriter(f, LOSS_COLUMNS, lineterminator="\n").writerow(row)
 
     def plot(self) -> Path:
         """Draw loss.png: training loss, its running average and held-out loss against the step."""

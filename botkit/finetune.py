@@ -284,6 +284,8 @@ def _model_and_data(dataset, model, resume, run_dir, run_name, seed, n_layer, n_
             config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
         lm = load_model(config, device="cpu", dtype="float32", seed=seed)
         lm = LoadedModel(lm.model, tokenizer or lm.tokenizer, run_name)
+        if tokenizer is not None:
+            tokenizer.model_max_length = config.n_positions
     else:
         if new_tokenizer:
             raise InputError("train_tokenizer needs a new model (model='scratch'): a pretrained model only understands its own tokenizer.")

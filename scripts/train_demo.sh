@@ -65,7 +65,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 out = sys.argv[1]
 model = AutoModelForCausalLM.from_pretrained("checkpoint/demo", dtype=torch.float16)
 model.save_pretrained(out)
-AutoTokenizer.from_pretrained("checkpoint/demo").save_pretrained(out)
+tokenizer = AutoTokenizer.from_pretrained("checkpoint/demo")
+tokenizer.model_max_length = model.config.n_positions  # the run was saved before botkit set this itself
+tokenizer.save_pretrained(out)
 PY
 
 # 5. Held-out loss and bits per byte of the shipped (float16) model vs an untrained model of the
