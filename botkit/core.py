@@ -206,6 +206,20 @@ class Core:
             ticket = self._queue.pop()
             self._running.add(ticket)
             ticket._task = asyncio.create_task(self._run(ticket), name=f"botkit-request-{ticket.request_id}")
+            ticket._task.add_done_callback(lambda task, ticket=ticket: self._ran(ticket))
+
+    def _ran(self, ticket: Ticket) -> None:
+        """After a request's task, however it ended; a task cancelled before it started never ran
+        `_run`, so its failure is recorded here."""
+        self._running.discard(ticket)
+        self._wake.set()
+        if not ticket.done:
+            self._fail_soon(ticket, ticket._stop_error or RequestCancelled("botkit stopped before this request finished."))
+
+    def _fail_soon(self, ticket: Ticket, error: BaseException) -> None:
+        task = asyncio.ensure_future(self._record_failure(ticket, error))
+        self._pending_fails.add(task)
+        task.add_done_callback(self._pending_fails.discard)
 
     async def _run(self, ticket: Ticket) -> None:
         try:
@@ -225,9 +239,6 @@ class Core:
             if not isinstance(exc, BotkitError):
                 log.exception("Request %d failed", ticket.request_id)
             await self._record_failure(ticket, error)
-        finally:
-            self._running.discard(ticket)
-            self._wake.set()
 
     async def _record_failure(self, ticket: Ticket, error: BaseException) -> None:
         self.metrics.failed()
@@ -244,9 +255,7 @@ class Core:
             return
         ticket._stop_error = error
         if queued or self._queue.remove(ticket.user_key, ticket):
-            task = asyncio.ensure_future(self._record_failure(ticket, error))
-            self._pending_fails.add(task)
-            task.add_done_callback(self._pending_fails.discard)
+            self._fail_soon(ticket, error)
         elif ticket._task is not None:
             ticket._task.cancel()  # the backend frees the slot; _run records the failure
 

@@ -192,9 +192,6 @@ async def test_a_database_locked_for_too_long_is_answered_with_a_sentence(tiny_l
             await asyncio.to_thread(holder.join)
 
 
-@pytest.mark.xfail(strict=True, reason="Core._stop cancels ticket._task when the dispatcher has created it but it has "
-                                       "not started: _run's body never runs, so the ticket is never settled, its row "
-                                       "stays queued and it stays in Core._running (a batch slot is lost for good)")
 async def test_a_request_stopped_just_as_it_is_dispatched_is_still_answered(tmp_path):
     async with Store.open(tmp_path / "bot.db") as store, EchoBackend() as backend, Core(backend, store, make_config()) as core:
         ticket = await core.submit(prompt("cancel me at the worst moment"))
