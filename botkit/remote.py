@@ -142,6 +142,7 @@ class RemoteClient:
         self.url = completions_url(url)
         self.model = model
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._api_key = api_key
         self._limit = asyncio.Semaphore(max_concurrency)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
         self._session: aiohttp.ClientSession | None = None
@@ -210,6 +211,10 @@ class RemoteClient:
                 except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
                     raise _translate(self, exc) from None
 
+    def _redact(self, text: str) -> str:
+        """A server's error text may echo the key it was sent; it never reaches users or the store."""
+        return text.replace(self._api_key, "[redacted]") if self._api_key else text
+
     def request_body(self, prompt: str, params: SamplingParams) -> dict:
         body = {
             "model": self.model,
@@ -238,7 +243,7 @@ class RemoteClient:
     async def _check(self, response: aiohttp.ClientResponse) -> None:
         if response.status < 400:
             return
-        message = await _server_message(response)
+        message = self._redact(await _server_message(response))
         if response.status in (401, 403):
             raise GenerationError(
                 f"The remote model server {self.server} refused the API key ({response.status}): "
@@ -263,7 +268,7 @@ class RemoteClient:
             if not isinstance(event, dict):
                 raise ValueError("a stream event that is not a JSON object")
             if event.get("error"):
-                raise GenerationError(f"The remote model server {self.server} failed mid-answer: {_message_of(event)}")
+                raise GenerationError(f"The remote model server {self.server} failed mid-answer: {self._redact(_message_of(event))}")
             if event.get("usage"):
                 num_tokens = event["usage"].get("completion_tokens")
                 num_prompt_tokens = event["usage"].get("prompt_tokens")

@@ -221,6 +221,18 @@ async def test_server_errors_are_passed_on_as_a_sentence(tmp_path):
             await backend.generate(Job(1, "x", SamplingParams()))
 
 
+class EchoingVLLM(FakeVLLM):
+    async def completions(self, request):  # a careless server that repeats the request's key in its error
+        return web.json_response({"object": "error", "message": f"bad request from {request.headers['Authorization']}"}, status=400)
+
+
+async def test_a_server_that_echoes_the_api_key_never_leaks_it(tmp_path):
+    async with fake_vllm(EchoingVLLM()) as url, RemoteBackend(url, api_key="sk-secret-123") as backend:
+        with pytest.raises(GenerationError) as info:
+            await backend.generate(Job(1, "x", SamplingParams()))
+    assert "sk-secret-123" not in str(info.value) and "[redacted]" in str(info.value)
+
+
 async def test_at_most_max_batch_size_requests_are_in_flight(tmp_path):
     fake = FakeVLLM(hold_s=0.05)
     async with fake_vllm(fake) as url, RemoteBackend(url, max_batch_size=2) as backend:
