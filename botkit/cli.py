@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("botkit").setLevel(logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # its INFO lines carry request URLs, and Telegram's hold the token
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar on every start
     try:
         return args.func(args) or 0
     except BotkitError as exc:
