@@ -341,6 +341,8 @@ def _check_args(args: dict) -> None:
         raise InputError(f"val_fraction must be at least 0 and below 1, not {args['val_fraction']!r}.")
     if not (args["learning_rate"] > 0):
         raise InputError(f"learning_rate must be above 0, not {args['learning_rate']!r}.")
+    if args["mixed_precision"] == "fp16" and (args["device"] == "cpu" or not torch.cuda.is_available()):
+        raise InputError("mixed_precision='fp16' needs a CUDA GPU: use 'bf16' or 'no' on CPU.")
     if args["early_stopping"] and not args["val_fraction"]:
         raise InputError("early_stopping needs held-out data: set val_fraction (for example 0.05).")
     if not args["run_name"] or any(c in args["run_name"] for c in "/\\") or args["run_name"].startswith("."):

@@ -187,6 +187,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, text_file):
         ("too short", {}, DatasetError, "fewer than one block of 32"),
         (TEXT, {"steps": 0}, InputError, "steps must be a whole number above 0"),
         (TEXT, {"optimizer": "lion"}, InputError, "optimizer must be one of"),
+        (TEXT, {"mixed_precision": "fp16"}, InputError, "needs a CUDA GPU"),
         (TEXT, {"train_tokenizer": False, "model": "/nonexistent/model"}, BotkitError, "does not exist"),
     ],
 )
