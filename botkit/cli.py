@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 
 from .config import Config, load_config, secret
@@ -127,7 +128,8 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
         "discord": secret(config.discord.token_env, "Discord ([discord] token_env)") if config.discord.enabled else None,
         "telegram": secret(config.telegram.token_env, "Telegram ([telegram] token_env)") if config.telegram.enabled else None,
     }
-    backend = await asyncio.to_thread(_make_backend, config)
+    with ThreadPoolExecutor(1) as loader:  # a thread that exits: see backends.LocalBackend on OpenMP teams
+        backend = await asyncio.get_running_loop().run_in_executor(loader, _make_backend, config)
     if stop is None:
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -136,7 +136,7 @@ class Engine:
     def _ensure_cache(self, columns: int) -> SlotCache:
         if self.cache is None:
             dtype = self.model.dtype
-            self.cache = SlotCache(self.model.config, self.max_batch_size, min(self.window, max(256, columns)), dtype, self.model.device)
+            self.cache = SlotCache(self.model.config, self.max_batch_size, min(self.window, columns + 128), dtype, self.model.device)
         elif self.cache.capacity < columns:
             self.cache.grow(min(self.window, max(columns, 2 * self.cache.capacity)))
         return self.cache

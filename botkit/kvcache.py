@@ -56,8 +56,10 @@ class SlotLayer(DynamicLayer):
     def __init__(self, shape: _Shape, max_batch: int, heads: int, head_dim: int, capacity: int, dtype, device):
         super().__init__()
         self.shape = shape
-        self.k = torch.zeros(max_batch, heads, capacity, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        # Uninitialised: decode reads only columns a row has written (rows_attention), and an
+        # untouched column never costs a page fault.
+        self.k = torch.empty(max_batch, heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
         self.dtype, self.device = dtype, device
         self.is_initialized = True
 
@@ -91,7 +93,7 @@ class SlotCache(Cache):
         for layer in self.layers:
             for name in ("k", "v"):
                 old = getattr(layer, name)
-                new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
+                new = old.new_empty(*old.shape[:2], capacity, old.shape[3])
                 new[:b, :, :n] = old[:b, :, :n]
                 setattr(layer, name, new)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 import warnings
 
 import pytest
@@ -26,8 +25,9 @@ from fake_discord import (
     OTHER_CHANNEL_ID,
     FakeDiscord,
 )
+from scripted import ScriptedBackend, delivered, deliveries
 
-from botkit.backends import Completion, LocalBackend
+from botkit.backends import LocalBackend
 from botkit.config import BatchConfig, Config, DiscordConfig, LimitsConfig
 from botkit.core import Core
 from botkit.errors import ConfigError
@@ -39,36 +39,6 @@ QUICK = ChatSettings(truncate="", length=8)  # the tiny model's replies: short a
 NO_PINGS = {"parse": []}  # AllowedMentions.none() as sent to Discord
 SEND = r"/channels/\d+/messages"
 COMMANDS = {"gen", "settings", "reset", "stats", "help"}
-
-
-class ScriptedBackend:
-    """A backend whose reply is `reply(prompt)`; generation waits while `gate` is clear."""
-
-    name = "scripted"
-    max_context = 1024
-
-    def __init__(self, reply=lambda prompt: "a scripted reply", max_batch_size: int = 8):
-        self.reply, self.max_batch_size = reply, max_batch_size
-        self.prompts: list[str] = []
-        self.gate = asyncio.Event()
-        self.gate.set()
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split())
-
-    async def generate(self, job) -> Completion:
-        self.prompts.append(job.prompt)
-        await self.gate.wait()
-        text = self.reply(job.prompt)
-        return Completion(
-            text=text, finish_reason="stop", num_prompt_tokens=len(job.prompt.split()), num_tokens=len(text.split())
-        )
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        pass
 
 
 @pytest.fixture
@@ -91,20 +61,6 @@ async def running(tmp_path, fake, backend, *, config: Config | None = None, chan
         DiscordAdapter(core, DiscordConfig(**settings), fake.token, chance=chance),
     ):
         yield core, store
-
-
-def deliveries(tmp_path) -> list[tuple[int, str]]:
-    with contextlib.closing(sqlite3.connect(tmp_path / "bot.db")) as db:
-        return db.execute("SELECT request_id, platform_message_id FROM deliveries ORDER BY request_id, part").fetchall()
-
-
-async def delivered(tmp_path, count: int, timeout_s: float = 5.0) -> list[tuple[int, str]]:
-    """The deliveries table once it has `count` rows (the adapter records them just after sending)."""
-    for _ in range(int(timeout_s / 0.02)):
-        if len(rows := deliveries(tmp_path)) >= count:
-            return rows
-        await asyncio.sleep(0.02)
-    return deliveries(tmp_path)
 
 
 def replies_to(fake: FakeDiscord, message: dict) -> list[dict]:

@@ -7,14 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import sqlite3
 
 import aiohttp
 import pytest
 from botkit.adapters.telegram_adapter import EMPTY_REPLY, TelegramAdapter
 from fake_telegram import FakeTelegram
+from scripted import ScriptedBackend, delivered, deliveries
 
-from botkit.backends import Completion, LocalBackend
+from botkit.backends import LocalBackend
 from botkit.config import Config, LimitsConfig, TelegramConfig
 from botkit.core import Core
 from botkit.errors import ConfigError
@@ -25,34 +25,6 @@ GROUP = -100  # a supergroup
 ALICE = 42  # a user; her private chat with the bot has the same id
 BOT = "@botkit_bot"
 QUICK = ChatSettings(truncate="", length=8)  # the tiny model's replies: short and never cut to nothing
-
-
-class ScriptedBackend:
-    """A backend whose reply is `reply(prompt)`; generation waits while `gate` is clear."""
-
-    name = "scripted"
-    max_context = 1024
-
-    def __init__(self, reply=lambda prompt: "a scripted reply", max_batch_size: int = 8):
-        self.reply, self.max_batch_size = reply, max_batch_size
-        self.prompts: list[str] = []
-        self.gate = asyncio.Event()
-        self.gate.set()
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split())
-
-    async def generate(self, job) -> Completion:
-        self.prompts.append(job.prompt)
-        await self.gate.wait()
-        text = self.reply(job.prompt)
-        return Completion(text=text, finish_reason="stop", num_prompt_tokens=len(job.prompt.split()), num_tokens=len(text.split()))
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        pass
 
 
 @pytest.fixture(autouse=True)
@@ -81,20 +53,6 @@ def reply_to(message: dict):
     """A predicate for fake.wait_for: a sendMessage answering `message`."""
     return lambda params: (params.get("chat_id") == message["chat"]["id"]
                            and params.get("reply_parameters", {}).get("message_id") == message["message_id"])
-
-
-def deliveries(tmp_path) -> list[tuple[int, str]]:
-    with contextlib.closing(sqlite3.connect(tmp_path / "bot.db")) as db:
-        return db.execute("SELECT request_id, platform_message_id FROM deliveries ORDER BY request_id, part").fetchall()
-
-
-async def delivered(tmp_path, count: int, timeout_s: float = 5.0) -> list[tuple[int, str]]:
-    """The deliveries table once it has `count` rows (the adapter records them just after sending)."""
-    for _ in range(int(timeout_s / 0.02)):
-        if len(rows := deliveries(tmp_path)) >= count:
-            return rows
-        await asyncio.sleep(0.02)
-    return deliveries(tmp_path)
 
 
 async def test_private_message_is_answered_by_the_model_as_a_plain_reply_and_recorded(tmp_path, fake, tiny_lm):
