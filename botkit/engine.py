@@ -67,13 +67,12 @@ class Engine:
     def __init__(self, lm: LoadedModel, max_batch_size: int = 32):
         self.lm = lm
         self.model = lm.model
-        self.model.set_attn_implementation(ROWS_ATTENTION)  # SDPA, except decode reads only each row's columns
+        self.model.set_attn_implementation(ROWS_ATTENTION)  # SDPA, except decode reads only each row's tokens
         self.window = lm.max_context
         self.max_batch_size = max_batch_size
         self.eos = lm.eos_token_id
         self.waiting: deque[Sequence] = deque()
         self.rows: list[Sequence] = []  # rows[i] lives in cache row i
-        self.start = torch.zeros(max_batch_size, dtype=torch.long)  # first cache column of each row
         self.cache: SlotCache | None = None
         self.num_forward_passes = 0
         self._ids = itertools.count()
@@ -135,8 +134,10 @@ class Engine:
 
     def _ensure_cache(self, columns: int) -> SlotCache:
         if self.cache is None:
-            dtype = self.model.dtype
-            self.cache = SlotCache(self.model.config, self.max_batch_size, min(self.window, columns + 128), dtype, self.model.device)
+            device = self.model.device
+            # On CPU a full-window buffer costs only the pages rows write; on a GPU memory is real: grow.
+            capacity = self.window if device.type == "cpu" else min(self.window, columns + 128)
+            self.cache = SlotCache(self.model.config, self.max_batch_size, capacity, self.model.dtype, device)
         elif self.cache.capacity < columns:
             self.cache.grow(min(self.window, max(columns, 2 * self.cache.capacity)))
         return self.cache
@@ -172,27 +173,16 @@ class Engine:
         out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                          past_key_values=past, use_cache=True, logits_to_keep=1)
         self.num_forward_passes += 1
-
-        cache = self._ensure_cache(width)
-        shape = cache.shape
-        if shape.length < width:  # the newcomers are longer than the running rows: shift those right
-            offset = width - shape.length
-            if self.rows:
-                cache.shift_columns(offset)
-                self.start[: shape.batch] += offset
-            shape.length = width
-        row = len(self.rows)
-        cache.put_rows(row, past, shape.length - width)
+        cache = self._ensure_cache(width + 1)
+        first = len(self.rows)
         for i, ctx in enumerate(contexts):
-            self.start[row + i] = shape.length - len(ctx)
+            cache.add_row(past, i, len(ctx))
         self.rows.extend(group)
-        shape.batch = len(self.rows)
-        self._accept(list(range(row, row + len(group))), out.logits[:, -1, :], events)
+        self._accept(list(range(first, len(self.rows))), out.logits[:, -1, :], events)
 
     def _slide_full_rows(self) -> None:
         """A row whose next token would fall outside the window restarts on its last half-window."""
-        length = self.cache.shape.length
-        full = [i for i, seq in enumerate(self.rows) if length - int(self.start[i]) >= self.window]
+        full = [i for i, n in enumerate(self.cache.lengths) if n >= self.window]
         for i in full:
             seq = self.rows[i]
             seq.offset = len(seq.prompt_ids) + len(seq.generated) - self.window // 2
@@ -201,22 +191,15 @@ class Engine:
             self._drop_rows(full)
 
     def _decode(self, events: list[Event]) -> None:
-        cache, device = self.cache, self.model.device
-        shape = cache.shape
-        if shape.length + 1 > cache.capacity:
-            if cache.capacity < self.window:
-                self._ensure_cache(shape.length + 1)
-            else:
-                self._compact_columns()  # no row is full (slid above), so some columns are free
-        b = shape.batch
+        cache, device = self._ensure_cache(self.cache.max_length + 1), self.model.device
         ids = torch.tensor([[seq.last_token] for seq in self.rows], device=device)
-        start = self.start[:b]
-        positions = (shape.length - start)[:, None]
-        out = self.model(input_ids=ids, position_ids=positions.to(device), past_key_values=cache, use_cache=True,
-                         logits_to_keep=1, row_starts=start.tolist())
+        positions = torch.tensor(cache.lengths, device=device)[:, None]  # each row's next position
+        cache.before_decode()
+        out = self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                         row_lengths=[n + 1 for n in cache.lengths])
+        cache.after_decode()
         self.num_forward_passes += 1
-        shape.length += 1
-        self._accept(list(range(b)), out.logits[:, -1, :], events)
+        self._accept(list(range(len(self.rows))), out.logits[:, -1, :], events)
 
     def _accept(self, rows: list[int], logits: torch.Tensor, events: list[Event]) -> None:
         """Sample one token for each of `rows` (logits (len(rows), vocab)) and retire finished rows."""
@@ -269,22 +252,10 @@ class Engine:
 
     def _drop_rows(self, rows: list[int]) -> None:
         """Free rows: each hole is filled by the current last row (one row copied)."""
-        cache = self.cache
         for r in sorted(rows, reverse=True):
             last = len(self.rows) - 1
             if r != last:
-                cache.move_row(last, r)
-                self.start[r] = self.start[last]
+                self.cache.move_row(last, r)
                 self.rows[r] = self.rows[last]
             self.rows.pop()
-        cache.shape.batch = len(self.rows)
-        if not self.rows:
-            cache.shape.length = 0
-
-    def _compact_columns(self) -> None:
-        """Drop the leading columns no row uses (only when the window is full: padding costs no attention
-        work, since decode attention reads each row's own columns)."""
-        shape = self.cache.shape
-        lead = int(self.start[: shape.batch].min())
-        self.cache.shift_columns(-lead)
-        self.start[: shape.batch] -= lead
+            self.cache.pop_row()
