@@ -1,9 +1,10 @@
 """The generation engine: continuous batching over GPT-2's KV cache, one forward pass per step.
 
 Why our own loop rather than transformers' `ContinuousBatchingManager`: that manager has no
-per-request stop strings or seeds, and on this 2-core CPU it reached 2.2x sequential on the shared
-workload (FACTS.md) where this loop is measured in BENCHMARKS.md (`benchmarks/serve.py`). The model
-forward itself is transformers'; only the batching and the cache layout (kvcache.py) are ours.
+per-request stop strings or seeds, and on this 2-core CPU it reached 2.2x sequential `generate` on
+the shared workload (FACTS.md); through botkit's core this loop reaches 4.7x at 64 chats
+(`benchmarks/serve.py`, BENCHMARKS.md). The model forward is transformers'; only the batching and
+the cache layout (kvcache.py) are ours.
 
 Each step: waiting sequences are prefilled (grouped by length to limit padding) and copied into free
 rows, then every running row decodes one token. A row that hits its stop string, end of text or
