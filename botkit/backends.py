@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -69,7 +69,6 @@ class _Pending:
     first_token_at: float | None = None
     num_delivered: int = 0  # characters of text already handed to the caller
     retried: bool = False
-    seq: Sequence | None = field(default=None, repr=False)
 
 
 class LocalBackend:
@@ -145,7 +144,7 @@ class LocalBackend:
             pending: _Pending = arg
             try:
                 ids = self.lm.tokenizer(pending.job.prompt).input_ids
-                pending.seq = engine.add(ids, pending.job.params, seq_id=pending.job.id)
+                engine.add(ids, pending.job.params, seq_id=pending.job.id)
             except Exception as exc:  # noqa: BLE001 - a bad job fails alone
                 self._resolve(pending, error=GenerationError(f"Could not start generating: {exc}."))
                 return

@@ -25,10 +25,6 @@ class FairQueue(Generic[T]):
     def __len__(self) -> int:
         return self._size
 
-    @property
-    def is_full(self) -> bool:
-        return self._size >= self.max_size
-
     def push(self, user: Hashable, item: T) -> None:
         self._users.setdefault(user, deque()).append(item)
         self._size += 1
