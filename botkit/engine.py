@@ -2,13 +2,14 @@
 
 Why our own loop rather than transformers' `ContinuousBatchingManager`: that manager has no
 per-request stop strings or seeds, and on this 2-core CPU it reached 2.2x sequential `generate` on
-the shared workload (FACTS.md); through botkit's core this loop reaches 4.7x at 64 chats
+the shared workload (FACTS.md); through botkit's core this loop reaches 5.6x at 64 chats
 (`benchmarks/serve.py`, BENCHMARKS.md). The model forward is transformers'; only the batching and
 the cache layout (kvcache.py) are ours.
 
-Each step: waiting sequences are prefilled (grouped by length to limit padding) and copied into free
-rows, then every running row decodes one token. A row that hits its stop string, end of text or
-length leaves at once and its slot is free for the next step. Not thread-safe: one thread owns it.
+Each step is one forward pass over a flat list of tokens: the next token of every running row,
+then the whole prompt of each waiting sequence that joins (no padding, and the running rows share
+the prompts' pass over the weights). A row that hits its stop string, end of text or length leaves
+at once and its slot is free for the next step. Not thread-safe: one thread owns it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from .kvcache import ROWS_ATTENTION, SlotCache
 from .models import LoadedModel
@@ -29,8 +29,9 @@ from .sampling import apply_repetition_penalty, sample_next
 
 log = logging.getLogger("botkit")
 
-MAX_PREFILL_TOKENS = 4096  # prompt tokens prefilled per step at most, so running rows are not stalled long
-PAD_WASTE = 1.3  # a prefill group's padded size may be at most this times its real tokens
+MAX_JOIN_TOKENS = 1024  # context tokens of joining sequences per step: running rows wait for them; matmuls of
+# about this many rows run near this CPU's peak (4096 rows run at half of it)
+NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
 
 
 @dataclass
@@ -122,13 +123,28 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """Admit waiting sequences into free rows, then decode one token for every row."""
+        """One forward pass: every running row decodes a token and waiting sequences join."""
         events: list[Event] = []
         if self.rows:
             self._slide_full_rows()
-        self._admit(events)
-        if self.rows:
-            self._decode(events)
+        joining = self._take_joining()
+        if not (self.rows or joining):
+            return events
+        lengths = self.cache.lengths if self.cache else []
+        cache = self._ensure_cache(max([n + 1 for n in lengths] + [len(seq.context) for seq in joining]))
+        step = cache.begin([len(seq.context) for seq in joining])
+        ids = [seq.last_token for seq in self.rows] + [t for seq in joining for t in seq.context]
+        positions = cache.lengths + [p for seq in joining for p in range(len(seq.context))]
+        last = list(range(len(self.rows))) + [start + n - 1 for _, start, n in step.joins]  # the tokens that predict
+        self.rows.extend(joining)  # before the forward: a failed step must still know them (reset)
+        device = self.model.device
+        # The 4-D "mask" only makes transformers skip building one: rows_attention masks by `step`.
+        out = self.model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
+                         attention_mask=NO_MASK.to(device), past_key_values=cache, use_cache=True,
+                         logits_to_keep=torch.tensor(last, device=device), step=step)
+        cache.end()
+        self.num_forward_passes += 1
+        self._accept(list(range(len(self.rows))), out.logits[0], events)
         return events
 
     # -- internals --------------------------------------------------------------------------
@@ -143,43 +159,16 @@ class Engine:
             self.cache.grow(min(self.window, max(columns, 2 * self.cache.capacity)))
         return self.cache
 
-    def _admit(self, events: list[Event]) -> None:
+    def _take_joining(self) -> list[Sequence]:
+        """Waiting sequences that join this step: as many as free rows and the step's token budget allow
+        (the first one always fits)."""
         free = self.max_batch_size - len(self.rows)
-        budget, chosen = MAX_PREFILL_TOKENS, []
-        while self.waiting and len(chosen) < free and (not chosen or len(self.waiting[0].context) <= budget):
+        budget, joining = MAX_JOIN_TOKENS, []
+        while self.waiting and len(joining) < free and (not joining or len(self.waiting[0].context) <= budget):
             seq = self.waiting.popleft()
             budget -= len(seq.context)
-            chosen.append(seq)
-        chosen.sort(key=lambda s: len(s.context))
-        group: list[Sequence] = []
-        for seq in chosen:  # groups of similar length: padding costs compute
-            if group and len(seq.context) * (len(group) + 1) > PAD_WASTE * (sum(len(s.context) for s in group) + len(seq.context)):
-                self._prefill(group, events)
-                group = []
-            group.append(seq)
-        if group:
-            self._prefill(group, events)
-
-    def _prefill(self, group: list[Sequence], events: list[Event]) -> None:
-        contexts = [seq.context for seq in group]
-        width = max(map(len, contexts))
-        device = self.model.device
-        ids = torch.full((len(group), width), self.eos, dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        for i, ctx in enumerate(contexts):  # left padding: the last column is every row's newest token
-            ids[i, width - len(ctx) :] = torch.tensor(ctx)
-            mask[i, width - len(ctx) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        past = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                         past_key_values=past, use_cache=True, logits_to_keep=1)
-        self.num_forward_passes += 1
-        cache = self._ensure_cache(width + 1)
-        first = len(self.rows)
-        for i, ctx in enumerate(contexts):
-            cache.add_row(past, i, len(ctx))
-        self.rows.extend(group)
-        self._accept(list(range(first, len(self.rows))), out.logits[:, -1, :], events)
+            joining.append(seq)
+        return joining
 
     def _slide_full_rows(self) -> None:
         """A row whose next token would fall outside the window restarts on its last half-window."""
@@ -190,17 +179,6 @@ class Engine:
             self.waiting.appendleft(seq)  # its prefill yields its next token: nothing is skipped
         if full:
             self._drop_rows(full)
-
-    def _decode(self, events: list[Event]) -> None:
-        cache, device = self._ensure_cache(self.cache.max_length + 1), self.model.device
-        ids = torch.tensor([[seq.last_token] for seq in self.rows], device=device)
-        positions = torch.tensor(cache.lengths, device=device)[:, None]  # each row's next position
-        cache.before_decode()
-        out = self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                         row_lengths=[n + 1 for n in cache.lengths])
-        cache.after_decode()
-        self.num_forward_passes += 1
-        self._accept(list(range(len(self.rows))), out.logits[:, -1, :], events)
 
     def _accept(self, rows: list[int], logits: torch.Tensor, events: list[Event]) -> None:
         """Sample one token for each of `rows` (logits (len(rows), vocab)) and retire finished rows."""

@@ -1,16 +1,21 @@
-"""A preallocated KV cache in which every row is its own sequence, for continuous batching with
-transformers' GPT-2.
+"""A preallocated KV cache in which every row is its own sequence, and the attention that reads it,
+for continuous batching with transformers' GPT-2.
 
 transformers' DynamicCache concatenates every layer's keys and values on every step (a copy of the
-whole cache per token) and cannot take in or drop rows cheaply; a left-padded batch also makes
-every row pay for the longest one. Here each layer owns buffers of shape
-(max_batch, heads, capacity, head_dim); the running sequences are rows [:batch], row i holds its
-`lengths[i]` tokens in columns [0, lengths[i]) (no padding, nothing ever shifts), a decode step
-writes each row's new token at its own column, and decode attention (rows_attention) reads each
-row's own columns. A finished row is replaced by the last row (one row copied).
+whole cache per token) and cannot take in or drop rows cheaply; a padded batch also makes every row
+pay for the longest one. Here each layer owns buffers of shape (max_batch, heads, capacity, head_dim);
+the running sequences are rows [:batch], row i holds its `lengths[i]` tokens in columns
+[0, lengths[i]) (no padding, nothing ever shifts). A finished row is replaced by the last row (one
+row copied).
+
+A step is one forward pass over a flat list of tokens (batch 1, sequence N): first one new token for
+each running row, then the whole context of each sequence that joins. `Step` says where each token's
+keys and values go and what each token attends to; `rows_attention` reads only each row's own columns.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,26 +27,34 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 ROWS_ATTENTION = "botkit_rows"
 
 
-def rows_attention(module, query, key, value, attention_mask, *, row_lengths: list[int] | None = None, **kwargs):
-    """Decode attention over each row's own tokens (`row_lengths[i]` columns, the new one included).
+@dataclass
+class Step:
+    """One flat forward pass: tokens [0, len(decode)) are the next token of rows [0, len(decode)),
+    row i then holding decode[i] tokens (the new one included); each (row, start, length) of `joins`
+    is a new row whose whole context is tokens [start, start + length)."""
 
-    Prefill (several query positions) and calls without `row_lengths` use transformers' SDPA.
-    query (B, H, 1, D); key/value (B, H, T, D); returns (B, 1, H, D) like sdpa_attention_forward.
-    """
-    if row_lengths is None or query.shape[2] != 1:
+    decode: list[int]
+    joins: list[tuple[int, int, int]]
+    where: torch.Tensor  # (tokens * heads,): each token's key row in a layer buffer seen as (-1, head_dim)
+
+
+def rows_attention(module, query, key, value, attention_mask, *, step: Step | None = None, **kwargs):
+    """Attention of a flat step: each decode token over its row's columns, each joining context
+    causally over itself. Every row's numbers are those of a batch of one. Calls without `step` use
+    transformers' SDPA. query (1, H, N, D); key/value: the whole layer buffers; returns (1, N, H, D)."""
+    if step is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     scale = kwargs.get("scaling")
-    if min(row_lengths) == max(row_lengths):
-        n = row_lengths[0]
-        out = F.scaled_dot_product_attention(query, key[:, :, :n], value[:, :, :n], scale=scale)
-    else:  # one call per row: no padding read, and each row's numbers are those of a batch of one
-        out = torch.cat([F.scaled_dot_product_attention(query[i : i + 1], key[i : i + 1, :, :n], value[i : i + 1, :, :n], scale=scale)
-                         for i, n in enumerate(row_lengths)])
-    return out.transpose(1, 2).contiguous(), None
+    parts = [F.scaled_dot_product_attention(query[:, :, i : i + 1], key[i : i + 1, :, :n], value[i : i + 1, :, :n], scale=scale)
+             for i, n in enumerate(step.decode)]
+    parts += [F.scaled_dot_product_attention(query[:, :, start : start + n], key[row : row + 1, :, :n], value[row : row + 1, :, :n],
+                                             is_causal=True, scale=scale)
+              for row, start, n in step.joins]
+    return torch.cat(parts, dim=2).transpose(1, 2), None
 
 
 AttentionInterface.register(ROWS_ATTENTION, rows_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(ROWS_ATTENTION, sdpa_mask)  # prefill masks as for SDPA
+ALL_MASK_ATTENTION_FUNCTIONS.register(ROWS_ATTENTION, sdpa_mask)  # calls without a Step mask as SDPA does
 
 
 class SlotLayer(DynamicLayer):
@@ -52,13 +65,12 @@ class SlotLayer(DynamicLayer):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        """Decode only (one new token per row): row i's token goes to its column lengths[i]."""
-        b, d = key_states.shape[0], key_states.shape[-1]
-        where = self.cache.where_new_tokens  # (B * heads,) rows of the buffers seen as (-1, head_dim)
-        self.k.view(-1, d).index_copy_(0, where, key_states.reshape(-1, d))  # one copy, not B strided writes
-        self.v.view(-1, d).index_copy_(0, where, value_states.reshape(-1, d))
-        end = self.cache.max_length + 1
-        return self.k[:b, :, :end], self.v[:b, :, :end]
+        """Writes the step's keys and values (1, heads, N, head_dim) to their rows and columns, in one copy each."""
+        d = key_states.shape[-1]
+        where = self.cache.step.where
+        self.k.view(-1, d).index_copy_(0, where, key_states.transpose(1, 2).reshape(-1, d))
+        self.v.view(-1, d).index_copy_(0, where, value_states.transpose(1, 2).reshape(-1, d))
+        return self.k, self.v
 
     def get_seq_length(self) -> int:
         return self.cache.max_length
@@ -76,7 +88,7 @@ class SlotCache(Cache):
                   for _ in range(config.n_layer)]
         super().__init__(layers=layers)
         self.lengths: list[int] = []  # tokens held by each active row
-        self.where_new_tokens = torch.zeros(0, dtype=torch.long)
+        self.step: Step | None = None
 
     @property
     def capacity(self) -> int:
@@ -86,15 +98,23 @@ class SlotCache(Cache):
     def max_length(self) -> int:
         return max(self.lengths, default=0)
 
-    def before_decode(self) -> None:
-        """Where this step's new tokens go: row i, every head, column lengths[i]."""
+    def begin(self, joining: list[int]) -> Step:
+        """Plan a step: every active row decodes one token, then rows of `joining` lengths are added."""
         _, heads, capacity, _ = self.layers[0].k.shape
-        rows = torch.arange(len(self.lengths))[:, None] * heads + torch.arange(heads)[None, :]  # (B, H)
-        where = rows * capacity + torch.tensor(self.lengths)[:, None]
-        self.where_new_tokens = where.reshape(-1).to(self.layers[0].k.device)
+        decode = [n + 1 for n in self.lengths]
+        rows, columns, joins, start = list(range(len(decode))), list(self.lengths), [], len(decode)
+        for row, n in enumerate(joining, start=len(decode)):
+            joins.append((row, start, n))
+            rows += [row] * n
+            columns += range(n)
+            start += n
+        where = (torch.tensor(rows)[:, None] * heads + torch.arange(heads)) * capacity + torch.tensor(columns)[:, None]
+        self.step = Step(decode, joins, where.reshape(-1).to(self.layers[0].k.device))
+        return self.step
 
-    def after_decode(self) -> None:
-        self.lengths = [n + 1 for n in self.lengths]
+    def end(self) -> None:
+        self.lengths = self.step.decode + [n for _, _, n in self.step.joins]
+        self.step = None
 
     def grow(self, capacity: int) -> None:
         """Reallocate to hold `capacity` columns (keeps the active rows' tokens)."""
@@ -105,14 +125,6 @@ class SlotCache(Cache):
                 new = old.new_empty(*old.shape[:2], capacity, old.shape[3])
                 new[:b, :, :n] = old[:b, :, :n]
                 setattr(layer, name, new)
-
-    def add_row(self, past: Cache, index: int, length: int) -> None:
-        """Append prefill row `index` of `past` (left-padded, its tokens in the last `length` columns)."""
-        row = len(self.lengths)
-        for layer, src in zip(self.layers, past.layers, strict=True):
-            layer.k[row, :, :length] = src.keys[index, :, -length:]
-            layer.v[row, :, :length] = src.values[index, :, -length:]
-        self.lengths.append(length)
 
     def move_row(self, src: int, dst: int) -> None:
         n = self.lengths[src]

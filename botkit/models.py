@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+from transformers.activations import GELUTanh, NewGELUActivation
 
 from .errors import InputError, ModelLoadError
 
@@ -97,7 +98,17 @@ def load_model(
         source, name = _resolve(model, run_name, checkpoint_dir)
         loaded = _load_pretrained(source, name)
     loaded.model.to(device=device, dtype=DTYPES[dtype]).eval()
+    fuse_gelu(loaded.model)
     return loaded
+
+
+def fuse_gelu(model: torch.nn.Module) -> None:
+    """GPT-2's `gelu_new` is the tanh GELU written as six tensor ops; torch computes the same formula in
+    one kernel (only last-bit rounding differs). On CPU that makes a 64-chat run about 6 % faster
+    (`benchmarks/serve.py`). The saved config is unchanged."""
+    for module in model.modules():
+        if isinstance(getattr(module, "act", None), NewGELUActivation):
+            module.act = GELUTanh()
 
 
 def _resolve(model, run_name, checkpoint_dir) -> tuple[str, str]:
