@@ -13,6 +13,10 @@ first requests of the workload in two halves, before and after the 64-chat run, 
 64 chats compares arms run side by side on a shared, noisy machine. Greedy replies of the two arms
 are compared text for text.
 
+`full_steps_ratio` is the ceiling this engine sets on this machine: the 64-chat level's tokens/s if
+every step were full (its prompt tokens at the speed of a step that only takes in prompts, its
+reply tokens at the speed of decode steps with all 64 rows), over the same baseline.
+
 Event-loop lag: a task sleeps 10 ms in a loop and records how late it wakes, during each level.
 
 Progress goes to stderr; the last stdout line is one JSON object with the figures.
@@ -40,6 +44,7 @@ from transformers import GPT2Config, StoppingCriteria, StoppingCriteriaList
 from botkit.backends import LocalBackend
 from botkit.config import Config
 from botkit.core import Core
+from botkit.engine import Engine
 from botkit.models import LoadedModel, load_model
 from botkit.params import SamplingParams
 from botkit.store import Store
@@ -99,6 +104,24 @@ def sequential(lm: LoadedModel, requests: list[dict]) -> tuple[int, float, dict[
         num_tokens += len(new)
         texts[request["id"]], _ = cut_at_stop(lm.tokenizer.decode(new), request["stop"])
     return num_tokens, time.perf_counter() - start, texts
+
+
+def full_batch_speeds(lm: LoadedModel, requests: list[dict], max_batch: int) -> tuple[float, float]:
+    """The engine's own speeds when its steps are full: prompt tokens/s of a step that takes in
+    MAX_JOIN_TOKENS of prompts and nothing else, and tokens/s of decode steps with `max_batch` rows."""
+    params = SamplingParams(max_new_tokens=512, temperature=0)
+    engine = Engine(lm, max_batch)
+    for request in requests[:max_batch]:
+        engine.add(lm.tokenizer(request["prompt"]).input_ids, params)
+    start = time.perf_counter()
+    engine.step()  # nothing is running yet: the step is all prompt tokens
+    join_tok_s = sum(len(seq.prompt_ids) for seq in engine.rows) / (time.perf_counter() - start)
+    while engine.waiting:
+        engine.step()
+    start = time.perf_counter()
+    for _ in range(10):
+        engine.step()
+    return join_tok_s, 10 * len(engine.rows) / (time.perf_counter() - start)
 
 
 async def watch_loop(lags_ms: list[float], stop: asyncio.Event) -> None:
@@ -198,6 +221,9 @@ def main() -> None:
                     f"{level['tok_s']:.1f} tok/s, p50 {level['p50_ms']:.0f} ms, p99 {level['p99_ms']:.0f} ms, "
                     f"loop lag p99 {level['loop_lag_p99_ms']:.1f} ms (max {level['loop_lag_max_ms']:.1f})")
 
+        join_tok_s, decode_tok_s = in_own_thread(full_batch_speeds, lm, requests, args.max_batch)
+        log(f"engine with full steps: {join_tok_s:.0f} prompt tok/s (joining), {decode_tok_s:.0f} tok/s ({args.max_batch} rows decoding)")
+
     seq_tokens = sum(t for t, _, _ in seq_runs)
     seq_tok_s = seq_tokens / sum(s for _, s, _ in seq_runs)
     seq_texts = {k: v for _, _, texts in seq_runs for k, v in texts.items()}
@@ -208,11 +234,16 @@ def main() -> None:
     mismatches = sum(seq_texts[i] != core_texts[i] for i in compared)
     log(f"greedy texts: {len(compared) - mismatches} of {len(compared)} replies equal between the core and sequential generate")
     top = levels[64]
+    # Tokens/s of the 64-chat level if every step were full: its prompt tokens at the joining speed,
+    # its reply tokens at the full-batch decode speed (no ramp-up, no drain).
+    prompt_tokens = sum(len(lm.tokenizer(r["prompt"]).input_ids) for r in requests[: top["requests"]])
+    full_tok_s = top["tokens"] / (prompt_tokens / join_tok_s + top["tokens"] / decode_tok_s)
     print(json.dumps({
         "ratio_vs_sequential": round(top["tok_s"] / seq_tok_s, 2),
         "p50_ms": round(top["p50_ms"]), "p99_ms": round(top["p99_ms"]),
         "loop_lag_p99_ms": round(max(level["loop_lag_p99_ms"] for level in levels.values()), 1),
         "sequential_tok_s": round(seq_tok_s, 2),
+        "full_steps_ratio": round(full_tok_s / seq_tok_s, 2), "join_prompt_tok_s": round(join_tok_s), "full_decode_tok_s": round(decode_tok_s),
         "sequential_halves_tok_s": [round(t / s, 2) for t, s, _ in seq_runs],
         "levels": {str(c): {k: (round(v, 2) if isinstance(v, float) else v) for k, v in levels[c].items()} | {
             "ratio_vs_sequential": round(levels[c]["tok_s"] / seq_tok_s, 2)} for c in LEVELS},

@@ -45,7 +45,7 @@ def test_each_sample_stops_at_its_own_truncate_and_frees_its_slot(tiny_lm):
     assert short.finish_reason == "stop" and len(short.generated) <= 5
     assert stop not in short.text and tok.decode(reference).startswith(short.text)
     assert long.finish_reason == "length" and len(long.generated) == 30
-    assert engine.num_forward_passes <= 30 + 1  # the long one's passes (+1: the prompts were prefilled apart)
+    assert engine.num_forward_passes == 30  # one pass per token of the long one: both prompts joined in the first
 
     engine = Engine(tiny_lm, 1)
     alone = engine.add(tok(PROMPTS[0]).input_ids, SamplingParams(max_new_tokens=30, temperature=0, stop=(stop,)))
