@@ -29,8 +29,8 @@ from .sampling import apply_repetition_penalty, sample_next
 
 log = logging.getLogger("botkit")
 
-MAX_JOIN_TOKENS = 1024  # context tokens of joining sequences per step: running rows wait for them; matmuls of
-# about this many rows run near this CPU's peak (4096 rows run at half of it)
+MAX_JOIN_TOKENS = 1024  # prompt tokens that join in one step at most: the running rows wait for them, and
+# matmuls of about this many rows run near this CPU's peak (of 4096 rows, at half of it)
 NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
 
 
@@ -127,16 +127,16 @@ class Engine:
         events: list[Event] = []
         if self.rows:
             self._slide_full_rows()
-        joining = self._take_joining()
-        if not (self.rows or joining):
+        decoding, joining = list(self.rows), self._take_joining()
+        self.rows.extend(joining)  # before the forward: a failed step must still know them (reset)
+        if not self.rows:
             return events
         lengths = self.cache.lengths if self.cache else []
         cache = self._ensure_cache(max([n + 1 for n in lengths] + [len(seq.context) for seq in joining]))
         step = cache.begin([len(seq.context) for seq in joining])
-        ids = [seq.last_token for seq in self.rows] + [t for seq in joining for t in seq.context]
+        ids = [seq.last_token for seq in decoding] + [t for seq in joining for t in seq.context]
         positions = cache.lengths + [p for seq in joining for p in range(len(seq.context))]
-        last = list(range(len(self.rows))) + [start + n - 1 for _, start, n in step.joins]  # the tokens that predict
-        self.rows.extend(joining)  # before the forward: a failed step must still know them (reset)
+        last = list(range(len(decoding))) + [start + n - 1 for _, start, n in step.joins]  # the tokens that predict
         device = self.model.device
         # The 4-D "mask" only makes transformers skip building one: rows_attention masks by `step`.
         out = self.model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),

@@ -89,6 +89,27 @@ async def test_a_step_that_fails_once_is_retried_and_nobody_sees_it(tiny_lm, tmp
         assert [(await row(store, t.request_id))["status"] for t in tickets] == ["done"] * 4
 
 
+async def test_a_fault_inside_the_forward_pass_loses_none_of_the_prompts_joining(tiny_lm, tmp_path):
+    """The model itself raises (a forward pre-hook) in the step that takes the prompts in: each is retried alone."""
+    raised = []
+
+    def fail_once(module, args, kwargs):
+        if not raised:
+            raised.append(True)
+            raise RuntimeError("fault inside the forward pass")
+
+    hook = tiny_lm.model.register_forward_pre_hook(fail_once, with_kwargs=True)
+    try:
+        async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, max_batch_size=8) as backend, \
+                Core(backend, store, make_config()) as core:
+            tickets = [await core.submit(prompt(f"hello number {i}", i)) for i in range(4)]
+            results = await asyncio.wait_for(settle(tickets), 60)
+            assert raised and all(not isinstance(r, BaseException) for r in results), results
+            assert [(await row(store, t.request_id))["status"] for t in tickets] == ["done"] * 4
+    finally:
+        hook.remove()
+
+
 class FailAfterSteps:
     """Raises once, at the `n`-th step, after the callers have already streamed some text."""
 
