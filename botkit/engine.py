@@ -31,7 +31,6 @@ log = logging.getLogger("botkit")
 
 MAX_JOIN_TOKENS = 1024  # prompt tokens that join in one step at most: the running rows wait for them, and
 # matmuls of about this many rows run near this CPU's peak (of 4096 rows, at half of it)
-NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
 
 
 @dataclass
@@ -69,8 +68,9 @@ class Engine:
     def __init__(self, lm: LoadedModel, max_batch_size: int = 32):
         self.lm = lm
         self.model = lm.model
-        self.model.set_attn_implementation(ROWS_ATTENTION)  # SDPA, except decode reads only each row's tokens
+        self.model.set_attn_implementation(ROWS_ATTENTION)  # SDPA, except in our steps: each row reads only its own columns
         self.window = lm.max_context
+        self.no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.model.device)  # see step()
         self.max_batch_size = max_batch_size
         self.eos = lm.eos_token_id
         self.waiting: deque[Sequence] = deque()
@@ -140,7 +140,7 @@ class Engine:
         device = self.model.device
         # The 4-D "mask" only makes transformers skip building one: rows_attention masks by `step`.
         out = self.model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
-                         attention_mask=NO_MASK.to(device), past_key_values=cache, use_cache=True,
+                         attention_mask=self.no_mask, past_key_values=cache, use_cache=True,
                          logits_to_keep=torch.tensor(last, device=device), step=step)
         cache.end()
         self.num_forward_passes += 1
