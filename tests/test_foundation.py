@@ -4,7 +4,8 @@ import ast
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM, GPT2Config
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from botkit.errors import ModelLoadError
 from botkit.models import gpt2_tokenizer, load_model
@@ -59,6 +60,16 @@ def test_random_model_from_config_is_seeded():
 
 
 PLATFORM_SDKS = {"discord", "telegram", "adapters", "botkit.adapters"}
+
+
+def test_the_loaded_model_computes_what_plain_transformers_computes_bit_for_bit():
+    lm = load_model(GPT2Config(n_layer=2, n_head=2, n_embd=64), device="cpu")  # its gelu_new is swapped (fuse_gelu)
+    plain = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64)).eval()
+    plain.load_state_dict(lm.model.state_dict())
+    ids = lm.tokenizer("The quick brown fox jumps over the lazy dog, again and again.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids).logits, plain(ids).logits)
+    assert type(lm.model.transformer.h[0].mlp.act) is not type(plain.transformer.h[0].mlp.act)
 
 
 def test_core_imports_no_platform_sdk():
