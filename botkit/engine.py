@@ -2,7 +2,7 @@
 
 Why our own loop rather than transformers' `ContinuousBatchingManager`: that manager has no
 per-request stop strings or seeds, and on this 2-core CPU it reached 2.2x sequential `generate` on
-the shared workload (FACTS.md); through botkit's core this loop reaches 5.5x at 64 chats
+the shared workload (FACTS.md); through botkit's core this loop reaches 5.5-6.1x at 64 chats
 (`benchmarks/serve.py`, BENCHMARKS.md). The model forward is transformers'; only the batching and
 the cache layout (kvcache.py) are ours.
 
