@@ -75,9 +75,6 @@ class SlotLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.cache.max_length
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cache.max_length + query_length, 0
-
 
 class SlotCache(Cache):
     def __init__(self, config, max_batch: int, capacity: int, dtype, device):
