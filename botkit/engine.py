@@ -100,6 +100,7 @@ class Engine:
         seq.finish_reason = None
         self.waiting.append(seq)
 
+    @torch.inference_mode()  # the cache's tensors are inference tensors: moving a row needs the mode
     def cancel(self, seq_id: int) -> Sequence | None:
         for seq in [*self.waiting, *self.rows]:
             if seq.id == seq_id:

@@ -54,6 +54,17 @@ def test_each_sample_stops_at_its_own_truncate_and_frees_its_slot(tiny_lm):
     assert engine.num_forward_passes == len(alone.generated) <= 5  # it really stopped early
 
 
+def test_cancelling_a_running_row_frees_it_and_the_others_go_on(tiny_lm):
+    engine = Engine(tiny_lm, 3)
+    seqs = [engine.add(tiny_lm.tokenizer(p).input_ids, SamplingParams(max_new_tokens=8, temperature=0)) for p in PROMPTS[:3]]
+    engine.step()
+    assert engine.cancel(seqs[0].id) is seqs[0] and seqs[0].finish_reason == "cancelled"  # the last row moves into its slot
+    while engine.has_work:
+        engine.step()
+    for prompt, seq in zip(PROMPTS[1:3], seqs[1:], strict=True):
+        assert seq.generated == hf_greedy(tiny_lm, prompt, 8)
+
+
 @pytest.mark.parametrize(("prefix", "truncate", "include_prefix"), [
     ("Hello", None, True), ("Hello", None, False), ("Hello", "e", True), ("Hello", "e", False), (None, None, True), (None, " ", False),
 ])
