@@ -1,8 +1,20 @@
-"""botkit: fine-tune a GPT-2, generate with gpt-2-simple's controls, and serve it to many chats at once."""
+"""botkit: fine-tune a GPT-2, generate with gpt-2-simple's controls, and serve it to many chats at once.
+
+Importing botkit is cheap: torch and transformers load when a model is first loaded or used.
+"""
 
 from .errors import BotkitError
 from .finetune import finetune
 from .generate import generate, generate_to_file
-from .models import LoadedModel, gpt2_tokenizer, load_model
 
-__all__ = ["BotkitError", "finetune", "generate", "generate_to_file", "LoadedModel", "gpt2_tokenizer", "load_model"]
+_FROM_MODELS = ("LoadedModel", "gpt2_tokenizer", "load_model")
+
+__all__ = ["BotkitError", "finetune", "generate", "generate_to_file", *_FROM_MODELS]
+
+
+def __getattr__(name: str):
+    if name not in _FROM_MODELS:
+        raise AttributeError(f"module 'botkit' has no attribute {name!r}")
+    from . import models
+
+    return getattr(models, name)

@@ -15,14 +15,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-
-from .engine import Engine, Event, Sequence
 from .errors import GenerationError
-from .models import LoadedModel
 from .params import SamplingParams
+
+if TYPE_CHECKING:  # torch loads with the worker, not with the core
+    from .engine import Engine, Event, Sequence
+    from .models import LoadedModel
 
 log = logging.getLogger("botkit")
 
@@ -95,7 +95,7 @@ class LocalBackend:
         self._by_seq: dict[int, _Pending] = {}
 
     def count_tokens(self, text: str) -> int:
-        return len(self.lm.tokenizer(text).input_ids)
+        return len(self.lm.tokenizer(text, verbose=False).input_ids)  # not verbose: long chats are slid, not truncated
 
     async def __aenter__(self) -> LocalBackend:
         self._thread = threading.Thread(target=self._run, name="botkit-generation", daemon=True)
@@ -119,6 +119,10 @@ class LocalBackend:
     # -- the worker thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        import torch
+
+        from .engine import Engine
+
         torch.set_grad_enabled(False)
         engine = Engine(self.lm, self.max_batch_size)
         while True:
@@ -143,7 +147,7 @@ class LocalBackend:
         if kind == "add":
             pending: _Pending = arg
             try:
-                ids = self.lm.tokenizer(pending.job.prompt).input_ids
+                ids = self.lm.tokenizer(pending.job.prompt, verbose=False).input_ids
                 engine.add(ids, pending.job.params, seq_id=pending.job.id)
             except Exception as exc:  # noqa: BLE001 - a bad job fails alone
                 self._resolve(pending, error=GenerationError(f"Could not start generating: {exc}."))
@@ -160,7 +164,7 @@ class LocalBackend:
                 self.before_step(running)
             events = engine.step()
         except Exception as exc:  # noqa: BLE001 - keep serving; fail or retry only this step's sequences
-            reason = "out of memory" if isinstance(exc, torch.OutOfMemoryError | MemoryError) else f"{type(exc).__name__}: {exc}"
+            reason = "out of memory" if _is_out_of_memory(exc) else f"{type(exc).__name__}: {exc}"
             log.warning("A generation step failed (%s); retrying its %d requests one at a time.", reason, len(running))
             for seq in engine.reset():
                 self._retry_alone(seq, reason)
@@ -176,6 +180,8 @@ class LocalBackend:
             self._resolve(pending, error=GenerationError(f"Generation failed ({reason}); please try again."))
             return
         pending.retried = True
+        from .engine import Engine
+
         solo = Engine(self.lm, max_batch_size=1)
         seq.num_emitted = pending.num_delivered  # text of the failed step was never handed out
         solo.resume(seq)  # from where it stopped: what the caller already has stays true
@@ -224,3 +230,9 @@ class LocalBackend:
             pending.loop.call_soon_threadsafe(settle)
         except RuntimeError:  # the event loop is closed: nobody is waiting any more
             pass
+
+
+def _is_out_of_memory(exc: Exception) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError | MemoryError)

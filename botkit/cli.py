@@ -9,6 +9,7 @@ import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 from .config import Config, load_config, secret
 from .errors import BotkitError
@@ -23,10 +24,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("botkit").setLevel(logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # its INFO lines carry request URLs, and Telegram's hold the token
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar on every start
     try:
+        quiet_transformers()  # every command loads a model or a tokenizer
         return args.func(args) or 0
     except BotkitError as exc:
         print(f"botkit: {exc}", file=sys.stderr)
@@ -90,11 +89,26 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
 
 
+def quiet_transformers() -> None:
+    """transformers' log lines speak to library authors (deprecations, a guessed loss type, a long
+    sequence it cannot know we slide): send them through botkit's logging, errors only, and drop its
+    progress bars (no "Loading weights" bar on every start)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    hf_logging.disable_progress_bar()
+
+
 def _generate(args) -> None:
+    from .sources import resolve
+
+    source = resolve(args.model, args.run_name, args.checkpoint_dir)  # a bad path or no hub: one sentence, at once
     from .generate import generate
     from .models import load_model
 
-    lm = load_model(args.model, run_name=args.run_name, checkpoint_dir=args.checkpoint_dir, device=args.device, dtype=args.dtype)
+    lm = load_model(source, device=args.device, dtype=args.dtype)
     generate(lm, prefix=args.prefix, truncate=args.truncate, include_prefix=args.include_prefix, nsamples=args.nsamples,
              batch_size=args.batch_size, length=args.length, temperature=args.temperature, top_k=args.top_k,
              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
@@ -128,8 +142,13 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
         "discord": secret(config.discord.token_env, "Discord ([discord] token_env)") if config.discord.enabled else None,
         "telegram": secret(config.telegram.token_env, "Telegram ([telegram] token_env)") if config.telegram.enabled else None,
     }
+    source = None
+    if config.model.backend == "local":
+        from .sources import resolve
+
+        source = resolve(config.model.source or None, config.model.run_name or None, config.model.checkpoint_dir)
     with ThreadPoolExecutor(1) as loader:  # a thread that exits: see backends.LocalBackend on OpenMP teams
-        backend = await asyncio.get_running_loop().run_in_executor(loader, _make_backend, config)
+        backend = await asyncio.get_running_loop().run_in_executor(loader, _make_backend, config, source)
     if stop is None:
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -139,6 +158,7 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
         store = await stack.enter_async_context(Store.open(config.store.path))
         await stack.enter_async_context(backend)
         core = await stack.enter_async_context(Core(backend, store, config))
+        print(f"botkit keeps its prompts and replies in {Path(config.store.path).resolve()}", flush=True)
         if config.web.enabled:
             from botkit.adapters.web_adapter import WebAdapter
 
@@ -163,7 +183,7 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
             await stop.wait()
 
 
-def _make_backend(config: Config):
+def _make_backend(config: Config, source):
     if config.model.backend == "remote":
         from .remote import RemoteBackend
 
@@ -173,9 +193,7 @@ def _make_backend(config: Config):
     from .backends import LocalBackend
     from .models import load_model
 
-    m = config.model
-    lm = load_model(m.source or None, run_name=m.run_name or None, checkpoint_dir=m.checkpoint_dir,
-                    device=m.device or None, dtype=m.dtype or None)
+    lm = load_model(source, device=config.model.device or None, dtype=config.model.dtype or None)
     return LocalBackend(lm, max_batch_size=config.batch.max_size)
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kvcache import ROWS_ATTENTION, SlotCache
+from .kvcache import SlotCache, register_attention
 from .models import LoadedModel
 from .params import SamplingParams
 from .sampling import apply_repetition_penalty, sample_next
@@ -68,7 +68,7 @@ class Engine:
     def __init__(self, lm: LoadedModel, max_batch_size: int = 32):
         self.lm = lm
         self.model = lm.model
-        self.model.set_attn_implementation(ROWS_ATTENTION)  # SDPA, except in our steps: each row reads only its own columns
+        self.model.set_attn_implementation(register_attention())  # SDPA, except in our steps: each row reads only its own columns
         self.window = lm.max_context
         self.no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.model.device)  # see step()
         self.max_batch_size = max_batch_size
@@ -141,7 +141,7 @@ class Engine:
         device = self.model.device
         # The 4-D "mask" only makes transformers skip building one: rows_attention masks by `step`.
         out = self.model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
-                         attention_mask=self.no_mask, past_key_values=cache, use_cache=True,
+                         attention_mask=self.no_mask, cache=cache, use_cache=True,
                          logits_to_keep=torch.tensor(last, device=device), step=step)
         cache.end()
         self.num_forward_passes += 1

@@ -16,11 +16,13 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .engine import Engine
 from .errors import InputError
-from .models import LoadedModel, load_model
 from .params import SamplingParams
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 DEFAULT_DELIM = "=" * 20 + "\n"
 
@@ -55,13 +57,16 @@ def generate(
     prefixes = [prefix] if prefix is None or isinstance(prefix, str) else list(prefix)
     if (nsamples * len(prefixes)) % batch_size:
         raise InputError(f"nsamples ({nsamples}) times the number of prefixes must be a multiple of batch_size ({batch_size}), as in gpt-2-simple.")
+    from .engine import Engine  # torch loads here, not when botkit is imported
+    from .models import load_model
+
     lm = sess or load_model(model_name, run_name=run_name, checkpoint_dir=checkpoint_dir)
     base = SamplingParams(max_new_tokens=length, temperature=temperature, top_k=top_k, top_p=top_p,
                           repetition_penalty=repetition_penalty, stop=(truncate,) if truncate else ())
     engine = Engine(lm, max_batch_size=batch_size)
     samples = []  # (prefix, Sequence), in order
     for p in prefixes:
-        ids = lm.tokenizer(p).input_ids if p else [lm.eos_token_id]  # no prefix: start from end of text
+        ids = lm.tokenizer(p, verbose=False).input_ids if p else [lm.eos_token_id]  # no prefix: start from end of text
         for _ in range(nsamples):
             sample_seed = None if seed is None else seed + len(samples)
             samples.append((p, engine.add(ids, replace(base, seed=sample_seed))))

@@ -53,8 +53,12 @@ def rows_attention(module, query, key, value, attention_mask, *, step: Step | No
     return torch.cat(parts, dim=2).transpose(1, 2), None
 
 
-AttentionInterface.register(ROWS_ATTENTION, rows_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(ROWS_ATTENTION, sdpa_mask)  # calls without a Step mask as SDPA does
+def register_attention() -> str:
+    """Make `rows_attention` known to transformers under ROWS_ATTENTION (idempotent; the engine calls
+    it, never an import) and return that name."""
+    AttentionInterface.register(ROWS_ATTENTION, rows_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ROWS_ATTENTION, sdpa_mask)  # calls without a Step mask as SDPA does
+    return ROWS_ATTENTION
 
 
 class SlotLayer(DynamicLayer):

@@ -6,7 +6,6 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -14,17 +13,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 from transformers.activations import NewGELUActivation
 
 from .errors import InputError, ModelLoadError
+from .sources import Source, asset_dir, resolve
 
 log = logging.getLogger("botkit")
 
-HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
-
-
-def asset_dir(name: str) -> Path:
-    """A folder shipped inside the package (`gpt2` tokenizer, `demo` model)."""
-    return Path(str(resources.files("botkit") / "assets" / name))
 
 
 def gpt2_tokenizer() -> PreTrainedTokenizerBase:
@@ -70,7 +64,7 @@ def default_dtype(device: str) -> str:
 
 
 def load_model(
-    model: str | os.PathLike | GPT2Config | None = None,
+    model: str | os.PathLike | GPT2Config | Source | None = None,
     *,
     run_name: str | None = None,
     checkpoint_dir: str | os.PathLike = "checkpoint",
@@ -96,8 +90,7 @@ def load_model(
         torch.manual_seed(seed)
         loaded = LoadedModel(GPT2LMHeadModel(model), gpt2_tokenizer(), name="random-gpt2")
     else:
-        source, name = _resolve(model, run_name, checkpoint_dir)
-        loaded = _load_pretrained(source, name)
+        loaded = _load_pretrained(resolve(model, run_name, checkpoint_dir))
     loaded.model.to(device=device, dtype=DTYPES[dtype]).eval()
     fuse_gelu(loaded.model)
     return loaded
@@ -123,44 +116,23 @@ def fuse_gelu(model: torch.nn.Module) -> None:
             module.act = NewGELU()
 
 
-def _resolve(model, run_name, checkpoint_dir) -> tuple[str, str]:
-    if model is None and run_name:
-        path = Path(checkpoint_dir) / run_name
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"No trained model in {path}: check --run-name and --checkpoint-dir, or train one with `botkit finetune`.")
-        return str(path), run_name
-    if model is None:
-        path = asset_dir("demo")
-        if not (path / "config.json").is_file():
-            raise ModelLoadError("The bundled demo model is missing from this install: pass --model gpt2 (online) or a local model folder.")
-        return str(path), "botkit-demo"
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path} has no config.json: point --model at a folder saved by `save_pretrained` or `botkit finetune`.")
-        return str(path), path.name
-    if path.exists() or os.sep in str(model) or str(model).startswith("."):
-        raise ModelLoadError(f"Model path {model} does not exist: check the path, or use a hub name such as gpt2.")
-    return str(model), str(model)
-
-
-def _load_pretrained(source: str, name: str) -> LoadedModel:
-    is_local = Path(source).is_dir()
+def _load_pretrained(source: Source) -> LoadedModel:
+    options = {"local_files_only": True} if source.local_files_only else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source.path, **options)
     except OSError as exc:
-        if is_local:
-            raise ModelLoadError(f"Could not read the model in {source} ({exc.__class__.__name__}): is the folder complete?") from exc
+        if source.is_local:
+            raise ModelLoadError(f"Could not read the model in {source.path} ({exc.__class__.__name__}): is the folder complete?") from exc
         raise ModelLoadError(
-            f"Could not get {source!r} from the Hugging Face hub (offline, or no such model): "
-            "download it once while online, or pass a local folder with --model."
+            f"Could not get {source.path!r} from the Hugging Face hub (no such model, or the download failed): "
+            "check the name, or pass a local folder with --model."
         ) from exc
-    if is_local and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
+    if source.is_local and not any((Path(source.path) / f).is_file() for f in TOKENIZER_FILES):
         tokenizer = gpt2_tokenizer()
     else:
         try:
-            tokenizer = _finish_tokenizer(AutoTokenizer.from_pretrained(source))
+            tokenizer = _finish_tokenizer(AutoTokenizer.from_pretrained(source.path, **options))
         except OSError:
-            log.warning("No usable tokenizer with %s; using the bundled GPT-2 tokenizer.", name)
+            log.warning("No usable tokenizer with %s; using the bundled GPT-2 tokenizer.", source.name)
             tokenizer = gpt2_tokenizer()
-    return LoadedModel(model, tokenizer, name=name)
+    return LoadedModel(model, tokenizer, name=source.name)

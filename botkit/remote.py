@@ -87,7 +87,7 @@ class RemoteBackend:
         )
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text).input_ids)
+        return len(self.tokenizer(text, verbose=False).input_ids)
 
     async def __aenter__(self) -> RemoteBackend:
         await self.client.__aenter__()
@@ -115,7 +115,7 @@ class RemoteBackend:
         it: keep the prompt's last tokens and, if need be, ask for fewer new ones. An empty prompt
         starts from end-of-text, as it does locally."""
         prompt = prompt or self.tokenizer.eos_token
-        ids = self.tokenizer(prompt).input_ids
+        ids = self.tokenizer(prompt, verbose=False).input_ids
         budget = max(self.max_context - params.max_new_tokens, self.max_context // 2)
         if len(ids) > budget:
             ids = ids[-budget:]

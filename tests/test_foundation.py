@@ -43,7 +43,7 @@ def test_loads_a_run_directory(tmp_path):
 
 @pytest.mark.parametrize(("source", "run_name", "says"), [
     ("./no/such/model", None, "does not exist"),
-    ("gpt2", None, "Hugging Face hub"),  # HF_HUB_OFFLINE=1 in tests: the hub cannot be reached
+    ("gpt2", None, "never downloaded"),  # HF_HUB_OFFLINE=1 in tests, and a fresh cache
     (None, "missing-run", "No trained model"),
 ])
 def test_missing_models_get_one_sentence(tmp_path, source, run_name, says):

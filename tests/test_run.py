@@ -65,7 +65,7 @@ async def test_web_discord_and_telegram_answer_concurrently_in_one_process(tmp_p
     assert sorted(rows) == [("discord", "done"), ("telegram", "done")] and delivered == 2
 
 
-async def test_run_prints_the_url_of_a_working_playground(tmp_path, model_dir, capsys):
+async def test_run_prints_its_database_path_and_the_url_of_a_working_playground(tmp_path, model_dir, capsys):
     config = Config(model=ModelConfig(source=str(model_dir), device="cpu"), store=StoreConfig(path=str(tmp_path / "b.db")),
                     web=WebConfig(port=0))
     stop = asyncio.Event()
@@ -74,6 +74,7 @@ async def test_run_prints_the_url_of_a_working_playground(tmp_path, model_dir, c
     while not (url := re.search(r"open (http://\S+)", printed)) and not running.done():
         await asyncio.sleep(0.05)
         printed += capsys.readouterr().out
+    assert f"prompts and replies in {tmp_path / 'b.db'}\n" in printed  # where its database is, as an absolute path
     async with aiohttp.ClientSession() as http:
         async with http.get(url[1]) as page:
             assert page.status == 200 and "<textarea" in (await page.text())
