@@ -142,6 +142,8 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
         "discord": secret(config.discord.token_env, "Discord ([discord] token_env)") if config.discord.enabled else None,
         "telegram": secret(config.telegram.token_env, "Telegram ([telegram] token_env)") if config.telegram.enabled else None,
     }
+    if config.web.enabled and config.web.port:
+        _check_port_free(config.web.host, config.web.port)  # before the store: a failed start changes no records
     source = None
     if config.model.backend == "local":
         from .sources import resolve
@@ -181,6 +183,17 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
         else:
             print("Press Ctrl-C to stop.", flush=True)
             await stop.wait()
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        with socket.create_server((host.strip("[]"), port), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
+            pass
+    except OSError as exc:
+        raise BotkitError(f"The web adapter cannot listen on {host}:{port} ({exc.strerror}): stop the program using it "
+                          "(another botkit?), or set web.port (or --port) to a free port.") from None
 
 
 def _make_backend(config: Config, source):

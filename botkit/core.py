@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from .errors import (
     RateLimitedError,
     RequestCancelled,
     RequestTimeout,
+    StoreUnavailable,
 )
 from .metrics import Metrics, Stats
 from .params import ChatSettings, SamplingParams
@@ -35,6 +35,8 @@ from .scheduler import FairQueue, RateLimiter
 from .store import Store
 
 log = logging.getLogger("botkit")
+
+SETTLE_RETRY_S = 2.0  # how often a settlement the store refused (disk full) is tried again
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ class Core:
         self._dispatcher: asyncio.Task | None = None
         self.metrics = Metrics()
         self._pending_fails: set[asyncio.Future] = set()
+        self._unsettled: list[tuple] = []  # store writes that failed (disk full), retried by _settler
+        self._settler: asyncio.Task | None = None
 
     async def __aenter__(self) -> Core:
         interrupted = await self.store.recover()
@@ -136,6 +140,11 @@ class Core:
             self._stop(ticket, stopping)
         await asyncio.gather(self._dispatcher, *(t._task for t in self._running if t._task), return_exceptions=True)
         await asyncio.gather(*self._pending_fails)
+        if self._settler:
+            self._settler.cancel()
+            for write, args, kwargs in self._unsettled:  # a last try; what still fails is "interrupted" at the next start
+                with contextlib.suppress(StoreUnavailable):
+                    await write(*args, **kwargs)
 
     # -- accepting work ---------------------------------------------------------------------
 
@@ -186,9 +195,9 @@ class Core:
             request_id = await self.store.add_request(
                 kind=kind, platform=prompt.platform, chat_id=prompt.chat_id, user_id=prompt.user_id, user_name=prompt.user_name,
                 platform_message_id=prompt.message_id, text=text, prompt=full_prompt, params=dataclasses.asdict(params))
-        except sqlite3.Error as exc:  # not recorded, so not accepted: the caller is told to retry
-            log.warning("Could not record a request: %s", exc)
-            raise BusyError("My database is busy right now; please try again in a moment.") from None
+        except StoreUnavailable as exc:  # not recorded, so not accepted: the caller is told why
+            log.warning("Could not record a request: %s", exc.__cause__ or exc)
+            raise
         ticket = Ticket(self, request_id, (prompt.platform, prompt.user_id), full_prompt, params)
         self._queue.push(ticket.user_key, ticket)
         timeout = RequestTimeout(f"No reply within {self.config.batch.timeout_s:.0f} s; please try again.")
@@ -223,12 +232,13 @@ class Core:
 
     async def _run(self, ticket: Ticket) -> None:
         try:
-            await self.store.mark_running(ticket.request_id)
+            with contextlib.suppress(StoreUnavailable):  # only a timestamp: generating matters more
+                await self.store.mark_running(ticket.request_id)
             job = Job(ticket.request_id, ticket.prompt, ticket.params, on_text=ticket._deltas.put_nowait)
             done = await self.backend.generate(job)
-            await self.store.finish(ticket.request_id, reply=done.text, finish_reason=done.finish_reason,
-                                    num_prompt_tokens=done.num_prompt_tokens, num_tokens=done.num_tokens, seed=done.seed,
-                                    first_token_at=done.first_token_at)
+            await self._record(self.store.finish, ticket.request_id, reply=done.text, finish_reason=done.finish_reason,
+                               num_prompt_tokens=done.num_prompt_tokens, num_tokens=done.num_tokens, seed=done.seed,
+                               first_token_at=done.first_token_at)
             self.metrics.done(time.monotonic() - ticket.accepted_at, done.num_tokens)
             ticket._settle(Reply(ticket.request_id, done.text, done.finish_reason, done.num_tokens))
         except asyncio.CancelledError:
@@ -243,11 +253,27 @@ class Core:
     async def _record_failure(self, ticket: Ticket, error: BaseException) -> None:
         self.metrics.failed()
         status = "cancelled" if isinstance(error, RequestCancelled) else "failed"
-        try:
-            await self.store.fail(ticket.request_id, str(error), status)
-        except Exception:  # noqa: BLE001 - the caller still gets its answer
-            log.exception("Could not record the failure of request %d", ticket.request_id)
+        await self._record(self.store.fail, ticket.request_id, str(error), status)
         ticket._settle(error=error)
+
+    async def _record(self, write, *args, **kwargs) -> None:
+        """Settle a request in the store; when the store cannot write (a full disk), keep retrying in
+        the background so that no accepted request stays unsettled, while its caller is answered now."""
+        try:
+            await write(*args, **kwargs)
+        except StoreUnavailable as exc:
+            log.error("Could not record the end of request %s (%s); retrying every %.0f s.", args[0], exc, SETTLE_RETRY_S)
+            self._unsettled.append((write, args, kwargs))
+            if self._settler is None or self._settler.done():
+                self._settler = asyncio.create_task(self._settle_later(), name="botkit-settle-later")
+
+    async def _settle_later(self) -> None:
+        while self._unsettled:
+            await asyncio.sleep(SETTLE_RETRY_S)
+            write, args, kwargs = self._unsettled[0]
+            with contextlib.suppress(StoreUnavailable):
+                await write(*args, **kwargs)
+                self._unsettled.pop(0)
 
     def _stop(self, ticket: Ticket, error: GenerationError | BusyError, queued: bool = False) -> None:
         """Cancel or time out a ticket wherever it is."""

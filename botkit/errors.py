@@ -26,6 +26,10 @@ class BusyError(BotkitError):
     """The queue is full; try again later."""
 
 
+class StoreUnavailable(BusyError):
+    """The database cannot record anything right now (busy, disk full, read-only)."""
+
+
 class RateLimitedError(BotkitError):
     """This user or chat sent too many requests recently."""
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import string
 from dataclasses import dataclass
 
 from .errors import InputError
 
 MAX_NEW_TOKENS = 2048
 STOP_LIMIT = 8
+MAX_STOP_CHARS = 200  # one stop string; longer ones only cost search time
+MAX_TOP_K = 1 << 20  # above any vocabulary: means "no top-k" in all but name
+MAX_SEED = (1 << 63) - 1  # SQLite integers and torch generators are signed 64-bit
+MAX_TEMPLATE_CHARS = 1000
 
 
 @dataclass(frozen=True)
@@ -32,14 +35,18 @@ class SamplingParams:
             raise InputError(f"length / max_tokens must be a whole number from 1 to {MAX_NEW_TOKENS}, not {self.max_new_tokens!r}.")
         if not 0 <= self.temperature <= 10:
             raise InputError(f"temperature must be between 0 (greedy) and 10, not {self.temperature!r}.")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise InputError(f"top_k must be 0 (off) or a positive whole number, not {self.top_k!r}.")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 0 <= self.top_k <= MAX_TOP_K:
+            raise InputError(f"top_k must be 0 (off) or a whole number up to {MAX_TOP_K:,}, not {_short(self.top_k)}.")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], not {self.top_p!r}.")
         if not 0 < self.repetition_penalty <= 10:
             raise InputError(f"repetition_penalty must be in (0, 10], not {self.repetition_penalty!r}.")
         if len(self.stop) > STOP_LIMIT:
             raise InputError(f"At most {STOP_LIMIT} stop strings are allowed, not {len(self.stop)}.")
+        if any(not isinstance(s, str) or len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise InputError(f"Each stop string must be text of at most {MAX_STOP_CHARS} characters.")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED):
+            raise InputError(f"seed must be a whole number from 0 to {MAX_SEED:,} (2^63 - 1), not {_short(self.seed)}.")
 
 
 TRIGGERS = ("mention", "always", "command", "never")
@@ -110,11 +117,30 @@ def _coerce(key: str, value, kind: type):
         raise InputError(f"Setting {key!r} must be a {kind.__name__}, not {value!r}.") from None
 
 
+def _short(value) -> str:
+    """A refused value, shown without letting a huge one flood the reply."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+PLACEHOLDER = "{message}"
+
+
 def check_template(template: str) -> None:
-    """A prompt template must contain {message} and no other placeholder."""
-    try:
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    except ValueError as exc:
-        raise InputError(f"The prompt template {template!r} is malformed ({exc}): write {{{{ and }}}} for literal braces.") from None
-    if names != {"message"}:
-        raise InputError(f"The prompt template {template!r} must contain {{message}} and no other placeholder.")
+    """A prompt template holds `{message}` exactly once and otherwise literal text (`{{` and `}}` for
+    braces). It is never given to str.format: a format spec such as `{message:>20000000}` or an
+    attribute such as `{message.__class__}` would be live there."""
+    if not isinstance(template, str) or len(template) > MAX_TEMPLATE_CHARS:
+        raise InputError(f"The prompt template must be text of at most {MAX_TEMPLATE_CHARS} characters.")
+    literal = template.split(PLACEHOLDER)
+    if len(literal) != 2:
+        raise InputError("The prompt template must contain {message} exactly once, for example: Q: {message}\\nA:")
+    if any(part.replace("{{", "").replace("}}", "").count("{") or part.replace("{{", "").replace("}}", "").count("}") for part in literal):
+        raise InputError("The prompt template may hold no placeholder but {message}: write {{ and }} for literal braces.")
+
+
+def fill_template(template: str, message: str) -> str:
+    """`template` with `message` in place of its `{message}` (the template was checked by check_template)."""
+    before, after = template.split(PLACEHOLDER, 1)
+    unescape = lambda part: part.replace("{{", "{").replace("}}", "}")  # noqa: E731
+    return unescape(before) + message + unescape(after)

@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable
 
 from .errors import InputError
+from .params import fill_template
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0/C1 controls except tab and newline
 _INVISIBLE = re.compile(r"[\s\u200b-\u200f\u2060-\u2064\ufeff\u00ad]+")
@@ -28,8 +29,8 @@ def build_prompt(template: str, message: str, history: list[tuple[str, str]], se
                  budget_tokens: int, count_tokens: Callable[[str], int]) -> str:
     """`history` (oldest first) rendered with the template, then the new message; the oldest
     exchanges are dropped until the whole fits `budget_tokens` (the window minus the reply length)."""
-    current = template.format(message=message)
-    pieces = [template.format(message=m) + reply + separator for m, reply in history]
+    current = fill_template(template, message)
+    pieces = [fill_template(template, m) + reply + separator for m, reply in history]
     sizes = [count_tokens(p) for p in pieces]
     total = count_tokens(current) + sum(sizes)
     while pieces and total > budget_tokens:

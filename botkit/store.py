@@ -2,13 +2,18 @@
 
 A request row is committed before the request enters the queue, so a crash never loses an accepted
 prompt: on the next start, rows left queued or running are marked failed with the reason. Deliveries
-record the platform message ids sent for a reply, so a reply is never sent twice.
+record the platform message ids sent for a reply, so a reply is never sent twice. Every write is one
+transaction that commits whole or not at all. One botkit at a time uses a database: `open` takes an
+exclusive lock (`<database>.lock`, released by the kernel when the process ends, even on SIGKILL)
+before anything reads or changes the records.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +22,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from .errors import ConfigError
+from .errors import ConfigError, StoreUnavailable
 
 # Each entry migrates the schema from version i to i + 1 (PRAGMA user_version).
 MIGRATIONS = [
@@ -83,21 +88,35 @@ class Store:
         path = Path(path)
         if not path.parent.is_dir():
             raise ConfigError(f"The folder for the database {path} does not exist: create it or set [store] path.")
+        if path.is_dir():
+            raise ConfigError(f"The database path {path} is a folder: set [store] path to a file name such as {path / 'botkit.db'}.")
+        with _instance_lock(path):
+            try:
+                db = await aiosqlite.connect(path, timeout=10)
+            except sqlite3.Error as exc:
+                raise ConfigError(f"Cannot open the database {path} ({exc}): check [store] path and its permissions.") from None
+            try:
+                db.row_factory = aiosqlite.Row
+                store = cls(db)
+                await store._prepare(path)
+                yield store
+            finally:
+                await db.close()
+
+    async def _prepare(self, path: Path) -> None:
         try:
-            db = await aiosqlite.connect(path, timeout=10)
-        except sqlite3.Error as exc:
-            raise ConfigError(f"Cannot open the database {path} ({exc}): check [store] path and its permissions.") from None
-        try:
-            db.row_factory = aiosqlite.Row
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across a process crash
-            await db.execute("PRAGMA busy_timeout=5000")
-            await db.execute("PRAGMA foreign_keys=ON")
-            store = cls(db)
-            await store._migrate()
-            yield store
-        finally:
-            await db.close()
+            await self.db.execute("PRAGMA journal_mode=WAL")
+            await self.db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across a process crash
+            await self.db.execute("PRAGMA busy_timeout=5000")
+            await self.db.execute("PRAGMA foreign_keys=ON")
+            await self._migrate()
+        except sqlite3.DatabaseError as exc:
+            text = str(exc)
+            if "not a database" in text or "malformed" in text:
+                raise ConfigError(f"{path} is not a botkit database, or it is damaged ({text}): move it away, or set [store] path to another file.") from None
+            if "readonly" in text or "unable to open" in text:
+                raise ConfigError(f"botkit cannot write the database {path} or its folder ({text}): give the user running botkit write access to both.") from None
+            raise ConfigError(f"The database {path} cannot be used ({text}): check the file and the disk.") from None
 
     async def _migrate(self) -> None:
         (version,) = await (await self.db.execute("PRAGMA user_version")).fetchone()
@@ -105,16 +124,20 @@ class Store:
             await self.db.executescript(f"BEGIN; {script}; PRAGMA user_version={i + 1}; COMMIT;")
 
     async def _transaction(self, work):
-        """Run `await work(db)` in one transaction, retrying while another process holds the lock."""
+        """Run `await work(db)` in one transaction that commits whole or not at all, retrying while
+        another connection holds the lock. SQLite failures become StoreUnavailable (a sentence)."""
         for attempt in range(BUSY_RETRIES):
             async with self._lock:
                 try:
                     result = await work(self.db)
                     await self.db.commit()
                     return result
-                except sqlite3.OperationalError as exc:
-                    await self.db.rollback()
-                    if ("locked" not in str(exc) and "busy" not in str(exc)) or attempt == BUSY_RETRIES - 1:
+                except BaseException as exc:
+                    await self.db.rollback()  # nothing half-written stays for the next commit
+                    is_busy = isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc))
+                    if isinstance(exc, sqlite3.Error) and (not is_busy or attempt == BUSY_RETRIES - 1):
+                        raise _unavailable(exc) from exc
+                    if not is_busy:
                         raise
             await asyncio.sleep(0.05 * 2**attempt)
 
@@ -126,7 +149,10 @@ class Store:
 
     async def _rows(self, sql: str, args=()) -> list[aiosqlite.Row]:
         async with self._lock:
-            return list(await (await self.db.execute(sql, args)).fetchall())
+            try:
+                return list(await (await self.db.execute(sql, args)).fetchall())
+            except sqlite3.Error as exc:
+                raise _unavailable(exc) from exc
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -215,3 +241,42 @@ class Store:
             " AND r.id > COALESCE((SELECT context_since FROM chats WHERE platform=? AND chat_id=?), 0)"
             " ORDER BY r.id DESC LIMIT ?", (platform, chat_id, platform, chat_id, limit))
         return [(r["text"], r["reply"]) for r in reversed(rows)]
+
+
+def _unavailable(exc: sqlite3.Error) -> StoreUnavailable:
+    text = str(exc)
+    if "full" in text:
+        why = "my disk is full, so I can't record anything; please tell whoever runs me"
+    elif "locked" in text or "busy" in text:
+        why = "my database is busy right now; please try again in a moment"
+    else:
+        why = f"my database can't be written right now ({text}); please tell whoever runs me"
+    return StoreUnavailable(why[0].upper() + why[1:] + ".")
+
+
+class _instance_lock:
+    """An exclusive, non-blocking flock on `<database>.lock` holding the owner's process id; the
+    kernel drops it when the process ends, however it ends."""
+
+    def __init__(self, db_path: Path):
+        self.path = db_path.with_name(db_path.name + ".lock")
+        self.fd: int | None = None
+
+    def __enter__(self):
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"botkit cannot create {self.path} ({exc.strerror}): give the user running botkit write access to that folder.") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(self.fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(self.fd)
+            raise ConfigError(f"Another botkit (process {owner}) is already using the database {self.path.with_suffix('')}: "
+                              "stop it first, or set [store] path to another file.") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # releases the lock; the file stays (deleting it would race a starting instance)

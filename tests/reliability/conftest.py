@@ -29,14 +29,15 @@ def make_config(*, timeout_s: float = 120.0, max_queue: int = 256, length: int =
 
 
 class EchoBackend:
-    """Answers every job at once with a fixed text; `max_batch_size` jobs in flight."""
+    """Answers every job at once with a fixed text (`reply`); `max_batch_size` jobs in flight."""
 
     name = "echo"
     max_batch_size = 32
     max_context = 1024
 
-    def __init__(self):
+    def __init__(self, reply: str = "ok"):
         self.num_jobs = 0
+        self.reply = reply
 
     def count_tokens(self, text: str) -> int:
         return len(text.split()) + 1
@@ -44,8 +45,8 @@ class EchoBackend:
     async def generate(self, job: Job) -> Completion:
         self.num_jobs += 1
         await asyncio.sleep(0)
-        job.on_text("ok")
-        return Completion("ok", "stop", self.count_tokens(job.prompt), 1)
+        job.on_text(self.reply)
+        return Completion(self.reply, "stop", self.count_tokens(job.prompt), 1)
 
     async def __aenter__(self):
         return self

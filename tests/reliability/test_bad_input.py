@@ -188,7 +188,11 @@ CASES = [
     # templates and settings
     ("template with a bad placeholder", settings(template="{user}: {message}"), refused(InputError, "placeholder")),
     ("template with a positional placeholder", settings(template="{message} {0}"), refused(InputError, "placeholder")),
-    ("malformed template", settings(template="{message"), refused(InputError, "malformed")),
+    ("malformed template", settings(template="{message"), refused(InputError, "exactly once")),
+    ("template with a format spec (12.1)", settings(template="{message:>20000000}"), refused(InputError, "placeholder")),
+    ("template with attribute access (12.1)", settings(template="{message.__class__}"), refused(InputError, "placeholder")),
+    ("template with {message} twice (12.1)", settings(template="{message}{message}"), refused(InputError, "exactly once")),
+    ("template of 2,000 characters (12.1)", settings(template="{message}" + "x" * 2000), refused(InputError, "1000")),
     ("unknown setting", settings(colour="blue"), refused(InputError, "colour")),
     ("setting of the wrong type", settings(temperature="hot"), refused(InputError, "temperature")),
     # config files
