@@ -9,6 +9,7 @@ jobs to an OpenAI-style completions server.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import queue
 import threading
@@ -43,6 +44,7 @@ class Completion:
     num_tokens: int
     seed: int | None = None
     first_token_at: float | None = None  # time.time() of the first generated text
+    num_cached_tokens: int = 0  # prompt tokens whose keys and values were reused from an earlier sequence
 
 
 class Backend(Protocol):
@@ -64,19 +66,19 @@ class Backend(Protocol):
 @dataclass
 class _Pending:
     job: Job
+    prompt_ids: list[int]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     first_token_at: float | None = None
-    num_delivered: int = 0  # characters of text already handed to the caller
-    retried: bool = False
 
 
 class LocalBackend:
     """botkit's continuous-batching engine in a worker thread.
 
-    A step that raises (an exception, out of memory) fails only the sequences in that step: each is
-    retried once on its own, and fails with the reason if it fails again. `before_step` is called in
-    the worker with the running sequences before each step (fault injection in tests).
+    A step that raises (an exception, out of memory) fails only the sequence that causes it: the
+    engine runs the step's sequences in smaller groups until the culprit fails alone, while this
+    worker keeps reading its inbox (cancellations, timeouts, new jobs) between steps. `before_step`
+    is called in the worker with a step's sequences before its forward pass (fault injection in tests).
 
     Keep torch work off every other long-lived thread: each thread that runs a parallel torch op
     keeps an OpenMP team, and once libgomp manages more threads than there are CPUs it stops
@@ -84,18 +86,27 @@ class LocalBackend:
     when the main thread had run torch first (`botkit run` loads the model in a thread that exits).
     """
 
-    def __init__(self, lm: LoadedModel, max_batch_size: int = 32, before_step: Callable[[list[Sequence]], None] | None = None):
+    def __init__(self, lm: LoadedModel, max_batch_size: int = 32, before_step: Callable[[list[Sequence]], None] | None = None,
+                 cache_mb: int | None = None):
         self.lm = lm
         self.name = lm.name
         self.max_batch_size = max_batch_size
         self.max_context = lm.max_context
         self.before_step = before_step
+        self.cache_mb = cache_mb
+        self.engine: Engine | None = None  # the worker's; read its counters only
+        # A fast tokenizer is not safe to share between threads: the event loop counts and encodes
+        # with its own copy, and jobs reach the worker as token ids.
+        self._tokenizer = copy.deepcopy(lm.tokenizer)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._by_seq: dict[int, _Pending] = {}
 
     def count_tokens(self, text: str) -> int:
-        return len(self.lm.tokenizer(text, verbose=False).input_ids)  # not verbose: long chats are slid, not truncated
+        return len(self.encode(text))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer(text, verbose=False).input_ids  # not verbose: long chats are slid, not truncated
 
     async def __aenter__(self) -> LocalBackend:
         self._thread = threading.Thread(target=self._run, name="botkit-generation", daemon=True)
@@ -108,7 +119,8 @@ class LocalBackend:
 
     async def generate(self, job: Job) -> Completion:
         loop = asyncio.get_running_loop()
-        pending = _Pending(job, loop, loop.create_future())
+        pending = _Pending(job, self.encode(job.prompt), loop, loop.create_future())
+        pending.future.add_done_callback(lambda f: f.cancelled() or f.exception())  # a caller that timed out is gone
         self._inbox.put(("add", pending))
         try:
             return await asyncio.shield(pending.future)
@@ -124,7 +136,7 @@ class LocalBackend:
         from .engine import Engine
 
         torch.set_grad_enabled(False)
-        engine = Engine(self.lm, self.max_batch_size)
+        engine = self.engine = Engine(self.lm, self.max_batch_size, cache_mb=self.cache_mb, before_step=self.before_step)
         while True:
             try:
                 message = self._inbox.get(block=not engine.has_work)
@@ -147,8 +159,7 @@ class LocalBackend:
         if kind == "add":
             pending: _Pending = arg
             try:
-                ids = self.lm.tokenizer(pending.job.prompt, verbose=False).input_ids
-                engine.add(ids, pending.job.params, seq_id=pending.job.id)
+                engine.add(pending.prompt_ids, pending.job.params, seq_id=pending.job.id)
             except Exception as exc:  # noqa: BLE001 - a bad job fails alone
                 self._resolve(pending, error=GenerationError(f"Could not start generating: {exc}."))
                 return
@@ -158,43 +169,14 @@ class LocalBackend:
             self._by_seq.pop(arg, None)
 
     def _step(self, engine: Engine) -> None:
-        running = list(engine.rows) + list(engine.waiting)
         try:
-            if self.before_step:
-                self.before_step(running)
             events = engine.step()
-        except Exception as exc:  # noqa: BLE001 - keep serving; fail or retry only this step's sequences
-            reason = "out of memory" if _is_out_of_memory(exc) else f"{type(exc).__name__}: {exc}"
-            log.warning("A generation step failed (%s); retrying its %d requests one at a time.", reason, len(running))
-            for seq in engine.reset():
-                self._retry_alone(seq, reason)
+        except Exception as exc:  # noqa: BLE001 - a bug outside the model's step: fail what is in flight, keep serving
+            log.exception("The generation engine failed; failing the requests in flight.")
+            self._fail_all(engine.reset(), f"the generation engine failed ({type(exc).__name__})")
             return
         for event in events:
             self._deliver(event)
-
-    def _retry_alone(self, seq: Sequence, reason: str) -> None:
-        pending = self._by_seq.pop(seq.id, None)
-        if pending is None:
-            return
-        if pending.retried:
-            self._resolve(pending, error=GenerationError(f"Generation failed ({reason}); please try again."))
-            return
-        pending.retried = True
-        from .engine import Engine
-
-        solo = Engine(self.lm, max_batch_size=1)
-        seq.num_emitted = pending.num_delivered  # text of the failed step was never handed out
-        solo.resume(seq)  # from where it stopped: what the caller already has stays true
-        self._by_seq[seq.id] = pending
-        try:
-            while solo.has_work:
-                if self.before_step:
-                    self.before_step(list(solo.rows) + list(solo.waiting))
-                for event in solo.step():
-                    self._deliver(event)
-        except Exception as exc:  # noqa: BLE001
-            self._by_seq.pop(seq.id, None)
-            self._resolve(pending, error=GenerationError(f"Generation failed on its own too ({type(exc).__name__}); please try again."))
 
     def _deliver(self, event: Event) -> None:
         pending = self._by_seq.get(event.seq.id)
@@ -203,13 +185,15 @@ class LocalBackend:
         if event.delta:
             if pending.first_token_at is None:
                 pending.first_token_at = time.time()
-            pending.num_delivered += len(event.delta)
             pending.loop.call_soon_threadsafe(pending.job.on_text, event.delta)
         if event.finished:
             del self._by_seq[event.seq.id]
             seq = event.seq
+            if seq.finish_reason == "error":
+                self._resolve(pending, error=GenerationError(f"Generation failed ({seq.error}); please try again."))
+                return
             self._resolve(pending, result=Completion(seq.text, seq.finish_reason, len(seq.prompt_ids), len(seq.generated),
-                                                    seq.seed, pending.first_token_at))
+                                                    seq.seed, pending.first_token_at, seq.num_reused))
 
     def _fail_all(self, seqs: list[Sequence], reason: str) -> None:
         for seq in seqs:
@@ -230,9 +214,3 @@ class LocalBackend:
             pending.loop.call_soon_threadsafe(settle)
         except RuntimeError:  # the event loop is closed: nobody is waiting any more
             pass
-
-
-def _is_out_of_memory(exc: Exception) -> bool:
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError | MemoryError)

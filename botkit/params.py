@@ -134,7 +134,7 @@ def check_template(template: str) -> None:
         raise InputError(f"The prompt template must be text of at most {MAX_TEMPLATE_CHARS} characters.")
     literal = template.split(PLACEHOLDER)
     if len(literal) != 2:
-        raise InputError("The prompt template must contain {message} exactly once, for example: Q: {message}\\nA:")
+        raise InputError("The prompt template must hold the placeholder {message} exactly once (for example Q: {message}\\nA:).")
     if any(part.replace("{{", "").replace("}}", "").count("{") or part.replace("{{", "").replace("}}", "").count("}") for part in literal):
         raise InputError("The prompt template may hold no placeholder but {message}: write {{ and }} for literal braces.")
 

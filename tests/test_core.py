@@ -1,7 +1,9 @@
 """The async core: batching across chats, flow control, fairness, durability, failure isolation."""
 
 import asyncio
+import contextlib
 import dataclasses
+import json
 import os
 import signal
 import sqlite3
@@ -244,8 +246,9 @@ async def test_settings_persist_and_bad_values_are_refused(serve, tmp_path):
     await core.update_settings("d", "c", temperature="0.3", use_context="off")
     with pytest.raises(InputError, match="top_p"):
         await core.update_settings("d", "c", top_p="7")
-    async with Store.open(tmp_path / "bot.db") as again:
-        assert await again.chat_settings("d", "c") == {"temperature": 0.3, "use_context": False}
+    with contextlib.closing(sqlite3.connect(tmp_path / "bot.db")) as db:  # in the file, for the next start
+        (stored,) = db.execute("SELECT settings FROM chats WHERE platform='d' AND chat_id='c'").fetchone()
+    assert json.loads(stored) == {"temperature": 0.3, "use_context": False}
 
 
 DRIVER = textwrap.dedent('''
