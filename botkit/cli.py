@@ -207,7 +207,8 @@ def _make_backend(config: Config, source):
     from .models import load_model
 
     lm = load_model(source, device=config.model.device or None, dtype=config.model.dtype or None)
-    return LocalBackend(lm, max_batch_size=config.batch.max_size)
+    cache_mb = None if config.batch.cache_mb < 0 else config.batch.cache_mb
+    return LocalBackend(lm, max_batch_size=config.batch.max_size, cache_mb=cache_mb)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ class BatchConfig:
     max_size: int = 32  # sequences generated together in one forward pass
     max_queue: int = 256  # waiting requests beyond this are told "busy"
     timeout_s: float = 120.0  # a request not done by then fails with a timeout
+    cache_mb: int = -1  # memory that keeps recent conversations' keys and values for their next turn (-1: a quarter of RAM, or of the GPU's; 0: off)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from .errors import (
 )
 from .metrics import Metrics, Stats
 from .params import ChatSettings, SamplingParams
-from .prompting import build_prompt, clean_message
+from .prompting import build_prompt, clean_message, history_to_keep
 from .scheduler import FairQueue, RateLimiter
 from .store import Store
 
@@ -155,12 +155,23 @@ class Core:
             self._check_rate(self._user_limit, prompt.platform, prompt.user_id, "You're")
             self._check_rate(self._chat_limit, prompt.platform, prompt.chat_id, "This chat is")
             settings = settings or await self.get_settings(prompt.platform, prompt.chat_id)
-            history = []
+            history, budget, separator = [], self.backend.max_context - settings.length, settings.truncate or "\n"
             if settings.use_context:
-                history = await self.store.context(prompt.platform, prompt.chat_id, self.config.limits.context_messages)
-            budget = self.backend.max_context - settings.length
-            full = build_prompt(settings.template, text, history, settings.truncate or "\n", budget, self.backend.count_tokens)
+                history = await self._stable_history(prompt, settings, text, budget, separator)
+            full = build_prompt(settings.template, text, history, separator, budget, self.backend.count_tokens)
             return await self._enqueue("chat", prompt, text, full, settings.sampling())
+
+    async def _stable_history(self, prompt: Prompt, settings: ChatSettings, text: str, budget: int, separator: str) -> list:
+        """The chat's context, trimmed in halves (see prompting.history_to_keep): past `context_messages`
+        exchanges or past the token budget, the oldest are dropped for good, so that the following
+        turns start the same way and reuse the engine's cache."""
+        limit = self.config.limits.context_messages
+        history = await self.store.context(prompt.platform, prompt.chat_id, limit + 1)
+        keep = len(history) if len(history) <= limit else limit // 2
+        keep = history_to_keep(settings.template, text, history[len(history) - keep :], separator, budget, self.backend.count_tokens)
+        if keep < len(history):
+            await self.store.keep_newest_context(prompt.platform, prompt.chat_id, keep)
+        return history[len(history) - keep :]
 
     async def submit_completion(self, text: str, params: SamplingParams, *, platform: str = "api", chat_id: str = "api",
                                 user_id: str = "api", user_name: str = "") -> Ticket:

@@ -39,3 +39,20 @@ def build_prompt(template: str, message: str, history: list[tuple[str, str]], se
     while pieces and count_tokens("".join(pieces) + current) > budget_tokens:  # merges across joins
         pieces.pop(0)
     return "".join(pieces) + current
+
+
+def history_to_keep(template: str, message: str, history: list[tuple[str, str]], separator: str,
+                    budget_tokens: int, count_tokens: Callable[[str], int]) -> int:
+    """How many of the newest exchanges of `history` to keep: all while the prompt fits the budget;
+    past it, only as many as fit half the budget. Dropping half at once, rather than the oldest
+    exchange on every turn, keeps the prompt's start the same for the next turns, so the engine
+    reuses their keys and values (prefix_cache.py) instead of recomputing the whole conversation."""
+    sizes = [count_tokens(fill_template(template, m) + reply + separator) for m, reply in history]
+    current = count_tokens(fill_template(template, message))
+    if current + sum(sizes) <= budget_tokens:
+        return len(history)
+    keep, total = 0, current
+    while keep < len(sizes) and total + sizes[-1 - keep] <= budget_tokens // 2:
+        total += sizes[-1 - keep]
+        keep += 1
+    return keep

@@ -233,6 +233,17 @@ class Store:
         await self._write("INSERT INTO chats (platform, chat_id, context_since) VALUES (?, ?, ?)"
                           " ON CONFLICT DO UPDATE SET context_since=excluded.context_since", (platform, chat_id, last))
 
+    async def keep_newest_context(self, platform: str, chat_id: str, keep: int) -> None:
+        """From now on the chat's context starts after its `keep` newest answered exchanges' predecessor."""
+        rows = await self._rows(
+            "SELECT r.id FROM requests r JOIN messages m ON m.id = r.message_id"
+            " WHERE m.platform=? AND m.chat_id=? AND r.kind='chat' AND r.status='done'"
+            " ORDER BY r.id DESC LIMIT 1 OFFSET ?", (platform, chat_id, keep))
+        if rows:
+            await self._write("INSERT INTO chats (platform, chat_id, context_since) VALUES (?, ?, ?)"
+                              " ON CONFLICT DO UPDATE SET context_since=MAX(context_since, excluded.context_since)",
+                              (platform, chat_id, rows[0][0]))
+
     async def context(self, platform: str, chat_id: str, limit: int) -> list[tuple[str, str]]:
         """The chat's last `limit` answered (message, reply) pairs since its /reset, oldest first."""
         rows = await self._rows(

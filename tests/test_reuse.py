@@ -106,3 +106,27 @@ def test_sampled_text_never_holds_a_broken_character(tiny_lm, seed, temperature)
     seq = run(engine, tiny_lm.tokenizer("你好，").input_ids, SamplingParams(max_new_tokens=24, temperature=temperature, top_k=0, seed=seed))
     assert "\ufffd" not in seq.text
     assert "\ufffd" not in tiny_lm.tokenizer.decode(seq.generated).rstrip("\ufffd")  # only a cut at the length may be unfinished
+
+
+async def test_a_long_chat_trims_its_context_in_halves_so_most_turns_extend_the_last(tmp_path):
+    import dataclasses
+
+    from botkit.backends import LocalBackend
+    from botkit.config import Config
+    from botkit.core import Core, Prompt
+    from botkit.store import Store
+
+    lm = load_model(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128), device="cpu", seed=0)
+    config = Config()
+    config = dataclasses.replace(config, limits=dataclasses.replace(config.limits, user_per_minute=0, chat_per_minute=0, context_messages=6),
+                                 chat=dataclasses.replace(config.chat, length=8, temperature=0, truncate=""))
+    prompts = []
+    async with Store.open(tmp_path / "bot.db") as store, LocalBackend(lm, 4, cache_mb=64) as backend, Core(backend, store, config) as core:
+        for turn in range(16):
+            ticket = await core.submit(Prompt("test", "chat", "user", f"message number {turn} from the user"))
+            await ticket.result()
+            prompts.append((await store.request(ticket.request_id))["prompt"])
+        reused = backend.engine.prefix_cache.stats()["reused_share"]
+    extends = [prompts[t].startswith(prompts[t - 1]) for t in range(1, len(prompts))]
+    assert extends.count(False) <= 4, extends  # a cut every few turns, not one on every turn
+    assert reused > 0.5, reused

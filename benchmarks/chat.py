@@ -1,0 +1,166 @@
+"""Multi-turn chats: conversation KV reuse on vs off, through botkit's real Core.
+
+GPT-2 124M shapes (`GPT2Config()`), random weights, fp32 on CPU, greedy. Turns come from the shared
+chat workload (`../shared/bench/chat_workload.jsonl`: 64 chats x 8 turns); every chat runs as a
+closed loop (it sends its next turn when its reply arrives), all chats at once, with `use_context`
+on: each prompt carries the chat's earlier messages and replies, trimmed by the core to the window.
+
+Arms, one after another in this process:
+- reuse off (`[batch] cache_mb = 0`): every turn prefills its whole conversation;
+- reuse on (the default `cache_mb`): a turn prefills only what its conversation added;
+- sequential `model.generate` on a sample of the same full prompts (what a simple bot does);
+- CTranslate2, when it is installed (`pip install ctranslate2`; never a botkit dependency): the
+  same closed loop, each round one `generate_batch` over the prompts waiting (it has no continuous
+  batching and no cache across calls).
+
+Figures: follow-up time to first token (turns 1-7: submit to first streamed text) p50/p99, useful
+tokens/s (generated tokens over the arm's wall time), the share of prompt tokens reused, peak memory.
+Progress goes to stderr; the last stdout line is one JSON object.
+
+    python benchmarks/chat.py --quick     # 16 chats (128 turns), a few minutes
+    python benchmarks/chat.py             # 64 chats (512 turns)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import resource
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from serve import load_requests, log, percentile
+from transformers import GPT2Config
+
+from botkit.backends import LocalBackend
+from botkit.config import Config
+from botkit.core import Core, Prompt
+from botkit.models import load_model
+from botkit.params import ChatSettings
+
+DEFAULT_WORKLOAD = Path(__file__).resolve().parents[2] / "shared" / "bench" / "chat_workload.jsonl"
+
+
+def settings_of(turn: dict) -> ChatSettings:
+    return ChatSettings(length=turn["max_new_tokens"], temperature=0, top_k=0, top_p=1.0, truncate=turn["stop"] or "")
+
+
+def make_config(num_chats: int) -> Config:
+    config = Config()
+    return dataclasses.replace(
+        config,
+        batch=dataclasses.replace(config.batch, max_size=num_chats, max_queue=4 * num_chats, timeout_s=7200),
+        limits=dataclasses.replace(config.limits, user_per_minute=0, chat_per_minute=0, context_messages=20),
+    )
+
+
+async def run_arm(lm, chats: dict[str, list[dict]], cache_mb: int | None) -> dict:
+    """All chats as closed loops through one Core; returns per-turn records and the arm's figures."""
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        async with LocalBackend(lm, max_batch_size=len(chats), cache_mb=cache_mb) as backend:
+            from botkit.store import Store
+
+            async with Store.open(Path(tmp) / "bench.db") as store, Core(backend, store, make_config(len(chats))) as core:
+
+                async def one_chat(turns: list[dict]) -> None:
+                    for turn in turns:
+                        started = time.perf_counter()
+                        ticket = await core.submit(Prompt("bench", turn["chat_id"], turn["user_id"], turn["message"]), settings_of(turn))
+                        first = None
+                        async for delta in ticket.stream():
+                            if first is None and delta:
+                                first = time.perf_counter() - started
+                        reply = await ticket.result()
+                        done = time.perf_counter() - started
+                        row = await store.request(ticket.request_id)
+                        records.append({"turn": turn["turn"], "ttft_s": first if first is not None else done, "latency_s": done,
+                                        "tokens": reply.num_tokens, "prompt": row["prompt"], "text": reply.text,
+                                        "prompt_tokens": row["num_prompt_tokens"], "stop": turn["stop"], "max_new_tokens": turn["max_new_tokens"]})
+
+                started = time.perf_counter()
+                await asyncio.gather(*(one_chat(turns) for turns in chats.values()))
+                wall = time.perf_counter() - started
+            cache = backend.engine.prefix_cache.stats()
+    follow = [r["ttft_s"] for r in records if r["turn"] > 0]
+    return {"records": records, "wall_s": wall, "tok_s": sum(r["tokens"] for r in records) / wall,
+            "ttft_p50_s": percentile(follow, 50), "ttft_p99_s": percentile(follow, 99),
+            "prompt_tokens": sum(r["prompt_tokens"] for r in records), "reused_share": cache["reused_share"], "cache_mb": cache["mb"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
+
+
+def sequential_generate(lm, records: list[dict]) -> dict:
+    """One `model.generate` per prompt, greedy, the turn's max_new_tokens, one after another."""
+    tokens, started = 0, time.perf_counter()
+    with torch.inference_mode():
+        for r in records:
+            ids = lm.tokenizer(r["prompt"], return_tensors="pt", verbose=False).input_ids[:, -(lm.max_context - r["max_new_tokens"]) :]
+            out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=r["max_new_tokens"],
+                                    pad_token_id=lm.eos_token_id)
+            tokens += out.shape[1] - ids.shape[1]
+    return {"tok_s": tokens / (time.perf_counter() - started), "num_prompts": len(records)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="16 chats instead of 64")
+    parser.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD)
+    parser.add_argument("--chats", type=int, default=None)
+    args = parser.parse_args()
+    num_chats = args.chats or (16 if args.quick else 64)
+    turns = load_requests(args.workload)
+    chats: dict[str, list[dict]] = defaultdict(list)
+    for turn in turns:
+        if len(chats) < num_chats or turn["chat_id"] in chats:
+            chats[turn["chat_id"]].append(turn)
+    log(f"{len(chats)} chats, {sum(map(len, chats.values()))} turns; loading GPT-2 124M shapes (random weights)")
+    lm = load_model(GPT2Config(), device="cpu", seed=0)
+
+    log("arm: reuse off")
+    off = asyncio.run(run_arm(lm, chats, cache_mb=0))
+    log(f"  {off['tok_s']:.1f} tok/s, follow-up TTFT p50 {off['ttft_p50_s']:.2f} s p99 {off['ttft_p99_s']:.2f} s, {off['wall_s']:.0f} s")
+    log("arm: reuse on")
+    on = asyncio.run(run_arm(lm, chats, cache_mb=None))
+    log(f"  {on['tok_s']:.1f} tok/s, follow-up TTFT p50 {on['ttft_p50_s']:.2f} s p99 {on['ttft_p99_s']:.2f} s, {on['wall_s']:.0f} s,"
+        f" reused {on['reused_share']:.0%} of prompt tokens")
+    same = sum(a["text"] == b["text"] for a, b in zip(sorted(off["records"], key=lambda r: r["prompt"]),
+                                                      sorted(on["records"], key=lambda r: r["prompt"]), strict=True))
+    sample = [r for r in on["records"] if r["turn"] > 0][:: max(1, len(on["records"]) // (8 if args.quick else 24))]
+    log(f"arm: sequential model.generate on {len(sample)} of the same prompts")
+    seq = sequential_generate(lm, sample)
+
+    result = {
+        "ttft_p50_speedup": round(off["ttft_p50_s"] / on["ttft_p50_s"], 2),
+        "ttft_p99_speedup": round(off["ttft_p99_s"] / on["ttft_p99_s"], 2),
+        "tok_s_ratio_reuse_vs_off": round(on["tok_s"] / off["tok_s"], 2),
+        "tok_s_ratio_reuse_vs_sequential": round(on["tok_s"] / seq["tok_s"], 2),
+        "reused_share": on["reused_share"],
+        "tok_s": {"reuse": round(on["tok_s"], 1), "off": round(off["tok_s"], 1), "sequential": round(seq["tok_s"], 1)},
+        "ttft_s": {"reuse_p50": round(on["ttft_p50_s"], 3), "reuse_p99": round(on["ttft_p99_s"], 3),
+                   "off_p50": round(off["ttft_p50_s"], 3), "off_p99": round(off["ttft_p99_s"], 3)},
+        "wall_s": {"reuse": round(on["wall_s"], 1), "off": round(off["wall_s"], 1)},
+        "prompt_tokens": on["prompt_tokens"],
+        "same_text_as_off": f"{same}/{len(on['records'])}",
+        "peak_rss_mb": {"after_off": off["peak_rss_mb"], "after_reuse": on["peak_rss_mb"]}, "cache_mb": on["cache_mb"],
+        "chats": len(chats), "turns": len(on["records"]), "threads": torch.get_num_threads(), "quick": args.quick,
+    }
+    try:
+        from ct2_arm import ctranslate2_chat  # optional anchor arm
+    except ImportError:
+        log("CTranslate2 is not installed: no CTranslate2 arm")
+    else:
+        log("arm: CTranslate2 (static batches of the waiting prompts, no cache)")
+        ct2 = ctranslate2_chat(lm, chats, settings_of)
+        result["tok_s"]["ctranslate2"] = round(ct2["tok_s"], 1)
+        result["tok_s_ratio_reuse_vs_ctranslate2"] = round(on["tok_s"] / ct2["tok_s"], 2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
