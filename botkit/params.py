@@ -32,14 +32,16 @@ class SamplingParams:
             raise InputError(f"length / max_tokens must be a whole number from 1 to {MAX_NEW_TOKENS}, not {self.max_new_tokens!r}.")
         if not 0 <= self.temperature <= 10:
             raise InputError(f"temperature must be between 0 (greedy) and 10, not {self.temperature!r}.")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise InputError(f"top_k must be 0 (off) or a positive whole number, not {self.top_k!r}.")
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**63:
+            raise InputError("top_k must be 0 (off) or a positive whole number below 2^63.")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], not {self.top_p!r}.")
         if not 0 < self.repetition_penalty <= 10:
             raise InputError(f"repetition_penalty must be in (0, 10], not {self.repetition_penalty!r}.")
         if len(self.stop) > STOP_LIMIT:
             raise InputError(f"At most {STOP_LIMIT} stop strings are allowed, not {len(self.stop)}.")
+        if self.seed is not None and not (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**63):
+            raise InputError("seed must be a whole number between -2^63 and 2^63 - 1.")
 
 
 TRIGGERS = ("mention", "always", "command", "never")

@@ -6,6 +6,9 @@ adapter's aiohttp app with aiohttp's test client."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
 import json
 import re
 from collections.abc import Awaitable, Callable
@@ -15,6 +18,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from botkit.adapters.web_adapter import WebAdapter
 
+from botkit.cli import main as botkit_cli
 from botkit.config import load_config, secret
 from botkit.core import Core, Prompt
 from botkit.datasets import read_documents
@@ -27,6 +31,7 @@ from .conftest import EchoBackend, make_config
 
 DISCORD_LIMIT = 2000
 PASTED_TOKEN = "MTA5ODc2NTQzMjEwOTg3NjU0MzI.GhIjKl.abcdefghijklmnopqrstuvwxyz0123456789AB"
+ODD_SECRET = "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"  # a token shape _SECRET_LIKE does not know
 PINGS = re.compile(r"@(everyone|here)\b|<@[!&]?\d+>", re.IGNORECASE)  # what Discord would parse as a mention
 TELEGRAM_PING = re.compile(r"(?<!\w)@\w")
 
@@ -106,6 +111,41 @@ def http(body: bytes | str, content_type: str = "application/json", path: str = 
     return run
 
 
+@dataclass
+class CliOutcome:
+    exit_code: int
+    stderr: str
+
+
+def cli(*argv: str, prepare: Callable | None = None) -> Callable[[Env], Awaitable]:
+    """`botkit <argv>` in this process ({tmp} is the test's folder); a thread, since `run` starts its own loop."""
+    async def run(env: Env):
+        if prepare:
+            prepare(env.tmp_path)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = await asyncio.to_thread(botkit_cli, [a.format(tmp=env.tmp_path) for a in argv])
+        return CliOutcome(code, err.getvalue())
+
+    return run
+
+
+def text_dataset(tmp_path) -> None:
+    (tmp_path / "data.txt").write_text("The cat sat on the mat. " * 200)
+
+
+def damaged_model(damage: Callable[[bytes], bytes]) -> Callable:
+    """A saved tiny GPT-2 in {tmp}/model whose model.safetensors is `damage`d."""
+    def prepare(tmp_path) -> None:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16)).save_pretrained(tmp_path / "model")
+        weights = tmp_path / "model" / "model.safetensors"
+        weights.write_bytes(damage(weights.read_bytes()))
+
+    return prepare
+
+
 # -- what each case expects ------------------------------------------------------------------------
 
 def refused(kind: type[BotkitError] = BotkitError, *words: str):
@@ -114,6 +154,23 @@ def refused(kind: type[BotkitError] = BotkitError, *words: str):
         assert_one_sentence(str(outcome))
         for word in words:
             assert word in str(outcome), f"{word!r} not in {str(outcome)!r}"
+
+    return check
+
+
+def refused_unechoed(secret_value: str, *words: str):
+    """Refused with a sentence that names the key but never repeats the value, which may be a secret."""
+    def check(outcome):
+        refused(ConfigError, *words)(outcome)
+        assert secret_value not in str(outcome) and secret_value[:8] not in str(outcome), str(outcome)
+
+    return check
+
+
+def loaded(condition: Callable[[object], bool]):
+    def check(config):
+        assert not isinstance(config, BaseException), f"refused: {config}"
+        assert condition(config), config
 
     return check
 
@@ -145,6 +202,18 @@ def http_error(status: int, *words: str):
         assert_one_sentence(body["error"]["message"])
         for word in words:
             assert word in body["error"]["message"]
+
+    return check
+
+
+def cli_refused(*words: str):
+    def check(outcome):
+        assert isinstance(outcome, CliOutcome), outcome
+        lines = outcome.stderr.strip().splitlines()
+        assert outcome.exit_code == 2 and len(lines) == 1 and lines[0].startswith("botkit: "), outcome
+        assert_one_sentence(lines[0].removeprefix("botkit: "))
+        for word in words:
+            assert word in lines[0], f"{word!r} not in {lines[0]!r}"
 
     return check
 
@@ -202,6 +271,31 @@ CASES = [
     ("config: not TOML", config_file("this is = = not toml\n"), refused(ConfigError, "TOML")),
     ("config: not UTF-8", config_file(b"[chat]\ntemplate = \"\xff{message}\"\n"), refused(ConfigError, "UTF-8")),
     ("config: bad template", config_file('[chat]\ntemplate = "{user}: {message}"\n'), refused(ConfigError, "placeholder")),
+    ("config: batch.max_size = 0 (a bot that never answers)", config_file("[batch]\nmax_size = 0\n"),
+     refused(ConfigError, "batch.max_size", "bot.toml")),
+    ("config: negative batch.timeout_s", config_file("[batch]\ntimeout_s = -1.0\n"), refused(ConfigError, "batch.timeout_s")),
+    ("config: batch.timeout_s = nan", config_file("[batch]\ntimeout_s = nan\n"), refused(ConfigError, "batch.timeout_s")),
+    ("config: batch.timeout_s = inf", config_file("[batch]\ntimeout_s = inf\n"), refused(ConfigError, "batch.timeout_s")),
+    ("config: negative batch.max_queue", config_file("[batch]\nmax_queue = -5\n"), refused(ConfigError, "batch.max_queue")),
+    ("config: negative web.max_body_bytes", config_file("[web]\nmax_body_bytes = -1\n"), refused(ConfigError, "web.max_body_bytes")),
+    ("config: web.max_n = 0", config_file("[web]\nmax_n = 0\n"), refused(ConfigError, "web.max_n")),
+    ("config: web.port = 70000", config_file("[web]\nport = 70000\n"), refused(ConfigError, "web.port", "65535")),
+    ("config: web.port = -1", config_file("[web]\nport = -1\n"), refused(ConfigError, "web.port", "65535")),
+    ("config: limits.max_message_chars = 0", config_file("[limits]\nmax_message_chars = 0\n"),
+     refused(ConfigError, "limits.max_message_chars")),
+    ("config: negative discord.typing_interval_s", config_file("[discord]\ntyping_interval_s = -5.0\n"),
+     refused(ConfigError, "discord.typing_interval_s")),
+    ("config: unknown model.backend", config_file('[model]\nbackend = "cloud"\n'), refused(ConfigError, "model.backend", "remote")),
+    ("config: unknown telegram.mode", config_file('[telegram]\nmode = "push"\n'), refused(ConfigError, "telegram.mode", "webhook")),
+    ("config: arrays nested 20,000 deep", config_file("[batch]\nmax_size = " + "[" * 20_000 + "]" * 20_000 + "\n"),
+     refused(ConfigError, "deep")),
+    ("config: inline tables nested 20,000 deep", config_file("a = " + "{b = " * 20_000 + "1" + "}" * 20_000 + "\n"),
+     refused(ConfigError, "deep")),
+    ("config: a UTF-8 byte-order mark", config_file(b"\xef\xbb\xbf[batch]\nmax_size = 3\n"), loaded(lambda c: c.batch.max_size == 3)),
+    ("config: a secret of an unrecognised shape in token_env", config_file(f'[discord]\ntoken_env = "{ODD_SECRET}"\n'),
+     refused_unechoed(ODD_SECRET, "discord.token_env", "environment variable")),
+    ("config: a secret pasted into a key of the wrong type", config_file(f'[web]\nenabled = "{ODD_SECRET}"\n'),
+     refused_unechoed(ODD_SECRET, "web.enabled")),
     # datasets
     ("dataset: empty", dataset("empty.txt", b""), refused(DatasetError, "empty")),
     ("dataset: whitespace only", dataset("blank.txt", b"\n\n   \n"), refused(DatasetError, "empty")),
@@ -210,6 +304,29 @@ CASES = [
     ("dataset: a 2 MB line", dataset("long.txt", LONG_LINE.encode()), documents(1, len(LONG_LINE))),
     ("dataset: JSONL with a broken line", dataset("bad.jsonl", b'{"text": "ok"}\n{"text": \n'), refused(DatasetError, "line 2")),
     ("dataset: CSV with two columns", dataset("two.csv", b"text,label\nhello,1\n"), refused(DatasetError, "one column")),
+    # the command line
+    ("CLI: run --port 70000", cli("run", "--port", "70000"), cli_refused("--port", "web.port", "65535")),
+    ("CLI: generate --seed 2^70", cli("generate", "--seed", str(2**70), "--length", "3"), cli_refused("seed")),
+    ("CLI: generate --top-k 2^64", cli("generate", "--top-k", str(2**64), "--length", "3"), cli_refused("top_k")),
+    ("CLI: generate --destination-path in a missing folder (refused before the model loads)",
+     cli("generate", "--model", "{tmp}/model", "--destination-path", "{tmp}/missing/out.txt", prepare=damaged_model(lambda b: b[:100])),
+     cli_refused("missing")),
+    ("CLI: a truncated model.safetensors", cli("generate", "--model", "{tmp}/model", prepare=damaged_model(lambda b: b[: len(b) // 2])),
+     cli_refused("model.safetensors")),
+    ("CLI: an empty model.safetensors", cli("generate", "--model", "{tmp}/model", prepare=damaged_model(lambda b: b"")),
+     cli_refused("model.safetensors")),
+    ("CLI: model.safetensors with a bad header",
+     cli("generate", "--model", "{tmp}/model", prepare=damaged_model(lambda b: b"\x10" + bytes(7) + b"{not json}" + b[18:])),
+     cli_refused("model.safetensors")),
+    ("CLI: finetune --n-head 0", cli("finetune", "--dataset", "{tmp}/data.txt", "--n-head", "0", prepare=text_dataset),
+     cli_refused("n_head")),
+    ("CLI: finetune --block-size -5", cli("finetune", "--dataset", "{tmp}/data.txt", "--block-size", "-5", prepare=text_dataset),
+     cli_refused("block_size")),
+    ("CLI: finetune --weight-decay nan", cli("finetune", "--dataset", "{tmp}/data.txt", "--weight-decay", "nan", prepare=text_dataset),
+     cli_refused("weight_decay")),
+    ("CLI: finetune --checkpoint-dir that is a file",
+     cli("finetune", "--dataset", "{tmp}/data.txt", "--checkpoint-dir", "{tmp}/data.txt", prepare=text_dataset),
+     cli_refused("checkpoint_dir")),
     # HTTP bodies
     ("HTTP: oversize body", http(json.dumps({"prompt": "z" * 70_000})), http_error(413, "limit")),
     ("HTTP: not JSON", http("prompt=hello"), http_error(400, "JSON")),
