@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 from botkit.adapters.web_adapter import WebAdapter
 
 from botkit.cli import main as botkit_cli
@@ -30,6 +31,7 @@ from botkit.store import Store
 from .conftest import EchoBackend, make_config
 
 DISCORD_LIMIT = 2000
+KEY = "table-api-key-0123456789"
 PASTED_TOKEN = "MTA5ODc2NTQzMjEwOTg3NjU0MzI.GhIjKl.abcdefghijklmnopqrstuvwxyz0123456789AB"
 ODD_SECRET = "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"  # a token shape _SECRET_LIKE does not know
 PINGS = re.compile(r"@(everyone|here)\b|<@[!&]?\d+>", re.IGNORECASE)  # what Discord would parse as a mention
@@ -49,7 +51,8 @@ class Env:
     core: Core
     store: Store
     tmp_path: object
-    http: TestClient
+    http: aiohttp.ClientSession  # sends the API key
+    web: WebAdapter
 
 
 # -- what each case does ---------------------------------------------------------------------------
@@ -105,8 +108,25 @@ def dataset(name: str, content: bytes) -> Callable[[Env], Awaitable]:
 def http(body: bytes | str, content_type: str = "application/json", path: str = "/v1/completions") -> Callable[[Env], Awaitable]:
     async def run(env: Env):
         data = body.encode() if isinstance(body, str) else body
-        response = await env.http.post(path, data=data, headers={"Content-Type": content_type})
-        return response.status, await response.json()
+        async with env.http.post(path, data=data, headers={"Content-Type": content_type}) as response:
+            return response.status, await response.json()
+
+    return run
+
+
+def raw_http(request: bytes) -> Callable[[Env], Awaitable]:
+    """Bytes no HTTP client would send, written to the adapter's socket; (status, JSON body) of the answer."""
+    async def run(env: Env):
+        host, port = env.web.url.removeprefix("http://").rstrip("/").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(request.replace(b"{key}", KEY.encode()))
+            answer = await asyncio.wait_for(reader.read(), 5)  # every request here ends with Connection: close or is malformed
+        finally:
+            writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert b"content-type: application/json" in head.lower(), answer[:300]
+        return int(head.split()[1]), json.loads(body)
 
     return run
 
@@ -214,6 +234,14 @@ def cli_refused(*words: str):
         assert_one_sentence(lines[0].removeprefix("botkit: "))
         for word in words:
             assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+
+    return check
+
+
+def http_ok(status: int = 200):
+    def check(outcome):
+        got_status, body = outcome
+        assert got_status == status and "error" not in body, outcome
 
     return check
 
@@ -340,6 +368,44 @@ CASES = [
     ("HTTP: string where a number goes", http('{"prompt": "hi", "top_p": "high"}'), http_error(400, "top_p")),
     ("HTTP: playground length out of range", http('{"prefix": "hi", "length": 0}', path="/api/generate"),
      http_error(400, "length")),
+    ("HTTP: arrays nested 30,000 deep", http("[" * 30_000 + "]" * 30_000), http_error(400, "JSON")),
+    ("HTTP: objects nested 9,000 deep in a field", http('{"prompt": ' + '{"a": ' * 9_000 + "1" + "}" * 9_000 + "}"),
+     http_error(400, "JSON")),
+    ("HTTP: an integer of 5,000 digits", http('{"prompt": "hi", "max_tokens": ' + "9" * 5_000 + "}"), http_error(400, "number")),
+    ("HTTP: max_tokens of 4,000 digits", http('{"prompt": "hi", "max_tokens": ' + "9" * 4_000 + "}"), http_error(400, "max_tokens")),
+    ("HTTP: max_tokens 1e400 (infinity)", http('{"prompt": "hi", "max_tokens": 1e400}'), http_error(400, "max_tokens")),
+    ("HTTP: temperature NaN", http('{"prompt": "hi", "temperature": NaN}'), http_error(400, "temperature")),
+    ("HTTP: top_p -Infinity", http('{"prompt": "hi", "top_p": -Infinity}'), http_error(400, "top_p")),
+    ("HTTP: n 1e300", http('{"prompt": "hi", "n": 1e300}'), http_error(400, "n ")),
+    ("HTTP: seed 2^70", http(f'{{"prompt": "hi", "seed": {2**70}}}'), http_error(400, "seed")),
+    ("HTTP: top_k 2^64", http(f'{{"prompt": "hi", "top_k": {2**64}}}'), http_error(400, "top_k")),
+    ("HTTP: top_k 1e300", http('{"prompt": "hi", "top_k": 1e300}'), http_error(400, "top_k")),
+    ("HTTP: playground seed 2^70", http(f'{{"prefix": "hi", "seed": {2**70}}}', path="/api/generate"), http_error(400, "seed")),
+    ("HTTP: an unknown field", http('{"prompt": "hi", "max_token": 5}'), http_error(400, "max_token")),
+    ("HTTP: an unknown playground field", http('{"prefix": "hi", "lenght": 5}', path="/api/generate"), http_error(400, "lenght")),
+    ("HTTP: an unknown stream_options field", http('{"prompt": "hi", "stream": true, "stream_options": {"usage": true}}'),
+     http_error(400, "usage")),
+    ("HTTP: logit_bias that would change the text", http('{"prompt": "hi", "logit_bias": {"50256": -100}}'), http_error(400, "logit_bias")),
+    ("HTTP: presence_penalty", http('{"prompt": "hi", "presence_penalty": 1.5}'), http_error(400, "presence_penalty")),
+    ("HTTP: OpenAI's neutral values and model/user are accepted",
+     http('{"prompt": "hi", "model": "gpt-3.5-turbo-instruct", "user": "u1", "logit_bias": {}, "presence_penalty": 0,'
+          ' "frequency_penalty": 0, "logprobs": null, "echo": false, "suffix": null, "best_of": 1, "max_tokens": 3}'),
+     http_ok()),
+    ("HTTP: Authorization with non-ASCII bytes",
+     raw_http(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer \xff\xfe{key}\r\n"
+              b"Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"),
+     http_error(401, "API key")),
+    ("HTTP: Authorization in UTF-8", raw_http("GET /api/stats HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer é"
+                                              "\r\nConnection: close\r\n\r\n".encode()), http_error(401, "API key")),
+    ("HTTP: a malformed header line (aiohttp's own 400)", raw_http(b"GET /v1/models HTTP/1.1\r\nHost localhost\r\n\r\n"),
+     http_error(400, "HTTP")),
+    ("HTTP: a request line over 8 KB", raw_http(b"GET /" + b"a" * 9_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+     http_error(400, "HTTP")),
+    ("HTTP: not HTTP at all", raw_http(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 TLS hello\r\n\r\n"), http_error(400, "HTTP")),
+    ("HTTP: a bad chunk size",
+     raw_http(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\n"
+              b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n{}\r\n0\r\n\r\n"),
+     http_error(400, "HTTP")),
 ]
 
 
@@ -351,9 +417,10 @@ def test_the_table_has_at_least_25_cases():
 @pytest.fixture
 async def env(tmp_path):
     config = make_config()
-    async with Store.open(tmp_path / "bot.db") as store, EchoBackend() as backend, Core(backend, store, config) as core:
-        async with TestClient(TestServer(WebAdapter(core, config.web).build_app())) as client:
-            yield Env(core, store, tmp_path, client)
+    async with Store.open(tmp_path / "bot.db") as store, EchoBackend() as backend, Core(backend, store, config) as core, \
+            WebAdapter(core, dataclasses.replace(config.web, port=0), KEY) as web, \
+            aiohttp.ClientSession(base_url=web.url, headers={"Authorization": f"Bearer {KEY}"}) as client:
+        yield Env(core, store, tmp_path, client, web)
 
 
 async def count_requests(store: Store) -> int:
@@ -361,21 +428,23 @@ async def count_requests(store: Store) -> int:
 
 
 @pytest.mark.parametrize("name, run, check", CASES, ids=[c[0] for c in CASES])
-async def test_bad_input(env, name, run, check):
+async def test_bad_input(env, name, run, check, caplog):
     before = await count_requests(env.store)
     try:
         outcome = await run(env)
     except BotkitError as exc:
         outcome = exc
     check(outcome)
+    tracebacks = [r.getMessage() for r in caplog.records if r.exc_info]
+    assert not tracebacks, f"bad input logged a traceback: {tracebacks}"
     if isinstance(outcome, BotkitError) or (isinstance(outcome, tuple) and outcome[0] >= 400):
         assert await count_requests(env.store) == before, "a refused input left a request behind"
 
 
 async def test_an_accepted_http_request_is_in_the_store(env):
-    response = await env.http.post("/v1/completions", json={"prompt": "bad \ud800 input?", "max_tokens": 3})
-    assert response.status == 200
-    body = await response.json()
+    async with env.http.post("/v1/completions", json={"prompt": "bad \ud800 input?", "max_tokens": 3}) as response:
+        assert response.status == 200
+        body = await response.json()
     assert body["choices"][0]["text"] == "ok"
     rows = await env.core.recent(limit=5)
     assert [(r["text"], r["status"]) for r in rows] == [("bad ? input?", "done")]
