@@ -4,6 +4,8 @@
 Safe by default: bound to 127.0.0.1, and it refuses to bind elsewhere without an API key. With a key
 every API route needs `Authorization: Bearer <key>`; without one it answers only requests addressed to
 localhost (a DNS-rebinding page cannot reach it) and only JSON POSTs (a cross-site form cannot).
+Connections are bounded in number and in time (web_connections.py), so idle or half-sent ones cannot
+hold the server.
 
     async with WebAdapter(core, config.web, api_key) as web:
         print(web.url)
@@ -43,8 +45,10 @@ log = logging.getLogger("botkit.web")
 
 PAGE_PATH = Path(__file__).parent / "static" / "playground.html"
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
-BACKLOG = 128  # connections the kernel holds for us beyond those accepted (aiohttp's TCPSite default)
+BACKLOG = 128  # connections the kernel queues for us, and the most asyncio accepts at once (aiohttp's default)
 LINGER_S = 2.0  # after an early answer (401, 413, 408), read the rest of the body this long, then close
+
+
 def is_loopback(host: str) -> bool:
     if host.strip("[]") == "localhost":
         return True
@@ -79,7 +83,7 @@ class WebAdapter:
         self._runner = web.AppRunner(self.build_app(), shutdown_timeout=2.0, handler_cancellation=True)
         await self._runner.setup()
         loop = asyncio.get_running_loop()
-        self.connections.max_connections = usable_connections(self.config.max_connections)
+        self.connections.max_connections = usable_connections(self.config.max_connections, BACKLOG)
         limiter = LogLimiter()
         # aiohttp's Server is the documented protocol factory for loop.create_server; this one makes the
         # guarded handler instead of aiohttp's own (aiohttp's TCPSite has no hook for that).

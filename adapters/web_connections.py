@@ -50,10 +50,11 @@ class LogLimiter:
 class Connections:
     """The open connections: new (no request yet), busy (in a request) and idle (between requests).
 
-    At the cap a new connection closes the oldest new one (it has sent nothing useful), else the one
-    idle longest, as nginx reuses its idle connections; only when every connection is busy is the new
-    one refused. A new connection that has not sent a whole request head within `header_timeout_s` is
-    closed."""
+    At the cap a new connection closes one from the address that holds the most: its oldest new one
+    (it has sent nothing useful), else the one idle longest, as nginx reuses idle connections. So one
+    address flooding the server churns only its own connections, and a client elsewhere still gets in;
+    when every connection is busy the new one is refused. A new connection that has not sent a whole
+    request head within `header_timeout_s` is closed."""
 
     def __init__(self, max_connections: int, header_timeout_s: float):
         self.max_connections = max_connections
@@ -61,14 +62,16 @@ class Connections:
         self._new: dict[web.RequestHandler, asyncio.TimerHandle] = {}  # insertion order: oldest first
         self._idle: dict[web.RequestHandler, None] = {}  # insertion order: idle longest first
         self._busy: set[web.RequestHandler] = set()
+        self._peer: dict[web.RequestHandler, str] = {}
+        self._per_peer: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()  # closed at the cap, refused, past the head deadline
 
     def __len__(self) -> int:
-        return len(self._new) + len(self._idle) + len(self._busy)
+        return len(self._peer)
 
-    def admit(self, conn: web.RequestHandler) -> bool:
+    def admit(self, conn: web.RequestHandler, peer: str) -> bool:
         if len(self) >= self.max_connections:
-            victim = next(iter(self._new), None) or next(iter(self._idle), None)
+            victim = self._victim()
             if victim is None:
                 self.counts["refused"] += 1
                 return False
@@ -76,7 +79,19 @@ class Connections:
             self.forget(victim)
             victim.force_close()
         self._new[conn] = asyncio.get_running_loop().call_later(self.header_timeout_s, self._expire, conn)
+        self._peer[conn] = peer
+        self._per_peer[peer] += 1
         return True
+
+    def _victim(self) -> web.RequestHandler | None:
+        """The oldest new, else the longest-idle connection of the busiest address (of any address if
+        all of that one's are busy); None when every connection is busy."""
+        busiest, _ = self._per_peer.most_common(1)[0]
+        for pool in (self._new, self._idle):
+            for conn in pool:
+                if self._peer[conn] == busiest:
+                    return conn
+        return next(iter(self._new), None) or next(iter(self._idle), None)
 
     def _expire(self, conn: web.RequestHandler) -> None:
         if conn in self._new:
@@ -102,6 +117,10 @@ class Connections:
             timer.cancel()
         self._idle.pop(conn, None)
         self._busy.discard(conn)
+        if (peer := self._peer.pop(conn, None)) is not None:
+            self._per_peer[peer] -= 1
+            if not self._per_peer[peer]:
+                del self._per_peer[peer]
 
 
 def _refusal() -> bytes:
@@ -127,7 +146,8 @@ class GuardedRequestHandler(web.RequestHandler):
         self._admitted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self._connections.admit(self):
+        peer = transport.get_extra_info("peername")
+        if not self._connections.admit(self, str(peer[0]) if peer else ""):
             transport.write(REFUSAL)
             transport.close()
             return
@@ -154,15 +174,24 @@ class GuardedRequestHandler(web.RequestHandler):
         return response
 
 
-def usable_connections(max_connections: int) -> int:
-    """`max_connections`, or fewer if this process may not open that many files (ulimit -n): past that
-    limit every accept fails, which is worse than a cap."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or max_connections <= soft - 2 * FD_HEADROOM:
+def usable_connections(max_connections: int, backlog: int) -> int:
+    """`max_connections`, or fewer if this process cannot open enough files (ulimit -n); past that limit
+    every accept fails and asyncio stops accepting for a second, which is worse than a cap. The soft
+    limit is first raised as far as the hard one allows, as Go's runtime does (Linux's usual soft limit
+    is 1024). Room is kept for an accept batch (up to `backlog` connections), whose descriptors open
+    before those of the connections it closes are freed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + FD_HEADROOM + 2 * backlog
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+    if soft == resource.RLIM_INFINITY or max_connections <= soft - FD_HEADROOM - backlog:
         return max_connections
-    usable = max(1, soft - 2 * FD_HEADROOM)
-    log.warning("web.max_connections is %d but this process may open only %d files (ulimit -n): serving at most %d "
-                "connections; raise the limit to serve more.", max_connections, soft, usable)
+    usable = max(16, soft - FD_HEADROOM - backlog)
+    log.warning("web.max_connections is %d but this process may open only %d files (ulimit -n, hard limit): serving at "
+                "most %d connections; raise the limit to serve more.", max_connections, soft, usable)
     return usable
 
 

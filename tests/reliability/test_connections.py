@@ -158,3 +158,17 @@ async def test_accept_errors_are_logged_once_not_per_attempt(tmp_path, caplog):
     assert records, "the accept errors were not logged at all"
     assert len(records) <= 2 and not any(r.exc_info for r in records), [r.getMessage() for r in records]
     assert all(r.levelno >= logging.WARNING for r in records)
+
+
+async def test_a_low_soft_open_file_limit_is_raised_to_serve_max_connections(tmp_path):
+    """Linux's usual soft limit (1024) is below what 512 connections and an accept batch need; running
+    out of descriptors stops every accept (see above), so the adapter raises it, up to the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))
+        async with serving(tmp_path, max_connections=512) as (web, _):
+            raised, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            usable = web.connections.max_connections
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert usable == 512 and raised >= 512 + 64 + 128, (usable, raised)
