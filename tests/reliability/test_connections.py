@@ -13,6 +13,7 @@ import time
 
 import aiohttp
 from botkit.adapters.web_adapter import WebAdapter
+from botkit.adapters.web_connections import Connections
 
 from botkit.backends import Completion, Job
 from botkit.config import WebConfig
@@ -172,3 +173,33 @@ async def test_a_low_soft_open_file_limit_is_raised_to_serve_max_connections(tmp
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert usable == 512 and raised >= 512 + 64 + 128, (usable, raised)
+
+
+class FakeConnection:
+    """Stands in for aiohttp's RequestHandler: Connections only ever calls force_close()."""
+
+    def __init__(self, name: str):
+        self.name, self.closed = name, False
+
+    def force_close(self):
+        self.closed = True
+
+
+async def test_at_the_cap_the_address_holding_the_most_gives_way():
+    """A flood from one address churns its own connections: a newcomer from anywhere closes the oldest
+    new connection of the address holding the most, never another address's, and a busy one never."""
+    connections = Connections(max_connections=4, header_timeout_s=60)
+    client = FakeConnection("client, new")
+    assert connections.admit(client, "10.0.0.1")
+    flood = [FakeConnection(f"flood {i}") for i in range(3)]
+    for conn in flood:
+        assert connections.admit(conn, "10.0.0.2")
+    connections.request_started(flood[0])  # busy: never closed to make room
+
+    assert connections.admit(FakeConnection("flood 3"), "10.0.0.2")
+    assert connections.admit(FakeConnection("another client"), "10.0.0.3")
+    assert [c.name for c in (client, *flood) if c.closed] == ["flood 1", "flood 2"]
+
+    for conn in (client, *flood):
+        connections.forget(conn)
+    assert len(connections) == 2
