@@ -1,5 +1,4 @@
-"""Soak: load + SIGKILLs + worker faults + a burst + pinging replies + a secret scan + a connection
-attack, in one run.
+"""Soak: load, SIGKILLs, worker faults, a burst, pinging replies, a secret scan and a connection attack.
 
     python benchmarks/soak.py --quick      # about 2-4 minutes on 2 CPU cores
     python benchmarks/soak.py              # longer: more kills, longer bursts and attacks
@@ -419,7 +418,7 @@ async def connection_phase(workdir: Path, seconds: float, max_files: int, num_id
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="about 2-3 minutes")
+    parser.add_argument("--quick", action="store_true", help="about 2-4 minutes")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--child", nargs=2, metavar=("DB", "RUN"), help=argparse.SUPPRESS)
     parser.add_argument("--web-child", nargs=2, metavar=("DB", "LOG"), help=argparse.SUPPRESS)
