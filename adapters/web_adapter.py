@@ -4,6 +4,8 @@
 Safe by default: bound to 127.0.0.1, and it refuses to bind elsewhere without an API key. With a key
 every API route needs `Authorization: Bearer <key>`; without one it answers only requests addressed to
 localhost (a DNS-rebinding page cannot reach it) and only JSON POSTs (a cross-site form cannot).
+Connections are bounded in number and in time (web_connections.py), so idle or half-sent ones cannot
+hold the server.
 
     async with WebAdapter(core, config.web, api_key) as web:
         print(web.url)
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hmac
 import ipaddress
 import json
@@ -26,27 +29,24 @@ from pathlib import Path
 from aiohttp import web
 
 from botkit.config import WebConfig
-from botkit.errors import BotkitError, BusyError, ConfigError, InputError, RateLimitedError, RequestTimeout
+from botkit.errors import BotkitError, ConfigError, InputError
 
+from .web_connections import (
+    Connections,
+    GuardedRequestHandler,
+    LogLimiter,
+    accept_errors_logged_once,
+    usable_connections,
+)
+from .web_errors import HTTP_SENTENCES, botkit_error_response, error_response
 from .web_params import CompletionRequest, parse_completion, parse_playground
 
 log = logging.getLogger("botkit.web")
 
 PAGE_PATH = Path(__file__).parent / "static" / "playground.html"
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
-# (status, OpenAI error type) per error class; the first match wins, so subclasses come first.
-ERROR_STATUS = (
-    (InputError, 400, "invalid_request_error"),
-    (RateLimitedError, 429, "rate_limit_error"),
-    (BusyError, 503, "server_busy"),
-    (RequestTimeout, 504, "timeout"),
-    (BotkitError, 500, "server_error"),
-)
-HTTP_SENTENCES = {
-    401: "This server needs an API key: send the header Authorization: Bearer <key>.",
-    404: "There is nothing at this path: the API is POST /v1/completions, GET /v1/models and GET /api/stats.",
-    405: "This path does not accept that method: see the API routes on the playground page.",
-}
+BACKLOG = 128  # connections the kernel queues for us, and the most asyncio accepts at once (aiohttp's default)
+LINGER_S = 2.0  # after an early answer (401, 413, 408), read the rest of the body this long, then close
 
 
 def is_loopback(host: str) -> bool:
@@ -66,8 +66,11 @@ class WebAdapter:
         self.config = config
         self.api_key = api_key or None
         self.url = ""
+        self.connections = Connections(config.max_connections, config.header_timeout_s)
         self._page = PAGE_PATH.read_bytes()
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.AbstractServer | None = None
+        self._exit = contextlib.ExitStack()
         self._streams: set[asyncio.Task] = set()  # open streaming responses, ended on shutdown
 
     async def __aenter__(self) -> WebAdapter:
@@ -77,18 +80,26 @@ class WebAdapter:
                 "environment variable holding an API key, or bind to 127.0.0.1."
             )
         # handler_cancellation: a client that hangs up cancels its handler, which cancels its tickets.
-        self._runner = web.AppRunner(self.build_app(), access_log=None, shutdown_timeout=2.0, handler_cancellation=True)
+        self._runner = web.AppRunner(self.build_app(), shutdown_timeout=2.0, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        loop = asyncio.get_running_loop()
+        self.connections.max_connections = usable_connections(self.config.max_connections, BACKLOG)
+        limiter = LogLimiter()
+        # aiohttp's Server is the documented protocol factory for loop.create_server; this one makes the
+        # guarded handler instead of aiohttp's own (aiohttp's TCPSite has no hook for that).
+        handler_args = dict(loop=loop, access_log=None, keepalive_timeout=self.config.keepalive_timeout_s, lingering_time=LINGER_S)
         try:
-            await site.start()
+            self._listener = await loop.create_server(
+                functools.partial(GuardedRequestHandler, self._runner.server, self.connections, limiter, **handler_args),
+                self.config.host, self.config.port, backlog=BACKLOG)
         except OSError as exc:
             await self._runner.cleanup()
             raise ConfigError(
                 f"The web adapter cannot listen on {self.config.host}:{self.config.port} ({exc.strerror}): "
                 "set web.port to a free port."
             ) from None
-        host, port = self._runner.addresses[0][:2]
+        self._exit.enter_context(accept_errors_logged_once(self._listener, limiter))
+        host, port = self._listener.sockets[0].getsockname()[:2]
         self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
         log.info("Web playground and API at %s", self.url)
         return self
@@ -96,9 +107,15 @@ class WebAdapter:
     async def __aexit__(self, *exc_info) -> None:
         for task in list(self._streams):
             task.cancel()
+        if self._listener is not None:
+            self._listener.close()  # no new connections; the runner closes the open ones
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._listener is not None:
+            await self._listener.wait_closed()
+            self._listener = None
+        self._exit.close()
 
     def build_app(self) -> web.Application:
         # client_max_size makes aiohttp refuse a bigger body with 413, even one sent chunked.
@@ -115,7 +132,9 @@ class WebAdapter:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
-        """Every failure becomes `{"error": {"message": <sentence>}}`; a traceback goes to the log only."""
+        """Every failure becomes `{"error": {"message": <sentence>}}`; a traceback goes to the log only.
+        While a request runs, its connection counts as busy (never closed to make room at the cap)."""
+        self.connections.request_started(request.protocol)
         try:
             return await handler(request)
         except web.HTTPException as exc:
@@ -132,15 +151,18 @@ class WebAdapter:
             raise
         except Exception:
             log.exception("Unexpected error answering %s %s", request.method, request.path)
-            return error_response(500, "The server failed to answer this request; the details are in its log.", "server_error")
+            return error_response(500, HTTP_SENTENCES[500], "server_error")
+        finally:
+            self.connections.request_ended(request.protocol)
 
     @web.middleware
     async def _guard(self, request: web.Request, handler):
         if request.path == "/":  # the page holds no data; it asks for a key when the API answers 401
             return await handler(request)
         if self.api_key:
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            # As bytes: a header may hold any byte (aiohttp keeps non-UTF-8 ones as surrogates).
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
                 raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"})
         elif request.host.rsplit(":", 1)[0] not in LOCAL_NAMES:
             raise web.HTTPForbidden(text="This server answers only requests addressed to localhost; set web.api_key_env to serve others.")
@@ -169,10 +191,11 @@ class WebAdapter:
             limit = min(max(int(request.query.get("limit", "20")), 1), 100)
         except ValueError:
             raise InputError("limit must be a whole number from 1 to 100.") from None
-        return web.json_response({"recent": await self.core.recent(limit=limit)}, dumps=_dumps)
+        platform = None if self.config.recent_all_platforms else "web"  # private chats stay off the API unless asked
+        return web.json_response({"recent": await self.core.recent(limit=limit, platform=platform)}, dumps=_dumps)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        req = parse_completion(await read_json(request), max_n=self.config.max_n)
+        req = parse_completion(await read_json(request, self.config.body_timeout_s), max_n=self.config.max_n)
         tickets = await self._submit(request, req)
         with cancelling(tickets):
             if req.stream:
@@ -183,12 +206,12 @@ class WebAdapter:
             for i, r in enumerate(replies)
         ]
         body = self._envelope(choices)
-        body["usage"] = self._usage(req, sum(r.num_tokens for r in replies))
+        body["usage"] = self._usage(tickets, sum(r.num_tokens for r in replies))
         return web.json_response(body)
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         """The playground: samples stream as server-sent events, one JSON object per event."""
-        req = parse_playground(await read_json(request), max_n=self.config.max_n)
+        req = parse_playground(await read_json(request, self.config.body_timeout_s), max_n=self.config.max_n)
         tickets = await self._submit(request, req)
         with cancelling(tickets):
             response = await self._open_sse(request)
@@ -249,7 +272,7 @@ class WebAdapter:
                     choice = {"text": "", "index": index, "logprobs": None, "finish_reason": finish_reason(value.finish_reason)}
                 await _send(response, {**envelope, "choices": [choice]})
         if req.include_usage:
-            await _send(response, {**envelope, "choices": [], "usage": self._usage(req, num_tokens)})
+            await _send(response, {**envelope, "choices": [], "usage": self._usage(tickets, num_tokens)})
         await response.write(b"data: [DONE]\n\n")
         return response
 
@@ -266,8 +289,10 @@ class WebAdapter:
             "choices": choices,
         }
 
-    def _usage(self, req: CompletionRequest, completion_tokens: int) -> dict:
-        prompt_tokens = req.n * sum(self.core.backend.count_tokens(p) for p in req.prompts)
+    def _usage(self, tickets: list, completion_tokens: int) -> dict:
+        # Each sample's prompt as the core accepted it (lone surrogates replaced), not the raw JSON text,
+        # which a tokenizer may refuse after the request was generated and stored.
+        prompt_tokens = sum(self.core.backend.count_tokens(t.prompt) for t in tickets)
         return {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -326,12 +351,22 @@ async def merge_streams(tickets: list, registry: set[asyncio.Task], idle_s: floa
             task.cancel()
 
 
-async def read_json(request: web.Request):
-    raw = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge, answered 413
+async def read_json(request: web.Request, timeout_s: float):
+    """The body as JSON; a body that has not arrived whole within `timeout_s` (a client trickling it,
+    or a chunked body that never ends) is answered 408, and aiohttp then closes the connection."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge, answered 413
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(headers={"Connection": "close"}) from None
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"The request body is not valid JSON ({exc.__class__.__name__}): send a JSON object.") from None
+    except RecursionError:
+        raise InputError("The request body nests arrays or objects too deeply for JSON to read: send a flat JSON object.") from None
+    except ValueError:  # an integer of more than sys.get_int_max_str_digits() (4,300) digits
+        raise InputError("The request body holds a number too long to read: send ordinary numbers.") from None
 
 
 async def _send(response: web.StreamResponse, event: dict) -> None:
@@ -341,20 +376,6 @@ async def _send(response: web.StreamResponse, event: dict) -> None:
 def finish_reason(reason: str | None) -> str:
     """OpenAI's names: "length" when max_tokens ran out, otherwise "stop" (a stop string or end of text)."""
     return "length" if reason == "length" else "stop"
-
-
-def error_response(status: int, message: str, kind: str, headers=None) -> web.Response:
-    keep = {k: v for k, v in (headers or {}).items() if k in ("WWW-Authenticate", "Retry-After", "Allow")}
-    body = {"error": {"message": message, "type": kind, "code": status}}
-    return web.json_response(body, status=status, headers=keep)
-
-
-def botkit_error_response(exc: BotkitError) -> web.Response:
-    for cls, status, kind in ERROR_STATUS:
-        if isinstance(exc, cls):
-            headers = {"Retry-After": "5"} if status in (429, 503) else None
-            return error_response(status, str(exc), kind, headers)
-    raise AssertionError("BotkitError is the last row of ERROR_STATUS")
 
 
 def _dumps(value) -> str:

@@ -10,6 +10,17 @@ from botkit.errors import InputError
 from botkit.params import STOP_LIMIT, SamplingParams
 
 _KIND_NAMES = {int: "whole number", float: "number", str: "string", bool: "true or false"}
+_INT_LIMIT = 2**63  # every whole number a client sends is below this in size (torch's seeds, top_k and counts fit)
+# OpenAI fields botkit cannot honour: accepted only at their neutral values, refused otherwise.
+NEUTRAL_ONLY = (("logprobs", (None, 0)), ("echo", (None, False)), ("suffix", (None, "")), ("logit_bias", (None, {})),
+                ("presence_penalty", (None, 0)), ("frequency_penalty", (None, 0)))
+# The fields each route reads; any other is refused, so a misspelt `max_token` does not silently mean
+# 16 tokens. `model` and `user` are accepted and ignored: one model is served, and callers are told
+# apart by their address or key.
+COMPLETION_FIELDS = frozenset({"prompt", "max_tokens", "temperature", "top_p", "n", "stop", "stream", "stream_options", "seed",
+                               "best_of", "top_k", "repetition_penalty", "model", "user", *(key for key, _ in NEUTRAL_ONLY)})
+PLAYGROUND_FIELDS = frozenset({"prefix", "length", "temperature", "top_k", "top_p", "nsamples", "truncate", "seed"})
+STREAM_OPTIONS = frozenset({"include_usage"})
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,7 @@ def parse_completion(body, *, max_n: int) -> CompletionRequest:
     """An OpenAI completions body (prompt, max_tokens, temperature, top_p, n, stop, stream, seed;
     top_k and repetition_penalty as vLLM's extensions). OpenAI's defaults: 16 tokens, temperature 1."""
     body = _object(body)
+    _known(body, COMPLETION_FIELDS, "OpenAI's completions fields, top_k and repetition_penalty")
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompts = (prompt,)
@@ -43,7 +55,7 @@ def parse_completion(body, *, max_n: int) -> CompletionRequest:
         prompts = tuple(prompt)
     else:
         raise InputError("prompt must be a string or a non-empty list of strings (token-id prompts are not supported).")
-    for key, allowed in (("logprobs", (None, 0)), ("echo", (None, False)), ("suffix", (None, ""))):
+    for key, allowed in NEUTRAL_ONLY:
         if body.get(key) not in allowed:
             raise InputError(f"{key} is not supported by this server: leave it out.")
     n = _field(body, "n", int, 1)
@@ -55,6 +67,7 @@ def parse_completion(body, *, max_n: int) -> CompletionRequest:
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise InputError("stream_options must be an object such as {\"include_usage\": true}.")
+    _known(stream_options, STREAM_OPTIONS, "include_usage")
     params = _sampling(
         max_new_tokens=_field(body, "max_tokens", int, 16),
         temperature=_field(body, "temperature", float, 1.0),
@@ -77,6 +90,7 @@ def parse_playground(body, *, max_n: int) -> CompletionRequest:
     """The playground form: prefix, length, temperature, top_k, top_p, nsamples, truncate, seed
     (gpt-2-simple's names); a sample ends before `truncate` ("" = only at the end of text or length)."""
     body = _object(body)
+    _known(body, PLAYGROUND_FIELDS, ", ".join(sorted(PLAYGROUND_FIELDS)))
     prefix = _field(body, "prefix", str, "")
     nsamples = _field(body, "nsamples", int, 1)
     if not 1 <= nsamples <= max_n:
@@ -99,6 +113,12 @@ def _object(body) -> dict:
     return body
 
 
+def _known(body: dict, fields: frozenset[str], described: str) -> None:
+    unknown = sorted(set(body) - fields)
+    if unknown:
+        raise InputError(f"Unknown field {_short(unknown[0])}: check its spelling; this route reads {described}.")
+
+
 def _field(body: dict, key: str, kind: type, default):
     value = body.get(key)
     if value is None:
@@ -109,6 +129,8 @@ def _field(body: dict, key: str, kind: type, default):
         value = int(value)  # 40.0 from a JavaScript number input
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise InputError(f"{key} must be a {_KIND_NAMES[kind]}, not {_short(value)}.")
+    if kind is int and not -_INT_LIMIT <= value < _INT_LIMIT:
+        raise InputError(f"{key} is too large: send a whole number between -2^63 and 2^63 - 1.")
     return value
 
 
@@ -137,5 +159,7 @@ def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
 
 def _short(value) -> str:
     """A client's value echoed back in an error, cut short so a 60 kB field is not returned whole."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= _INT_LIMIT:
+        return "a number that large"  # repr of a 4,000-digit int is 4,000 characters
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."

@@ -28,7 +28,6 @@ import asyncio
 import dataclasses
 import json
 import resource
-import sys
 import tempfile
 import time
 from collections import defaultdict

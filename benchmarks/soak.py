@@ -1,11 +1,16 @@
-"""Soak: load + SIGKILLs + worker faults + a burst + pinging replies + a secret scan, in one run.
+"""Soak: load, SIGKILLs, worker faults, a burst, pinging replies, a secret scan and a connection attack.
 
-    python benchmarks/soak.py --quick      # about 2-3 minutes on 2 CPU cores
-    python benchmarks/soak.py              # longer: more kills, longer bursts
+    python benchmarks/soak.py --quick      # about 2-4 minutes on 2 CPU cores
+    python benchmarks/soak.py              # longer: more kills, longer bursts and attacks
+    python benchmarks/soak.py --quick --only-connections   # the connection attack alone, about 1 minute
 
 The last line is JSON: lost, duplicated, mass_pings and secrets_leaked must all be 0; peak_rss_mb
 (the largest process: a bot under kills, or the burst) and recovery_s (restart to ready, the worst)
-are the figures RELIABILITY.md quotes. Exit status 1 if any of the four counts is not 0.
+are the figures RELIABILITY.md quotes. The connection phase adds keyed_p99_ratio (a keyed client's p99
+latency under 300 idle sockets and 20 slowloris connections over its idle value, the bot allowed 1024
+open files; goal <= 2), keyed_p99_ratio_over_capacity (the same attack on a bot allowed only 256),
+keyed_failed and log_growth_bytes (goal <= 1 MB). Exit status 1 if any of the four counts, or
+keyed_failed, is not 0.
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import random
 import re
+import resource
 import secrets
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -254,16 +262,185 @@ async def burst_and_scan(workdir: Path, num_prompts: int) -> dict:
     }
 
 
+# -- connections: idle sockets and slowloris against a keyed web API ---------------------------------
+
+# The bot's open-file limits (ulimit -n, soft and hard) the attack meets: Linux's usual 1024, where the default
+# web.max_connections (512) holds all 320 attackers; and a container's 256, which 320 attackers exceed.
+MAX_FILES = (1024, 256)
+KEY_ENV = "BOTKIT_SOAK_WEB_KEY"
+
+
+class QuickBackend(PingingBackend):
+    """A few milliseconds per request, like a short reply from a small model, so latency has a floor."""
+
+    async def generate(self, job: Job) -> Completion:
+        await asyncio.sleep(0.005)
+        return Completion("a quick reply", "stop", 1, 3)
+
+
+async def web_child(db: str, log_path: str) -> None:
+    """The bot under attack (a child process, its open files limited by the parent): a keyed web API
+    with default web settings, logging everything to `log_path`; prints URL <url> when serving."""
+    from botkit.adapters.web_adapter import WebAdapter
+
+    from botkit.config import WebConfig, secret
+    from botkit.core import Core
+    from botkit.store import Store
+
+    logging.basicConfig(filename=log_path, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    async with Store.open(db) as store, QuickBackend() as backend, Core(backend, store, soak_config(max_queue=256)) as core, \
+            WebAdapter(core, WebConfig(port=0), secret(KEY_ENV, "the soak's web key")) as web:
+        print(f"URL {web.url}", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
+        logging.getLogger("botkit").info("Connections at the end: %s", dict(web.connections.counts))
+
+
+async def keyed_clients(url: str, key: str, seconds: float, num_clients: int = 4) -> tuple[list[float], dict]:
+    """`num_clients` callers asking one short completion after another for `seconds`, each on a new
+    connection (like curl or a cron job): latencies in seconds and the failures by kind."""
+    latencies, failures = [], {}
+    deadline = time.monotonic() + seconds
+
+    async def client():
+        import aiohttp
+
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
+                                         timeout=aiohttp.ClientTimeout(total=30)) as http:
+            while time.monotonic() < deadline:
+                started = time.monotonic()
+                try:
+                    async with http.post(url + "v1/completions", json={"prompt": "hello", "max_tokens": 3},
+                                         headers={"Authorization": f"Bearer {key}"}) as response:
+                        await response.read()
+                        failure = None if response.status == 200 else f"HTTP {response.status}"
+                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                    failure = type(exc).__name__
+                if failure:
+                    failures[failure] = failures.get(failure, 0) + 1
+                else:
+                    latencies.append(time.monotonic() - started)
+
+    await asyncio.gather(*(client() for _ in range(num_clients)))
+    return latencies, failures
+
+
+ATTACKER_ADDRESS = "127.0.0.2"  # the attack comes from another address than the keyed clients (127.0.0.1), as from another machine
+
+
+async def attacker(address: tuple[str, int], stop: asyncio.Event, counts: dict, slowloris: bool) -> None:
+    """One hostile connection, opened again as soon as the server closes it: idle (sends nothing) or
+    slowloris (a request head that never ends, one header line a second)."""
+    while not stop.is_set():
+        try:
+            reader, writer = await asyncio.open_connection(*address, local_addr=(ATTACKER_ADDRESS, 0))
+        except OSError:
+            counts["connect_failed"] += 1
+            await asyncio.sleep(0.1)
+            continue
+        try:
+            if slowloris:
+                writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n")
+            while not stop.is_set():
+                try:
+                    if not await asyncio.wait_for(reader.read(4096), 1.0):
+                        counts["closed_by_server"] += 1
+                        break
+                except TimeoutError:
+                    if slowloris:
+                        writer.write(b"X-Slow: 1\r\n")
+        except OSError:
+            counts["closed_by_server"] += 1
+        finally:
+            writer.close()
+
+
+async def attack_child(host: str, port: int, num_idle: int, num_slowloris: int) -> None:
+    """The attack, in its own process as on its own machine: runs until stdin closes, then prints its
+    counts as JSON."""
+    stop, counts = asyncio.Event(), {"connect_failed": 0, "closed_by_server": 0}
+    attackers = [asyncio.create_task(attacker((host, port), stop, counts, slowloris=i < num_slowloris))
+                 for i in range(num_idle + num_slowloris)]
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    stop.set()
+    await asyncio.gather(*attackers)
+    print(json.dumps(counts), flush=True)
+
+
+async def connection_phase(workdir: Path, seconds: float, max_files: int, num_idle: int = 300, num_slowloris: int = 20) -> dict:
+    """Keyed clients alone, then the same clients while `num_idle` idle sockets and `num_slowloris`
+    slowloris connections (reconnecting whenever closed) attack a bot that may open `max_files` files:
+    the clients' p99 latencies and failures, and how much the bot's log grew during the attack."""
+    key = "sk-" + secrets.token_urlsafe(32)
+    log_path = workdir / f"web-{max_files}.log"
+
+    def limit_files():  # soft and hard: botkit raises a low soft limit itself
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
+    bot = subprocess.Popen([sys.executable, __file__, "--web-child", str(workdir / f"web-{max_files}.db"), str(log_path)],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT,
+                           env={**os.environ, KEY_ENV: key}, preexec_fn=limit_files, text=True)
+    attack = None
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(bot.stdout.readline), 120)
+        if not line.startswith("URL "):
+            raise SystemExit(f"the web bot did not start (exit {bot.poll()})")
+        url = line.split()[1]
+        host, port = url.removeprefix("http://").rstrip("/").rsplit(":", 1)
+        idle_latencies, idle_failed = await keyed_clients(url, key, seconds)
+        log_before = log_path.stat().st_size
+        attack = subprocess.Popen([sys.executable, __file__, "--attack-child", host, port, str(num_idle), str(num_slowloris)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT, text=True)
+        await asyncio.sleep(2.0)  # let every attacker connect
+        attack_latencies, attack_failed = await keyed_clients(url, key, seconds)
+        log_growth = log_path.stat().st_size - log_before
+        counts = json.loads(attack.communicate(input="", timeout=60)[0])
+    finally:
+        for proc in (p for p in (attack, bot) if p is not None):
+            if proc.poll() is None:
+                proc.stdin.close()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    # no answer at all under attack (main before this phase existed): an infinite p99
+    p99_idle, p99_attack = (statistics.quantiles(x, n=100)[98] if len(x) > 1 else float("inf") for x in (idle_latencies, attack_latencies))
+    return {
+        "attack": f"{num_idle} idle + {num_slowloris} slowloris from {ATTACKER_ADDRESS}; the bot may open {max_files} files",
+        "keyed_p99_ms_idle": round(p99_idle * 1000, 1), "keyed_p99_ms_attack": round(p99_attack * 1000, 1),
+        "keyed_p50_ms_attack": round(statistics.median(attack_latencies) * 1000, 1) if attack_latencies else None,
+        "keyed_p99_ratio": round(p99_attack / p99_idle, 2), "keyed_answered": [len(idle_latencies), len(attack_latencies)],
+        "keyed_failed": sum(idle_failed.values()) + sum(attack_failed.values()), "keyed_failures": {**idle_failed, **attack_failed},
+        "log_growth_bytes": log_growth,
+        "attack_connections_closed_by_server": counts["closed_by_server"], "attack_connects_failed": counts["connect_failed"],
+        "server_log_tail": log_path.read_text(errors="replace").strip().splitlines()[-1:],
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="about 2-3 minutes")
+    parser.add_argument("--quick", action="store_true", help="about 2-4 minutes")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--child", nargs=2, metavar=("DB", "RUN"), help=argparse.SUPPRESS)
+    parser.add_argument("--web-child", nargs=2, metavar=("DB", "LOG"), help=argparse.SUPPRESS)
+    parser.add_argument("--attack-child", nargs=4, metavar=("HOST", "PORT", "IDLE", "SLOWLORIS"), help=argparse.SUPPRESS)
+    parser.add_argument("--only-connections", action="store_true", help="run only the connection phase")
     args = parser.parse_args()
     if args.child:
         asyncio.run(child(args.child[0], int(args.child[1]), fault_every=23))
         return 0
-    num_kills, num_prompts = (10, 10_000) if args.quick else (40, 30_000)
+    if args.web_child:
+        asyncio.run(web_child(*args.web_child))
+        return 0
+    if args.attack_child:
+        host, port, num_idle, num_slowloris = args.attack_child
+        asyncio.run(attack_child(host, int(port), int(num_idle), int(num_slowloris)))
+        return 0
+    num_kills, num_prompts, attack_s = (10, 10_000, 12.0) if args.quick else (40, 30_000, 60.0)
+    if args.only_connections:
+        with tempfile.TemporaryDirectory(prefix="botkit-soak-") as tmp:
+            for max_files in MAX_FILES:
+                print(json.dumps({"connections": asyncio.run(connection_phase(Path(tmp), attack_s, max_files))}), flush=True)
+        return 0
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="botkit-soak-") as tmp:
         workdir = Path(tmp)
@@ -271,6 +448,10 @@ def main() -> int:
         print(json.dumps({"kills": crash}), flush=True)
         burst = asyncio.run(burst_and_scan(workdir, num_prompts))
         print(json.dumps({"burst": burst}), flush=True)
+        connections = []
+        for max_files in MAX_FILES:
+            connections.append(asyncio.run(connection_phase(workdir, attack_s, max_files)))
+            print(json.dumps({"connections": connections[-1]}), flush=True)
     result = {
         "lost": crash["lost"] + burst["lost"],
         "duplicated": crash["duplicated"],
@@ -279,10 +460,14 @@ def main() -> int:
         "peak_rss_mb": max(crash["peak_rss_mb"], burst["burst_peak_rss_mb"]),
         "recovery_s": crash["recovery_s"],
         "kills": num_kills, "accepted_under_kills": crash["accepted"], "burst_busy": burst["burst_busy"],
-        "max_loop_lag_ms": burst["max_loop_lag_ms"], "elapsed_s": round(time.monotonic() - started, 1),
+        "max_loop_lag_ms": burst["max_loop_lag_ms"],
+        # the first: at the usual limit; the over-capacity run's p99 is in its own line
+        "keyed_p99_ratio": connections[0]["keyed_p99_ratio"], "keyed_p99_ratio_over_capacity": connections[1]["keyed_p99_ratio"],
+        "keyed_failed": sum(c["keyed_failed"] for c in connections),
+        "log_growth_bytes": max(c["log_growth_bytes"] for c in connections), "elapsed_s": round(time.monotonic() - started, 1),
     }
     print(json.dumps(result))
-    return int(any(result[k] for k in ("lost", "duplicated", "mass_pings", "secrets_leaked")))
+    return int(any(result[k] for k in ("lost", "duplicated", "mass_pings", "secrets_leaked", "keyed_failed")))
 
 
 if __name__ == "__main__":

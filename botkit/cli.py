@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-from .config import Config, load_config, secret
+from .config import Config, load_config, override, secret
 from .errors import BotkitError
 
 log = logging.getLogger("botkit")
@@ -102,8 +102,13 @@ def quiet_transformers() -> None:
 
 
 def _generate(args) -> None:
+    from .generate import check_destination, check_sampling
     from .sources import resolve
 
+    # Options, the output folder and the model's path first: one sentence at once, not after loading.
+    check_sampling(length=args.length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   repetition_penalty=args.repetition_penalty, truncate=args.truncate, seed=args.seed, nsamples=args.nsamples)
+    check_destination(args.destination_path)
     source = resolve(args.model, args.run_name, args.checkpoint_dir)  # a bad path or no hub: one sentence, at once
     from .generate import generate
     from .models import load_model
@@ -118,7 +123,7 @@ def _generate(args) -> None:
 def _serve(args, console: bool, web: bool = True) -> None:
     config = load_config(args.config)
     if args.port is not None:
-        config = _replace(config, "web", port=args.port)
+        config = override(config, "--port", "web", port=args.port)
     if not web:
         config = _replace(config, "web", enabled=False)
     asyncio.run(serve(config, console=console or config.console.enabled))

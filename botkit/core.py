@@ -321,8 +321,9 @@ class Core:
     async def is_delivered(self, request_id: int) -> bool:
         return await self.store.is_delivered(request_id)
 
-    async def recent(self, limit: int = 20) -> list[dict]:
-        return await self.store.recent(limit)
+    async def recent(self, limit: int = 20, platform: str | None = None) -> list[dict]:
+        """The latest requests, newest first; only `platform`'s when it is given."""
+        return await self.store.recent(limit, platform)
 
     def stats(self) -> Stats:
         return self.metrics.snapshot(self.backend.name, len(self._queue), len(self._running))

@@ -8,6 +8,7 @@ heavy, so `botkit --help` stays fast. The loop itself is in `trainer.py`.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -105,21 +106,39 @@ def _check_args(args: dict) -> None:
             if not isinstance(args[name], int) or isinstance(args[name], bool) or args[name] <= 0:
                 raise InputError(f"{name} must be a whole number above 0, not {args[name]!r}.")
 
-    positive("steps", "batch_size", "accumulate_gradients", "save_every", "print_every", "max_checkpoints", "sample_num", "sample_length")
+    def at_least_zero(*names):
+        for name in names:
+            if not isinstance(args[name], int) or isinstance(args[name], bool) or args[name] < 0:
+                raise InputError(f"{name} must be a whole number from 0 up, not {args[name]!r}.")
+
+    def finite_at_least_zero(*names):
+        for name in names:
+            if not isinstance(args[name], int | float) or not 0 <= args[name] < math.inf:
+                raise InputError(f"{name} must be a finite number from 0 up, not {args[name]!r}.")
+
+    positive("steps", "batch_size", "accumulate_gradients", "save_every", "print_every", "max_checkpoints", "sample_num", "sample_length",
+             "val_batches", "n_layer", "n_embd", "n_head", "n_ctx", "vocab_size")
+    at_least_zero("sample_every", "block_size", "warmup_steps", "val_every", "early_stopping", "stop_at_step")
+    finite_at_least_zero("weight_decay", "max_grad_norm")
+    if not isinstance(args["seed"], int) or not 0 <= args["seed"] < 2**63:
+        raise InputError(f"seed must be a whole number from 0 to 2^63 - 1, not {args['seed']!r}.")
     for name, allowed in (("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES), ("restore_from", ("", *RESTORE)),
                           ("mixed_precision", ("auto", "no", "fp16", "bf16")), ("device", ("", "cpu", "cuda"))):
         if args[name] not in allowed:
             raise InputError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, not {args[name]!r}.")
     if not 0 <= args["val_fraction"] < 1:
         raise InputError(f"val_fraction must be at least 0 and below 1, not {args['val_fraction']!r}.")
-    if not (args["learning_rate"] > 0):
-        raise InputError(f"learning_rate must be above 0, not {args['learning_rate']!r}.")
+    if not 0 < args["learning_rate"] < math.inf:
+        raise InputError(f"learning_rate must be a finite number above 0, not {args['learning_rate']!r}.")
     if args["early_stopping"] and not args["val_fraction"]:
         raise InputError("early_stopping needs held-out data: set val_fraction (for example 0.05).")
     if not args["run_name"] or any(c in args["run_name"] for c in "/\\") or args["run_name"].startswith("."):
         raise InputError(f"run_name must be a plain folder name, not {args['run_name']!r}.")
     if args["n_embd"] % args["n_head"]:
         raise InputError(f"n_embd ({args['n_embd']}) must be divisible by n_head ({args['n_head']}).")
+    for name in ("checkpoint_dir", "sample_dir"):
+        if Path(args[name]).exists() and not Path(args[name]).is_dir():
+            raise InputError(f"{name} {args[name]} is a file, not a folder: choose a folder for --{name.replace('_', '-')}.")
 
 
 

@@ -57,12 +57,14 @@ def generate(
     prefixes = [prefix] if prefix is None or isinstance(prefix, str) else list(prefix)
     if (nsamples * len(prefixes)) % batch_size:
         raise InputError(f"nsamples ({nsamples}) times the number of prefixes must be a multiple of batch_size ({batch_size}), as in gpt-2-simple.")
+    base = check_sampling(length=length, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                          truncate=truncate, seed=seed, nsamples=nsamples * len(prefixes))
+    if not return_as_list:
+        check_destination(destination_path)
     from .engine import Engine  # torch loads here, not when botkit is imported
     from .models import load_model
 
     lm = sess or load_model(model_name, run_name=run_name, checkpoint_dir=checkpoint_dir)
-    base = SamplingParams(max_new_tokens=length, temperature=temperature, top_k=top_k, top_p=top_p,
-                          repetition_penalty=repetition_penalty, stop=(truncate,) if truncate else ())
     engine = Engine(lm, max_batch_size=batch_size)
     samples = []  # (prefix, Sequence), in order
     for p in prefixes:
@@ -83,6 +85,29 @@ def generate(
         for text in texts:
             sys.stdout.write(text + "\n" + sample_delim)
     return None
+
+
+def check_sampling(*, length, temperature, top_k, top_p, repetition_penalty, truncate, seed, nsamples: int = 1) -> SamplingParams:
+    """The sampling options as SamplingParams (without a seed), refused with a sentence before any model
+    loads; the seeds `seed` to `seed + nsamples - 1` that the samples will use are checked too."""
+    base = SamplingParams(max_new_tokens=length, temperature=temperature, top_k=top_k, top_p=top_p,
+                          repetition_penalty=repetition_penalty, stop=(truncate,) if truncate else ())
+    if seed is not None:
+        for sample_seed in {seed, seed + max(nsamples, 1) - 1}:
+            replace(base, seed=sample_seed)
+    return base
+
+
+def check_destination(destination_path: str | None) -> None:
+    """The file the samples go to can be written: its folder exists and it is not a folder itself;
+    checked before generating, not after the last sample."""
+    if not destination_path:
+        return
+    path = Path(destination_path)
+    if path.is_dir():
+        raise InputError(f"The destination path {path} is a folder: give a file name, e.g. {path / 'samples.txt'}.")
+    if not path.parent.is_dir():
+        raise InputError(f"The folder {path.parent} of the destination path does not exist: create it first or choose another path.")
 
 
 def generate_to_file(sess: LoadedModel | None = None, destination_path: str = "gpt_2_gen_texts.txt", **kwargs) -> None:

@@ -117,9 +117,16 @@ def fuse_gelu(model: torch.nn.Module) -> None:
 
 
 def _load_pretrained(source: Source) -> LoadedModel:
+    from safetensors import SafetensorError  # light: the loader below imports it anyway
+
     options = {"local_files_only": True} if source.local_files_only else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, **options)
+    except SafetensorError as exc:  # truncated, empty, or a header that is not safetensors
+        files = sorted(Path(source.path).glob("*.safetensors")) if source.is_local else []
+        where = files[0] if len(files) == 1 else Path(source.path) / "*.safetensors"
+        why = str(exc).removeprefix("Error while deserializing header: ")
+        raise ModelLoadError(f"The weights file {where} is damaged ({why}): copy or save the model again.") from None
     except OSError as exc:
         if source.is_local:
             raise ModelLoadError(f"Could not read the model in {source.path} ({exc.__class__.__name__}): is the folder complete?") from exc

@@ -198,11 +198,11 @@ class Store:
                                 " JOIN messages m ON m.id = r.message_id WHERE r.id=?", (request_id,))
         return dict(rows[0]) if rows else None
 
-    async def recent(self, limit: int = 20) -> list[dict]:
+    async def recent(self, limit: int = 20, platform: str | None = None) -> list[dict]:
         rows = await self._rows(
             "SELECT r.id, r.kind, r.status, r.error, r.reply, r.finish_reason, r.num_tokens, r.received_at, r.done_at,"
             " m.platform, m.chat_id, m.text FROM requests r JOIN messages m ON m.id = r.message_id"
-            " ORDER BY r.id DESC LIMIT ?", (limit,))
+            " WHERE ? IS NULL OR m.platform = ? ORDER BY r.id DESC LIMIT ?", (platform, platform, limit))
         return [dict(r) for r in rows]
 
     # -- deliveries -------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def test_example_documents_every_key_with_its_default():
 @pytest.mark.parametrize(("text", "says"), [
     ("[batch]\nmax_sise = 3", "unknown key 'batch.max_sise'"),
     ("[nope]\nx = 1", "unknown key 'nope'"),
-    ("[batch]\nmax_size = 'big'", "batch.max_size must be a int"),
+    ("[batch]\nmax_size = 'big'", "batch.max_size must be a whole number"),
     ("[discord]\nallowed_channels = 5", "discord.allowed_channels must be a list"),
     ("[chat]\ntemplate = '{msg}'", "must contain {message}"),
     ("[chat]\ntop_p = 3.0", "top_p"),

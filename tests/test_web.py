@@ -327,3 +327,21 @@ async def test_queued_samples_say_their_place_in_line(tmp_path, tiny_lm):
         (await first).close()
     assert waiting == {0: 1, 1: 2}
     assert [e["type"] for e in rest if e["type"] in ("done", "end")] == ["done", "done", "end"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_lone_surrogate_in_a_prompt_is_answered_with_its_usage(tmp_path, tiny_lm, stream):
+    """Bug 8: the request was generated and stored, then the tokenizer refused the raw prompt while
+    counting `usage`, and the client got a 500."""
+    body = {"prompt": "bad \ud800 input", "max_tokens": 3, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    async with serving(tmp_path, tiny_lm) as (core, web, http):
+        async with http.post("/v1/completions", json=body) as response:
+            assert response.status == 200
+            text = await response.text()
+        rows = await core.recent(limit=5)
+    usage = (json.loads(sse_events(text)[-2]) if stream else json.loads(text))["usage"]
+    assert usage["prompt_tokens"] == len(tiny_lm.tokenizer("bad ? input").input_ids)
+    assert usage["completion_tokens"] == 3
+    assert [(r["text"], r["status"]) for r in rows] == [("bad ? input", "done")]

@@ -128,6 +128,7 @@ def test_build_prompt_fits_the_budget_and_keeps_the_newest_history(tiny_lm, mess
 # -- config parsing ---------------------------------------------------------------------------------
 
 NAMES = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=12)
+ENV_NAMES = st.from_regex(r"\A([A-Z_][A-Z0-9_]{0,11})?\Z")  # "" or an environment variable's name
 
 
 def toml_string(value: str) -> str:
@@ -151,10 +152,10 @@ def to_toml(config: Config) -> str:
 
 CONFIGS = st.builds(
     Config,
-    batch=st.builds(BatchConfig, max_size=st.integers(1, 512), max_queue=st.integers(0, 10**6),
+    batch=st.builds(BatchConfig, max_size=st.integers(1, 512), max_queue=st.integers(1, 10**6),
                     timeout_s=st.floats(0.001, 1e6, allow_nan=False)),
     limits=st.builds(LimitsConfig, max_message_chars=st.integers(1, 10**6), user_per_minute=st.integers(0, 1000)),
-    web=st.builds(WebConfig, enabled=st.booleans(), host=NAMES, port=st.integers(0, 65535), api_key_env=NAMES),
+    web=st.builds(WebConfig, enabled=st.booleans(), host=NAMES, port=st.integers(0, 65535), api_key_env=ENV_NAMES),
     discord=st.builds(DiscordConfig, token_env=st.sampled_from(["DISCORD_TOKEN", "BOT_TOKEN_2"]),
                       admin_user_ids=st.lists(st.from_regex(r"\A[0-9]{1,20}\Z"), max_size=3).map(tuple),
                       command_prefix=NAMES),

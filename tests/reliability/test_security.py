@@ -141,3 +141,19 @@ async def test_without_a_key_only_requests_addressed_to_localhost_are_answered(t
             assert response.status == 403  # a DNS-rebinding page reaches 127.0.0.1 under another name
         async with http.get(web.url + "api/stats") as response:
             assert response.status == 200
+
+
+@pytest.mark.parametrize("all_platforms", [False, True])
+async def test_api_recent_shows_only_the_apis_own_requests_unless_configured(tmp_path, all_platforms):
+    """Anyone holding the API key could read every platform's private chats through /api/recent."""
+    key = "sk-" + secrets.token_urlsafe(32)
+    web_config = WebConfig(port=0, recent_all_platforms=all_platforms)
+    async with Store.open(tmp_path / "bot.db") as store, EchoBackend() as backend, Core(backend, store, make_config()) as core, \
+            WebAdapter(core, web_config, key) as web, aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+        await (await core.submit(Prompt("telegram", "dm-42", "u42", "my private note"))).result()
+        async with http.post(web.url + "v1/completions", json={"prompt": "public prompt", "max_tokens": 2}) as response:
+            assert response.status == 200
+        async with http.get(web.url + "api/recent") as response:
+            assert response.status == 200
+            listed = (await response.json())["recent"]
+    assert [r["text"] for r in listed] == (["public prompt", "my private note"] if all_platforms else ["public prompt"])
