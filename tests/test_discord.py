@@ -14,7 +14,7 @@ import yarl
 with warnings.catch_warnings():  # discord.py imports audioop, deprecated since Python 3.11 (voice only)
     warnings.filterwarnings("ignore", "'audioop' is deprecated", DeprecationWarning)
     import discord
-from botkit.adapters.discord_adapter import EMPTY_REPLY, DiscordAdapter
+from botkit.adapters.discord_adapter import DiscordAdapter
 from fake_discord import (
     BOB,
     CHANNEL_ID,
@@ -29,6 +29,7 @@ from scripted import ScriptedBackend, delivered, deliveries
 
 from botkit.backends import LocalBackend
 from botkit.config import BatchConfig, Config, DiscordConfig, LimitsConfig
+from botkit.conversation import EMPTY_REPLY
 from botkit.core import Core
 from botkit.errors import ConfigError
 from botkit.params import ChatSettings
@@ -38,7 +39,7 @@ from botkit.store import Store
 QUICK = ChatSettings(truncate="", length=8)  # the tiny model's replies: short and never cut to nothing
 NO_PINGS = {"parse": []}  # AllowedMentions.none() as sent to Discord
 SEND = r"/channels/\d+/messages"
-COMMANDS = {"gen", "settings", "reset", "stats", "help"}
+COMMANDS = {"gen", "settings", "reset", "stats", "help", "privacy", "forget"}
 
 
 @pytest.fixture
@@ -246,7 +247,7 @@ async def test_core_refusals_are_answered_with_their_sentence(tmp_path, fake):
         await answered(fake, await fake.send_message("one", mention_bot=True))
         (limited,) = await answered(fake, await fake.send_message("two", mention_bot=True))
         (empty,) = await answered(fake, await fake.send_message("!gen", author=BOB))
-    assert "too fast" in limited["content"] and "empty" in empty["content"]
+    assert "too fast" in limited["content"] and "Write the start of a text" in empty["content"]
     assert all(m["sent_payload"]["allowed_mentions"] == NO_PINGS for m in (limited, empty))
 
 
@@ -286,7 +287,7 @@ async def test_reset_stats_and_help(tmp_path, fake):
     async with running(tmp_path, fake, ScriptedBackend()) as (core, store):
         await answered(fake, await fake.send_message("remember me", mention_bot=True))
         assert await store.context("discord", str(CHANNEL_ID), 10) == [("remember me", "a scripted reply")]
-        for name, expected in [("reset", "forgotten"), ("stats", "1 done"), ("help", "/gen")]:
+        for name, expected in [("reset", "I forgot"), ("stats", "1 done"), ("help", "/gen")]:
             interaction = await fake.use_command(name)
             (answer,) = await interaction_messages(fake, interaction)
             assert expected in answer["content"]
