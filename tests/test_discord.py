@@ -19,7 +19,6 @@ from fake_discord import (
     BOB,
     CHANNEL_ID,
     DM_CHANNEL_ID,
-    EPHEMERAL,
     MANAGE_GUILD,
     OTHER_BOT,
     OTHER_CHANNEL_ID,
@@ -121,41 +120,6 @@ async def test_what_triggers_a_reply(tmp_path, fake):
         assert texts == ["mention", "a reply to the bot", "prefixed", "in private"]
         assert all(not replies_to(fake, m) for m in ignored)
         assert len(fake.bot_messages()) == 4  # the bot's own messages (echoed by the gateway) trigger nothing
-
-
-@pytest.mark.parametrize(
-    ("trigger", "draw", "expected"),
-    [
-        ("always", 0.9, {"plain", "mention", "!gen"}),
-        ("command", 0.9, {"!gen"}),
-        ("mention", 0.1, {"plain", "mention", "!gen"}),  # the random chance (0.5) answers the plain message
-        ("mention", 0.9, {"mention", "!gen"}),
-    ],
-)
-async def test_trigger_setting_and_random_reply_chance(tmp_path, fake, trigger, draw, expected):
-    async with running(tmp_path, fake, ScriptedBackend(), chance=lambda: draw) as (core, store):
-        await core.update_settings("discord", str(CHANNEL_ID), trigger=trigger, random_reply_chance="0.5")
-        await fake.wait_connected()
-        sent = {
-            "plain": await fake.send_message("plain"),
-            "blank": await fake.send_message(""),  # an image alone: never a prompt unless addressed to the bot
-            "mention": await fake.send_message("mention", mention_bot=True),
-            "!gen": await fake.send_message("!gen command"),
-        }
-        last = await fake.send_message("!gen the last one")
-        await answered(fake, last)
-        assert {name for name, message in sent.items() if replies_to(fake, message)} == expected
-
-
-async def test_trigger_never_silences_the_channel_and_gen_says_why(tmp_path, fake):
-    async with running(tmp_path, fake, ScriptedBackend()) as (core, store):
-        await core.update_settings("discord", str(CHANNEL_ID), trigger="never")
-        await fake.wait_connected()
-        silenced = await fake.send_message("!gen hello", mention_bot=True)
-        interaction = await fake.use_command("gen", {"prefix": "hello"})
-        (answer,) = await interaction_messages(fake, interaction)
-        assert "trigger = never" in answer["content"] and answer["flags"] & EPHEMERAL
-        assert not replies_to(fake, silenced) and await core.recent() == []
 
 
 async def test_channels_and_servers_outside_the_allowlists_are_ignored(tmp_path, fake):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 
 import aiohttp
 import pytest
@@ -115,38 +114,6 @@ async def test_other_bots_and_chats_outside_the_allowlist_are_ignored(tmp_path, 
         answered = [c.params["reply_parameters"]["message_id"] for c in fake.calls_of("sendMessage")]
         assert answered == [allowed["message_id"]]
         assert from_bot["message_id"] not in answered and elsewhere["chat"]["id"] != GROUP
-
-
-@pytest.mark.parametrize("trigger, chance, answered", [
-    ("always", 0.0, {"plain", "mention", "command"}),
-    ("mention", 0.0, {"mention", "command"}),
-    ("command", 0.0, {"command"}),
-    ("command", 0.6, {"command"}),  # command means /gen and !gen only: no random replies (issue 13)
-    ("mention", 0.4, {"mention", "command"}),
-])
-async def test_trigger_setting_and_random_reply_chance(tmp_path, fake, trigger, chance, answered):
-    config = Config(chat=dataclasses.replace(QUICK, trigger=trigger, random_reply_chance=chance))
-    async with running(tmp_path, fake, ScriptedBackend(), config=config, chance=lambda: 0.5):
-        messages = {"plain": fake.push_message(GROUP, "hi there"), "mention": fake.push_message(GROUP, f"hi {BOT}"),
-                    "command": fake.push_message(GROUP, "/gen hi")}
-        await fake.wait_for("sendMessage", where=reply_to(messages["command"]))
-        await asyncio.sleep(0.2)
-        got = {name for name, m in messages.items() if [c for c in fake.calls_of("sendMessage") if reply_to(m)(c.params)]}
-        assert got == answered
-
-
-async def test_trigger_never_silences_the_group_but_gen_says_why(tmp_path, fake):
-    backend = ScriptedBackend()
-    async with running(tmp_path, fake, backend, config=Config(chat=dataclasses.replace(QUICK, trigger="never"))):
-        fake.push_message(GROUP, f"{BOT} hi")
-        command = fake.push_message(GROUP, "/gen hi")
-        [call] = await fake.wait_for("sendMessage", where=reply_to(command))
-        assert "switched off" in call.params["text"] and backend.prompts == []
-        private = fake.push_message(ALICE, "hi")  # never means never, in private chats too (as on Discord)
-        private_gen = fake.push_message(ALICE, "/gen hi")
-        [call] = await fake.wait_for("sendMessage", where=reply_to(private_gen))
-        assert "switched off" in call.params["text"] and backend.prompts == []
-        assert not [c for c in fake.calls_of("sendMessage") if reply_to(private)(c.params)]
 
 
 async def test_long_replies_are_split_at_4096_capped_and_defused(tmp_path, fake):
