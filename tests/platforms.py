@@ -110,26 +110,45 @@ class ConsoleDriver:
 
 
 @contextlib.asynccontextmanager
-async def platform(name: str, tmp_path, monkeypatch, backend, config: Config, *, chance=lambda: 0.5, **adapter_config):
-    """The core on SQLite in tmp_path with platform `name`'s adapter connected; yields its driver."""
-    async with Store.open(tmp_path / "bot.db") as store, backend, Core(backend, store, config) as core:
+async def fake_server(name: str, monkeypatch):
+    """The platform's fake server (for the console: its terminal output), to outlive several bot runs."""
+    if name == "discord":
+        async with FakeDiscord() as fake:
+            monkeypatch.setattr(discord.http.Route, "BASE", fake.api_url)
+            monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(fake.gateway_url))
+            yield fake
+    elif name == "telegram":
+        monkeypatch.setenv("PTB_TIMEDELTA", "1")  # PTB >= 22.2 warns about int retry_after unless opted in
+        async with FakeTelegram() as fake:
+            yield fake
+    else:
+        yield io.StringIO()
+
+
+@contextlib.asynccontextmanager
+async def platform(name: str, tmp_path, monkeypatch, backend, config: Config, *, fake=None, chance=lambda: 0.5,
+                   **adapter_config):
+    """The core on SQLite in tmp_path with platform `name`'s adapter connected to `fake` (a new one by
+    default); yields its driver, whose `core` and `store` are the bot's."""
+    async with contextlib.AsyncExitStack() as stack:
+        fake = fake or await stack.enter_async_context(fake_server(name, monkeypatch))
+        store = await stack.enter_async_context(Store.open(tmp_path / "bot.db"))
+        await stack.enter_async_context(backend)
+        core = await stack.enter_async_context(Core(backend, store, config))
         if name == "discord":
-            async with FakeDiscord() as fake:
-                monkeypatch.setattr(discord.http.Route, "BASE", fake.api_url)
-                monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(fake.gateway_url))
-                settings = dict(enabled=True, typing_interval_s=0.2, queue_notice_s=30.0, connect_timeout_s=5.0) | adapter_config
-                async with DiscordAdapter(core, DiscordConfig(**settings), fake.token, chance=chance):
-                    await fake.wait_connected()
-                    yield DiscordDriver(fake)
+            settings = dict(enabled=True, typing_interval_s=0.2, queue_notice_s=30.0, connect_timeout_s=5.0) | adapter_config
+            sessions = len(fake.identifies)
+            adapter = await stack.enter_async_context(DiscordAdapter(core, DiscordConfig(**settings), fake.token, chance=chance))
+            await fake.wait_connected(num_sessions=sessions + 1)
+            driver = DiscordDriver(fake)
         elif name == "telegram":
-            monkeypatch.setenv("PTB_TIMEDELTA", "1")  # PTB >= 22.2 warns about int retry_after unless opted in
-            async with FakeTelegram() as fake:
-                settings = dict(enabled=True, base_url=fake.url, chat_send_interval_s=0.0, typing_interval_s=0.2,
-                                queue_notice_s=30.0, request_timeout_s=2.0) | adapter_config
-                async with TelegramAdapter(core, TelegramConfig(**settings), fake.token, chance=chance):
-                    yield TelegramDriver(fake)
+            settings = dict(enabled=True, base_url=fake.url, chat_send_interval_s=0.0, typing_interval_s=0.2,
+                            queue_notice_s=30.0, request_timeout_s=2.0) | adapter_config
+            adapter = await stack.enter_async_context(TelegramAdapter(core, TelegramConfig(**settings), fake.token, chance=chance))
+            driver = TelegramDriver(fake)
         else:
-            out = io.StringIO()
-            async with ConsoleAdapter(core, config.console, stdin=io.StringIO(""), stdout=out) as console:
-                console.conversation.chance = chance
-                yield ConsoleDriver(console, out)
+            adapter = await stack.enter_async_context(ConsoleAdapter(core, config.console, stdin=io.StringIO(""), stdout=fake))
+            adapter.conversation.chance = chance
+            driver = ConsoleDriver(adapter, fake)
+        driver.core, driver.store, driver.adapter = core, store, adapter
+        yield driver
