@@ -93,11 +93,15 @@ async def forget_command(conv: Conversation, event: ChatEvent, replier: Replier,
         await conv.say(replier, f"Only {conv.platform.admins} can erase everyone's messages here.", private=True)
     elif scope == "all":
         erased = await store.forget(platform, event.chat_id)
-        await conv.say(replier, f"Done: I erased the {erased} messages I kept from this chat, and my replies to them.")
+        await conv.say(replier, f"Done: I erased {_messages(erased)} I kept from this chat, and my replies to them.")
     else:
         erased = await store.forget(platform, event.chat_id, event.user_id)
-        await conv.say(replier, f"Done: I erased the {erased} messages I kept from you in this chat, and my replies to them.",
+        await conv.say(replier, f"Done: I erased {_messages(erased)} I kept from you in this chat, and my replies to them.",
                        private=True)
+
+
+def _messages(count: int) -> str:
+    return f"{count} message" if count == 1 else f"{count} messages"
 
 
 async def gen_command(conv: Conversation, event: ChatEvent, replier: Replier, settings: ChatSettings) -> None:

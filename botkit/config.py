@@ -60,8 +60,8 @@ class StoreConfig:
 
     def __post_init__(self):
         _at_least("store.retention_days", self.retention_days, 0)
-        _at_least("store.prune_interval_s", self.prune_interval_s, 1)
-        _at_least("store.vacuum_interval_s", self.vacuum_interval_s, 1)
+        _at_least("store.prune_interval_s", self.prune_interval_s, 0.01)
+        _at_least("store.vacuum_interval_s", self.vacuum_interval_s, 0.01)
 
 
 @dataclass(frozen=True)

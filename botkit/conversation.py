@@ -50,7 +50,8 @@ class Conversation:
         self.chance = chance  # () -> [0, 1): the draws for random_reply_chance (tests inject one)
         self.outbox = Outbox(platform, core.store)
         self._recent: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()  # events handled here
-        self._handlers: set[asyncio.Task] = set()
+        self._handlers: set[asyncio.Task] = set()  # waiting for a reply: cancelled at close
+        self._deliveries: set[asyncio.Future] = set()  # sending one: finished at close, so what went out is recorded
         self._resuming: asyncio.Task | None = None
         self._resume_up_to = 0  # requests up to this id were accepted before this start
 
@@ -64,9 +65,10 @@ class Conversation:
 
     async def close(self) -> None:
         """Stop waiting for replies. Requests keep running; one not answered now is answered after the restart."""
-        for task in [*self._handlers, *([self._resuming] if self._resuming else [])]:
+        waiting = [*self._handlers, *([self._resuming] if self._resuming else [])]
+        for task in waiting:
             task.cancel()
-        await asyncio.gather(*self._handlers, *([self._resuming] if self._resuming else []), return_exceptions=True)
+        await asyncio.gather(*waiting, *self._deliveries, return_exceptions=True)
         self.core.connections.down(self.platform.name, "stopped")
 
     def connected(self) -> None:
@@ -185,7 +187,14 @@ class Conversation:
         except BotkitError as exc:  # failed, timed out
             text, kind = str(exc), "error"
         await typing.stop()  # before sending: a late indicator would show again under the reply
-        await self.outbox.deliver(replier, ticket.request_id, text, kind, notice)
+        await self._deliver(replier, ticket.request_id, text, kind, notice)
+
+    async def _deliver(self, replier: Replier, request_id: int, text: str, kind: str, notice: Notice | None = None) -> None:
+        """Send an answer; a shutdown waits for it to end (a half-sent answer would be recorded half)."""
+        delivery = asyncio.ensure_future(self.outbox.deliver(replier, request_id, text, kind, notice))
+        self._deliveries.add(delivery)
+        delivery.add_done_callback(self._deliveries.discard)
+        await asyncio.shield(delivery)
 
     # -- after a restart ----------------------------------------------------------------------
 
@@ -207,7 +216,7 @@ class Conversation:
     async def _resume(self, row: dict, replier: Replier) -> None:
         request_id, status, error = row["id"], row["status"], row["error"] or ""
         if time.time() - row["received_at"] > self.core.config.conversation.resume_max_age_s:
-            await self.outbox.deliver(replier, request_id, SORRY, "sorry")
+            await self._deliver(replier, request_id, SORRY, "sorry")
         elif status == "failed" and error.startswith("interrupted:"):
             ticket = await self.core.rerun(request_id)
             if ticket is not None:
@@ -218,7 +227,7 @@ class Conversation:
                     await typing.stop()
         elif status == "done":
             reply = row["reply"] or ""
-            await self.outbox.deliver(replier, request_id, reply if reply.strip() else EMPTY_REPLY,
-                                      "reply" if reply.strip() else "error")
+            await self._deliver(replier, request_id, reply if reply.strip() else EMPTY_REPLY,
+                                "reply" if reply.strip() else "error")
         elif status in ("failed", "cancelled"):
-            await self.outbox.deliver(replier, request_id, error or SORRY, "error")
+            await self._deliver(replier, request_id, error or SORRY, "error")

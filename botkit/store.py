@@ -332,20 +332,13 @@ class Store:
     # -- privacy ----------------------------------------------------------------------------
 
     async def forget(self, platform: str, chat_id: str, user_id: str | None = None) -> int:
-        """Erase a member's messages in a chat (everyone's if `user_id` is None), with their requests,
-        the replies and delivery records, and blank the stored prompts of the chat's other requests
-        that quote them as context; returns how many messages were erased."""
+        """Erase a member's messages in a chat (everyone's if `user_id` is None); see `_erase`."""
         who = "platform=? AND chat_id=?" + (" AND user_id=?" if user_id is not None else "")
         args = (platform, chat_id) + ((user_id,) if user_id is not None else ())
-        chat = "SELECT id FROM messages WHERE platform=? AND chat_id=?"
-        quoting = (f"UPDATE requests SET prompt='' WHERE status NOT IN ('queued', 'running') AND message_id IN ({chat})"
-                   f" AND EXISTS (SELECT 1 FROM messages f WHERE f.{who.replace('AND ', 'AND f.')}"
-                   " AND instr(requests.prompt, f.text) > 0)")
-        return await self._erase(f"SELECT id FROM messages WHERE {who}", args, before=(quoting, (platform, chat_id, *args)))
+        return await self._erase(f"SELECT id FROM messages WHERE {who}", args)
 
     async def prune(self, older_than: float) -> int:
-        """Erase messages received before `older_than` (a time.time()) with their requests, replies and
-        delivery records; requests still in flight are kept."""
+        """Erase messages received before `older_than` (a time.time()); requests still in flight are kept."""
         return await self._erase("SELECT m.id FROM messages m WHERE m.received_at < ? AND NOT EXISTS"
                                  " (SELECT 1 FROM requests r WHERE r.message_id = m.id AND r.status IN ('queued', 'running'))",
                                  (older_than,))
@@ -357,23 +350,34 @@ class Store:
     async def vacuum(self) -> None:
         """Rewrite the file without its free pages (erased rows leave them) and empty the WAL."""
         async with self._lock:
-            await self.db.execute("VACUUM")
-            await self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            await self._run_to_end("VACUUM")
+            await self._run_to_end("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    async def _erase(self, select_messages: str, args: tuple, before: tuple[str, tuple] | None = None) -> int:
+    async def _run_to_end(self, sql: str) -> None:
+        """A statement outside any transaction, stepped to its end (an unfinished one would block VACUUM)."""
+        async with self.db.execute(sql) as cursor:
+            await cursor.fetchall()
+
+    async def _erase(self, select_messages: str, args: tuple) -> int:
+        """Erase the messages `select_messages` picks, with their requests, the replies and delivery
+        records, and blank the stored prompts of the chat's other (settled) requests that quote one of
+        them as context; the text is overwritten on disk (secure_delete, then the WAL is truncated).
+        Returns how many messages were erased."""
         requests = f"SELECT id FROM requests WHERE message_id IN ({select_messages})"
+        quoting = ("UPDATE requests SET prompt = '' WHERE status NOT IN ('queued', 'running') AND prompt != ''"
+                   " AND EXISTS (SELECT 1 FROM messages q JOIN messages f ON f.platform = q.platform AND f.chat_id = q.chat_id"
+                   f" WHERE q.id = requests.message_id AND f.id IN ({select_messages}) AND instr(requests.prompt, f.text) > 0)")
 
         async def work(db):
-            if before is not None:
-                await db.execute(*before)
+            await db.execute(quoting, args)
             for table in ("deliveries", "answers"):
                 await db.execute(f"DELETE FROM {table} WHERE request_id IN ({requests})", args)
             await db.execute(f"DELETE FROM requests WHERE message_id IN ({select_messages})", args)
             return (await db.execute(f"DELETE FROM messages WHERE id IN ({select_messages})", args)).rowcount
 
         async with self._lock:
-            await self.db.execute("PRAGMA secure_delete=ON")  # erased text is overwritten, not left in free pages
+            await self._run_to_end("PRAGMA secure_delete=ON")  # erased text is overwritten, not left in free pages
         erased = await self._transaction(work)
         async with self._lock:
-            await self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # and the WAL's copies of those pages go too
+            await self._run_to_end("PRAGMA wal_checkpoint(TRUNCATE)")  # and the WAL's copies of those pages go too
         return erased

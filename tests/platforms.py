@@ -15,7 +15,17 @@ import io
 import warnings
 
 import yarl
-from fake_discord import ALICE, BOT, CHANNEL_ID, DM_CHANNEL_ID, OTHER_BOT, FakeDiscord
+from fake_discord import (
+    ALICE,
+    BOB,
+    BOT,
+    CHANNEL_ID,
+    DM_CHANNEL_ID,
+    MANAGE_GUILD,
+    MEMBER_PERMISSIONS,
+    OTHER_BOT,
+    FakeDiscord,
+)
 from fake_telegram import FakeTelegram
 
 from botkit.config import Config, DiscordConfig, TelegramConfig
@@ -34,6 +44,7 @@ PLATFORMS = ("discord", "telegram", "console")
 # What a user can do: plain text, @mention the bot, reply to one of its messages, the text prefix
 # (!gen), the platform's command (/gen), mention it with nothing else, or be another bot mentioning it.
 KINDS = ("plain", "mention", "reply", "prefix", "command", "empty mention", "bot")
+USERS = {"alice": ALICE, "bob": BOB}
 
 
 async def until(predicate, timeout_s: float = 10.0) -> None:
@@ -51,15 +62,23 @@ class DiscordDriver:
     def __init__(self, fake: FakeDiscord):
         self.fake = fake
 
-    async def send(self, chat: str, kind: str, text: str) -> dict:
+    async def send(self, chat: str, kind: str, text: str, *, user: str = "alice") -> dict:
         channel_id = CHANNEL_ID if chat == GROUP else DM_CHANNEL_ID
         if kind == "command":
             return await self.fake.use_command("gen", {"prefix": text}, channel_id=channel_id)
         reply_to = await self.fake.send_message("earlier", author=BOT, channel_id=channel_id) if kind == "reply" else None
         return await self.fake.send_message(
             "" if kind == "empty mention" else f"!gen {text}" if kind == "prefix" else text, channel_id=channel_id,
-            author=OTHER_BOT if kind == "bot" else ALICE, mention_bot=kind in ("mention", "empty mention", "bot"),
+            author=OTHER_BOT if kind == "bot" else USERS[user], mention_bot=kind in ("mention", "empty mention", "bot"),
             reply_to=reply_to)
+
+    async def command(self, chat: str, name: str, args: str = "", *, user: str = "alice", admin: bool = False) -> dict:
+        """A slash command; `args` go to its first option (for /settings: "key value")."""
+        channel_id = CHANNEL_ID if chat == GROUP else DM_CHANNEL_ID
+        options = {"settings": ["key", "value"], "forget": ["scope"], "gen": ["prefix"]}.get(name, [])
+        values = args.split(maxsplit=len(options) - 1) if options and args else []
+        return await self.fake.use_command(name, dict(zip(options, values, strict=False)), author=USERS[user],
+                                           channel_id=channel_id, permissions=MANAGE_GUILD if admin else MEMBER_PERMISSIONS)
 
     def answers(self, sent: dict) -> list[str]:
         if "token" in sent:  # a slash command: its response and followups
@@ -75,7 +94,9 @@ class TelegramDriver:
     def __init__(self, fake: FakeTelegram):
         self.fake = fake
 
-    async def send(self, chat: str, kind: str, text: str) -> dict:
+    user_ids = {"alice": 42, "bob": 7}
+
+    async def send(self, chat: str, kind: str, text: str, *, user: str = "alice") -> dict:
         chat_id, bot = self.chat_ids[chat], f"@{self.fake.bot['username']}"
         if kind == "bot":
             return self.fake.push_message(chat_id, f"{bot} {text}", user_id=9, is_bot=True, username="otherbot")
@@ -84,7 +105,14 @@ class TelegramDriver:
             reply_to = self.fake.push_message(chat_id, "earlier", user_id=self.fake.bot["id"], is_bot=True,
                                               username=self.fake.bot["username"])
         written = {"mention": f"{bot} {text}", "empty mention": bot, "prefix": f"!gen {text}", "command": f"/gen {text}"}
-        return self.fake.push_message(chat_id, written.get(kind, text), reply_to=reply_to)
+        return self.fake.push_message(chat_id, written.get(kind, text), reply_to=reply_to, user_id=self.user_ids[user],
+                                      username=user, first_name=user.title())
+
+    async def command(self, chat: str, name: str, args: str = "", *, user: str = "alice", admin: bool = False) -> dict:
+        if admin:
+            self.fake.set_admin(self.chat_ids[chat], self.user_ids[user])
+        return self.fake.push_message(self.chat_ids[chat], f"/{name} {args}".strip(), user_id=self.user_ids[user],
+                                      username=user, first_name=user.title())
 
     def answers(self, sent: dict) -> list[str]:
         return [m["text"] for m in self.fake.sent(sent["chat"]["id"])
@@ -104,6 +132,9 @@ class ConsoleDriver:
         start = len(self.out.getvalue())
         await self.console.handle_line({"prefix": f"!gen {text}", "command": f"/gen {text}"}.get(kind, text))
         return [line.removeprefix("bot> ") for line in self.out.getvalue()[start:].splitlines() if line.startswith("bot> ")]
+
+    async def command(self, chat: str, name: str, args: str = "", *, user: str = "alice", admin: bool = False) -> list[str]:
+        return await self.send(chat, "plain", f"/{name} {args}".strip())
 
     def answers(self, sent: list[str]) -> list[str]:
         return sent
