@@ -62,6 +62,9 @@ class DiscordDriver:
     def __init__(self, fake: FakeDiscord):
         self.fake = fake
 
+    def chat_id(self, chat: str) -> int:
+        return CHANNEL_ID if chat == GROUP else DM_CHANNEL_ID
+
     async def send(self, chat: str, kind: str, text: str, *, user: str = "alice") -> dict:
         channel_id = CHANNEL_ID if chat == GROUP else DM_CHANNEL_ID
         if kind == "command":
@@ -93,6 +96,9 @@ class TelegramDriver:
 
     def __init__(self, fake: FakeTelegram):
         self.fake = fake
+
+    def chat_id(self, chat: str) -> int:
+        return self.chat_ids[chat]
 
     user_ids = {"alice": 42, "bob": 7}
 
