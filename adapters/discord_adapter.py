@@ -22,11 +22,12 @@ from botkit.conversation import Conversation
 from botkit.core import Core
 from botkit.errors import BotkitError, ConfigError
 
+from .discord_replier import NO_PINGS, ChannelReplier, InteractionReplier
+
 log = logging.getLogger("botkit.discord")
 
 PLATFORM = "discord"
 MAX_MESSAGE_CHARS = 2000  # Discord's limit for a message's content
-NO_PINGS = discord.AllowedMentions.none()  # on the client and every send, besides the defused text
 # What the bot needs in a channel; replying to a message needs Read Message History.
 PERMISSIONS = discord.Permissions(view_channel=True, send_messages=True, send_messages_in_threads=True,
                                   read_message_history=True)
@@ -113,7 +114,7 @@ class DiscordAdapter:
             replies_to_bot=ref is not None and isinstance(ref.resolved, discord.Message) and ref.resolved.author.id == me,
             from_bot=message.author.bot or message.webhook_id is not None,
             allowed=self._allowed(message.guild and message.guild.id, message.channel),
-        ), _ChannelReplier(message.channel, message.to_reference(fail_if_not_exists=False)))
+        ), ChannelReplier(message.channel, message.to_reference(fail_if_not_exists=False)))
 
     async def on_command(self, interaction: discord.Interaction, name: str, text: str = "") -> None:
         await self.conversation.handle(ChatEvent(
@@ -121,7 +122,7 @@ class DiscordAdapter:
             user_name=interaction.user.display_name, text=text, is_private=interaction.guild_id is None, command=name,
             allowed=self._allowed(interaction.guild_id, interaction.channel),
             is_admin=functools.partial(_manages_server, interaction),
-        ), _InteractionReplier(interaction))
+        ), InteractionReplier(interaction))
 
     def _allowed(self, guild_id: int | None, channel) -> bool:
         """The configured allowlists (empty = everywhere); a thread counts as its parent channel too."""
@@ -132,11 +133,11 @@ class DiscordAdapter:
         ids = {str(getattr(channel, "id", "")), str(getattr(channel, "parent_id", "") or "")}
         return not self.config.allowed_channels or bool(ids & set(self.config.allowed_channels))
 
-    def _replier_for(self, chat_id: str, message_id: str | None) -> _ChannelReplier:
+    def _replier_for(self, chat_id: str, message_id: str | None) -> ChannelReplier:
         """Replies to a message known only by ids (after a restart); without it, plain sends in the channel."""
         reference = message_id and discord.MessageReference(message_id=int(message_id), channel_id=int(chat_id),
                                                             fail_if_not_exists=False)
-        return _ChannelReplier(self.client.get_partial_messageable(int(chat_id)), reference or None)
+        return ChannelReplier(self.client.get_partial_messageable(int(chat_id)), reference or None)
 
     def register_commands(self, tree: app_commands.CommandTree) -> None:
         @tree.command(name="gen", description=COMMANDS["gen"])
@@ -164,52 +165,6 @@ class DiscordAdapter:
 
         callback.__name__ = name
         return callback
-
-
-class _ChannelReplier:
-    """Replies to a message in a channel or DM: every part answers it."""
-
-    def __init__(self, channel, reference: discord.MessageReference | None):
-        self.channel, self.reference = channel, reference
-
-    async def reply(self, text: str, *, private: bool = False) -> str:
-        return str((await self.channel.send(text, reference=self.reference, allowed_mentions=NO_PINGS)).id)
-
-    async def edit(self, message_id: str, text: str) -> str:
-        message = self.channel.get_partial_message(int(message_id))
-        return str((await message.edit(content=text, allowed_mentions=NO_PINGS)).id)
-
-    async def typing(self) -> None:
-        await self.channel.typing()  # one POST …/typing; Discord shows it for about 10 s
-
-
-class _InteractionReplier:
-    """Answers a slash command: "thinking…" is its typing; the first text fills the response, the rest follow up."""
-
-    def __init__(self, interaction: discord.Interaction):
-        self.interaction, self.original = interaction, None
-        self._lock = asyncio.Lock()  # the response can be acknowledged once
-
-    async def typing(self) -> None:
-        async with self._lock:
-            if not self.interaction.response.is_done():
-                await self.interaction.response.defer(thinking=True)
-
-    async def reply(self, text: str, *, private: bool = False) -> str:
-        async with self._lock:
-            if not self.interaction.response.is_done():
-                sent = await self.interaction.response.send_message(text, ephemeral=private, allowed_mentions=NO_PINGS)
-                self.original = str(sent.message_id)
-            elif self.original is None:
-                self.original = str((await self.interaction.edit_original_response(content=text, allowed_mentions=NO_PINGS)).id)
-            else:
-                return str((await self.interaction.followup.send(text, ephemeral=private, allowed_mentions=NO_PINGS, wait=True)).id)
-            return self.original
-
-    async def edit(self, message_id: str, text: str) -> str:
-        if message_id == self.original:
-            return str((await self.interaction.edit_original_response(content=text, allowed_mentions=NO_PINGS)).id)
-        return str((await self.interaction.followup.edit_message(int(message_id), content=text, allowed_mentions=NO_PINGS)).id)
 
 
 async def _manages_server(interaction: discord.Interaction) -> bool:

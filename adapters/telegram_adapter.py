@@ -8,7 +8,6 @@ holds the policy). The composition root owns the event loop, so never `run_polli
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import random
@@ -16,9 +15,9 @@ import re
 from collections.abc import Callable
 from urllib.parse import urlparse
 
-from telegram import Bot, BotCommand, LinkPreviewOptions, Message, MessageEntity, ReplyParameters, Update
-from telegram.constants import ChatAction, ChatMemberStatus, ChatType, MessageLimit
-from telegram.error import InvalidToken, NetworkError, TelegramError, TimedOut
+from telegram import BotCommand, Message, MessageEntity, Update
+from telegram.constants import ChatMemberStatus, ChatType, MessageLimit
+from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import Application, ApplicationBuilder, ContextTypes, MessageHandler, filters
 from telegram.request import HTTPXRequest
 
@@ -30,12 +29,11 @@ from botkit.core import Core
 from botkit.errors import BotkitError, ConfigError
 
 from .telegram_pacing import PacedRateLimiter
+from .telegram_replier import ChatReplier
 
 log = logging.getLogger(__name__)
 
 PLATFORM = "telegram"
-NO_PREVIEW = LinkPreviewOptions(is_disabled=True)
-_RETRY_BACKOFF_S = 0.5  # first wait before resending after a 5xx or a dropped connection; doubles
 
 
 class TelegramAdapter:
@@ -137,10 +135,10 @@ class TelegramAdapter:
             from_bot=message.from_user.is_bot and not anonymous_admin, command=command,
             allowed=not self._config.allowed_chats or str(message.chat_id) in self._config.allowed_chats,
             is_admin=functools.partial(_is_chat_admin, message, anonymous_admin),
-        ), _ChatReplier(bot, message.chat_id, message.message_id, self._config.max_send_retries))
+        ), ChatReplier(bot, message.chat_id, message.message_id, self._config.max_send_retries))
 
-    def _replier_for(self, chat_id: str, message_id: str | None) -> _ChatReplier:
-        return _ChatReplier(self.application.bot, int(chat_id), message_id and int(message_id), self._config.max_send_retries)
+    def _replier_for(self, chat_id: str, message_id: str | None) -> ChatReplier:
+        return ChatReplier(self.application.bot, int(chat_id), message_id and int(message_id), self._config.max_send_retries)
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         log.error("Telegram: handling an update failed", exc_info=context.error)
@@ -170,40 +168,6 @@ class _WatchedRequest(HTTPXRequest):
             self.failing = False
             self.conversation.connected()
         return status, payload
-
-
-class _ChatReplier:
-    """Replies to one message in a chat, as plain text without link previews."""
-
-    def __init__(self, bot: Bot, chat_id: int, message_id: int | None, max_retries: int):
-        self.bot, self.chat_id, self.message_id, self.max_retries = bot, chat_id, message_id, max_retries
-
-    async def reply(self, text: str, *, private: bool = False) -> str:
-        to = ReplyParameters(self.message_id, allow_sending_without_reply=True) if self.message_id else None
-        sent = await self._retrying(lambda: self.bot.send_message(self.chat_id, text, reply_parameters=to,
-                                                                  link_preview_options=NO_PREVIEW))
-        return str(sent.message_id)
-
-    async def edit(self, message_id: str, text: str) -> str:
-        await self._retrying(lambda: self.bot.edit_message_text(text, chat_id=self.chat_id, message_id=int(message_id),
-                                                                link_preview_options=NO_PREVIEW))
-        return message_id
-
-    async def typing(self) -> None:
-        await self.bot.send_chat_action(self.chat_id, ChatAction.TYPING)  # Telegram shows it for 5 s
-
-    async def _retrying(self, send):
-        """Send again after a 5xx or a dropped connection (429s are retried by PacedRateLimiter).
-        A timeout is not retried: Telegram may have posted the message, and a duplicate is worse."""
-        for attempt in range(self.max_retries + 1):
-            try:
-                return await send()
-            except TimedOut:
-                raise
-            except NetworkError:
-                if attempt == self.max_retries:
-                    raise
-                await asyncio.sleep(_RETRY_BACKOFF_S * 2**attempt)
 
 
 async def _is_chat_admin(message: Message, anonymous_admin: bool) -> bool:
