@@ -45,7 +45,8 @@ class InteractionReplier:
         async with self._lock:
             if not self.interaction.response.is_done():
                 sent = await self.interaction.response.send_message(text, ephemeral=private, allowed_mentions=NO_PINGS)
-                self.original = str(sent.message_id)
+                message_id = getattr(sent, "message_id", None)  # discord.py < 2.5 returns nothing: ask for it
+                self.original = str(message_id or (await self.interaction.original_response()).id)
             elif self.original is None:
                 self.original = str((await self.interaction.edit_original_response(content=text, allowed_mentions=NO_PINGS)).id)
             else:

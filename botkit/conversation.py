@@ -219,12 +219,14 @@ class Conversation:
             await self._deliver(replier, request_id, SORRY, "sorry")
         elif status == "failed" and error.startswith("interrupted:"):
             ticket = await self.core.rerun(request_id)
-            if ticket is not None:
-                typing = await Typing(replier, self.platform.typing_interval_s).start()
-                try:
-                    await self.settle(ticket, replier, typing)
-                finally:
-                    await typing.stop()
+            if ticket is None:  # its prompt was erased (/forget): nothing to run again
+                await self._deliver(replier, request_id, SORRY, "sorry")
+                return
+            typing = await Typing(replier, self.platform.typing_interval_s).start()
+            try:
+                await self.settle(ticket, replier, typing)
+            finally:
+                await typing.stop()
         elif status == "done":
             reply = row["reply"] or ""
             await self._deliver(replier, request_id, reply if reply.strip() else EMPTY_REPLY,

@@ -69,12 +69,11 @@ class Ticket:
     """A queued request: await `result()`, or follow `stream()`, ask `position()`, or `cancel()`."""
 
     def __init__(self, core: Core, request_id: int, user_key: tuple, prompt: str, params: SamplingParams, *,
-                 kind: str = "chat", retry_empty: bool = False):
+                 retry_empty: bool = False):
         self.request_id = request_id
         self.user_key = user_key
         self.prompt = prompt
         self.params = params
-        self.kind = kind
         self.retry_empty = retry_empty  # a blank sample is drawn again once, in the same slot, before anything is stored
         self.accepted_at = time.monotonic()
         self._core = core
@@ -224,8 +223,7 @@ class Core:
         except sqlite3.Error as exc:  # not recorded, so not accepted: the caller is told to retry
             log.warning("Could not record a request: %s", exc)
             raise BusyError("My database is busy right now; please try again in a moment.") from None
-        ticket = Ticket(self, request_id, (prompt.platform, prompt.user_id), full_prompt, params, kind=kind,
-                        retry_empty=retry_empty)
+        ticket = Ticket(self, request_id, (prompt.platform, prompt.user_id), full_prompt, params, retry_empty=retry_empty)
         self._push(ticket)
         return ticket
 

@@ -320,11 +320,13 @@ class Store:
                           " ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)", (platform, up_to_id))
 
     async def requeue(self, request_id: int) -> bool:
-        """Put a request interrupted by a restart back in the queued state; False if it is not one."""
+        """Put a request interrupted by a restart back in the queued state; False if it is not one (or
+        /forget blanked its prompt)."""
 
         async def work(db):
             cur = await db.execute("UPDATE requests SET status='queued', error=NULL, done_at=NULL, started_at=NULL"
-                                   " WHERE id=? AND status='failed' AND error LIKE 'interrupted:%'", (request_id,))
+                                   " WHERE id=? AND status='failed' AND error LIKE 'interrupted:%' AND prompt != ''",
+                                   (request_id,))
             return cur.rowcount == 1
 
         return await self._transaction(work)
