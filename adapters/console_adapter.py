@@ -1,6 +1,6 @@
 """Terminal chat (`botkit chat`): each line you type is a message to the bot in one private chat,
-through the same core as every other platform; the reply is printed as it is generated. Ctrl-D
-(end of input) or /quit ends it.
+through the same conversation layer as every other platform; its answers are printed as "bot> …".
+Ctrl-D (end of input) or /quit ends it.
 
     async with ConsoleAdapter(core, config.console) as console:
         await console.run()
@@ -10,24 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import itertools
 import logging
 import sys
 import threading
+import time
 from typing import TextIO
 
+from botkit.chat_event import ChatEvent, Platform
 from botkit.config import ConsoleConfig
-from botkit.errors import BotkitError
+from botkit.conversation import Conversation
 
 log = logging.getLogger("botkit.console")
 
-HELP = """Type a message and press Enter; the bot answers below it.
-  /reset              forget this chat's context
-  /settings           show this chat's settings
-  /set NAME VALUE     change one, e.g. /set temperature 0.5 (\\n is a new line)
-  /quit or Ctrl-D     leave"""
-
 PLATFORM, CHAT_ID = "console", "console"
+MAX_LINE_CHARS = 1_000_000  # a terminal has no message limit; this only bounds one printed answer
 
 
 class ConsoleAdapter:
@@ -42,70 +38,53 @@ class ConsoleAdapter:
         self.stdin = stdin or sys.stdin
         self.stdout = stdout or sys.stdout
         self.user_name = _login_name()
+        platform = Platform(PLATFORM, MAX_LINE_CHARS, max_parts=1, typing_interval_s=60.0, queue_notice_s=5.0,
+                            bot_name="bot", mention_hint="just write")
+        self.conversation = Conversation(core, platform, lambda chat_id, message_id: self)
         self._lines: asyncio.Queue[str | None] = asyncio.Queue()
-        self._message_ids = itertools.count(1)
 
     async def __aenter__(self) -> ConsoleAdapter:
+        await self.conversation.__aenter__()
         loop = asyncio.get_running_loop()
         threading.Thread(target=self._read_lines, args=(loop,), name="botkit-console-stdin", daemon=True).start()
+        self.conversation.connected()
         return self
 
     async def __aexit__(self, *exc_info) -> None:
-        pass  # the reader thread is a daemon; nothing else to close
+        await self.conversation.close()  # the reader thread is a daemon; nothing else to close
 
     async def run(self) -> None:
         """Chat until end of input or /quit."""
-        self._write(f"botkit chat. {HELP.splitlines()[0]} /help lists commands; Ctrl-D quits.\n")
+        self._write("botkit chat. Type a message and press Enter; /help lists commands; Ctrl-D quits.\n")
         while True:
             self._prompt()
             line = await self._lines.get()
             if line is None or line.strip() == "/quit":
                 self._write("\n" if line is None else "")
                 return
-            text = line.rstrip("\r\n")
-            if not text.strip():
-                continue
-            try:
-                if text.startswith("/"):
-                    await self._command(text)
-                else:
-                    await self._chat(text)
-            except BotkitError as exc:
-                self._write(f"! {exc}\n")
+            if line.strip():
+                await self.handle_line(line.rstrip("\r\n"))
 
-    async def _chat(self, text: str) -> None:
-        from botkit.core import Prompt  # the core's public surface; imported late so the CLI starts fast
+    async def handle_line(self, text: str) -> None:
+        """One line typed: a command if it starts with "/", otherwise a message."""
+        command, args = None, text
+        if text.startswith("/"):
+            command, _, args = text[1:].partition(" ")
+        await self.conversation.handle(ChatEvent(
+            chat_id=CHAT_ID, event_id=f"line-{time.time_ns()}", user_id=self.user_name, user_name=self.user_name,
+            text=args, is_private=True, command=command), self)
 
-        prompt = Prompt(platform=PLATFORM, chat_id=CHAT_ID, user_id=self.user_name, text=text,
-                        message_id=str(next(self._message_ids)), user_name=self.user_name)
-        ticket = await self.core.submit(prompt)
-        self._write("bot> ")
-        started = False
-        async for delta in ticket.stream():
-            if not started:  # GPT-2 replies usually begin with a space or a newline
-                delta = delta.lstrip()
-                started = bool(delta)
-            self._write(delta)
-        reply = await ticket.result()
-        self._write("\n")
-        await self.core.record_delivery(reply.request_id, ["console"])
+    # -- the replier: the terminal ---------------------------------------------------------------
 
-    async def _command(self, text: str) -> None:
-        name, _, rest = text.partition(" ")
-        if name == "/help":
-            self._write(HELP + "\n")
-        elif name == "/reset":
-            await self.core.reset_context(PLATFORM, CHAT_ID)
-            self._write("Context forgotten.\n")
-        elif name == "/settings":
-            settings = await self.core.get_settings(PLATFORM, CHAT_ID)
-            self._write("".join(f"  {k} = {v!r}\n" for k, v in settings.to_dict().items()))
-        elif name == "/set" and len(rest.split(None, 1)) == 2:
-            key, value = rest.split(None, 1)
-            settings = await self.core.update_settings(PLATFORM, CHAT_ID, **{key: value})
-            self._write(f"  {key} = {getattr(settings, key)!r}\n")
-        else:
-            self._write(f"Unknown command {text!r}.\n{HELP}\n")
+    async def reply(self, text: str, *, private: bool = False) -> str:
+        self._write(f"bot> {text.strip()}\n")
+        return f"out-{time.time_ns()}"
+
+    async def edit(self, message_id: str, text: str) -> str:
+        return await self.reply(text)  # a terminal cannot change a line already printed: print it anew
+
+    async def typing(self) -> None:
+        pass
 
     def _read_lines(self, loop: asyncio.AbstractEventLoop) -> None:
         try:

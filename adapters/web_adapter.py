@@ -1,5 +1,6 @@
 """The web adapter: the playground page and an HTTP JSON API (OpenAI-style `/v1/completions`,
-`/v1/models`, `/api/stats`, `/api/recent`) around one core, served by aiohttp.
+`/v1/models`, `/api/stats`, `/api/recent`) and, for people who run bots, `GET /healthz` and
+`GET /metrics` (Prometheus), around one core, served by aiohttp.
 
 Safe by default: bound to 127.0.0.1, and it refuses to bind elsewhere without an API key. With a key
 every API route needs `Authorization: Bearer <key>`; without one it answers only requests addressed to
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from botkit import health
 from botkit.config import WebConfig
 from botkit.errors import BotkitError, ConfigError, InputError
 
@@ -72,6 +74,7 @@ class WebAdapter:
         self._listener: asyncio.AbstractServer | None = None
         self._exit = contextlib.ExitStack()
         self._streams: set[asyncio.Task] = set()  # open streaming responses, ended on shutdown
+        self._metrics = None  # a prometheus_client registry, made at the first scrape
 
     async def __aenter__(self) -> WebAdapter:
         if not is_loopback(self.config.host) and not self.api_key:
@@ -126,6 +129,8 @@ class WebAdapter:
         app.router.add_post("/api/generate", self.generate)
         app.router.add_get("/api/recent", self.recent)
         app.router.add_get("/api/stats", self.stats)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/metrics", self.metrics)
         return app
 
     # -- middlewares -----------------------------------------------------------------------------
@@ -185,6 +190,19 @@ class WebAdapter:
     async def stats(self, request: web.Request) -> web.Response:
         stats = self.core.stats()
         return web.json_response({**dataclasses.asdict(stats), "summary": stats.summary()}, dumps=_dumps)
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        """200 while every enabled platform is connected and the worker alive; 503 with the reasons otherwise."""
+        problems = health.problems(self.core)
+        body = {"status": "unhealthy", "problems": problems} if problems else {"status": "ok"}
+        return web.json_response({**body, "platforms": self.core.connections.states()}, status=503 if problems else 200)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        from botkit import prometheus  # prometheus_client loads on the first scrape, not with botkit
+
+        self._metrics = self._metrics or prometheus.registry_for(self.core)
+        body, content_type = prometheus.exposition(self._metrics, request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def recent(self, request: web.Request) -> web.Response:
         try:

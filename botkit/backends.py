@@ -117,6 +117,10 @@ class LocalBackend:
         self._inbox.put(None)
         await asyncio.to_thread(self._thread.join)
 
+    def is_alive(self) -> bool:
+        """Whether the worker thread runs (GET /healthz)."""
+        return self._thread is not None and self._thread.is_alive()
+
     async def generate(self, job: Job) -> Completion:
         loop = asyncio.get_running_loop()
         pending = _Pending(job, self.encode(job.prompt), loop, loop.create_future())

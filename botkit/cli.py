@@ -139,6 +139,7 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
     """Run the core and every enabled adapter around one model until `stop` is set (by default: until
     SIGINT/SIGTERM) or the console chat ends."""
     from .core import Core
+    from .retention import Retention
     from .store import Store
 
     # Secrets first: a missing token should fail before minutes of model loading.
@@ -163,6 +164,7 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
 
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(Store.open(config.store.path))
+        await stack.enter_async_context(Retention(store, config.store))
         await stack.enter_async_context(backend)
         core = await stack.enter_async_context(Core(backend, store, config))
         print(f"botkit keeps its prompts and replies in {Path(config.store.path).resolve()}", flush=True)

@@ -64,6 +64,29 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     path: str = "botkit.db"  # SQLite file (WAL mode)
+    retention_days: float = 0.0  # erase messages, requests and replies older than this (0 = keep them)
+    prune_interval_s: float = 3600.0  # how often old rows are erased
+    vacuum_interval_s: float = 86400.0  # how often the file is compacted (VACUUM) after erasing
+
+    def __post_init__(self):
+        _at_least("store.retention_days", self.retention_days, 0)
+        _at_least("store.prune_interval_s", self.prune_interval_s, 0.01)
+        _at_least("store.vacuum_interval_s", self.vacuum_interval_s, 0.01)
+
+
+@dataclass(frozen=True)
+class ConversationConfig:
+    resume_max_age_s: float = 600.0  # after a restart, older unanswered requests get "sorry, I restarted" instead
+    max_channel_messages: int = 50  # messages kept per chat for context = channel (beyond the bot's exchanges)
+
+    def __post_init__(self):
+        _at_least("conversation.resume_max_age_s", self.resume_max_age_s, 0)
+        _at_least("conversation.max_channel_messages", self.max_channel_messages, 1)
+
+
+def _at_least(name: str, value: float, low: float) -> None:
+    if not (math.isfinite(value) and value >= low):  # load_config adds the file's name
+        raise ValueError(f"{name} must be a finite number of at least {low}, not {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -131,6 +154,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     chat: ChatSettings = field(default_factory=ChatSettings)  # defaults for every chat
+    conversation: ConversationConfig = field(default_factory=ConversationConfig)
     web: WebConfig = field(default_factory=WebConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
     discord: DiscordConfig = field(default_factory=DiscordConfig)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from .backends import Backend, Job
+from .channel_context import build_channel_prompt
 from .config import Config
 from .errors import (
     BotkitError,
@@ -28,6 +30,7 @@ from .errors import (
     RequestTimeout,
     StoreUnavailable,
 )
+from .health import Connections
 from .metrics import Metrics, Stats
 from .params import ChatSettings, SamplingParams
 from .prompting import build_prompt, clean_message, history_to_keep
@@ -37,6 +40,9 @@ from .store import Store
 log = logging.getLogger("botkit")
 
 SETTLE_RETRY_S = 2.0  # how often a settlement the store refused (disk full) is tried again
+# The reason stored for a request stopped by a crash (Store.recover) or a shutdown: the conversation
+# layer runs such chat requests again after the restart (Store.requeue matches this prefix).
+INTERRUPTED = "interrupted: botkit stopped before this finished"
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,7 @@ class Prompt:
     text: str
     message_id: str | None = None
     user_name: str = ""
+    bot_name: str = ""  # how the bot is called in this chat: its lines in channel context (chat setting context = channel)
 
 
 @dataclass(frozen=True)
@@ -62,11 +69,13 @@ class Reply:
 class Ticket:
     """A queued request: await `result()`, or follow `stream()`, ask `position()`, or `cancel()`."""
 
-    def __init__(self, core: Core, request_id: int, user_key: tuple, prompt: str, params: SamplingParams):
+    def __init__(self, core: Core, request_id: int, user_key: tuple, prompt: str, params: SamplingParams, *,
+                 retry_empty: bool = False):
         self.request_id = request_id
         self.user_key = user_key
         self.prompt = prompt
         self.params = params
+        self.retry_empty = retry_empty  # a blank sample is drawn again once, in the same slot, before anything is stored
         self.accepted_at = time.monotonic()
         self._core = core
         self._future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
@@ -120,18 +129,22 @@ class Core:
         self._wake = asyncio.Event()
         self._dispatcher: asyncio.Task | None = None
         self.metrics = Metrics()
+        self.connections = Connections()  # adapters report whether their platform is connected (GET /healthz)
         self._pending_fails: set[asyncio.Future] = set()
         self._unsettled: list[tuple] = []  # store writes that failed (disk full), retried by _settler
         self._settler: asyncio.Task | None = None
+        self._closing = False
 
     async def __aenter__(self) -> Core:
         interrupted = await self.store.recover()
         if interrupted:
-            log.warning("%d requests were interrupted by the last shutdown and are marked failed.", interrupted)
+            log.warning("%d requests were interrupted by the last shutdown and are marked so; each chat's adapter"
+                        " runs its own again (or apologises) once connected.", interrupted)
         self._dispatcher = asyncio.create_task(self._dispatch(), name="botkit-dispatcher")
         return self
 
     async def __aexit__(self, *exc) -> None:
+        self._closing = True  # what is stopped now is recorded as interrupted, to be run again after a restart
         self._dispatcher.cancel()
         stopping = BusyError("botkit is shutting down; please try again in a moment.")
         while self._queue:
@@ -148,18 +161,39 @@ class Core:
 
     # -- accepting work ---------------------------------------------------------------------
 
-    async def submit(self, prompt: Prompt, settings: ChatSettings | None = None) -> Ticket:
-        """Queue a chat message for a reply (BusyError, RateLimitedError, InputError at once)."""
+    async def submit(self, prompt: Prompt, settings: ChatSettings | None = None, *, retry_empty: bool = False) -> Ticket:
+        """Queue a chat message for a reply (BusyError, RateLimitedError, InputError at once). With
+        `retry_empty`, a blank sample is drawn once more in the same slot (no second rate-limit slot,
+        and the blank one is never stored)."""
         text = clean_message(prompt.text, self.config.limits.max_message_chars)
         with self._queue_place():
             self._check_rate(self._user_limit, prompt.platform, prompt.user_id, "You're")
             self._check_rate(self._chat_limit, prompt.platform, prompt.chat_id, "This chat is")
             settings = settings or await self.get_settings(prompt.platform, prompt.chat_id)
-            history, budget, separator = [], self.backend.max_context - settings.length, settings.truncate or "\n"
-            if settings.use_context:
-                history = await self._stable_history(prompt, settings, text, budget, separator)
-            full = build_prompt(settings.template, text, history, separator, budget, self.backend.count_tokens)
-            return await self._enqueue("chat", prompt, text, full, settings.sampling())
+            full = await self._chat_prompt(prompt, text, settings)
+            return await self._enqueue("chat", prompt, text, full, settings.sampling(), retry_empty=retry_empty)
+
+    async def _chat_prompt(self, prompt: Prompt, text: str, settings: ChatSettings) -> str:
+        """The template and the chat's context around `text`, trimmed to the window minus the reply length."""
+        budget, limit = self.backend.max_context - settings.length, self.config.limits.context_messages
+        if settings.use_context and settings.context == "channel":
+            history = await self.store.channel_context(prompt.platform, prompt.chat_id, limit)
+            return build_channel_prompt(settings.chat_format, history, prompt.user_name or prompt.user_id, text,
+                                        prompt.bot_name or "bot", budget, self.backend.count_tokens)
+        separator = settings.truncate or "\n"
+        history = await self._stable_history(prompt, settings, text, budget, separator) if settings.use_context else []
+        return build_prompt(settings.template, text, history, separator, budget, self.backend.count_tokens)
+
+    async def rerun(self, request_id: int) -> Ticket | None:
+        """Queue again a chat request that a crash or shutdown interrupted, with the prompt it was
+        accepted with (it passed admission then: no limits now); None if it is not such a request."""
+        if not await self.store.requeue(request_id):
+            return None
+        row = await self.store.request(request_id)
+        params = SamplingParams(**json.loads(row["params"]))
+        ticket = Ticket(self, request_id, (row["platform"], row["user_id"]), row["prompt"], params, retry_empty=True)
+        self._push(ticket)
+        return ticket
 
     async def _stable_history(self, prompt: Prompt, settings: ChatSettings, text: str, budget: int, separator: str) -> list:
         """The chat's context, trimmed in halves (see prompting.history_to_keep): past `context_messages`
@@ -201,7 +235,8 @@ class Core:
         if wait:
             raise RateLimitedError(f"{who} sending requests too fast; try again in {max(1, round(wait))} s.")
 
-    async def _enqueue(self, kind: str, prompt: Prompt, text: str, full_prompt: str, params: SamplingParams) -> Ticket:
+    async def _enqueue(self, kind: str, prompt: Prompt, text: str, full_prompt: str, params: SamplingParams, *,
+                       retry_empty: bool = False) -> Ticket:
         try:
             request_id = await self.store.add_request(
                 kind=kind, platform=prompt.platform, chat_id=prompt.chat_id, user_id=prompt.user_id, user_name=prompt.user_name,
@@ -209,12 +244,15 @@ class Core:
         except StoreUnavailable as exc:  # not recorded, so not accepted: the caller is told why
             log.warning("Could not record a request: %s", exc.__cause__ or exc)
             raise
-        ticket = Ticket(self, request_id, (prompt.platform, prompt.user_id), full_prompt, params)
+        ticket = Ticket(self, request_id, (prompt.platform, prompt.user_id), full_prompt, params, retry_empty=retry_empty)
+        self._push(ticket)
+        return ticket
+
+    def _push(self, ticket: Ticket) -> None:
         self._queue.push(ticket.user_key, ticket)
         timeout = RequestTimeout(f"No reply within {self.config.batch.timeout_s:.0f} s; please try again.")
         ticket._timer = asyncio.get_running_loop().call_later(self.config.batch.timeout_s, self._stop, ticket, timeout)
         self._wake.set()
-        return ticket
 
     # -- running work -----------------------------------------------------------------------
 
@@ -247,10 +285,13 @@ class Core:
                 await self.store.mark_running(ticket.request_id)
             job = Job(ticket.request_id, ticket.prompt, ticket.params, on_text=ticket._deltas.put_nowait)
             done = await self.backend.generate(job)
+            if ticket.retry_empty and not done.text.strip() and ticket.params.seed is None:
+                job = Job(ticket.request_id, ticket.prompt, ticket.params, on_text=ticket._deltas.put_nowait)
+                done = await self.backend.generate(job)
             await self._record(self.store.finish, ticket.request_id, reply=done.text, finish_reason=done.finish_reason,
                                num_prompt_tokens=done.num_prompt_tokens, num_tokens=done.num_tokens, seed=done.seed,
                                first_token_at=done.first_token_at)
-            self.metrics.done(time.monotonic() - ticket.accepted_at, done.num_tokens)
+            self.metrics.done(time.monotonic() - ticket.accepted_at, done.num_tokens, ticket.user_key[0])
             ticket._settle(Reply(ticket.request_id, done.text, done.finish_reason, done.num_tokens))
         except asyncio.CancelledError:
             error = ticket._stop_error or RequestCancelled("botkit stopped before this request finished.")
@@ -262,9 +303,10 @@ class Core:
             await self._record_failure(ticket, error)
 
     async def _record_failure(self, ticket: Ticket, error: BaseException) -> None:
-        self.metrics.failed()
         status = "cancelled" if isinstance(error, RequestCancelled) else "failed"
-        await self._record(self.store.fail, ticket.request_id, str(error), status)
+        self.metrics.failed(ticket.user_key[0], status)
+        reason = INTERRUPTED if self._closing and status == "failed" else str(error)
+        await self._record(self.store.fail, ticket.request_id, reason, status)
         ticket._settle(error=error)
 
     async def _record(self, write, *args, **kwargs) -> None:
@@ -327,3 +369,12 @@ class Core:
 
     def stats(self) -> Stats:
         return self.metrics.snapshot(self.backend.name, len(self._queue), len(self._running))
+
+    def worker_problem(self) -> str | None:
+        """Why requests cannot be served now (the dispatcher or the generation worker stopped), or None."""
+        if self._dispatcher is None or self._dispatcher.done():
+            return "the dispatcher is not running"
+        is_alive = getattr(self.backend, "is_alive", None)
+        if is_alive is not None and not is_alive():
+            return "the generation worker has stopped"
+        return None

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 
@@ -24,6 +25,10 @@ class Stats:
                 f"{self.num_done} done, {self.num_failed} failed")
 
 
+# Upper bounds of the latency histogram's buckets (accepted to done), in seconds; Prometheus' `le`.
+LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
 class Metrics:
     WINDOW_S = 60.0
 
@@ -34,14 +39,21 @@ class Metrics:
         self.tokens: deque[tuple[float, int]] = deque()
         self.num_done = 0
         self.num_failed = 0
+        self.by_status: Counter[tuple[str, str]] = Counter()  # (platform, done | failed | cancelled) -> requests
+        self.latency_buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.latency_sum_s = 0.0
 
-    def done(self, latency_s: float, num_tokens: int) -> None:
+    def done(self, latency_s: float, num_tokens: int, platform: str = "") -> None:
         self.num_done += 1
+        self.by_status[platform, "done"] += 1
         self.latencies_ms.append(latency_s * 1000)
+        self.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS_S, latency_s)] += 1
+        self.latency_sum_s += latency_s
         self.tokens.append((self.clock(), num_tokens))
 
-    def failed(self) -> None:
+    def failed(self, platform: str = "", status: str = "failed") -> None:
         self.num_failed += 1
+        self.by_status[platform, status] += 1
 
     def snapshot(self, model: str, queue_depth: int, running: int) -> Stats:
         now = self.clock()

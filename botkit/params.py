@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 from .errors import InputError
@@ -65,6 +66,8 @@ class ChatSettings:
     use_context: bool = True  # prepend the chat's recent messages, as many as fit the window
     trigger: str = "mention"  # when the bot speaks in group chats: mention | always | command | never
     random_reply_chance: float = 0.0  # chance of answering an untriggered message in an allowed channel
+    context: str = "bot"  # bot: exchanges with the bot | channel: the chat's recent messages, with author names
+    chat_format: str = "{author}: {message}\n"  # one line of channel context; the reply follows "{bot's name}: "
 
     def __post_init__(self):
         check_template(self.template)
@@ -73,6 +76,7 @@ class ChatSettings:
         if not 0 <= self.random_reply_chance <= 1:
             raise InputError(f"random_reply_chance must be between 0 and 1, not {self.random_reply_chance!r}.")
         self.sampling()  # validates the sampling fields
+        check_channel_settings(self.context, self.chat_format)
 
     def sampling(self, seed: int | None = None) -> SamplingParams:
         return SamplingParams(
@@ -144,3 +148,19 @@ def fill_template(template: str, message: str) -> str:
     before, after = template.split(PLACEHOLDER, 1)
     unescape = lambda part: part.replace("{{", "{").replace("}}", "}")  # noqa: E731
     return unescape(before) + message + unescape(after)
+
+
+CONTEXTS = ("bot", "channel")
+MAX_CHAT_FORMAT_CHARS = 200
+_PLACEHOLDER = re.compile(r"\{[^{}]*\}")
+
+
+def check_channel_settings(context: str, chat_format: str) -> None:
+    """`context` is a known kind; `chat_format` holds {message} once, may hold {author}, nothing else
+    in braces (both are substituted literally, never with str.format), and is short."""
+    if context not in CONTEXTS:
+        raise InputError(f"context must be one of {', '.join(CONTEXTS)}, not {context!r}.")
+    others = set(_PLACEHOLDER.findall(chat_format)) - {"{author}", "{message}"}
+    if len(chat_format) > MAX_CHAT_FORMAT_CHARS or chat_format.count("{message}") != 1 or others:
+        raise InputError(f"chat_format must contain {{message}} once, may contain {{author}}, nothing else in braces,"
+                         f" and be at most {MAX_CHAT_FORMAT_CHARS} characters long.")

@@ -1,11 +1,12 @@
 """The durable record: every accepted prompt, its parameters and its fate, in one SQLite file (WAL).
 
 A request row is committed before the request enters the queue, so a crash never loses an accepted
-prompt: on the next start, rows left queued or running are marked failed with the reason. Deliveries
-record the platform message ids sent for a reply, so a reply is never sent twice. Every write is one
-transaction that commits whole or not at all. One botkit at a time uses a database: `open` takes an
-exclusive lock (`<database>.lock`, released by the kernel when the process ends, even on SIGKILL)
-before anything reads or changes the records.
+prompt: on the next start, rows left queued or running are marked failed with the reason
+("interrupted: …"), and the conversation layer runs chat requests again (`requeue`). `answers`
+says an answer began to be sent and `deliveries` which platform messages carry it, so a reply is
+never sent twice. Every write is one transaction that commits whole or not at all. One botkit at a
+time uses a database: `open` takes an exclusive lock (`<database>.lock`, released by the kernel when
+the process ends, even on SIGKILL) before anything reads or changes the records.
 """
 
 from __future__ import annotations
@@ -72,9 +73,37 @@ MIGRATIONS = [
         PRIMARY KEY (request_id, part)
     );
     """,
+    # 2: the conversation layer. `answers` records that an answer to a chat request began to be sent
+    # (read before sending: at most one answer per request, across restarts); requests with none are
+    # owed one after a restart, from `answers_owed_after` on (older rows predate this record).
+    # `events` remembers handled platform events that made no request, so a redelivered one is
+    # dropped; a message that made a request is recognised by its `messages` row. Messages with no
+    # request are channel context (chat setting context = channel).
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value);
+    INSERT INTO meta VALUES ('answers_owed_after', (SELECT COALESCE(MAX(id), 0) FROM requests));
+    CREATE TABLE answers (
+        request_id INTEGER PRIMARY KEY REFERENCES requests(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL,                         -- reply | error | sorry
+        started_at REAL NOT NULL
+    );
+    CREATE TABLE events (
+        platform TEXT NOT NULL,
+        chat_id TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        seen_at REAL NOT NULL,
+        PRIMARY KEY (platform, chat_id, event_id)
+    );
+    CREATE INDEX events_seen ON events(seen_at);
+    CREATE INDEX messages_event ON messages(platform, chat_id, platform_message_id);
+    CREATE INDEX messages_received ON messages(received_at);
+    CREATE INDEX requests_message ON requests(message_id);
+    ALTER TABLE chats ADD COLUMN context_since_message INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 BUSY_RETRIES = 5
+BLANK = " \t\r\n"  # trim(reply, BLANK) = '' for a reply with nothing to read: never context
 
 
 class Store:
@@ -229,9 +258,11 @@ class Store:
                           " ON CONFLICT DO UPDATE SET settings=excluded.settings", (platform, chat_id, json.dumps(settings)))
 
     async def reset_context(self, platform: str, chat_id: str) -> None:
-        last = (await self._rows("SELECT COALESCE(MAX(id), 0) FROM requests"))[0][0]
-        await self._write("INSERT INTO chats (platform, chat_id, context_since) VALUES (?, ?, ?)"
-                          " ON CONFLICT DO UPDATE SET context_since=excluded.context_since", (platform, chat_id, last))
+        last, last_message = (await self._rows("SELECT (SELECT COALESCE(MAX(id), 0) FROM requests),"
+                                               " (SELECT COALESCE(MAX(id), 0) FROM messages)"))[0]
+        await self._write("INSERT INTO chats (platform, chat_id, context_since, context_since_message) VALUES (?, ?, ?, ?)"
+                          " ON CONFLICT DO UPDATE SET context_since=excluded.context_since,"
+                          " context_since_message=excluded.context_since_message", (platform, chat_id, last, last_message))
 
     async def keep_newest_context(self, platform: str, chat_id: str, keep: int) -> None:
         """From now on the chat's context starts after its `keep` newest answered exchanges' predecessor."""
@@ -248,10 +279,146 @@ class Store:
         """The chat's last `limit` answered (message, reply) pairs since its /reset, oldest first."""
         rows = await self._rows(
             "SELECT m.text, r.reply FROM requests r JOIN messages m ON m.id = r.message_id"
-            " WHERE m.platform=? AND m.chat_id=? AND r.kind='chat' AND r.status='done'"
+            " WHERE m.platform=? AND m.chat_id=? AND r.kind='chat' AND r.status='done' AND trim(r.reply, ?) != ''"
             " AND r.id > COALESCE((SELECT context_since FROM chats WHERE platform=? AND chat_id=?), 0)"
-            " ORDER BY r.id DESC LIMIT ?", (platform, chat_id, platform, chat_id, limit))
+            " ORDER BY r.id DESC LIMIT ?", (platform, chat_id, BLANK, platform, chat_id, limit))
         return [(r["text"], r["reply"]) for r in reversed(rows)]
+
+    # -- conversations (botkit/conversation.py) ---------------------------------------------
+
+    async def seen(self, platform: str, chat_id: str, event_id: str) -> bool:
+        """Whether a platform event was handled already: it made a request or a context message, or was marked seen."""
+        rows = await self._rows(
+            "SELECT 1 FROM messages WHERE platform=? AND chat_id=? AND platform_message_id=?"
+            " UNION ALL SELECT 1 FROM events WHERE platform=? AND chat_id=? AND event_id=? LIMIT 1",
+            (platform, chat_id, event_id) * 2)
+        return bool(rows)
+
+    async def mark_seen(self, platform: str, chat_id: str, event_id: str) -> None:
+        await self._write("INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?)", (platform, chat_id, event_id, time.time()))
+
+    async def add_channel_message(self, *, platform: str, chat_id: str, user_id: str, user_name: str,
+                                  platform_message_id: str, text: str, keep: int) -> None:
+        """Record a message that asked for nothing, as channel context; the chat keeps its newest `keep` of them."""
+
+        async def work(db):
+            await db.execute(
+                "INSERT INTO messages (platform, chat_id, user_id, user_name, platform_message_id, text, received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)", (platform, chat_id, user_id, user_name, platform_message_id, text, time.time()))
+            await db.execute(
+                "DELETE FROM messages WHERE id IN (SELECT m.id FROM messages m WHERE m.platform=? AND m.chat_id=?"
+                " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.message_id = m.id) ORDER BY m.id DESC LIMIT -1 OFFSET ?)",
+                (platform, chat_id, keep))
+
+        await self._transaction(work)
+
+    async def channel_context(self, platform: str, chat_id: str, limit: int) -> list[tuple[str, str, str | None]]:
+        """The chat's last `limit` messages since its /reset, oldest first: (author, text, the bot's reply or None)."""
+        rows = await self._rows(
+            "SELECT m.user_name, m.text, CASE WHEN r.status = 'done' AND trim(r.reply, ?) != '' THEN r.reply END AS reply"
+            " FROM messages m LEFT JOIN requests r ON r.message_id = m.id"
+            " WHERE m.platform=? AND m.chat_id=? AND (r.id IS NULL OR r.kind = 'chat')"
+            " AND m.id > COALESCE((SELECT context_since_message FROM chats WHERE platform=? AND chat_id=?), 0)"
+            " ORDER BY m.id DESC LIMIT ?", (BLANK, platform, chat_id, platform, chat_id, limit))
+        return [(r["user_name"], r["text"], r["reply"]) for r in reversed(rows)]
+
+    async def max_request_id(self) -> int:
+        return (await self._rows("SELECT COALESCE(MAX(id), 0) FROM requests"))[0][0]
+
+    async def claim_answer(self, request_id: int, kind: str) -> bool:
+        """Record that an answer to `request_id` starts being sent now; False if one already was (or a
+        delivery is recorded). From this moment the request counts as answered, even if botkit dies
+        before the platform confirms the message: a reply is never sent twice."""
+
+        async def work(db):
+            if await (await db.execute("SELECT 1 FROM deliveries WHERE request_id=? LIMIT 1", (request_id,))).fetchone():
+                return False
+            cur = await db.execute("INSERT OR IGNORE INTO answers VALUES (?, ?, ?)", (request_id, kind, time.time()))
+            return cur.rowcount == 1
+
+        return await self._transaction(work)
+
+    async def owed_answers(self, platform: str, up_to_id: int) -> list[dict]:
+        """Chat requests of `platform` (ids up to `up_to_id`) whose answer never began to be sent, oldest first."""
+        rows = await self._rows(
+            "SELECT r.id, r.status, r.error, r.reply, r.received_at, m.chat_id, m.platform_message_id FROM requests r"
+            " JOIN messages m ON m.id = r.message_id WHERE m.platform=? AND r.kind='chat' AND r.id <= ?"
+            " AND r.id > COALESCE((SELECT value FROM meta WHERE key = 'answers_owed_after:' || ?),"
+            " (SELECT value FROM meta WHERE key = 'answers_owed_after'))"
+            " AND NOT EXISTS (SELECT 1 FROM answers a WHERE a.request_id = r.id)"
+            " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.request_id = r.id) ORDER BY r.id",
+            (platform, up_to_id, platform))
+        return [dict(r) for r in rows]
+
+    async def settle_owed(self, platform: str, up_to_id: int) -> None:
+        """Every answer `platform` owed up to `up_to_id` was given: later restarts look only past it."""
+        await self._write("INSERT INTO meta VALUES ('answers_owed_after:' || ?, ?)"
+                          " ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)", (platform, up_to_id))
+
+    async def requeue(self, request_id: int) -> bool:
+        """Put a request interrupted by a restart back in the queued state; False if it is not one (or
+        /forget blanked its prompt)."""
+
+        async def work(db):
+            cur = await db.execute("UPDATE requests SET status='queued', error=NULL, done_at=NULL, started_at=NULL"
+                                   " WHERE id=? AND status='failed' AND error LIKE 'interrupted:%' AND prompt != ''",
+                                   (request_id,))
+            return cur.rowcount == 1
+
+        return await self._transaction(work)
+
+    # -- privacy ----------------------------------------------------------------------------
+
+    async def forget(self, platform: str, chat_id: str, user_id: str | None = None) -> int:
+        """Erase a member's messages in a chat (everyone's if `user_id` is None); see `_erase`."""
+        who = "platform=? AND chat_id=?" + (" AND user_id=?" if user_id is not None else "")
+        args = (platform, chat_id) + ((user_id,) if user_id is not None else ())
+        return await self._erase(f"SELECT id FROM messages WHERE {who}", args)
+
+    async def prune(self, older_than: float) -> int:
+        """Erase messages received before `older_than` (a time.time()); requests still in flight are kept."""
+        return await self._erase("SELECT m.id FROM messages m WHERE m.received_at < ? AND NOT EXISTS"
+                                 " (SELECT 1 FROM requests r WHERE r.message_id = m.id AND r.status IN ('queued', 'running'))",
+                                 (older_than,))
+
+    async def forget_events(self, older_than: float) -> None:
+        """Drop duplicate-event markers older than `older_than`: platforms redeliver within minutes."""
+        await self._write("DELETE FROM events WHERE seen_at < ?", (older_than,))
+
+    async def vacuum(self) -> None:
+        """Rewrite the file without its free pages (erased rows leave them) and empty the WAL."""
+        async with self._lock:
+            await self._run_to_end("VACUUM")
+            await self._run_to_end("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    async def _run_to_end(self, sql: str) -> None:
+        """A statement outside any transaction, stepped to its end (an unfinished one would block VACUUM)."""
+        async with self.db.execute(sql) as cursor:
+            await cursor.fetchall()
+
+    async def _erase(self, select_messages: str, args: tuple) -> int:
+        """Erase the messages `select_messages` picks, with their requests, the replies and delivery
+        records, and blank the stored prompts of the chat's other (settled) requests that quote one of
+        them as context; the text is overwritten on disk (secure_delete, then the WAL is truncated).
+        Returns how many messages were erased."""
+        requests = f"SELECT id FROM requests WHERE message_id IN ({select_messages})"
+        quoting = ("UPDATE requests SET prompt = '' WHERE status NOT IN ('queued', 'running') AND prompt != ''"
+                   " AND EXISTS (SELECT 1 FROM messages q JOIN messages f ON f.platform = q.platform AND f.chat_id = q.chat_id"
+                   f" WHERE q.id = requests.message_id AND f.id IN ({select_messages}) AND instr(requests.prompt, f.text) > 0)")
+
+        async def work(db):
+            await db.execute(quoting, args)
+            for table in ("deliveries", "answers"):
+                await db.execute(f"DELETE FROM {table} WHERE request_id IN ({requests})", args)
+            await db.execute(f"DELETE FROM requests WHERE message_id IN ({select_messages})", args)
+            return (await db.execute(f"DELETE FROM messages WHERE id IN ({select_messages})", args)).rowcount
+
+        async with self._lock:
+            await self._run_to_end("PRAGMA secure_delete=ON")  # erased text is overwritten, not left in free pages
+        erased = await self._transaction(work)
+        async with self._lock:
+            await self._run_to_end("PRAGMA wal_checkpoint(TRUNCATE)")  # and the WAL's copies of those pages go too
+        return erased
 
 
 def _unavailable(exc: sqlite3.Error) -> StoreUnavailable:

@@ -168,9 +168,15 @@ class FakeDiscord:
         return message
 
     async def use_command(
-        self, name: str, options: dict | None = None, *, author: dict = ALICE, permissions: int = MEMBER_PERMISSIONS
+        self,
+        name: str,
+        options: dict | None = None,
+        *,
+        author: dict = ALICE,
+        permissions: int = MEMBER_PERMISSIONS,
+        channel_id: int = CHANNEL_ID,
     ) -> dict:
-        """A guild member runs a slash command: dispatches INTERACTION_CREATE and returns it."""
+        """A guild member (or a user in the DM channel) runs a slash command: dispatches INTERACTION_CREATE."""
         interaction_id = next(self._ids)
         opts = [{"name": k, "type": 3, "value": v} for k, v in (options or {}).items()]
         interaction = {
@@ -192,6 +198,10 @@ class FakeDiscord:
             "authorizing_integration_owners": {"0": str(GUILD_ID)},
             "context": 0,
         }
+        if channel_id == DM_CHANNEL_ID:  # a bot DM: no server, the user instead of a member
+            del interaction["guild_id"], interaction["member"]
+            interaction.update(channel_id=str(DM_CHANNEL_ID), channel={"id": str(DM_CHANNEL_ID), "type": 1}, user=author,
+                               context=1, authorizing_integration_owners={"1": author["id"]})
         await self.dispatch("INTERACTION_CREATE", interaction)
         return interaction
 

@@ -27,7 +27,7 @@ def test_example_documents_every_key_with_its_default():
     ("[nope]\nx = 1", "unknown key 'nope'"),
     ("[batch]\nmax_size = 'big'", "batch.max_size must be a whole number"),
     ("[discord]\nallowed_channels = 5", "discord.allowed_channels must be a list"),
-    ("[chat]\ntemplate = '{msg}'", "must contain {message}"),
+    ("[chat]\ntemplate = '{msg}'", "placeholder {message}"),
     ("[chat]\ntop_p = 3.0", "top_p"),
     ("[telegram]\ntoken_env = '123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsawxyz'", "looks like a secret"),
     ("[batch\n", "not valid TOML"),

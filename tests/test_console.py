@@ -25,7 +25,7 @@ async def chatting(tmp_path, lm, stdin, limits=None):
 
 
 async def test_each_line_gets_a_reply_and_commands_work(tmp_path, tiny_lm):
-    lines = io.StringIO("hello bot\n   \n/set temperature 0.5\n/settings\nsecond message\n/reset\n/bogus\n")
+    lines = io.StringIO("hello bot\n   \n/settings temperature 0.5\n/settings\nsecond message\n/reset\n/bogus\n")
     async with chatting(tmp_path, tiny_lm, lines) as (core, console, out):
         await asyncio.wait_for(console.run(), 30)
         recent = await core.recent()
@@ -36,18 +36,18 @@ async def test_each_line_gets_a_reply_and_commands_work(tmp_path, tiny_lm):
     for row in recent:
         assert f"bot> {row['reply'].lstrip()}\n" in text and row["status"] == "done" and row["num_tokens"] == 6
     assert delivered == [True, True]
-    assert settings.temperature == 0.5 and "  temperature = 0.5\n" in text
-    assert "Context forgotten." in text and "Unknown command '/bogus'" in text
+    assert settings.temperature == 0.5 and "bot> temperature is now 0.5.\n" in text and "\ntemperature = 0.5\n" in text
+    assert "bot> Done: I forgot this chat's conversation" in text and "bot> I don't know that command" in text
 
 
 async def test_an_error_is_a_sentence_and_the_chat_goes_on(tmp_path, tiny_lm):
-    lines = io.StringIO("this message is far too long\n/set temperature hot\nok\n")
+    lines = io.StringIO("this message is far too long\n/settings temperature hot\nok\n")
     async with chatting(tmp_path, tiny_lm, lines, LimitsConfig(max_message_chars=10)) as (core, console, out):
         await asyncio.wait_for(console.run(), 30)
         recent = await core.recent()
     text = out.getvalue()
-    assert "! The message is 28 characters long; send at most 10.\n" in text
-    assert "! Setting 'temperature' must be a float, not 'hot'.\n" in text
+    assert "bot> The message is 28 characters long; send at most 10.\n" in text
+    assert "bot> Setting 'temperature' must be a float, not 'hot'.\n" in text
     assert [r["text"] for r in recent] == ["ok"] and f"bot> {recent[0]['reply'].lstrip()}\n" in text
 
 

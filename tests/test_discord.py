@@ -14,12 +14,11 @@ import yarl
 with warnings.catch_warnings():  # discord.py imports audioop, deprecated since Python 3.11 (voice only)
     warnings.filterwarnings("ignore", "'audioop' is deprecated", DeprecationWarning)
     import discord
-from botkit.adapters.discord_adapter import EMPTY_REPLY, DiscordAdapter
+from botkit.adapters.discord_adapter import DiscordAdapter
 from fake_discord import (
     BOB,
     CHANNEL_ID,
     DM_CHANNEL_ID,
-    EPHEMERAL,
     MANAGE_GUILD,
     OTHER_BOT,
     OTHER_CHANNEL_ID,
@@ -29,6 +28,7 @@ from scripted import ScriptedBackend, delivered, deliveries
 
 from botkit.backends import LocalBackend
 from botkit.config import BatchConfig, Config, DiscordConfig, LimitsConfig
+from botkit.conversation import EMPTY_REPLY
 from botkit.core import Core
 from botkit.errors import ConfigError
 from botkit.params import ChatSettings
@@ -38,7 +38,7 @@ from botkit.store import Store
 QUICK = ChatSettings(truncate="", length=8)  # the tiny model's replies: short and never cut to nothing
 NO_PINGS = {"parse": []}  # AllowedMentions.none() as sent to Discord
 SEND = r"/channels/\d+/messages"
-COMMANDS = {"gen", "settings", "reset", "stats", "help"}
+COMMANDS = {"gen", "settings", "reset", "stats", "help", "privacy", "forget"}
 
 
 @pytest.fixture
@@ -120,41 +120,6 @@ async def test_what_triggers_a_reply(tmp_path, fake):
         assert texts == ["mention", "a reply to the bot", "prefixed", "in private"]
         assert all(not replies_to(fake, m) for m in ignored)
         assert len(fake.bot_messages()) == 4  # the bot's own messages (echoed by the gateway) trigger nothing
-
-
-@pytest.mark.parametrize(
-    ("trigger", "draw", "expected"),
-    [
-        ("always", 0.9, {"plain", "mention", "!gen"}),
-        ("command", 0.9, {"!gen"}),
-        ("mention", 0.1, {"plain", "mention", "!gen"}),  # the random chance (0.5) answers the plain message
-        ("mention", 0.9, {"mention", "!gen"}),
-    ],
-)
-async def test_trigger_setting_and_random_reply_chance(tmp_path, fake, trigger, draw, expected):
-    async with running(tmp_path, fake, ScriptedBackend(), chance=lambda: draw) as (core, store):
-        await core.update_settings("discord", str(CHANNEL_ID), trigger=trigger, random_reply_chance="0.5")
-        await fake.wait_connected()
-        sent = {
-            "plain": await fake.send_message("plain"),
-            "blank": await fake.send_message(""),  # an image alone: never a prompt unless addressed to the bot
-            "mention": await fake.send_message("mention", mention_bot=True),
-            "!gen": await fake.send_message("!gen command"),
-        }
-        last = await fake.send_message("!gen the last one")
-        await answered(fake, last)
-        assert {name for name, message in sent.items() if replies_to(fake, message)} == expected
-
-
-async def test_trigger_never_silences_the_channel_and_gen_says_why(tmp_path, fake):
-    async with running(tmp_path, fake, ScriptedBackend()) as (core, store):
-        await core.update_settings("discord", str(CHANNEL_ID), trigger="never")
-        await fake.wait_connected()
-        silenced = await fake.send_message("!gen hello", mention_bot=True)
-        interaction = await fake.use_command("gen", {"prefix": "hello"})
-        (answer,) = await interaction_messages(fake, interaction)
-        assert "trigger = never" in answer["content"] and answer["flags"] & EPHEMERAL
-        assert not replies_to(fake, silenced) and await core.recent() == []
 
 
 async def test_channels_and_servers_outside_the_allowlists_are_ignored(tmp_path, fake):
@@ -246,7 +211,7 @@ async def test_core_refusals_are_answered_with_their_sentence(tmp_path, fake):
         await answered(fake, await fake.send_message("one", mention_bot=True))
         (limited,) = await answered(fake, await fake.send_message("two", mention_bot=True))
         (empty,) = await answered(fake, await fake.send_message("!gen", author=BOB))
-    assert "too fast" in limited["content"] and "empty" in empty["content"]
+    assert "too fast" in limited["content"] and "Write the start of a text" in empty["content"]
     assert all(m["sent_payload"]["allowed_mentions"] == NO_PINGS for m in (limited, empty))
 
 
@@ -286,7 +251,7 @@ async def test_reset_stats_and_help(tmp_path, fake):
     async with running(tmp_path, fake, ScriptedBackend()) as (core, store):
         await answered(fake, await fake.send_message("remember me", mention_bot=True))
         assert await store.context("discord", str(CHANNEL_ID), 10) == [("remember me", "a scripted reply")]
-        for name, expected in [("reset", "forgotten"), ("stats", "1 done"), ("help", "/gen")]:
+        for name, expected in [("reset", "I forgot"), ("stats", "1 done"), ("help", "/gen")]:
             interaction = await fake.use_command(name)
             (answer,) = await interaction_messages(fake, interaction)
             assert expected in answer["content"]

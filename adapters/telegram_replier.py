@@ -1,0 +1,47 @@
+"""What botkit sends on Telegram: the conversation layer's `Replier` protocol in Bot API calls, as
+plain text (no parse_mode: model output cannot add markup) without link previews."""
+
+from __future__ import annotations
+
+import asyncio
+
+from telegram import Bot, LinkPreviewOptions, ReplyParameters
+from telegram.constants import ChatAction
+from telegram.error import NetworkError, TimedOut
+
+NO_PREVIEW = LinkPreviewOptions(is_disabled=True)
+_RETRY_BACKOFF_S = 0.5  # first wait before resending after a 5xx or a dropped connection; doubles
+
+
+class ChatReplier:
+    """Replies to one message in a chat, as plain text without link previews."""
+
+    def __init__(self, bot: Bot, chat_id: int, message_id: int | None, max_retries: int):
+        self.bot, self.chat_id, self.message_id, self.max_retries = bot, chat_id, message_id, max_retries
+
+    async def reply(self, text: str, *, private: bool = False) -> str:
+        to = ReplyParameters(self.message_id, allow_sending_without_reply=True) if self.message_id else None
+        sent = await self._retrying(lambda: self.bot.send_message(self.chat_id, text, reply_parameters=to,
+                                                                  link_preview_options=NO_PREVIEW))
+        return str(sent.message_id)
+
+    async def edit(self, message_id: str, text: str) -> str:
+        await self._retrying(lambda: self.bot.edit_message_text(text, chat_id=self.chat_id, message_id=int(message_id),
+                                                                link_preview_options=NO_PREVIEW))
+        return message_id
+
+    async def typing(self) -> None:
+        await self.bot.send_chat_action(self.chat_id, ChatAction.TYPING)  # Telegram shows it for 5 s
+
+    async def _retrying(self, send):
+        """Send again after a 5xx or a dropped connection (429s are retried by PacedRateLimiter).
+        A timeout is not retried: Telegram may have posted the message, and a duplicate is worse."""
+        for attempt in range(self.max_retries + 1):
+            try:
+                return await send()
+            except TimedOut:
+                raise
+            except NetworkError:
+                if attempt == self.max_retries:
+                    raise
+                await asyncio.sleep(_RETRY_BACKOFF_S * 2**attempt)
