@@ -69,7 +69,7 @@ def read_hparams(folder: Path) -> dict[str, int]:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise ModelLoadError(f"{folder} has a TensorFlow checkpoint but no hparams.json: copy it from the model it was trained from (e.g. models/124M/hparams.json).") from exc
+        raise ModelLoadError(f"{folder} has a TensorFlow checkpoint but no hparams.json: copy it from the model it was trained from (such as models/124M/hparams.json).") from exc
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ModelLoadError(f"{path} is not valid JSON: copy it again from the model it was trained from.") from exc
     if not isinstance(raw, dict):
