@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 from .errors import ModelLoadError
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
+# gpt-2-simple's (and OpenAI's) model names -> the hub's copies of the same weights
+GPT2_SIMPLE_NAMES = {"124M": "gpt2", "117M": "gpt2", "355M": "gpt2-medium", "345M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl"}
 HUB_TIMEOUT_S = 1.5  # a hub that does not answer a TCP connect by then counts as unreachable
 
 
@@ -75,20 +77,29 @@ def resolve(model: str | os.PathLike | Source | None, run_name: str | None = Non
         return Source(str(path.parent), path.parent.name, is_local=True, kind="tf", checkpoint=path.name)
     if path.exists() or os.sep in str(model) or str(model).startswith("."):
         raise ModelLoadError(f"Model path {model} does not exist: check the path, or use a hub name such as gpt2.")
-    return _hub_source(str(model))
+    return _hub_source(GPT2_SIMPLE_NAMES.get(str(model), str(model)))
 
 
 def _hub_source(name: str) -> Source:
-    from huggingface_hub import constants, try_to_load_from_cache  # light: no torch
+    from huggingface_hub import try_to_load_from_cache  # light: no torch
 
     is_cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
-    if constants.is_offline_mode() or not hub_reachable(constants.ENDPOINT):
+    why = hub_unavailable()
+    if why:
         if is_cached:
             return Source(name, name, is_local=False, local_files_only=True)
-        why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "the Hugging Face hub cannot be reached from here"
         raise ModelLoadError(f"{name!r} is a hub name, but {why} and it was never downloaded: download it once while online, "
                              "or pass a local folder that holds config.json and the weights, e.g. --model ./my-gpt2.")
     return Source(name, name, is_local=False)
+
+
+def hub_unavailable() -> str | None:
+    """Why the Hugging Face hub cannot be used now, or None when it can."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    return None if hub_reachable(constants.ENDPOINT) else "the Hugging Face hub cannot be reached from here"
 
 
 def hub_reachable(endpoint: str, timeout_s: float = HUB_TIMEOUT_S) -> bool:

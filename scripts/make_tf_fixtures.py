@@ -18,6 +18,8 @@ values, and writes:
                `counter`, and, as a Saver with its default variable list writes them, the Adam
                slots, beta1_power/beta2_power and global_step (gpt-2-simple's own Saver keeps only
                the model's variables; other trainers keep all)
+    other/     a TensorFlow checkpoint that is not a GPT-2 (`dense/kernel`, `dense/bias`), with run1's
+               hparams.json: what an unknown layout looks like
     expected.json  the input text, its token ids from OpenAI's encoder.py algorithm
     logits_openai.npy, logits_run1.npy   (1, T, n_vocab) float32 logits computed by TensorFlow
 """
@@ -185,12 +187,24 @@ def main(out: Path) -> None:
         shutil.copytree(openai, out / "openai")
         shutil.copytree(run1, out / "run1")
 
+    write_other(out / "other", hparams)
     np.save(out / "logits_openai.npy", logits_openai.astype(np.float32))
     np.save(out / "logits_run1.npy", logits_run1.astype(np.float32))
     (out / "expected.json").write_text(json.dumps({"text": TEXT, "ids": ids, "tensorflow": tf.__version__}, indent=2) + "\n")
     for path in sorted(out.rglob("*")):
         if path.is_file():
             print(f"{path.stat().st_size:8d}  {path.relative_to(out)}")
+
+
+def write_other(folder: Path, hparams: dict) -> None:
+    with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
+        with tf.compat.v1.variable_scope("dense"):
+            tf.compat.v1.get_variable("kernel", [4, 4])
+            tf.compat.v1.get_variable("bias", [4])
+        sess.run(tf.compat.v1.global_variables_initializer())
+        folder.mkdir(parents=True)
+        tf.compat.v1.train.Saver(save_relative_paths=True).save(sess, str(folder.resolve() / "model.ckpt"), write_meta_graph=False)
+    (folder / "hparams.json").write_text(json.dumps(hparams, indent=2))
 
 
 if __name__ == "__main__":
