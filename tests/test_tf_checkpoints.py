@@ -1,20 +1,25 @@
 """OpenAI and gpt-2-simple TensorFlow checkpoints read without TensorFlow, against logits that real
 TensorFlow computed (tests/fixtures/tf, written by scripts/make_tf_fixtures.py)."""
 
+import asyncio
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from botkit import load_gpt2
-from botkit.cli import main
+from botkit.cli import main, serve
+from botkit.config import Config, ModelConfig, StoreConfig, WebConfig
 from botkit.errors import ModelLoadError
+from botkit.generate import generate
 from botkit.models import load_model
 from botkit.sources import resolve
 from botkit.tf_bundle import open_bundle
@@ -129,3 +134,22 @@ def test_the_command_line_says_one_sentence_for_a_damaged_checkpoint(tmp_path):
     out = subprocess.run([sys.executable, "-m", "botkit", "generate", "--model", str(run), "--length", "2"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == ["botkit: model/wte in model-3.data-00000-of-00001 fails its checksum (the file is damaged): copy the checkpoint again."]
+
+
+async def test_botkit_run_serves_a_gpt2_simple_run(tmp_path, capsys):
+    config = Config(model=ModelConfig(source=str(FIXTURES / "run1"), device="cpu"), store=StoreConfig(path=str(tmp_path / "b.db")),
+                    web=WebConfig(port=0))
+    stop = asyncio.Event()
+    running = asyncio.create_task(serve(config, stop=stop))
+    printed = ""
+    while not (url := re.search(r"open (http://\S+)", printed)) and not running.done():
+        await asyncio.sleep(0.05)
+        printed += capsys.readouterr().out
+    async with aiohttp.ClientSession() as http:
+        body = {"prompt": "Hello world", "max_tokens": 6, "temperature": 0}
+        async with http.post(url[1] + "v1/completions", json=body) as answer:
+            served = (await answer.json())["choices"][0]["text"]
+    stop.set()
+    await asyncio.wait_for(running, 30)
+    [expected] = generate(load_model(FIXTURES / "run1", device="cpu"), prefix="Hello world", length=6, temperature=0, include_prefix=False, return_as_list=True)
+    assert served == expected and len(served) > 0
