@@ -86,7 +86,7 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune `model` on `dataset`; checkpoints go to `checkpoint_dir/run_name/`.
 
-    `model`: hub name, local folder, GPT2Config, "scratch" (a new model from n_layer/n_embd/n_head/n_ctx,
+    `model`: hub name, local folder (OpenAI's or gpt-2-simple's TensorFlow folders too), GPT2Config, "scratch" (a new model from n_layer/n_embd/n_head/n_ctx,
     optionally with a byte-level BPE tokenizer of `vocab_size` trained on the data), or None for the
     bundled demo model. `steps` is the run's total: the learning-rate schedule spans it, and a run
     resumed with `restore_from="latest"` trains until its step count reaches `steps` (pass a larger
@@ -123,8 +123,9 @@ def _check_args(args: dict) -> None:
         raise InputError("early_stopping needs held-out data: set val_fraction (for example 0.05).")
     if not args["run_name"] or any(c in args["run_name"] for c in "/\\") or args["run_name"].startswith("."):
         raise InputError(f"run_name must be a plain folder name, not {args['run_name']!r}.")
-    if not isinstance(args["lora"], int) or isinstance(args["lora"], bool) or args["lora"] < 0 or args["lora_alpha"] < 0:
-        raise InputError(f"lora must be a whole number, 0 (off) or the adapters' rank such as 8, not {args['lora']!r}.")
+    for name in ("lora", "lora_alpha"):
+        if not isinstance(args[name], int) or isinstance(args[name], bool) or args[name] < 0:
+            raise InputError(f"{name} must be a whole number, 0 (off or default) or more such as 8, not {args[name]!r}.")
     if args["lora"] and (args["model"] == SCRATCH or not isinstance(args["model"], str | None)):
         raise InputError("LoRA adapts a trained model: pass one as model (--model gpt2, a folder, or models/124M), not a new one.")
     if args["lora"] and args["only_train_transformer_layers"]:
@@ -142,7 +143,7 @@ def _check_args(args: dict) -> None:
 
 HELP = {
     "dataset": ".txt file, folder or glob of .txt files, one-column .csv, .jsonl, or a .npz from `botkit encode`",
-    "model": "hub name (gpt2), local folder, 'scratch' for a new model, or empty for the bundled demo model",
+    "model": "hub name (gpt2, or gpt-2-simple's 124M/355M/774M/1558M), local folder (also OpenAI's models/124M or a gpt-2-simple checkpoint/run1), 'scratch' for a new model, or empty for the bundled demo model",
     "steps": "total optimizer steps of the run (the schedule spans them; resuming continues up to this)",
     "accumulate_gradients": "micro-batches per optimizer step (gpt-2-simple's default was 5; here 1)",
     "restore_from": "'latest' continues the run in checkpoint_dir/run_name; '' or 'fresh' starts from --model",

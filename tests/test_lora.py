@@ -135,6 +135,7 @@ def test_lora_on_a_tensorflow_checkpoint(tmp_path, text_file):
     ({"model": "scratch"}, "LoRA adapts a trained model"),
     ({"only_train_transformer_layers": True}, "lora already trains only the transformer layers"),
     ({"lora": -1}, "lora must be a whole number"),
+    ({"lora_alpha": 2.5}, "lora_alpha must be a whole number"),
     ({"lora_dropout": 1.5}, "lora_dropout must be at least 0"),
 ])
 def test_bad_lora_options_are_one_sentence(tmp_path, text_file, base, kwargs, message):
