@@ -3,7 +3,7 @@ weights), same batch shapes, same optimizer, CPU, float32.
 
     python benchmarks/finetune.py --quick      # about 2 minutes on 2 idle cores
     python benchmarks/finetune.py              # more steps
-    python benchmarks/finetune.py --lora --quick                      # full vs LoRA: 124M and 355M shapes, CPU
+    python benchmarks/finetune.py --lora --quick                      # full vs LoRA: 124M and 355M shapes, CPU (~15 min of CPU)
     python benchmarks/finetune.py --lora --device cuda --shapes 774M,1558M --batch 1 --block 1024   # on a GPU
 
 `--lora` compares full fine-tuning with LoRA (rank 16 on c_attn, c_proj, c_fc) and LoRA with
