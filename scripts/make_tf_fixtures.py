@@ -20,6 +20,8 @@ values, and writes:
                the model's variables; other trainers keep all)
     other/     a TensorFlow checkpoint that is not a GPT-2 (`dense/kernel`, `dense/bias`), with run1's
                hparams.json: what an unknown layout looks like
+    many/      500 variables `v000`..`v499` of shape (2,) holding [i, -i] in float32, int64 and float16
+               (an index of several table blocks, as a 1558M model's is)
     expected.json  the input text, its token ids from OpenAI's encoder.py algorithm
     logits_openai.npy, logits_run1.npy   (1, T, n_vocab) float32 logits computed by TensorFlow
 """
@@ -188,6 +190,7 @@ def main(out: Path) -> None:
         shutil.copytree(run1, out / "run1")
 
     write_other(out / "other", hparams)
+    write_many(out / "many")
     np.save(out / "logits_openai.npy", logits_openai.astype(np.float32))
     np.save(out / "logits_run1.npy", logits_run1.astype(np.float32))
     (out / "expected.json").write_text(json.dumps({"text": TEXT, "ids": ids, "tensorflow": tf.__version__}, indent=2) + "\n")
@@ -199,12 +202,22 @@ def main(out: Path) -> None:
 def write_other(folder: Path, hparams: dict) -> None:
     with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
         with tf.compat.v1.variable_scope("dense"):
-            tf.compat.v1.get_variable("kernel", [4, 4])
-            tf.compat.v1.get_variable("bias", [4])
+            tf.compat.v1.get_variable("kernel", [4, 4], initializer=tf.compat.v1.constant_initializer(0.5))
+            tf.compat.v1.get_variable("bias", [4], initializer=tf.compat.v1.constant_initializer(0.0))
         sess.run(tf.compat.v1.global_variables_initializer())
         folder.mkdir(parents=True)
         tf.compat.v1.train.Saver(save_relative_paths=True).save(sess, str(folder.resolve() / "model.ckpt"), write_meta_graph=False)
     (folder / "hparams.json").write_text(json.dumps(hparams, indent=2))
+
+
+def write_many(folder: Path) -> None:
+    dtypes = (tf.float32, tf.int64, tf.float16)
+    with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
+        for i in range(500):
+            tf.compat.v1.get_variable(f"v{i:03d}", initializer=tf.constant([i, -i], dtype=dtypes[i % 3]))
+        sess.run(tf.compat.v1.global_variables_initializer())
+        folder.mkdir(parents=True)
+        tf.compat.v1.train.Saver(save_relative_paths=True).save(sess, str(folder.resolve() / "model.ckpt"), write_meta_graph=False)
 
 
 if __name__ == "__main__":

@@ -153,3 +153,11 @@ async def test_botkit_run_serves_a_gpt2_simple_run(tmp_path, capsys):
     await asyncio.wait_for(running, 30)
     [expected] = generate(load_model(FIXTURES / "run1", device="cpu"), prefix="Hello world", length=6, temperature=0, include_prefix=False, return_as_list=True)
     assert served == expected and len(served) > 0
+
+
+def test_an_index_of_many_blocks_and_other_dtypes():
+    bundle = open_bundle(FIXTURES / "many" / "model.ckpt")  # 500 variables: an 11 KB index of several 4 KB table blocks
+    assert sorted(bundle.entries) == [f"v{i:03d}" for i in range(500)]
+    for i in range(500):
+        values = bundle.read(f"v{i:03d}")
+        assert values.dtype == (np.float32, np.int64, np.float16)[i % 3] and values.tolist() == [i, -i]
