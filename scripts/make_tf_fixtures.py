@@ -21,7 +21,8 @@ values, and writes:
     other/     a TensorFlow checkpoint that is not a GPT-2 (`dense/kernel`, `dense/bias`), with run1's
                hparams.json: what an unknown layout looks like
     many/      500 variables `v000`..`v499` of shape (2,) holding [i, -i] in float32, int64 and float16
-               (an index of several table blocks, as a 1558M model's is)
+               (an index with many restart points and shared key prefixes; TensorFlow's 256 KB
+               table blocks hold even a 1558M model's 14 KB index in one block)
     expected.json  the input text, its token ids from OpenAI's encoder.py algorithm
     logits_openai.npy, logits_run1.npy   (1, T, n_vocab) float32 logits computed by TensorFlow
 """

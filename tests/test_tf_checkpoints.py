@@ -156,7 +156,7 @@ async def test_botkit_run_serves_a_gpt2_simple_run(tmp_path, capsys):
 
 
 def test_an_index_of_many_blocks_and_other_dtypes():
-    bundle = open_bundle(FIXTURES / "many" / "model.ckpt")  # 500 variables: an 11 KB index of several 4 KB table blocks
+    bundle = open_bundle(FIXTURES / "many" / "model.ckpt")  # 500 variables: an 11 KB index, a restart point every 16 keys
     assert sorted(bundle.entries) == [f"v{i:03d}" for i in range(500)]
     for i in range(500):
         values = bundle.read(f"v{i:03d}")
