@@ -6,10 +6,11 @@ Importing botkit is cheap: torch and transformers load when a model is first loa
 from .errors import BotkitError
 from .finetune import finetune
 from .generate import generate, generate_to_file
+from .gpt2_simple import download_gpt2, load_gpt2
 
 _FROM_MODELS = ("LoadedModel", "gpt2_tokenizer", "load_model")
 
-__all__ = ["BotkitError", "finetune", "generate", "generate_to_file", *_FROM_MODELS]
+__all__ = ["BotkitError", "download_gpt2", "finetune", "generate", "generate_to_file", "load_gpt2", *_FROM_MODELS]
 
 
 def __getattr__(name: str):

@@ -3,6 +3,7 @@
 
     checkpoint/<run_name>/
         config.json, model.safetensors, generation_config.json, tokenizer files   <- from_pretrained()
+          (a LoRA run: adapter_config.json, adapter_model.safetensors instead: the adapter alone)
         trainer_state.json   step, average loss, best held-out loss (readable)
         trainer_state.pt     optimizer, scheduler, RNG and grad-scaler state
         loss.csv, loss.png   one row per step; the curve, refreshed while training
@@ -63,7 +64,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerSt
         _archive_previous(run_dir, max_checkpoints - 1)
     tmp = run_dir / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    save_model(model, tmp)
     torch.save(
         {
             "optimizer": optimizer.state_dict(),
@@ -80,8 +81,16 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerSt
     tmp.rmdir()
 
 
-MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-               "vocab.json", "merges.txt", "special_tokens_map.json")
+def save_model(model, folder: Path) -> None:
+    """save_pretrained; a LoRA model (peft's) saves its adapter alone, without peft's hub look-up of the base's vocabulary size."""
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(folder, save_embedding_layers=False)
+    else:
+        model.save_pretrained(folder)
+
+
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "adapter_config.json", "adapter_model.safetensors",
+               "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 
 
 def _archive_previous(run_dir: Path, num_copies: int) -> None:

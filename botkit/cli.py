@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_cli(sub)
+    from .convert import add_cli as add_convert_cli
+
+    add_convert_cli(sub)  # convert, download, export, import
     return parser
 
 
@@ -82,7 +85,7 @@ def _unescape(text: str) -> str:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="hub name, local folder (default: the bundled demo model)")
+    p.add_argument("--model", default=None, help="hub name, local folder, models/124M or checkpoint/run1 from gpt-2-simple (default: the bundled demo model)")
     p.add_argument("--run-name", default=None, help="a run in --checkpoint-dir, from `botkit finetune`")
     p.add_argument("--checkpoint-dir", default="checkpoint")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

@@ -66,6 +66,9 @@ def finetune(
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
     gradient_checkpointing: bool = False,
+    lora: int = 0,
+    lora_alpha: int = 0,
+    lora_dropout: float = 0.05,
     val_fraction: float = 0.0,
     val_every: int = 0,
     val_batches: int = 40,
@@ -84,14 +87,16 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune `model` on `dataset`; checkpoints go to `checkpoint_dir/run_name/`.
 
-    `model`: hub name, local folder, GPT2Config, "scratch" (a new model from n_layer/n_embd/n_head/n_ctx,
+    `model`: hub name, local folder (OpenAI's or gpt-2-simple's TensorFlow folders too), GPT2Config, "scratch" (a new model from n_layer/n_embd/n_head/n_ctx,
     optionally with a byte-level BPE tokenizer of `vocab_size` trained on the data), or None for the
     bundled demo model. `steps` is the run's total: the learning-rate schedule spans it, and a run
     resumed with `restore_from="latest"` trains until its step count reaches `steps` (pass a larger
     `steps` to train further). `stop_at_step` stops and saves early without changing the schedule.
     `block_size` 0 means the model's context. Held-out loss: the last `val_fraction` of the tokens,
     every `val_every` steps (0: at each save); `early_stopping` N stops after N evaluations without
-    improvement and keeps the best model in `run_name/best/`.
+    improvement and keeps the best model in `run_name/best/`. `lora` R > 0 trains rank-R LoRA
+    adapters on the attention and MLP projections instead of every weight (`lora_alpha` 0 means 2R);
+    checkpoints then hold the adapter alone, and loading the run merges it into the base model.
     """
     options = dict(locals())
     _check_args(options)
@@ -134,6 +139,15 @@ def _check_args(args: dict) -> None:
         raise InputError("early_stopping needs held-out data: set val_fraction (for example 0.05).")
     if not args["run_name"] or any(c in args["run_name"] for c in "/\\") or args["run_name"].startswith("."):
         raise InputError(f"run_name must be a plain folder name, not {args['run_name']!r}.")
+    for name in ("lora", "lora_alpha"):
+        if not isinstance(args[name], int) or isinstance(args[name], bool) or args[name] < 0:
+            raise InputError(f"{name} must be a whole number, 0 (off or default) or more such as 8, not {args[name]!r}.")
+    if args["lora"] and (args["model"] == SCRATCH or not isinstance(args["model"], str | None)):
+        raise InputError("LoRA adapts a trained model: pass one as model (--model gpt2, a folder, or models/124M), not a new one.")
+    if args["lora"] and args["only_train_transformer_layers"]:
+        raise InputError("lora already trains only the transformer layers (its adapters): drop only_train_transformer_layers.")
+    if not 0 <= args["lora_dropout"] < 1:
+        raise InputError(f"lora_dropout must be at least 0 and below 1, not {args['lora_dropout']!r}.")
     if args["n_embd"] % args["n_head"]:
         raise InputError(f"n_embd ({args['n_embd']}) must be divisible by n_head ({args['n_head']}).")
     for name in ("checkpoint_dir", "sample_dir"):
@@ -148,7 +162,7 @@ def _check_args(args: dict) -> None:
 
 HELP = {
     "dataset": ".txt file, folder or glob of .txt files, one-column .csv, .jsonl, or a .npz from `botkit encode`",
-    "model": "hub name (gpt2), local folder, 'scratch' for a new model, or empty for the bundled demo model",
+    "model": "hub name (gpt2, or gpt-2-simple's 124M/355M/774M/1558M), local folder (also OpenAI's models/124M or a gpt-2-simple checkpoint/run1), 'scratch' for a new model, or empty for the bundled demo model",
     "steps": "total optimizer steps of the run (the schedule spans them; resuming continues up to this)",
     "accumulate_gradients": "micro-batches per optimizer step (gpt-2-simple's default was 5; here 1)",
     "restore_from": "'latest' continues the run in checkpoint_dir/run_name; '' or 'fresh' starts from --model",
@@ -159,6 +173,9 @@ HELP = {
     "train_tokenizer": "train a byte-level BPE tokenizer of --vocab-size on the data (--model scratch only)",
     "stop_at_step": "stop and save at this step without shortening the schedule (0 = run to --steps)",
     "mixed_precision": "auto (bf16/fp16 on GPU, none on CPU), no, fp16 or bf16",
+    "lora": "train rank-R LoRA adapters (peft) instead of every weight; 0 = full fine-tuning",
+    "lora_alpha": "LoRA scale numerator (0 = twice the rank)",
+    "gradient_checkpointing": "recompute activations in the backward pass: less memory, about a third slower",
 }
 CLI_SKIP = ("dataset", "progress")
 

@@ -74,10 +74,12 @@ def load_model(
 ) -> LoadedModel:
     """Load a model for generation or training.
 
-    `model` is a Hugging Face hub name (`gpt2`, `distilgpt2`, ...), a local Hugging Face folder, a
-    `GPT2Config` (a randomly initialised model, seeded with `seed`), or None: then `run_name` picks
-    `checkpoint_dir/run_name`, and with neither the bundled demo model is used. A folder without
-    tokenizer files gets the bundled GPT-2 tokenizer.
+    `model` is a Hugging Face hub name (`gpt2`, `distilgpt2`, ...), a local Hugging Face folder, an
+    OpenAI download (`models/124M`) or gpt-2-simple run (`checkpoint/run1`) in TensorFlow's format
+    (read without TensorFlow), a `GPT2Config` (a randomly initialised model, seeded with `seed`), or
+    None: then `run_name` picks `checkpoint_dir/run_name`, and with neither the bundled demo model is
+    used. A LoRA run loads as its base model with the adapter merged in. A folder without tokenizer
+    files gets the bundled GPT-2 tokenizer.
     """
     device = device or default_device()
     dtype = dtype or default_dtype(device)
@@ -117,6 +119,13 @@ def fuse_gelu(model: torch.nn.Module) -> None:
 
 
 def _load_pretrained(source: Source) -> LoadedModel:
+    if source.kind == "tf":
+        from .tf_gpt2 import load_tf_gpt2
+
+        model, tokenizer = load_tf_gpt2(Path(source.path), source.checkpoint)
+        return LoadedModel(model, tokenizer, name=source.name)
+    if source.kind == "lora":
+        return _load_lora_run(source)
     from safetensors import SafetensorError  # light: the loader below imports it anyway
 
     options = {"local_files_only": True} if source.local_files_only else {}
@@ -142,4 +151,16 @@ def _load_pretrained(source: Source) -> LoadedModel:
         except OSError:
             log.warning("No usable tokenizer with %s; using the bundled GPT-2 tokenizer.", source.name)
             tokenizer = gpt2_tokenizer()
+    return LoadedModel(model, tokenizer, name=source.name)
+
+
+def _load_lora_run(source: Source) -> LoadedModel:
+    """A LoRA run: its base model with the run's adapter merged into the weights (a plain GPT-2)."""
+    from .lora import base_source, load_adapter, merged
+
+    run_dir = Path(source.path)
+    base = _load_pretrained(base_source(run_dir))
+    model = merged(load_adapter(base.model, run_dir, is_trainable=False))
+    has_tokenizer = any((run_dir / f).is_file() for f in TOKENIZER_FILES)
+    tokenizer = _finish_tokenizer(AutoTokenizer.from_pretrained(run_dir)) if has_tokenizer else base.tokenizer
     return LoadedModel(model, tokenizer, name=source.name)

@@ -1,4 +1,5 @@
-"""Where a model comes from: a hub name, a local folder, a run from `botkit finetune`, or the bundled
+"""Where a model comes from: a hub name, a local folder (transformers' files, an OpenAI download or a
+gpt-2-simple run in TensorFlow's format), a run from `botkit finetune` (a LoRA run too), or the bundled
 demo model. Resolved before torch and transformers are imported, so a wrong path or an unreachable
 hub is one sentence within a second or two, not after seconds of imports and minutes of retries."""
 
@@ -15,7 +16,13 @@ from urllib.parse import urlsplit
 from .errors import ModelLoadError
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
+# gpt-2-simple's (and OpenAI's) model names -> the hub's copies of the same weights
+GPT2_SIMPLE_NAMES = {"124M": "gpt2", "117M": "gpt2", "355M": "gpt2-medium", "345M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl"}
 HUB_TIMEOUT_S = 1.5  # a hub that does not answer a TCP connect by then counts as unreachable
+
+
+KINDS = ("hf", "tf", "lora")
+ADAPTER_CONFIG = "adapter_config.json"  # peft's: a LoRA run of `botkit finetune --lora`
 
 
 @dataclass(frozen=True)
@@ -24,6 +31,19 @@ class Source:
     name: str  # what logs and /v1/models call the model
     is_local: bool
     local_files_only: bool = False  # a hub model already in the local cache, used without the network
+    kind: str = "hf"  # "hf": transformers' files; "tf": an OpenAI or gpt-2-simple TensorFlow folder; "lora": a LoRA run (adapter + its base)
+    checkpoint: str = "latest"  # "tf" only: which checkpoint in the folder (e.g. model-500)
+
+
+def folder_kind(path: Path) -> str | None:
+    """What a local folder holds, from its file names alone (cheap: no file is read)."""
+    if (path / "config.json").is_file():
+        return "hf"
+    if (path / ADAPTER_CONFIG).is_file():
+        return "lora"
+    if any(path.glob("*.index")) or (path / "hparams.json").is_file():
+        return "tf"  # OpenAI's models/124M: model.ckpt.index; gpt-2-simple's checkpoint/run1: model-<step>.index
+    return None
 
 
 def asset_dir(name: str) -> Path:
@@ -37,9 +57,10 @@ def resolve(model: str | os.PathLike | Source | None, run_name: str | None = Non
         return model
     if model is None and run_name:
         path = Path(checkpoint_dir) / run_name
-        if not (path / "config.json").is_file():
+        kind = folder_kind(path) if path.is_dir() else None
+        if kind is None:
             raise ModelLoadError(f"No trained model in {path}: check --run-name and --checkpoint-dir, or train one with `botkit finetune`.")
-        return Source(str(path), run_name, is_local=True)
+        return Source(str(path), run_name, is_local=True, kind=kind)
     if model is None:
         path = asset_dir("demo")
         if not (path / "config.json").is_file():
@@ -47,25 +68,38 @@ def resolve(model: str | os.PathLike | Source | None, run_name: str | None = Non
         return Source(str(path), "botkit-demo", is_local=True)
     path = Path(model).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path} has no config.json: point --model at a folder saved by `save_pretrained` or `botkit finetune`.")
-        return Source(str(path), path.name, is_local=True)
+        kind = folder_kind(path)
+        if kind is None:
+            raise ModelLoadError(f"{path} has no config.json: point --model at a folder saved by `save_pretrained` or `botkit finetune`, "
+                                 "an OpenAI download such as models/124M, or a gpt-2-simple run such as checkpoint/run1.")
+        return Source(str(path), path.name, is_local=True, kind=kind)
+    if path.with_name(path.name + ".index").is_file():  # a checkpoint prefix: models/124M/model.ckpt, checkpoint/run1/model-1000
+        return Source(str(path.parent), path.parent.name, is_local=True, kind="tf", checkpoint=path.name)
     if path.exists() or os.sep in str(model) or str(model).startswith("."):
         raise ModelLoadError(f"Model path {model} does not exist: check the path, or use a hub name such as gpt2.")
-    return _hub_source(str(model))
+    return _hub_source(GPT2_SIMPLE_NAMES.get(str(model), str(model)))
 
 
 def _hub_source(name: str) -> Source:
-    from huggingface_hub import constants, try_to_load_from_cache  # light: no torch
+    from huggingface_hub import try_to_load_from_cache  # light: no torch
 
     is_cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
-    if constants.is_offline_mode() or not hub_reachable(constants.ENDPOINT):
+    why = hub_unavailable()
+    if why:
         if is_cached:
             return Source(name, name, is_local=False, local_files_only=True)
-        why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "the Hugging Face hub cannot be reached from here"
         raise ModelLoadError(f"{name!r} is a hub name, but {why} and it was never downloaded: download it once while online, "
                              "or pass a local folder that holds config.json and the weights, e.g. --model ./my-gpt2.")
     return Source(name, name, is_local=False)
+
+
+def hub_unavailable() -> str | None:
+    """Why the Hugging Face hub cannot be used now, or None when it can."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    return None if hub_reachable(constants.ENDPOINT) else "the Hugging Face hub cannot be reached from here"
 
 
 def hub_reachable(endpoint: str, timeout_s: float = HUB_TIMEOUT_S) -> bool:

@@ -22,14 +22,15 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
-from transformers import GPT2Config, get_scheduler
+from transformers import AutoTokenizer, GPT2Config, get_scheduler
 
 from . import checkpoints
 from .checkpoints import LossLog, TrainerState
 from .datasets import TokenStream, load_tokens, read_documents, train_tokenizer
 from .errors import DatasetError, InputError
 from .finetune import SCRATCH, FinetuneResult
-from .models import LoadedModel, load_model
+from .models import LoadedModel, _finish_tokenizer, load_model
+from .sources import folder_kind, resolve
 
 log = logging.getLogger("botkit")
 
@@ -41,16 +42,21 @@ def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
     accelerator = Accelerator(cpu=(o.device == "cpu"), mixed_precision=_precision(o.mixed_precision, o.device))
     run_dir = Path(o.checkpoint_dir) / o.run_name
     resume = _prepare_run_dir(run_dir, o.restore_from, o.overwrite, accelerator.is_main_process)
-    lm, train, val = _model_and_data(dataset, o.model, resume, run_dir, o.run_name, o.seed, o.n_layer, o.n_embd, o.n_head, o.n_ctx, o.train_tokenizer, o.vocab_size, o.text_field, o.val_fraction)
+    lm, base, train, val = _model_and_data(dataset, o.model, resume, run_dir, o.run_name, o.seed, o.n_layer, o.n_embd, o.n_head, o.n_ctx, o.train_tokenizer, o.vocab_size, o.text_field, o.val_fraction, o.lora)
     block = o.block_size or lm.model.config.n_positions
     _check_lengths(train, val, block, lm)
 
     net = lm.model.train()
     net.loss_type = "ForCausalLM"  # GPT2LMHeadModel's class name matches none of transformers' loss names: it warns, then uses this
+    if o.lora:
+        from . import lora
+
+        torch.manual_seed(o.seed)  # the adapters' random A matrices
+        net = lora.load_adapter(net, run_dir, is_trainable=True) if resume else lora.add_lora(net, base, o.lora, o.lora_alpha, o.lora_dropout)
     if o.gradient_checkpointing:
         net.config.use_cache = False
         (getattr(net, "activation_checkpointing_enable", None) or net.gradient_checkpointing_enable)()  # renamed in transformers 5
-    params = _trainable(net, o.only_train_transformer_layers)
+    params = _trainable(net, o.only_train_transformer_layers)  # with LoRA: the adapters only
     opt = _optimizer(o.optimizer, params, o.learning_rate, o.weight_decay)
     sched = get_scheduler(o.lr_schedule, opt, num_warmup_steps=o.warmup_steps, num_training_steps=o.steps)
     # The scheduler stays unprepared: accelerate would step it once per process, but `steps` counts
@@ -125,6 +131,8 @@ def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
         stopped = "stop_at_step"
     save()
     net = accelerator.unwrap_model(net).eval()
+    if o.lora:
+        net = lora.merged(net)  # saved already: the result is the plain model with the adapter added in
     return FinetuneResult(LoadedModel(net, lm.tokenizer, o.run_name), run_dir, state.step, state.avg_loss, val_loss, state.best_val_loss, stopped)
 
 
@@ -170,7 +178,7 @@ def _improved(state: TrainerState, val_loss: float, patience: int, accelerator, 
     if state.best_val_loss is None or val_loss < state.best_val_loss:
         state.best_val_loss, state.best_val_step, state.evals_without_improvement = val_loss, state.step, 0
         if patience and accelerator.is_main_process:
-            accelerator.unwrap_model(net).save_pretrained(run_dir / "best")
+            checkpoints.save_model(accelerator.unwrap_model(net), run_dir / "best")
         return False
     state.evals_without_improvement += 1
     return bool(patience) and state.evals_without_improvement >= patience
@@ -181,7 +189,8 @@ def _write_samples(lm: LoadedModel, model, out_dir: Path, step: int, num: int, l
 
     model.eval()
     with torch.random.fork_rng(devices=[]):  # sampling must not move the training RNG, or a resumed run would differ
-        texts = generate(LoadedModel(model, lm.tokenizer, lm.name), nsamples=num, batch_size=num, length=length, top_k=40, seed=seed + step, return_as_list=True)
+        gpt2 = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA: applied on the fly
+        texts = generate(LoadedModel(gpt2, lm.tokenizer, lm.name), nsamples=num, batch_size=num, length=length, top_k=40, seed=seed + step, return_as_list=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     sep = "\n" + "=" * 20 + "\n"
     (out_dir / f"samples-{step}.txt").write_text(sep.join(texts), encoding="utf-8")
@@ -195,6 +204,8 @@ def _saved_step(run_dir: Path) -> int:
 def _prepare_run_dir(run_dir: Path, restore_from: str, overwrite: bool, is_main: bool) -> bool:
     """Return True to resume. An existing run is never replaced or continued unless asked."""
     exists = checkpoints.has_checkpoint(run_dir)
+    if not exists and folder_kind(run_dir) == "tf":
+        raise InputError(f"{run_dir} holds a TensorFlow run (gpt-2-simple's): pass it as --model {run_dir} and choose another --run-name.")
     if restore_from == "latest" and exists:
         if not (run_dir / checkpoints.STATE_PT).is_file():
             raise InputError(f"{run_dir} has a model but no trainer state to resume from: pass it as --model instead, with a new --run-name.")
@@ -207,9 +218,11 @@ def _prepare_run_dir(run_dir: Path, restore_from: str, overwrite: bool, is_main:
     return False
 
 
-def _model_and_data(dataset, model, resume, run_dir, run_name, seed, n_layer, n_embd, n_head, n_ctx, new_tokenizer, vocab_size, text_field, val_fraction):
+def _model_and_data(dataset, model, resume, run_dir, run_name, seed, n_layer, n_embd, n_head, n_ctx, new_tokenizer, vocab_size, text_field, val_fraction, rank):
+    """The model to train (for LoRA: its base, and the Source it came from) and the data's two parts."""
+    base = None
     if resume:
-        lm = load_model(str(run_dir), device="cpu", dtype="float32")
+        lm = _resumed_model(run_dir, rank)
     elif model == SCRATCH or isinstance(model, GPT2Config):
         if new_tokenizer and str(dataset).endswith(".npz"):
             raise InputError("A tokenizer cannot be trained on an encoded .npz dataset: pass the text dataset.")
@@ -225,9 +238,25 @@ def _model_and_data(dataset, model, resume, run_dir, run_name, seed, n_layer, n_
     else:
         if new_tokenizer:
             raise InputError("train_tokenizer needs a new model (model='scratch'): a pretrained model only understands its own tokenizer.")
-        lm = load_model(model, device="cpu", dtype="float32")
+        base = resolve(model)
+        lm = load_model(base, device="cpu", dtype="float32")
     train, val = load_tokens(dataset, lm.tokenizer, text_field).split(val_fraction)
-    return lm, train, val
+    return lm, base, train, val
+
+
+def _resumed_model(run_dir: Path, rank: int) -> LoadedModel:
+    """The run's model to continue; for a LoRA run its base, unmerged (the adapter is loaded on it later)."""
+    if folder_kind(run_dir) != "lora":
+        if rank:
+            raise InputError(f"Run {run_dir.name!r} trains every weight: continue it without --lora, or start a LoRA run under another --run-name.")
+        return load_model(str(run_dir), device="cpu", dtype="float32")
+    from . import lora
+
+    saved = lora.read_adapter_config(run_dir)["r"]
+    if rank != saved:
+        raise InputError(f"Run {run_dir.name!r} is a LoRA run of rank {saved}: pass --lora {saved} to continue it.")
+    base = load_model(lora.base_source(run_dir), device="cpu", dtype="float32")
+    return LoadedModel(base.model, _finish_tokenizer(AutoTokenizer.from_pretrained(run_dir)), run_dir.name)
 
 
 def _check_lengths(train: TokenStream, val: TokenStream | None, block: int, lm: LoadedModel) -> None:

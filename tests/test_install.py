@@ -12,7 +12,7 @@ import termios
 
 import pytest
 
-HEAVY = ("torch", "transformers", "matplotlib", "accelerate")
+HEAVY = ("torch", "transformers", "matplotlib", "accelerate", "peft")
 
 
 def run_botkit(*args, env=None, cwd=None, timeout=120):
@@ -22,7 +22,8 @@ def run_botkit(*args, env=None, cwd=None, timeout=120):
 
 def test_importing_botkit_loads_no_heavy_library():
     code = ("import sys, botkit, botkit.cli, botkit.core, botkit.store, botkit.adapters.web_adapter, "
-            "botkit.adapters.discord_adapter, botkit.adapters.telegram_adapter, botkit.adapters.console_adapter\n"
+            "botkit.adapters.discord_adapter, botkit.adapters.telegram_adapter, botkit.adapters.console_adapter, "
+            "botkit.convert, botkit.archive, botkit.gpt2_simple, botkit.sources\n"
             f"print([m for m in {HEAVY!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

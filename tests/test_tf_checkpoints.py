@@ -1,0 +1,163 @@
+"""OpenAI and gpt-2-simple TensorFlow checkpoints read without TensorFlow, against logits that real
+TensorFlow computed (tests/fixtures/tf, written by scripts/make_tf_fixtures.py)."""
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from botkit import load_gpt2
+from botkit.cli import main, serve
+from botkit.config import Config, ModelConfig, StoreConfig, WebConfig
+from botkit.errors import ModelLoadError
+from botkit.generate import generate
+from botkit.models import load_model
+from botkit.sources import resolve
+from botkit.tf_bundle import open_bundle
+
+FIXTURES = Path(__file__).parent / "fixtures" / "tf"
+EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
+
+
+def logits(model, ids=EXPECTED["ids"]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits.float().numpy()
+
+
+@pytest.mark.parametrize(("folder", "reference"), [("openai", "logits_openai.npy"), ("run1", "logits_run1.npy")])
+def test_tensorflow_checkpoints_give_tensorflows_logits_without_tensorflow(folder, reference):
+    lm = load_model(FIXTURES / folder, device="cpu")
+    expected = np.load(FIXTURES / reference)
+    assert np.abs(logits(lm.model) - expected).max() < 1e-5
+    assert lm.tokenizer.encode(EXPECTED["text"]) == EXPECTED["ids"][1:]  # OpenAI's encoder.py, run by the fixture script
+    assert lm.eos_token_id == EXPECTED["ids"][0] and lm.max_context == 32
+    assert lm.model.lm_head.weight.data_ptr() == lm.model.transformer.wte.weight.data_ptr()  # tied, as in OpenAI's model
+    assert "tensorflow" not in sys.modules
+
+
+def test_a_gpt2_simple_run_by_run_name_prefix_or_load_gpt2():
+    by_name = load_model(run_name="run1", checkpoint_dir=FIXTURES, device="cpu")
+    by_prefix = load_model(FIXTURES / "run1" / "model-3", device="cpu")
+    ported = load_gpt2(None, run_name="run1", checkpoint_dir=str(FIXTURES), device="cpu")
+    openai = load_gpt2(model_name="openai", model_dir=str(FIXTURES), device="cpu")
+    expected = np.load(FIXTURES / "logits_run1.npy")
+    for lm in (by_name, by_prefix, ported):
+        assert np.abs(logits(lm.model) - expected).max() < 1e-5
+    assert np.abs(logits(openai.model) - np.load(FIXTURES / "logits_openai.npy")).max() < 1e-5
+    assert resolve(str(FIXTURES / "run1")).kind == "tf" and resolve(str(FIXTURES / "openai" / "model.ckpt")).checkpoint == "model.ckpt"
+
+
+def test_convert_writes_a_folder_that_from_pretrained_loads(tmp_path, capsys):
+    assert main(["convert", str(FIXTURES / "run1"), str(tmp_path / "hf")]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert np.abs(logits(model) - np.load(FIXTURES / "logits_run1.npy")).max() < 1e-5
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode(EXPECTED["text"]) == EXPECTED["ids"][1:]
+    assert main(["convert", str(FIXTURES / "run1"), str(tmp_path / "hf")]) == 2  # never over an existing folder
+    assert "choose a new folder" in capsys.readouterr().err
+
+
+def copy_of(tmp_path, folder="run1") -> Path:
+    return Path(shutil.copytree(FIXTURES / folder, tmp_path / folder))
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def damage_missing_shard(run):
+    (run / "model-3.data-00000-of-00001").unlink()
+
+
+def damage_weights(run):
+    wte = open_bundle(run / "model-3").entries["model/wte"]
+    flip_byte(run / "model-3.data-00000-of-00001", wte.offset + 10)
+
+
+def damage_truncate(run):
+    path = run / "model-3.data-00000-of-00001"
+    path.write_bytes(path.read_bytes()[:60_000])
+
+
+def damage_index(run):
+    flip_byte(run / "model-3.index", 100)
+
+
+def damage_hparams(run):
+    (run / "hparams.json").write_text(json.dumps({**json.loads((run / "hparams.json").read_text()), "n_embd": 32}))
+
+
+def damage_no_hparams(run):
+    (run / "hparams.json").unlink()
+
+
+def damage_tokenizer(run):
+    (run / "encoder.json").write_text('{"a": 1}')
+
+
+@pytest.mark.parametrize(("damage", "says"), [
+    (damage_missing_shard, "model-3.data-00000-of-00001 is missing beside model-3.index"),
+    (damage_weights, "fails its checksum"),
+    (damage_truncate, "shorter than its index says"),
+    (damage_index, "is not a TensorFlow checkpoint index botkit can read"),
+    (damage_hparams, "says n_embd = 32 but the checkpoint has 16"),
+    (damage_no_hparams, "but no hparams.json"),
+    (damage_tokenizer, r"has no <\|endoftext\|> token"),
+])
+def test_damaged_checkpoints_are_one_sentence(tmp_path, damage, says):
+    run = copy_of(tmp_path)
+    damage(run)
+    with pytest.raises(ModelLoadError, match=says) as info:
+        load_model(run, device="cpu")
+    assert str(info.value).count(". ") == 0 and str(info.value).endswith(".")
+
+
+def test_a_tensorflow_checkpoint_of_another_model_is_one_sentence():
+    with pytest.raises(ModelLoadError, match=r"not a GPT-2 in OpenAI's layout \(no model/wte; it holds dense/bias, dense/kernel"):
+        load_model(FIXTURES / "other", device="cpu")
+
+
+def test_the_command_line_says_one_sentence_for_a_damaged_checkpoint(tmp_path):
+    run = copy_of(tmp_path)
+    damage_weights(run)
+    out = subprocess.run([sys.executable, "-m", "botkit", "generate", "--model", str(run), "--length", "2"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == ["botkit: model/wte in model-3.data-00000-of-00001 fails its checksum (the file is damaged): copy the checkpoint again."]
+
+
+async def test_botkit_run_serves_a_gpt2_simple_run(tmp_path, capsys):
+    config = Config(model=ModelConfig(source=str(FIXTURES / "run1"), device="cpu"), store=StoreConfig(path=str(tmp_path / "b.db")),
+                    web=WebConfig(port=0))
+    stop = asyncio.Event()
+    running = asyncio.create_task(serve(config, stop=stop))
+    printed = ""
+    while not (url := re.search(r"open (http://\S+)", printed)) and not running.done():
+        await asyncio.sleep(0.05)
+        printed += capsys.readouterr().out
+    async with aiohttp.ClientSession() as http:
+        body = {"prompt": "Hello world", "max_tokens": 6, "temperature": 0}
+        async with http.post(url[1] + "v1/completions", json=body) as answer:
+            served = (await answer.json())["choices"][0]["text"]
+    stop.set()
+    await asyncio.wait_for(running, 30)
+    [expected] = generate(load_model(FIXTURES / "run1", device="cpu"), prefix="Hello world", length=6, temperature=0, include_prefix=False, return_as_list=True)
+    assert served == expected and len(served) > 0
+
+
+def test_an_index_of_many_blocks_and_other_dtypes():
+    bundle = open_bundle(FIXTURES / "many" / "model.ckpt")  # 500 variables: an 11 KB index, a restart point every 16 keys
+    assert sorted(bundle.entries) == [f"v{i:03d}" for i in range(500)]
+    for i in range(500):
+        values = bundle.read(f"v{i:03d}")
+        assert values.dtype == (np.float32, np.int64, np.float16)[i % 3] and values.tolist() == [i, -i]
