@@ -46,8 +46,10 @@ from botkit.params import ChatSettings
 DEFAULT_WORKLOAD = Path(__file__).resolve().parents[2] / "shared" / "bench" / "chat_workload.jsonl"
 
 
-def settings_of(turn: dict) -> ChatSettings:
-    return ChatSettings(length=turn["max_new_tokens"], temperature=0, top_k=0, top_p=1.0, truncate=turn["stop"] or "")
+def settings_of(turn: dict, first: dict) -> ChatSettings:
+    """A chat's truncate string is a chat setting: each chat keeps its first turn's stop (it also
+    separates the exchanges in its context); the length is the turn's."""
+    return ChatSettings(length=turn["max_new_tokens"], temperature=0, top_k=0, top_p=1.0, truncate=first["stop"] or "")
 
 
 def make_config(num_chats: int) -> Config:
@@ -71,7 +73,7 @@ async def run_arm(lm, chats: dict[str, list[dict]], cache_mb: int | None) -> dic
                 async def one_chat(turns: list[dict]) -> None:
                     for turn in turns:
                         started = time.perf_counter()
-                        ticket = await core.submit(Prompt("bench", turn["chat_id"], turn["user_id"], turn["message"]), settings_of(turn))
+                        ticket = await core.submit(Prompt("bench", turn["chat_id"], turn["user_id"], turn["message"]), settings_of(turn, turns[0]))
                         first = None
                         async for delta in ticket.stream():
                             if first is None and delta:
@@ -81,7 +83,7 @@ async def run_arm(lm, chats: dict[str, list[dict]], cache_mb: int | None) -> dic
                         row = await store.request(ticket.request_id)
                         records.append({"turn": turn["turn"], "ttft_s": first if first is not None else done, "latency_s": done,
                                         "tokens": reply.num_tokens, "prompt": row["prompt"], "text": reply.text,
-                                        "prompt_tokens": row["num_prompt_tokens"], "stop": turn["stop"], "max_new_tokens": turn["max_new_tokens"]})
+                                        "prompt_tokens": row["num_prompt_tokens"], "max_new_tokens": turn["max_new_tokens"]})
 
                 started = time.perf_counter()
                 await asyncio.gather(*(one_chat(turns) for turns in chats.values()))
