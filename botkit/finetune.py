@@ -8,16 +8,19 @@ heavy, so `botkit --help` stays fast. The loop itself is in `trainer.py`.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
+from .conversations import ConversationOptions
 from .errors import InputError
 
 if TYPE_CHECKING:
     from transformers import GPT2Config
 
+    from .chat_format import ChatFormat
     from .models import LoadedModel
 
 SCRATCH = "scratch"  # model="scratch": a new randomly initialised GPT-2 built from n_layer/n_embd/n_head/n_ctx
@@ -78,6 +81,9 @@ def finetune(
     train_tokenizer: bool = False,
     vocab_size: int = 4096,
     text_field: str = "text",
+    chat_format: str | ChatFormat | None = None,
+    conversation_gap_s: float = 3600.0,
+    exclude_speakers: str = "",
     stop_at_step: int = 0,
     progress: bool = True,
 ) -> FinetuneResult:
@@ -91,6 +97,12 @@ def finetune(
     `block_size` 0 means the model's context. Held-out loss: the last `val_fraction` of the tokens,
     every `val_every` steps (0: at each save); `early_stopping` N stops after N evaluations without
     improvement and keeps the best model in `run_name/best/`.
+
+    Chat exports (DiscordChatExporter JSON/CSV, Telegram Desktop result.json, `botkit export-dataset`
+    JSONL) become conversations, split after `conversation_gap_s` seconds of silence, rendered with
+    `chat_format` (a ChatFormat, its JSON, or a chat_format.json path; default "{name}: {message}"
+    lines); `exclude_speakers` (comma-separated) drops bots an export does not mark. The run folder
+    then holds chat_format.json, and every run gets an n-gram index of its text (botkit.copying).
     """
     options = dict(locals())
     _check_args(options)
@@ -120,6 +132,9 @@ def _check_args(args: dict) -> None:
         raise InputError(f"run_name must be a plain folder name, not {args['run_name']!r}.")
     if args["n_embd"] % args["n_head"]:
         raise InputError(f"n_embd ({args['n_embd']}) must be divisible by n_head ({args['n_head']}).")
+    if not (isinstance(args["conversation_gap_s"], int | float) and 0 < args["conversation_gap_s"] < math.inf):
+        raise InputError(f"conversation_gap_s must be a number of seconds above 0, not {args['conversation_gap_s']!r}.")
+    ConversationOptions.of(args["chat_format"], args["conversation_gap_s"], args["exclude_speakers"])  # a bad format fails now, not after loading
 
 
 
@@ -128,7 +143,7 @@ def _check_args(args: dict) -> None:
 # ---- command line: `botkit finetune` and `botkit encode` -------------------------------------------
 
 HELP = {
-    "dataset": ".txt file, folder or glob of .txt files, one-column .csv, .jsonl, or a .npz from `botkit encode`",
+    "dataset": ".txt file, folder or glob, one-column .csv, .jsonl, a chat export (DiscordChatExporter .json/.csv, Telegram result.json, `botkit export-dataset`), or a .npz from `botkit encode`",
     "model": "hub name (gpt2), local folder, 'scratch' for a new model, or empty for the bundled demo model",
     "steps": "total optimizer steps of the run (the schedule spans them; resuming continues up to this)",
     "accumulate_gradients": "micro-batches per optimizer step (gpt-2-simple's default was 5; here 1)",
@@ -140,6 +155,9 @@ HELP = {
     "train_tokenizer": "train a byte-level BPE tokenizer of --vocab-size on the data (--model scratch only)",
     "stop_at_step": "stop and save at this step without shortening the schedule (0 = run to --steps)",
     "mixed_precision": "auto (bf16/fp16 on GPU, none on CPU), no, fp16 or bf16",
+    "chat_format": 'how chat exports become text: a chat_format.json or JSON such as \'{"speaker": "<{name}> {message}"}\' (default "{name}: {message}" lines)',
+    "conversation_gap_s": "in chat exports, a silence longer than this (seconds) starts a new conversation",
+    "exclude_speakers": "comma-separated names whose messages are dropped (bots a Telegram or CSV export does not mark)",
 }
 CLI_SKIP = ("dataset", "progress")
 
@@ -167,6 +185,9 @@ def add_cli(subparsers) -> None:
     e.add_argument("--run-name", default=None, help="use the tokenizer of this run in --checkpoint-dir")
     e.add_argument("--checkpoint-dir", default="checkpoint")
     e.add_argument("--text-field", default="text", help="the JSONL field holding the text")
+    for name in ("chat_format", "conversation_gap_s", "exclude_speakers"):
+        default = inspect.signature(finetune).parameters[name].default
+        e.add_argument("--" + name.replace("_", "-"), type=float if isinstance(default, float) else str, default=default, help=HELP[name])
     e.set_defaults(func=_run_encode)
 
 
@@ -184,5 +205,7 @@ def _run_encode(args) -> None:
     from .models import load_model
 
     lm = load_model(args.model, run_name=args.run_name, checkpoint_dir=args.checkpoint_dir, device="cpu")
-    stream = encode_dataset(args.dataset, lm.tokenizer, args.out, args.text_field)
-    print(f"Wrote {len(stream):,} tokens of {args.dataset} to {args.out} (tokenizer of {lm.name}).")
+    chats = ConversationOptions.of(args.chat_format, args.conversation_gap_s, args.exclude_speakers)
+    stream = encode_dataset(args.dataset, lm.tokenizer, args.out, args.text_field, chats)
+    kind = " (chat conversations)" if stream.chat_format else ""
+    print(f"Wrote {len(stream):,} tokens of {args.dataset}{kind} to {args.out} (tokenizer of {lm.name}).")

@@ -26,7 +26,9 @@ from transformers import GPT2Config, get_scheduler
 
 from . import checkpoints
 from .checkpoints import LossLog, TrainerState
-from .datasets import TokenStream, load_tokens, read_documents, train_tokenizer
+from .conversations import ConversationOptions
+from .copying import write_index
+from .datasets import DatasetReader, TokenStream, load_tokens, train_tokenizer
 from .errors import DatasetError, InputError
 from .finetune import SCRATCH, FinetuneResult
 from .models import LoadedModel, load_model
@@ -41,7 +43,9 @@ def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
     accelerator = Accelerator(cpu=(o.device == "cpu"), mixed_precision=_precision(o.mixed_precision, o.device))
     run_dir = Path(o.checkpoint_dir) / o.run_name
     resume = _prepare_run_dir(run_dir, o.restore_from, o.overwrite, accelerator.is_main_process)
-    lm, train, val = _model_and_data(dataset, o.model, resume, run_dir, o.run_name, o.seed, o.n_layer, o.n_embd, o.n_head, o.n_ctx, o.train_tokenizer, o.vocab_size, o.text_field, o.val_fraction)
+    chats = ConversationOptions.of(o.chat_format, o.conversation_gap_s, o.exclude_speakers)
+    lm, stream = _model_and_data(dataset, o.model, resume, run_dir, o.run_name, o.seed, o.n_layer, o.n_embd, o.n_head, o.n_ctx, o.train_tokenizer, o.vocab_size, o.text_field, chats)
+    train, val = stream.split(o.val_fraction)
     block = o.block_size or lm.model.config.n_positions
     _check_lengths(train, val, block, lm)
 
@@ -67,6 +71,9 @@ def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
         torch.manual_seed(o.seed)  # dropout; a resumed run restores this RNG from the checkpoint instead
         if accelerator.is_main_process:
             lm.tokenizer.save_pretrained(run_dir)
+            if stream.chat_format is not None:
+                stream.chat_format.save(run_dir)  # serving and `botkit generate` read it back (LoadedModel.chat_format)
+            write_index(run_dir, stream.tokens, lm.tokenizer.eos_token_id)  # for copying.check_copying: no parroting
     loss_log = LossLog.open(run_dir, state.step) if accelerator.is_main_process else None
 
     def save(rng_state=None) -> None:
@@ -125,7 +132,8 @@ def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
         stopped = "stop_at_step"
     save()
     net = accelerator.unwrap_model(net).eval()
-    return FinetuneResult(LoadedModel(net, lm.tokenizer, o.run_name), run_dir, state.step, state.avg_loss, val_loss, state.best_val_loss, stopped)
+    trained = LoadedModel(net, lm.tokenizer, o.run_name, stream.chat_format, run_dir)
+    return FinetuneResult(trained, run_dir, state.step, state.avg_loss, val_loss, state.best_val_loss, stopped)
 
 
 def _forward_backward(accelerator, net, train: TokenStream, block, batch_size, accumulate, seed, step) -> float:
@@ -207,13 +215,14 @@ def _prepare_run_dir(run_dir: Path, restore_from: str, overwrite: bool, is_main:
     return False
 
 
-def _model_and_data(dataset, model, resume, run_dir, run_name, seed, n_layer, n_embd, n_head, n_ctx, new_tokenizer, vocab_size, text_field, val_fraction):
+def _model_and_data(dataset, model, resume, run_dir, run_name, seed, n_layer, n_embd, n_head, n_ctx, new_tokenizer, vocab_size, text_field, chats):
     if resume:
         lm = load_model(str(run_dir), device="cpu", dtype="float32")
     elif model == SCRATCH or isinstance(model, GPT2Config):
         if new_tokenizer and str(dataset).endswith(".npz"):
             raise InputError("A tokenizer cannot be trained on an encoded .npz dataset: pass the text dataset.")
-        tokenizer = train_tokenizer(read_documents(dataset, text_field), vocab_size) if new_tokenizer else None
+        segments = DatasetReader(dataset, text_field, chats).segments() if new_tokenizer else ()
+        tokenizer = train_tokenizer((text for text, _ in segments), vocab_size) if new_tokenizer else None
         config = model if isinstance(model, GPT2Config) else GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_ctx)
         if tokenizer is not None:
             config.vocab_size = len(tokenizer)
@@ -226,8 +235,7 @@ def _model_and_data(dataset, model, resume, run_dir, run_name, seed, n_layer, n_
         if new_tokenizer:
             raise InputError("train_tokenizer needs a new model (model='scratch'): a pretrained model only understands its own tokenizer.")
         lm = load_model(model, device="cpu", dtype="float32")
-    train, val = load_tokens(dataset, lm.tokenizer, text_field).split(val_fraction)
-    return lm, train, val
+    return lm, load_tokens(dataset, lm.tokenizer, text_field, chats)
 
 
 def _check_lengths(train: TokenStream, val: TokenStream | None, block: int, lm: LoadedModel) -> None:
