@@ -82,6 +82,7 @@ def _events(events, path: Path):
     for event, value in events:
         if event == "map_key":
             stack[-1] = value
+            yield None, event, value
             continue
         if event in ("end_map", "end_array"):
             stack.pop()

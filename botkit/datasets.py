@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,10 @@ from .dataset_files import END, START, DatasetReader, Segment, dataset_paths  # 
 from .errors import DatasetError
 
 CACHE_SUFFIX = ".npz"
-ENCODE_BATCH_CHARS = 256 * 1024  # text per call to the fast tokenizer (it parallelises across a batch's items)
+ENCODE_BATCH_CHARS = 32 * 1024  # text per call to the fast tokenizer (it parallelises across a batch's items)
 ENCODE_BATCH_DOCS = 1000
-SPILL_BYTES = 4 * 1024 * 1024  # token ids held in memory before they go to the temporary file
+SPILL_BYTES = 1024 * 1024  # token ids held in memory before they go to the temporary file
+WRITE_TOKENS = 256 * 1024  # tokens converted and compressed at a time when writing a cache
 
 
 @dataclass
@@ -78,7 +80,7 @@ def encode_segments(segments: Iterable[Segment], tokenizer: PreTrainedTokenizerB
     fast tokenizer (the backend has no model_max_length, so long documents raise no warning) and
     the ids to a temporary file once SPILL_BYTES have gathered: memory holds the final array once."""
     eos = tokenizer.eos_token_id
-    encode = tokenizer.backend_tokenizer.encode_batch
+    encode = tokenizer.backend_tokenizer.encode_batch_fast  # the ids without offsets: less to allocate
     held: list[np.ndarray] = []
     held_bytes, last_id, has_text = 0, None, False
     with tempfile.TemporaryFile(prefix="botkit-tokens-") as spill:
@@ -148,8 +150,24 @@ def encode_dataset(dataset, tokenizer: PreTrainedTokenizerBase, out_path, text_f
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.int32  # halves the file for GPT-2's vocab
     out_path.parent.mkdir(parents=True, exist_ok=True)
     chat_format = json.dumps(stream.chat_format.to_dict()) if stream.chat_format else ""
-    np.savez_compressed(out_path, tokens=stream.tokens.astype(dtype), tokenizer=tokenizer_fingerprint(tokenizer), chat_format=chat_format)
+    _write_cache(out_path, stream.tokens, dtype, tokenizer_fingerprint(tokenizer), chat_format)
     return stream
+
+
+def _write_cache(path: Path, tokens: np.ndarray, dtype, fingerprint: str, chat_format: str) -> None:
+    """What `np.savez_compressed` writes (np.load reads it), but the tokens converted and written a
+    slice at a time: savez would hold a converted copy plus 16 MiB write buffers."""
+    fmt = np.lib.format
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+        with archive.open("tokens.npy", "w", force_zip64=True) as f:
+            fmt.write_array_header_1_0(f, {"descr": fmt.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tokens.shape})
+            for start in range(0, len(tokens), WRITE_TOKENS):
+                f.write(tokens[start : start + WRITE_TOKENS].astype(dtype).tobytes())
+        for name, value in (("tokenizer", fingerprint), ("chat_format", chat_format)):
+            with archive.open(f"{name}.npy", "w") as f:
+                fmt.write_array(f, np.asarray(value))
+    os.replace(tmp, path)
 
 
 def _load_cache(path: Path, tokenizer: PreTrainedTokenizerBase) -> TokenStream:

@@ -58,6 +58,7 @@ class ChatSettings:
     use_context: bool = True  # prepend the chat's recent messages, as many as fit the window
     trigger: str = "mention"  # when the bot speaks in group chats: mention | always | command | never
     random_reply_chance: float = 0.0  # chance of answering an untriggered message in an allowed channel
+    dataset_opt_in: bool = False  # this chat's messages may go into `botkit export-dataset` (training data)
 
     def __post_init__(self):
         check_template(self.template)
