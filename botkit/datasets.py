@@ -146,11 +146,13 @@ def encode_dataset(dataset, tokenizer: PreTrainedTokenizerBase, out_path, text_f
     out_path = Path(out_path)
     if out_path.suffix != CACHE_SUFFIX:
         raise DatasetError(f"The cache file must end in {CACHE_SUFFIX}, not {out_path.name}: rename --out.")
-    stream = load_tokens(dataset, tokenizer, text_field, chats)
+    # Before the tokens exist: the vocabulary's copies (~13 MB for GPT-2's) would add to their peak.
+    fingerprint = tokenizer_fingerprint(tokenizer)
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.int32  # halves the file for GPT-2's vocab
+    stream = load_tokens(dataset, tokenizer, text_field, chats)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     chat_format = json.dumps(stream.chat_format.to_dict()) if stream.chat_format else ""
-    _write_cache(out_path, stream.tokens, dtype, tokenizer_fingerprint(tokenizer), chat_format)
+    _write_cache(out_path, stream.tokens, dtype, fingerprint, chat_format)
     return stream
 
 
@@ -173,13 +175,13 @@ def _write_cache(path: Path, tokens: np.ndarray, dtype, fingerprint: str, chat_f
 def _load_cache(path: Path, tokenizer: PreTrainedTokenizerBase) -> TokenStream:
     try:
         with np.load(path) as data:
-            tokens, fingerprint = data["tokens"].astype(np.int32), str(data["tokenizer"])
+            if str(data["tokenizer"]) != tokenizer_fingerprint(tokenizer):  # checked first: no tokens in memory yet
+                raise DatasetError(f"{path} was encoded with another tokenizer: re-run `botkit encode` with the model you fine-tune.")
             raw = str(data["chat_format"]) if "chat_format" in data.files else ""
             chat_format = json.loads(raw) if raw else None
+            tokens = data["tokens"].astype(np.int32)
     except (OSError, ValueError, KeyError) as exc:
         raise DatasetError(f"{path} is not a cache written by `botkit encode` ({exc.__class__.__name__}): re-encode the dataset.") from None
-    if fingerprint != tokenizer_fingerprint(tokenizer):
-        raise DatasetError(f"{path} was encoded with another tokenizer: re-run `botkit encode` with the model you fine-tune.")
     if len(tokens) == 0:
         raise DatasetError(f"Dataset {path} is empty: add some text to it.")
     return TokenStream(tokens, str(path), ChatFormat.from_dict(chat_format, str(path)) if chat_format is not None else None)
