@@ -37,7 +37,7 @@ INDEX_JSON = "copy_index.json"
 HASH_NAME = "poly64-splitmix-v1"  # changes if the hash does, so an old index is never misread
 NGRAM = 8  # tokens per window: the issue's "shared 8-token span"
 MAX_BUILD_BYTES = 256 * 1024 * 1024  # building holds about this much at a time, whatever the dataset's size
-CHUNK_WINDOWS = 1 << 20  # windows hashed per step (~8 MB of hashes and a few temporaries)
+CHUNK_WINDOWS = 1 << 18  # windows hashed per step: 2 MB of hashes, ~10 MB with their temporaries
 MAX_SHARE = 0.5  # a reply sharing a run of more than half its tokens copies ...
 MIN_SHARE_TOKENS = 4  # ... if that run is at least this long ("yes I agree" may repeat "I agree")
 
@@ -85,9 +85,10 @@ def write_index(run_dir: str | os.PathLike, tokens: np.ndarray, eos_id: int | No
             parts = []
             for start in range(0, num_windows, CHUNK_WINDOWS):
                 h = ngram_hashes(tokens[start : start + CHUNK_WINDOWS + n - 1], n, eos_id)
-                parts.append(h[(h >> np.uint64(64 - bits)) == bucket] if bits else h)
-            unique = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
-            unique.astype("<u8").tofile(out)
+                parts.append(h[(h >> np.uint64(64 - bits)) == bucket] if bits else h)  # (≤ CHUNK_WINDOWS,) uint64
+            unique = _sorted_unique(np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64))
+            del parts
+            unique.astype("<u8", copy=False).tofile(out)
             count += len(unique)
     os.replace(tmp, path)
     meta = {"n": n, "hash": HASH_NAME, "num_ngrams": count, "num_tokens": int(len(tokens)), "eos_id": eos_id}
@@ -123,7 +124,7 @@ class CopyIndex:
     @classmethod
     def build(cls, tokens: np.ndarray, eos_id: int | None = None, n: int = NGRAM) -> CopyIndex:
         """An in-memory index (tests, small texts); a run's index is written by `write_index`."""
-        return cls(np.unique(ngram_hashes(tokens, n, eos_id)), n)
+        return cls(_sorted_unique(ngram_hashes(tokens, n, eos_id)), n)
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> CopyIndex | None:
@@ -177,6 +178,16 @@ def check_copying(reply_ids: Sequence[int], index: CopyIndex | None = None, cont
     elif training_share > max_share:
         reason = f"has {training_share:.0%} of its tokens in runs found in training texts"
     return CopyReport(len(reply), training_span, training_share, context_span, bool(reason), reason)
+
+
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """`np.unique` for a 1-D array it may sort in place: numpy 2.4's np.unique takes 12 s for 4.7M
+    uint64 here (a hashing path), sort and compare 0.6 s, without its extra copies."""
+    values.sort()
+    keep = np.empty(len(values), dtype=bool)
+    keep[:1] = True
+    np.not_equal(values[1:], values[:-1], out=keep[1:])
+    return values[keep]
 
 
 def _longest_run(mask: np.ndarray) -> int:
