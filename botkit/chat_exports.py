@@ -72,7 +72,7 @@ def json_messages(path: Path) -> Iterator[ChatMessage]:
             raise DatasetError(f"{path} is not valid JSON ({reason[:80]}): export it again.") from None
     if kind is None:
         raise DatasetError(f"{path} holds no messages where a DiscordChatExporter JSON export or a Telegram Desktop "
-                           "result.json has them: export the chat as JSON with one of those tools.")
+                           "result.json has them: export the chat as JSON with one of those tools, or name the file .txt to train on its raw text.")
     _warn_untimed(path, untimed, total)
 
 

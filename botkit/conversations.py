@@ -47,14 +47,15 @@ class ConversationOptions:
     chat_format: ChatFormat = field(default_factory=ChatFormat)
     gap_s: float = DEFAULT_GAP_S
     exclude_speakers: frozenset[str] = frozenset()  # names to drop, e.g. bots a Telegram or CSV export does not mark
+    anonymize_speakers: bool = False  # speakers become user1, user2, ... (a CSV export names people by their username)
 
     @classmethod
     def of(cls, chat_format: ChatFormat | str | None = None, gap_s: float = DEFAULT_GAP_S,
-           exclude_speakers: str | Iterable[str] = "") -> ConversationOptions:
+           exclude_speakers: str | Iterable[str] = "", anonymize_speakers: bool = False) -> ConversationOptions:
         """From `finetune`'s arguments: a format or its JSON/path, and names comma-separated or listed."""
         fmt = ChatFormat.parse(chat_format) if isinstance(chat_format, str) and chat_format else chat_format or ChatFormat()
         names = exclude_speakers.split(",") if isinstance(exclude_speakers, str) else exclude_speakers
-        return cls(fmt, float(gap_s), frozenset(clean_name(n).casefold() for n in names if n.strip()))
+        return cls(fmt, float(gap_s), frozenset(clean_name(n).casefold() for n in names if n.strip()), bool(anonymize_speakers))
 
 
 def normalise(text: str, mentioned: Iterable[str] = ()) -> str:
@@ -101,7 +102,14 @@ def _silent(before: float | None, now: float | None, gap_s: float) -> bool:
     return before is not None and now is not None and abs(now - before) > gap_s
 
 
-def render_conversations(messages: Iterable[ChatMessage], options: ConversationOptions) -> Iterator[str]:
-    """Each conversation as training text in `options.chat_format`."""
+def render_conversations(messages: Iterable[ChatMessage], options: ConversationOptions,
+                         pseudonyms: dict[str, str] | None = None) -> Iterator[str]:
+    """Each conversation as training text in `options.chat_format`. With `anonymize_speakers`, each
+    name gets a pseudonym in order of first appearance, kept in `pseudonyms` (one per dataset)."""
+    pseudonyms = {} if pseudonyms is None else pseudonyms
     for conversation in conversations(messages, options.gap_s, options.exclude_speakers):
-        yield options.chat_format.render((m.speaker, m.text) for m in conversation)
+        if options.anonymize_speakers:
+            names = [pseudonyms.setdefault(clean_name(m.speaker).casefold(), f"user{len(pseudonyms) + 1}") for m in conversation]
+        else:
+            names = [m.speaker for m in conversation]
+        yield options.chat_format.render(zip(names, (m.text for m in conversation), strict=True))

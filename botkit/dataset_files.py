@@ -61,6 +61,7 @@ class DatasetReader:
         self.text_field = text_field
         self.chats = chats or ConversationOptions()
         self.chat_format: ChatFormat | None = None
+        self.pseudonyms: dict[str, str] = {}  # with anonymize_speakers: one pseudonym per name across all files
 
     def segments(self) -> Iterator[Segment]:
         for path in self.paths:
@@ -94,7 +95,7 @@ class DatasetReader:
 
     def _chats(self, path: Path, messages) -> Iterator[Segment]:
         self.chat_format = self.chats.chat_format
-        for conversation in render_conversations(messages, self.chats):
+        for conversation in render_conversations(messages, self.chats, self.pseudonyms):
             yield conversation, True
 
     def _csv(self, path: Path) -> Iterator[Segment]:

@@ -84,6 +84,7 @@ def finetune(
     chat_format: str | ChatFormat | None = None,
     conversation_gap_s: float = 3600.0,
     exclude_speakers: str = "",
+    anonymize_speakers: bool = False,
     stop_at_step: int = 0,
     progress: bool = True,
 ) -> FinetuneResult:
@@ -101,7 +102,8 @@ def finetune(
     Chat exports (DiscordChatExporter JSON/CSV, Telegram Desktop result.json, `botkit export-dataset`
     JSONL) become conversations, split after `conversation_gap_s` seconds of silence, rendered with
     `chat_format` (a ChatFormat, its JSON, or a chat_format.json path; default "{name}: {message}"
-    lines); `exclude_speakers` (comma-separated) drops bots an export does not mark. The run folder
+    lines); `exclude_speakers` (comma-separated) drops bots an export does not mark;
+    `anonymize_speakers` names speakers user1, user2, ... (CSV exports name people by username). The run folder
     then holds chat_format.json, and every run gets an n-gram index of its text (botkit.copying).
     """
     options = dict(locals())
@@ -132,9 +134,10 @@ def _check_args(args: dict) -> None:
         raise InputError(f"run_name must be a plain folder name, not {args['run_name']!r}.")
     if args["n_embd"] % args["n_head"]:
         raise InputError(f"n_embd ({args['n_embd']}) must be divisible by n_head ({args['n_head']}).")
-    if not (isinstance(args["conversation_gap_s"], int | float) and 0 < args["conversation_gap_s"] < math.inf):
+    gap = args["conversation_gap_s"]
+    if isinstance(gap, bool) or not (isinstance(gap, int | float) and 0 < gap < math.inf):
         raise InputError(f"conversation_gap_s must be a number of seconds above 0, not {args['conversation_gap_s']!r}.")
-    ConversationOptions.of(args["chat_format"], args["conversation_gap_s"], args["exclude_speakers"])  # a bad format fails now, not after loading
+    ConversationOptions.of(args["chat_format"], gap, args["exclude_speakers"])  # a bad format fails now, not after loading
 
 
 
@@ -158,6 +161,7 @@ HELP = {
     "chat_format": 'how chat exports become text: a chat_format.json or JSON such as \'{"speaker": "<{name}> {message}"}\' (default "{name}: {message}" lines)',
     "conversation_gap_s": "in chat exports, a silence longer than this (seconds) starts a new conversation",
     "exclude_speakers": "comma-separated names whose messages are dropped (bots a Telegram or CSV export does not mark)",
+    "anonymize_speakers": "in chat exports, name speakers user1, user2, ... (a Discord CSV names people by their username)",
 }
 CLI_SKIP = ("dataset", "progress")
 
@@ -188,6 +192,7 @@ def add_cli(subparsers) -> None:
     for name in ("chat_format", "conversation_gap_s", "exclude_speakers"):
         default = inspect.signature(finetune).parameters[name].default
         e.add_argument("--" + name.replace("_", "-"), type=float if isinstance(default, float) else str, default=default, help=HELP[name])
+    e.add_argument("--anonymize-speakers", action="store_true", help=HELP["anonymize_speakers"])
     e.set_defaults(func=_run_encode)
 
 
@@ -205,7 +210,7 @@ def _run_encode(args) -> None:
     from .models import load_model
 
     lm = load_model(args.model, run_name=args.run_name, checkpoint_dir=args.checkpoint_dir, device="cpu")
-    chats = ConversationOptions.of(args.chat_format, args.conversation_gap_s, args.exclude_speakers)
+    chats = ConversationOptions.of(args.chat_format, args.conversation_gap_s, args.exclude_speakers, args.anonymize_speakers)
     stream = encode_dataset(args.dataset, lm.tokenizer, args.out, args.text_field, chats)
     kind = " (chat conversations)" if stream.chat_format else ""
     print(f"Wrote {len(stream):,} tokens of {args.dataset}{kind} to {args.out} (tokenizer of {lm.name}).")

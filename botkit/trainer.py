@@ -43,7 +43,7 @@ def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
     accelerator = Accelerator(cpu=(o.device == "cpu"), mixed_precision=_precision(o.mixed_precision, o.device))
     run_dir = Path(o.checkpoint_dir) / o.run_name
     resume = _prepare_run_dir(run_dir, o.restore_from, o.overwrite, accelerator.is_main_process)
-    chats = ConversationOptions.of(o.chat_format, o.conversation_gap_s, o.exclude_speakers)
+    chats = ConversationOptions.of(o.chat_format, o.conversation_gap_s, o.exclude_speakers, o.anonymize_speakers)
     lm, stream = _model_and_data(dataset, o.model, resume, run_dir, o.run_name, o.seed, o.n_layer, o.n_embd, o.n_head, o.n_ctx, o.train_tokenizer, o.vocab_size, o.text_field, chats)
     train, val = stream.split(o.val_fraction)
     block = o.block_size or lm.model.config.n_positions

@@ -65,6 +65,16 @@ def test_a_folder_of_exports_is_one_dataset_and_bots_need_naming_in_csv(tmp_path
     assert docs[1:] == EXPECTED["discord_general.csv"][1:] + EXPECTED["telegram_chat.json"] + ["plain text too"]
 
 
+def test_speakers_can_be_anonymized_across_files(tmp_path):
+    shutil.copy(FIXTURES / "discord_general.csv", tmp_path / "a.csv")
+    shutil.copy(FIXTURES / "telegram_chat.json", tmp_path / "b.json")
+    docs = read_documents(tmp_path, chats=chats(exclude_speakers="MEE6", anonymize_speakers=True))
+    assert docs[0].startswith("user1: who is up for pizza tonight?\nuser2: yes!! margherita")
+    assert docs[1] == "user3: that was the best pizza of my life\n<|endoftext|>"
+    assert docs[2] == "user4: who is up for pizza tonight?\nuser5: ask @user she knows the place\nuser6: this one on main street, or @user cooks\n<|endoftext|>"
+    assert not re.search(r"alice|bob|carol|Alice|Bob|Carol", "".join(docs))
+
+
 def test_conversations_split_on_silence_chat_and_length():
     msgs = [ChatMessage("a", "x", "1", 0.0), ChatMessage("a", "y", "2", 59.0), ChatMessage("a", "x", "3", 200.0),
             ChatMessage("b", "x", "4", 201.0), ChatMessage("b", "x", "5", None), ChatMessage("b", "y", "6", 150.0),
