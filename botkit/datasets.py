@@ -30,7 +30,7 @@ CACHE_SUFFIX = ".npz"
 ENCODE_BATCH_CHARS = 32 * 1024  # text per call to the fast tokenizer (it parallelises across a batch's items)
 ENCODE_BATCH_DOCS = 1000
 SPILL_BYTES = 1024 * 1024  # token ids held in memory before they go to the temporary file
-WRITE_TOKENS = 256 * 1024  # tokens converted and compressed at a time when writing a cache
+WRITE_TOKENS = 256 * 1024  # tokens converted and (de)compressed at a time when writing or reading a cache
 
 
 @dataclass
@@ -174,17 +174,37 @@ def _write_cache(path: Path, tokens: np.ndarray, dtype, fingerprint: str, chat_f
 
 def _load_cache(path: Path, tokenizer: PreTrainedTokenizerBase) -> TokenStream:
     try:
-        with np.load(path) as data:
-            if str(data["tokenizer"]) != tokenizer_fingerprint(tokenizer):  # checked first: no tokens in memory yet
-                raise DatasetError(f"{path} was encoded with another tokenizer: re-run `botkit encode` with the model you fine-tune.")
-            raw = str(data["chat_format"]) if "chat_format" in data.files else ""
-            chat_format = json.loads(raw) if raw else None
-            tokens = data["tokens"].astype(np.int32)
-    except (OSError, ValueError, KeyError) as exc:
+        with path.open("rb") as f:  # opened here: np.load leaks its own file when the zip is damaged
+            with np.load(f) as data:
+                if str(data["tokenizer"]) != tokenizer_fingerprint(tokenizer):  # checked first: no tokens in memory yet
+                    raise DatasetError(f"{path} was encoded with another tokenizer: re-run `botkit encode` with the model you fine-tune.")
+                raw = str(data["chat_format"]) if "chat_format" in data.files else ""
+                chat_format = json.loads(raw) if raw else None
+            tokens = _read_tokens(f)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise DatasetError(f"{path} is not a cache written by `botkit encode` ({exc.__class__.__name__}): re-encode the dataset.") from None
     if len(tokens) == 0:
         raise DatasetError(f"Dataset {path} is empty: add some text to it.")
     return TokenStream(tokens, str(path), ChatFormat.from_dict(chat_format, str(path)) if chat_format is not None else None)
+
+
+def _read_tokens(file) -> np.ndarray:
+    """The cache's token array as int32, filled a slice at a time from the compressed member (np.load
+    would hold the stored uint16 array and its int32 copy at once)."""
+    fmt = np.lib.format
+    with zipfile.ZipFile(file) as archive, archive.open("tokens.npy") as f:
+        version = fmt.read_magic(f)
+        shape, fortran_order, dtype = fmt.read_array_header_1_0(f) if version == (1, 0) else fmt.read_array_header_2_0(f)
+        if dtype not in (np.dtype(np.uint16), np.dtype(np.int32)) or len(shape) != 1:
+            raise ValueError(f"tokens of dtype {dtype} and shape {shape}")
+        tokens = np.empty(shape[0], dtype=np.int32)
+        for start in range(0, len(tokens), WRITE_TOKENS):
+            count = min(WRITE_TOKENS, len(tokens) - start)
+            data = f.read(count * dtype.itemsize)
+            if len(data) != count * dtype.itemsize:
+                raise ValueError("tokens cut short")
+            tokens[start : start + count] = np.frombuffer(data, dtype=dtype)
+    return tokens
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:

@@ -124,3 +124,17 @@ def test_tokenizer_trains_from_the_stream_of_segments(tmp_path):
 
     tokenizer = train_tokenizer((text for text, _ in DatasetReader(tmp_path).segments()), vocab_size=300)
     assert len(tokenizer.encode("床前明月光")) < len(GPT2.encode("床前明月光"))
+
+
+def test_caches_from_np_savez_still_load_and_damaged_ones_are_one_sentence(tmp_path):
+    from botkit.datasets import tokenizer_fingerprint
+
+    np.savez_compressed(tmp_path / "old.npz", tokens=np.array([1, 2, 3, 50256], dtype=np.uint16), tokenizer=tokenizer_fingerprint(GPT2))
+    old = load_tokens(tmp_path / "old.npz", GPT2)
+    assert old.tokens.tolist() == [1, 2, 3, 50256] and old.tokens.dtype == np.int32 and old.chat_format is None
+    np.savez_compressed(tmp_path / "2d.npz", tokens=np.ones((2, 2), dtype=np.uint16), tokenizer=tokenizer_fingerprint(GPT2))
+    np.savez_compressed(tmp_path / "obj.npz", tokens=np.array([1.5]), tokenizer=tokenizer_fingerprint(GPT2))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "old.npz").read_bytes()[:60])
+    for name in ("2d.npz", "obj.npz", "cut.npz"):
+        with pytest.raises(DatasetError, match="is not a cache written by `botkit encode`"):
+            load_tokens(tmp_path / name, GPT2)
