@@ -178,3 +178,23 @@ async def test_botkit_store_exports_only_chats_that_opted_in(tmp_path, capsys):
     assert "Wrote 2 messages of 1 chat to" in capsys.readouterr().out
     assert main(["export-dataset", "--db", str(tmp_path / "missing.db")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_odd_telegram_messages_keep_what_is_usable(tmp_path):
+    def tg(**fields):
+        return {"id": 1, "type": "message", "date": "2024-01-01T00:00:00", "date_unixtime": "1704067200", "from": "Ann", **fields}
+
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps({"name": "g", "type": "private_group", "id": 1, "messages": [
+        tg(text="kept"),
+        tg(text=["a", {"type": "italic", "text": 5}, {"no": "text"}, None, "b"]),  # odd parts are skipped
+        tg(text="x", text_entities="not a list"),  # falls back to text
+        tg(text=12),  # no text
+        tg(text="number name", **{"from": 7}),
+        tg(text="huge time", date_unixtime="9" * 40, date="1999-99-99"),
+        tg(text="far later", date_unixtime="1704160800"),  # 26 h later: a new conversation
+        {"type": "service", "action": "pin_message", "text": "pinned"},
+        "not a message",
+    ]}))
+    assert read_documents(path) == ["Ann: kept\nAnn: ab\nAnn: x\nsomeone: number name\nAnn: huge time\n<|endoftext|>",
+                                    "Ann: far later\n<|endoftext|>"]
