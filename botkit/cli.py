@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text, with gpt-2-simple's options")
     _model_args(gen)
     gen.add_argument("--prefix", type=_unescape, default=None, help="text to continue (default: start from <|endoftext|>)")
-    gen.add_argument("--truncate", type=_unescape, default=None, help="end each sample before this string")
+    gen.add_argument("--truncate", type=_unescape, default=None, help="end each sample before this string (a run trained on chats: its chat format's; '' = none)")
     gen.add_argument("--include-prefix", action=argparse.BooleanOptionalAction, default=True, help="keep the prefix in the output")
     gen.add_argument("--nsamples", type=int, default=1)
     gen.add_argument("--batch-size", type=int, default=1)
@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .convert import add_cli as add_convert_cli
 
     add_convert_cli(sub)  # convert, download, export, import
+
+    from .store_export import add_cli as add_export_cli
+
+    add_export_cli(sub)
     return parser
 
 

@@ -14,11 +14,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
+from .conversations import ConversationOptions
 from .errors import InputError
 
 if TYPE_CHECKING:
     from transformers import GPT2Config
 
+    from .chat_format import ChatFormat
     from .models import LoadedModel
 
 SCRATCH = "scratch"  # model="scratch": a new randomly initialised GPT-2 built from n_layer/n_embd/n_head/n_ctx
@@ -82,6 +84,10 @@ def finetune(
     train_tokenizer: bool = False,
     vocab_size: int = 4096,
     text_field: str = "text",
+    chat_format: str | ChatFormat | None = None,
+    conversation_gap_s: float = 3600.0,
+    exclude_speakers: str = "",
+    anonymize_speakers: bool = False,
     stop_at_step: int = 0,
     progress: bool = True,
 ) -> FinetuneResult:
@@ -97,6 +103,13 @@ def finetune(
     improvement and keeps the best model in `run_name/best/`. `lora` R > 0 trains rank-R LoRA
     adapters on the attention and MLP projections instead of every weight (`lora_alpha` 0 means 2R);
     checkpoints then hold the adapter alone, and loading the run merges it into the base model.
+
+    Chat exports (DiscordChatExporter JSON/CSV, Telegram Desktop result.json, `botkit export-dataset`
+    JSONL) become conversations, split after `conversation_gap_s` seconds of silence, rendered with
+    `chat_format` (a ChatFormat, its JSON, or a chat_format.json path; default "{name}: {message}"
+    lines); `exclude_speakers` (comma-separated) drops bots an export does not mark;
+    `anonymize_speakers` names speakers user1, user2, ... (CSV exports name people by username). The run folder
+    then holds chat_format.json, and every run gets an n-gram index of its text (botkit.copying).
     """
     options = dict(locals())
     _check_args(options)
@@ -153,6 +166,10 @@ def _check_args(args: dict) -> None:
     for name in ("checkpoint_dir", "sample_dir"):
         if Path(args[name]).exists() and not Path(args[name]).is_dir():
             raise InputError(f"{name} {args[name]} is a file, not a folder: choose a folder for --{name.replace('_', '-')}.")
+    gap = args["conversation_gap_s"]
+    if isinstance(gap, bool) or not (isinstance(gap, int | float) and 0 < gap < math.inf):
+        raise InputError(f"conversation_gap_s must be a number of seconds above 0, not {args['conversation_gap_s']!r}.")
+    ConversationOptions.of(args["chat_format"], gap, args["exclude_speakers"])  # a bad format fails now, not after loading
 
 
 
@@ -161,7 +178,7 @@ def _check_args(args: dict) -> None:
 # ---- command line: `botkit finetune` and `botkit encode` -------------------------------------------
 
 HELP = {
-    "dataset": ".txt file, folder or glob of .txt files, one-column .csv, .jsonl, or a .npz from `botkit encode`",
+    "dataset": ".txt file, folder or glob, one-column .csv, .jsonl, a chat export (DiscordChatExporter .json/.csv, Telegram result.json, `botkit export-dataset`), or a .npz from `botkit encode`",
     "model": "hub name (gpt2, or gpt-2-simple's 124M/355M/774M/1558M), local folder (also OpenAI's models/124M or a gpt-2-simple checkpoint/run1), 'scratch' for a new model, or empty for the bundled demo model",
     "steps": "total optimizer steps of the run (the schedule spans them; resuming continues up to this)",
     "accumulate_gradients": "micro-batches per optimizer step (gpt-2-simple's default was 5; here 1)",
@@ -176,6 +193,10 @@ HELP = {
     "lora": "train rank-R LoRA adapters (peft) instead of every weight; 0 = full fine-tuning",
     "lora_alpha": "LoRA scale numerator (0 = twice the rank)",
     "gradient_checkpointing": "recompute activations in the backward pass: less memory, about a third slower",
+    "chat_format": 'how chat exports become text: a chat_format.json or JSON such as \'{"speaker": "<{name}> {message}"}\' (default "{name}: {message}" lines)',
+    "conversation_gap_s": "in chat exports, a silence longer than this (seconds) starts a new conversation",
+    "exclude_speakers": "comma-separated names whose messages are dropped (bots a Telegram or CSV export does not mark)",
+    "anonymize_speakers": "in chat exports, name speakers user1, user2, ... (a Discord CSV names people by their username)",
 }
 CLI_SKIP = ("dataset", "progress")
 
@@ -203,6 +224,10 @@ def add_cli(subparsers) -> None:
     e.add_argument("--run-name", default=None, help="use the tokenizer of this run in --checkpoint-dir")
     e.add_argument("--checkpoint-dir", default="checkpoint")
     e.add_argument("--text-field", default="text", help="the JSONL field holding the text")
+    for name in ("chat_format", "conversation_gap_s", "exclude_speakers"):
+        default = inspect.signature(finetune).parameters[name].default
+        e.add_argument("--" + name.replace("_", "-"), type=float if isinstance(default, float) else str, default=default, help=HELP[name])
+    e.add_argument("--anonymize-speakers", action="store_true", help=HELP["anonymize_speakers"])
     e.set_defaults(func=_run_encode)
 
 
@@ -220,5 +245,7 @@ def _run_encode(args) -> None:
     from .models import load_model
 
     lm = load_model(args.model, run_name=args.run_name, checkpoint_dir=args.checkpoint_dir, device="cpu")
-    stream = encode_dataset(args.dataset, lm.tokenizer, args.out, args.text_field)
-    print(f"Wrote {len(stream):,} tokens of {args.dataset} to {args.out} (tokenizer of {lm.name}).")
+    chats = ConversationOptions.of(args.chat_format, args.conversation_gap_s, args.exclude_speakers, args.anonymize_speakers)
+    stream = encode_dataset(args.dataset, lm.tokenizer, args.out, args.text_field, chats)
+    kind = " (chat conversations)" if stream.chat_format else ""
+    print(f"Wrote {len(stream):,} tokens of {args.dataset}{kind} to {args.out} (tokenizer of {lm.name}).")

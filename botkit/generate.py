@@ -50,7 +50,8 @@ def generate(
     """Generate `nsamples` texts per prefix, `batch_size` at a time, as gpt-2-simple does.
 
     Returns the texts when `return_as_list`; otherwise writes them to `destination_path` (or prints
-    them), each followed by `sample_delim`.
+    them), each followed by `sample_delim`. On a run trained on chat exports, `truncate` defaults to
+    its chat format's (one message per sample); pass `truncate=""` for whole conversations.
     """
     if not isinstance(nsamples, int) or nsamples < 1 or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"nsamples and batch_size must be positive whole numbers, not {nsamples!r} and {batch_size!r}.")
@@ -65,6 +66,9 @@ def generate(
     from .models import load_model
 
     lm = sess or load_model(model_name, run_name=run_name, checkpoint_dir=checkpoint_dir)
+    if truncate is None and getattr(lm, "chat_format", None) is not None:
+        truncate = lm.chat_format.truncate  # a run trained on conversations: each sample is one message
+        base = replace(base, stop=(truncate,) if truncate else ())
     engine = Engine(lm, max_batch_size=batch_size)
     samples = []  # (prefix, Sequence), in order
     for p in prefixes:

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 from transformers.activations import NewGELUActivation
 
+from .chat_format import ChatFormat
 from .errors import InputError, ModelLoadError
 from .sources import Source, asset_dir, resolve
 
@@ -38,6 +39,8 @@ class LoadedModel:
     model: GPT2LMHeadModel
     tokenizer: PreTrainedTokenizerBase
     name: str
+    chat_format: ChatFormat | None = None  # the run's chat_format.json: how it was trained to see a conversation
+    path: Path | None = None  # the local folder it came from (its copy index, `copying.CopyIndex.load(path)`)
 
     @property
     def device(self) -> torch.device:
@@ -151,7 +154,9 @@ def _load_pretrained(source: Source) -> LoadedModel:
         except OSError:
             log.warning("No usable tokenizer with %s; using the bundled GPT-2 tokenizer.", source.name)
             tokenizer = gpt2_tokenizer()
-    return LoadedModel(model, tokenizer, name=source.name)
+    if not source.is_local:
+        return LoadedModel(model, tokenizer, name=source.name)
+    return LoadedModel(model, tokenizer, source.name, ChatFormat.load(source.path), Path(source.path))
 
 
 def _load_lora_run(source: Source) -> LoadedModel:
@@ -163,4 +168,4 @@ def _load_lora_run(source: Source) -> LoadedModel:
     model = merged(load_adapter(base.model, run_dir, is_trainable=False))
     has_tokenizer = any((run_dir / f).is_file() for f in TOKENIZER_FILES)
     tokenizer = _finish_tokenizer(AutoTokenizer.from_pretrained(run_dir)) if has_tokenizer else base.tokenizer
-    return LoadedModel(model, tokenizer, name=source.name)
+    return LoadedModel(model, tokenizer, source.name, ChatFormat.load(run_dir), run_dir)

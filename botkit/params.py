@@ -68,6 +68,7 @@ class ChatSettings:
     random_reply_chance: float = 0.0  # chance of answering an untriggered message in an allowed channel
     context: str = "bot"  # bot: exchanges with the bot | channel: the chat's recent messages, with author names
     chat_format: str = "{author}: {message}\n"  # one line of channel context; the reply follows "{bot's name}: "
+    dataset_opt_in: bool = False  # this chat's messages may go into `botkit export-dataset` (training data)
 
     def __post_init__(self):
         check_template(self.template)

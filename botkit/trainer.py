@@ -26,7 +26,9 @@ from transformers import AutoTokenizer, GPT2Config, get_scheduler
 
 from . import checkpoints
 from .checkpoints import LossLog, TrainerState
-from .datasets import TokenStream, load_tokens, read_documents, train_tokenizer
+from .conversations import ConversationOptions
+from .copying import write_index
+from .datasets import DatasetReader, TokenStream, load_tokens, train_tokenizer
 from .errors import DatasetError, InputError
 from .finetune import SCRATCH, FinetuneResult
 from .models import LoadedModel, _finish_tokenizer, load_model
@@ -42,7 +44,9 @@ def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
     accelerator = Accelerator(cpu=(o.device == "cpu"), mixed_precision=_precision(o.mixed_precision, o.device))
     run_dir = Path(o.checkpoint_dir) / o.run_name
     resume = _prepare_run_dir(run_dir, o.restore_from, o.overwrite, accelerator.is_main_process)
-    lm, base, train, val = _model_and_data(dataset, o.model, resume, run_dir, o.run_name, o.seed, o.n_layer, o.n_embd, o.n_head, o.n_ctx, o.train_tokenizer, o.vocab_size, o.text_field, o.val_fraction, o.lora)
+    chats = ConversationOptions.of(o.chat_format, o.conversation_gap_s, o.exclude_speakers, o.anonymize_speakers)
+    lm, base, stream = _model_and_data(dataset, o.model, resume, run_dir, o.run_name, o.seed, o.n_layer, o.n_embd, o.n_head, o.n_ctx, o.train_tokenizer, o.vocab_size, o.text_field, chats, o.lora)
+    train, val = stream.split(o.val_fraction)
     block = o.block_size or lm.model.config.n_positions
     _check_lengths(train, val, block, lm)
 
@@ -73,6 +77,9 @@ def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
         torch.manual_seed(o.seed)  # dropout; a resumed run restores this RNG from the checkpoint instead
         if accelerator.is_main_process:
             lm.tokenizer.save_pretrained(run_dir)
+            if stream.chat_format is not None:
+                stream.chat_format.save(run_dir)  # serving and `botkit generate` read it back (LoadedModel.chat_format)
+            write_index(run_dir, stream.tokens, lm.tokenizer.eos_token_id)  # for copying.check_copying: no parroting
     loss_log = LossLog.open(run_dir, state.step) if accelerator.is_main_process else None
 
     def save(rng_state=None) -> None:
@@ -133,7 +140,8 @@ def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
     net = accelerator.unwrap_model(net).eval()
     if o.lora:
         net = lora.merged(net)  # saved already: the result is the plain model with the adapter added in
-    return FinetuneResult(LoadedModel(net, lm.tokenizer, o.run_name), run_dir, state.step, state.avg_loss, val_loss, state.best_val_loss, stopped)
+    trained = LoadedModel(net, lm.tokenizer, o.run_name, stream.chat_format, run_dir)
+    return FinetuneResult(trained, run_dir, state.step, state.avg_loss, val_loss, state.best_val_loss, stopped)
 
 
 def _forward_backward(accelerator, net, train: TokenStream, block, batch_size, accumulate, seed, step) -> float:
@@ -218,15 +226,16 @@ def _prepare_run_dir(run_dir: Path, restore_from: str, overwrite: bool, is_main:
     return False
 
 
-def _model_and_data(dataset, model, resume, run_dir, run_name, seed, n_layer, n_embd, n_head, n_ctx, new_tokenizer, vocab_size, text_field, val_fraction, rank):
-    """The model to train (for LoRA: its base, and the Source it came from) and the data's two parts."""
+def _model_and_data(dataset, model, resume, run_dir, run_name, seed, n_layer, n_embd, n_head, n_ctx, new_tokenizer, vocab_size, text_field, chats, rank):
+    """The model to train (for LoRA: its base, and the Source it came from) and the data as one token stream."""
     base = None
     if resume:
         lm = _resumed_model(run_dir, rank)
     elif model == SCRATCH or isinstance(model, GPT2Config):
         if new_tokenizer and str(dataset).endswith(".npz"):
             raise InputError("A tokenizer cannot be trained on an encoded .npz dataset: pass the text dataset.")
-        tokenizer = train_tokenizer(read_documents(dataset, text_field), vocab_size) if new_tokenizer else None
+        segments = DatasetReader(dataset, text_field, chats).segments() if new_tokenizer else ()
+        tokenizer = train_tokenizer((text for text, _ in segments), vocab_size) if new_tokenizer else None
         config = model if isinstance(model, GPT2Config) else GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_ctx)
         if tokenizer is not None:
             config.vocab_size = len(tokenizer)
@@ -240,8 +249,7 @@ def _model_and_data(dataset, model, resume, run_dir, run_name, seed, n_layer, n_
             raise InputError("train_tokenizer needs a new model (model='scratch'): a pretrained model only understands its own tokenizer.")
         base = resolve(model)
         lm = load_model(base, device="cpu", dtype="float32")
-    train, val = load_tokens(dataset, lm.tokenizer, text_field).split(val_fraction)
-    return lm, base, train, val
+    return lm, base, load_tokens(dataset, lm.tokenizer, text_field, chats)
 
 
 def _resumed_model(run_dir: Path, rank: int) -> LoadedModel:
