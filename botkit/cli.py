@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--unique", action="store_true", help="draw again a sample that copies the run's training text or the prefix")
+    gen.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this many tokens (0 = off)")
     gen.add_argument("--destination-path", default=None, help="write the samples to this file instead of printing them")
     gen.add_argument("--sample-delim", type=_unescape, default="=" * 20 + "\n")
     gen.set_defaults(func=_generate)
@@ -114,7 +116,8 @@ def _generate(args) -> None:
 
     # Options, the output folder and the model's path first: one sentence at once, not after loading.
     check_sampling(length=args.length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   repetition_penalty=args.repetition_penalty, truncate=args.truncate, seed=args.seed, nsamples=args.nsamples)
+                   repetition_penalty=args.repetition_penalty, truncate=args.truncate, seed=args.seed, nsamples=args.nsamples,
+                   unique=args.unique, no_repeat_ngram_size=args.no_repeat_ngram_size)
     check_destination(args.destination_path)
     source = resolve(args.model, args.run_name, args.checkpoint_dir)  # a bad path or no hub: one sentence, at once
     from .generate import generate
@@ -123,8 +126,8 @@ def _generate(args) -> None:
     lm = load_model(source, device=args.device, dtype=args.dtype)
     generate(lm, prefix=args.prefix, truncate=args.truncate, include_prefix=args.include_prefix, nsamples=args.nsamples,
              batch_size=args.batch_size, length=args.length, temperature=args.temperature, top_k=args.top_k,
-             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-             destination_path=args.destination_path, sample_delim=args.sample_delim)
+             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, unique=args.unique,
+             no_repeat_ngram_size=args.no_repeat_ngram_size, destination_path=args.destination_path, sample_delim=args.sample_delim)
 
 
 def _serve(args, console: bool, web: bool = True) -> None:
@@ -164,6 +167,7 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
         source = resolve(config.model.source or None, config.model.run_name or None, config.model.checkpoint_dir)
     with ThreadPoolExecutor(1) as loader:  # a thread that exits: see backends.LocalBackend on OpenMP teams
         backend = await asyncio.get_running_loop().run_in_executor(loader, _make_backend, config, source)
+    config = with_run_chat_format(config, getattr(getattr(backend, "lm", None), "chat_format", None))
     if stop is None:
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -197,6 +201,20 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
         else:
             print("Press Ctrl-C to stop.", flush=True)
             await stop.wait()
+
+
+def with_run_chat_format(config: Config, chat_format) -> Config:
+    """A run fine-tuned on chats speaks the format it was trained on: unless the config sets its own
+    template and truncate string, chats use the run's (the bot's lines are "bot: ...")."""
+    from .params import ChatSettings
+
+    default = ChatSettings()
+    if chat_format is None or (config.chat.template, config.chat.truncate) != (default.template, default.truncate):
+        return config
+    line = chat_format.speaker.replace("{name}", "{author}") + chat_format.separator
+    chat = config.chat.replace(**chat_format.chat_settings("bot"), chat_format=line)
+    log.info("Chats speak the run's chat format: %r.", chat.template)
+    return _replace(config, "chat", **{k: getattr(chat, k) for k in ("template", "truncate", "chat_format")})
 
 
 def _check_port_free(host: str, port: int) -> None:

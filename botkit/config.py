@@ -59,6 +59,7 @@ class LimitsConfig:
     chat_per_minute: int = setting(30, at_least=0)  # requests per chat per minute (0 = unlimited)
     api_per_minute: int = setting(0, at_least=0)  # samples per client per minute on the web playground / HTTP API (0 = unlimited)
     context_messages: int = setting(20, at_least=0)  # recent messages considered for context (then trimmed to the window)
+    banned_words: tuple[str, ...] = ()  # in every chat, a reply holding one of these (any case, accents, leetspeak) is drawn again, never sent
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,10 @@ class Core:
             self._check_rate(self._chat_limit, prompt.platform, prompt.chat_id, "This chat is")
             settings = settings or await self.get_settings(prompt.platform, prompt.chat_id)
             full = await self._chat_prompt(prompt, text, settings)
-            return await self._enqueue("chat", prompt, text, full, settings.sampling(), retry_empty=retry_empty)
+            params = settings.sampling()
+            if self.config.limits.banned_words:  # the operator's list holds in every chat, whatever its admins set
+                params = dataclasses.replace(params, banned_words=params.banned_words + self.config.limits.banned_words)
+            return await self._enqueue("chat", prompt, text, full, params, retry_empty=retry_empty)
 
     async def _chat_prompt(self, prompt: Prompt, text: str, settings: ChatSettings) -> str:
         """The template and the chat's context around `text`, trimmed to the window minus the reply length."""
@@ -292,6 +295,8 @@ class Core:
                                num_prompt_tokens=done.num_prompt_tokens, num_tokens=done.num_tokens, seed=done.seed,
                                first_token_at=done.first_token_at)
             self.metrics.done(time.monotonic() - ticket.accepted_at, done.num_tokens, ticket.user_key[0])
+            if done.num_draws:
+                self.metrics.judged(done.num_draws - ticket.params.candidates, done.copies)
             ticket._settle(Reply(ticket.request_id, done.text, done.finish_reason, done.num_tokens))
         except asyncio.CancelledError:
             error = ticket._stop_error or RequestCancelled("botkit stopped before this request finished.")

@@ -46,12 +46,18 @@ def generate(
     top_p: float = 1.0,
     include_prefix: bool = True,
     repetition_penalty: float = 1.0,
+    unique: bool = False,
+    no_repeat_ngram_size: int = 0,
 ) -> list[str] | None:
     """Generate `nsamples` texts per prefix, `batch_size` at a time, as gpt-2-simple does.
 
     Returns the texts when `return_as_list`; otherwise writes them to `destination_path` (or prints
     them), each followed by `sample_delim`. On a run trained on chat exports, `truncate` defaults to
     its chat format's (one message per sample); pass `truncate=""` for whole conversations.
+
+    `unique=True` checks each sample against the run's training texts (its copy index) and its
+    prefix, and draws one that copies again (up to 3 times), keeping the least copying: what
+    gpt-2-simple's README asks you to do by hand. `no_repeat_ngram_size=n` never repeats an n-gram.
     """
     if not isinstance(nsamples, int) or nsamples < 1 or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"nsamples and batch_size must be positive whole numbers, not {nsamples!r} and {batch_size!r}.")
@@ -59,7 +65,8 @@ def generate(
     if (nsamples * len(prefixes)) % batch_size:
         raise InputError(f"nsamples ({nsamples}) times the number of prefixes must be a multiple of batch_size ({batch_size}), as in gpt-2-simple.")
     base = check_sampling(length=length, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                          truncate=truncate, seed=seed, nsamples=nsamples * len(prefixes))
+                          truncate=truncate, seed=seed, nsamples=nsamples * len(prefixes), unique=unique,
+                          no_repeat_ngram_size=no_repeat_ngram_size)
     if not return_as_list:
         check_destination(destination_path)
     from .engine import Engine  # torch loads here, not when botkit is imported
@@ -91,11 +98,12 @@ def generate(
     return None
 
 
-def check_sampling(*, length, temperature, top_k, top_p, repetition_penalty, truncate, seed, nsamples: int = 1) -> SamplingParams:
+def check_sampling(*, length, temperature, top_k, top_p, repetition_penalty, truncate, seed, nsamples: int = 1, unique: bool = False,
+                   no_repeat_ngram_size: int = 0) -> SamplingParams:
     """The sampling options as SamplingParams (without a seed), refused with a sentence before any model
     loads; the seeds `seed` to `seed + nsamples - 1` that the samples will use are checked too."""
-    base = SamplingParams(max_new_tokens=length, temperature=temperature, top_k=top_k, top_p=top_p,
-                          repetition_penalty=repetition_penalty, stop=(truncate,) if truncate else ())
+    base = SamplingParams(max_new_tokens=length, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                          stop=(truncate,) if truncate else (), unique=unique, no_repeat_ngram_size=no_repeat_ngram_size)
     if seed is not None:
         for sample_seed in {seed, seed + max(nsamples, 1) - 1}:
             replace(base, seed=sample_seed)

@@ -175,6 +175,12 @@ class SlotCache(Cache):
             layer.v[dst, :, :n] = layer.v[src, :, :n]
         self.lengths[dst] = n
 
+    def copy_row(self, src: int, dst: int, n: int) -> None:
+        """Row `src`'s first `n` columns into row `dst` (a request's candidates share its prompt)."""
+        for layer in self.layers:
+            layer.k[dst, :, :n] = layer.k[src, :, :n]
+            layer.v[dst, :, :n] = layer.v[src, :, :n]
+
     def pop_row(self) -> None:
         self.lengths.pop()
 

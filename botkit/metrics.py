@@ -18,11 +18,13 @@ class Stats:
     p99_ms: float
     num_done: int
     num_failed: int
+    num_redrawn: int = 0  # replies drawn again (a banned word, or copying) before one was sent
+    num_sent_copying: int = 0  # replies sent although they copy (every draw did; the least copying went)
 
     def summary(self) -> str:
         return (f"model {self.model} | queue {self.queue_depth} | generating {self.running} | "
                 f"{self.tokens_per_s:.1f} tokens/s | latency p50 {self.p50_ms:.0f} ms, p99 {self.p99_ms:.0f} ms | "
-                f"{self.num_done} done, {self.num_failed} failed")
+                f"{self.num_done} done, {self.num_failed} failed | {self.num_redrawn} redrawn, {self.num_sent_copying} sent copying")
 
 
 # Upper bounds of the latency histogram's buckets (accepted to done), in seconds; Prometheus' `le`.
@@ -42,6 +44,8 @@ class Metrics:
         self.by_status: Counter[tuple[str, str]] = Counter()  # (platform, done | failed | cancelled) -> requests
         self.latency_buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)  # per bucket, not cumulative; the last is +Inf
         self.latency_sum_s = 0.0
+        self.num_redrawn = 0
+        self.num_sent_copying = 0
 
     def done(self, latency_s: float, num_tokens: int, platform: str = "") -> None:
         self.num_done += 1
@@ -50,6 +54,10 @@ class Metrics:
         self.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS_S, latency_s)] += 1
         self.latency_sum_s += latency_s
         self.tokens.append((self.clock(), num_tokens))
+
+    def judged(self, num_redraws: int, copies: bool) -> None:
+        self.num_redrawn += num_redraws > 0
+        self.num_sent_copying += copies
 
     def failed(self, platform: str = "", status: str = "failed") -> None:
         self.num_failed += 1
@@ -62,4 +70,4 @@ class Metrics:
         lat = sorted(self.latencies_ms)
         pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else 0.0  # noqa: E731
         return Stats(model, queue_depth, running, sum(n for _, n in self.tokens) / max(1.0, min(self.WINDOW_S, now - self.started)),
-                     pick(0.5), pick(0.99), self.num_done, self.num_failed)
+                     pick(0.5), pick(0.99), self.num_done, self.num_failed, self.num_redrawn, self.num_sent_copying)

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import InputError
+from .judging import check_banned_words
 
 MAX_NEW_TOKENS = 2048
 STOP_LIMIT = 8
@@ -14,6 +15,8 @@ MAX_STOP_CHARS = 200  # one stop string; longer ones only cost search time
 MAX_TOP_K = 1 << 20  # above any vocabulary: means "no top-k" in all but name
 MAX_SEED = (1 << 63) - 1  # SQLite integers and torch generators are signed 64-bit
 MAX_TEMPLATE_CHARS = 1000
+MAX_CANDIDATES = 8
+MAX_NO_REPEAT_NGRAM = 20
 
 
 @dataclass(frozen=True)
@@ -27,11 +30,24 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()  # the sample ends before the first of these; "<|endoftext|>" also ends it
     seed: int | None = None
+    no_repeat_ngram_size: int = 0  # no n-gram of this size twice in the prompt and reply together (0: off)
+    banned_words: tuple[str, ...] = ()  # a reply holding one (normalised: judging.py) is drawn again, never sent
+    unique: bool = False  # a reply copying its training text or its prompt beyond a threshold is drawn again
+    candidates: int = 1  # samples drawn together; the request sends the best (judging.py)
 
     def __post_init__(self):
         if isinstance(self.stop, str | list):
             object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        try:
+            object.__setattr__(self, "banned_words", check_banned_words(self.banned_words))
+        except ValueError as exc:
+            raise InputError(f"banned_words: {exc}.") from None
+        if not isinstance(self.candidates, int) or isinstance(self.candidates, bool) or not 1 <= self.candidates <= MAX_CANDIDATES:
+            raise InputError(f"candidates must be a whole number from 1 to {MAX_CANDIDATES}, not {_short(self.candidates)}.")
+        if (not isinstance(self.no_repeat_ngram_size, int) or isinstance(self.no_repeat_ngram_size, bool)
+                or not 0 <= self.no_repeat_ngram_size <= MAX_NO_REPEAT_NGRAM):
+            raise InputError(f"no_repeat_ngram_size must be 0 (off) or a whole number up to {MAX_NO_REPEAT_NGRAM}, not {_short(self.no_repeat_ngram_size)}.")
         if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
             raise InputError(f"length / max_tokens must be a whole number from 1 to {MAX_NEW_TOKENS}, not {self.max_new_tokens!r}.")
         if not 0 <= self.temperature <= 10:
@@ -69,6 +85,10 @@ class ChatSettings:
     context: str = "bot"  # bot: exchanges with the bot | channel: the chat's recent messages, with author names
     chat_format: str = "{author}: {message}\n"  # one line of channel context; the reply follows "{bot's name}: "
     dataset_opt_in: bool = False  # this chat's messages may go into `botkit export-dataset` (training data)
+    unique: bool = True  # a reply copying the chat's context or the model's training text is drawn again
+    candidates: int = 1  # samples drawn for each reply; the likeliest that copies nothing is sent (up to 8)
+    no_repeat_ngram_size: int = 0  # no n-gram of this many tokens twice in a prompt and its reply (0: off; 3 stops loops)
+    banned_words: str = ""  # comma-separated; a reply holding one (any case, accents, leetspeak) is drawn again, never sent
 
     def __post_init__(self):
         check_template(self.template)
@@ -87,6 +107,10 @@ class ChatSettings:
             top_p=self.top_p,
             stop=(self.truncate,) if self.truncate else (),
             seed=seed,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            banned_words=self.banned_words,
+            unique=self.unique,
+            candidates=self.candidates,
         )
 
     def replace(self, **changes) -> ChatSettings:

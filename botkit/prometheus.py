@@ -34,6 +34,10 @@ class CoreCollector:
         for (platform, status), count in sorted(metrics.by_status.items()):
             requests.add_metric([platform, status], count)
         yield requests
+        yield CounterMetricFamily("botkit_replies_redrawn", "Replies drawn again for a banned word or copying before one was sent.",
+                                  value=metrics.num_redrawn)
+        yield CounterMetricFamily("botkit_replies_sent_copying", "Replies sent although every draw copied (the least copying).",
+                                  value=metrics.num_sent_copying)
         connected = GaugeMetricFamily("botkit_platform_connected", "1 while the platform is connected, else 0.",
                                       labels=["platform"])
         for platform, is_up in sorted(self.core.connections.states().items()):

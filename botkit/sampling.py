@@ -23,6 +23,19 @@ def apply_repetition_penalty(logits: torch.Tensor, row: int, token_ids: torch.Te
     logits[row, token_ids] = torch.where(scores < 0, scores * penalty, scores / penalty)
 
 
+def ban_repeated_ngrams(logits: torch.Tensor, row: int, seq) -> None:
+    """In place, as transformers' NoRepeatNGramLogitsProcessor over the prompt and the reply: a token
+    that would complete an n-gram already in them is not drawn. `seq.ngrams` maps each (n-1)-gram
+    seen to the tokens that followed it, grown by the tokens added since the last call."""
+    n, context = seq.params.no_repeat_ngram_size, seq.context
+    for end in range(max(seq.ngrams_upto, n), len(context) + 1):
+        seq.ngrams.setdefault(tuple(context[end - n : end - 1]), set()).add(context[end - 1])
+    seq.ngrams_upto = len(context) + 1
+    banned = seq.ngrams.get(tuple(context[len(context) - n + 1 :]) if n > 1 else (), ())
+    if banned:
+        logits[row, list(banned)] = float("-inf")
+
+
 def sample_next(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
     """logits (B, vocab) float, -inf where a token is not allowed -> next token ids (B,). Rows with
     temperature 0 (or below MIN_TEMPERATURE) are greedy. One uniform draw per sampled row from its
