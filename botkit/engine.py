@@ -113,10 +113,12 @@ def default_cache_mb(device: torch.device) -> int:
 
 class Engine:
     def __init__(self, lm: LoadedModel, max_batch_size: int = 32, *, cache_mb: int | None = None,
-                 before_step: Callable[[list[Sequence]], None] | None = None, padded_decode: bool | None = None):
+                 before_step: Callable[[list[Sequence]], None] | None = None, padded_decode: bool | None = None,
+                 mask_utf8: bool = True):
         """`cache_mb`: memory for conversation reuse (None: default_cache_mb; 0: off). `before_step`
         is called with a step's sequences before its forward pass (fault injection in tests).
-        `padded_decode`: decode attention as one padded call per layer (default: on a GPU only)."""
+        `padded_decode`: decode attention as one padded call per layer (default: on a GPU only).
+        `mask_utf8=False` lets a row sample bytes that are not UTF-8 (only to measure what the mask prevents)."""
         self.lm = lm
         self.model = lm.model
         self.model.set_attn_implementation(register_attention())  # SDPA, except in our steps: each row reads only its own columns
@@ -126,6 +128,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.eos = lm.eos_token_id
         self.token_bytes = TokenBytes.of(lm.tokenizer)
+        self.mask_utf8 = mask_utf8 and self.token_bytes is not None
         self.prefix_cache = PrefixCache((default_cache_mb(device) if cache_mb is None else cache_mb) * 2**20)
         self.padded_decode = device.type == "cuda" if padded_decode is None else padded_decode
         self.before_step = before_step
@@ -278,7 +281,7 @@ class Engine:
         logits = logits.float()  # (rows, vocab)
         judged = [i for i, s in enumerate(seqs) if s.is_judged]
         raw = logits[judged].log_softmax(dim=-1) if judged else None  # the model's own likelihoods, for scoring
-        if self.token_bytes is not None:  # only tokens that keep each row's bytes valid UTF-8
+        if self.mask_utf8:  # only tokens that keep each row's bytes valid UTF-8
             logits.masked_fill_(~self.token_bytes.allowed([s.utf8_state for s in seqs], logits.device), float("-inf"))
         for i, seq in enumerate(seqs):
             if seq.params.repetition_penalty != 1.0:
