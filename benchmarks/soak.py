@@ -3,14 +3,17 @@
     python benchmarks/soak.py --quick      # about 2-4 minutes on 2 CPU cores
     python benchmarks/soak.py              # longer: more kills, longer bursts and attacks
     python benchmarks/soak.py --quick --only-connections   # the connection attack alone, about 1 minute
+    python benchmarks/soak.py --quick --only-poison        # the poisoned request alone, about 1 minute
 
 The last line is JSON: lost, duplicated, mass_pings and secrets_leaked must all be 0; peak_rss_mb
 (the largest process: a bot under kills, or the burst) and recovery_s (restart to ready, the worst)
 are the figures RELIABILITY.md quotes. The connection phase adds keyed_p99_ratio (a keyed client's p99
 latency under 300 idle sockets and 20 slowloris connections over its idle value, the bot allowed 1024
 open files; goal <= 2), keyed_p99_ratio_over_capacity (the same attack on a bot allowed only 256),
-keyed_failed and log_growth_bytes (goal <= 1 MB). Exit status 1 if any of the four counts, or
-keyed_failed, is not 0.
+keyed_failed and log_growth_bytes (goal <= 1 MB). The poison phase adds innocent_p99_ratio (the p99
+latency of 31 requests sent with one that breaks every step it is in, over the same 32 without it;
+goal <= 1.2) and innocent_failed. Exit status 1 if any of the four counts, keyed_failed or
+innocent_failed is not 0.
 """
 
 from __future__ import annotations
@@ -416,6 +419,68 @@ async def connection_phase(workdir: Path, seconds: float, max_files: int, num_id
     }
 
 
+class PoisonStep:
+    """A `before_step` that raises whenever the poisoned request is in the step (what a request that
+    breaks the batch, such as a top_k past 2^63 before it was refused at the edge, did)."""
+
+    def __init__(self):
+        self.num_raised = 0
+
+    def __call__(self, seqs) -> None:
+        if any(s.params.seed == POISON_SEED for s in seqs):
+            self.num_raised += 1
+            raise RuntimeError("poisoned batch")
+
+
+POISON_SEED = 666
+
+
+async def poison_arm(lm, workdir: Path, poisoned: bool, num_requests: int = 32) -> dict:
+    """`num_requests` at once through the real Core; with `poisoned`, one of them breaks every step it is in."""
+    from botkit.backends import LocalBackend
+    from botkit.core import Core
+    from botkit.params import SamplingParams
+    from botkit.store import Store
+
+    db = workdir / f"poison-{poisoned}-{time.monotonic_ns()}.db"
+    async with Store.open(db) as store, LocalBackend(lm, 32, before_step=PoisonStep() if poisoned else None) as backend, \
+            Core(backend, store, soak_config(max_queue=256, timeout_s=120)) as core:
+        started = time.perf_counter()
+
+        async def one(i: int) -> tuple[bool, float, bool]:
+            bad = poisoned and i == num_requests // 2
+            params = SamplingParams(max_new_tokens=40, temperature=0.8, seed=POISON_SEED if bad else i)
+            ticket = await core.submit_completion(f"Request {i}: tell me a fortune.", params, user_id=str(i))
+            try:
+                await ticket.result()
+                return bad, time.perf_counter() - started, True
+            except Exception:  # noqa: BLE001 - counted
+                return bad, time.perf_counter() - started, False
+
+        results = await asyncio.gather(*(one(i) for i in range(num_requests)))
+    innocent = [(t, ok) for bad, t, ok in results if not bad]
+    latencies = sorted(t for t, _ in innocent)
+    return {"innocent_p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+            "innocent_failed": sum(not ok for _, ok in innocent), "poison_failed": any(bad and not ok for bad, _, ok in results)}
+
+
+def poison_phase(workdir: Path, rounds: int) -> dict:
+    """Innocent requests' p99 latency with one poisoned request among 32 over the same without it,
+    arms alternating, the median of `rounds` pairs (the bundled demo model: real weights, small)."""
+    from botkit.models import load_model
+
+    lm = load_model(device="cpu")
+    ratios, failed, poison_failed = [], 0, True
+    for _ in range(rounds):
+        clean = asyncio.run(poison_arm(lm, workdir, poisoned=False))
+        dirty = asyncio.run(poison_arm(lm, workdir, poisoned=True))
+        ratios.append(dirty["innocent_p99_s"] / clean["innocent_p99_s"])
+        failed += clean["innocent_failed"] + dirty["innocent_failed"]
+        poison_failed &= dirty["poison_failed"]
+    return {"innocent_p99_ratio": round(statistics.median(ratios), 3), "innocent_p99_ratios": [round(r, 3) for r in ratios],
+            "innocent_failed": failed, "poison_failed_alone": poison_failed}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="about 2-4 minutes")
@@ -424,6 +489,7 @@ def main() -> int:
     parser.add_argument("--web-child", nargs=2, metavar=("DB", "LOG"), help=argparse.SUPPRESS)
     parser.add_argument("--attack-child", nargs=4, metavar=("HOST", "PORT", "IDLE", "SLOWLORIS"), help=argparse.SUPPRESS)
     parser.add_argument("--only-connections", action="store_true", help="run only the connection phase")
+    parser.add_argument("--only-poison", action="store_true", help="run only the poison phase")
     args = parser.parse_args()
     if args.child:
         asyncio.run(child(args.child[0], int(args.child[1]), fault_every=23))
@@ -436,6 +502,10 @@ def main() -> int:
         asyncio.run(attack_child(host, int(port), int(num_idle), int(num_slowloris)))
         return 0
     num_kills, num_prompts, attack_s = (10, 10_000, 12.0) if args.quick else (40, 30_000, 60.0)
+    if args.only_poison:
+        with tempfile.TemporaryDirectory(prefix="botkit-soak-") as tmp:
+            print(json.dumps({"poison": poison_phase(Path(tmp), rounds=3 if args.quick else 7)}), flush=True)
+        return 0
     if args.only_connections:
         with tempfile.TemporaryDirectory(prefix="botkit-soak-") as tmp:
             for max_files in MAX_FILES:
@@ -448,6 +518,8 @@ def main() -> int:
         print(json.dumps({"kills": crash}), flush=True)
         burst = asyncio.run(burst_and_scan(workdir, num_prompts))
         print(json.dumps({"burst": burst}), flush=True)
+        poison = poison_phase(workdir, rounds=3 if args.quick else 7)
+        print(json.dumps({"poison": poison}), flush=True)
         connections = []
         for max_files in MAX_FILES:
             connections.append(asyncio.run(connection_phase(workdir, attack_s, max_files)))
@@ -461,13 +533,14 @@ def main() -> int:
         "recovery_s": crash["recovery_s"],
         "kills": num_kills, "accepted_under_kills": crash["accepted"], "burst_busy": burst["burst_busy"],
         "max_loop_lag_ms": burst["max_loop_lag_ms"],
+        "innocent_p99_ratio": poison["innocent_p99_ratio"], "innocent_failed": poison["innocent_failed"],
         # the first: at the usual limit; the over-capacity run's p99 is in its own line
         "keyed_p99_ratio": connections[0]["keyed_p99_ratio"], "keyed_p99_ratio_over_capacity": connections[1]["keyed_p99_ratio"],
         "keyed_failed": sum(c["keyed_failed"] for c in connections),
         "log_growth_bytes": max(c["log_growth_bytes"] for c in connections), "elapsed_s": round(time.monotonic() - started, 1),
     }
     print(json.dumps(result))
-    return int(any(result[k] for k in ("lost", "duplicated", "mass_pings", "secrets_leaked", "keyed_failed")))
+    return int(any(result[k] for k in ("lost", "duplicated", "mass_pings", "secrets_leaked", "keyed_failed", "innocent_failed")))
 
 
 if __name__ == "__main__":
