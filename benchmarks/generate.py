@@ -14,6 +14,11 @@ arms run alternately within this process (the machine is shared, absolute figure
    texts: checked) and with transformers' `model.generate`. Useful tokens are the tokens of the cut
    text, the same for every arm. `early_stop_speedup` = useful tokens/s of botkit's early stop / that
    of full length then cut with transformers; goal >= 2.
+3. Long generation (full run, or `--long`): 2 samples of 1,500 new tokens each, past the 1024-token
+   window, gpt-2-simple's defaults (temperature 0.7, top_k 0: no filter). Arms: this botkit, and
+   botkit as it was before issue 15 (commit BEFORE, its `botkit/` folder taken from git into a temp
+   dir and run in a subprocess on the same seeded model: every token decoded the whole reply again and
+   the sampler sorted the 50,257-entry vocabulary). `long_speedup` = before's seconds / now's; goal >= 5.
 
 Progress goes to stderr; the last stdout line is one JSON object with the figures.
 
@@ -24,7 +29,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +43,19 @@ import botkit
 from botkit.models import LoadedModel, load_model
 
 DEFAULT_WORKLOAD = Path(__file__).resolve().parents[2] / "shared" / "bench" / "workload.jsonl"
+BEFORE = "7c01292"  # main before issue 15's hot-path work
+LONG = """
+import sys, time, torch
+from transformers import GPT2Config
+import botkit
+from botkit.models import load_model
+torch.set_grad_enabled(False)
+lm = load_model(GPT2Config(), device="cpu", dtype="float32", seed=int(sys.argv[2]))
+start = time.perf_counter()
+texts = botkit.generate(lm, prefix=sys.argv[1], nsamples=2, batch_size=2, length=int(sys.argv[3]), temperature=0.7, top_k=0,
+                        seed=1, return_as_list=True)
+print(time.perf_counter() - start, sum(len(t) for t in texts))
+"""
 
 
 def log(*parts) -> None:
@@ -151,12 +172,30 @@ def early_stop(lm: LoadedModel, prompts: list[str], positions: list[int], length
             "length": length, "num_text_mismatches": num_mismatches}
 
 
+def long_generation(prompt: str, length: int, seed: int) -> dict:
+    """Seconds for 2 samples of `length` tokens with this botkit and with botkit at BEFORE, each in a
+    subprocess of its own (the same interpreter, threads and seeded model)."""
+    root = Path(__file__).resolve().parents[1]
+    seconds = {}
+    with tempfile.TemporaryDirectory() as old:
+        archive = subprocess.run(["git", "-C", str(root), "archive", BEFORE, "botkit"], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", old], input=archive, check=True)
+        for name, path in (("now", str(root)), ("before", old)):
+            env = {**os.environ, "PYTHONPATH": path, "PYTHONWARNINGS": "ignore"}
+            out = subprocess.run([sys.executable, "-c", LONG, prompt, str(seed), str(length)], capture_output=True, text=True,
+                                 env=env, cwd=path, check=True)
+            seconds[name] = float(out.stdout.split()[0])
+            log(f"long generation, {name}: 2 x {length} tokens in {seconds[name]:.1f} s")
+    return {"seconds": seconds, "speedup": seconds["before"] / seconds["now"], "length": length}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer prompts and tokens (about 2 minutes)")
     parser.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD, help="JSONL with a 'prompt' per line")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--long", action="store_true", help="also the long-generation case with --quick")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -175,6 +214,7 @@ def main() -> None:
     b1 = same_work(lm, prompts[:num_b1], 1, length)
     b8 = same_work(lm, prompts[:num_b8], 8, length)
     stop = early_stop(lm, prompts, early_positions, early_length, args.seed)
+    long = long_generation(prompts[1], 1500, args.seed) if args.long or not args.quick else None
     print(json.dumps({
         "ratio_vs_hf": round(min(b1["ratio"], b8["ratio"]), 3),
         "ratio_vs_hf_b1": round(b1["ratio"], 3),
@@ -188,7 +228,8 @@ def main() -> None:
         "text_mismatches": {"b1": b1["num_text_mismatches"], "b8": b8["num_text_mismatches"],
                             "early_stop": stop["num_text_mismatches"]},
         "new_tokens": length, "threads": torch.get_num_threads(), "quick": args.quick,
-    }))
+    } | ({"long_speedup": round(long["speedup"], 2), "long_seconds": {k: round(v, 1) for k, v in long["seconds"].items()},
+          "long_length": long["length"]} if long else {})))
 
 
 if __name__ == "__main__":

@@ -130,3 +130,18 @@ async def test_a_long_chat_trims_its_context_in_halves_so_most_turns_extend_the_
     extends = [prompts[t].startswith(prompts[t - 1]) for t in range(1, len(prompts))]
     assert extends.count(False) <= 4, extends  # a cut every few turns, not one on every turn
     assert reused > 0.5, reused
+
+
+def test_the_gpu_path_one_padded_attention_call_per_layer_gives_the_same_greedy_tokens_on_cpu(tiny_lm):
+    """On a GPU, decode attention is one padded call per layer (padded_decode); rows of different
+    lengths, joining mid-flight, must still write what the per-row path writes."""
+    prompts = [tiny_lm.tokenizer(p).input_ids for p in ("Hello world", "The quick brown fox jumps over the lazy", "A", "In the beginning")]
+
+    def greedy(padded):
+        engine = Engine(tiny_lm, 3, padded_decode=padded)
+        seqs = [engine.add(p, SamplingParams(max_new_tokens=20, temperature=0)) for p in prompts]
+        while engine.has_work:
+            engine.step()
+        return [s.generated for s in seqs]
+
+    assert greedy(True) == greedy(False)
