@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from .prompting import newest_to_keep
+
 _FIELD = re.compile(r"\{author\}|\{message\}")
 _NOT_IN_A_NAME = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")  # a name cannot start a new line of the log
 MAX_NAME_CHARS = 64
@@ -29,6 +31,15 @@ def author_name(name: str) -> str:
 def bot_turn(chat_format: str, bot_name: str) -> str:
     """The start of the bot's line, up to where its message goes: what the model continues."""
     return render(chat_format[: chat_format.index("{message}")], bot_name, "")
+
+
+def channel_lines_to_keep(chat_format: str, history: list[tuple[str, str, str | None]], author: str, message: str,
+                          bot_name: str, budget_tokens: int, count_tokens: Callable[[str], int]) -> int:
+    """How many of the newest messages of `history` to keep (prompting.newest_to_keep: past the
+    budget, half of it at once, so the next prompts keep their start and reuse the engine's cache)."""
+    sizes = [count_tokens(render(chat_format, who, text) + (render(chat_format, bot_name, reply.strip()) if reply is not None else ""))
+             for who, text, reply in history]
+    return newest_to_keep(sizes, count_tokens(render(chat_format, author, message) + bot_turn(chat_format, bot_name)), budget_tokens)
 
 
 def build_channel_prompt(chat_format: str, history: list[tuple[str, str, str | None]], author: str, message: str,

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from .backends import Backend, Job
-from .channel_context import build_channel_prompt
+from .channel_context import build_channel_prompt, channel_lines_to_keep
 from .config import Config
 from .errors import (
     BotkitError,
@@ -180,9 +180,15 @@ class Core:
         """The template and the chat's context around `text`, trimmed to the window minus the reply length."""
         budget, limit = self.backend.max_context - settings.length, self.config.limits.context_messages
         if settings.use_context and settings.context == "channel":
-            history = await self.store.channel_context(prompt.platform, prompt.chat_id, limit)
-            return build_channel_prompt(settings.chat_format, history, prompt.user_name or prompt.user_id, text,
-                                        prompt.bot_name or "bot", budget, self.backend.count_tokens)
+            author, bot = prompt.user_name or prompt.user_id, prompt.bot_name or "bot"
+            history = await self.store.channel_context(prompt.platform, prompt.chat_id, limit + 1)
+            keep = len(history) if len(history) <= limit else limit // 2  # past the limit, half at once (see below)
+            keep = channel_lines_to_keep(settings.chat_format, history[len(history) - keep :], author, text, bot, budget,
+                                         self.backend.count_tokens)
+            if keep < len(history):
+                await self.store.keep_newest_channel_context(prompt.platform, prompt.chat_id, keep)
+            return build_channel_prompt(settings.chat_format, history[len(history) - keep :], author, text, bot, budget,
+                                        self.backend.count_tokens)
         separator = settings.truncate or "\n"
         history = await self._stable_history(prompt, settings, text, budget, separator) if settings.use_context else []
         return build_prompt(settings.template, text, history, separator, budget, self.backend.count_tokens)

@@ -43,14 +43,19 @@ def build_prompt(template: str, message: str, history: list[tuple[str, str]], se
 
 def history_to_keep(template: str, message: str, history: list[tuple[str, str]], separator: str,
                     budget_tokens: int, count_tokens: Callable[[str], int]) -> int:
-    """How many of the newest exchanges of `history` to keep: all while the prompt fits the budget;
-    past it, only as many as fit half the budget. Dropping half at once, rather than the oldest
-    exchange on every turn, keeps the prompt's start the same for the next turns, so the engine
-    reuses their keys and values (prefix_cache.py) instead of recomputing the whole conversation."""
+    """How many of the newest exchanges of `history` to keep (see newest_to_keep)."""
     sizes = [count_tokens(fill_template(template, m) + reply + separator) for m, reply in history]
-    current = count_tokens(fill_template(template, message))
+    return newest_to_keep(sizes, count_tokens(fill_template(template, message)), budget_tokens)
+
+
+def newest_to_keep(sizes: list[int], current: int, budget_tokens: int) -> int:
+    """How many of the newest pieces of context (token `sizes`, oldest first) to keep before the
+    `current` message: all while they fit the budget; past it, only as many as fit half the budget.
+    Dropping half at once, rather than the oldest piece on every turn, keeps the prompt's start the
+    same for the next turns, so the engine reuses their keys and values (prefix_cache.py) instead of
+    recomputing the whole conversation."""
     if current + sum(sizes) <= budget_tokens:
-        return len(history)
+        return len(sizes)
     keep, total = 0, current
     while keep < len(sizes) and total + sizes[-1 - keep] <= budget_tokens // 2:
         total += sizes[-1 - keep]

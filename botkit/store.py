@@ -312,6 +312,17 @@ class Store:
 
         await self._transaction(work)
 
+    async def keep_newest_channel_context(self, platform: str, chat_id: str, keep: int) -> None:
+        """From now on the chat's channel context starts after its `keep` newest messages' predecessor."""
+        rows = await self._rows(
+            "SELECT m.id FROM messages m LEFT JOIN requests r ON r.message_id = m.id"
+            " WHERE m.platform=? AND m.chat_id=? AND (r.id IS NULL OR r.kind = 'chat') ORDER BY m.id DESC LIMIT 1 OFFSET ?",
+            (platform, chat_id, keep))
+        if rows:
+            await self._write("INSERT INTO chats (platform, chat_id, context_since_message) VALUES (?, ?, ?) ON CONFLICT DO UPDATE"
+                              " SET context_since_message=MAX(context_since_message, excluded.context_since_message)",
+                              (platform, chat_id, rows[0][0]))
+
     async def channel_context(self, platform: str, chat_id: str, limit: int) -> list[tuple[str, str, str | None]]:
         """The chat's last `limit` messages since its /reset, oldest first: (author, text, the bot's reply or None)."""
         rows = await self._rows(

@@ -145,3 +145,28 @@ def test_the_gpu_path_one_padded_attention_call_per_layer_gives_the_same_greedy_
         return [s.generated for s in seqs]
 
     assert greedy(True) == greedy(False)
+
+
+async def test_a_long_channel_trims_its_context_in_halves_too(tmp_path):
+    import dataclasses
+
+    from botkit.backends import LocalBackend
+    from botkit.config import Config
+    from botkit.core import Core, Prompt
+    from botkit.store import Store
+
+    lm = load_model(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128), device="cpu", seed=0)
+    config = Config()
+    chat = dataclasses.replace(config.chat, length=8, temperature=0, truncate="\n", context="channel", unique=False)
+    config = dataclasses.replace(config, chat=chat, limits=dataclasses.replace(config.limits, user_per_minute=0, chat_per_minute=0,
+                                                                                context_messages=8))
+    prompts = []
+    async with Store.open(tmp_path / "bot.db") as store, LocalBackend(lm, 4, cache_mb=64) as backend, Core(backend, store, config) as core:
+        for turn in range(16):
+            await store.add_channel_message(platform="t", chat_id="c", user_id="u2", user_name="bob", platform_message_id=f"x{turn}",
+                                            text=f"chatter {turn}", keep=50)
+            ticket = await core.submit(Prompt("t", "c", "u", f"question {turn} for the bot", message_id=f"q{turn}", user_name="alice"))
+            await ticket.result()
+            prompts.append((await store.request(ticket.request_id))["prompt"])
+    starts = [p.split("\n")[0] for p in prompts]
+    assert len(set(starts)) <= 5, starts  # the context's first line changes at the cuts only, not on every turn
