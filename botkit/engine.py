@@ -438,7 +438,7 @@ class Engine:
             device = self.model.device
             # On CPU a full-window buffer costs only the pages rows write; on a GPU memory is real: grow.
             capacity = self.window if device.type == "cpu" else min(self.window, columns + 128)
-            self.cache = SlotCache(self.model.config, self.max_batch_size, capacity, self.model.dtype, device)
+            self.cache = SlotCache(self.model.config, self.max_batch_size, capacity, self.model.dtype, device, zeroed=self.padded_decode)
         elif self.cache.capacity < columns:
             self.cache.grow(min(self.window, max(columns, 2 * self.cache.capacity)))
         return self.cache

@@ -116,11 +116,13 @@ class SlotLayer(DynamicLayer):
 
 
 class SlotCache(Cache):
-    def __init__(self, config, max_batch: int, capacity: int, dtype, device):
+    def __init__(self, config, max_batch: int, capacity: int, dtype, device, zeroed: bool = False):
         # Uninitialised: a row's attention reads only the columns it has written, and on CPU an
-        # untouched page of a full-window buffer costs no memory.
+        # untouched page of a full-window buffer costs no memory. Padded decode attention reads past a
+        # row's end (masked): there uninitialised memory may hold NaN, and NaN x 0 is NaN, so `zeroed`.
         shape = (max_batch, config.n_head, capacity, config.n_embd // config.n_head)
-        layers = [SlotLayer(self, torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+        new = torch.zeros if zeroed else torch.empty
+        layers = [SlotLayer(self, new(shape, dtype=dtype, device=device), new(shape, dtype=dtype, device=device))
                   for _ in range(config.n_layer)]
         super().__init__(layers=layers)
         self.lengths: list[int] = []  # tokens held by each active row
@@ -164,7 +166,7 @@ class SlotCache(Cache):
         for layer in self.layers:
             for name in ("k", "v"):
                 old = getattr(layer, name)
-                new = old.new_empty(*old.shape[:2], capacity, old.shape[3])
+                new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
                 new[:b, :, :n] = old[:b, :, :n]
                 setattr(layer, name, new)
 

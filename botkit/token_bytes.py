@@ -16,28 +16,35 @@ from functools import lru_cache
 
 import torch
 
-# UTF-8 (RFC 3629) as states: (continuation bytes still needed, lowest and highest allowed next byte).
-STATES = [(0, 0, 0), (1, 0x80, 0xBF), (2, 0x80, 0xBF), (2, 0xA0, 0xBF), (2, 0x80, 0x9F),
-          (3, 0x80, 0xBF), (3, 0x90, 0xBF), (3, 0x80, 0x8F)]
+# UTF-8 (RFC 3629) as states: (continuation bytes still needed, lowest and highest allowed next byte,
+# a byte excluded in that range or -1). U+FFFD itself (EF BF BD) is excluded too: GPT-2's vocabulary
+# holds tokens that spell it (web text had it), and a reply showing "�" looks just as broken.
+STATES = [(0, 0, 0, -1), (1, 0x80, 0xBF, -1), (2, 0x80, 0xBF, -1), (2, 0xA0, 0xBF, -1), (2, 0x80, 0x9F, -1),
+          (3, 0x80, 0xBF, -1), (3, 0x90, 0xBF, -1), (3, 0x80, 0x8F, -1), (2, 0x80, 0xBF, 0xEF), (1, 0x80, 0xBF, 0xBD)]
 _STATE = {s: i for i, s in enumerate(STATES)}
+_AFTER_EF = _STATE[(2, 0x80, 0xBF, 0xEF)]  # tag 0xEF: the lead byte was EF, so EF BF must not be followed by BD
 INVALID = -1
 
 
 def _after(state: int, byte: int) -> int:
     """The state after `byte`, or INVALID."""
-    need, lo, hi = STATES[state]
+    need, lo, hi, tag = STATES[state]
     if need:
-        if not lo <= byte <= hi:
+        if not lo <= byte <= hi or (need == 1 and byte == tag):
             return INVALID
-        return _STATE[(need - 1, 0x80, 0xBF) if need > 1 else (0, 0, 0)]
+        if state == _AFTER_EF and byte == 0xBF:
+            return _STATE[(1, 0x80, 0xBF, 0xBD)]
+        return _STATE[(need - 1, 0x80, 0xBF, -1) if need > 1 else (0, 0, 0, -1)]
     if byte < 0x80:
         return 0
     if 0xC2 <= byte <= 0xDF:
-        return _STATE[(1, 0x80, 0xBF)]
+        return _STATE[(1, 0x80, 0xBF, -1)]
+    if byte == 0xEF:
+        return _AFTER_EF
     if 0xE0 <= byte <= 0xEF:
-        return _STATE[(2, 0xA0, 0xBF) if byte == 0xE0 else (2, 0x80, 0x9F) if byte == 0xED else (2, 0x80, 0xBF)]
+        return _STATE[(2, 0xA0, 0xBF, -1) if byte == 0xE0 else (2, 0x80, 0x9F, -1) if byte == 0xED else (2, 0x80, 0xBF, -1)]
     if 0xF0 <= byte <= 0xF4:
-        return _STATE[(3, 0x90, 0xBF) if byte == 0xF0 else (3, 0x80, 0x8F) if byte == 0xF4 else (3, 0x80, 0xBF)]
+        return _STATE[(3, 0x90, 0xBF, -1) if byte == 0xF0 else (3, 0x80, 0x8F, -1) if byte == 0xF4 else (3, 0x80, 0xBF, -1)]
     return INVALID  # a stray continuation byte, C0, C1, F5-FF
 
 
