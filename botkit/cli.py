@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +25,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("botkit").setLevel(logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # its INFO lines carry request URLs, and Telegram's hold the token
+    # transformers' warnings speak to library authors (deprecations, a guessed loss type): errors only,
+    # and no progress bars ("Loading weights" on every start), through their documented variables,
+    # so that a command that fails early never pays for importing transformers.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
-        quiet_transformers()  # every command loads a model or a tokenizer
         return args.func(args) or 0
     except BotkitError as exc:
         print(f"botkit: {exc}", file=sys.stderr)
@@ -98,16 +103,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
 
 
-def quiet_transformers() -> None:
-    """transformers' log lines speak to library authors (deprecations, a guessed loss type, a long
-    sequence it cannot know we slide): send them through botkit's logging, errors only, and drop its
-    progress bars (no "Loading weights" bar on every start)."""
+def route_transformers_logs() -> None:
+    """Once transformers is loaded anyway: its (error) lines go through botkit's logging and format."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
     hf_logging.disable_default_handler()
     hf_logging.enable_propagation()
-    hf_logging.disable_progress_bar()
 
 
 def _generate(args) -> None:
@@ -124,6 +125,7 @@ def _generate(args) -> None:
     from .models import load_model
 
     lm = load_model(source, device=args.device, dtype=args.dtype)
+    route_transformers_logs()
     generate(lm, prefix=args.prefix, truncate=args.truncate, include_prefix=args.include_prefix, nsamples=args.nsamples,
              batch_size=args.batch_size, length=args.length, temperature=args.temperature, top_k=args.top_k,
              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, unique=args.unique,
@@ -238,6 +240,7 @@ def _make_backend(config: Config, source):
     from .backends import LocalBackend
     from .models import load_model
 
+    route_transformers_logs()
     lm = load_model(source, device=config.model.device or None, dtype=config.model.dtype or None)
     cache_mb = None if config.batch.cache_mb < 0 else config.batch.cache_mb
     return LocalBackend(lm, max_batch_size=config.batch.max_size, cache_mb=cache_mb)
