@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from .prompting import newest_to_keep
+from .prompting import fit_newest, newest_to_keep
 
 _FIELD = re.compile(r"\{author\}|\{message\}")
 _NOT_IN_A_NAME = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")  # a name cannot start a new line of the log
@@ -51,12 +51,4 @@ def build_channel_prompt(chat_format: str, history: list[tuple[str, str, str | N
         lines.append(render(chat_format, who, text))
         if reply is not None:
             lines.append(render(chat_format, bot_name, reply.strip()))
-    current = render(chat_format, author, message) + bot_turn(chat_format, bot_name)
-    sizes = [count_tokens(line) for line in lines]
-    total = count_tokens(current) + sum(sizes)
-    while lines and total > budget_tokens:
-        total -= sizes.pop(0)
-        lines.pop(0)
-    while lines and count_tokens("".join(lines) + current) > budget_tokens:  # merges across joins
-        lines.pop(0)
-    return "".join(lines) + current
+    return fit_newest(lines, render(chat_format, author, message) + bot_turn(chat_format, bot_name), budget_tokens, count_tokens)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
+from .prompting import fit_newest
 
 CHAT_FORMAT_JSON = "chat_format.json"
 NAME = "{name}"
@@ -76,17 +77,11 @@ class ChatFormat:
         `count_tokens`, the oldest messages are dropped, whole, until the prompt fits."""
         lines = [self.line(name, message) for name, message in history]
         tail = self.speaker_prefix(bot_name)
-        if budget_tokens is not None:
-            if count_tokens is None:
-                raise TypeError("prompt(budget_tokens=...) needs count_tokens")
-            sizes = [count_tokens(line) for line in lines]
-            total = count_tokens(tail) + sum(sizes)
-            while lines and total > budget_tokens:
-                total -= sizes.pop(0)
-                lines.pop(0)
-            while lines and count_tokens("".join(lines) + tail) > budget_tokens:  # merges across joins
-                lines.pop(0)
-        return "".join(lines) + tail
+        if budget_tokens is None:
+            return "".join(lines) + tail
+        if count_tokens is None:
+            raise TypeError("prompt(budget_tokens=...) needs count_tokens")
+        return fit_newest(lines, tail, budget_tokens, count_tokens)
 
     def chat_settings(self, bot_name: str, user_name: str = "user") -> dict[str, str]:
         """The `ChatSettings` fields that make today's {message} template speak this format, for

@@ -29,9 +29,13 @@ def build_prompt(template: str, message: str, history: list[tuple[str, str]], se
                  budget_tokens: int, count_tokens: Callable[[str], int]) -> str:
     """`history` (oldest first) rendered with the template, then the new message; the oldest
     exchanges are dropped until the whole fits `budget_tokens` (the window minus the reply length)."""
-    current = fill_template(template, message)
     pieces = [fill_template(template, m) + reply + separator for m, reply in history]
-    sizes = [count_tokens(p) for p in pieces]
+    return fit_newest(pieces, fill_template(template, message), budget_tokens, count_tokens)
+
+
+def fit_newest(pieces: list[str], current: str, budget_tokens: int, count_tokens: Callable[[str], int]) -> str:
+    """The newest `pieces` (oldest first), whole, then `current`: the oldest dropped until it fits."""
+    pieces, sizes = list(pieces), [count_tokens(p) for p in pieces]
     total = count_tokens(current) + sum(sizes)
     while pieces and total > budget_tokens:
         total -= sizes.pop(0)
