@@ -91,6 +91,19 @@ class Attempt:
         return self.mean_logprob - COPY_PENALTY * self.copy_share
 
 
+def judge(text: str, params, tokenizer, index, *, prompt_ids: list[int], finish_reason: str, num_tokens: int, seed: int,
+          mean_logprob: float) -> Attempt:
+    """A finished draw, judged: its banned word, and with `params.unique` how much it copies the
+    run's training text (`index`, a copying.CopyIndex or None) and its prompt."""
+    attempt = Attempt(text, finish_reason, num_tokens, seed, mean_logprob, banned=banned_word_in(text, params.banned_words))
+    if params.unique and text.strip():
+        from .copying import check_copying  # numpy, only when judging
+
+        report = check_copying(tokenizer(text, verbose=False).input_ids, index, prompt_ids)
+        attempt.copy_share, attempt.copies = report.share, report.is_copy
+    return attempt
+
+
 def best(attempts: list[Attempt]) -> Attempt | None:
     """The attempt to send: never a banned one; one that does not copy if any; then the best score."""
     allowed = [a for a in attempts if a.banned is None]
