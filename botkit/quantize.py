@@ -77,17 +77,24 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1]).float()  # (M, in)
-        amax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True)  # (M, 1), one pass, no abs() copy
-        x_scale = amax.clamp_(min=1e-12).div_(QMAX)  # an all-zero row stays zeros
-        xq = torch.div(x, x_scale).round_().to(torch.int8)  # |x / scale| <= 127 by construction
+        # abs().amax(): 10-20x faster here than linalg.vector_norm(x, inf) for the same numbers
+        amax = x.abs().amax(dim=1, keepdim=True)  # (M, 1)
+        inv_scale = QMAX / amax.clamp_(min=1e-12)  # (M, 1); an all-zero row stays zeros
+        xq = torch.mul(x, inv_scale).round_().to(torch.int8)  # |x| * 127 / amax <= 127 by construction
         if self.fast:
             # (in, out) as a transposed view of the (out, in) matrix: oneDNN reads it as "B transposed",
             # 1.3-2x faster here than the same weights stored (in, out)
-            y = torch._int_mm(xq, self.weight.t()).float()
+            y = torch._int_mm(xq, self.weight.t()).float()  # (M, out)
         else:
             y = torch.mm(xq.float(), self.weight.t().float())
-        y = y.mul_(x_scale)  # (M, out)
-        y = y.mul_(self.scale) if self.bias is None else torch.addcmul(self.bias, y, self.scale)
+        # x ~ xq / inv_scale and W ~ Wq * scale, so x @ W.T ~ (xq @ Wq.T) / inv_scale * scale. In place:
+        # a fresh (M, out) tensor per pass costs more than the pass (and int32 * float32 in one op
+        # takes torch's slow casting loop, 10x a conversion and an in-place pass)
+        y.div_(inv_scale)
+        if self.bias is None:
+            y.mul_(self.scale)
+        else:
+            torch.addcmul(self.bias, y, self.scale, out=y)
         return y.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
