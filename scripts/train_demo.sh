@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Trains botkit's bundled demo model (botkit/assets/demo/) from scratch on CPU, exactly as shipped.
 #
-# Data: Debian's `fortunes` package (bookworm, 1:1.99.1-7.3, section "main"), the BSD fortune-mod
-# quotation files. Licence: see /usr/share/doc/fortunes/copyright in the package: the program is under
+# Data: Debian's `fortunes` and `fortunes-min` packages (bookworm, 1:1.99.1-7.3, section "main"), the
+# BSD fortune-mod quotation files (scripts/fortunes_corpus.py fetches and filters them). Licence: see /usr/share/doc/fortunes/copyright in the package: the program is under
 # the BSD licence; the quotations are a collection of short quotes from many sources, distributed by
 # Debian in main. The offensive collection (fortunes-off) is not used; of the rest we keep the
 # categories below (no ethnic, men-women, politics, drugs, ascii-art, cookie) and drop any fortune
