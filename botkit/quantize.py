@@ -4,15 +4,15 @@ Every matmul with weights becomes an `Int8Linear`: the blocks' `Conv1D` layers (
 c_proj, MLP c_fc and c_proj) and the LM head. Weights are int8 with one float32 scale per output
 feature (symmetric, absmax / 127); activations come in as float32 and are quantised per row (one
 scale per token, absmax / 127) at run time; `torch._int_mm` multiplies int8 x int8 into int32 and the
-result is scaled back to float32, bias added. This is what CTranslate2's int8 does on CPU.
+result is scaled back to float32, bias added: CTranslate2's int8 scheme (a scale per row of both).
 
 Why this path: on torch 2.13 `torch.ao.quantization.quantize_dynamic` and the quantised tensor types
-warn that they are deprecated; torchao's int8 configs ran 2-3x slower than float32 here;
-`aten._weight_int8pack_mm` (weight-only) and oneDNN's `qlinear_pointwise` ran 10-1000x slower than
-float32 at 8-64 rows. `torch._int_mm` runs oneDNN's s8s8s32 GEMM on CPUs with AVX-512 VNNI: 2-5x
+warn that they are deprecated; torchao's int8 configs ran 2-3x slower than float32 here (a quick test);
+`aten._weight_int8pack_mm` (weight-only) and oneDNN's `qlinear_pointwise` ran 2.5-1000x slower than
+float32 at 1-64 rows. `torch._int_mm` runs oneDNN's s8s8s32 GEMM on CPUs with AVX-512 VNNI: 1.6-5x
 float32 per layer (benchmarks/int8.py). Without VNNI torch falls back to a scalar loop, so there the
 same integer product is taken by a float32 matmul instead (exact while a dot product stays below
-2**24, which K=768 always does; rounding at the 7th digit beyond): the same numbers, slower than plain
+2**24, as with K=768; K=3072 may round at the 8th digit): the same numbers, slower than plain
 float32, only smaller in memory.
 
 The LM head is GPT-2's biggest matmul (768 x 50,257: a third of a decode step) and is tied to the
@@ -83,7 +83,7 @@ class Int8Linear(nn.Module):
         xq = torch.mul(x, inv_scale).round_().to(torch.int8)  # |x| * 127 / amax <= 127 by construction
         if self.fast:
             # (in, out) as a transposed view of the (out, in) matrix: oneDNN reads it as "B transposed",
-            # 1.3-2x faster here than the same weights stored (in, out)
+            # 1.3-3x faster here at 1-64 rows than the same weights stored (in, out)
             y = torch._int_mm(xq, self.weight.t()).float()  # (M, out)
         else:
             y = torch.mm(xq.float(), self.weight.t().float())
