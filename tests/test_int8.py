@@ -13,7 +13,7 @@ from botkit.engine import Engine
 from botkit.errors import InputError
 from botkit.models import load_model
 from botkit.params import SamplingParams
-from botkit.quantize import Int8Embedding, Int8Linear, has_fast_int8, model_bytes
+from botkit.quantize import Int8Embedding, Int8Linear, has_fast_int8, model_bytes, quantize_int8
 
 TINY = GPT2Config(n_layer=2, n_head=2, n_embd=32)
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -116,8 +116,11 @@ def test_the_engine_generates_with_int8_as_transformers_does_with_the_same_model
 
 def test_int8_off_the_cpu_is_one_sentence():
     with pytest.raises(InputError, match="CPU only") as info:
-        load_model(TINY, device="cuda", dtype="int8")
+        load_model(TINY, device="cuda", dtype="int8")  # refused before looking for a GPU: the same on any machine
     assert str(info.value).count(". ") == 0 and str(info.value).endswith(".")
+    model = load_model(TINY, device="cpu", seed=0).model.to("meta")  # a model already elsewhere
+    with pytest.raises(InputError, match="CPU only"):
+        quantize_int8(model)
 
 
 def test_without_the_fast_kernel_int8_still_works_and_says_so_once(monkeypatch, caplog):
