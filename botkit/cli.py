@@ -100,7 +100,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-name", default=None, help="a run in --checkpoint-dir, from `botkit finetune`")
     p.add_argument("--checkpoint-dir", default="checkpoint")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16, or int8 (CPU only: int8 weights, faster on CPUs with AVX-512 VNNI)")
 
 
 def route_transformers_logs() -> None:

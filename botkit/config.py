@@ -36,7 +36,7 @@ class ModelConfig:
     run_name: str = ""  # a run in checkpoint_dir (from `botkit finetune`), used when source is ""
     checkpoint_dir: str = "checkpoint"  # where `botkit finetune` saves runs
     device: str = ""  # "" = cuda if available, else cpu
-    dtype: str = setting("", one_of=("", "float32", "bfloat16", "float16"))  # "" = bfloat16/float16 on GPU, float32 on CPU
+    dtype: str = setting("", one_of=("", "float32", "bfloat16", "float16", "int8"))  # "" = bfloat16/float16 on GPU, float32 on CPU; int8: CPU only
     backend: str = setting("local", one_of=("local", "remote"))  # local | remote (an OpenAI-style /v1/completions server)
     url: str = ""  # remote backend base URL, e.g. http://gpu-box:8000/v1
     remote_model: str = ""  # model name sent to the remote server

@@ -19,6 +19,7 @@ from .sources import Source, asset_dir, resolve
 log = logging.getLogger("botkit")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = (*DTYPES, "int8")  # int8: float32 loaded, then its matmuls quantised (botkit/quantize.py), CPU only
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
 
@@ -82,12 +83,15 @@ def load_model(
     (read without TensorFlow), a `GPT2Config` (a randomly initialised model, seeded with `seed`), or
     None: then `run_name` picks `checkpoint_dir/run_name`, and with neither the bundled demo model is
     used. A LoRA run loads as its base model with the adapter merged in. A folder without tokenizer
-    files gets the bundled GPT-2 tokenizer.
+    files gets the bundled GPT-2 tokenizer. `dtype` "int8" (CPU only, for generation) quantises the
+    matmuls' weights to int8 after loading (botkit/quantize.py).
     """
     device = device or default_device()
     dtype = dtype or default_dtype(device)
-    if dtype not in DTYPES:
-        raise InputError(f"Unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}.")
+    if dtype not in DTYPE_NAMES:
+        raise InputError(f"Unknown dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}.")
+    if dtype == "int8" and torch.device(device).type != "cpu":
+        raise InputError(f"int8 runs on CPU only, not on {device!r}: use --device cpu, or bfloat16 or float16 on a GPU.")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"Device {device!r} was asked for but no CUDA GPU is available: use --device cpu.")
 
@@ -96,8 +100,12 @@ def load_model(
         loaded = LoadedModel(GPT2LMHeadModel(model), gpt2_tokenizer(), name="random-gpt2")
     else:
         loaded = _load_pretrained(resolve(model, run_name, checkpoint_dir))
-    loaded.model.to(device=device, dtype=DTYPES[dtype]).eval()
+    loaded.model.to(device=device, dtype=DTYPES.get(dtype, torch.float32)).eval()
     fuse_gelu(loaded.model)
+    if dtype == "int8":
+        from .quantize import quantize_int8
+
+        quantize_int8(loaded.model)
     return loaded
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Trains botkit's bundled demo model (botkit/assets/demo/) from scratch on CPU, exactly as shipped.
 #
-# Data: Debian's `fortunes` package (bookworm, 1:1.99.1-7.3, section "main"), the BSD fortune-mod
-# quotation files. Licence: see /usr/share/doc/fortunes/copyright in the package: the program is under
+# Data: Debian's `fortunes` and `fortunes-min` packages (bookworm, 1:1.99.1-7.3, section "main"), the
+# BSD fortune-mod quotation files (scripts/fortunes_corpus.py fetches and filters them). Licence: see /usr/share/doc/fortunes/copyright in the package: the program is under
 # the BSD licence; the quotations are a collection of short quotes from many sources, distributed by
 # Debian in main. The offensive collection (fortunes-off) is not used; of the rest we keep the
 # categories below (no ethnic, men-women, politics, drugs, ascii-art, cookie) and drop any fortune
@@ -14,33 +14,9 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${1:-/tmp/botkit-demo}"
 mkdir -p "$WORK" && cd "$WORK"
 
-# 1. Fetch the corpus with apt (no root needed for `apt-get download`) and unpack it.
-if [ ! -d root/usr/share/games/fortunes ]; then
-  apt-get download fortunes
-  dpkg-deb -x fortunes_*.deb root
-fi
-
-# 2. Filter: one fortune per document, separated by <|endoftext|>.
-python - <<'PY'
-import pathlib, re
-src = pathlib.Path("root/usr/share/games/fortunes")
-cats = ["computers", "people", "science", "work", "wisdom", "humorists", "literature",
-        "fortunes", "linux", "education", "art", "riddles", "platitudes"]
-blocked = re.compile(r"\b(fuck|shit|cunt|nigger|fag|rape|whore|bitch|slut|retard|nazi|hitler)", re.I)
-kept, dropped = [], 0
-for cat in cats:
-    for text in src.joinpath(cat).read_text(encoding="utf-8", errors="replace").split("\n%\n"):
-        text = text.strip("%\n")
-        if not text.strip():
-            continue
-        if blocked.search(text) or "\b" in text or "\ufffd" in text or max(map(len, text.splitlines())) > 100:
-            dropped += 1
-            continue
-        kept.append(text)
-out = "<|endoftext|>\n".join(kept) + "<|endoftext|>\n"
-pathlib.Path("fortunes.txt").write_text(out, encoding="utf-8")
-print(f"kept {len(kept)} fortunes ({len(out.encode()):,} bytes), dropped {dropped}")
-PY
+# 1-2. Fetch the corpus with apt (`apt-get download fortunes fortunes-min`, no root needed), unpack it
+#      and filter it: one fortune per document, separated by <|endoftext|>, in $WORK/fortunes.txt.
+python "$REPO/scripts/fortunes_corpus.py" "$WORK"
 
 # 3. Train from scratch: byte-level BPE of 4,096 tokens trained on the corpus, GPT-2 architecture with
 #    4 layers, width 256, 4 heads, 256-token context (4.3M parameters), batches of 4 x 256 tokens,
