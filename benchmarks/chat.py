@@ -164,6 +164,12 @@ def main() -> None:
         # Greedy, so a turn's prompt and reply are the same in both as long as every earlier reply of its chat was.
         botkit = {(r["chat_id"], r["turn"]): (r["prompt"], r["text"]) for r in on["records"]}
         same = sum(botkit[r["chat_id"], r["turn"]] == (r["prompt"], r["text"]) for r in ct2["records"])
+        for chat_id in chats:
+            differ = [r for r in ct2["records"] if r["chat_id"] == chat_id and botkit[chat_id, r["turn"]] != (r["prompt"], r["text"])]
+            if differ:
+                first = min(differ, key=lambda r: r["turn"])
+                log(f"  chat {chat_id}: CTranslate2's reply differs from botkit's at turn {first['turn']}"
+                    f" ({'same' if botkit[chat_id, first['turn']][0] == first['prompt'] else 'another'} prompt), {len(differ)} turns differ")
         result["ctranslate2_same_prompt_and_text"] = f"{same}/{len(ct2['records'])}"
     print(json.dumps(result))
 
