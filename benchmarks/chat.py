@@ -81,7 +81,7 @@ async def run_arm(lm, chats: dict[str, list[dict]], cache_mb: int | None) -> dic
                         reply = await ticket.result()
                         done = time.perf_counter() - started
                         row = await store.request(ticket.request_id)
-                        records.append({"turn": turn["turn"], "ttft_s": first if first is not None else done, "latency_s": done,
+                        records.append({"chat_id": turn["chat_id"], "turn": turn["turn"], "ttft_s": first if first is not None else done, "latency_s": done,
                                         "tokens": reply.num_tokens, "prompt": row["prompt"], "text": reply.text,
                                         "prompt_tokens": row["num_prompt_tokens"], "max_new_tokens": turn["max_new_tokens"]})
 
@@ -157,9 +157,20 @@ def main() -> None:
         log("CTranslate2 is not installed: no CTranslate2 arm")
     else:
         log("arm: CTranslate2 (static batches of the waiting prompts, no cache)")
-        ct2 = ctranslate2_chat(lm, chats, settings_of)
+        ct2 = ctranslate2_chat(lm, chats, settings_of, make_config(len(chats)))
+        log(f"  {ct2['tok_s']:.1f} tok/s, {ct2['seconds']:.0f} s in {ct2['rounds']} batches")
         result["tok_s"]["ctranslate2"] = round(ct2["tok_s"], 1)
         result["tok_s_ratio_reuse_vs_ctranslate2"] = round(on["tok_s"] / ct2["tok_s"], 2)
+        # Greedy, so a turn's prompt and reply are the same in both as long as every earlier reply of its chat was.
+        botkit = {(r["chat_id"], r["turn"]): (r["prompt"], r["text"]) for r in on["records"]}
+        same = sum(botkit[r["chat_id"], r["turn"]] == (r["prompt"], r["text"]) for r in ct2["records"])
+        for chat_id in chats:
+            differ = [r for r in ct2["records"] if r["chat_id"] == chat_id and botkit[chat_id, r["turn"]] != (r["prompt"], r["text"])]
+            if differ:
+                first = min(differ, key=lambda r: r["turn"])
+                log(f"  chat {chat_id}: CTranslate2's reply differs from botkit's at turn {first['turn']}"
+                    f" ({'same' if botkit[chat_id, first['turn']][0] == first['prompt'] else 'another'} prompt), {len(differ)} turns differ")
+        result["ctranslate2_same_prompt_and_text"] = f"{same}/{len(ct2['records'])}"
     print(json.dumps(result))
 
 

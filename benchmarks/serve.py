@@ -19,6 +19,11 @@ reply tokens at the speed of decode steps with all 64 rows), over the same basel
 
 Event-loop lag: a task sleeps 10 ms in a loop and records how late it wakes, during each level.
 
+Optional anchor arms, run on the 64-chat level's requests right after it: CTranslate2 fp32 and int8
+when `ctranslate2` is installed (`pip install ctranslate2`, never a botkit dependency; how it is
+served: benchmarks/ct2_arm.py), with their greedy texts compared to botkit's, and botkit with int8
+weights when this botkit has `dtype = "int8"`.
+
 Progress goes to stderr; the last stdout line is one JSON object with the figures.
 
     python benchmarks/serve.py --quick
@@ -45,6 +50,7 @@ from botkit.backends import LocalBackend
 from botkit.config import Config
 from botkit.core import Core
 from botkit.engine import Engine
+from botkit.errors import InputError
 from botkit.models import LoadedModel, load_model
 from botkit.params import SamplingParams
 from botkit.store import Store
@@ -174,6 +180,19 @@ def in_own_thread(fn, *args):
     return result[0]
 
 
+def load_int8() -> LoadedModel | None:
+    """The benchmark's model with botkit's int8 weights, or None when this botkit has no int8 dtype."""
+    try:
+        return load_model(GPT2Config(), device="cpu", dtype="int8")
+    except InputError:
+        return None
+
+
+def same_texts(a: dict, b: dict) -> str:
+    shared = [i for i in a if i in b]
+    return f"{sum(a[i] == b[i] for i in shared)}/{len(shared)}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests per level (about 3 minutes)")
@@ -197,19 +216,47 @@ def main() -> None:
     )
 
     lm = in_own_thread(lambda: load_model(GPT2Config(), device="cpu", dtype="float32"))
+    lm_int8 = in_own_thread(load_int8)
+    log(f"botkit int8: {'yes' if lm_int8 else 'no int8 dtype in this botkit, no botkit int8 arm'}")
+    try:
+        import ct2_arm  # optional anchor arms
+    except ImportError:
+        ct2_arm = None
+        log("CTranslate2 is not installed: no CTranslate2 arms")
     log(f"GPT-2 124M shapes, random weights, {torch.get_num_threads()} torch threads; warming up")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        generators = {}
+        if ct2_arm:
+            model_dir = in_own_thread(ct2_arm.convert, lm, folder)
+            generators = {name: ct2_arm.load(model_dir, name) for name in ("float32", "int8")}
+            log(f"CTranslate2 {ct2_arm.ctranslate2.__version__}: converted, same greedy tokens as transformers on the check prompts")
+            for generator in generators.values():
+                ct2_arm.ctranslate2_serve(generator, lm, [dict(r, max_new_tokens=4) for r in requests[:4]], 4)
         in_own_thread(sequential, lm, [dict(requests[0], max_new_tokens=4)])
         asyncio.run(serve(lm, [dict(r, max_new_tokens=4) for r in requests[:4]], 4, args.max_batch, config, folder))
+        if lm_int8:
+            (folder / "int8").mkdir()  # its own stores
+            asyncio.run(serve(lm_int8, [dict(r, max_new_tokens=4) for r in requests[:4]], 4, args.max_batch, config, folder / "int8"))
 
         half = num_sequential // 2
         seq_runs = []
         levels: dict[int, dict] = {}
-        order = [("seq", requests[:half]), ("core", 64), ("seq", requests[half:num_sequential]),
+        top_requests = requests[: max(2, 64 * rounds)]
+        anchors: dict[str, dict] = {}  # the optional arms on the 64-chat level's requests
+        order = [("seq", requests[:half]), ("core", 64), *(("ct2", name) for name in generators),
+                 *([("core_int8", 64)] if lm_int8 else []), ("seq", requests[half:num_sequential]),
                  *(("core", c) for c in LEVELS if c != 64)]
         for kind, what in order:
-            if kind == "seq":
+            if kind == "ct2":
+                anchors[what] = ct2_arm.ctranslate2_serve(generators[what], lm, top_requests, 64)
+                log(f"CTranslate2 {what}: {len(top_requests)} requests, {anchors[what]['tokens']} tokens in "
+                    f"{anchors[what]['seconds']:.1f}s = {anchors[what]['tok_s']:.1f} tok/s")
+            elif kind == "core_int8":
+                anchors["botkit_int8"] = asyncio.run(serve(lm_int8, top_requests, 64, args.max_batch, config, folder / "int8"))
+                log(f"botkit int8, 64 chats: {anchors['botkit_int8']['tokens']} tokens in {anchors['botkit_int8']['seconds']}s = "
+                    f"{anchors['botkit_int8']['tok_s']:.1f} tok/s")
+            elif kind == "seq":
                 tokens, seconds, texts = in_own_thread(sequential, lm, what)
                 seq_runs.append((tokens, seconds, texts))
                 log(f"sequential: {len(what)} requests, {tokens} tokens in {seconds:.1f}s = {tokens / seconds:.1f} tok/s")
@@ -221,12 +268,14 @@ def main() -> None:
                     f"{level['tok_s']:.1f} tok/s, p50 {level['p50_ms']:.0f} ms, p99 {level['p99_ms']:.0f} ms, "
                     f"loop lag p99 {level['loop_lag_p99_ms']:.1f} ms (max {level['loop_lag_max_ms']:.1f})")
 
+        generators.clear()  # ends CTranslate2's threads before the engine's own measurement
         join_tok_s, decode_tok_s = in_own_thread(full_batch_speeds, lm, requests, args.max_batch)
         log(f"engine with full steps: {join_tok_s:.0f} prompt tok/s (joining), {decode_tok_s:.0f} tok/s ({args.max_batch} rows decoding)")
 
     seq_tokens = sum(t for t, _, _ in seq_runs)
     seq_tok_s = seq_tokens / sum(s for _, s, _ in seq_runs)
     seq_texts = {k: v for _, _, texts in seq_runs for k, v in texts.items()}
+    top_texts = dict(levels[64]["texts"])
     core_texts = {}
     for level in levels.values():
         core_texts.update(level.pop("texts"))
@@ -234,6 +283,20 @@ def main() -> None:
     mismatches = sum(seq_texts[i] != core_texts[i] for i in compared)
     log(f"greedy texts: {len(compared) - mismatches} of {len(compared)} replies equal between the core and sequential generate")
     top = levels[64]
+    extra = {}
+    if "float32" in anchors:
+        fp32, int8 = anchors["float32"], anchors["int8"]
+        extra = {"ctranslate2_fp32_tok_s": round(fp32["tok_s"], 1), "ctranslate2_int8_tok_s": round(int8["tok_s"], 1),
+                 "ratio_vs_ctranslate2_fp32": round(top["tok_s"] / fp32["tok_s"], 2),
+                 "ratio_vs_ctranslate2_int8": round(top["tok_s"] / int8["tok_s"], 2),
+                 "ctranslate2_fp32_same_text": same_texts(fp32["texts"], top_texts)}
+        log(f"greedy texts: {extra['ctranslate2_fp32_same_text']} replies equal between botkit and CTranslate2 fp32")
+    if "botkit_int8" in anchors:
+        extra |= {"botkit_int8_tok_s": round(anchors["botkit_int8"]["tok_s"], 1),
+                  "ratio_int8_vs_fp32": round(anchors["botkit_int8"]["tok_s"] / top["tok_s"], 2)}
+        if "int8" in anchors:
+            extra |= {"ratio_int8_vs_ctranslate2_int8": round(anchors["botkit_int8"]["tok_s"] / anchors["int8"]["tok_s"], 2),
+                      "int8_same_text": same_texts(anchors["int8"]["texts"], anchors["botkit_int8"]["texts"])}
     # Tokens/s of the 64-chat level if every step were full: its prompt tokens at the joining speed,
     # its reply tokens at the full-batch decode speed (no ramp-up, no drain).
     prompt_tokens = sum(len(lm.tokenizer(r["prompt"]).input_ids) for r in requests[: top["requests"]])
@@ -247,7 +310,7 @@ def main() -> None:
         "sequential_halves_tok_s": [round(t / s, 2) for t, s, _ in seq_runs],
         "levels": {str(c): {k: (round(v, 2) if isinstance(v, float) else v) for k, v in levels[c].items()} | {
             "ratio_vs_sequential": round(levels[c]["tok_s"] / seq_tok_s, 2)} for c in LEVELS},
-        "text_mismatches": mismatches, "texts_compared": len(compared),
+        "text_mismatches": mismatches, "texts_compared": len(compared), **extra,
         "threads": torch.get_num_threads(), "max_batch": args.max_batch, "quick": args.quick,
         "load": "closed loop: each chat sends its next request when the previous one is answered",
     }))
