@@ -88,15 +88,15 @@ async def _start(tmp_path: Path, dfake: FakeDiscord, tfake: FakeTelegram, run: i
     return proc
 
 
-def _answers(dfake: FakeDiscord, tfake: FakeTelegram, asked: list[dict]) -> list[list[str]]:
-    """For each message asked, the texts of the bot's messages replying to it."""
+def _answers(dfake: FakeDiscord, tfake: FakeTelegram, asked: list[dict]) -> list[list[tuple[str, str]]]:
+    """For each message asked, the bot's messages replying to it (id, text): one answer, in parts if it was long."""
     result = []
     for message in asked:
         if "message_id" in message:  # Telegram
-            result.append([m["text"] for m in tfake.sent(message["chat"]["id"])
+            result.append([(str(m["message_id"]), m["text"]) for m in tfake.sent(message["chat"]["id"])
                            if m.get("reply_to_message", {}).get("message_id") == message["message_id"]])
         else:
-            result.append([m["content"] for m in dfake.bot_messages()
+            result.append([(str(m["id"]), m["content"]) for m in dfake.bot_messages()
                            if m.get("message_reference", {}).get("message_id") == message["id"]])
     return result
 
@@ -138,12 +138,17 @@ async def test_sigkill_with_ten_requests_in_flight_then_every_asker_gets_one_ans
             await asyncio.wait_for(proc.wait(), 60)
     assert proc.returncode == 0 and "Traceback" not in (tmp_path / "run1.log").read_text()
     assert in_flight == 2 * NUM_PER_PLATFORM and answered_before == 0
-    assert all(len(a) == 1 for a in answers), [(len(a), [t[:60] for t in a]) for a in answers]  # exactly one answer each, none twice
     by_request = {r: (chat, mid) for r, chat, mid in _rows(
         db, "SELECT r.id, m.chat_id, m.platform_message_id FROM requests r JOIN messages m ON m.id = r.message_id")}
+    delivered = {by_request[r]: [] for r in by_request}  # each request's answer: the parts recorded as sent, in order
+    for r, mid in _rows(db, "SELECT request_id, platform_message_id FROM deliveries ORDER BY request_id, part"):
+        delivered[by_request[r]].append(mid)
     sorry = {by_request[r] for r in aged}
-    for message, (text,) in zip(asked, answers, strict=True):
+    for message, answer in zip(asked, answers, strict=True):
         key = (str(message.get("channel_id") or message["chat"]["id"]), str(message.get("id") or message.get("message_id")))
+        # Exactly one answer: every message replying to it is a part of its request's one recorded answer.
+        assert [mid for mid, _ in answer] == delivered[key], (key, answer, delivered[key])
+        text = "".join(t for _, t in answer)
         assert (text == SORRY) == (key in sorry), (key, text)
         assert text.strip()
     kinds = _rows(db, "SELECT kind, COUNT(*) FROM answers GROUP BY kind ORDER BY kind")
