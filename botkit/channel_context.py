@@ -29,8 +29,9 @@ def author_name(name: str) -> str:
 
 
 def bot_turn(chat_format: str, bot_name: str) -> str:
-    """The start of the bot's line, up to where its message goes: what the model continues."""
-    return render(chat_format[: chat_format.index("{message}")], bot_name, "")
+    """The start of the bot's line up to where its message goes, without trailing spaces (as
+    ChatFormat.bot_turn): what the model continues."""
+    return render(chat_format[: chat_format.index("{message}")], bot_name, "").rstrip(" ")
 
 
 def channel_lines_to_keep(chat_format: str, history: list[tuple[str, str, str | None]], author: str, message: str,

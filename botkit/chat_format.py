@@ -5,8 +5,10 @@ continues, recorded in the run folder (`chat_format.json`) so serving uses what 
     bob: always                        <- separator = "\\n" after each message
     <|endoftext|>                      <- end: after the conversation (training text only)
 
-A bot's prompt is the history in the same lines, then its own speaker prefix ("gptbot: "); the reply
-ends before `truncate`. Placeholders are replaced literally, never with `str.format`, so a message or
+A bot's prompt is the history in the same lines, then its own speaker prefix without its trailing
+space ("gptbot:"): a byte-level BPE spells " word" as one token, so in training a speaker's colon is
+followed by a token that starts with the space, never by a lone space (a prompt ending in "gptbot: "
+cost the true reply 53 nats instead of 4 in benchmarks/quality.py). The reply ends before `truncate`. Placeholders are replaced literally, never with `str.format`, so a message or
 name such as "{message:>20000000}" stays text (issue 12, bug 1).
 """
 
@@ -63,8 +65,12 @@ class ChatFormat:
         return self.speaker_prefix(name) + message + self.speaker.split(MESSAGE, 1)[1] + self.separator
 
     def speaker_prefix(self, name: str) -> str:
-        """What comes before a message of `name`: the end of a bot's prompt ("gptbot: ")."""
+        """What comes before a message of `name` ("gptbot: ")."""
         return self.speaker.split(MESSAGE, 1)[0].replace(NAME, clean_name(name))
+
+    def bot_turn(self, name: str) -> str:
+        """The end of a bot's prompt: its speaker prefix without trailing spaces ("gptbot:")."""
+        return self.speaker_prefix(name).rstrip(" ")
 
     def render(self, messages: Iterable[tuple[str, str]]) -> str:
         """A whole conversation of (name, message) pairs as training text, end token included."""
@@ -73,10 +79,10 @@ class ChatFormat:
     def prompt(self, history: Sequence[tuple[str, str]], bot_name: str, *, budget_tokens: int | None = None,
                count_tokens: Callable[[str], int] | None = None) -> str:
         """The text a bot continues: `history` (oldest first, (name, message) pairs, the bot's own
-        earlier replies included) then the bot's speaker prefix. With `budget_tokens` and
+        earlier replies included) then the bot's turn ("gptbot:"). With `budget_tokens` and
         `count_tokens`, the oldest messages are dropped, whole, until the prompt fits."""
         lines = [self.line(name, message) for name, message in history]
-        tail = self.speaker_prefix(bot_name)
+        tail = self.bot_turn(bot_name)
         if budget_tokens is None:
             return "".join(lines) + tail
         if count_tokens is None:
@@ -86,7 +92,7 @@ class ChatFormat:
     def chat_settings(self, bot_name: str, user_name: str = "user") -> dict[str, str]:
         """The `ChatSettings` fields that make today's {message} template speak this format, for
         `settings.replace(**fmt.chat_settings("gptbot"))`: a user line, then the bot's prefix."""
-        template = self.line(user_name, MESSAGE) + self.speaker_prefix(bot_name)
+        template = self.line(user_name, MESSAGE) + self.bot_turn(bot_name)
         return {"template": template, "truncate": self.truncate}
 
     # -- files ------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ whole text and 4-8 bytes per token in memory, and Bloom filters (rbloom) cannot 
 window at an error rate a per-window check tolerates. A sorted array of hashes is 8 bytes per
 distinct window, exact up to 64-bit collisions (~N / 2^64 per lookup), built in bounded memory
 (bucket passes of MAX_BUILD_BYTES), and memory-mapped when served, so the index of a big dataset
-costs page cache, not process memory. Lookups take microseconds: it runs once per finished reply.
+costs page cache, not process memory. Lookups take microseconds: the engine asks once per sampled
+token of a `unique` row (`contains`: would this token complete a training n-gram?) and once per
+finished reply (`check_copying`).
 
     index = CopyIndex.load(run_dir)                     # None for a run without one
     report = check_copying(reply_ids, index, context_ids)
@@ -142,7 +144,14 @@ class CopyIndex:
 
     def hits(self, ids: Sequence[int]) -> np.ndarray:
         """(len(ids) - n + 1,) bool: whether each window of `ids` occurs in the training text."""
-        h = ngram_hashes(ids, self.n)
+        return self._found(ngram_hashes(ids, self.n))
+
+    def contains(self, windows: np.ndarray) -> np.ndarray:
+        """(R,) bool: whether each row of `windows` ((R, n) token ids) is an n-gram of the training text."""
+        windows = np.asarray(windows, dtype=np.int64)
+        return self._found(ngram_hashes(windows.reshape(-1), self.n)[:: self.n])  # the windows that start a row
+
+    def _found(self, h: np.ndarray) -> np.ndarray:
         if not len(self.hashes) or not len(h):
             return np.zeros(len(h), dtype=bool)
         pos = np.minimum(np.searchsorted(self.hashes, h), len(self.hashes) - 1)

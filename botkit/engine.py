@@ -13,8 +13,11 @@ chat's next turn) starts from that sequence's keys and values (prefix_cache.py) 
 its new tokens. A row that hits its stop string, end of text or length leaves at once and its slot
 is free for the next step.
 
-A finished sample may be judged before anyone sees it (judging.py): one holding a banned word or
-copying its training text or its prompt is drawn again in its own row (the prompt's keys and values
+A `unique` row never draws a token that would make its last 8 tokens a run of its model's training
+text (copying.py's index; the token is masked and the row draws again), so its reply shares no
+8-token span with the training text by construction. A finished sample may be judged before anyone
+sees it (judging.py): one holding a banned word or copying its prompt (or, in fewer tokens, its
+training text) is drawn again in its own row (the prompt's keys and values
 stay; only its length is rewound), and `candidates` samples of one request join as one prompt whose
 keys and values the others copy, then compete. Their text is handed out once, when judged.
 
@@ -34,6 +37,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from . import judging
@@ -45,6 +49,7 @@ from .sampling import apply_repetition_penalty, ban_repeated_ngrams, sample_next
 from .token_bytes import Detokenizer, TokenBytes
 
 log = logging.getLogger("botkit")
+BLOCK_TRIES = 16  # draws of one step's token for a `unique` row whose draws keep completing training n-grams
 
 MAX_JOIN_TOKENS = 1024  # new prompt tokens that join in one step at most: the running rows wait for them, and
 # matmuls of about this many rows run near this CPU's peak (of 4096 rows, at half of it)
@@ -288,9 +293,30 @@ class Engine:
             if seq.params.no_repeat_ngram_size:
                 ban_repeated_ngrams(logits, i, seq)
         tokens = sample_next(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+        if any(s.params.unique for s in seqs) and self._copy_index() is not None:
+            self._avoid_training_runs(seqs, logits, tokens)
         for j, i in enumerate(judged):
             seqs[i].logprob_sum += float(raw[j, tokens[i]])
         return tokens
+
+    def _avoid_training_runs(self, seqs: list[Sequence], logits: torch.Tensor, tokens: list[int]) -> None:
+        """In place: a `unique` row whose drawn token would complete an n-gram of the training text
+        draws again without it (up to BLOCK_TRIES tokens masked, never its last allowed one)."""
+        index = self._copy_index()
+        n = index.n
+        rows = [i for i, s in enumerate(seqs) if s.params.unique and len(s.generated) >= n - 1]
+        for _ in range(BLOCK_TRIES):
+            rows = [i for i in rows if tokens[i] != self.eos]  # windows never cross an end of text
+            if not rows:
+                return
+            windows = np.array([seqs[i].generated[len(seqs[i].generated) - n + 1 :] + [tokens[i]] for i in rows])
+            rows = [i for i, hit in zip(rows, index.contains(windows), strict=True) if hit and int(torch.isfinite(logits[i]).sum()) > 1]
+            if not rows:
+                return
+            logits[rows, [tokens[i] for i in rows]] = float("-inf")
+            again = sample_next(logits[rows], [seqs[i].params for i in rows], [seqs[i].generator for i in rows]).tolist()
+            for i, token in zip(rows, again, strict=True):
+                tokens[i] = token
 
     def _commit(self, seqs: list[Sequence], tokens: list[int]) -> list[Event]:
         events, done = [], []

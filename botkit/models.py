@@ -101,6 +101,7 @@ def load_model(
     else:
         loaded = _load_pretrained(resolve(model, run_name, checkpoint_dir))
     loaded.model.to(device=device, dtype=DTYPES.get(dtype, torch.float32)).eval()
+    loaded.model.loss_type = "ForCausalLM"  # GPT2LMHeadModel's name matches no loss of transformers': given labels it warns, then uses this
     fuse_gelu(loaded.model)
     if dtype == "int8":
         from .quantize import quantize_int8

@@ -34,8 +34,9 @@ class Outbox:
         self.store = store
 
     def parts(self, text: str) -> list[str]:
-        """`text` as the messages to send: defused first, then split (so no part ends inside an escape)."""
-        defused = defuse_mentions(text, usernames=self.platform.usernames_ping)
+        """`text` as the messages to send, without leading whitespace (a chat prompt ends at "bot:", so
+        replies start with a space): defused first, then split (so no part ends inside an escape)."""
+        defused = defuse_mentions(text.lstrip(), usernames=self.platform.usernames_ping)
         return [p for p in split_reply(defused, self.platform.max_chars, self.platform.max_parts) if p.strip()]
 
     async def say(self, replier: Replier, text: str, *, private: bool = False) -> list[str]:

@@ -51,7 +51,6 @@ def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
     _check_lengths(train, val, block, lm)
 
     net = lm.model.train()
-    net.loss_type = "ForCausalLM"  # GPT2LMHeadModel's class name matches none of transformers' loss names: it warns, then uses this
     if o.lora:
         from . import lora
 

@@ -15,10 +15,10 @@ CONVERSATION = [("alice", "anyone up?"), ("bob", "always")]
 def test_render_and_prompt_share_one_layout():
     fmt = ChatFormat()
     assert fmt.render(CONVERSATION) == "alice: anyone up?\nbob: always\n<|endoftext|>"
-    assert fmt.prompt(CONVERSATION, "gptbot") == "alice: anyone up?\nbob: always\ngptbot: "
+    assert fmt.prompt(CONVERSATION, "gptbot") == "alice: anyone up?\nbob: always\ngptbot:"  # ends at the colon: " word" tokens carry their space
     custom = ChatFormat(speaker="<{name}> {message} ~", separator="\n\n", truncate=" ~", end="")
     assert custom.render(CONVERSATION) == "<alice> anyone up? ~\n\n<bob> always ~\n\n"
-    assert custom.prompt(CONVERSATION[:1], "gptbot") == "<alice> anyone up? ~\n\n<gptbot> "
+    assert custom.prompt(CONVERSATION[:1], "gptbot") == "<alice> anyone up? ~\n\n<gptbot>"
     assert ChatFormat(speaker="{message}").render(CONVERSATION) == "anyone up?\nalways\n<|endoftext|>"
 
 
@@ -42,14 +42,14 @@ def test_prompt_drops_the_oldest_whole_messages_to_fit():
     history = [("alice", "one two three"), ("bob", "four five"), ("carol", "six")]
     count = lambda text: len(text.split())  # noqa: E731 - words stand in for tokens
     assert fmt.prompt(history, "bot", budget_tokens=100, count_tokens=count) == fmt.prompt(history, "bot")
-    assert fmt.prompt(history, "bot", budget_tokens=6, count_tokens=count) == "bob: four five\ncarol: six\nbot: "
-    assert fmt.prompt(history, "bot", budget_tokens=1, count_tokens=count) == "bot: "
+    assert fmt.prompt(history, "bot", budget_tokens=6, count_tokens=count) == "bob: four five\ncarol: six\nbot:"
+    assert fmt.prompt(history, "bot", budget_tokens=1, count_tokens=count) == "bot:"
 
 
 def test_chat_settings_make_todays_template_speak_the_format():
     fmt = ChatFormat()
     settings = ChatSettings().replace(**fmt.chat_settings("gptbot"))
-    history = [("hi there", "hello!")]
+    history = [("hi there", " hello!")]  # the model's reply starts with " hello", after "gptbot:"
     prompt = build_prompt(settings.template, "pizza?", history, settings.truncate, 1000, lambda t: len(t))
     assert prompt == fmt.prompt([("user", "hi there"), ("gptbot", "hello!"), ("user", "pizza?")], "gptbot")
     assert settings.truncate == "\n"

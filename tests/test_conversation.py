@@ -137,6 +137,6 @@ async def test_channel_context_reads_the_room_with_names_and_forgets_on_reset(tm
         await until(lambda: bot.answers(reset))
     author, bot_name = ("alice", "botkit") if name == "discord" else ("alice", "Botkit")
     assert backend.prompts[0] == (f"{author}: the second message\n{author}: the third message\n{author}: the fourth message\n"
-                                  f"{author}: what do you think?\n{bot_name}: ")
-    assert backend.prompts[1].endswith(f"{author}: what do you think?\n{bot_name}: I agree\n{author}: and now?\n{bot_name}: ")
+                                  f"{author}: what do you think?\n{bot_name}:")
+    assert backend.prompts[1].endswith(f"{author}: what do you think?\n{bot_name}: I agree\n{author}: and now?\n{bot_name}:")
     assert "the first message" not in "".join(backend.prompts)
