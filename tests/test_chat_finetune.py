@@ -61,7 +61,7 @@ def test_a_chat_run_records_its_format_and_generate_speaks_it(tmp_path, communit
 
     # The one-liner for serving: today's {message} template and truncate, from the run's format.
     settings = ChatSettings().replace(**lm.chat_format.chat_settings("Carol"))
-    assert settings.template == "user: {message}\nCarol: " and settings.truncate == "\n"
+    assert settings.template == "user: {message}\nCarol:" and settings.truncate == "\n"
 
 
 def test_a_run_catches_a_reply_that_copies_its_training_text(tmp_path, community):

@@ -170,3 +170,51 @@ async def test_a_long_channel_trims_its_context_in_halves_too(tmp_path):
             prompts.append((await store.request(ticket.request_id))["prompt"])
     starts = [p.split("\n")[0] for p in prompts]
     assert len(set(starts)) <= 5, starts  # the context's first line changes at the cuts only, not on every turn
+
+
+def test_candidates_read_their_shared_prompt_once_and_attend_as_one_call_per_row_would():
+    """A request's candidates hold the same prompt columns; their decode attention reads them once for
+    the group (kvcache._decode_sharing_prompts). Equal to one SDPA call per row up to rounding, with
+    garbage (NaN) past each row's end, and rows outside any group unchanged."""
+    from botkit.kvcache import Step, rows_attention
+
+    torch.manual_seed(0)
+    heads, dim, capacity, shared = 4, 16, 96, 70
+    key, value = torch.full((6, heads, capacity, dim), float("nan")), torch.full((6, heads, capacity, dim), float("nan"))
+    lengths = [75, 71, 90, 80, 40, 72]
+    for r, n in enumerate(lengths):
+        key[r, :, :n], value[r, :, :n] = torch.randn(heads, n, dim), torch.randn(heads, n, dim)
+    for r in (1, 2, 5):  # rows 0, 1, 2 and 5 hold row 0's first 70 columns
+        key[r, :, :shared], value[r, :, :shared] = key[0, :, :shared], value[0, :, :shared]
+    query = torch.randn(1, heads, 6, dim)
+    decode = [(r, n) for r, n in enumerate(lengths)]
+    where = torch.zeros(1, dtype=torch.long)
+
+    def attend(step):
+        return rows_attention(None, query, key, value, None, step=step, scaling=dim**-0.5)[0]
+
+    one_per_row = attend(Step(decode, [], where))
+    grouped = attend(Step(decode, [], where, shared=[([0, 1, 2, 5], shared)]))
+    assert not grouped.isnan().any()
+    torch.testing.assert_close(grouped, one_per_row, rtol=1e-5, atol=1e-6)
+    assert torch.equal(grouped[:, [3, 4]], one_per_row[:, [3, 4]])  # the others: the same calls
+
+
+def test_candidates_decoding_together_draw_what_they_would_with_one_attention_call_per_row(tiny_lm, monkeypatch):
+    import botkit.engine
+    import botkit.kvcache
+
+    ids = tiny_lm.tokenizer("The history of the Roman empire " * 20).input_ids  # 140 tokens
+    calls = []
+    grouped_attention = botkit.kvcache._decode_sharing_prompts
+    monkeypatch.setattr(botkit.kvcache, "_decode_sharing_prompts", lambda *a: calls.append(a[3].shared) or grouped_attention(*a))
+
+    def draws():
+        seq = run(Engine(tiny_lm, 8, cache_mb=0), ids, SamplingParams(max_new_tokens=12, temperature=1.0, top_k=0, seed=3, candidates=4))
+        return sorted(a.text for m in seq.group for a in m.attempts)
+
+    shared = draws()
+    assert calls and calls[0] == [([0, 1, 2, 3], len(ids) - 1)]  # the four candidates, all but the prompt's last token
+    calls.clear()
+    monkeypatch.setattr(botkit.engine, "MIN_SHARED_COLUMNS", 10**9)  # never grouped: one call per row
+    assert shared == draws() and not calls
