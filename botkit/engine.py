@@ -49,7 +49,6 @@ from .sampling import apply_repetition_penalty, ban_repeated_ngrams, sample_next
 from .token_bytes import Detokenizer, TokenBytes
 
 log = logging.getLogger("botkit")
-MIN_SHARED_COLUMNS = 64  # candidates' attention reads their shared prompt once from this length on (shorter: one call per row)
 BLOCK_TRIES = 16  # draws of one step's token for a `unique` row whose draws keep completing training n-grams
 
 MAX_JOIN_TOKENS = 1024  # new prompt tokens that join in one step at most: the running rows wait for them, and
@@ -255,7 +254,7 @@ class Engine:
             elif past:
                 cache.write_row(first_row + i, source, past)
         step = cache.begin([self.rows.index(s) for s in decoding], [(past, len(s.context) - past) for s, (_, past) in zip(joining, reused, strict=True)],
-                           padded=self.padded_decode, shared=self._shared_prompts(decoding))
+                           padded=self.padded_decode)
         ids = [s.last_token for s in decoding] + [t for s, (_, past) in zip(joining, reused, strict=True) for t in s.context[past:]]
         positions = [n - 1 for _, n in step.decode] + [p for j in step.joins for p in range(j.past, j.length)]
         last = list(range(len(decoding))) + [j.start + j.length - j.past - 1 for j in step.joins]  # the tokens that predict
@@ -266,20 +265,6 @@ class Engine:
                          attention_mask=self.no_mask, cache=cache, use_cache=True,
                          logits_to_keep=torch.tensor(last, device=device), step=step)
         return out.logits[0]
-
-    def _shared_prompts(self, decoding: list[Sequence]) -> list[tuple[list[int], int]]:
-        """Candidates of one request decoding in this step, with the prompt columns their rows share
-        (all but the prompt's last token, which each candidate computes itself): (decode indices, columns)."""
-        by_request: dict[int, list[int]] = {}
-        for i, seq in enumerate(decoding):
-            if seq.group and seq.offset == seq.start_offset:
-                by_request.setdefault(seq.request_id, []).append(i)
-        shared = []
-        for idx in by_request.values():
-            columns = len(decoding[idx[0]].prompt_ids) - decoding[idx[0]].offset - 1
-            if len(idx) > 1 and columns >= MIN_SHARED_COLUMNS:
-                shared.append((idx, columns))
-        return shared
 
     def _reuse(self, seq: Sequence) -> tuple[torch.Tensor | int | None, int]:
         """Where a joining sequence's first columns come from: (the row of its request's leader, or a

@@ -17,7 +17,7 @@ reads only each row's own columns.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +46,6 @@ class Step:
     joins: list[Join]
     where: torch.Tensor  # (tokens * heads,): each token's key row in a layer buffer seen as (-1, head_dim)
     padded: bool = False  # decode attention as one padded call (rows 0..len(decode)-1, in order)
-    shared: list[tuple[list[int], int]] = field(default_factory=list)  # (decode indices, columns): rows that
-    # hold the same first columns (a request's candidates: its prompt), whose attention reads them once
 
 
 def rows_attention(module, query, key, value, attention_mask, *, step: Step | None = None, **kwargs):
@@ -59,8 +57,6 @@ def rows_attention(module, query, key, value, attention_mask, *, step: Step | No
     scale = kwargs.get("scaling")
     if step.padded and step.decode:
         parts = [_padded_decode(query, key, value, step, scale)]
-    elif step.shared:
-        parts = [_decode_sharing_prompts(query, key, value, step, scale)]
     else:
         # One call per row: every row's numbers are those of a batch of one (bit for bit what
         # transformers computes for that sequence alone). On this CPU this also measured faster than
@@ -76,35 +72,6 @@ def rows_attention(module, query, key, value, attention_mask, *, step: Step | No
             allowed = torch.ones(j.length - j.past, j.length, dtype=torch.bool, device=q.device).tril_(j.past)
             parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale))
     return torch.cat(parts, dim=2).transpose(1, 2), None
-
-
-def _decode_sharing_prompts(query, key, value, step: Step, scale):
-    """Decode attention where groups of rows hold the same first columns (a request's candidates
-    copied its prompt): each group's queries read those columns once, together, then each row its
-    own later columns, in one softmax. On this CPU decode attention is bound by reading the keys and
-    values, so 4 candidates of a 500-token prompt cost about one row's reading, not four (see
-    benchmarks/attention.py). Equal to one call per row up to rounding. Other rows: one call each."""
-    out = query.new_empty(query.shape[:2] + (len(step.decode), query.shape[3]))  # (1, H, rows, D)
-    grouped = set()
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
-    for idx, shared in step.shared:
-        grouped.update(idx)
-        rows = [step.decode[i][0] for i in idx]
-        lengths = torch.tensor([step.decode[i][1] for i in idx], device=query.device)
-        longest = int(lengths.max())
-        q = query[0, :, idx] * scale  # (H, g, D)
-        k0, v0 = key[rows[0], :, :shared], value[rows[0], :, :shared]  # (H, P, D): the columns all of them hold
-        ks, vs = key[rows, :, shared:longest], value[rows, :, shared:longest]  # (g, H, L, D): each row's own
-        own = torch.arange(shared, longest, device=query.device)[None, :] < lengths[:, None]  # (g, L)
-        scores = torch.cat(((q @ k0.transpose(1, 2)).transpose(0, 1),  # (g, H, P)
-                            (q.transpose(0, 1).unsqueeze(2) @ ks.transpose(2, 3)).squeeze(2).masked_fill(~own[:, None], float("-inf"))),
-                           dim=-1).softmax(dim=-1)  # (g, H, P + L)
-        vs = vs.masked_fill(~own[:, None, :, None], 0.0)  # columns past a row's end may hold anything (NaN x 0 is NaN)
-        out[0, :, idx] = scores[..., :shared].transpose(0, 1) @ v0 + (scores[..., shared:].unsqueeze(2) @ vs).squeeze(2).transpose(0, 1)
-    for i, (r, n) in enumerate(step.decode):
-        if i not in grouped:
-            out[:, :, i : i + 1] = F.scaled_dot_product_attention(query[:, :, i : i + 1], key[r : r + 1, :, :n], value[r : r + 1, :, :n], scale=scale)
-    return out
 
 
 def _padded_decode(query, key, value, step: Step, scale):
@@ -169,12 +136,10 @@ class SlotCache(Cache):
     def max_length(self) -> int:
         return max(self.lengths, default=0)
 
-    def begin(self, decode_rows: list[int], joins: list[tuple[int, int]], padded: bool = False,
-              shared: list[tuple[list[int], int]] | None = None) -> Step:
+    def begin(self, decode_rows: list[int], joins: list[tuple[int, int]], padded: bool = False) -> Step:
         """Plan a step: each of `decode_rows` takes one token; rows (past, new) of `joins` are added
-        after the active rows, holding `past` reused columns and taking `new` tokens; `shared` names
-        groups of decode rows (indices into `decode_rows`) whose first columns are the same. Nothing
-        changes until `end()`: a step that fails leaves the cache as it was."""
+        after the active rows, holding `past` reused columns and taking `new` tokens. Nothing changes
+        until `end()`: a step that fails leaves the cache as it was."""
         _, heads, capacity, _ = self.layers[0].k.shape
         decode = [(r, self.lengths[r] + 1) for r in decode_rows]
         rows, columns = list(decode_rows), [self.lengths[r] for r in decode_rows]
@@ -186,7 +151,7 @@ class SlotCache(Cache):
             start += new
         where = (torch.tensor(rows)[:, None] * heads + torch.arange(heads)) * capacity + torch.tensor(columns)[:, None]
         padded = padded and decode_rows == list(range(len(decode_rows)))
-        self.step = Step(decode, planned, where.reshape(-1).to(self.layers[0].k.device), padded, shared or [])
+        self.step = Step(decode, planned, where.reshape(-1).to(self.layers[0].k.device), padded)
         return self.step
 
     def end(self) -> None:
