@@ -295,8 +295,10 @@ class Engine:
         tokens = sample_next(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
         if any(s.params.unique for s in seqs) and self._copy_index() is not None:
             self._avoid_training_runs(seqs, logits, tokens)
-        for j, i in enumerate(judged):
-            seqs[i].logprob_sum += float(raw[j, tokens[i]])
+        if judged:  # one gather and one copy to the host, not one per row (on a GPU each is a sync)
+            picked = raw.gather(1, torch.tensor([[tokens[i]] for i in judged], device=raw.device)).squeeze(1).tolist()
+            for i, logprob in zip(judged, picked, strict=True):
+                seqs[i].logprob_sum += logprob
         return tokens
 
     def _avoid_training_runs(self, seqs: list[Sequence], logits: torch.Tensor, tokens: list[int]) -> None:
