@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import regex
 import tensorflow as tf
+from build_gpt2_tokenizer import bytes_to_unicode  # this folder's; standard library only
 
 HPARAMS = {"n_vocab": 0, "n_ctx": 32, "n_embd": 16, "n_head": 2, "n_layer": 2}  # n_vocab set from the vocabulary
 TEXT = "Hello world, hello botkit! The world says hello."
@@ -46,19 +47,7 @@ MERGES = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("Ġ", "w"), ("o"
           ("Ġwor", "ld"), ("Ġ", "h"), ("Ġ", "hello"), ("Ġ", "b"), ("o", "t"), ("Ġb", "ot")]
 
 
-# ---- OpenAI's encoder.py (byte-level BPE), condensed --------------------------------------------
-
-def bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs], strict=True))
-
+# ---- OpenAI's encoder.py (byte-level BPE), condensed (bytes_to_unicode from build_gpt2_tokenizer.py) --------------------------------------------
 
 def bpe(token: str, ranks: dict) -> list[str]:
     word = list(token)

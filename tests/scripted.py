@@ -1,7 +1,9 @@
-"""Test helpers shared by the adapter tests: a scripted backend and the store's delivery records."""
+"""Test helpers shared by several test modules: a scripted backend, the store's delivery records,
+a tiny fine-tuning run, and `botkit run` serving in a task."""
 
 import asyncio
 import contextlib
+import re
 import sqlite3
 
 from botkit.backends import Completion
@@ -47,3 +49,31 @@ async def delivered(tmp_path, count: int, timeout_s: float = 5.0) -> list[tuple[
             return rows
         await asyncio.sleep(0.02)
     return deliveries(tmp_path)
+
+
+def tiny_run(tmp_path, dataset, **kwargs):
+    """`botkit.finetune` of a tiny new model with a small trained tokenizer: each step takes milliseconds."""
+    from botkit.finetune import finetune
+
+    args = dict(model="scratch", train_tokenizer=True, vocab_size=300, n_layer=2, n_embd=32, n_head=2, n_ctx=32,
+                steps=6, batch_size=4, learning_rate=3e-3, sample_every=0, save_every=100, progress=False,
+                checkpoint_dir=str(tmp_path / "checkpoint"), sample_dir=str(tmp_path / "samples"), device="cpu")
+    return finetune(str(dataset), **{**args, **kwargs})
+
+
+@contextlib.asynccontextmanager
+async def serving(config, capsys):
+    """`botkit run`'s serve(config) in a task while the block runs: yields (its URL, what it printed)."""
+    from botkit.cli import serve
+
+    stop = asyncio.Event()
+    running = asyncio.create_task(serve(config, stop=stop))
+    printed = ""
+    while not (url := re.search(r"open (http://\S+)", printed)) and not running.done():
+        await asyncio.sleep(0.05)
+        printed += capsys.readouterr().out
+    try:
+        yield url[1], printed
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 30)

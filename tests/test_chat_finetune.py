@@ -5,12 +5,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
+from scripted import tiny_run
 
 from botkit.chat_format import CHAT_FORMAT_JSON, ChatFormat
 from botkit.copying import INDEX_FILE, CopyIndex, check_copying
 from botkit.errors import InputError
-from botkit.finetune import finetune
 from botkit.generate import generate
 from botkit.models import load_model
 from botkit.params import ChatSettings
@@ -18,19 +17,8 @@ from botkit.params import ChatSettings
 FIXTURES = Path(__file__).parent / "fixtures" / "chats"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(tmp_path, dataset, **kwargs):
-    args = dict(model="scratch", train_tokenizer=True, vocab_size=300, n_layer=2, n_embd=32, n_head=2, n_ctx=32,
-                steps=40, batch_size=4, learning_rate=1e-2, sample_every=0, save_every=100, progress=False,
-                checkpoint_dir=str(tmp_path / "checkpoint"), sample_dir=str(tmp_path / "samples"), device="cpu")
-    return finetune(str(dataset), **{**args, **kwargs})
+    return tiny_run(tmp_path, dataset, **{"steps": 40, "learning_rate": 1e-2, **kwargs})
 
 
 @pytest.fixture

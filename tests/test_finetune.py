@@ -5,6 +5,7 @@ import csv
 import numpy as np
 import pytest
 import torch
+from scripted import tiny_run as tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
 from botkit.datasets import encode_dataset, load_tokens, read_documents, train_tokenizer
@@ -14,23 +15,6 @@ from botkit.generate import generate
 from botkit.models import gpt2_tokenizer, load_model
 
 TEXT = "".join(f"The quick brown fox number {i} jumps over the lazy dog.\n" for i in range(60))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two threads spin on each other when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(tmp_path, dataset, **kwargs):
-    """A tiny new model with a small trained tokenizer: each step takes milliseconds."""
-    args = dict(model="scratch", train_tokenizer=True, vocab_size=300, n_layer=2, n_embd=32, n_head=2, n_ctx=32,
-                steps=6, batch_size=4, learning_rate=3e-3, sample_every=0, save_every=100, progress=False,
-                checkpoint_dir=str(tmp_path / "checkpoint"), sample_dir=str(tmp_path / "samples"), device="cpu")
-    return finetune(str(dataset), **{**args, **kwargs})
 
 
 @pytest.fixture

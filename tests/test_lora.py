@@ -23,14 +23,6 @@ NEW_TEXT = "".join(f"The lazy dog number {i} jumps over the quick brown fox.\n" 
 FIXTURES = Path(__file__).parent / "fixtures" / "tf"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny trained GPT-2 (with its own small tokenizer) in a folder: the model LoRA adapts."""

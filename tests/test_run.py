@@ -3,7 +3,6 @@
 import asyncio
 import contextlib
 import os
-import re
 import sqlite3
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 import yarl
 from fake_discord import CHANNEL_ID, FakeDiscord
 from fake_telegram import FakeTelegram
+from scripted import serving
 
 from botkit.cli import serve
 from botkit.config import Config, DiscordConfig, LimitsConfig, ModelConfig, StoreConfig, TelegramConfig, WebConfig
@@ -68,21 +68,13 @@ async def test_web_discord_and_telegram_answer_concurrently_in_one_process(tmp_p
 async def test_run_prints_its_database_path_and_the_url_of_a_working_playground(tmp_path, model_dir, capsys):
     config = Config(model=ModelConfig(source=str(model_dir), device="cpu"), store=StoreConfig(path=str(tmp_path / "b.db")),
                     web=WebConfig(port=0))
-    stop = asyncio.Event()
-    running = asyncio.create_task(serve(config, stop=stop))
-    printed = ""
-    while not (url := re.search(r"open (http://\S+)", printed)) and not running.done():
-        await asyncio.sleep(0.05)
-        printed += capsys.readouterr().out
-    assert f"prompts and replies in {tmp_path / 'b.db'}\n" in printed  # where its database is, as an absolute path
-    async with aiohttp.ClientSession() as http:
-        async with http.get(url[1]) as page:
+    async with serving(config, capsys) as (url, printed), aiohttp.ClientSession() as http:
+        assert f"prompts and replies in {tmp_path / 'b.db'}\n" in printed  # where its database is, as an absolute path
+        async with http.get(url) as page:
             assert page.status == 200 and "<textarea" in (await page.text())
         body = {"prompt": "Hello", "max_tokens": 5, "temperature": 0}
-        async with http.post(url[1] + "v1/completions", json=body) as answer:
+        async with http.post(url + "v1/completions", json=body) as answer:
             assert answer.status == 200 and (await answer.json())["object"] == "text_completion"
-    stop.set()
-    await asyncio.wait_for(running, 30)
 
 
 @pytest.mark.parametrize(("toml", "env", "says"), [

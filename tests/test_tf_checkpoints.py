@@ -1,9 +1,7 @@
 """OpenAI and gpt-2-simple TensorFlow checkpoints read without TensorFlow, against logits that real
 TensorFlow computed (tests/fixtures/tf, written by scripts/make_tf_fixtures.py)."""
 
-import asyncio
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -13,10 +11,11 @@ import aiohttp
 import numpy as np
 import pytest
 import torch
+from scripted import serving
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from botkit import load_gpt2
-from botkit.cli import main, serve
+from botkit.cli import main
 from botkit.config import Config, ModelConfig, StoreConfig, WebConfig
 from botkit.errors import ModelLoadError
 from botkit.generate import generate
@@ -139,18 +138,10 @@ def test_the_command_line_says_one_sentence_for_a_damaged_checkpoint(tmp_path):
 async def test_botkit_run_serves_a_gpt2_simple_run(tmp_path, capsys):
     config = Config(model=ModelConfig(source=str(FIXTURES / "run1"), device="cpu"), store=StoreConfig(path=str(tmp_path / "b.db")),
                     web=WebConfig(port=0))
-    stop = asyncio.Event()
-    running = asyncio.create_task(serve(config, stop=stop))
-    printed = ""
-    while not (url := re.search(r"open (http://\S+)", printed)) and not running.done():
-        await asyncio.sleep(0.05)
-        printed += capsys.readouterr().out
-    async with aiohttp.ClientSession() as http:
+    async with serving(config, capsys) as (url, _), aiohttp.ClientSession() as http:
         body = {"prompt": "Hello world", "max_tokens": 6, "temperature": 0}
-        async with http.post(url[1] + "v1/completions", json=body) as answer:
+        async with http.post(url + "v1/completions", json=body) as answer:
             served = (await answer.json())["choices"][0]["text"]
-    stop.set()
-    await asyncio.wait_for(running, 30)
     [expected] = generate(load_model(FIXTURES / "run1", device="cpu"), prefix="Hello world", length=6, temperature=0, include_prefix=False, return_as_list=True)
     assert served == expected and len(served) > 0
 
