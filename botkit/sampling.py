@@ -27,11 +27,11 @@ def ban_repeated_ngrams(logits: torch.Tensor, row: int, seq) -> None:
     """In place, as transformers' NoRepeatNGramLogitsProcessor over the prompt and the reply: a token
     that would complete an n-gram already in them is not drawn. `seq.ngrams` maps each (n-1)-gram
     seen to the tokens that followed it, grown by the tokens added since the last call."""
-    n, context = seq.params.no_repeat_ngram_size, seq.context
-    for end in range(max(seq.ngrams_upto, n), len(context) + 1):
-        seq.ngrams.setdefault(tuple(context[end - n : end - 1]), set()).add(context[end - 1])
-    seq.ngrams_upto = len(context) + 1
-    banned = seq.ngrams.get(tuple(context[len(context) - n + 1 :]) if n > 1 else (), ())
+    n, tokens = seq.params.no_repeat_ngram_size, seq.prompt_ids + seq.generated  # positions stay put when the row slides
+    for end in range(max(seq.ngrams_upto, seq.offset + n), len(tokens) + 1):
+        seq.ngrams.setdefault(tuple(tokens[end - n : end - 1]), set()).add(tokens[end - 1])
+    seq.ngrams_upto = len(tokens) + 1
+    banned = seq.ngrams.get(tuple(tokens[len(tokens) - n + 1 :]) if n > 1 else (), ())
     if banned:
         logits[row, list(banned)] = float("-inf")
 

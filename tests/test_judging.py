@@ -133,3 +133,18 @@ async def test_a_chat_run_serves_in_the_format_it_was_trained_on(tmp_path, tiny_
         ticket = await core.submit(Prompt("t", "c", "u", "pizza tonight?"))
         await ticket.result()
         assert (await store.request(ticket.request_id))["prompt"] == "<user> pizza tonight?\n<bot>"  # " word" tokens follow
+
+
+def test_no_repeated_ngram_holds_past_the_window_slide():
+    """A row that fills the window restarts on its last half (its context gets shorter): the n-grams
+    it writes after that are still recorded and banned."""
+    from transformers import GPT2Config
+
+    from botkit.models import load_model
+
+    lm = load_model(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64), device="cpu", seed=0)
+    ids = lm.tokenizer("the cat sat on the mat").input_ids
+    seq = run(Engine(lm, 2), ids, SamplingParams(max_new_tokens=150, temperature=0, no_repeat_ngram_size=2))
+    assert seq.offset > 0  # it slid
+    bigrams = [tuple(seq.generated[i : i + 2]) for i in range(len(seq.generated) - 1)]
+    assert len(bigrams) == len(set(bigrams))
