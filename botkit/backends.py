@@ -44,7 +44,6 @@ class Completion:
     num_tokens: int
     seed: int | None = None
     first_token_at: float | None = None  # time.time() of the first generated text
-    num_cached_tokens: int = 0  # prompt tokens whose keys and values were reused from an earlier sequence
     num_draws: int = 0  # samples drawn and judged for it (candidates and redraws; 0: not judged)
     copies: bool = False  # it was sent although it copies (every draw did; it is the least copying)
 
@@ -201,7 +200,7 @@ class LocalBackend:
             judged = seq.result  # the draw a judged request sends (judging.py), or None
             self._resolve(pending, result=Completion(
                 seq.text, seq.finish_reason, len(seq.prompt_ids), judged.num_tokens if judged else len(seq.generated), seq.seed,
-                pending.first_token_at, seq.num_reused, num_draws=sum(len(m.attempts) for m in (seq.group or [seq])),
+                pending.first_token_at, num_draws=sum(len(m.attempts) for m in (seq.group or [seq])),
                 copies=bool(judged and judged.copies)))
 
     def _fail_all(self, seqs: list[Sequence], reason: str) -> None:

@@ -17,7 +17,7 @@ reads only each row's own columns.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,7 @@ class Step:
     joins: list[Join]
     where: torch.Tensor  # (tokens * heads,): each token's key row in a layer buffer seen as (-1, head_dim)
     padded: bool = False  # decode attention as one padded call (rows 0..len(decode)-1, in order)
+    masks: dict = field(default_factory=dict)  # attention masks built by the first layer, reused by the others
 
 
 def rows_attention(module, query, key, value, attention_mask, *, step: Step | None = None, **kwargs):
@@ -69,7 +70,9 @@ def rows_attention(module, query, key, value, attention_mask, *, step: Step | No
         if j.past == 0:
             parts.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale))
         else:  # new tokens at columns [past, length) see every column up to their own
-            allowed = torch.ones(j.length - j.past, j.length, dtype=torch.bool, device=q.device).tril_(j.past)
+            allowed = step.masks.get(j.row)
+            if allowed is None:
+                allowed = step.masks[j.row] = torch.ones(j.length - j.past, j.length, dtype=torch.bool, device=q.device).tril_(j.past)
             parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale))
     return torch.cat(parts, dim=2).transpose(1, 2), None
 
@@ -79,10 +82,11 @@ def _padded_decode(query, key, value, step: Step, scale):
     are 0..B-1 in order, padded to the longest; padded columns are masked. Reducing over the padded
     length can change a row's numbers in the last bit, so greedy text may differ from a batch of one
     where two tokens tie within rounding; on a GPU the launches saved are worth it."""
-    b = len(step.decode)
-    lengths = torch.tensor([n for _, n in step.decode], device=query.device)
-    longest = int(lengths.max())
-    mask = (torch.arange(longest, device=query.device)[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, L)
+    b, longest = len(step.decode), max(n for _, n in step.decode)  # from the host's list: no device sync
+    mask = step.masks.get("padded")
+    if mask is None:
+        lengths = torch.tensor([n for _, n in step.decode], device=query.device)
+        mask = step.masks["padded"] = (torch.arange(longest, device=query.device)[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, L)
     q = query[0, :, :b].transpose(0, 1).unsqueeze(2)  # (B, H, 1, D)
     out = F.scaled_dot_product_attention(q, key[:b, :, :longest], value[:b, :, :longest], attn_mask=mask, scale=scale)
     return out.squeeze(2).transpose(0, 1).unsqueeze(0)  # (1, H, B, D)
@@ -171,11 +175,8 @@ class SlotCache(Cache):
                 setattr(layer, name, new)
 
     def move_row(self, src: int, dst: int) -> None:
-        n = self.lengths[src]
-        for layer in self.layers:
-            layer.k[dst, :, :n] = layer.k[src, :, :n]
-            layer.v[dst, :, :n] = layer.v[src, :, :n]
-        self.lengths[dst] = n
+        self.copy_row(src, dst, self.lengths[src])
+        self.lengths[dst] = self.lengths[src]
 
     def copy_row(self, src: int, dst: int, n: int) -> None:
         """Row `src`'s first `n` columns into row `dst` (a request's candidates share its prompt)."""
@@ -188,7 +189,7 @@ class SlotCache(Cache):
 
     def read_row(self, row: int, n: int) -> torch.Tensor:
         """Row `row`'s first `n` columns of every layer: (layers, 2, heads, n, head_dim), a copy."""
-        return torch.stack([torch.stack((layer.k[row, :, :n], layer.v[row, :, :n])) for layer in self.layers])
+        return torch.stack([t for layer in self.layers for t in (layer.k[row, :, :n], layer.v[row, :, :n])]).unflatten(0, (len(self.layers), 2))
 
     def write_row(self, row: int, kv: torch.Tensor, n: int) -> None:
         """Put the first `n` columns of `kv` (as read_row returns it) into row `row`'s first columns."""
