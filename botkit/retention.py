@@ -18,6 +18,7 @@ import sqlite3
 import time
 
 from .config import StoreConfig
+from .errors import StoreUnavailable
 from .store import Store
 
 log = logging.getLogger("botkit")
@@ -58,6 +59,6 @@ class Retention:
         while True:
             try:
                 await self.run_once()
-            except sqlite3.Error as exc:  # a busy or full database: try again next time
+            except (sqlite3.Error, StoreUnavailable) as exc:  # a busy or full database: try again next time
                 log.warning("Could not erase old rows (%s); trying again in %.0f s", exc, self.config.prune_interval_s)
             await asyncio.sleep(self.config.prune_interval_s)
