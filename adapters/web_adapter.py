@@ -24,6 +24,7 @@ import json
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -310,7 +311,7 @@ class WebAdapter:
     def _usage(self, tickets: list, completion_tokens: int) -> dict:
         # Each sample's prompt as the core accepted it (lone surrogates replaced), not the raw JSON text,
         # which a tokenizer may refuse after the request was generated and stored.
-        prompt_tokens = sum(self.core.backend.count_tokens(t.prompt) for t in tickets)
+        prompt_tokens = sum(k * self.core.backend.count_tokens(p) for p, k in Counter(t.prompt for t in tickets).items())  # n samples, one prompt
         return {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,

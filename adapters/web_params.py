@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from botkit.config import KIND_NAMES
 from botkit.errors import InputError
 from botkit.params import STOP_LIMIT, SamplingParams
 
-_KIND_NAMES = {int: "whole number", float: "number", str: "string", bool: "true or false"}
 _INT_LIMIT = 2**63  # every whole number a client sends is below this in size (torch's seeds, top_k and counts fit)
 # OpenAI fields botkit cannot honour: accepted only at their neutral values, refused otherwise.
 NEUTRAL_ONLY = (("logprobs", (None, 0)), ("echo", (None, False)), ("suffix", (None, "")), ("logit_bias", (None, {})),
@@ -128,7 +128,7 @@ def _field(body: dict, key: str, kind: type, default):
     if kind is int and isinstance(value, float) and value.is_integer():
         value = int(value)  # 40.0 from a JavaScript number input
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise InputError(f"{key} must be a {_KIND_NAMES[kind]}, not {_short(value)}.")
+        raise InputError(f"{key} must be a {KIND_NAMES[kind]}, not {_short(value)}.")
     if kind is int and not -_INT_LIMIT <= value < _INT_LIMIT:
         raise InputError(f"{key} is too large: send a whole number between -2^63 and 2^63 - 1.")
     return value

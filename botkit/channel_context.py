@@ -11,11 +11,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from .chat_format import DEFAULT_NAME, MAX_NAME_CHARS
 from .prompting import fit_newest, newest_to_keep
 
 _FIELD = re.compile(r"\{author\}|\{message\}")
 _NOT_IN_A_NAME = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")  # a name cannot start a new line of the log
-MAX_NAME_CHARS = 64
 
 
 def render(chat_format: str, author: str, message: str) -> str:
@@ -25,7 +25,7 @@ def render(chat_format: str, author: str, message: str) -> str:
 
 
 def author_name(name: str) -> str:
-    return _NOT_IN_A_NAME.sub(" ", name).strip()[:MAX_NAME_CHARS] or "someone"
+    return _NOT_IN_A_NAME.sub(" ", name).strip()[:MAX_NAME_CHARS] or DEFAULT_NAME
 
 
 def bot_turn(chat_format: str, bot_name: str) -> str:

@@ -167,7 +167,7 @@ _SECRET_LIKE = re.compile(r"^(\d{6,}:[\w-]{30,}|[\w-]{24,}\.[\w-]{6,}\.[\w-]{27,
 # An environment variable's name, written in one case (DISCORD_TOKEN): anything else may be a secret
 # of a shape _SECRET_LIKE does not know (hf_QbXk...), so it is refused without being repeated.
 _ENV_NAME = re.compile(r"^([A-Z_][A-Z0-9_]{0,63}|[a-z_][a-z0-9_]{0,63})$")
-_KIND_NAMES = {int: "whole number", float: "number", str: "string", bool: "true or false"}
+KIND_NAMES = {int: "whole number", float: "number", str: "string", bool: "true or false"}
 
 
 def load_config(path: str | os.PathLike | None) -> Config:
@@ -255,7 +255,7 @@ def _typed(kind, value, path, name: str):
     if kind is str and isinstance(value, int) and not isinstance(value, bool):
         return str(value)  # ids may be written as numbers
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{path}: {name} must be a {_KIND_NAMES.get(kind, kind.__name__)}, not {_shown(value)}.")
+        raise ConfigError(f"{path}: {name} must be a {KIND_NAMES.get(kind, kind.__name__)}, not {_shown(value)}.")
     if kind is float and not math.isfinite(value):
         raise ConfigError(f"{path}: {name} must be a finite number, not {value}.")
     return value
