@@ -16,9 +16,9 @@ import threading
 import time
 from typing import TextIO
 
-from botkit.chat_event import ChatEvent, Platform
+from botkit.chat.conversation import Conversation
+from botkit.chat.events import ChatEvent, Platform
 from botkit.config import ConsoleConfig
-from botkit.conversation import Conversation
 
 log = logging.getLogger("botkit.console")
 

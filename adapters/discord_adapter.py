@@ -1,5 +1,5 @@
 """Discord adapter: discord.py's messages and slash commands in as `ChatEvent`s, the conversation
-layer's texts out as replies (botkit/conversation.py holds the policy). Needs the privileged Message
+layer's texts out as replies (botkit/chat/conversation.py holds the policy). Needs the privileged Message
 Content intent (developer portal → Bot). The client runs as a task in the caller's event loop.
 """
 
@@ -13,16 +13,15 @@ import re
 
 import aiohttp
 import discord
+from botkit.adapters.discord_replier import NO_PINGS, ChannelReplier, InteractionReplier
 from discord import app_commands
 
-from botkit.chat_event import ChatEvent, Platform
-from botkit.commands import COMMANDS, SETTING_KEYS
+from botkit.chat.commands import COMMANDS, SETTING_KEYS
+from botkit.chat.conversation import Conversation
+from botkit.chat.events import ChatEvent, Platform
 from botkit.config import DiscordConfig
-from botkit.conversation import Conversation
-from botkit.core import Core
 from botkit.errors import BotkitError, ConfigError
-
-from .discord_replier import NO_PINGS, ChannelReplier, InteractionReplier
+from botkit.serve.core import Core
 
 log = logging.getLogger("botkit.discord")
 

@@ -1,5 +1,5 @@
 """Telegram adapter: python-telegram-bot's messages in as `ChatEvent`s, the conversation layer's texts
-out as plain-text replies (no parse_mode: model output cannot add markup; botkit/conversation.py
+out as plain-text replies (no parse_mode: model output cannot add markup; botkit/chat/conversation.py
 holds the policy). The composition root owns the event loop, so never `run_polling()`:
 
     async with TelegramAdapter(core, config.telegram, secret(config.telegram.token_env, "Telegram")):
@@ -15,21 +15,20 @@ import re
 from collections.abc import Callable
 from urllib.parse import urlparse
 
+from botkit.adapters.telegram_pacing import PacedRateLimiter
+from botkit.adapters.telegram_replier import ChatReplier
 from telegram import BotCommand, Message, MessageEntity, Update
 from telegram.constants import ChatMemberStatus, ChatType, MessageLimit
 from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import Application, ApplicationBuilder, ContextTypes, MessageHandler, filters
 from telegram.request import HTTPXRequest
 
-from botkit.chat_event import ChatEvent, Platform
-from botkit.commands import COMMANDS
+from botkit.chat.commands import COMMANDS
+from botkit.chat.conversation import Conversation
+from botkit.chat.events import ChatEvent, Platform
 from botkit.config import TelegramConfig, secret
-from botkit.conversation import Conversation
-from botkit.core import Core
 from botkit.errors import BotkitError, ConfigError
-
-from .telegram_pacing import PacedRateLimiter
-from .telegram_replier import ChatReplier
+from botkit.serve.core import Core
 
 log = logging.getLogger(__name__)
 

@@ -29,20 +29,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
-
-from botkit import health
-from botkit.config import WebConfig
-from botkit.errors import BotkitError, ConfigError, InputError
-
-from .web_connections import (
+from botkit.adapters.web_connections import (
     Connections,
     GuardedRequestHandler,
     LogLimiter,
     accept_errors_logged_once,
     usable_connections,
 )
-from .web_errors import HTTP_SENTENCES, botkit_error_response, error_response
-from .web_params import CompletionRequest, parse_completion, parse_playground
+from botkit.adapters.web_errors import HTTP_SENTENCES, botkit_error_response, error_response
+from botkit.adapters.web_params import CompletionRequest, parse_completion, parse_playground
+
+from botkit.config import WebConfig
+from botkit.errors import BotkitError, ConfigError, InputError
+from botkit.serve import health
 
 log = logging.getLogger("botkit.web")
 
@@ -199,7 +198,7 @@ class WebAdapter:
         return web.json_response({**body, "platforms": self.core.connections.states()}, status=503 if problems else 200)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        from botkit import prometheus  # prometheus_client loads on the first scrape, not with botkit
+        from botkit.serve import prometheus  # prometheus_client loads on the first scrape, not with botkit
 
         self._metrics = self._metrics or prometheus.registry_for(self.core)
         body, content_type = prometheus.exposition(self._metrics, request.headers.get("Accept", ""))

@@ -19,8 +19,7 @@ import time
 from collections import Counter
 
 from aiohttp import web
-
-from .web_errors import HTTP_SENTENCES, error_response
+from botkit.adapters.web_errors import HTTP_SENTENCES, error_response
 
 log = logging.getLogger("botkit.web")
 

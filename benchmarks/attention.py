@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from botkit.kvcache import Step, rows_attention
+from botkit.engine.kvcache import Step, rows_attention
 
 
 def timed(fn, repeat: int) -> float:

@@ -37,11 +37,11 @@ import torch
 from serve import load_requests, log, percentile
 from transformers import GPT2Config
 
-from botkit.backends import LocalBackend
 from botkit.config import Config
-from botkit.core import Core, Prompt
-from botkit.models import load_model
+from botkit.model.loading import load_model
 from botkit.params import ChatSettings
+from botkit.serve.backends import LocalBackend
+from botkit.serve.core import Core, Prompt
 
 DEFAULT_WORKLOAD = Path(__file__).resolve().parents[2] / "shared" / "bench" / "chat_workload.jsonl"
 
@@ -67,7 +67,7 @@ async def run_arm(lm, chats: dict[str, list[dict]], cache_mb: int | None) -> dic
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         async with LocalBackend(lm, max_batch_size=len(chats), cache_mb=cache_mb) as backend:
-            from botkit.store import Store
+            from botkit.serve.store import Store
 
             async with Store.open(Path(tmp) / "bench.db") as store, Core(backend, store, make_config(len(chats))) as core:
 

@@ -30,10 +30,10 @@ import ctranslate2
 import torch
 
 from botkit.config import Config
-from botkit.models import LoadedModel
+from botkit.model.loading import LoadedModel
 from botkit.params import ChatSettings
 from botkit.prompting import build_prompt, clean_message, history_to_keep
-from botkit.store import BLANK
+from botkit.serve.store import BLANK
 
 CHECK_NEW_TOKENS = 16
 

@@ -1,7 +1,7 @@
 """Peak memory of encoding a `.txt` dataset (issue 12, bug 4), for generated text of 20 MB and 200 MB:
 `encode` is `botkit encode` (text to the .npz cache), `load` is what `botkit finetune` does with the
 text, `cache` what it does with the .npz. `index` is the copy index `botkit finetune` writes
-(botkit.copying.write_index, bounded by MAX_BUILD_BYTES, not by the 2x goal) and the time of one
+(botkit.engine.copy_index.write_index, bounded by MAX_BUILD_BYTES, not by the 2x goal) and the time of one
 `check_copying` against it.
 
     python benchmarks/encode_memory.py                 # 20 MB and 200 MB (~8 min on 2 busy cores)
@@ -60,9 +60,9 @@ def measure(mode: str, path: str, cache: str) -> dict:
     """In a child process: peak RSS above the starting RSS while `mode` runs on `path`."""
     import numpy as np
 
-    from botkit.copying import check_copying, write_index
-    from botkit.datasets import encode_dataset, load_tokens
-    from botkit.models import gpt2_tokenizer
+    from botkit.engine.copy_index import check_copying, write_index
+    from botkit.model.loading import gpt2_tokenizer
+    from botkit.train.encoding import encode_dataset, load_tokens
 
     tokenizer = gpt2_tokenizer()
     tokenizer.backend_tokenizer.encode_batch(["warm up the tokenizer's thread pool"] * 4)
@@ -96,7 +96,7 @@ def _check_speed(run_dir: str, tokens, check_copying) -> dict:
     the replies are slices of the training text (copies), half random ids (not)."""
     import numpy as np
 
-    from botkit.copying import CopyIndex
+    from botkit.engine.copy_index import CopyIndex
 
     index = CopyIndex.load(run_dir)
     rng = np.random.default_rng(0)

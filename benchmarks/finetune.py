@@ -75,7 +75,7 @@ def run_plain(args) -> dict:
 
 
 def run_botkit(args) -> dict:
-    from botkit.finetune import finetune
+    from botkit.train.finetune import finetune
 
     with tempfile.TemporaryDirectory() as tmp:
         result = finetune(args.data, model=model_config(), steps=args.steps, batch_size=args.batch, block_size=args.block,
@@ -93,7 +93,7 @@ def run_lora_arm(args) -> dict:
     import psutil
     import torch
 
-    from botkit.finetune import finetune
+    from botkit.train.finetune import finetune
 
     with tempfile.TemporaryDirectory() as tmp:
         loss_csv = Path(tmp) / "bench" / "loss.csv"
@@ -124,8 +124,8 @@ def run_lora_arm(args) -> dict:
 
 def lora_comparison(args) -> None:
     """--lora: full vs LoRA vs LoRA + gradient checkpointing per shape, each arm in its own process."""
-    from botkit.datasets import tokenizer_fingerprint
-    from botkit.models import gpt2_tokenizer
+    from botkit.model.loading import gpt2_tokenizer
+    from botkit.train.encoding import tokenizer_fingerprint
 
     summary = {"benchmark": f"finetune full vs LoRA r{args.rank}, random weights, {args.device}", "batch": args.batch, "block": args.block,
                "steps": args.steps, "warmup_steps": args.warmup, "shapes": {}}
@@ -155,7 +155,7 @@ def save_shape(shape: str, folder: str) -> None:
     import torch
     from transformers import GPT2LMHeadModel
 
-    from botkit.models import gpt2_tokenizer
+    from botkit.model.loading import gpt2_tokenizer
 
     torch.manual_seed(0)
     GPT2LMHeadModel(model_config(shape)).save_pretrained(folder)
@@ -197,8 +197,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "tokens.npz"
-        from botkit.datasets import tokenizer_fingerprint
-        from botkit.models import gpt2_tokenizer
+        from botkit.model.loading import gpt2_tokenizer
+        from botkit.train.encoding import tokenizer_fingerprint
 
         tokens = np.random.default_rng(0).integers(0, 50257, size=200_000).astype(np.uint16)
         np.savez(data, tokens=tokens, tokenizer=tokenizer_fingerprint(gpt2_tokenizer()))

@@ -40,7 +40,7 @@ import torch
 from transformers import GPT2Config
 
 import botkit
-from botkit.models import LoadedModel, load_model
+from botkit.model.loading import LoadedModel, load_model
 
 DEFAULT_WORKLOAD = Path(__file__).resolve().parents[2] / "shared" / "bench" / "workload.jsonl"
 BEFORE = "7c01292"  # main before issue 15's hot-path work
@@ -48,7 +48,7 @@ LONG = """
 import sys, time, torch
 from transformers import GPT2Config
 import botkit
-from botkit.models import load_model
+from botkit.model.loading import load_model
 torch.set_grad_enabled(False)
 lm = load_model(GPT2Config(), device="cpu", dtype="float32", seed=int(sys.argv[2]))
 start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""int8 vs float32 on CPU (`dtype = "int8"`, botkit/quantize.py): speed per layer and per engine step,
+"""int8 vs float32 on CPU (`dtype = "int8"`, botkit/model/quantize.py): speed per layer and per engine step,
 throughput on the shared workload, memory, and the quality cost on real text.
 
 Speed: GPT-2 124M shapes (`GPT2Config()`), random weights (the time depends only on the shapes), one
@@ -41,12 +41,12 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config
 
-from botkit.datasets import load_tokens
-from botkit.engine import Engine
-from botkit.models import LoadedModel, load_model
+from botkit.engine.engine import Engine
+from botkit.model.loading import LoadedModel, load_model
+from botkit.model.quantize import Int8Linear, has_fast_int8, model_bytes, quantize_int8
 from botkit.params import SamplingParams
-from botkit.quantize import Int8Linear, has_fast_int8, model_bytes, quantize_int8
-from botkit.trainer import evaluate_loss
+from botkit.train.encoding import load_tokens
+from botkit.train.trainer import evaluate_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORKLOAD = ROOT.parent / "shared" / "bench" / "workload.jsonl"

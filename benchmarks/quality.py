@@ -12,7 +12,7 @@ Three tiny models are trained in the run (CPU, fixed seeds: the same runs every 
   community is the whole export (1,900 speeches, ~66k tokens) and generalises; short_chat is its
   first 12 conversations (~240 speeches, ~8k tokens) trained for ~80 epochs: the short text that
   gpt-2-simple's author warns overfits and copies.
-  Replies are sampled through `botkit.engine.Engine` with the chat's default sampling (temperature
+  Replies are sampled through `botkit.engine.engine.Engine` with the chat's default sampling (temperature
   0.8, top_k 40, top_p 0.95, truncate "\\n", 40 tokens) after prompts built by the run's chat format
   (`lm.chat_format.prompt(history, bot_name)`: up to 6 earlier speeches, then the next speaker as
   the bot), at random points of the conversations it trained on (and, for community, of those at
@@ -84,16 +84,16 @@ from serve import load_requests, log
 from transformers import GPT2Config
 
 import botkit
-from botkit.backends import LocalBackend
-from botkit.conversations import ConversationOptions
-from botkit.copying import NGRAM, CopyIndex, check_copying, write_index
-from botkit.core import Core, Prompt
-from botkit.datasets import load_tokens
-from botkit.engine import Engine
-from botkit.models import load_model
+from botkit.engine.copy_index import NGRAM, CopyIndex, check_copying, write_index
+from botkit.engine.engine import Engine
+from botkit.model.loading import load_model
 from botkit.params import ChatSettings, SamplingParams
-from botkit.store import Store
-from botkit.trainer import evaluate_loss
+from botkit.serve.backends import LocalBackend
+from botkit.serve.core import Core, Prompt
+from botkit.serve.store import Store
+from botkit.train.conversations import ConversationOptions
+from botkit.train.encoding import load_tokens
+from botkit.train.trainer import evaluate_loss
 
 DATA = Path(__file__).resolve().parent / "quality_data"
 DIALOGUE = DATA / "comedies.tsv"  # scene number, speaker, speech: one message a line

@@ -46,14 +46,14 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, StoppingCriteria, StoppingCriteriaList
 
-from botkit.backends import LocalBackend
 from botkit.config import Config
-from botkit.core import Core
-from botkit.engine import Engine
+from botkit.engine.engine import Engine
 from botkit.errors import InputError
-from botkit.models import LoadedModel, load_model
+from botkit.model.loading import LoadedModel, load_model
 from botkit.params import SamplingParams
-from botkit.store import Store
+from botkit.serve.backends import LocalBackend
+from botkit.serve.core import Core
+from botkit.serve.store import Store
 
 DEFAULT_WORKLOAD = Path(__file__).resolve().parents[2] / "shared" / "bench" / "workload.jsonl"
 LEVELS = (1, 8, 32, 64)
@@ -172,7 +172,7 @@ async def serve(lm: LoadedModel, requests: list[dict], num_chats: int, max_batch
 
 def in_own_thread(fn, *args):
     """Run torch work in a thread that then exits. A live thread keeps its OpenMP team, and a second
-    team (the core's worker) then runs slower (see botkit/backends.py), which would handicap the core."""
+    team (the core's worker) then runs slower (see botkit/serve/backends.py), which would handicap the core."""
     result = []
     thread = threading.Thread(target=lambda: result.append(fn(*args)))
     thread.start()

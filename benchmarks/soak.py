@@ -40,8 +40,8 @@ from pathlib import Path
 
 import psutil
 
-from botkit.backends import Completion, Job
 from botkit.config import Config
+from botkit.serve.backends import Completion, Job
 
 ROOT = Path(__file__).resolve().parents[1]
 PINGS = re.compile(r"@(everyone|here)\b|<@[!&]?\d+>", re.IGNORECASE)
@@ -65,11 +65,11 @@ async def child(db: str, run: int, fault_every: int) -> None:
     import torch
     from transformers import GPT2Config
 
-    from botkit.backends import LocalBackend
-    from botkit.core import Core, Prompt
     from botkit.errors import BotkitError, BusyError
-    from botkit.models import load_model
-    from botkit.store import Store
+    from botkit.model.loading import load_model
+    from botkit.serve.backends import LocalBackend
+    from botkit.serve.core import Core, Prompt
+    from botkit.serve.store import Store
 
     torch.set_num_threads(1)
     steps = 0
@@ -187,11 +187,11 @@ async def burst_and_scan(workdir: Path, num_prompts: int) -> dict:
     import aiohttp
     from botkit.adapters.web_adapter import WebAdapter
 
+    from botkit.chat.replies import defuse_mentions, split_reply
     from botkit.config import WebConfig
-    from botkit.core import Core, Prompt
     from botkit.errors import BotkitError, BusyError
-    from botkit.replies import defuse_mentions, split_reply
-    from botkit.store import Store
+    from botkit.serve.core import Core, Prompt
+    from botkit.serve.store import Store
 
     key = "sk-" + secrets.token_urlsafe(32)
     log_path = workdir / "soak.log"
@@ -287,8 +287,8 @@ async def web_child(db: str, log_path: str) -> None:
     from botkit.adapters.web_adapter import WebAdapter
 
     from botkit.config import WebConfig, secret
-    from botkit.core import Core
-    from botkit.store import Store
+    from botkit.serve.core import Core
+    from botkit.serve.store import Store
 
     logging.basicConfig(filename=log_path, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     async with Store.open(db) as store, QuickBackend() as backend, Core(backend, store, soak_config(max_queue=256)) as core, \
@@ -437,10 +437,10 @@ POISON_SEED = 666
 
 async def poison_arm(lm, workdir: Path, poisoned: bool, num_requests: int = 32) -> dict:
     """`num_requests` at once through the real Core; with `poisoned`, one of them breaks every step it is in."""
-    from botkit.backends import LocalBackend
-    from botkit.core import Core
     from botkit.params import SamplingParams
-    from botkit.store import Store
+    from botkit.serve.backends import LocalBackend
+    from botkit.serve.core import Core
+    from botkit.serve.store import Store
 
     db = workdir / f"poison-{poisoned}-{time.monotonic_ns()}.db"
     async with Store.open(db) as store, LocalBackend(lm, 32, before_step=PoisonStep() if poisoned else None) as backend, \
@@ -467,7 +467,7 @@ async def poison_arm(lm, workdir: Path, poisoned: bool, num_requests: int = 32) 
 def poison_phase(workdir: Path, rounds: int) -> dict:
     """Innocent requests' p99 latency with one poisoned request among 32 over the same without it,
     arms alternating, the median of `rounds` pairs (the bundled demo model: real weights, small)."""
-    from botkit.models import load_model
+    from botkit.model.loading import load_model
 
     lm = load_model(device="cpu")
     ratios, failed, poison_failed = [], 0, True

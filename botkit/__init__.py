@@ -3,10 +3,10 @@
 Importing botkit is cheap: torch and transformers load when a model is first loaded or used.
 """
 
-from .errors import BotkitError
-from .finetune import finetune
-from .generate import generate, generate_to_file
-from .gpt2_simple import download_gpt2, load_gpt2
+from botkit.engine.generate import generate, generate_to_file
+from botkit.errors import BotkitError
+from botkit.model.gpt2_simple import download_gpt2, load_gpt2
+from botkit.train.finetune import finetune
 
 _FROM_MODELS = ("LoadedModel", "gpt2_tokenizer", "load_model")
 
@@ -16,6 +16,6 @@ __all__ = ["BotkitError", "download_gpt2", "finetune", "generate", "generate_to_
 def __getattr__(name: str):
     if name not in _FROM_MODELS:
         raise AttributeError(f"module 'botkit' has no attribute {name!r}")
-    from . import models
+    from botkit.model import loading as models
 
     return getattr(models, name)

@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
-from .prompting import fit_newest
+from botkit.errors import InputError
+from botkit.prompting import fit_newest
 
 CHAT_FORMAT_JSON = "chat_format.json"
 NAME = "{name}"

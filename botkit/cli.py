@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-from .config import Config, load_config, override, secret
-from .errors import BotkitError
+from botkit.config import Config, load_config, override, secret
+from botkit.errors import BotkitError
 
 log = logging.getLogger("botkit")
 
@@ -75,16 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
 
     try:
-        from .finetune import add_cli
+        from botkit.train.finetune import add_cli
     except ImportError:  # fine-tuning not installed in this checkout
         pass
     else:
         add_cli(sub)
-    from .convert import add_cli as add_convert_cli
+    from botkit.model.convert import add_cli as add_convert_cli
 
     add_convert_cli(sub)  # convert, download, export, import
 
-    from .store_export import add_cli as add_export_cli
+    from botkit.train.export_dataset import add_cli as add_export_cli
 
     add_export_cli(sub)
     return parser
@@ -112,8 +112,8 @@ def route_transformers_logs() -> None:
 
 
 def _generate(args) -> None:
-    from .generate import check_destination, check_sampling
-    from .sources import resolve
+    from botkit.engine.generate import check_destination, check_sampling
+    from botkit.model.sources import resolve
 
     # Options, the output folder and the model's path first: one sentence at once, not after loading.
     check_sampling(length=args.length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -121,8 +121,8 @@ def _generate(args) -> None:
                    unique=args.unique, no_repeat_ngram_size=args.no_repeat_ngram_size)
     check_destination(args.destination_path)
     source = resolve(args.model, args.run_name, args.checkpoint_dir)  # a bad path or no hub: one sentence, at once
-    from .generate import generate
-    from .models import load_model
+    from botkit.engine.generate import generate
+    from botkit.model.loading import load_model
 
     lm = load_model(source, device=args.device, dtype=args.dtype)
     route_transformers_logs()
@@ -150,9 +150,9 @@ def _replace(config: Config, section: str, **changes) -> Config:
 async def serve(config: Config, console: bool = False, stop: asyncio.Event | None = None) -> None:
     """Run the core and every enabled adapter around one model until `stop` is set (by default: until
     SIGINT/SIGTERM) or the console chat ends."""
-    from .core import Core
-    from .retention import Retention
-    from .store import Store
+    from botkit.serve.core import Core
+    from botkit.serve.retention import Retention
+    from botkit.serve.store import Store
 
     # Secrets first: a missing token should fail before minutes of model loading.
     tokens = {
@@ -164,7 +164,7 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
         _check_port_free(config.web.host, config.web.port)  # before the store: a failed start changes no records
     source = None
     if config.model.backend == "local":
-        from .sources import resolve
+        from botkit.model.sources import resolve
 
         source = resolve(config.model.source or None, config.model.run_name or None, config.model.checkpoint_dir)
     with ThreadPoolExecutor(1) as loader:  # a thread that exits: see backends.LocalBackend on OpenMP teams
@@ -208,7 +208,7 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
 def with_run_chat_format(config: Config, chat_format) -> Config:
     """A run fine-tuned on chats speaks the format it was trained on: unless the config sets its own
     template and truncate string, chats use the run's (the bot's lines are "bot: ...")."""
-    from .params import ChatSettings
+    from botkit.params import ChatSettings
 
     default = ChatSettings()
     if chat_format is None or (config.chat.template, config.chat.truncate) != (default.template, default.truncate):
@@ -232,13 +232,13 @@ def _check_port_free(host: str, port: int) -> None:
 
 def _make_backend(config: Config, source):
     if config.model.backend == "remote":
-        from .remote import RemoteBackend
+        from botkit.serve.remote import RemoteBackend
 
         return RemoteBackend.from_config(config)
     if config.model.backend != "local":
         raise BotkitError(f'model.backend must be "local" or "remote", not {config.model.backend!r}.')
-    from .backends import LocalBackend
-    from .models import load_model
+    from botkit.model.loading import load_model
+    from botkit.serve.backends import LocalBackend
 
     route_transformers_logs()
     lm = load_model(source, device=config.model.device or None, dtype=config.model.dtype or None)

@@ -19,8 +19,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
-from .params import ChatSettings
+from botkit.errors import ConfigError
+from botkit.params import ChatSettings
 
 
 def setting(default, *, at_least: float | None = None, at_most: float | None = None, above: float | None = None,

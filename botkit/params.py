@@ -6,8 +6,8 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from .errors import InputError
-from .judging import check_banned_words
+from botkit.banned_words import check_banned_words
+from botkit.errors import InputError
 
 MAX_NEW_TOKENS = 2048
 STOP_LIMIT = 8
@@ -31,7 +31,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # the sample ends before the first of these; "<|endoftext|>" also ends it
     seed: int | None = None
     no_repeat_ngram_size: int = 0  # no n-gram of this size twice in the prompt and reply together (0: off)
-    banned_words: tuple[str, ...] = ()  # a reply holding one (normalised: judging.py) is drawn again, never sent
+    banned_words: tuple[str, ...] = ()  # a reply holding one (normalised: banned_words.py) is drawn again, never sent
     unique: bool = False  # a reply copying its training text or its prompt beyond a threshold is drawn again
     candidates: int = 1  # samples drawn together; the request sends the best (judging.py)
 

@@ -52,9 +52,9 @@ python - "$REPO/botkit/assets/demo" <<'PY'
 import json, math, sys
 import torch
 from transformers import GPT2LMHeadModel
-from botkit.datasets import load_tokens
-from botkit.finetune import evaluate_loss
-from botkit.models import load_model
+from botkit.train.encoding import load_tokens
+from botkit.train.finetune import evaluate_loss
+from botkit.model.loading import load_model
 
 lm = load_model(sys.argv[1], device="cpu", dtype="float32")
 _, held_out = load_tokens("fortunes.txt", lm.tokenizer).split(0.05)

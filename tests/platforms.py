@@ -29,8 +29,8 @@ from fake_discord import (
 from fake_telegram import FakeTelegram
 
 from botkit.config import Config, DiscordConfig, TelegramConfig
-from botkit.core import Core
-from botkit.store import Store
+from botkit.serve.core import Core
+from botkit.serve.store import Store
 
 with warnings.catch_warnings():  # discord.py imports audioop, deprecated since Python 3.11 (voice only)
     warnings.filterwarnings("ignore", "'audioop' is deprecated", DeprecationWarning)

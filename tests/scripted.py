@@ -6,7 +6,7 @@ import contextlib
 import re
 import sqlite3
 
-from botkit.backends import Completion
+from botkit.serve.backends import Completion
 
 
 class ScriptedBackend:
@@ -53,7 +53,7 @@ async def delivered(tmp_path, count: int, timeout_s: float = 5.0) -> list[tuple[
 
 def tiny_run(tmp_path, dataset, **kwargs):
     """`botkit.finetune` of a tiny new model with a small trained tokenizer: each step takes milliseconds."""
-    from botkit.finetune import finetune
+    from botkit.train.finetune import finetune
 
     args = dict(model="scratch", train_tokenizer=True, vocab_size=300, n_layer=2, n_embd=32, n_head=2, n_ctx=32,
                 steps=6, batch_size=4, learning_rate=3e-3, sample_every=0, save_every=100, progress=False,

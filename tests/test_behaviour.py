@@ -17,8 +17,8 @@ import pytest
 from platforms import GROUP, PLATFORMS, PRIVATE, platform, until
 from scripted import ScriptedBackend
 
+from botkit.chat.conversation import SWITCHED_OFF
 from botkit.config import Config, LimitsConfig
-from botkit.conversation import SWITCHED_OFF
 from botkit.params import ChatSettings
 
 EMPTY = "The message is empty: write some text for me to continue."

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from botkit.adapters.web_adapter import WebAdapter
 
-from botkit.backends import LocalBackend
 from botkit.config import Config, LimitsConfig, WebConfig
-from botkit.core import Core
-from botkit.store import Store
+from botkit.serve.backends import LocalBackend
+from botkit.serve.core import Core
+from botkit.serve.store import Store
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

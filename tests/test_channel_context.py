@@ -4,7 +4,7 @@ bot's turn last, and the oldest whole lines dropped to fit the budget."""
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from botkit.channel_context import bot_turn, build_channel_prompt, render
+from botkit.chat.channel_context import bot_turn, build_channel_prompt, render
 
 FORMAT = "{author}: {message}\n"
 

@@ -10,12 +10,12 @@ import pytest
 
 from botkit.chat_format import ChatFormat
 from botkit.cli import main
-from botkit.conversations import ChatMessage, ConversationOptions, conversations, normalise
-from botkit.datasets import read_documents
 from botkit.errors import DatasetError
 from botkit.params import ChatSettings
-from botkit.store import Store
-from botkit.store_export import export_dataset
+from botkit.serve.store import Store
+from botkit.train.conversations import ChatMessage, ConversationOptions, conversations, normalise
+from botkit.train.encoding import read_documents
+from botkit.train.export_dataset import export_dataset
 
 FIXTURES = Path(__file__).parent / "fixtures" / "chats"
 EXPECTED = {

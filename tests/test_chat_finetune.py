@@ -8,10 +8,10 @@ import pytest
 from scripted import tiny_run
 
 from botkit.chat_format import CHAT_FORMAT_JSON, ChatFormat
-from botkit.copying import INDEX_FILE, CopyIndex, check_copying
+from botkit.engine.copy_index import INDEX_FILE, CopyIndex, check_copying
+from botkit.engine.generate import generate
 from botkit.errors import InputError
-from botkit.generate import generate
-from botkit.models import load_model
+from botkit.model.loading import load_model
 from botkit.params import ChatSettings
 
 FIXTURES = Path(__file__).parent / "fixtures" / "chats"
@@ -91,7 +91,7 @@ def test_cli_trains_on_an_export_and_encodes_with_options(tmp_path, community, c
     out = tmp_path / "c.npz"
     assert main(["encode", str(community), "--out", str(out), "--exclude-speakers", "MEE6", "--conversation-gap-s", "60"]) == 0
     assert "(chat conversations)" in capsys.readouterr().out
-    from botkit.datasets import load_tokens
+    from botkit.train.encoding import load_tokens
 
     tokenizer = load_model(device="cpu").tokenizer  # `botkit encode` with no --model: the bundled demo model's
     text = tokenizer.decode(load_tokens(out, tokenizer).tokens.tolist())

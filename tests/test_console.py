@@ -7,11 +7,11 @@ import os
 
 from botkit.adapters.console_adapter import ConsoleAdapter
 
-from botkit.backends import LocalBackend
 from botkit.config import Config, ConsoleConfig, LimitsConfig
-from botkit.core import Core
 from botkit.params import ChatSettings
-from botkit.store import Store
+from botkit.serve.backends import LocalBackend
+from botkit.serve.core import Core
+from botkit.serve.store import Store
 
 
 @contextlib.asynccontextmanager

@@ -13,10 +13,10 @@ import pytest
 from platforms import GROUP, PRIVATE, fake_server, platform, until
 from scripted import ScriptedBackend, deliveries
 
+from botkit.chat.conversation import EMPTY_REPLY, SORRY
 from botkit.config import Config, ConversationConfig, LimitsConfig
-from botkit.conversation import EMPTY_REPLY, SORRY
-from botkit.core import Prompt
 from botkit.params import ChatSettings
+from botkit.serve.core import Prompt
 
 QUICK = ChatSettings(truncate="", length=8)
 NO_LIMITS = LimitsConfig(user_per_minute=0, chat_per_minute=0)

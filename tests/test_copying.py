@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from botkit.copying import INDEX_FILE, INDEX_JSON, CopyIndex, check_copying, ngram_hashes, write_index
-from botkit.models import gpt2_tokenizer
+from botkit.engine.copy_index import INDEX_FILE, INDEX_JSON, CopyIndex, check_copying, ngram_hashes, write_index
+from botkit.model.loading import gpt2_tokenizer
 
 GPT2 = gpt2_tokenizer()
 EOS = GPT2.eos_token_id

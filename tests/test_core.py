@@ -15,14 +15,14 @@ import time
 
 import pytest
 
-from botkit.backends import LocalBackend
 from botkit.config import Config
-from botkit.core import Core, Prompt
-from botkit.engine import Engine
+from botkit.engine.engine import Engine
 from botkit.errors import BusyError, GenerationError, InputError, RateLimitedError, RequestCancelled, RequestTimeout
 from botkit.params import SamplingParams
-from botkit.scheduler import FairQueue
-from botkit.store import Store
+from botkit.serve.backends import LocalBackend
+from botkit.serve.core import Core, Prompt
+from botkit.serve.scheduler import FairQueue
+from botkit.serve.store import Store
 
 
 def make_config(**sections):
@@ -254,12 +254,12 @@ async def test_settings_persist_and_bad_values_are_refused(serve, tmp_path):
 DRIVER = textwrap.dedent('''
     import asyncio, sys
     from transformers import GPT2Config
-    from botkit.backends import LocalBackend
+    from botkit.serve.backends import LocalBackend
     from botkit.config import Config
-    from botkit.core import Core
-    from botkit.models import load_model
+    from botkit.serve.core import Core
+    from botkit.model.loading import load_model
     from botkit.params import SamplingParams
-    from botkit.store import Store
+    from botkit.serve.store import Store
 
     async def main():
         lm = load_model(GPT2Config(n_layer=2, n_head=2, n_embd=32), device="cpu")

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from botkit.dataset_files import text_segments
-from botkit.datasets import encode_dataset, encode_segments, load_tokens, read_documents, train_tokenizer
 from botkit.errors import DatasetError
-from botkit.models import gpt2_tokenizer
+from botkit.model.loading import gpt2_tokenizer
+from botkit.train.dataset_files import text_segments
+from botkit.train.encoding import encode_dataset, encode_segments, load_tokens, read_documents, train_tokenizer
 
 GPT2 = gpt2_tokenizer()
 PIECES = ["word", " word", "  ", "\n", "\n\n", " \n", "\r\n", "\t", "42", " 7", "'s", "!", "?!", " 床前明月光", "，", "🦉", "é",
@@ -49,7 +49,7 @@ def _pre_token_boundary(text: str, b: int) -> bool:
 
 
 def test_issue12_bug4_a_large_file_spills_to_disk_and_comes_back_whole(tmp_path, monkeypatch):
-    import botkit.datasets as datasets
+    import botkit.train.encoding as datasets
 
     monkeypatch.setattr(datasets, "SPILL_BYTES", 1000)  # spill every few batches
     text = "".join(f"Message {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(4000))
@@ -100,7 +100,7 @@ def test_hostile_csv(tmp_path, content, says):
 
 def test_cache_keeps_the_chat_format_and_tokens(tmp_path):
     from botkit.chat_format import ChatFormat
-    from botkit.conversations import ConversationOptions
+    from botkit.train.conversations import ConversationOptions
 
     (tmp_path / "chat.jsonl").write_text('{"format": "botkit-chat", "version": 1}\n'
                                          '{"chat": "1", "speaker": "ann", "time_s": 0, "text": "hello"}\n')
@@ -120,14 +120,14 @@ def test_cache_keeps_the_chat_format_and_tokens(tmp_path):
 
 def test_tokenizer_trains_from_the_stream_of_segments(tmp_path):
     (tmp_path / "a.txt").write_text("床前明月光，疑是地上霜。\n" * 200)
-    from botkit.dataset_files import DatasetReader
+    from botkit.train.dataset_files import DatasetReader
 
     tokenizer = train_tokenizer((text for text, _ in DatasetReader(tmp_path).segments()), vocab_size=300)
     assert len(tokenizer.encode("床前明月光")) < len(GPT2.encode("床前明月光"))
 
 
 def test_caches_from_np_savez_still_load_and_damaged_ones_are_one_sentence(tmp_path):
-    from botkit.datasets import tokenizer_fingerprint
+    from botkit.train.encoding import tokenizer_fingerprint
 
     np.savez_compressed(tmp_path / "old.npz", tokens=np.array([1, 2, 3, 50256], dtype=np.uint16), tokenizer=tokenizer_fingerprint(GPT2))
     old = load_tokens(tmp_path / "old.npz", GPT2)

@@ -26,14 +26,14 @@ from fake_discord import (
 )
 from scripted import ScriptedBackend, delivered, deliveries
 
-from botkit.backends import LocalBackend
+from botkit.chat.conversation import EMPTY_REPLY
+from botkit.chat.replies import defuse_mentions
 from botkit.config import BatchConfig, Config, DiscordConfig, LimitsConfig
-from botkit.conversation import EMPTY_REPLY
-from botkit.core import Core
 from botkit.errors import ConfigError
 from botkit.params import ChatSettings
-from botkit.replies import defuse_mentions
-from botkit.store import Store
+from botkit.serve.backends import LocalBackend
+from botkit.serve.core import Core
+from botkit.serve.store import Store
 
 QUICK = ChatSettings(truncate="", length=8)  # the tiny model's replies: short and never cut to nothing
 NO_PINGS = {"parse": []}  # AllowedMentions.none() as sent to Discord

@@ -8,11 +8,11 @@ import torch
 from scripted import tiny_run as tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
-from botkit.datasets import encode_dataset, load_tokens, read_documents, train_tokenizer
+from botkit.engine.generate import generate
 from botkit.errors import BotkitError, DatasetError, InputError
-from botkit.finetune import finetune
-from botkit.generate import generate
-from botkit.models import gpt2_tokenizer, load_model
+from botkit.model.loading import gpt2_tokenizer, load_model
+from botkit.train.encoding import encode_dataset, load_tokens, read_documents, train_tokenizer
+from botkit.train.finetune import finetune
 
 TEXT = "".join(f"The quick brown fox number {i} jumps over the lazy dog.\n" for i in range(60))
 

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from botkit.errors import ModelLoadError
-from botkit.models import gpt2_tokenizer, load_model
+from botkit.model.loading import gpt2_tokenizer, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

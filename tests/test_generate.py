@@ -8,9 +8,9 @@ import torch
 from transformers import GPT2Config
 
 import botkit
-from botkit.engine import Engine
+from botkit.engine.engine import Engine
 from botkit.errors import InputError
-from botkit.models import load_model
+from botkit.model.loading import load_model
 from botkit.params import SamplingParams
 
 PROMPTS = ["Hello world", "The quick brown fox jumps over the lazy", "A", "In the beginning God created"]

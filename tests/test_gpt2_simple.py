@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from botkit import download_gpt2, load_gpt2
-from botkit.archive import MANIFEST, import_run
 from botkit.cli import main
 from botkit.errors import InputError, ModelLoadError
+from botkit.model.run_archive import MANIFEST, import_run
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tf"
 

@@ -21,23 +21,23 @@ def run_botkit(*args, env=None, cwd=None, timeout=120):
 
 
 def test_importing_botkit_loads_no_heavy_library():
-    code = ("import sys, botkit, botkit.cli, botkit.core, botkit.store, botkit.adapters.web_adapter, "
+    code = ("import sys, botkit, botkit.cli, botkit.serve.core, botkit.serve.store, botkit.adapters.web_adapter, "
             "botkit.adapters.discord_adapter, botkit.adapters.telegram_adapter, botkit.adapters.console_adapter, "
-            "botkit.convert, botkit.archive, botkit.gpt2_simple, botkit.sources\n"
+            "botkit.model.convert, botkit.model.run_archive, botkit.model.gpt2_simple, botkit.model.sources\n"
             f"print([m for m in {HEAVY!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_nothing_registers_in_transformers_until_an_engine_is_made(tiny_lm):
-    code = ("import botkit.engine, botkit.kvcache\n"
+    code = ("import botkit.engine.engine, botkit.engine.kvcache\n"
             "from transformers import AttentionInterface\n"
-            "print(botkit.kvcache.ROWS_ATTENTION in AttentionInterface._global_mapping)")
+            "print(botkit.engine.kvcache.ROWS_ATTENTION in AttentionInterface._global_mapping)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
     from transformers import AttentionInterface
 
-    from botkit.engine import Engine
+    from botkit.engine.engine import Engine
 
     Engine(tiny_lm)
     assert "botkit_rows" in AttentionInterface._global_mapping
@@ -54,7 +54,7 @@ def test_a_hub_name_offline_is_one_sentence_that_names_the_local_way(tmp_path, e
 
 
 def test_long_contexts_are_counted_without_a_transformers_warning(tiny_lm):
-    from botkit.backends import LocalBackend
+    from botkit.serve.backends import LocalBackend
 
     records = []
     handler = logging.Handler()

@@ -1,4 +1,4 @@
-"""`dtype = "int8"`: int8 weights for GPT-2's matmuls on CPU (botkit/quantize.py)."""
+"""`dtype = "int8"`: int8 weights for GPT-2's matmuls on CPU (botkit/model/quantize.py)."""
 
 import logging
 from pathlib import Path
@@ -9,11 +9,11 @@ from transformers import GPT2Config
 from transformers.pytorch_utils import Conv1D
 
 from botkit.config import load_config
-from botkit.engine import Engine
+from botkit.engine.engine import Engine
 from botkit.errors import InputError
-from botkit.models import load_model
+from botkit.model.loading import load_model
+from botkit.model.quantize import Int8Embedding, Int8Linear, has_fast_int8, model_bytes, quantize_int8
 from botkit.params import SamplingParams
-from botkit.quantize import Int8Embedding, Int8Linear, has_fast_int8, model_bytes, quantize_int8
 
 TINY = GPT2Config(n_layer=2, n_head=2, n_embd=32)
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -124,7 +124,7 @@ def test_int8_off_the_cpu_is_one_sentence():
 
 
 def test_without_the_fast_kernel_int8_still_works_and_says_so_once(monkeypatch, caplog):
-    monkeypatch.setattr("botkit.quantize.has_fast_int8", lambda: False)
+    monkeypatch.setattr("botkit.model.quantize.has_fast_int8", lambda: False)
     with caplog.at_level(logging.WARNING, logger="botkit"):
         lm = load_model(TINY, device="cpu", dtype="int8", seed=0)
     warnings = [r.getMessage() for r in caplog.records if "VNNI" in r.getMessage()]

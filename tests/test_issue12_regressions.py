@@ -14,9 +14,9 @@ from platforms import GROUP, platform, until
 from scripted import ScriptedBackend
 
 from botkit.config import Config, TelegramConfig
-from botkit.core import Core
 from botkit.errors import BotkitError
-from botkit.store import Store
+from botkit.serve.core import Core
+from botkit.serve.store import Store
 
 # What each platform turns into a notification: Telegram any @username, Discord ids and mass mentions.
 PINGS = {"telegram": re.compile(r"(?<!\w)@\w"), "discord": re.compile(r"<@[!&]?\d+>|@(everyone|here)\b")}

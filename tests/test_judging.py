@@ -1,22 +1,22 @@
 """Issue 14 at generation time: banned words, copying, best of n, no repeated n-grams, and the run's
-chat format in serving. Each sample is judged before anyone sees it (botkit/judging.py)."""
+chat format in serving. Each sample is judged before anyone sees it (botkit/engine/judging.py)."""
 
 import dataclasses
 
 import pytest
 
 import botkit
-from botkit.backends import LocalBackend
+from botkit.banned_words import banned_word_in, normalize
 from botkit.chat_format import ChatFormat
 from botkit.cli import with_run_chat_format
 from botkit.config import Config
-from botkit.copying import CopyIndex
-from botkit.core import Core, Prompt
-from botkit.engine import Engine
+from botkit.engine.copy_index import CopyIndex
+from botkit.engine.engine import Engine
 from botkit.errors import GenerationError
-from botkit.judging import banned_word_in, normalize
 from botkit.params import ChatSettings, SamplingParams
-from botkit.store import Store
+from botkit.serve.backends import LocalBackend
+from botkit.serve.core import Core, Prompt
+from botkit.serve.store import Store
 
 
 @pytest.mark.parametrize(("text", "banned", "hit"), [
@@ -140,7 +140,7 @@ def test_no_repeated_ngram_holds_past_the_window_slide():
     it writes after that are still recorded and banned."""
     from transformers import GPT2Config
 
-    from botkit.models import load_model
+    from botkit.model.loading import load_model
 
     lm = load_model(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64), device="cpu", seed=0)
     ids = lm.tokenizer("the cat sat on the mat").input_ids

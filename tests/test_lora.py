@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM
 
 from botkit.cli import main
 from botkit.errors import InputError, ModelLoadError
-from botkit.finetune import finetune
-from botkit.lora import load_adapter
-from botkit.models import load_model
+from botkit.model.loading import load_model
+from botkit.model.lora import load_adapter
+from botkit.train.finetune import finetune
 
 TEXT = "".join(f"The quick brown fox number {i} jumps over the lazy dog.\n" for i in range(60))
 NEW_TEXT = "".join(f"The lazy dog number {i} jumps over the quick brown fox.\n" for i in range(60))  # what LoRA learns

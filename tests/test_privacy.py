@@ -14,10 +14,10 @@ from platforms import GROUP, platform, until
 from scripted import ScriptedBackend
 
 from botkit.config import Config, LimitsConfig, StoreConfig
-from botkit.core import Core, Prompt
 from botkit.params import ChatSettings
-from botkit.retention import Retention
-from botkit.store import Store
+from botkit.serve.core import Core, Prompt
+from botkit.serve.retention import Retention
+from botkit.serve.store import Store
 
 SECRET = "SWORDFISH-4711"
 NO_LIMITS = LimitsConfig(user_per_minute=0, chat_per_minute=0)

@@ -11,13 +11,13 @@ import pytest
 from aiohttp import web
 from botkit.adapters.web_adapter import WebAdapter
 
-from botkit.backends import Job, LocalBackend
 from botkit.config import Config, LimitsConfig, ModelConfig, WebConfig
-from botkit.core import Core, Prompt
 from botkit.errors import ConfigError, GenerationError, ModelLoadError
 from botkit.params import ChatSettings, SamplingParams
-from botkit.remote import RemoteBackend, completions_url
-from botkit.store import Store
+from botkit.serve.backends import Job, LocalBackend
+from botkit.serve.core import Core, Prompt
+from botkit.serve.remote import RemoteBackend, completions_url
+from botkit.serve.store import Store
 
 UNLIMITED = Config(limits=LimitsConfig(user_per_minute=0, chat_per_minute=0))
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from botkit.replies import ELLIPSIS, defuse_mentions, split_reply, utf16_len
+from botkit.chat.replies import ELLIPSIS, defuse_mentions, split_reply, utf16_len
 
 TRICKY = st.lists(
     st.sampled_from(

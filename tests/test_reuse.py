@@ -5,11 +5,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import GPT2Config
 
-from botkit.engine import Engine
-from botkit.models import load_model
+from botkit.engine.engine import Engine
+from botkit.engine.prefix_cache import BLOCK, PrefixCache
+from botkit.engine.token_bytes import TokenBytes
+from botkit.model.loading import load_model
 from botkit.params import SamplingParams
-from botkit.prefix_cache import BLOCK, PrefixCache
-from botkit.token_bytes import TokenBytes
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
 
@@ -111,10 +111,10 @@ def test_sampled_text_never_holds_a_broken_character(tiny_lm, seed, temperature)
 async def test_a_long_chat_trims_its_context_in_halves_so_most_turns_extend_the_last(tmp_path):
     import dataclasses
 
-    from botkit.backends import LocalBackend
     from botkit.config import Config
-    from botkit.core import Core, Prompt
-    from botkit.store import Store
+    from botkit.serve.backends import LocalBackend
+    from botkit.serve.core import Core, Prompt
+    from botkit.serve.store import Store
 
     lm = load_model(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128), device="cpu", seed=0)
     config = Config()
@@ -150,10 +150,10 @@ def test_the_gpu_path_one_padded_attention_call_per_layer_gives_the_same_greedy_
 async def test_a_long_channel_trims_its_context_in_halves_too(tmp_path):
     import dataclasses
 
-    from botkit.backends import LocalBackend
     from botkit.config import Config
-    from botkit.core import Core, Prompt
-    from botkit.store import Store
+    from botkit.serve.backends import LocalBackend
+    from botkit.serve.core import Core, Prompt
+    from botkit.serve.store import Store
 
     lm = load_model(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128), device="cpu", seed=0)
     config = Config()

@@ -13,13 +13,13 @@ from botkit.adapters.telegram_adapter import TelegramAdapter
 from fake_telegram import FakeTelegram
 from scripted import ScriptedBackend, delivered, deliveries
 
-from botkit.backends import LocalBackend
+from botkit.chat.conversation import EMPTY_REPLY
 from botkit.config import Config, LimitsConfig, TelegramConfig
-from botkit.conversation import EMPTY_REPLY
-from botkit.core import Core
 from botkit.errors import ConfigError
 from botkit.params import ChatSettings
-from botkit.store import Store
+from botkit.serve.backends import LocalBackend
+from botkit.serve.core import Core
+from botkit.serve.store import Store
 
 GROUP = -100  # a supergroup
 ALICE = 42  # a user; her private chat with the bot has the same id

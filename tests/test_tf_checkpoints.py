@@ -17,11 +17,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from botkit import load_gpt2
 from botkit.cli import main
 from botkit.config import Config, ModelConfig, StoreConfig, WebConfig
+from botkit.engine.generate import generate
 from botkit.errors import ModelLoadError
-from botkit.generate import generate
-from botkit.models import load_model
-from botkit.sources import resolve
-from botkit.tf_bundle import open_bundle
+from botkit.model.loading import load_model
+from botkit.model.sources import resolve
+from botkit.model.tf_bundle import open_bundle
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tf"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())

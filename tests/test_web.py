@@ -9,11 +9,11 @@ import aiohttp
 import pytest
 from botkit.adapters.web_adapter import WebAdapter, is_loopback
 
-from botkit.backends import LocalBackend
 from botkit.config import BatchConfig, Config, LimitsConfig, WebConfig
-from botkit.core import Core
 from botkit.errors import ConfigError
-from botkit.store import Store
+from botkit.serve.backends import LocalBackend
+from botkit.serve.core import Core
+from botkit.serve.store import Store
 
 UNLIMITED = LimitsConfig(user_per_minute=0, chat_per_minute=0)
 

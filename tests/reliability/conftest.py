@@ -4,8 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from botkit.backends import Completion, Job
 from botkit.config import Config
+from botkit.serve.backends import Completion, Job
 
 
 @pytest.fixture

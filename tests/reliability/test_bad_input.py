@@ -1,7 +1,7 @@
 """Bad input, one table: every case is either accepted (and then it is in the store, intact or cleaned
 as documented) or refused with one clear sentence (a BotkitError, or an HTTP error body), never a
 traceback. Chat messages go through Core.submit, replies through defuse_mentions + split_reply,
-config files through load_config, datasets through botkit.datasets, HTTP bodies through the web
+config files through load_config, datasets through botkit.train.encoding, HTTP bodies through the web
 adapter's aiohttp app with aiohttp's test client."""
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ import aiohttp
 import pytest
 from botkit.adapters.web_adapter import WebAdapter
 
+from botkit.chat.replies import defuse_mentions, split_reply
 from botkit.cli import main as botkit_cli
 from botkit.config import load_config, secret
-from botkit.core import Core, Prompt
-from botkit.datasets import read_documents
 from botkit.errors import BotkitError, ConfigError, DatasetError, InputError
 from botkit.params import ChatSettings
-from botkit.replies import defuse_mentions, split_reply
-from botkit.store import Store
+from botkit.serve.core import Core, Prompt
+from botkit.serve.store import Store
+from botkit.train.encoding import read_documents
 
 from .conftest import EchoBackend, make_config
 

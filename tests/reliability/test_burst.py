@@ -7,10 +7,10 @@ import time
 
 import psutil
 
-from botkit.backends import Completion, Job
-from botkit.core import Core, Prompt
 from botkit.errors import BusyError
-from botkit.store import Store
+from botkit.serve.backends import Completion, Job
+from botkit.serve.core import Core, Prompt
+from botkit.serve.store import Store
 
 from .conftest import EchoBackend, make_config
 

@@ -15,10 +15,10 @@ import aiohttp
 from botkit.adapters.web_adapter import WebAdapter
 from botkit.adapters.web_connections import Connections
 
-from botkit.backends import Completion, Job
 from botkit.config import WebConfig
-from botkit.core import Core
-from botkit.store import Store
+from botkit.serve.backends import Completion, Job
+from botkit.serve.core import Core
+from botkit.serve.store import Store
 
 from .conftest import EchoBackend, make_config
 

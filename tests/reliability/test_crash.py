@@ -24,12 +24,12 @@ DRIVER = '''
 import asyncio, dataclasses, random, sys
 import torch
 from transformers import GPT2Config
-from botkit.backends import LocalBackend
+from botkit.serve.backends import LocalBackend
 from botkit.config import Config
-from botkit.core import Core, Prompt
+from botkit.serve.core import Core, Prompt
 from botkit.errors import BotkitError, BusyError
-from botkit.models import load_model
-from botkit.store import Store
+from botkit.model.loading import load_model
+from botkit.serve.store import Store
 
 
 def parts_for(request_id):

@@ -19,7 +19,7 @@ from pathlib import Path
 from fake_discord import ALICE, BOB, FakeDiscord
 from fake_telegram import FakeTelegram
 
-from botkit.conversation import SORRY
+from botkit.chat.conversation import SORRY
 
 NUM_PER_PLATFORM = 5
 READY_TIMEOUT_S = 120.0

@@ -13,11 +13,11 @@ from contextlib import closing
 import pytest
 import torch
 
-from botkit.backends import LocalBackend
-from botkit.core import Core, Prompt
 from botkit.errors import BotkitError, GenerationError, RequestTimeout
 from botkit.params import SamplingParams
-from botkit.store import Store
+from botkit.serve.backends import LocalBackend
+from botkit.serve.core import Core, Prompt
+from botkit.serve.store import Store
 
 from .conftest import EchoBackend, make_config
 

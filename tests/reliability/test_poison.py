@@ -10,12 +10,12 @@ import math
 import pytest
 
 import botkit
-from botkit.backends import LocalBackend
-from botkit.core import Core, Prompt
-from botkit.engine import Engine
+from botkit.engine.engine import Engine
 from botkit.errors import GenerationError, InputError, RequestTimeout
 from botkit.params import SamplingParams
-from botkit.store import Store
+from botkit.serve.backends import LocalBackend
+from botkit.serve.core import Core, Prompt
+from botkit.serve.store import Store
 
 from .conftest import make_config
 from .test_faults import Poison

@@ -9,11 +9,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from botkit.chat.replies import defuse_mentions, split_reply, utf16_len
 from botkit.config import BatchConfig, Config, DiscordConfig, LimitsConfig, WebConfig, load_config
-from botkit.engine import Engine, Sequence
+from botkit.engine.engine import Engine, Sequence
 from botkit.params import SamplingParams
 from botkit.prompting import build_prompt
-from botkit.replies import defuse_mentions, split_reply, utf16_len
 
 FEW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

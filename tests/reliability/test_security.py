@@ -9,11 +9,11 @@ import aiohttp
 import pytest
 from botkit.adapters.web_adapter import WebAdapter
 
-from botkit.backends import Completion, Job
 from botkit.config import WebConfig, secret
-from botkit.core import Core, Prompt
 from botkit.errors import ConfigError
-from botkit.store import Store
+from botkit.serve.backends import Completion, Job
+from botkit.serve.core import Core, Prompt
+from botkit.serve.store import Store
 
 from .conftest import EchoBackend, make_config
 

@@ -16,10 +16,10 @@ import pytest
 
 from botkit.cli import serve
 from botkit.config import Config, StoreConfig, WebConfig
-from botkit.core import Core, Prompt
 from botkit.errors import BusyError, ConfigError, InputError
 from botkit.params import SamplingParams
-from botkit.store import Store
+from botkit.serve.core import Core, Prompt
+from botkit.serve.store import Store
 
 from .conftest import EchoBackend, make_config
 
@@ -63,7 +63,7 @@ async def test_bug05_a_taken_port_is_found_before_the_store_is_touched(tmp_path)
 
 def test_bug05_a_killed_instance_leaves_no_lock_behind(tmp_path):
     path = tmp_path / "bot.db"
-    code = ("import asyncio, sys, time\nfrom botkit.store import Store\n"
+    code = ("import asyncio, sys, time\nfrom botkit.serve.store import Store\n"
             "async def main():\n    async with Store.open(sys.argv[1]):\n        print('open', flush=True); time.sleep(60)\n"
             "asyncio.run(main())\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
@@ -122,7 +122,7 @@ async def test_bug10_a_full_disk_is_said_to_be_a_full_disk(tmp_path):
 
 
 async def test_bug10_an_accepted_request_is_answered_and_settled_once_the_disk_has_room(tmp_path, monkeypatch):
-    monkeypatch.setattr("botkit.core.SETTLE_RETRY_S", 0.05)
+    monkeypatch.setattr("botkit.serve.core.SETTLE_RETRY_S", 0.05)
     path = tmp_path / "bot.db"
     async with Store.open(path) as store, EchoBackend() as backend, Core(backend, store, make_config()) as core:
         backend.reply = "z" * 20_000  # a reply that needs new pages
@@ -178,7 +178,7 @@ def run_as_another_user(code: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*drop, sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
 
 
-OPEN = ("import asyncio, sys\nfrom botkit.store import Store\nfrom botkit.errors import BotkitError\n"
+OPEN = ("import asyncio, sys\nfrom botkit.serve.store import Store\nfrom botkit.errors import BotkitError\n"
         "async def main():\n    async with Store.open(sys.argv[1]) as s:\n        await s.recover()\n"
         "try:\n    asyncio.run(main()); print('opened')\nexcept BotkitError as e:\n    print(e)\n")
 

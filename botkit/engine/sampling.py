@@ -1,0 +1,90 @@
+"""Pick each row's next token with its own temperature / top_k / top_p / repetition penalty / seed.
+
+transformers' logits processors take one setting for the whole batch; here every row of a mixed
+batch has its own, so the filters are applied with per-row tensors in one pass. Nothing sorts the
+whole vocabulary: a row without filters samples from its softmax directly, top_k takes the k best,
+and top_p alone grows a top-k head until it holds the nucleus (50,257 entries sorted per token made
+up a third of a long generation's time).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from botkit.params import SamplingParams
+
+MIN_TEMPERATURE = 1e-4  # below this a row is greedy: logits / 1e-39 overflow and picked the least likely token
+NUCLEUS_START = 256  # top_p alone: the first head tried; it grows 4x until it holds the nucleus
+
+
+def apply_repetition_penalty(logits: torch.Tensor, row: int, token_ids: torch.Tensor, penalty: float) -> None:
+    """In place, as transformers' RepetitionPenaltyLogitsProcessor: seen tokens become less likely."""
+    scores = logits[row, token_ids]
+    logits[row, token_ids] = torch.where(scores < 0, scores * penalty, scores / penalty)
+
+
+def ban_repeated_ngrams(logits: torch.Tensor, row: int, seq) -> None:
+    """In place, as transformers' NoRepeatNGramLogitsProcessor over the prompt and the reply: a token
+    that would complete an n-gram already in them is not drawn. `seq.ngrams` maps each (n-1)-gram
+    seen to the tokens that followed it, grown by the tokens added since the last call."""
+    n, tokens = seq.params.no_repeat_ngram_size, seq.prompt_ids + seq.generated  # positions stay put when the row slides
+    for end in range(max(seq.ngrams_upto, seq.offset + n), len(tokens) + 1):
+        seq.ngrams.setdefault(tuple(tokens[end - n : end - 1]), set()).add(tokens[end - 1])
+    seq.ngrams_upto = len(tokens) + 1
+    banned = seq.ngrams.get(tuple(tokens[len(tokens) - n + 1 :]) if n > 1 else (), ())
+    if banned:
+        logits[row, list(banned)] = float("-inf")
+
+
+def sample_next(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+    """logits (B, vocab) float, -inf where a token is not allowed -> next token ids (B,). Rows with
+    temperature 0 (or below MIN_TEMPERATURE) are greedy. One uniform draw per sampled row from its
+    own generator, so a row's text does not depend on its neighbours."""
+    tokens = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
+    if not rows:
+        return tokens
+    device = logits.device
+    u = torch.cat([torch.rand(1, generator=generators[i], device="cpu") for i in rows]).to(device)
+    temps = torch.tensor([params[i].temperature for i in rows], device=device, dtype=logits.dtype)
+    scaled = logits[rows] / temps[:, None]  # (R, vocab)
+    filtered = [j for j, i in enumerate(rows) if params[i].top_k or params[i].top_p < 1]
+    plain = [j for j in range(len(rows)) if j not in set(filtered)]
+    if plain:
+        cdf = scaled[plain].softmax(dim=-1).cumsum(dim=-1)
+        choice = torch.searchsorted(cdf, (u[plain] * cdf[:, -1])[:, None]).clamp_(max=cdf.shape[-1] - 1)
+        tokens[[rows[j] for j in plain]] = choice.squeeze(1)
+    if filtered:
+        picked = _sample_filtered(scaled[filtered], [params[rows[j]] for j in filtered], u[filtered])
+        tokens[[rows[j] for j in filtered]] = picked
+    return tokens
+
+
+def _sample_filtered(scaled: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
+    vocab, device = scaled.shape[-1], scaled.device
+    ks = [min(p.top_k, vocab) if p.top_k else _nucleus_size(scaled[j], p.top_p) for j, p in enumerate(params)]
+    values, ids = scaled.topk(max(ks), dim=-1)  # (R, k), high to low
+    ks_t = torch.tensor(ks, device=device)
+    values = values.masked_fill(torch.arange(values.shape[-1], device=device)[None, :] >= ks_t[:, None], float("-inf"))
+    probs = values.softmax(dim=-1)
+    top_ps = torch.tensor([p.top_p for p in params], device=device, dtype=probs.dtype)
+    if (top_ps < 1).any():
+        # keep the smallest head whose mass reaches top_p (always at least the first token)
+        probs = probs.masked_fill((probs.cumsum(dim=-1) - probs) >= top_ps[:, None], 0.0)
+    cdf = probs.cumsum(dim=-1)
+    choice = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=cdf.shape[-1] - 1)
+    return ids.gather(1, choice).squeeze(1)
+
+
+def _nucleus_size(scaled_row: torch.Tensor, top_p: float) -> int:
+    """How many of the likeliest tokens hold `top_p` of the mass (the whole vocabulary for top_p 1)."""
+    vocab = scaled_row.shape[-1]
+    if top_p >= 1:
+        return vocab
+    probs = scaled_row.softmax(dim=-1)
+    k = min(NUCLEUS_START, vocab)
+    while True:
+        head = probs.topk(k).values
+        if k == vocab or float(head.sum()) >= top_p:
+            return min(vocab, int(((head.cumsum(0) - head) < top_p).sum()))
+        k = min(vocab, 4 * k)

@@ -1,0 +1,333 @@
+"""RemoteBackend: generate through an OpenAI-style `/v1/completions` server (vLLM's, or another
+botkit's web adapter) instead of in-process, so generation can scale out onto an existing engine.
+
+Each sample is one streamed HTTP request; at most `max_concurrency` are in flight (the remote engine
+batches them itself). Closing the stream early closes the connection, which makes vLLM abort the
+request. Errors are one sentence naming the server and what to check; the API key is never in them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from yarl import URL
+
+from botkit.config import Config, secret
+from botkit.errors import ConfigError, GenerationError, ModelLoadError, RequestTimeout
+from botkit.model.loading import gpt2_tokenizer
+from botkit.params import SamplingParams
+from botkit.serve.backends import Completion, Job
+
+log = logging.getLogger("botkit.remote")
+
+MAX_ATTEMPTS = 3  # a 429/503 before the first token is retried this many times in all
+MAX_RETRY_WAIT_S = 2.0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of one sample: new text, then a last chunk with the finish reason and token count."""
+
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" on the last chunk
+    num_tokens: int = 0  # completion tokens, on the last chunk
+    num_prompt_tokens: int | None = None  # as the server counted them, on the last chunk if it said
+
+
+def completions_url(url: str) -> URL:
+    """`http://host:8000/v1` (or `.../v1/completions`, or a bare `http://host:8000`) -> the completions URL."""
+    parsed = URL(url.strip())
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ConfigError(f"model.url must be an http(s) URL such as http://gpu-box:8000/v1, not {url!r}.")
+    path = parsed.path.rstrip("/")
+    if path.endswith("/completions"):
+        return parsed.with_path(path)
+    return parsed.with_path((path or "/v1") + "/completions")
+
+
+class RemoteBackend:
+    """The Backend interface (botkit.serve.backends) over a RemoteClient. Counts tokens with the bundled
+    GPT-2 tokenizer, which is right for GPT-2-family models; `max_context` is the remote window."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        model: str = "",
+        api_key: str | None = None,
+        max_batch_size: int = 32,
+        max_context: int = 1024,
+        timeout_s: float = 120.0,
+    ):
+        self.client = RemoteClient(url, model=model, api_key=api_key, max_concurrency=max_batch_size, timeout_s=timeout_s)
+        self.name = model or "remote"
+        self.max_batch_size = max_batch_size
+        self.max_context = max_context
+        self.tokenizer = gpt2_tokenizer()
+
+    @classmethod
+    def from_config(cls, config: Config) -> RemoteBackend:
+        if not config.model.url:
+            raise ConfigError('model.backend is "remote" but model.url is empty: set it to the server\'s URL, such as http://gpu-box:8000/v1.')
+        return cls(
+            config.model.url,
+            model=config.model.remote_model,
+            api_key=remote_api_key(config),
+            max_batch_size=config.batch.max_size,
+            max_context=config.model.max_context,
+            timeout_s=config.batch.timeout_s,
+        )
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, verbose=False).input_ids)
+
+    async def __aenter__(self) -> RemoteBackend:
+        await self.client.__aenter__()
+        self.name = self.client.model
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.client.__aexit__(*exc)
+
+    async def generate(self, job: Job) -> Completion:
+        prompt, params = self._fit_window(job.prompt, job.params)
+        text, first_token_at, last = [], None, Chunk("")
+        async for chunk in self.client.stream(prompt, params):
+            if chunk.text:
+                first_token_at = first_token_at or time.time()
+                text.append(chunk.text)
+                job.on_text(chunk.text)
+            last = chunk
+        num_prompt_tokens = last.num_prompt_tokens if last.num_prompt_tokens is not None else self.count_tokens(prompt)
+        return Completion("".join(text), last.finish_reason or "stop", num_prompt_tokens, last.num_tokens,
+                          params.seed, first_token_at)
+
+    def _fit_window(self, prompt: str, params: SamplingParams) -> tuple[str, SamplingParams]:
+        """The remote server refuses prompt + max_tokens over its window, where the local engine slides
+        it: keep the prompt's last tokens and, if need be, ask for fewer new ones. An empty prompt
+        starts from end-of-text, as it does locally."""
+        prompt = prompt or self.tokenizer.eos_token
+        ids = self.tokenizer(prompt, verbose=False).input_ids
+        budget = max(self.max_context - params.max_new_tokens, self.max_context // 2)
+        if len(ids) > budget:
+            ids = ids[-budget:]
+            prompt = self.tokenizer.decode(ids)
+        max_new_tokens = min(params.max_new_tokens, self.max_context - len(ids))
+        if max_new_tokens != params.max_new_tokens:
+            params = dataclasses.replace(params, max_new_tokens=max_new_tokens)
+        return prompt, params
+
+
+class RemoteClient:
+    """The HTTP side: streams one completion per call. Used by RemoteBackend; usable alone."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        model: str = "",
+        api_key: str | None = None,
+        max_concurrency: int = 32,
+        timeout_s: float = 120.0,
+        connect_timeout_s: float = 10.0,
+    ):
+        self.url = completions_url(url)
+        self.model = model
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._api_key = api_key
+        self._limit = asyncio.Semaphore(max_concurrency)
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def server(self) -> str:
+        return str(self.url.origin())
+
+    async def __aenter__(self) -> RemoteClient:
+        """Checks the server answers (and learns the model name if none is configured), so a wrong
+        url or key stops botkit at start with one sentence rather than failing every request."""
+        self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+        try:
+            models = await self.list_models()
+        except _NoModelList as exc:
+            if not self.model:
+                await self.__aexit__(None, None, None)
+                raise ModelLoadError(str(exc)) from None
+            models = None  # some OpenAI-style servers have no /v1/models; a named model is enough
+        except GenerationError as exc:
+            await self.__aexit__(None, None, None)
+            raise ModelLoadError(str(exc)) from None
+        if not self.model:
+            if not models:
+                await self.__aexit__(None, None, None)
+                raise ModelLoadError(f"The remote model server {self.server} lists no models: set model.remote_model.")
+            self.model = models[0]
+        elif models and self.model not in models:
+            log.warning("The remote server %s lists %s, not %r; sending %r anyway.", self.server, models, self.model, self.model)
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def list_models(self) -> list[str]:
+        """The model ids from `GET .../v1/models`; raises GenerationError when the server cannot be used."""
+        models_url = self.url.with_path(self.url.path.rsplit("/", 1)[0] + "/models")
+        try:
+            async with self._request("GET", models_url) as response:
+                if response.status in (404, 405):
+                    raise _NoModelList(f"The remote model server has no {models_url}: set model.remote_model.")
+                await self._check(response)
+                body = await response.json(content_type=None)
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            raise _translate(self, exc) from None
+        if not isinstance(body, dict):
+            return []
+        return [m.get("id") for m in body.get("data", []) if isinstance(m, dict) and m.get("id")]
+
+    async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[Chunk]:
+        """The sample's text as the server streams it; the last chunk carries finish_reason."""
+        body = self.request_body(prompt, params)
+        async with self._limit:
+            for attempt in range(1, MAX_ATTEMPTS + 1):
+                try:
+                    async with self._request("POST", self.url, json=body) as response:
+                        if response.status in (429, 503) and attempt < MAX_ATTEMPTS:
+                            await asyncio.sleep(_retry_after_s(response))
+                            continue
+                        await self._check(response)
+                        async for chunk in self._read_events(response):
+                            yield chunk
+                        return
+                except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+                    raise _translate(self, exc) from None
+
+    def _redact(self, text: str) -> str:
+        """A server's error text may echo the key it was sent; it never reaches users or the store."""
+        return text.replace(self._api_key, "[redacted]") if self._api_key else text
+
+    def request_body(self, prompt: str, params: SamplingParams) -> dict:
+        body = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},  # a last chunk with the token count
+        }
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.top_k:
+            body["top_k"] = params.top_k  # vLLM's extension; sent only when on, since OpenAI lacks it
+        if params.repetition_penalty != 1.0:
+            body["repetition_penalty"] = params.repetition_penalty
+        return body
+
+    def _request(self, method: str, url: URL, **kwargs):
+        if self._session is None:
+            raise RuntimeError("RemoteClient used outside `async with`")
+        return self._session.request(method, url, **kwargs)
+
+    async def _check(self, response: aiohttp.ClientResponse) -> None:
+        if response.status < 400:
+            return
+        message = self._redact(await _server_message(response))
+        if response.status in (401, 403):
+            raise GenerationError(
+                f"The remote model server {self.server} refused the API key ({response.status}): "
+                "check the environment variable named in model.api_key_env."
+            )
+        if response.status == 404 and not message:
+            raise GenerationError(f"The remote model server has nothing at {self.url}: check that model.url ends in /v1.")
+        if response.status in (429, 503):
+            raise GenerationError(f"The remote model server {self.server} is busy ({response.status}): try again in a moment.")
+        raise GenerationError(f"The remote model server {self.server} refused the request ({response.status}: {message or response.reason}).")
+
+    async def _read_events(self, response: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
+        finish_reason, num_tokens, num_prompt_tokens, num_chunks = None, None, None, 0
+        async for raw in response.content:
+            line = raw.decode("utf-8", "replace").strip()
+            if not line.startswith("data:"):
+                continue  # blank separators, comments, `event:` lines
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            event = json.loads(data)
+            if not isinstance(event, dict):
+                raise ValueError("a stream event that is not a JSON object")
+            if event.get("error"):
+                raise GenerationError(f"The remote model server {self.server} failed mid-answer: {self._redact(_message_of(event))}")
+            if event.get("usage"):
+                num_tokens = event["usage"].get("completion_tokens")
+                num_prompt_tokens = event["usage"].get("prompt_tokens")
+            for choice in event.get("choices") or ():
+                num_chunks += 1
+                if choice.get("finish_reason"):
+                    finish_reason = choice["finish_reason"]
+                if choice.get("text"):
+                    yield Chunk(choice["text"])
+        if finish_reason is None:
+            raise GenerationError(f"The remote model server {self.server} ended the answer without a finish reason: is it overloaded or restarting?")
+        reason = "length" if finish_reason == "length" else "stop"
+        yield Chunk("", finish_reason=reason, num_tokens=num_tokens or num_chunks, num_prompt_tokens=num_prompt_tokens)
+
+
+class _NoModelList(GenerationError):
+    """The server has no model list (only fatal when no model name is configured)."""
+
+
+def _translate(client: RemoteClient, exc: BaseException) -> BaseException:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        errno = getattr(exc.os_error, "errno", None)
+        reason = os.strerror(errno) if errno else str(exc.os_error)  # "Connection refused", not a repr
+        return GenerationError(
+            f"The remote model server {client.server} cannot be reached ({reason}): "
+            "check model.url and that the server is running."
+        )
+    if isinstance(exc, TimeoutError):
+        return RequestTimeout(f"The remote model server {client.server} did not answer in time: it may be overloaded.")
+    if isinstance(exc, ValueError):  # json.JSONDecodeError, or a non-UTF-8 body
+        return GenerationError(f"The remote model server {client.server} sent something other than OpenAI-style JSON: check model.url.")
+    return GenerationError(f"The connection to the remote model server {client.server} failed ({exc.__class__.__name__}): try again.")
+
+
+def _retry_after_s(response: aiohttp.ClientResponse) -> float:
+    try:
+        return min(float(response.headers.get("Retry-After", "0.5")), MAX_RETRY_WAIT_S)
+    except ValueError:
+        return 0.5
+
+
+async def _server_message(response: aiohttp.ClientResponse) -> str:
+    try:
+        return _message_of(json.loads(await response.text()))
+    except (ValueError, UnicodeDecodeError, aiohttp.ClientError):
+        return ""
+
+
+def _message_of(body) -> str:
+    """OpenAI and botkit write {"error": {"message"}}; older vLLM {"object": "error", "message"}."""
+    if not isinstance(body, dict):
+        return ""
+    error = body.get("error")
+    message = error.get("message") if isinstance(error, dict) else error if isinstance(error, str) else body.get("message")
+    return str(message or "")[:300]
+
+
+def remote_api_key(config: Config) -> str | None:
+    """The remote server's API key from the environment variable named in model.api_key_env, if any."""
+    if not config.model.api_key_env:
+        return None
+    return secret(config.model.api_key_env, "The remote backend (model.api_key_env)")

@@ -1,0 +1,251 @@
+"""`botkit.finetune`: gpt-2-simple's `finetune` with exact resume, held-out loss, early stopping,
+progress, loss plots, from-scratch models and several GPUs (through accelerate).
+
+This module holds the function's options, their checks and the command line; it imports nothing
+heavy, so `botkit --help` stays fast. The loop itself is in `trainer.py`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
+
+from botkit.errors import InputError
+from botkit.train.conversations import ConversationOptions
+
+if TYPE_CHECKING:
+    from transformers import GPT2Config
+
+    from botkit.chat_format import ChatFormat
+    from botkit.model.loading import LoadedModel
+
+SCRATCH = "scratch"  # model="scratch": a new randomly initialised GPT-2 built from n_layer/n_embd/n_head/n_ctx
+OPTIMIZERS = ("adamw", "adam", "sgd")  # "adam" is gpt-2-simple's name; both mean AdamW (weight_decay=0 is Adam)
+SCHEDULES = ("constant", "cosine", "linear")
+RESTORE = ("latest", "fresh")
+
+
+@dataclass
+class FinetuneResult:
+    lm: LoadedModel  # the trained model, in eval mode, ready for `botkit.generate`
+    run_dir: Path
+    step: int
+    avg_loss: float
+    val_loss: float | None
+    best_val_loss: float | None
+    stopped: str  # "steps" | "early stopping" | "stop_at_step" | "interrupted"
+
+
+def finetune(
+    dataset: str,
+    *,
+    model: str | GPT2Config | None = None,
+    steps: int = 1000,
+    batch_size: int = 1,
+    learning_rate: float = 1e-4,
+    accumulate_gradients: int = 1,
+    run_name: str = "run1",
+    checkpoint_dir: str = "checkpoint",
+    sample_dir: str = "samples",
+    sample_every: int = 100,
+    sample_length: int = 200,
+    sample_num: int = 1,
+    save_every: int = 500,
+    print_every: int = 1,
+    max_checkpoints: int = 1,
+    restore_from: str = "",
+    overwrite: bool = False,
+    only_train_transformer_layers: bool = False,
+    optimizer: str = "adamw",
+    seed: int = 0,
+    block_size: int = 0,
+    lr_schedule: str = "constant",
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    gradient_checkpointing: bool = False,
+    lora: int = 0,
+    lora_alpha: int = 0,
+    lora_dropout: float = 0.05,
+    val_fraction: float = 0.0,
+    val_every: int = 0,
+    val_batches: int = 40,
+    early_stopping: int = 0,
+    mixed_precision: str = "auto",
+    device: str = "",
+    n_layer: int = 4,
+    n_embd: int = 256,
+    n_head: int = 4,
+    n_ctx: int = 256,
+    train_tokenizer: bool = False,
+    vocab_size: int = 4096,
+    text_field: str = "text",
+    chat_format: str | ChatFormat | None = None,
+    conversation_gap_s: float = 3600.0,
+    exclude_speakers: str = "",
+    anonymize_speakers: bool = False,
+    stop_at_step: int = 0,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tune `model` on `dataset`; checkpoints go to `checkpoint_dir/run_name/`.
+
+    `model`: hub name, local folder (OpenAI's or gpt-2-simple's TensorFlow folders too), GPT2Config, "scratch" (a new model from n_layer/n_embd/n_head/n_ctx,
+    optionally with a byte-level BPE tokenizer of `vocab_size` trained on the data), or None for the
+    bundled demo model. `steps` is the run's total: the learning-rate schedule spans it, and a run
+    resumed with `restore_from="latest"` trains until its step count reaches `steps` (pass a larger
+    `steps` to train further). `stop_at_step` stops and saves early without changing the schedule.
+    `block_size` 0 means the model's context. Held-out loss: the last `val_fraction` of the tokens,
+    every `val_every` steps (0: at each save); `early_stopping` N stops after N evaluations without
+    improvement and keeps the best model in `run_name/best/`. `lora` R > 0 trains rank-R LoRA
+    adapters on the attention and MLP projections instead of every weight (`lora_alpha` 0 means 2R);
+    checkpoints then hold the adapter alone, and loading the run merges it into the base model.
+
+    Chat exports (DiscordChatExporter JSON/CSV, Telegram Desktop result.json, `botkit export-dataset`
+    JSONL) become conversations, split after `conversation_gap_s` seconds of silence, rendered with
+    `chat_format` (a ChatFormat, its JSON, or a chat_format.json path; default "{name}: {message}"
+    lines); `exclude_speakers` (comma-separated) drops bots an export does not mark;
+    `anonymize_speakers` names speakers user1, user2, ... (CSV exports name people by username). The run folder
+    then holds chat_format.json, and every run gets an n-gram index of its text (botkit.engine.copy_index).
+    """
+    options = dict(locals())
+    _check_args(options)
+    from botkit.train.trainer import train
+
+    return train(options.pop("dataset"), SimpleNamespace(**options))
+
+
+def _check_args(args: dict) -> None:
+    def positive(*names):
+        for name in names:
+            if not isinstance(args[name], int) or isinstance(args[name], bool) or args[name] <= 0:
+                raise InputError(f"{name} must be a whole number above 0, not {args[name]!r}.")
+
+    def at_least_zero(*names):
+        for name in names:
+            if not isinstance(args[name], int) or isinstance(args[name], bool) or args[name] < 0:
+                raise InputError(f"{name} must be a whole number from 0 up, not {args[name]!r}.")
+
+    def finite_at_least_zero(*names):
+        for name in names:
+            if not isinstance(args[name], int | float) or not 0 <= args[name] < math.inf:
+                raise InputError(f"{name} must be a finite number from 0 up, not {args[name]!r}.")
+
+    positive("steps", "batch_size", "accumulate_gradients", "save_every", "print_every", "max_checkpoints", "sample_num", "sample_length",
+             "val_batches", "n_layer", "n_embd", "n_head", "n_ctx", "vocab_size")
+    at_least_zero("sample_every", "block_size", "warmup_steps", "val_every", "early_stopping", "stop_at_step")
+    finite_at_least_zero("weight_decay", "max_grad_norm")
+    if not isinstance(args["seed"], int) or not 0 <= args["seed"] < 2**63:
+        raise InputError(f"seed must be a whole number from 0 to 2^63 - 1, not {args['seed']!r}.")
+    for name, allowed in (("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES), ("restore_from", ("", *RESTORE)),
+                          ("mixed_precision", ("auto", "no", "fp16", "bf16")), ("device", ("", "cpu", "cuda"))):
+        if args[name] not in allowed:
+            raise InputError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, not {args[name]!r}.")
+    if not 0 <= args["val_fraction"] < 1:
+        raise InputError(f"val_fraction must be at least 0 and below 1, not {args['val_fraction']!r}.")
+    if not 0 < args["learning_rate"] < math.inf:
+        raise InputError(f"learning_rate must be a finite number above 0, not {args['learning_rate']!r}.")
+    if args["early_stopping"] and not args["val_fraction"]:
+        raise InputError("early_stopping needs held-out data: set val_fraction (for example 0.05).")
+    if not args["run_name"] or any(c in args["run_name"] for c in "/\\") or args["run_name"].startswith("."):
+        raise InputError(f"run_name must be a plain folder name, not {args['run_name']!r}.")
+    for name in ("lora", "lora_alpha"):
+        if not isinstance(args[name], int) or isinstance(args[name], bool) or args[name] < 0:
+            raise InputError(f"{name} must be a whole number, 0 (off or default) or more such as 8, not {args[name]!r}.")
+    if args["lora"] and (args["model"] == SCRATCH or not isinstance(args["model"], str | None)):
+        raise InputError("LoRA adapts a trained model: pass one as model (--model gpt2, a folder, or models/124M), not a new one.")
+    if args["lora"] and args["only_train_transformer_layers"]:
+        raise InputError("lora already trains only the transformer layers (its adapters): drop only_train_transformer_layers.")
+    if not 0 <= args["lora_dropout"] < 1:
+        raise InputError(f"lora_dropout must be at least 0 and below 1, not {args['lora_dropout']!r}.")
+    if args["n_embd"] % args["n_head"]:
+        raise InputError(f"n_embd ({args['n_embd']}) must be divisible by n_head ({args['n_head']}).")
+    for name in ("checkpoint_dir", "sample_dir"):
+        if Path(args[name]).exists() and not Path(args[name]).is_dir():
+            raise InputError(f"{name} {args[name]} is a file, not a folder: choose a folder for --{name.replace('_', '-')}.")
+    gap = args["conversation_gap_s"]
+    if isinstance(gap, bool) or not (isinstance(gap, int | float) and 0 < gap < math.inf):
+        raise InputError(f"conversation_gap_s must be a number of seconds above 0, not {args['conversation_gap_s']!r}.")
+    ConversationOptions.of(args["chat_format"], gap, args["exclude_speakers"])  # a bad format fails now, not after loading
+
+
+
+
+
+# ---- command line: `botkit finetune` and `botkit encode` -------------------------------------------
+
+HELP = {
+    "dataset": ".txt file, folder or glob, one-column .csv, .jsonl, a chat export (DiscordChatExporter .json/.csv, Telegram result.json, `botkit export-dataset`), or a .npz from `botkit encode`",
+    "model": "hub name (gpt2, or gpt-2-simple's 124M/355M/774M/1558M), local folder (also OpenAI's models/124M or a gpt-2-simple checkpoint/run1), 'scratch' for a new model, or empty for the bundled demo model",
+    "steps": "total optimizer steps of the run (the schedule spans them; resuming continues up to this)",
+    "accumulate_gradients": "micro-batches per optimizer step (gpt-2-simple's default was 5; here 1)",
+    "restore_from": "'latest' continues the run in checkpoint_dir/run_name; '' or 'fresh' starts from --model",
+    "block_size": "tokens per training window; 0 = the model's context",
+    "val_every": "steps between held-out evaluations; 0 = at every save",
+    "early_stopping": "stop after this many held-out evaluations without improvement (0 = off)",
+    "n_layer": "layers of a new model (--model scratch); also --n-embd, --n-head, --n-ctx",
+    "train_tokenizer": "train a byte-level BPE tokenizer of --vocab-size on the data (--model scratch only)",
+    "stop_at_step": "stop and save at this step without shortening the schedule (0 = run to --steps)",
+    "mixed_precision": "auto (bf16/fp16 on GPU, none on CPU), no, fp16 or bf16",
+    "lora": "train rank-R LoRA adapters (peft) instead of every weight; 0 = full fine-tuning",
+    "lora_alpha": "LoRA scale numerator (0 = twice the rank)",
+    "gradient_checkpointing": "recompute activations in the backward pass: less memory, about a third slower",
+    "chat_format": 'how chat exports become text: a chat_format.json or JSON such as \'{"speaker": "<{name}> {message}"}\' (default "{name}: {message}" lines)',
+    "conversation_gap_s": "in chat exports, a silence longer than this (seconds) starts a new conversation",
+    "exclude_speakers": "comma-separated names whose messages are dropped (bots a Telegram or CSV export does not mark)",
+    "anonymize_speakers": "in chat exports, name speakers user1, user2, ... (a Discord CSV names people by their username)",
+}
+CLI_SKIP = ("dataset", "progress")
+
+
+def add_cli(subparsers) -> None:
+    """Register `finetune` and `encode` on the CLI's subparsers; defaults come from `finetune`'s signature."""
+    p = subparsers.add_parser("finetune", help="fine-tune a GPT-2 (or train one from scratch) on your text")
+    p.add_argument("--dataset", required=True, help=HELP["dataset"])
+    for name, param in inspect.signature(finetune).parameters.items():
+        if name in CLI_SKIP:
+            continue
+        flag, default = "--" + name.replace("_", "-"), param.default
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true", default=default, help=HELP.get(name))
+        else:
+            kind = str if default is None else type(default)
+            p.add_argument(flag, type=kind, default=default, help=HELP.get(name, f"(default: {default!r})"))
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_run_finetune)
+
+    e = subparsers.add_parser("encode", help="pre-tokenize a dataset into a .npz cache so fine-tuning starts fast")
+    e.add_argument("dataset", help=HELP["dataset"])
+    e.add_argument("--out", default="text_encoded.npz", help="the cache file to write (.npz)")
+    e.add_argument("--model", default=None, help="whose tokenizer to use: " + HELP["model"])
+    e.add_argument("--run-name", default=None, help="use the tokenizer of this run in --checkpoint-dir")
+    e.add_argument("--checkpoint-dir", default="checkpoint")
+    e.add_argument("--text-field", default="text", help="the JSONL field holding the text")
+    for name in ("chat_format", "conversation_gap_s", "exclude_speakers"):
+        default = inspect.signature(finetune).parameters[name].default
+        e.add_argument("--" + name.replace("_", "-"), type=float if isinstance(default, float) else str, default=default, help=HELP[name])
+    e.add_argument("--anonymize-speakers", action="store_true", help=HELP["anonymize_speakers"])
+    e.set_defaults(func=_run_encode)
+
+
+def _run_finetune(args) -> None:
+    names = [n for n in inspect.signature(finetune).parameters if n != "dataset"]
+    kwargs = {n: getattr(args, n) for n in names}
+    kwargs["model"] = kwargs["model"] or None
+    result = finetune(args.dataset, **kwargs)
+    val = f", held-out loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    print(f"Trained {result.run_dir} to step {result.step} (average loss {result.avg_loss:.4f}{val}); stopped by {result.stopped}.")
+
+
+def _run_encode(args) -> None:
+    from botkit.model.loading import load_model
+    from botkit.train.encoding import encode_dataset
+
+    lm = load_model(args.model, run_name=args.run_name, checkpoint_dir=args.checkpoint_dir, device="cpu")
+    chats = ConversationOptions.of(args.chat_format, args.conversation_gap_s, args.exclude_speakers, args.anonymize_speakers)
+    stream = encode_dataset(args.dataset, lm.tokenizer, args.out, args.text_field, chats)
+    kind = " (chat conversations)" if stream.chat_format else ""
+    print(f"Wrote {len(stream):,} tokens of {args.dataset}{kind} to {args.out} (tokenizer of {lm.name}).")
