@@ -86,6 +86,12 @@ class ConsoleAdapter:
     async def typing(self) -> None:
         pass
 
+    async def draft(self, draft_id: int, text: str) -> bool:
+        return False  # never asked: the console does not stream (Platform.stream_interval_s is None)
+
+    async def delete(self, message_id: str) -> None:
+        pass  # a printed line stays; never asked either
+
     def _read_lines(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
             for line in iter(self.stdin.readline, ""):

@@ -39,7 +39,8 @@ class DiscordAdapter:
         self.core, self.config, self.token = core, config, token
         platform = Platform(PLATFORM, MAX_MESSAGE_CHARS, config.max_reply_parts, config.command_prefix,
                             typing_interval_s=config.typing_interval_s, queue_notice_s=config.queue_notice_s,
-                            admin_user_ids=config.admin_user_ids, admins="members with Manage Server")
+                            admin_user_ids=config.admin_user_ids, admins="members with Manage Server",
+                            stream_interval_s=config.stream_interval_s, group_stream_interval_s=config.stream_interval_s)
         self.conversation = Conversation(core, platform, self._replier_for, chance=chance)
         intents = discord.Intents.default()
         intents.message_content = True  # privileged: enable it in the developer portal

@@ -28,6 +28,12 @@ class ChannelReplier:
     async def typing(self) -> None:
         await self.channel.typing()  # one POST …/typing; Discord shows it for about 10 s
 
+    async def draft(self, draft_id: int, text: str) -> bool:
+        return False  # Discord has no drafts: a streamed reply is sent and edited
+
+    async def delete(self, message_id: str) -> None:
+        await self.channel.get_partial_message(int(message_id)).delete()
+
 
 class InteractionReplier:
     """Answers a slash command: "thinking…" is its typing; the first text fills the response, the rest follow up."""
@@ -52,6 +58,16 @@ class InteractionReplier:
             else:
                 return str((await self.interaction.followup.send(text, ephemeral=private, allowed_mentions=NO_PINGS, wait=True)).id)
             return self.original
+
+    async def draft(self, draft_id: int, text: str) -> bool:
+        return False
+
+    async def delete(self, message_id: str) -> None:
+        if message_id == self.original:
+            await self.interaction.delete_original_response()
+            self.original = None
+        else:
+            await self.interaction.followup.delete_message(int(message_id))
 
     async def edit(self, message_id: str, text: str) -> str:
         if message_id == self.original:

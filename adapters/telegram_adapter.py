@@ -44,7 +44,8 @@ class TelegramAdapter:
         self._core, self._config, self._token = core, config, token
         platform = Platform(PLATFORM, MessageLimit.MAX_TEXT_LENGTH, config.max_reply_parts, config.command_prefix,
                             usernames_ping=True, typing_interval_s=config.typing_interval_s,
-                            queue_notice_s=config.queue_notice_s, admin_user_ids=config.admin_user_ids)
+                            queue_notice_s=config.queue_notice_s, admin_user_ids=config.admin_user_ids,
+                            stream_interval_s=config.stream_interval_s, group_stream_interval_s=config.group_stream_interval_s)
         self.conversation = Conversation(core, platform, self._replier_for, chance=chance)
         self.application: Application | None = None
         self._requests: list[HTTPXRequest] = []

@@ -18,6 +18,7 @@ class ChatReplier:
 
     def __init__(self, bot: Bot, chat_id: int, message_id: int | None, max_retries: int):
         self.bot, self.chat_id, self.message_id, self.max_retries = bot, chat_id, message_id, max_retries
+        self.is_private = chat_id > 0  # a private chat's id is its user's; groups' and channels' are negative
 
     async def reply(self, text: str, *, private: bool = False) -> str:
         to = ReplyParameters(self.message_id, allow_sending_without_reply=True) if self.message_id else None
@@ -32,6 +33,16 @@ class ChatReplier:
 
     async def typing(self) -> None:
         await self.bot.send_chat_action(self.chat_id, ChatAction.TYPING)  # Telegram shows it for 5 s
+
+    async def draft(self, draft_id: int, text: str) -> bool:
+        """Bot API 9.5 sendMessageDraft: private chats only; the reply's sendMessage then replaces it."""
+        if not self.is_private:
+            return False
+        await self.bot.send_message_draft(self.chat_id, draft_id, text)  # not retried: the next draft follows soon
+        return True
+
+    async def delete(self, message_id: str) -> None:
+        await self._retrying(lambda: self.bot.delete_message(self.chat_id, int(message_id)))
 
     async def _retrying(self, send):
         """Send again after a 5xx or a dropped connection (429s are retried by PacedRateLimiter).

@@ -124,6 +124,9 @@ class DiscordConfig:
     typing_interval_s: float = setting(5.0, above=0)  # resend "typing…" this often while a reply is pending (it shows for ~10 s)
     queue_notice_s: float = setting(5.0, at_least=0)  # a reply still queued after this long gets an "n-th in line" notice
     connect_timeout_s: float = setting(60.0, above=0)  # start() fails if the gateway has not said READY by then
+    # A streamed reply is edited at most this often: Discord allows 5 message sends or edits per 5 s in a
+    # channel, so one a second leaves room for the reply's next part and other messages there.
+    stream_interval_s: float = setting(1.0, above=0)
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,11 @@ class TelegramConfig:
     group_sends_per_minute: int = setting(20, at_least=0)  # at most this many messages per group per minute (Telegram's limit)
     max_send_retries: int = setting(2, at_least=0)  # a send refused with 429 (after its retry_after), a 5xx or a dropped connection
     request_timeout_s: float = setting(10.0, above=0)  # connect/read/write timeout of one Bot API call
+    # A streamed reply changes at most this often: in a private chat (a draft) Telegram allows about one
+    # message a second; in a group (an edit, which counts as a message) 20 a minute, so one edit every
+    # 6 s leaves half of them for other replies there.
+    stream_interval_s: float = setting(1.0, above=0)
+    group_stream_interval_s: float = setting(6.0, above=0)
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,7 @@ class ChatSettings:
     candidates: int = 1  # samples drawn for each reply; the likeliest that copies nothing is sent (up to 8)
     no_repeat_ngram_size: int = 0  # no n-gram of this many tokens twice in a prompt and its reply (0: off; 3 stops loops)
     banned_words: str = ""  # comma-separated; a reply holding one (any case, accents, leetspeak) is drawn again, never sent
+    stream: bool = True  # show the reply while it is written, where the platform can (botkit/chat/live_reply.py)
 
     def __post_init__(self):
         check_template(self.template)

@@ -379,9 +379,11 @@ class FakeDiscord:
             ("POST", r"/channels/(\d+)/typing", self._typing),
             ("POST", r"/channels/(\d+)/messages", self._create_message),
             ("PATCH", r"/channels/\d+/messages/(\d+)", self._edit_message),
+            ("DELETE", r"/channels/\d+/messages/(\d+)", self._delete_message),
             ("POST", r"/interactions/(\d+)/([\w-]+)/callback", self._interaction_callback),
             ("POST", r"/webhooks/\d+/([\w-]+)", self._followup),
             ("PATCH", r"/webhooks/\d+/([\w-]+)/messages/(@original|\d+)", self._edit_webhook_message),
+            ("DELETE", r"/webhooks/\d+/([\w-]+)/messages/(@original|\d+)", self._delete_webhook_message),
         ]
 
     async def _me(self, req):
@@ -428,6 +430,16 @@ class FakeDiscord:
             content=req.json.get("content", message["content"]), edited_timestamp=datetime.now(UTC).isoformat()
         )
         return message
+
+    async def _delete_message(self, req, message_id):
+        self.messages.pop(int(message_id))
+        return None
+
+    async def _delete_webhook_message(self, req, token, message_id):
+        if message_id == "@original":
+            message_id = next(m["id"] for m in self.messages.values() if m.get("interaction_token") == token)
+        self.messages.pop(int(message_id))
+        return None
 
     async def _interaction_callback(self, req, interaction_id, token):
         kind, data = req.json["type"], req.json.get("data") or {}

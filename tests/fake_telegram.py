@@ -73,6 +73,7 @@ class FakeTelegram:
         self.messages: dict[int, dict[int, dict]] = defaultdict(dict)  # chat id -> message id -> message
         self.admins: dict[int, set[int]] = defaultdict(set)  # chat id -> user ids
         self.commands: list[dict] = []
+        self.drafts: dict[int, list[tuple[int, str]]] = defaultdict(list)  # chat id -> (draft id, text) as shown, in order
         self.webhook: dict = {}  # the last setWebhook parameters; empty when polling
         self._updates: list[dict] = []  # not yet confirmed by a getUpdates offset
         self._next_update_id = 1
@@ -263,6 +264,23 @@ class FakeTelegram:
         message["text"] = params["text"]
         message["edit_date"] = int(time.time())
         return message
+
+    async def _api_sendmessagedraft(self, params):
+        """Bot API 9.5: private chats only; the text (empty: a "thinking" placeholder) is a 30 s preview."""
+        chat_id, draft_id, text = int(params["chat_id"]), int(params["draft_id"]), params.get("text", "")
+        if chat_id < 0:
+            raise _ApiError(400, "Bad Request: drafts can be sent to private chats only")
+        if draft_id == 0:
+            raise _ApiError(400, "Bad Request: draft_id must be non-zero")
+        if _utf16_len(text) > 4096:
+            raise _ApiError(400, "Bad Request: message is too long")
+        self.drafts[chat_id].append((draft_id, text))
+        return True
+
+    async def _api_deletemessage(self, params):
+        if self.messages[int(params["chat_id"])].pop(int(params["message_id"]), None) is None:
+            raise _ApiError(400, "Bad Request: message to delete not found")
+        return True
 
     async def _api_sendchataction(self, params):
         return True

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from botkit.chat.commands import HANDLERS
 from botkit.chat.events import ChatEvent, Platform, Replier
+from botkit.chat.live_reply import LiveReply
 from botkit.chat.outbox import Notice, Outbox, Typing
 from botkit.chat.triggers import prefixed_text, wants_reply
 from botkit.errors import BotkitError, InputError
@@ -174,24 +175,38 @@ class Conversation:
                 await self.say(replier, str(exc))
                 await self._mark_seen(event)
                 return
-            await self.settle(ticket, replier, typing)
+            await self.settle(ticket, replier, typing, stream=settings.stream and self._stream_interval_s(event))
         finally:
             await typing.stop()
 
-    async def settle(self, ticket: Ticket, replier: Replier, typing: Typing) -> None:
-        """Wait for the ticket (with queue notices) and deliver its reply or its failure, once."""
-        notice = Notice()
-        try:
-            reply = await self.outbox.wait(ticket, replier, notice)
-            text, kind = (reply.text, "reply") if reply.text.strip() else (EMPTY_REPLY, "error")
-        except BotkitError as exc:  # failed, timed out
-            text, kind = str(exc), "error"
-        await typing.stop()  # before sending: a late indicator would show again under the reply
-        await self._deliver(replier, ticket.request_id, text, kind, notice)
+    def _stream_interval_s(self, event: ChatEvent) -> float | None:
+        return self.platform.stream_interval_s if event.is_private else self.platform.group_stream_interval_s
 
-    async def _deliver(self, replier: Replier, request_id: int, text: str, kind: str, notice: Notice | None = None) -> None:
+    async def settle(self, ticket: Ticket, replier: Replier, typing: Typing, *, stream: float | None = None) -> None:
+        """Wait for the ticket (with queue notices) and deliver its reply or its failure, once. With
+        `stream` (seconds between updates), the reply shows while it is written (live_reply.py), unless
+        several candidates compete: those are judged whole."""
+        notice = Notice()
+        live = LiveReply(self.outbox, replier, notice, stream).start(ticket) if stream and ticket.params.candidates == 1 else None
+        try:
+            try:
+                reply = await self.outbox.wait(ticket, replier, notice)
+                text, kind = (reply.text, "reply") if reply.text.strip() else (EMPTY_REPLY, "error")
+            except BotkitError as exc:  # failed, timed out
+                text, kind = str(exc), "error"
+            if live is not None:
+                await live.stop()
+        except asyncio.CancelledError:  # botkit is stopping: the reply is sent after the restart, alone
+            if live is not None:
+                await live.withdraw()
+            raise
+        await typing.stop()  # before sending: a late indicator would show again under the reply
+        shown = live.messages if live is not None and live.messages else [(notice.message_id, notice.text)] if notice.message_id else []
+        await self._deliver(replier, ticket.request_id, text, kind, shown)
+
+    async def _deliver(self, replier: Replier, request_id: int, text: str, kind: str, shown: list[tuple[str, str]] = ()) -> None:
         """Send an answer; a shutdown waits for it to end (a half-sent answer would be recorded half)."""
-        delivery = asyncio.ensure_future(self.outbox.deliver(replier, request_id, text, kind, notice))
+        delivery = asyncio.ensure_future(self.outbox.deliver(replier, request_id, text, kind, shown))
         self._deliveries.add(delivery)
         delivery.add_done_callback(self._deliveries.discard)
         await asyncio.shield(delivery)

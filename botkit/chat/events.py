@@ -49,6 +49,16 @@ class Replier(Protocol):
         """Show "typing…" (or "thinking…") once; the conversation layer repeats it while it waits."""
         ...
 
+    async def draft(self, draft_id: int, text: str) -> bool:
+        """Show `text` as the reply being written (`draft_id`: the same for one reply, never 0; "" shows
+        "thinking") where the chat has drafts; False, sending nothing, where it has none: then a streamed
+        reply is sent early and edited instead."""
+        ...
+
+    async def delete(self, message_id: str) -> None:
+        """Delete a message this replier sent (a streamed part the final reply no longer needs)."""
+        ...
+
 
 @dataclass
 class Platform:
@@ -65,3 +75,7 @@ class Platform:
     admins: str = "this chat's admins"  # who else may, in the platform's words
     bot_name: str = "bot"  # its name in channel context and help
     mention_hint: str = "mention me"  # how to address the bot, for /help
+    # A streamed reply (chat setting `stream`) changes at most once per this many seconds, in private
+    # chats and in groups, to stay inside the platform's rate limits; None: the platform cannot stream.
+    stream_interval_s: float | None = None
+    group_stream_interval_s: float | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from botkit.chat.events import Platform, Replier
 from botkit.chat.replies import defuse_mentions, split_reply
@@ -26,6 +26,8 @@ class Notice:
 
     message_id: str | None = None
     text: str = ""
+    taken: bool = False  # a streamed reply (live_reply.py) shows its text in the notice's message now
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one update of that message at a time
 
 
 class Outbox:
@@ -55,19 +57,25 @@ class Outbox:
         except Exception as exc:  # noqa: BLE001 - a notice is a courtesy
             log.info("%s: could not update a notice (%s: %s)", self.platform.name, type(exc).__name__, exc)
 
-    async def deliver(self, replier: Replier, request_id: int, text: str, kind: str, notice: Notice | None = None) -> None:
+    async def deliver(self, replier: Replier, request_id: int, text: str, kind: str,
+                      shown: list[tuple[str, str]] = ()) -> None:
         """Send the answer to request `request_id` unless one was already begun (at most once, across
-        restarts); the queue notice, if any, becomes its first part. Each sent part is recorded."""
+        restarts). The messages on `shown` ((id, text): the queue notice, a streamed reply's parts) become
+        its first parts, edited where they differ; those left over are deleted. Each sent part is recorded."""
         if not await self.store.claim_answer(request_id, kind):
             log.info("%s: request %d was answered already; not sending it again", self.platform.name, request_id)
             return
         sent: list[str] = []
         try:
-            for i, part in enumerate(self.parts(text)):
-                if i == 0 and notice is not None and notice.message_id is not None:
-                    sent.append(await replier.edit(notice.message_id, part) if part != notice.text else notice.message_id)
+            parts = self.parts(text)
+            for i, part in enumerate(parts):
+                if i < len(shown):
+                    message_id, was = shown[i]
+                    sent.append(await replier.edit(message_id, part) if part != was else message_id)
                 else:
                     sent.append(await replier.reply(part))
+            for message_id, _ in shown[len(parts):]:
+                await replier.delete(message_id)
         except Exception as exc:  # noqa: BLE001 - logged; the parts that went out are still recorded
             log.warning("%s: could not send the answer to request %d (%s: %s)", self.platform.name, request_id,
                         type(exc).__name__, exc)
@@ -82,19 +90,24 @@ class Outbox:
         try:
             done, _ = await asyncio.wait({result}, timeout=self.platform.queue_notice_s)
             while not done:
-                position = ticket.position()
-                text = (f"⏳ You're number {position} in line; your reply will appear here." if position
-                        else "⏳ Writing your reply…")
-                if notice.message_id is None and position:
-                    sent = await self.say(replier, text)
-                    notice.message_id, notice.text = (sent[0], text) if sent else (None, "")
-                elif notice.message_id is not None and notice.text != text:
-                    await self.edit(replier, notice.message_id, text)
-                    notice.text = text
+                await self._update_notice(ticket, replier, notice)
                 done, _ = await asyncio.wait({result}, timeout=self.platform.typing_interval_s)
             return result.result()
         finally:
             result.cancel()  # only the waiting: the ticket runs on, to be delivered now or after a restart
+
+    async def _update_notice(self, ticket: Ticket, replier: Replier, notice: Notice) -> None:
+        position = ticket.position()
+        text = f"⏳ You're number {position} in line; your reply will appear here." if position else "⏳ Writing your reply…"
+        async with notice.lock:
+            if notice.taken:
+                return
+            if notice.message_id is None and position:
+                sent = await self.say(replier, text)
+                notice.message_id, notice.text = (sent[0], text) if sent else (None, "")
+            elif notice.message_id is not None and notice.text != text:
+                await self.edit(replier, notice.message_id, text)
+                notice.text = text
 
 
 class Typing:

@@ -105,6 +105,9 @@ class Event:
     seq: Sequence
     delta: str  # new text since the last event
     finished: bool
+    # A judged single-sample row's text so far, not judged yet ("" when it is drawn again): a preview
+    # for chats that stream replies (botkit/chat/live_reply.py); its judged text still comes once, in `delta`.
+    draft: str | None = None
 
 
 def default_cache_mb(device: torch.device) -> int:
@@ -335,13 +338,17 @@ class Engine:
                     seq.finish_reason = "length"
             if seq.finish_reason:
                 done.append(seq)
-            if seq.is_judged:
-                continue  # its text goes out once judged, as one piece
+            if seq.is_judged:  # its text goes out once judged, as one piece; before that only as a preview
+                if seq.params.candidates == 1 and not seq.finish_reason and self._take_delta(seq):
+                    events.append(Event(seq, "", False, draft=seq.text[: seq.num_emitted]))
+                continue
             delta = self._take_delta(seq)
             if delta or seq.finish_reason:
                 events.append(Event(seq, delta, seq.finish_reason is not None))
         for seq in done:
             if seq.is_judged and self._draw_again(seq):
+                if seq.params.candidates == 1:
+                    events.append(Event(seq, "", False, draft=""))  # the preview starts over
                 continue
             self._keep_for_reuse(seq)
             self._forget(seq)

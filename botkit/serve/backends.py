@@ -34,6 +34,9 @@ class Job:
     prompt: str
     params: SamplingParams
     on_text: Callable[[str], None] = lambda delta: None  # called on the event loop with each new piece of text
+    # Called on the event loop with the whole text so far of a draw that is judged when it ends ("" when
+    # it is drawn again): a preview, never the reply; backends that judge nothing never call it.
+    on_draft: Callable[[str], None] = lambda text: None
 
 
 @dataclass
@@ -191,6 +194,8 @@ class LocalBackend:
             if pending.first_token_at is None:
                 pending.first_token_at = time.time()
             pending.loop.call_soon_threadsafe(pending.job.on_text, event.delta)
+        if event.draft is not None:
+            pending.loop.call_soon_threadsafe(pending.job.on_draft, event.draft)
         if event.finished:
             del self._by_seq[event.seq.id]
             seq = event.seq

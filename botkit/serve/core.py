@@ -67,7 +67,7 @@ class Reply:
 
 
 class Ticket:
-    """A queued request: await `result()`, or follow `stream()`, ask `position()`, or `cancel()`."""
+    """A queued request: await `result()`, or follow `stream()` or `draft`, ask `position()`, or `cancel()`."""
 
     def __init__(self, core: Core, request_id: int, user_key: tuple, prompt: str, params: SamplingParams, *,
                  retry_empty: bool = False):
@@ -81,6 +81,9 @@ class Ticket:
         self._future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._future.add_done_callback(lambda f: f.cancelled() or f.exception())  # an unawaited failure is not an error
         self._deltas: asyncio.Queue[str | None] = asyncio.Queue()
+        self.draft = ""  # the reply as written so far, not judged yet (see `draft_changed`)
+        self._draft_changed = asyncio.Event()
+        self._previewed = False  # the backend sends previews (Job.on_draft): its deltas are judged text only
         self._task: asyncio.Task | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._stop_error: GenerationError | None = None
@@ -104,8 +107,26 @@ class Ticket:
             yield delta
         await self.result()
 
+    async def draft_changed(self) -> None:
+        """Wait until `draft` changes (it may start over, when a draw is drawn again) or the ticket is done."""
+        await self._draft_changed.wait()
+        self._draft_changed.clear()
+
     def cancel(self) -> None:
         self._core._stop(self, RequestCancelled("The request was cancelled."))
+
+    def _on_text(self, delta: str) -> None:
+        self._deltas.put_nowait(delta)
+        if not self._previewed:
+            self._set_draft(self.draft + delta)
+
+    def _on_draft(self, text: str) -> None:
+        self._previewed = True
+        self._set_draft(text)
+
+    def _set_draft(self, text: str) -> None:
+        self.draft = text
+        self._draft_changed.set()
 
     def _settle(self, reply: Reply | None = None, error: BaseException | None = None) -> None:
         if self._timer:
@@ -113,6 +134,7 @@ class Ticket:
         if not self._future.done():
             self._future.set_exception(error) if error else self._future.set_result(reply)
         self._deltas.put_nowait(None)
+        self._draft_changed.set()
 
 
 class Core:
@@ -292,10 +314,11 @@ class Core:
         try:
             with contextlib.suppress(StoreUnavailable):  # only a timestamp: generating matters more
                 await self.store.mark_running(ticket.request_id)
-            job = Job(ticket.request_id, ticket.prompt, ticket.params, on_text=ticket._deltas.put_nowait)
+            job = Job(ticket.request_id, ticket.prompt, ticket.params, on_text=ticket._on_text, on_draft=ticket._on_draft)
             done = await self.backend.generate(job)
             if ticket.retry_empty and not done.text.strip() and ticket.params.seed is None:
-                job = Job(ticket.request_id, ticket.prompt, ticket.params, on_text=ticket._deltas.put_nowait)
+                ticket._set_draft("")  # the blank draw's preview is dropped too
+                job = Job(ticket.request_id, ticket.prompt, ticket.params, on_text=ticket._on_text, on_draft=ticket._on_draft)
                 done = await self.backend.generate(job)
             await self._record(self.store.finish, ticket.request_id, reply=done.text, finish_reason=done.finish_reason,
                                num_prompt_tokens=done.num_prompt_tokens, num_tokens=done.num_tokens, seed=done.seed,
