@@ -83,6 +83,15 @@ class DiscordDriver:
         return await self.fake.use_command(name, dict(zip(options, values, strict=False)), author=USERS[user],
                                            channel_id=channel_id, permissions=MANAGE_GUILD if admin else MEMBER_PERMISSIONS)
 
+    def updates(self) -> list[str]:
+        """Every text the bot put on screen, in order: messages sent and edits."""
+        return [r.json["content"] for r in self.fake.requests
+                if r.method in ("POST", "PATCH") and "/messages" in r.path and isinstance(r.json, dict) and "content" in r.json]
+
+    def showing(self, sent: dict) -> list[str]:
+        """What the bot shows in answer to `sent` now."""
+        return self.answers(sent)
+
     def answers(self, sent: dict) -> list[str]:
         if "token" in sent:  # a slash command: its response and followups
             return [m["content"] for m in self.fake.bot_messages() if m.get("interaction_token") == sent["token"] and m["content"]]
@@ -119,6 +128,16 @@ class TelegramDriver:
             self.fake.set_admin(self.chat_ids[chat], self.user_ids[user])
         return self.fake.push_message(self.chat_ids[chat], f"/{name} {args}".strip(), user_id=self.user_ids[user],
                                       username=user, first_name=user.title())
+
+    def updates(self) -> list[str]:
+        """Every text the bot put on screen, in order: messages sent, edits and drafts."""
+        return [c.params.get("text", "") for c in self.fake.calls
+                if c.outcome == "ok" and c.method.lower() in ("sendmessage", "editmessagetext", "sendmessagedraft")]
+
+    def showing(self, sent: dict) -> list[str]:
+        """What the bot shows in answer to `sent` now: its messages, else (a private chat) its draft."""
+        drafts = self.fake.drafts[sent["chat"]["id"]]
+        return self.answers(sent) or [drafts[-1][1]] if drafts else self.answers(sent)
 
     def answers(self, sent: dict) -> list[str]:
         return [m["text"] for m in self.fake.sent(sent["chat"]["id"])

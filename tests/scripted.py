@@ -77,3 +77,45 @@ async def serving(config, capsys):
     finally:
         stop.set()
         await asyncio.wait_for(running, 30)
+
+
+class SteppedBackend:
+    """A backend that writes its reply one `step()` at a time, as the engine does: ("text", delta) is a
+    piece of an unjudged reply (Job.on_text), ("draft", text) a judged draw's preview (Job.on_draft; ""
+    when it is drawn again); after the script, one more step returns `reply`. Every prompt gets the script."""
+
+    name = "stepped"
+    max_context = 1024
+    max_batch_size = 8
+
+    def __init__(self, script: list[tuple[str, str]], reply: str):
+        self.script, self.reply = script, reply
+        self.prompts: list[str] = []
+        self._steps = asyncio.Semaphore(0)
+
+    def step(self, num_steps: int = 1) -> None:
+        for _ in range(num_steps):
+            self._steps.release()
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    async def generate(self, job) -> Completion:
+        self.prompts.append(job.prompt)
+        for kind, value in self.script:
+            await self._steps.acquire()
+            (job.on_text if kind == "text" else job.on_draft)(value)
+        await self._steps.acquire()
+        if self.reply.startswith("!"):  # "!reason": the request fails
+            from botkit.errors import GenerationError
+
+            raise GenerationError(self.reply[1:])
+        if any(kind == "draft" for kind, _ in self.script):  # a judged reply comes whole, at the end
+            job.on_text(self.reply)
+        return Completion(text=self.reply, finish_reason="stop", num_prompt_tokens=1, num_tokens=len(self.reply.split()))
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        pass

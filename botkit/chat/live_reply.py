@@ -29,29 +29,27 @@ from botkit.serve.core import Ticket
 log = logging.getLogger("botkit.conversation")
 
 WRITING = "…"  # what a streamed message shows while a draw that was drawn again has no text yet
-_LAST_WORD = re.compile(r"\S*\Z")  # the word being written: everything after the last whitespace
-_WORD_END = re.compile(r"\S(?=\s)")
+_WORD_END = re.compile(r"\S(?=\s)")  # the last character of a word that whitespace follows
 
 
 def visible_text(draft: str, banned: tuple[str, ...]) -> str:
-    """The part of a draft that may be shown. Without banned words, all of it. With them, up to its last
-    whitespace (the word being written could still become a banned one), and never from the first banned
-    word on: the longest such prefix that holds none (a prefix of a clean prefix is clean, so the shown
-    text only grows while one draw is written)."""
+    """The part of a draft that may be shown. Without banned words, all of it. With them, up to the end of
+    its last whole word (the word being written could still become a banned one), and never from the
+    first banned word on: the longest such prefix that holds none (a prefix of a clean prefix is clean,
+    so the shown text only grows while one draw is written)."""
     if not banned:
         return draft
-    text = draft[: _LAST_WORD.search(draft).start()]
-    if banned_word_in(text, banned) is None:
-        return text
-    ends = [m.end() for m in _WORD_END.finditer(text)]  # prefixes that end with a whole word
+    ends = [m.end() for m in _WORD_END.finditer(draft)]  # prefixes that end with a whole word
     low, high = 0, len(ends)  # ends[:low] are clean, ends[high:] are not
+    if ends and banned_word_in(draft[: ends[-1]], banned) is None:
+        low = high
     while low < high:
         middle = (low + high) // 2
-        if banned_word_in(text[: ends[middle]], banned) is None:
+        if banned_word_in(draft[: ends[middle]], banned) is None:
             low = middle + 1
         else:
             high = middle
-    return text[: ends[low - 1]] if low else ""
+    return draft[: ends[low - 1]] if low else ""
 
 
 class LiveReply:
