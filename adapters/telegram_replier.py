@@ -7,7 +7,7 @@ import asyncio
 
 from telegram import Bot, LinkPreviewOptions, ReplyParameters
 from telegram.constants import ChatAction
-from telegram.error import NetworkError, TimedOut
+from telegram.error import BadRequest, NetworkError, TimedOut
 
 NO_PREVIEW = LinkPreviewOptions(is_disabled=True)
 _RETRY_BACKOFF_S = 0.5  # first wait before resending after a 5xx or a dropped connection; doubles
@@ -27,8 +27,12 @@ class ChatReplier:
         return str(sent.message_id)
 
     async def edit(self, message_id: str, text: str) -> str:
-        await self._retrying(lambda: self.bot.edit_message_text(text, chat_id=self.chat_id, message_id=int(message_id),
-                                                                link_preview_options=NO_PREVIEW))
+        try:
+            await self._retrying(lambda: self.bot.edit_message_text(text, chat_id=self.chat_id, message_id=int(message_id),
+                                                                    link_preview_options=NO_PREVIEW))
+        except BadRequest as exc:
+            if "not modified" not in exc.message:  # it already reads so (a streamed reply shown whole before a restart)
+                raise
         return message_id
 
     async def typing(self) -> None:

@@ -189,20 +189,23 @@ class Conversation:
         notice = Notice()
         live = LiveReply(self.outbox, replier, notice, stream).start(ticket) if stream and ticket.params.candidates == 1 else None
         try:
-            try:
-                reply = await self.outbox.wait(ticket, replier, notice)
-                text, kind = (reply.text, "reply") if reply.text.strip() else (EMPTY_REPLY, "error")
-            except BotkitError as exc:  # failed, timed out
-                text, kind = str(exc), "error"
+            reply = await self.outbox.wait(ticket, replier, notice)
+            text, kind = (reply.text, "reply") if reply.text.strip() else (EMPTY_REPLY, "error")
+        except BotkitError as exc:  # failed, timed out
+            text, kind = str(exc), "error"
+        finally:  # botkit stopping leaves what was shown: the answer after the restart edits it (Store.previews)
             if live is not None:
                 await live.stop()
-        except asyncio.CancelledError:  # botkit is stopping: the reply is sent after the restart, alone
-            if live is not None:
-                await live.withdraw()
-            raise
         await typing.stop()  # before sending: a late indicator would show again under the reply
-        shown = live.messages if live is not None and live.messages else [(notice.message_id, notice.text)] if notice.message_id else []
+        if live is not None and live.messages:
+            shown = live.messages
+        else:
+            shown = [(notice.message_id, notice.text)] if notice.message_id else await self._previews(ticket.request_id)
         await self._deliver(replier, ticket.request_id, text, kind, shown)
+
+    async def _previews(self, request_id: int) -> list[tuple[str, str]]:
+        """The messages a reply was streamed into before a restart, to be edited into its answer."""
+        return [(message_id, "") for message_id in await self.core.store.previews(request_id)]
 
     async def _deliver(self, replier: Replier, request_id: int, text: str, kind: str, shown: list[tuple[str, str]] = ()) -> None:
         """Send an answer; a shutdown waits for it to end (a half-sent answer would be recorded half)."""
@@ -231,11 +234,11 @@ class Conversation:
     async def _resume(self, row: dict, replier: Replier) -> None:
         request_id, status, error = row["id"], row["status"], row["error"] or ""
         if time.time() - row["received_at"] > self.core.config.conversation.resume_max_age_s:
-            await self._deliver(replier, request_id, SORRY, "sorry")
+            await self._deliver(replier, request_id, SORRY, "sorry", await self._previews(request_id))
         elif status == "failed" and error.startswith("interrupted:"):
             ticket = await self.core.rerun(request_id)
             if ticket is None:  # its prompt was erased (/forget): nothing to run again
-                await self._deliver(replier, request_id, SORRY, "sorry")
+                await self._deliver(replier, request_id, SORRY, "sorry", await self._previews(request_id))
                 return
             typing = await Typing(replier, self.platform.typing_interval_s).start()
             try:
@@ -245,6 +248,6 @@ class Conversation:
         elif status == "done":
             reply = row["reply"] or ""
             await self._deliver(replier, request_id, reply if reply.strip() else EMPTY_REPLY,
-                                "reply" if reply.strip() else "error")
+                                "reply" if reply.strip() else "error", await self._previews(request_id))
         elif status in ("failed", "cancelled"):
-            await self._deliver(replier, request_id, error or SORRY, "error")
+            await self._deliver(replier, request_id, error or SORRY, "error", await self._previews(request_id))

@@ -76,16 +76,6 @@ class LiveReply:
         if self._showing is not None:
             await asyncio.gather(self._showing, return_exceptions=True)
 
-    async def withdraw(self) -> None:
-        """Delete what was shown (botkit is stopping before the reply is done: it is sent after the restart)."""
-        await self.stop()
-        for message_id, _ in self.messages:
-            try:
-                await self.replier.delete(message_id)
-            except Exception as exc:  # noqa: BLE001 - a leftover preview is a blemish, not a failure
-                log.info("could not delete a streamed message (%s: %s)", type(exc).__name__, exc)
-        self.messages.clear()
-
     async def _follow(self, ticket: Ticket) -> None:
         banned, shown, last_update = ticket.params.banned_words, "", float("-inf")
         while not ticket.done:
@@ -108,7 +98,7 @@ class LiveReply:
                     self._drafting = await self.replier.draft(request_id, parts[-1] if parts else "")
                 if not self._drafting:
                     self.notice.taken = True  # from now on the notice's message is this reply's first part
-                    await self._edit_messages(parts or [WRITING])
+                    await self._edit_messages(request_id, parts or [WRITING])
                 self.num_updates += 1
         except Exception as exc:  # noqa: BLE001 - streaming is a courtesy
             log.info("%s: could not update a streamed reply (%s: %s)", self.outbox.platform.name, type(exc).__name__, exc)
@@ -117,15 +107,20 @@ class LiveReply:
             self.first_shown_at = time.monotonic()
         return True
 
-    async def _edit_messages(self, parts: list[str]) -> None:
-        """Make the messages on show hold `parts`: edit those that differ, send new ones, delete the extra."""
+    async def _edit_messages(self, request_id: int, parts: list[str]) -> None:
+        """Make the messages on show hold `parts`: edit those that differ, send new ones, delete the extra.
+        Each message is recorded as it is sent (Store.previews): after a crash, the answer edits it."""
+        store = self.outbox.store
         if not self.messages and self.notice.message_id is not None:
             self.messages.append((self.notice.message_id, self.notice.text))  # the queue notice becomes the first part
+            await store.record_preview(request_id, 0, self.notice.message_id)
         for i, part in enumerate(parts):
             if i == len(self.messages):
                 self.messages.append((await self.replier.reply(part), part))
+                await store.record_preview(request_id, i, self.messages[i][0])
             elif self.messages[i][1] != part:
                 self.messages[i] = (await self.replier.edit(self.messages[i][0], part), part)
         while len(self.messages) > len(parts):
             await self.replier.delete(self.messages[-1][0])
             self.messages.pop()
+            await store.record_preview(request_id, len(self.messages), None)

@@ -100,6 +100,16 @@ MIGRATIONS = [
     CREATE INDEX requests_message ON requests(message_id);
     ALTER TABLE chats ADD COLUMN context_since_message INTEGER NOT NULL DEFAULT 0;
     """,
+    # 3: streamed replies (chat setting stream). `previews` holds the messages a reply was shown in
+    # while it was written, so that after a crash its answer edits them instead of leaving a stale half.
+    """
+    CREATE TABLE previews (
+        request_id INTEGER NOT NULL REFERENCES requests(id) ON DELETE CASCADE,
+        part INTEGER NOT NULL,
+        platform_message_id TEXT NOT NULL,
+        PRIMARY KEY (request_id, part)
+    );
+    """,
 ]
 
 BUSY_RETRIES = 5
@@ -243,6 +253,18 @@ class Store:
             await db.executemany("INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, ?)", rows)
 
         await self._transaction(work)
+
+    async def record_preview(self, request_id: int, part: int, platform_message_id: str | None) -> None:
+        """Part `part` of a streamed reply shows in this message now (None: it was deleted)."""
+        if platform_message_id is None:
+            await self._write("DELETE FROM previews WHERE request_id=? AND part=?", (request_id, part))
+        else:
+            await self._write("INSERT OR REPLACE INTO previews VALUES (?, ?, ?)", (request_id, part, str(platform_message_id)))
+
+    async def previews(self, request_id: int) -> list[str]:
+        """The messages a streamed reply showed in, part by part (none if it was not streamed)."""
+        rows = await self._rows("SELECT platform_message_id FROM previews WHERE request_id=? ORDER BY part", (request_id,))
+        return [r[0] for r in rows]
 
     async def is_delivered(self, request_id: int) -> bool:
         return bool(await self._rows("SELECT 1 FROM deliveries WHERE request_id=? LIMIT 1", (request_id,)))
@@ -419,7 +441,7 @@ class Store:
 
         async def work(db):
             await db.execute(quoting, args)
-            for table in ("deliveries", "answers"):
+            for table in ("deliveries", "answers", "previews"):
                 await db.execute(f"DELETE FROM {table} WHERE request_id IN ({requests})", args)
             await db.execute(f"DELETE FROM requests WHERE message_id IN ({select_messages})", args)
             return (await db.execute(f"DELETE FROM messages WHERE id IN ({select_messages})", args)).rowcount
