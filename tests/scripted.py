@@ -10,13 +10,14 @@ from botkit.serve.backends import Completion
 
 
 class ScriptedBackend:
-    """A backend whose reply is `reply(prompt)`; generation waits while `gate` is clear."""
+    """A backend whose reply is `reply(prompt)`; generation waits while `gate` is clear. With `stream`,
+    the reply is handed out word by word (Job.on_text) before it is returned, as the engine does."""
 
     name = "scripted"
     max_context = 1024
 
-    def __init__(self, reply=lambda prompt: "a scripted reply", max_batch_size: int = 8):
-        self.reply, self.max_batch_size = reply, max_batch_size
+    def __init__(self, reply=lambda prompt: "a scripted reply", max_batch_size: int = 8, *, stream: bool = False):
+        self.reply, self.max_batch_size, self.stream = reply, max_batch_size, stream
         self.prompts: list[str] = []
         self.gate = asyncio.Event()
         self.gate.set()
@@ -28,6 +29,10 @@ class ScriptedBackend:
         self.prompts.append(job.prompt)
         await self.gate.wait()
         text = self.reply(job.prompt)
+        if self.stream:
+            for word in re.findall(r"\s*\S+", text):
+                job.on_text(word)
+                await asyncio.sleep(0)  # the event loop runs between pieces, as between the engine's steps
         return Completion(text=text, finish_reason="stop", num_prompt_tokens=len(job.prompt.split()), num_tokens=len(text.split()))
 
     async def __aenter__(self):

@@ -10,7 +10,6 @@ prompt, and its `never` still answered private chats while Discord's did not.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 
 import pytest
@@ -47,6 +46,10 @@ TABLE = {  #                      always   mention  m+random  command  c+random 
 }
 
 
+STREAM_FAST = {"discord": dict(stream_interval_s=0.01),
+               "telegram": dict(stream_interval_s=0.01, group_stream_interval_s=0.01)}
+
+
 def text_of(chat: str, kind: str) -> str:
     return f"{chat} {kind} says hi"
 
@@ -55,17 +58,17 @@ def text_of(chat: str, kind: str) -> str:
 @pytest.mark.parametrize("name", PLATFORMS)
 async def test_behaviour_table(tmp_path, monkeypatch, name, column):
     trigger, chance = COLUMNS[column]
-    backend = ScriptedBackend(lambda prompt: f"re: {prompt.strip()}")
+    backend = ScriptedBackend(lambda prompt: f"re: {prompt.strip()}", stream=True)  # replies stream where they can
     settings = ChatSettings(truncate="", length=8, use_context=False, trigger=trigger, random_reply_chance=chance)
     config = Config(chat=settings, limits=LimitsConfig(user_per_minute=0, chat_per_minute=0))
     index = list(COLUMNS).index(column)
-    async with platform(name, tmp_path, monkeypatch, backend, config) as bot:
+    async with platform(name, tmp_path, monkeypatch, backend, config, **STREAM_FAST.get(name, {})) as bot:
         cells = {key: row[index] for key, row in TABLE.items() if key[0] in bot.chats and key[1] in bot.kinds}
         sent = {key: await bot.send(*key, text_of(*key)) for key in cells}
         expected = {key: {"reply": [f"re: {text_of(*key)}"], "off": [SWITCHED_OFF], "empty": [EMPTY], None: []}[cell]
                     for key, cell in cells.items()}
         with contextlib.suppress(AssertionError):  # a missing answer shows in the comparison below
             await until(lambda: all(len(bot.answers(sent[key])) >= len(answers) for key, answers in expected.items()), 5.0)
-        await asyncio.sleep(0.3)  # time for a wrong extra answer to show up
+        await bot.adapter.conversation.idle()  # every message's handler has ended: no answer is still to come
         assert {key: bot.answers(message) for key, message in sent.items()} == expected
     assert sorted(backend.prompts) == sorted(f"{text_of(*key)}\n" for key, cell in cells.items() if cell == "reply")

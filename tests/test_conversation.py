@@ -4,7 +4,6 @@ and channel context."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import sqlite3
@@ -67,7 +66,7 @@ async def test_a_redelivered_event_is_recognised_through_the_store_after_a_resta
                     fake.push_update({"message": event})
             sentinel = await bot.send(GROUP, "mention", "sentinel")
             await until(lambda: bot.answers(sentinel))
-            await asyncio.sleep(0.3)
+            await bot.adapter.conversation.idle()  # the replays came first; their handlers have ended too
             assert len(bot.answers(message)) == 1 and len(bot.answers(command)) == 1
         assert len(backend.prompts) == 1 and backend.prompts[0].endswith("sentinel\n")
 
@@ -88,10 +87,11 @@ async def test_a_request_interrupted_by_a_shutdown_is_answered_once_after_the_re
         restarted = config(conversation=ConversationConfig(resume_max_age_s=age_limit_s))
         async with platform(name, tmp_path, monkeypatch, backend, restarted, fake=fake) as bot:
             await until(lambda: bot.answers(message))
-            await asyncio.sleep(0.3)
+            await bot.adapter.conversation.idle()  # what the restart owed is given
             assert bot.answers(message) == [answer]  # a reply to the original message, once
         async with platform(name, tmp_path, monkeypatch, ScriptedBackend(), restarted, fake=fake) as bot:
-            await asyncio.sleep(0.5)  # a third start owes nothing
+            await until(lambda: bot.core.connections.states().get(name))  # connected: it looked for what it owes
+            await bot.adapter.conversation.idle()  # a third start owes nothing
             assert bot.answers(message) == [answer]
     assert backend.prompts == (stuck.prompts if answer != SORRY else [])  # run again with the prompt it was accepted with
     (request_id, _), = deliveries(tmp_path)
@@ -116,7 +116,7 @@ async def test_a_reply_done_but_never_sent_is_sent_after_the_restart_and_one_beg
             assert await bot.store.claim_answer(tickets[1].request_id, "reply")
         async with platform(name, tmp_path, monkeypatch, ScriptedBackend(), config(), fake=fake) as bot:
             await until(lambda: bot.answers(originals[0]))
-            await asyncio.sleep(0.3)
+            await bot.adapter.conversation.idle()
             assert bot.answers(originals[0]) == ["a scripted reply"] and bot.answers(originals[1]) == []
 
 

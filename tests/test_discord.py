@@ -4,7 +4,6 @@ replies are a plain function of the prompt."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import warnings
 
@@ -51,16 +50,16 @@ async def fake(monkeypatch):
 
 @contextlib.asynccontextmanager
 async def running(tmp_path, fake, backend, *, config: Config | None = None, chance=lambda: 0.5, **discord_config):
-    """A core on SQLite in tmp_path and the adapter connected to the fake; yields (core, store)."""
+    """A core on SQLite in tmp_path and the adapter connected to the fake; yields (core, store, adapter)."""
     config = config or Config(chat=QUICK, limits=LimitsConfig(user_per_minute=0, chat_per_minute=0))
     settings = dict(enabled=True, typing_interval_s=0.2, queue_notice_s=30.0, connect_timeout_s=5.0) | discord_config
     async with (
         Store.open(tmp_path / "bot.db") as store,
         backend,
         Core(backend, store, config) as core,
-        DiscordAdapter(core, DiscordConfig(**settings), fake.token, chance=chance),
+        DiscordAdapter(core, DiscordConfig(**settings), fake.token, chance=chance) as adapter,
     ):
-        yield core, store
+        yield core, store, adapter
 
 
 def replies_to(fake: FakeDiscord, message: dict) -> list[dict]:
@@ -84,7 +83,7 @@ async def interaction_messages(fake: FakeDiscord, interaction: dict, count: int 
 
 
 async def test_a_mention_is_answered_by_the_model_as_a_reply_and_recorded(tmp_path, fake, tiny_lm):
-    async with running(tmp_path, fake, LocalBackend(tiny_lm, max_batch_size=4)) as (core, store):
+    async with running(tmp_path, fake, LocalBackend(tiny_lm, max_batch_size=4)) as (core, store, _):
         assert {c["name"] for c in fake.commands} == COMMANDS  # slash commands synced at start
         assert fake.identifies[0]["intents"] & discord.Intents(message_content=True).value
         message = await fake.send_message("Once upon a time", mention_bot=True)
@@ -101,7 +100,7 @@ async def test_a_mention_is_answered_by_the_model_as_a_reply_and_recorded(tmp_pa
 
 async def test_what_triggers_a_reply(tmp_path, fake):
     backend = ScriptedBackend(lambda prompt: "ok")
-    async with running(tmp_path, fake, backend) as (core, store):
+    async with running(tmp_path, fake, backend) as (core, store, _):
         await fake.wait_connected()
         ignored = [
             await fake.send_message("just chatting"),
@@ -146,10 +145,10 @@ async def test_channels_and_servers_outside_the_allowlists_are_ignored(tmp_path,
 
 async def test_long_replies_are_split_at_2000_capped_and_never_ping(tmp_path, fake):
     text = "@everyone <@&42> <@123> " + "word " * 1000 + "@here"
-    async with running(tmp_path, fake, ScriptedBackend(lambda prompt: text), max_reply_parts=2):
+    async with running(tmp_path, fake, ScriptedBackend(lambda prompt: text), max_reply_parts=2) as (_, _, adapter):
         message = await fake.send_message("go", mention_bot=True)
         parts = await answered(fake, message, count=2)
-        await asyncio.sleep(0.1)
+        await adapter.conversation.idle()  # had it sent a 3rd part, it would be sent now
         assert len(replies_to(fake, message)) == 2
     contents = [p["content"] for p in parts]
     assert all(len(c) <= 2000 for c in contents) and contents[-1].endswith("word…")
@@ -166,8 +165,11 @@ async def test_typing_is_kept_on_until_the_reply_is_sent(tmp_path, fake):
         await fake.wait_for(lambda: len(fake.requests_to("POST", r"/channels/\d+/typing")) >= 4)
         backend.gate.set()
         await answered(fake, message)
-        await asyncio.sleep(0.2)
-    (sent,) = fake.requests_to("POST", SEND)
+        backend.gate.clear()
+        await fake.send_message("and you?", channel_id=DM_CHANNEL_ID)  # a sentinel: its typing shows the bot's clock running
+        await fake.wait_for(lambda: len(fake.requests_to("POST", rf"/channels/{DM_CHANNEL_ID}/typing")) >= 3)  # 2 intervals on
+        backend.gate.set()
+    (sent,) = fake.requests_to("POST", rf"/channels/{CHANNEL_ID}/messages")
     typing = fake.requests_to("POST", rf"/channels/{CHANNEL_ID}/typing")
     assert typing[-1].at_s < sent.at_s  # it stops once the reply is out
 
@@ -217,7 +219,7 @@ async def test_core_refusals_are_answered_with_their_sentence(tmp_path, fake):
 
 async def test_slash_gen_thinks_then_answers_in_parts(tmp_path, fake):
     text = "line\n" * 700
-    async with running(tmp_path, fake, ScriptedBackend(lambda prompt: text)) as (core, store):
+    async with running(tmp_path, fake, ScriptedBackend(lambda prompt: text)) as (core, store, _):
         interaction = await fake.use_command("gen", {"prefix": "hello"})
         parts = await interaction_messages(fake, interaction, count=2)
         ((request_id, _), _) = await delivered(tmp_path, 2)
@@ -234,21 +236,21 @@ async def test_settings_show_change_by_managers_only_and_persist_across_restart(
         interaction = await fake.use_command(name, options, **kwargs)
         return (await interaction_messages(fake, interaction))[0]["content"]
 
-    async with running(tmp_path, fake, ScriptedBackend(), admin_user_ids=(BOB["id"],)) as (core, store):
+    async with running(tmp_path, fake, ScriptedBackend(), admin_user_ids=(BOB["id"],)) as (core, store, _):
         refused = await command("settings", {"key": "temperature", "value": "0.5"})
         manager = await command("settings", {"key": "temperature", "value": "0.5"}, permissions=MANAGE_GUILD)
         admin = await command("settings", {"key": "trigger", "value": "always"}, author=BOB)
         invalid = await command("settings", {"key": "top_p", "value": "7"}, permissions=MANAGE_GUILD)
     assert "Manage Server" in refused and manager == "temperature is now 0.5." and admin == "trigger is now 'always'."
     assert "top_p" in invalid
-    async with running(tmp_path, fake, ScriptedBackend()) as (core, store):
+    async with running(tmp_path, fake, ScriptedBackend()) as (core, store, _):
         shown = await command("settings")
         assert (await core.get_settings("discord", str(CHANNEL_ID))).temperature == 0.5
     assert "temperature = 0.5" in shown and "trigger = 'always'" in shown and "top_p = 0.95" in shown
 
 
 async def test_reset_stats_and_help(tmp_path, fake):
-    async with running(tmp_path, fake, ScriptedBackend()) as (core, store):
+    async with running(tmp_path, fake, ScriptedBackend()) as (core, store, _):
         await answered(fake, await fake.send_message("remember me", mention_bot=True))
         assert await store.context("discord", str(CHANNEL_ID), 10) == [("remember me", "a scripted reply")]
         for name, expected in [("reset", "I forgot"), ("stats", "1 done"), ("help", "/gen")]:
@@ -261,10 +263,10 @@ async def test_reset_stats_and_help(tmp_path, fake):
 @pytest.mark.parametrize("status", [429, 502])
 async def test_a_refused_send_is_retried_and_the_reply_appears_once(tmp_path, fake, status):
     fake.fail_next("POST", SEND, status, retry_after_s=0.3)
-    async with running(tmp_path, fake, ScriptedBackend()):
+    async with running(tmp_path, fake, ScriptedBackend()) as (_, _, adapter):
         message = await fake.send_message("go", mention_bot=True)
         await answered(fake, message)
-        await asyncio.sleep(0.1)
+        await adapter.conversation.idle()
         assert len(replies_to(fake, message)) == 1 and len(await delivered(tmp_path, 1)) == 1
     refused, accepted = fake.requests_to("POST", SEND)
     assert accepted.at_s - refused.at_s >= 0.3  # discord.py waited out retry_after (1 s for a 5xx)

@@ -4,13 +4,13 @@ whose replies are a plain function of the prompt."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 
 import aiohttp
 import pytest
 from botkit.adapters.telegram_adapter import TelegramAdapter
 from fake_telegram import FakeTelegram
+from platforms import until
 from scripted import ScriptedBackend, delivered, deliveries
 
 from botkit.chat.conversation import EMPTY_REPLY
@@ -23,6 +23,7 @@ from botkit.serve.store import Store
 
 GROUP = -100  # a supergroup
 ALICE = 42  # a user; her private chat with the bot has the same id
+BOB = 7
 BOT = "@botkit_bot"
 QUICK = ChatSettings(truncate="", length=8)  # the tiny model's replies: short and never cut to nothing
 
@@ -40,13 +41,13 @@ async def fake():
 
 @contextlib.asynccontextmanager
 async def running(tmp_path, fake, backend, *, config: Config | None = None, chance=lambda: 0.5, **telegram):
-    """A core on SQLite in tmp_path and the adapter polling the fake; yields (core, store)."""
+    """A core on SQLite in tmp_path and the adapter polling the fake; yields (core, store, adapter)."""
     config = config or Config(chat=QUICK)
     settings = dict(enabled=True, base_url=fake.url, chat_send_interval_s=0.0, typing_interval_s=0.2,
                     queue_notice_s=30.0, request_timeout_s=2.0) | telegram
     async with Store.open(tmp_path / "bot.db") as store, backend, Core(backend, store, config) as core, \
-            TelegramAdapter(core, TelegramConfig(**settings), fake.token, chance=chance):
-        yield core, store
+            TelegramAdapter(core, TelegramConfig(**settings), fake.token, chance=chance) as adapter:
+        yield core, store, adapter
 
 
 def reply_to(message: dict):
@@ -56,7 +57,7 @@ def reply_to(message: dict):
 
 
 async def test_private_message_is_answered_by_the_model_as_a_plain_reply_and_recorded(tmp_path, fake, tiny_lm):
-    async with running(tmp_path, fake, LocalBackend(tiny_lm, max_batch_size=4)) as (core, store):
+    async with running(tmp_path, fake, LocalBackend(tiny_lm, max_batch_size=4)) as (core, store, _):
         question = fake.push_message(ALICE, "Once upon a time")
         [call] = await fake.wait_for("sendMessage", where=reply_to(question))
         [request] = await store.recent(limit=5)
@@ -82,35 +83,35 @@ async def test_private_message_is_answered_by_the_model_as_a_plain_reply_and_rec
 ])
 async def test_group_triggers(tmp_path, fake, text, answered):
     backend = ScriptedBackend()
-    async with running(tmp_path, fake, backend):
+    async with running(tmp_path, fake, backend) as (_, _, adapter):
         message = fake.push_message(GROUP, text)
         sentinel = fake.push_message(GROUP, f"{BOT} sentinel", user_id=7)
         await fake.wait_for("sendMessage", where=reply_to(sentinel))
-        await asyncio.sleep(0.1)  # the first message's handler had more than this head start
+        await adapter.conversation.idle()  # the first message's handler began first; now it has ended too
         assert bool([c for c in fake.calls_of("sendMessage") if reply_to(message)(c.params)]) is answered
         if answered:
             assert backend.prompts[0] == "tell me a story\n"  # trigger words stripped, the template applied
 
 
 async def test_a_reply_to_the_bot_triggers_but_a_reply_to_someone_else_does_not(tmp_path, fake):
-    async with running(tmp_path, fake, ScriptedBackend()):
+    async with running(tmp_path, fake, ScriptedBackend()) as (_, _, adapter):
         first = fake.push_message(GROUP, "/gen hello")
         [call] = await fake.wait_for("sendMessage", where=reply_to(first))
         bots_message = fake.messages[GROUP][max(fake.messages[GROUP])]
         to_someone = fake.push_message(GROUP, "I agree", reply_to=first, user_id=7)
         to_bot = fake.push_message(GROUP, "go on", reply_to=bots_message)
         await fake.wait_for("sendMessage", where=reply_to(to_bot))
-        await asyncio.sleep(0.1)
+        await adapter.conversation.idle()
         assert not [c for c in fake.calls_of("sendMessage") if reply_to(to_someone)(c.params)]
 
 
 async def test_other_bots_and_chats_outside_the_allowlist_are_ignored(tmp_path, fake):
-    async with running(tmp_path, fake, ScriptedBackend(), allowed_chats=(str(GROUP),)):
+    async with running(tmp_path, fake, ScriptedBackend(), allowed_chats=(str(GROUP),)) as (_, _, adapter):
         from_bot = fake.push_message(GROUP, f"{BOT} hi", user_id=9, is_bot=True)
         elsewhere = fake.push_message(-200, f"{BOT} hi")
         allowed = fake.push_message(GROUP, f"{BOT} hi")
         await fake.wait_for("sendMessage", where=reply_to(allowed))
-        await asyncio.sleep(0.1)
+        await adapter.conversation.idle()
         answered = [c.params["reply_parameters"]["message_id"] for c in fake.calls_of("sendMessage")]
         assert answered == [allowed["message_id"]]
         assert from_bot["message_id"] not in answered and elsewhere["chat"]["id"] != GROUP
@@ -118,10 +119,10 @@ async def test_other_bots_and_chats_outside_the_allowlist_are_ignored(tmp_path, 
 
 async def test_long_replies_are_split_at_4096_capped_and_defused(tmp_path, fake):
     line = "word " * 199 + "@alice\n"  # 1002 characters
-    async with running(tmp_path, fake, ScriptedBackend(lambda prompt: line * 20), max_reply_parts=3):
+    async with running(tmp_path, fake, ScriptedBackend(lambda prompt: line * 20), max_reply_parts=3) as (_, _, adapter):
         message = fake.push_message(ALICE, "go")
         calls = await fake.wait_for("sendMessage", 3, where=reply_to(message))
-        await asyncio.sleep(0.1)
+        await adapter.conversation.idle()  # had it sent a 4th part, it would be sent now
         texts = [c.params["text"] for c in fake.calls_of("sendMessage")]
         assert len(texts) == 3 and all(len(t) <= 4096 for t in texts) and len(texts[0]) > 3000
         assert texts[-1].endswith("…") and "@alice" not in "".join(texts) and "@\u200balice" in texts[0]
@@ -137,9 +138,13 @@ async def test_typing_is_repeated_while_the_reply_is_generated(tmp_path, fake):
         assert fake.calls_of("sendMessage") == []
         backend.gate.set()
         await fake.wait_for("sendMessage", where=reply_to(message))
-        num_typing = len(fake.calls_of("sendChatAction"))
-        await asyncio.sleep(0.3)
-        assert len(fake.calls_of("sendChatAction")) == num_typing  # typing stops once the reply is sent
+        typing_alice = lambda: [c for c in fake.calls_of("sendChatAction") if c.params["chat_id"] == ALICE]  # noqa: E731
+        num_typing = len(typing_alice())
+        backend.gate.clear()
+        fake.push_message(BOB, "and you?", user_id=BOB)  # a sentinel: its typing shows the bot's clock running
+        await fake.wait_for("sendChatAction", 3, where=lambda p: p["chat_id"] == BOB)  # two intervals later
+        assert len(typing_alice()) == num_typing  # typing stopped once the reply was sent
+        backend.gate.set()
 
 
 async def test_queue_position_notice_becomes_the_reply(tmp_path, fake):
@@ -147,7 +152,7 @@ async def test_queue_position_notice_becomes_the_reply(tmp_path, fake):
     backend.gate.clear()
     async with running(tmp_path, fake, backend, queue_notice_s=0.2, typing_interval_s=0.1):
         first = fake.push_message(GROUP, "/gen one", user_id=1)
-        await asyncio.sleep(0.1)
+        await until(lambda: backend.prompts)  # the first is generating
         second = fake.push_message(GROUP, "/gen two", user_id=2)
         [notice] = await fake.wait_for("sendMessage", where=reply_to(second))
         assert "number 1 in line" in notice.params["text"]
@@ -201,7 +206,7 @@ async def test_settings_show_change_by_admins_only_and_persist_across_restart(tm
         template = fake.push_message(GROUP, "/settings template Q: {message} A:", user_id=7)
         [call] = await fake.wait_for("sendMessage", where=reply_to(template))
         assert call.params["text"] == "template is now 'Q: {message} A:'."
-    async with running(tmp_path, fake, ScriptedBackend(), admin_user_ids=("8",)) as (core, store):
+    async with running(tmp_path, fake, ScriptedBackend(), admin_user_ids=("8",)) as (core, store, _):
         assert (await core.get_settings("telegram", str(GROUP))).temperature == 0.3
         by_configured_admin = fake.push_message(GROUP, "/settings trigger always", user_id=8)
         [call] = await fake.wait_for("sendMessage", where=reply_to(by_configured_admin))
@@ -224,7 +229,7 @@ async def test_reset_forgets_the_chats_context(tmp_path, fake):
 
 
 async def test_stats_and_help(tmp_path, fake):
-    async with running(tmp_path, fake, ScriptedBackend()) as (core, store):
+    async with running(tmp_path, fake, ScriptedBackend()) as (core, store, _):
         stats = fake.push_message(GROUP, "/stats")
         [call] = await fake.wait_for("sendMessage", where=reply_to(stats))
         assert call.params["text"] == core.stats().summary()
@@ -234,7 +239,7 @@ async def test_stats_and_help(tmp_path, fake):
 
 
 async def test_a_429_is_retried_after_retry_after_and_the_reply_appears_once(tmp_path, fake):
-    async with running(tmp_path, fake, ScriptedBackend()):
+    async with running(tmp_path, fake, ScriptedBackend()) as (_, _, adapter):
         fake.fail_next("sendMessage", 429, retry_after=1)
         message = fake.push_message(ALICE, "hi")
         [call] = await fake.wait_for("sendMessage", where=reply_to(message))
@@ -242,7 +247,7 @@ async def test_a_429_is_retried_after_retry_after_and_the_reply_appears_once(tmp
         assert refused.outcome == "error 429" and accepted.at - refused.at >= 1.0
         assert [m["text"] for m in fake.sent(ALICE)] == ["a scripted reply"]
         assert len(await delivered(tmp_path, 1)) == 1
-        await asyncio.sleep(0.1)
+        await adapter.conversation.idle()
         assert len(deliveries(tmp_path)) == 1 and len(fake.calls_of("sendMessage")) == 1
 
 
@@ -257,13 +262,14 @@ async def test_a_failed_send_is_retried_without_duplicates(tmp_path, fake, fault
 
 
 async def test_a_send_that_keeps_failing_is_given_up_and_the_bot_keeps_answering(tmp_path, fake):
-    async with running(tmp_path, fake, ScriptedBackend(), max_send_retries=1):
+    async with running(tmp_path, fake, ScriptedBackend(), max_send_retries=1) as (_, _, adapter):
         fake.fail_next("sendMessage", 500, times=2)
         lost = fake.push_message(ALICE, "hi")
         await fake.wait_for("sendMessage", 2, outcome="error 500")
-        await asyncio.sleep(0.1)
+        await adapter.conversation.idle()  # the first message's handler gave up
         message = fake.push_message(ALICE, "hi again")
         await fake.wait_for("sendMessage", where=reply_to(message))
+        await adapter.conversation.idle()
         assert not [c for c in fake.calls_of("sendMessage") if reply_to(lost)(c.params)]
         assert len(fake.calls_of("sendMessage", outcome=None)) == 3
 

@@ -72,6 +72,12 @@ class Conversation:
         await asyncio.gather(*waiting, *self._deliveries, return_exceptions=True)
         self.core.connections.down(self.platform.name, "stopped")
 
+    async def idle(self) -> None:
+        """Wait until no event is being handled and the answers owed since the restart (once connected)
+        are given: whatever the bot has to send for what came so far has been sent."""
+        while busy := {t for t in (*self._handlers, self._resuming) if t and not t.done()} - {asyncio.current_task()}:
+            await asyncio.wait(busy)
+
     def connected(self) -> None:
         """The platform is (again) connected; the first time, answer what was owed before this start."""
         self.core.connections.up(self.platform.name)
