@@ -60,8 +60,11 @@ async def test_ctrl_d_ends_the_chat_while_it_waits_for_input(tmp_path, tiny_lm):
             typing.flush()
             while "bot> " not in out.getvalue() or not out.getvalue().endswith("\n"):
                 await asyncio.sleep(0.01)
-            await asyncio.sleep(0.1)
-            assert not chat.done()  # still waiting for the next line
+            typing.write("second\n")  # a sentinel: answered only if the chat still waits for lines
+            typing.flush()
+            while out.getvalue().count("bot> ") < 2 or not out.getvalue().endswith("\n"):
+                assert not chat.done(), out.getvalue()
+                await asyncio.sleep(0.01)
             typing.close()  # Ctrl-D
             await asyncio.wait_for(chat, 5)
-            assert [r["text"] for r in await core.recent()] == ["first"]
+            assert [r["text"] for r in await core.recent()] == ["second", "first"]
