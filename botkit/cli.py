@@ -215,8 +215,7 @@ def with_run_chat_format(config: Config, chat_format) -> Config:
     default = ChatSettings()
     if chat_format is None or (config.chat.template, config.chat.truncate) != (default.template, default.truncate):
         return config
-    line = chat_format.speaker.replace("{name}", "{author}") + chat_format.separator
-    chat = config.chat.replace(**chat_format.chat_settings("bot"), chat_format=line)
+    chat = config.chat.replace(**chat_format.chat_settings("bot"), chat_format=chat_format.as_line())
     log.info("Chats speak the run's chat format: %r.", chat.template)
     return _replace(config, "chat", **{k: getattr(chat, k) for k in ("template", "truncate", "chat_format")})
 

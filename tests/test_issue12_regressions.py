@@ -35,7 +35,7 @@ async def test_bug_9_command_replies_never_ping(tmp_path, monkeypatch, name):
             asked = await bot.command(GROUP, *args, admin=admin)
             await until(lambda asked=asked: bot.answers(asked))
             texts += bot.answers(asked)
-        settings = await bot.chats.settings(name, str(bot.chat_id(GROUP)))
+        settings = await bot.adapter.conversation.chats.settings(name, str(bot.chat_id(GROUP)))
     assert settings.template == template  # stored as typed; only what is sent is defused
     assert "victim" in texts[0] and "victim" in texts[3] and "everyone" in texts[3]
     assert not [t for t in texts if PINGS[name].search(t) or PINGS["discord"].search(t)], texts

@@ -127,7 +127,7 @@ async def test_a_chat_run_serves_in_the_format_it_was_trained_on(tmp_path, tiny_
     fmt = ChatFormat(speaker="<{name}> {message}", separator="\n", truncate="\n")
     config = with_run_chat_format(Config(), fmt)
     assert config.chat.template == "<user> {message}\n<bot>" and config.chat.truncate == "\n"
-    assert config.chat.chat_format == "<{author}> {message}\n"
+    assert config.chat.chat_format == "<{name}> {message}\n"
     own = dataclasses.replace(Config(), chat=ChatSettings(template="Q: {message}\nA:"))
     assert with_run_chat_format(own, fmt).chat.template == "Q: {message}\nA:"  # the config's own template wins
     config = dataclasses.replace(config, limits=dataclasses.replace(config.limits, user_per_minute=0))
