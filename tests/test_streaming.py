@@ -205,3 +205,16 @@ def banned_words_normalized(text: str) -> list[str]:
     from botkit.banned_words import normalize
 
     return normalize(text).split()
+
+
+@pytest.mark.parametrize("name", ["discord", "telegram"])
+async def test_parts_shown_that_the_answer_no_longer_needs_are_deleted(tmp_path, monkeypatch, name):
+    long = " " + "word " * 900  # two parts on Telegram (4096), three on Discord (2000)
+    backend = SteppedBackend([("text", long)], "!out of memory")
+    async with platform(name, tmp_path, monkeypatch, backend, config(), **FAST[name]) as bot:
+        message = await send(bot, GROUP, "hi")
+        backend.step()
+        await until(lambda: len(bot.showing(message)) >= 2)
+        backend.step()
+        await until(lambda: bot.answers(message) == ["out of memory"])  # one message: the other parts are gone
+        assert len(await delivered(tmp_path, 1)) == 1

@@ -66,22 +66,25 @@ class Outbox:
             log.info("%s: request %d was answered already; not sending it again", self.platform.name, request_id)
             return
         sent: list[str] = []
+        parts = self.parts(text)
         try:
-            parts = self.parts(text)
             for i, part in enumerate(parts):
                 if i < len(shown):
                     message_id, was = shown[i]
                     sent.append(await replier.edit(message_id, part) if part != was else message_id)
                 else:
                     sent.append(await replier.reply(part))
-            for message_id, _ in shown[len(parts):]:
-                await replier.delete(message_id)
         except Exception as exc:  # noqa: BLE001 - logged; the parts that went out are still recorded
             log.warning("%s: could not send the answer to request %d (%s: %s)", self.platform.name, request_id,
                         type(exc).__name__, exc)
         finally:
             if sent:
                 await self.store.record_delivery(request_id, sent)
+        for message_id, _ in shown[len(parts) if len(sent) == len(parts) else len(shown):]:  # streamed parts not needed now
+            try:
+                await replier.delete(message_id)
+            except Exception as exc:  # noqa: BLE001 - a leftover part is a blemish; the answer is out
+                log.info("%s: could not delete a streamed message (%s: %s)", self.platform.name, type(exc).__name__, exc)
 
     async def wait(self, ticket: Ticket, replier: Replier, notice: Notice) -> Reply:
         """The ticket's reply; while it is still queued after `queue_notice_s`, a notice says where it

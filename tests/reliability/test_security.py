@@ -113,7 +113,7 @@ async def test_hostile_names_and_texts_are_stored_and_read_back_intact(tmp_path)
         assert await store.context("discord", HOSTILE[0][1], 10) == []
         assert await store.context("discord", "innocent", 10) == [("plain message", "ok")]
         tables = {r[0] for r in await store._rows("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert tables == {"chats", "messages", "requests", "deliveries", "answers", "events", "meta"}
+        assert tables == {"chats", "messages", "requests", "deliveries", "answers", "events", "meta", "previews"}
         assert (await store.request(innocent.request_id))["status"] == "done"
 
 
