@@ -4,8 +4,10 @@ anywhere in the file or its WAL, the file compacted) and against the next prompt
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import logging
 import sqlite3
 import time
 
@@ -124,3 +126,42 @@ def test_settings_change_of_context_is_validated():
     for bad in ("{author}", "{message} {message}", "{author}: {message} {user}", "x" * 300 + "{message}"):
         with pytest.raises(Exception, match="chat_format must contain"):
             dataclasses.replace(ChatSettings(), chat_format=bad)
+
+
+@pytest.mark.parametrize("name", ["discord", "telegram"])
+async def test_forget_erases_the_text_from_prompts_still_generating(tmp_path, monkeypatch, name):
+    backend = ScriptedBackend(lambda prompt: "noted")
+    async with platform(name, tmp_path, monkeypatch, backend, Config(chat=ChatSettings(truncate="", length=8), limits=NO_LIMITS)) as bot:
+        secret = await bot.send(GROUP, "mention", f"my password is {SECRET}")
+        await until(lambda: bot.answers(secret))
+        backend.gate.clear()  # Bob's reply, whose prompt quotes Alice, is still generating when she forgets
+        bobs = await bot.send(GROUP, "mention", "hello from bob", user="bob")
+        await until(lambda: len(backend.prompts) == 2)
+        assert SECRET in backend.prompts[1] and SECRET.encode() in file_bytes(tmp_path)
+        forget = await bot.command(GROUP, "forget")
+        await until(lambda: bot.answers(forget))
+        assert SECRET.encode() not in file_bytes(tmp_path)
+        backend.gate.set()
+        await until(lambda: bot.answers(bobs))
+        assert bot.answers(bobs) == ["noted"]
+        assert SECRET.encode() not in file_bytes(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["discord", "telegram"])
+async def test_forget_during_the_members_own_pending_request_still_answers_it_and_keeps_nothing(
+        tmp_path, monkeypatch, caplog, name):
+    backend = ScriptedBackend(lambda prompt: "noted")
+    async with platform(name, tmp_path, monkeypatch, backend, Config(limits=NO_LIMITS)) as bot:
+        backend.gate.clear()
+        asked = await bot.send(GROUP, "mention", f"my password is {SECRET}")
+        await until(lambda: len(backend.prompts) == 1)
+        forget = await bot.command(GROUP, "forget")
+        await until(lambda: bot.answers(forget))
+        assert bot.answers(forget) == ["Done: I erased 1 message I kept from you in this chat, and my replies to them."]
+        backend.gate.set()
+        await until(lambda: bot.answers(asked))
+        assert bot.answers(asked) == ["noted"]
+        await asyncio.sleep(0.2)  # the adapter records the delivery just after sending: let it try
+    assert SECRET.encode() not in file_bytes(tmp_path)
+    assert count(tmp_path, "SELECT COUNT(*) FROM requests") == count(tmp_path, "SELECT COUNT(*) FROM deliveries") == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("botkit")]

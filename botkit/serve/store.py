@@ -237,10 +237,12 @@ class Store:
     # -- deliveries -------------------------------------------------------------------------
 
     async def record_delivery(self, request_id: int, platform_message_ids: list[str]) -> None:
-        rows = [(request_id, i, str(mid), time.time()) for i, mid in enumerate(platform_message_ids)]
+        """Record which platform messages carry the answer; nothing if /forget erased the request meanwhile."""
+        rows = [(request_id, i, str(mid), time.time(), request_id) for i, mid in enumerate(platform_message_ids)]
 
         async def work(db):
-            await db.executemany("INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, ?)", rows)
+            await db.executemany("INSERT OR IGNORE INTO deliveries SELECT ?, ?, ?, ?"
+                                 " WHERE EXISTS (SELECT 1 FROM requests WHERE id = ?)", rows)
 
         await self._transaction(work)
 
@@ -339,9 +341,12 @@ class Store:
     async def claim_answer(self, request_id: int, kind: str) -> bool:
         """Record that an answer to `request_id` starts being sent now; False if one already was (or a
         delivery is recorded). From this moment the request counts as answered, even if botkit dies
-        before the platform confirms the message: a reply is never sent twice."""
+        before the platform confirms the message: a reply is never sent twice. A request that /forget
+        erased while it was in flight is answered once, from memory, and nothing about it is recorded."""
 
         async def work(db):
+            if not await (await db.execute("SELECT 1 FROM requests WHERE id=?", (request_id,))).fetchone():
+                return True
             if await (await db.execute("SELECT 1 FROM deliveries WHERE request_id=? LIMIT 1", (request_id,))).fetchone():
                 return False
             cur = await db.execute("INSERT OR IGNORE INTO answers VALUES (?, ?, ?)", (request_id, kind, time.time()))
@@ -409,11 +414,11 @@ class Store:
 
     async def _erase(self, select_messages: str, args: tuple) -> int:
         """Erase the messages `select_messages` picks, with their requests, the replies and delivery
-        records, and blank the stored prompts of the chat's other (settled) requests that quote one of
-        them as context; the text is overwritten on disk (secure_delete, then the WAL is truncated).
+        records, and blank the stored prompts of the chat's other requests that quote one of them as
+        context (those in flight too: their prompt is in memory, and a blank one is never requeued); the text is overwritten on disk (secure_delete, then the WAL is truncated).
         Returns how many messages were erased."""
         requests = f"SELECT id FROM requests WHERE message_id IN ({select_messages})"
-        quoting = ("UPDATE requests SET prompt = '' WHERE status NOT IN ('queued', 'running') AND prompt != ''"
+        quoting = ("UPDATE requests SET prompt = '' WHERE prompt != ''"
                    " AND EXISTS (SELECT 1 FROM messages q JOIN messages f ON f.platform = q.platform AND f.chat_id = q.chat_id"
                    f" WHERE q.id = requests.message_id AND f.id IN ({select_messages}) AND instr(requests.prompt, f.text) > 0)")
 
