@@ -165,3 +165,18 @@ async def test_forget_during_the_members_own_pending_request_still_answers_it_an
     assert SECRET.encode() not in file_bytes(tmp_path)
     assert count(tmp_path, "SELECT COUNT(*) FROM requests") == count(tmp_path, "SELECT COUNT(*) FROM deliveries") == 0
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("botkit")]
+
+
+async def test_forget_empties_the_wal_once_a_concurrent_reader_lets_go(tmp_path):
+    async with Store.open(tmp_path / "bot.db") as store:
+        await store.add_request(kind="chat", platform="telegram", chat_id="-100", user_id="42", user_name="alice",
+                                platform_message_id="1", text=f"my password is {SECRET}", prompt=SECRET, params={})
+        reader = sqlite3.connect(tmp_path / "bot.db")  # a backup tool (Litestream) keeps a read transaction open
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT COUNT(*) FROM messages").fetchone() == (1,)
+        assert await store.forget("telegram", "-100", "42") == 1
+        assert SECRET.encode() in file_bytes(tmp_path)  # the reader's snapshot still holds it: SQLite must keep it
+        assert await store.context("telegram", "-100", 10) == []  # the store is not held meanwhile
+        reader.rollback()
+        reader.close()
+        await until(lambda: SECRET.encode() not in file_bytes(tmp_path))

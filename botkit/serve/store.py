@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -102,7 +103,10 @@ MIGRATIONS = [
     """,
 ]
 
+log = logging.getLogger("botkit.store")
+
 BUSY_RETRIES = 5
+WAL_RETRY_S = (0.1, 30.0)  # first and longest wait between tries to empty the WAL after an erase
 BLANK = " \t\r\n"  # trim(reply, BLANK) = '' for a reply with nothing to read: never context
 
 
@@ -110,6 +114,7 @@ class Store:
     def __init__(self, db: aiosqlite.Connection):
         self.db = db
         self._lock = asyncio.Lock()  # one transaction at a time on the shared connection
+        self._wal_holds_erased = asyncio.Event()  # set by an erase whose WAL could not be emptied yet
 
     @classmethod
     @asynccontextmanager
@@ -128,7 +133,12 @@ class Store:
                 db.row_factory = aiosqlite.Row
                 store = cls(db)
                 await store._prepare(path)
-                yield store
+                emptier = asyncio.create_task(store._keep_emptying_wal())
+                try:
+                    yield store
+                finally:
+                    emptier.cancel()
+                    await asyncio.gather(emptier, return_exceptions=True)
             finally:
                 await db.close()
 
@@ -432,9 +442,36 @@ class Store:
         async with self._lock:
             await self._run_to_end("PRAGMA secure_delete=ON")  # erased text is overwritten, not left in free pages
         erased = await self._transaction(work)
-        async with self._lock:
-            await self._run_to_end("PRAGMA wal_checkpoint(TRUNCATE)")  # and the WAL's copies of those pages go too
+        if not await self._try_emptying_wal():  # the WAL's copies of those pages go too, now or once readers let go
+            self._wal_holds_erased.set()
         return erased
+
+    async def _try_emptying_wal(self) -> bool:
+        """One try at emptying the WAL that waits for nobody: False while another connection (a backup
+        tool such as Litestream) reads a snapshot that still needs the WAL's old pages."""
+        async with self._lock:
+            try:
+                await self._run_to_end("PRAGMA busy_timeout=0")
+                try:
+                    async with self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cursor:
+                        is_busy, num_wal_frames, _ = await cursor.fetchone()
+                finally:
+                    await self._run_to_end("PRAGMA busy_timeout=5000")
+            except sqlite3.Error as exc:
+                log.warning("emptying the WAL after an erase failed (%s); retrying", exc)
+                return False
+        return not is_busy and num_wal_frames <= 0
+
+    async def _keep_emptying_wal(self) -> None:
+        """While the store is open: after an erase whose WAL could not be emptied at once, retry (backing
+        off) until it is, so the erased text leaves the disk as soon as the last old reader ends."""
+        while True:
+            await self._wal_holds_erased.wait()
+            self._wal_holds_erased.clear()  # an erase during the tries below sets it again: one more round
+            wait_s = WAL_RETRY_S[0]
+            while not await self._try_emptying_wal():
+                await asyncio.sleep(wait_s)
+                wait_s = min(2 * wait_s, WAL_RETRY_S[1])
 
 
 def _unavailable(exc: sqlite3.Error) -> StoreUnavailable:
