@@ -144,7 +144,7 @@ class TelegramConfig:
     queue_notice_s: float = setting(5.0, at_least=0)  # a reply still queued after this long gets an "n-th in line" notice
     chat_send_interval_s: float = setting(1.0, at_least=0)  # at most one message per chat this often (Telegram's flood limit)
     group_sends_per_minute: int = setting(20, at_least=0)  # at most this many messages per group per minute (Telegram's limit)
-    max_send_retries: int = setting(2, at_least=0)  # a send refused with 429 (after its retry_after), a 5xx or a dropped connection
+    max_send_retries: int = setting(2, at_least=0)  # 429 (after retry_after); an edit after a 5xx or dropped connection; a new message only if it never reached Telegram
     request_timeout_s: float = setting(10.0, above=0)  # connect/read/write timeout of one Bot API call
 
 
