@@ -19,6 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from botkit.banned_words import check_banned_words
 from botkit.errors import ConfigError
 from botkit.params import ChatSettings
 
@@ -60,6 +61,12 @@ class LimitsConfig:
     api_per_minute: int = setting(0, at_least=0)  # samples per client per minute on the web playground / HTTP API (0 = unlimited)
     context_messages: int = setting(20, at_least=0)  # recent messages considered for context (then trimmed to the window)
     banned_words: tuple[str, ...] = ()  # in every chat, a reply holding one of these (any case, accents, leetspeak) is drawn again, never sent
+
+    def __post_init__(self):
+        try:  # checked here, not at the first message: a list too long would refuse every one of them
+            object.__setattr__(self, "banned_words", check_banned_words(self.banned_words))
+        except ValueError as exc:
+            raise ValueError(f"limits.banned_words: {exc}.") from None
 
 
 @dataclass(frozen=True)

@@ -171,10 +171,13 @@ class Core:
             self._check_rate(self._chat_limit, prompt.platform, prompt.chat_id, "This chat is")
             settings = settings or await self.get_settings(prompt.platform, prompt.chat_id)
             full = await self._chat_prompt(prompt, text, settings)
-            params = settings.sampling()
-            if self.config.limits.banned_words:  # the operator's list holds in every chat, whatever its admins set
-                params = dataclasses.replace(params, banned_words=params.banned_words + self.config.limits.banned_words)
+            params = self._with_operator_rules(settings.sampling())
             return await self._enqueue("chat", prompt, text, full, params, retry_empty=retry_empty)
+
+    def _with_operator_rules(self, params: SamplingParams) -> SamplingParams:
+        """The config's banned words hold in every chat and for the HTTP API, whatever its admins or clients set."""
+        extra = tuple(w for w in self.config.limits.banned_words if w not in params.banned_words)
+        return dataclasses.replace(params, banned_words=params.banned_words + extra) if extra else params
 
     async def _chat_prompt(self, prompt: Prompt, text: str, settings: ChatSettings) -> str:
         """The template and the chat's context around `text`, trimmed to the window minus the reply length."""
@@ -224,7 +227,8 @@ class Core:
         text = text.encode("utf-8", "replace").decode("utf-8")
         with self._queue_place():
             self._check_rate(self._api_limit, platform, user_id, "You're")
-            return await self._enqueue("completion", Prompt(platform, chat_id, user_id, text, None, user_name), text, text, params)
+            return await self._enqueue("completion", Prompt(platform, chat_id, user_id, text, None, user_name), text, text,
+                                       self._with_operator_rules(params))
 
     @contextlib.contextmanager
     def _queue_place(self):
