@@ -193,11 +193,13 @@ def test_odd_telegram_messages_keep_what_is_usable(tmp_path):
         tg(text=12),  # no text
         tg(text="number name", **{"from": 7}),
         tg(text="huge time", date_unixtime="9" * 40, date="1999-99-99"),
+        tg(text="odd digits", date_unixtime="\u00b2"),  # a digit to str.isdigit, not to float()
+        tg(text="lone surrogate", date_unixtime="\ud800"),
         tg(text="far later", date_unixtime="1704160800"),  # 26 h later: a new conversation
         {"type": "service", "action": "pin_message", "text": "pinned"},
         "not a message",
     ]}))
-    assert read_documents(path) == ["Ann: kept\nAnn: ab\nAnn: x\nsomeone: number name\nAnn: huge time\n<|endoftext|>",
+    assert read_documents(path) == ["Ann: kept\nAnn: ab\nAnn: x\nsomeone: number name\nAnn: huge time\nAnn: odd digits\nAnn: lone surrogate\n<|endoftext|>",
                                     "Ann: far later\n<|endoftext|>"]
 
 
@@ -227,3 +229,11 @@ def test_cleaning_a_very_long_message_takes_linear_time():
     assert normalise("a" * 160_000 + " mail me at ann@example.org") == "a" * 160_000 + " mail me at <email>"
     assert normalise("a." * 80_000) == "a." * 80_000
     assert time.perf_counter() - started < 5  # quadratic matching took 71 s; linear takes milliseconds
+
+
+async def test_export_dataset_to_a_folder_is_one_sentence(tmp_path, capsys):
+    async with Store.open(tmp_path / "botkit.db"):
+        pass
+    assert main(["export-dataset", "--db", str(tmp_path / "botkit.db"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder" in err and "Traceback" not in err and err.count("\n") == 1

@@ -40,6 +40,8 @@ def export_dataset(db_path: str | os.PathLike, out_path: str | os.PathLike, defa
     db_path, out_path = Path(db_path), Path(out_path)
     if not db_path.is_file():
         raise DatasetError(f"The database {db_path} does not exist: pass the [store] path of your bot with --db.")
+    if out_path.is_dir():
+        raise DatasetError(f"{out_path} is a folder: pass a file name with --out, such as {out_path / 'dataset.jsonl'}.")
     if not out_path.parent.is_dir():
         raise DatasetError(f"The folder of {out_path} does not exist: create it or choose another --out.")
     defaults = defaults or ChatSettings()
