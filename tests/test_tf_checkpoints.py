@@ -2,6 +2,7 @@
 TensorFlow computed (tests/fixtures/tf, written by scripts/make_tf_fixtures.py)."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -188,3 +189,26 @@ def test_a_hostile_index_is_refused_before_it_costs_memory_or_time(tmp_path, ent
     write_index(tmp_path / "model.ckpt.index", entries, num_references)
     with pytest.raises(ModelLoadError, match="is not a TensorFlow checkpoint index botkit can read"):
         open_bundle(tmp_path / "model.ckpt")
+
+
+def tensor_entry(*dims: int) -> bytes:
+    """A BundleEntryProto of a float32 tensor of shape `dims` at offset 0 of shard 0."""
+    shape = b"".join(b"\x12" + varint(len(d := b"\x08" + varint(size))) + d for size in dims)
+    return b"\x08\x01" + b"\x12" + varint(len(shape)) + shape + b"\x28" + varint(4 * math.prod(dims))
+
+
+def test_a_checkpoint_of_width_zero_is_one_sentence(tmp_path):
+    names = {"model/h0/ln_1/b": (0,), "model/wpe": (8, 0), "model/wte": (50257, 0)}
+    write_index(tmp_path / "model.ckpt.index", [(0, name.encode(), tensor_entry(*dims)) for name, dims in sorted(names.items())])
+    (tmp_path / "model.ckpt.data-00000-of-00001").write_bytes(b"")
+    (tmp_path / "hparams.json").write_text(json.dumps({"n_head": 1}))
+    with pytest.raises(ModelLoadError, match="does not have GPT-2's shapes") as info:
+        load_model(tmp_path, device="cpu")
+    assert str(info.value).count(". ") == 0
+
+
+def test_an_encoder_json_nested_deep_is_one_sentence(tmp_path):
+    run = copy_of(tmp_path)
+    (run / "encoder.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ModelLoadError, match="cannot be read as OpenAI's tokenizer files"):
+        load_model(run, device="cpu")
