@@ -8,8 +8,8 @@ import torch
 from transformers import GPT2Config
 
 import botkit
-from botkit.engine.engine import Engine
 from botkit.cli import main
+from botkit.engine.engine import Engine
 from botkit.errors import GenerationError, InputError
 from botkit.model.loading import load_model
 from botkit.params import SamplingParams

@@ -178,3 +178,13 @@ def test_gpt2_simple_tar_without_a_manifest_is_one_sentence(tmp_path, checkpoint
         tar.add(checkpoint / "run1", arcname="checkpoint/run1")
     with pytest.raises(InputError, match="does not start with botkit-archive.json .*extract it with tar and pass the folder to --model"):
         import_run(tmp_path / "checkpoint_run1.tar", tmp_path / "dest")
+
+
+def test_export_refuses_a_run_holding_a_link_instead_of_leaving_it_out(tmp_path, checkpoint):
+    run = Path(shutil.copytree(checkpoint / "run1", tmp_path / "run1"))
+    weights = next(p for p in run.iterdir() if p.name.startswith("model-") and ".data-" in p.name)
+    outside = tmp_path / weights.name
+    weights.rename(outside)
+    weights.symlink_to(outside)  # to save space, say
+    assert main(["export", str(run), str(tmp_path / "run1.tar.gz")]) == 2
+    assert not (tmp_path / "run1.tar.gz").exists()

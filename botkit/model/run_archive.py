@@ -43,7 +43,11 @@ def export_run(run_dir: Path, archive: Path) -> int:
         raise InputError(f"There is no run folder {run_dir}: check the run name and --checkpoint-dir.")
     if not RUN_NAME.match(run_dir.name):
         raise InputError(f"The run folder name {run_dir.name!r} is not a plain name: rename the folder first.")
-    files = sorted(p for p in run_dir.rglob("*") if p.is_file() and not p.is_symlink() and ".saving" not in p.parts)
+    if links := sorted(p for p in run_dir.rglob("*") if p.is_symlink() and ".saving" not in p.parts):
+        # left out, the imported run would be broken; followed, a link could carry a file from anywhere
+        raise InputError(f"{links[0]} is a link, which an archive does not carry: replace it with the file itself "
+                         f"(cp --remove-destination \"$(readlink -f {links[0]})\" {links[0]}), then export again.")
+    files = sorted(p for p in run_dir.rglob("*") if p.is_file() and ".saving" not in p.parts)
     manifest = {"format": FORMAT, "run_name": run_dir.name, "files": {}}
     for path in files:
         manifest["files"][(PurePosixPath(run_dir.name) / path.relative_to(run_dir).as_posix()).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
