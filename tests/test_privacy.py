@@ -16,7 +16,9 @@ from platforms import GROUP, platform, until
 from scripted import ScriptedBackend
 
 from botkit.config import Config, LimitsConfig, StoreConfig
-from botkit.params import ChatSettings
+from botkit.engine.engine import Engine
+from botkit.params import ChatSettings, SamplingParams
+from botkit.serve.backends import LocalBackend
 from botkit.serve.core import Core, Prompt
 from botkit.serve.retention import Retention
 from botkit.serve.store import Store
@@ -180,3 +182,30 @@ async def test_forget_empties_the_wal_once_a_concurrent_reader_lets_go(tmp_path)
         reader.rollback()
         reader.close()
         await until(lambda: SECRET.encode() not in file_bytes(tmp_path))
+
+
+async def test_forget_drops_the_conversations_the_engine_keeps_for_reuse(tmp_path, tiny_lm):
+    settings = ChatSettings(template="{message}", truncate="", length=4, unique=False)
+    async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, 2, cache_mb=64) as backend, \
+            Core(backend, store, Config(limits=NO_LIMITS)) as core:
+        text = f"my password is {SECRET}, " * 8  # past one 16-token block: worth keeping
+        await (await core.submit(Prompt("telegram", "-100", "42", text, "1", "alice"), settings)).result()
+        secret_ids = tiny_lm.tokenizer(f" {SECRET}").input_ids
+        kept = [e.tokens for e in backend.engine.prefix_cache.entries.values()]
+        assert any(contains(tokens, secret_ids) for tokens in kept)
+        assert await core.forget("telegram", "-100", "42") == 1
+        assert not backend.engine.prefix_cache.entries and backend.engine.prefix_cache.nbytes == 0
+
+
+def test_a_sequence_in_flight_during_forget_is_not_kept_for_reuse(tiny_lm):
+    engine = Engine(tiny_lm, 2, cache_mb=64)
+    engine.add(tiny_lm.tokenizer(f"my password is {SECRET}, " * 8).input_ids, SamplingParams(max_new_tokens=4, seed=0))
+    engine.step()
+    engine.drop_cached_prefixes()
+    while engine.has_work:
+        engine.step()
+    assert not engine.prefix_cache.entries
+
+
+def contains(tokens: list[int], part: list[int]) -> bool:
+    return any(tokens[i : i + len(part)] == part for i in range(len(tokens) - len(part) + 1))

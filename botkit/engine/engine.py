@@ -80,6 +80,7 @@ class Sequence:
     logprob_sum: float = 0.0  # of its generated tokens under the model, while judged (nats)
     start_offset: int = 0
     ngrams: dict[tuple[int, ...], set[int]] = field(default_factory=dict)  # no_repeat_ngram_size: (n-1)-gram -> next tokens seen
+    is_reusable: bool = True  # kept in the prefix cache when it finishes (not after a /forget while it ran)
     ngrams_upto: int = 0  # positions of prompt_ids + generated already in `ngrams`
 
     @property
@@ -466,9 +467,15 @@ class Engine:
             self.cache.grow(min(self.window, max(columns, 2 * self.cache.capacity)))
         return self.cache
 
+    def drop_cached_prefixes(self) -> None:
+        """/forget: drop every kept conversation, and keep none of those in flight (they may quote the erased text)."""
+        self.prefix_cache.clear()
+        for seq in {*self.waiting, *self.rows, *itertools.chain(*self.quarantine)}:
+            seq.is_reusable = False
+
     def _keep_for_reuse(self, seq: Sequence) -> None:
         """A finished row's keys and values, for a later prompt that extends it (the chat's next turn)."""
-        if self.prefix_cache.max_bytes and seq in self.rows:
+        if self.prefix_cache.max_bytes and seq.is_reusable and seq in self.rows:
             row = self.rows.index(seq)
             n = self.cache.lengths[row]
             self.prefix_cache.add(seq.context[:n], self.cache.read_row(row, n))

@@ -174,6 +174,15 @@ class Core:
             params = self._with_operator_rules(settings.sampling())
             return await self._enqueue("chat", prompt, text, full, params, retry_empty=retry_empty)
 
+    async def forget(self, platform: str, chat_id: str, user_id: str | None = None) -> int:
+        """/forget: erase a member's (or everyone's) messages from the store, and every conversation the
+        backend keeps for reuse (keys and values of their tokens), which may hold them too."""
+        erased = await self.store.forget(platform, chat_id, user_id)
+        drop = getattr(self.backend, "drop_cached_prefixes", None)  # only a local engine keeps any
+        if drop is not None:
+            await drop()
+        return erased
+
     def _with_operator_rules(self, params: SamplingParams) -> SamplingParams:
         """The config's banned words hold in every chat and for the HTTP API, whatever its admins or clients set."""
         extra = tuple(w for w in self.config.limits.banned_words if w not in params.banned_words)
