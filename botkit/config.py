@@ -50,7 +50,7 @@ class BatchConfig:
     max_size: int = setting(32, at_least=1)  # sequences generated together in one forward pass
     max_queue: int = setting(256, at_least=1)  # waiting requests beyond this are told "busy"
     timeout_s: float = setting(120.0, above=0)  # a request not done by then fails with a timeout
-    cache_mb: int = setting(-1, at_least=-1)  # memory that keeps recent conversations' keys and values for their next turn (-1: a quarter of RAM, or of the GPU's; 0: off)
+    cache_mb: int = setting(-1, at_least=-1)  # memory that keeps recent conversations' keys and values for their next turn (-1: a quarter of RAM or of the container's memory limit, or of the GPU's; 0: off)
 
 
 @dataclass(frozen=True)

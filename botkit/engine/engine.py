@@ -36,6 +36,7 @@ import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -108,11 +109,24 @@ class Event:
     finished: bool
 
 
-def default_cache_mb(device: torch.device) -> int:
-    """A quarter of the machine's memory (of the GPU's on CUDA) for conversation reuse."""
+def default_cache_mb(device: torch.device, cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """A quarter of the memory botkit may use (the GPU's on CUDA) for conversation reuse: the machine's,
+    or its container's limit (cgroup v2 memory.max, v1 memory.limit_in_bytes) when that is lower."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory // 4 // 2**20
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4 // 2**20
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(physical, _cgroup_limit_bytes(cgroup_root) or physical) // 4 // 2**20
+
+
+def _cgroup_limit_bytes(root: Path) -> int | None:
+    """The container's memory limit, or None when there is none (or it cannot be read)."""
+    for path in (root / "memory.max", root / "memory" / "memory.limit_in_bytes"):
+        try:
+            text = path.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        return int(text) if text.isdigit() else None  # "max": no limit (v1 writes a huge number instead)
+    return None
 
 
 class Engine:
