@@ -146,7 +146,7 @@ class TelegramConfig:
     webhook_port: int = setting(8443, at_least=0, at_most=65535)  # local port of the webhook server
     base_url: str = ""  # Bot API server ("" = Telegram's); tests point it at a fake
     max_reply_parts: int = setting(3, at_least=1)  # a long reply is split into at most this many messages
-    webhook_secret_env: str = ""  # env var with a secret Telegram echoes on every webhook call ("" = none)
+    webhook_secret_env: str = ""  # env var with a secret Telegram echoes on every webhook call (required in webhook mode)
     typing_interval_s: float = setting(4.0, above=0)  # resend "typing…" this often while a reply is pending (it shows for 5 s)
     queue_notice_s: float = setting(5.0, at_least=0)  # a reply still queued after this long gets an "n-th in line" notice
     chat_send_interval_s: float = setting(1.0, at_least=0)  # at most one message per chat this often (Telegram's flood limit)

@@ -315,3 +315,5 @@ async def test_bad_token_and_bad_webhook_config_are_config_errors(tmp_path, fake
                 pass
     with pytest.raises(ConfigError, match="webhook_url"):
         TelegramAdapter(None, TelegramConfig(mode="webhook"), fake.token)
+    with pytest.raises(ConfigError, match="webhook_secret_env: without it anyone who finds the URL"):  # could forge an admin's /forget all
+        TelegramAdapter(None, TelegramConfig(mode="webhook", webhook_url="https://bot.example/telegram"), fake.token)
