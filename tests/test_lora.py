@@ -129,6 +129,7 @@ def test_lora_on_a_tensorflow_checkpoint(tmp_path, text_file):
     ({"lora": -1}, "lora must be a whole number"),
     ({"lora_alpha": 2.5}, "lora_alpha must be a whole number"),
     ({"lora_dropout": 1.5}, "lora_dropout must be at least 0"),
+    ({"lora": 10_000}, "lora rank 10000 is above the model's width of 32"),  # would allocate for nothing
 ])
 def test_bad_lora_options_are_one_sentence(tmp_path, text_file, base, kwargs, message):
     with pytest.raises(InputError, match=message) as info:
