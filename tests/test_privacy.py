@@ -15,11 +15,12 @@ import pytest
 from platforms import GROUP, platform, until
 from scripted import ScriptedBackend
 
+from botkit.chat.chats import Chats, Prompt
 from botkit.config import Config, LimitsConfig, StoreConfig
 from botkit.engine.engine import Engine
 from botkit.params import ChatSettings, SamplingParams
 from botkit.serve.backends import LocalBackend
-from botkit.serve.core import Core, Prompt
+from botkit.serve.core import Core
 from botkit.serve.retention import Retention
 from botkit.serve.store import Store
 
@@ -93,15 +94,16 @@ async def test_retention_erases_old_rows_on_schedule_and_vacuums_the_file(tmp_pa
     config = StoreConfig(retention_days=1, prune_interval_s=0.05, vacuum_interval_s=0.2)
     async with Store.open(tmp_path / "bot.db") as store, ScriptedBackend() as backend, \
             Core(backend, store, Config(limits=NO_LIMITS)) as core:
+        chats = Chats(core, store, core.config)
         for i in range(200):  # old enough to fill pages that VACUUM gives back
-            ticket = await core.submit(Prompt("telegram", "-100", "42", f"{SECRET} number {i} " + "x" * 200, str(i), "alice"))
+            ticket = await chats.submit(Prompt("telegram", "-100", "42", f"{SECRET} number {i} " + "x" * 200, str(i), "alice"))
             await ticket.result()
         await store.record_delivery(ticket.request_id, ["m1"])
         await store.claim_answer(ticket.request_id, "reply")
         with contextlib.closing(sqlite3.connect(tmp_path / "bot.db")) as db:  # two days pass for these rows
             db.execute("UPDATE messages SET received_at = received_at - 2 * 86400")
             db.commit()
-        fresh = await core.submit(Prompt("telegram", "-100", "7", "a fresh message", "fresh", "bob"))
+        fresh = await chats.submit(Prompt("telegram", "-100", "7", "a fresh message", "fresh", "bob"))
         await fresh.result()
         size_before = (tmp_path / "bot.db").stat().st_size
         async with Retention(store, config, clock=lambda: now[0]):
@@ -116,7 +118,8 @@ async def test_retention_erases_old_rows_on_schedule_and_vacuums_the_file(tmp_pa
 async def test_without_retention_nothing_is_erased(tmp_path):
     async with Store.open(tmp_path / "bot.db") as store, ScriptedBackend() as backend, \
             Core(backend, store, Config(limits=NO_LIMITS)) as core:
-        await (await core.submit(Prompt("telegram", "-100", "42", "kept", "1", "alice"))).result()
+        chats = Chats(core, store, core.config)
+        await (await chats.submit(Prompt("telegram", "-100", "42", "kept", "1", "alice"))).result()
         retention = Retention(store, StoreConfig(), clock=lambda: time.time() + 10 * 365 * 86400)
         assert await retention.run_once() == 0
     assert count(tmp_path, "SELECT COUNT(*) FROM messages") == 1
@@ -126,7 +129,7 @@ def test_settings_change_of_context_is_validated():
     with pytest.raises(Exception, match="context must be one of bot, channel"):
         ChatSettings().replace(context="everything")
     for bad in ("{author}", "{message} {message}", "{author}: {message} {user}", "x" * 300 + "{message}"):
-        with pytest.raises(Exception, match="chat_format must contain"):
+        with pytest.raises(Exception, match="chat.format"):
             dataclasses.replace(ChatSettings(), chat_format=bad)
 
 
@@ -186,14 +189,16 @@ async def test_forget_empties_the_wal_once_a_concurrent_reader_lets_go(tmp_path)
 
 async def test_forget_drops_the_conversations_the_engine_keeps_for_reuse(tmp_path, tiny_lm):
     settings = ChatSettings(template="{message}", truncate="", length=4, unique=False)
+    config = Config(limits=NO_LIMITS)
     async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, 2, cache_mb=64) as backend, \
-            Core(backend, store, Config(limits=NO_LIMITS)) as core:
+            Core(backend, store, config) as core:
+        chats = Chats(core, store, config)
         text = f"my password is {SECRET}, " * 8  # past one 16-token block: worth keeping
-        await (await core.submit(Prompt("telegram", "-100", "42", text, "1", "alice"), settings)).result()
+        await (await chats.submit(Prompt("telegram", "-100", "42", text, "1", "alice"), settings)).result()
         secret_ids = tiny_lm.tokenizer(f" {SECRET}").input_ids
         kept = [e.tokens for e in backend.engine.prefix_cache.entries.values()]
         assert any(contains(tokens, secret_ids) for tokens in kept)
-        assert await core.forget("telegram", "-100", "42") == 1
+        assert await chats.forget("telegram", "-100", "42") == 1
         assert not backend.engine.prefix_cache.entries and backend.engine.prefix_cache.nbytes == 0
 
 
