@@ -214,3 +214,34 @@ def test_a_sequence_in_flight_during_forget_is_not_kept_for_reuse(tiny_lm):
 
 def contains(tokens: list[int], part: list[int]) -> bool:
     return any(tokens[i : i + len(part)] == part for i in range(len(tokens) - len(part) + 1))
+
+
+def test_a_request_queued_before_forget_is_not_kept_for_reuse_when_it_runs_later(tiny_lm):
+    engine = Engine(tiny_lm, 2, cache_mb=64)
+    engine.drop_cached_prefixes(not_reusable_ids={7})  # request 7 still waits in the core's queue
+    engine.add(tiny_lm.tokenizer(f"my password is {SECRET}, " * 8).input_ids, SamplingParams(max_new_tokens=4, seed=0), seq_id=7)
+    while engine.has_work:
+        engine.step()
+    assert not engine.prefix_cache.entries
+
+
+async def test_a_prompt_built_while_forget_runs_is_not_kept(tmp_path):
+    """A prompt assembled from context just before /forget erased it, and recorded just after."""
+    backend = ScriptedBackend(lambda prompt: "noted")
+    config = Config(chat=ChatSettings(truncate="", length=8), limits=NO_LIMITS)
+    async with Store.open(tmp_path / "bot.db") as store, backend, Core(backend, store, config) as core:
+        chats = Chats(core, store, config)
+        await (await chats.submit(Prompt("telegram", "-100", "alice", f"my password is {SECRET}", "1", "alice"))).result()
+        context = store.context
+
+        async def context_then_forget(*args):  # the member's /forget lands between the read and the write
+            history = await context(*args)
+            await chats.forget("telegram", "-100", "alice")
+            return history
+
+        store.context = context_then_forget
+        ticket = await chats.submit(Prompt("telegram", "-100", "bob", "hello from bob", "2", "bob"))
+        store.context = context
+        await ticket.result()
+        assert SECRET in backend.prompts[1]
+    assert SECRET.encode() not in file_bytes(tmp_path)

@@ -158,6 +158,7 @@ class Engine:
         self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (not reused)
         self._step_prompt_tokens = 0
         self._ids = itertools.count()
+        self._not_reusable_ids: set[int] = set()  # requests queued elsewhere when /forget ran (drop_cached_prefixes)
 
     # -- what callers use -------------------------------------------------------------------
 
@@ -167,6 +168,10 @@ class Engine:
         request_id = next(self._ids) if seq_id is None else seq_id
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seqs = [self._new_sequence(request_id, prompt_ids, params, seed + i) for i in range(params.candidates)]
+        if request_id in self._not_reusable_ids:
+            self._not_reusable_ids.discard(request_id)
+            for seq in seqs:
+                seq.is_reusable = False
         if len(seqs) > 1:
             for seq in seqs:
                 seq.group = seqs
@@ -481,11 +486,13 @@ class Engine:
             self.cache.grow(min(self.window, max(columns, 2 * self.cache.capacity)))
         return self.cache
 
-    def drop_cached_prefixes(self) -> None:
-        """/forget: drop every kept conversation, and keep none of those in flight (they may quote the erased text)."""
+    def drop_cached_prefixes(self, not_reusable_ids=()) -> None:
+        """/forget: drop every kept conversation, and keep none of those in flight (they may quote the
+        erased text), nor the requests `not_reusable_ids` still queued elsewhere when they arrive."""
         self.prefix_cache.clear()
         for seq in {*self.waiting, *self.rows, *itertools.chain(*self.quarantine)}:
             seq.is_reusable = False
+        self._not_reusable_ids.update(not_reusable_ids)
 
     def _keep_for_reuse(self, seq: Sequence) -> None:
         """A finished row's keys and values, for a later prompt that extends it (the chat's next turn)."""

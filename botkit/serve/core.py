@@ -184,7 +184,7 @@ class Core:
         none of those in flight: /forget erased text they may hold."""
         drop = getattr(self.backend, "drop_cached_prefixes", None)  # only the local engine keeps any
         if drop is not None:
-            await drop()
+            await drop(frozenset(t.request_id for t in (*self._queue, *self._running)))
 
     async def rerun(self, request_id: int) -> Ticket | None:
         """Queue again a chat request that a crash or shutdown interrupted, with the prompt it was

@@ -395,6 +395,12 @@ class Store:
 
     # -- privacy ----------------------------------------------------------------------------
 
+    async def blank_prompt(self, request_id: int) -> None:
+        """Blank one request's stored prompt (built from context that /forget erased meanwhile)."""
+        await self._write("UPDATE requests SET prompt = '' WHERE id=?", (request_id,))
+        if not await self._try_emptying_wal():
+            self._wal_holds_erased.set()
+
     async def forget(self, platform: str, chat_id: str, user_id: str | None = None) -> int:
         """Erase a member's messages in a chat (everyone's if `user_id` is None); see `_erase`."""
         who = "platform=? AND chat_id=?" + (" AND user_id=?" if user_id is not None else "")
