@@ -245,3 +245,19 @@ async def test_a_prompt_built_while_forget_runs_is_not_kept(tmp_path):
         await ticket.result()
         assert SECRET in backend.prompts[1]
     assert SECRET.encode() not in file_bytes(tmp_path)
+
+
+async def test_a_reply_in_flight_that_copies_the_forgotten_text_is_not_stored(tmp_path):
+    backend = ScriptedBackend(lambda prompt: prompt[-200:])  # a model that parrots its context
+    config = Config(chat=ChatSettings(truncate="", length=8), limits=NO_LIMITS)
+    async with Store.open(tmp_path / "bot.db") as store, backend, Core(backend, store, config) as core:
+        chats = Chats(core, store, config)
+        await (await chats.submit(Prompt("telegram", "-100", "alice", f"my password is {SECRET}", "1", "alice"))).result()
+        backend.gate.clear()
+        bobs = await chats.submit(Prompt("telegram", "-100", "bob", "hello from bob", "2", "bob"))
+        await until(lambda: len(backend.prompts) == 2)
+        assert await chats.forget("telegram", "-100", "alice") == 1
+        backend.gate.set()
+        assert SECRET in (await bobs.result()).text  # sent: it answers Bob, who asked
+        assert count(tmp_path, "SELECT COUNT(*) FROM requests WHERE status = 'done'") == 1
+    assert SECRET.encode() not in file_bytes(tmp_path)

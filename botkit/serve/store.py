@@ -115,6 +115,9 @@ class Store:
         self.db = db
         self._lock = asyncio.Lock()  # one transaction at a time on the shared connection
         self._wal_holds_erased = asyncio.Event()  # set by an erase whose WAL could not be emptied yet
+        # request in flight -> the erased texts its prompt quoted, in memory until it settles: a reply
+        # that copied one is not stored (see finish)
+        self._erased_quotes: dict[int, list[str]] = {}
 
     @classmethod
     @asynccontextmanager
@@ -216,12 +219,15 @@ class Store:
 
     async def finish(self, request_id: int, *, reply: str, finish_reason: str, num_prompt_tokens: int,
                      num_tokens: int, seed: int | None, first_token_at: float | None) -> None:
+        if any(text in reply for text in self._erased_quotes.pop(request_id, ())):
+            reply = ""  # it copied a message /forget erased while it ran: sent, but never stored or context
         await self._write(
             "UPDATE requests SET status='done', reply=?, finish_reason=?, num_prompt_tokens=?, num_tokens=?,"
             " seed=COALESCE(?, seed), first_token_at=?, done_at=? WHERE id=?",
             (reply, finish_reason, num_prompt_tokens, num_tokens, seed, first_token_at, time.time(), request_id))
 
     async def fail(self, request_id: int, reason: str, status: str = "failed") -> None:
+        self._erased_quotes.pop(request_id, None)
         await self._write("UPDATE requests SET status=?, error=?, done_at=? WHERE id=? AND status IN ('queued', 'running')",
                           (status, reason, time.time(), request_id))
 
@@ -438,7 +444,14 @@ class Store:
                    " AND EXISTS (SELECT 1 FROM messages q JOIN messages f ON f.platform = q.platform AND f.chat_id = q.chat_id"
                    f" WHERE q.id = requests.message_id AND f.id IN ({select_messages}) AND instr(requests.prompt, f.text) > 0)")
 
+        in_flight_quotes = ("SELECT r.id, f.text FROM requests r JOIN messages q ON q.id = r.message_id"
+                            " JOIN messages f ON f.platform = q.platform AND f.chat_id = q.chat_id"
+                            f" WHERE r.status IN ('queued', 'running') AND f.id IN ({select_messages})"
+                            " AND f.text != '' AND instr(r.prompt, f.text) > 0")
+
         async def work(db):
+            for request_id, text in await (await db.execute(in_flight_quotes, args)).fetchall():
+                self._erased_quotes.setdefault(request_id, []).append(text)
             await db.execute(quoting, args)
             for table in ("deliveries", "answers"):
                 await db.execute(f"DELETE FROM {table} WHERE request_id IN ({requests})", args)
