@@ -8,8 +8,9 @@ import torch
 from transformers import GPT2Config
 
 import botkit
+from botkit.cli import main
 from botkit.engine.engine import Engine
-from botkit.errors import InputError
+from botkit.errors import GenerationError, InputError
 from botkit.model.loading import load_model
 from botkit.params import SamplingParams
 
@@ -143,3 +144,16 @@ def test_cli_generate_runs_offline(tmp_path):
     assert out.stdout.count("=" * 20) == 4 and out.stdout.startswith("Hello")
     bad = subprocess.run([sys.executable, "-m", "botkit", "generate", "--model", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_sample_that_fails_is_an_error_not_a_finished_text(tmp_path, capsys):
+    lm = load_model(GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=1), device="cpu", seed=0)  # a 1-token window
+    with pytest.raises(GenerationError, match="could not be generated") as info:
+        botkit.generate(lm, prefix="Hello world", length=4, return_as_list=True, seed=1)
+    assert str(info.value).count(". ") == 0
+    lm.model.save_pretrained(tmp_path / "model")
+    lm.tokenizer.save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "model"), "--prefix", "Hello world", "--length", "4", "--seed", "1"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "could not be generated" in out.err
