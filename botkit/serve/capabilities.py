@@ -13,6 +13,7 @@ start (a warning) and in /healthz's details, never dropped silently:
 
 from __future__ import annotations
 
+import json
 import logging
 
 from botkit.errors import GenerationError
@@ -21,21 +22,21 @@ log = logging.getLogger("botkit.remote")
 
 RULES = "botkit's per-token rules (the UTF-8 mask, unique's copy rule, no_repeat_ngram_size, DRY, typical_p, min_tokens)"
 LOGPROBS = "candidates' scores (log-probabilities)"
-SAMPLERS = "the samplers top_k, repetition_penalty, min_p, presence_penalty, frequency_penalty"
+SAMPLER_PROBES = {"repetition_penalty": 1.1, "min_p": 0.01, "presence_penalty": 0.1, "frequency_penalty": 0.1}
 BAD_XARGS = {"botkit_rules": 1, "botkit_probe": 1}  # the processor refuses a rule it does not know (rules.from_xargs)
 
 
 async def probe(client) -> list[str]:
     """The names of what `client`'s server cannot honour (empty when it honours everything)."""
     unsupported = []
-    client.has_rules = not await _accepts(client, {"vllm_xargs": BAD_XARGS})
+    client.has_rules = await _has_rules(client)
     if not client.has_rules:
         unsupported.append(RULES)
     if not await _has_logprobs(client):
         unsupported.append(LOGPROBS)
-    samplers = {"top_k": 1, "repetition_penalty": 1.1, "min_p": 0.01, "presence_penalty": 0.1, "frequency_penalty": 0.1}
-    if not client.has_rules and not await _accepts(client, samplers):
-        unsupported.append(SAMPLERS)
+    if not client.has_rules:  # then the samplers vLLM has go as its own fields, one probe each
+        client.native_samplers = {name for name, on in SAMPLER_PROBES.items() if await _accepts(client, {name: on})}
+        unsupported += [name for name in SAMPLER_PROBES if name not in client.native_samplers]
     return unsupported
 
 
@@ -61,6 +62,16 @@ async def _post(client, extra: dict):
     except Exception as exc:  # noqa: BLE001 - a probe that fails says "cannot tell", never stops botkit
         log.warning("Could not ask %s what it supports (%s).", client.server, type(exc).__name__)
         raise GenerationError(str(exc)) from None
+
+
+async def _has_rules(client) -> bool:
+    """The processor refuses the unknown rule, naming it; a server without it ignores vllm_xargs (vLLM)
+    or refuses the field itself (botkit's web API)."""
+    try:
+        status, body = await _post(client, {"vllm_xargs": BAD_XARGS})
+    except GenerationError:
+        return False
+    return status == 400 and "botkit_probe" in json.dumps(body)
 
 
 async def _accepts(client, extra: dict) -> bool:

@@ -183,6 +183,7 @@ class RemoteClient:
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._api_key = api_key
         self.has_rules = True  # the server runs botkit's logits processor (capabilities.probe says at start)
+        self.native_samplers = set(NATIVE_SAMPLERS)  # without it, vLLM's own sampler fields the server takes
         self._limit = asyncio.Semaphore(max_concurrency)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
         self._session: aiohttp.ClientSession | None = None
@@ -278,7 +279,7 @@ class RemoteClient:
         if self.has_rules:  # the processor runs the penalties and min_p; vLLM's own stay neutral, or they apply twice
             body["vllm_xargs"] = rule_args(params)
         else:
-            body |= native_samplers(params)
+            body |= {name: value for name, value in native_samplers(params).items() if name in self.native_samplers}
         return body
 
     def _request(self, method: str, url: URL, **kwargs):
@@ -383,7 +384,7 @@ NATIVE_SAMPLERS = {"repetition_penalty": 1.0, "min_p": 0.0, "presence_penalty": 
 
 def native_samplers(params: SamplingParams) -> dict:
     """The request fields of the samplers that are on."""
-    return {name: getattr(params, name) for name, off in NATIVE_SAMPLERS.items() if getattr(params, name) != off}
+    return {name: getattr(params, name, off) for name, off in NATIVE_SAMPLERS.items() if getattr(params, name, off) != off}
 
 
 def rule_args(params: SamplingParams) -> dict:

@@ -1,0 +1,159 @@
+"""The same reply rules on both engines: botkit's own and a real vLLM that botkit starts (backend = "vllm").
+
+One vLLM server per session (it starts in about a minute on 2 cores), from the venv named by
+BOTKIT_VLLM_VENV (default .vllm-venv, made by scripts/vllm_venv.sh), with botkit put beside it the
+way a user does (`pip install --no-deps`, here into a folder on its PYTHONPATH so that a shared venv
+stays untouched). It serves one tiny run trained here: a random GPT-2 (GPT2Config, the tokenizer
+botkit ships, head width 32 because vLLM's CPU attention has no 16) overfit on a few Chinese lines,
+so that GPT-2's byte tokens can break characters, and replies can copy the training text.
+"""
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import GPT2Config
+
+from botkit.config import Config, LimitsConfig, ModelConfig, VllmConfig
+from botkit.engine.copy_index import NGRAM
+from botkit.params import SamplingParams
+from botkit.serve.backends import Job, LocalBackend
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = Path(os.environ.get("BOTKIT_VLLM_VENV", ROOT / ".vllm-venv"))
+LINES = ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。", "春眠不觉晓，处处闻啼鸟。", "夜来风雨声，花落知多少。",
+         "白日依山尽，黄河入海流。", "欲穷千里目，更上一层楼。"]
+PROMPTS = ["床前", "举头望", "春眠", "白日依山", "花落", "欲穷千里"]
+
+
+@pytest.fixture(scope="session")
+def zh_run(tmp_path_factory):
+    """A run overfit on LINES (its copy index holds them), from a random GPT-2 with botkit's tokenizer."""
+    from botkit.train.finetune import finetune
+
+    folder = tmp_path_factory.mktemp("zh")
+    (folder / "poems.txt").write_text("\n".join(LINES * 30) + "\n", encoding="utf-8")
+    result = finetune(str(folder / "poems.txt"), model=GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128), steps=150,
+                      batch_size=8, block_size=64, learning_rate=1e-2, sample_every=0, save_every=1000, progress=False, run_name="zh",
+                      checkpoint_dir=str(folder / "checkpoint"), sample_dir=str(folder / "samples"), device="cpu")
+    return result.run_dir
+
+
+@pytest.fixture(scope="session")
+def vllm_command(tmp_path_factory):
+    """The command that starts vLLM's server with this checkout of botkit beside it; skips without the venv."""
+    python = VENV / "bin" / "python"
+    if not python.is_file():
+        pytest.skip(f"no vLLM venv at {VENV}: run scripts/vllm_venv.sh (or set BOTKIT_VLLM_VENV) to test on vLLM")
+    target = tmp_path_factory.mktemp("vllm-botkit")
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(ROOT)],
+                   check=True, capture_output=True)
+    return ["env", f"PYTHONPATH={target}", "OMP_NUM_THREADS=1", str(python), "-m", "vllm.entrypoints.openai.api_server"]
+
+
+def vllm_config(run_dir, command) -> Config:
+    return Config(model=ModelConfig(backend="vllm", source=str(run_dir), max_context=128),
+                  vllm=VllmConfig(command=tuple(command), args=("--dtype", "float32", "--max-num-seqs", "16"), cpu_kvcache_gb=1),
+                  limits=LimitsConfig(user_per_minute=0, chat_per_minute=0))
+
+
+@pytest.fixture(scope="session")
+def session_loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_backend(zh_run, vllm_command, session_loop):
+    """botkit's VllmBackend on the run: one vLLM server for the whole session."""
+    from botkit.model.sources import resolve
+    from botkit.serve.vllm_backend import VllmBackend
+
+    config = vllm_config(zh_run, vllm_command)
+    backend = VllmBackend.from_config(config, resolve(str(zh_run)))
+    session_loop.run_until_complete(backend.__aenter__())
+    yield backend
+    session_loop.run_until_complete(backend.__aexit__(None, None, None))
+
+
+@pytest.fixture(scope="session")
+def local_backend(zh_run, session_loop):
+    from botkit.model.loading import load_model
+
+    backend = LocalBackend(load_model(str(zh_run), device="cpu"), max_batch_size=16)
+    session_loop.run_until_complete(backend.__aenter__())
+    yield backend
+    session_loop.run_until_complete(backend.__aexit__(None, None, None))
+
+
+@pytest.fixture(params=["local", "vllm"])
+def engine(request, session_loop):
+    """Run a coroutine function `fn(backend)` on each engine: the same behaviour test, both engines."""
+    backend = request.getfixturevalue(f"{request.param}_backend")
+    return lambda fn: session_loop.run_until_complete(fn(backend))
+
+
+async def replies(backend, params: SamplingParams, prompts=PROMPTS, num_each: int = 1) -> list[str]:
+    jobs = [Job(i, prompt, params if params.seed is None else SamplingParams(**{**params.__dict__, "seed": params.seed + i}))
+            for i, prompt in enumerate(p for p in prompts for _ in range(num_each))]
+    return [c.text for c in await asyncio.gather(*(backend.generate(job) for job in jobs))]
+
+
+def test_greedy_text_is_the_own_engines(local_backend, vllm_backend, session_loop):
+    params = SamplingParams(max_new_tokens=24, temperature=0, top_k=0, stop=())
+    local = session_loop.run_until_complete(replies(local_backend, params))
+    remote = session_loop.run_until_complete(replies(vllm_backend, params))
+    assert remote == local and all(local)
+
+
+def test_no_broken_character_at_temperature_1_3(engine):
+    texts = engine(lambda b: replies(b, SamplingParams(max_new_tokens=32, temperature=1.3, top_k=0, seed=7), num_each=4))
+    assert sum("\ufffd" in t for t in texts) == 0 and sum(len(t) for t in texts) > 100
+
+
+def test_unique_replies_share_no_8_token_span_with_the_training_text(engine, zh_run):
+    from botkit.engine.copy_index import CopyIndex
+
+    index, tokenizer = CopyIndex.load(zh_run), None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(zh_run)
+    copying = engine(lambda b: replies(b, SamplingParams(max_new_tokens=24, temperature=0.7, top_k=0, seed=1), num_each=2))
+    unique = engine(lambda b: replies(b, SamplingParams(max_new_tokens=24, temperature=0.7, top_k=0, seed=1, unique=True), num_each=2))
+    spans = lambda text: index.hits(tokenizer(text).input_ids).sum()  # noqa: E731 - 8-token windows found in the training text
+    assert sum(spans(t) for t in copying) > 0  # the run is overfit: left alone, it copies its lines
+    assert [spans(t) for t in unique] == [0] * len(unique) and all(unique)
+
+
+def test_no_repeated_ngram(engine, zh_run):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(zh_run)
+    texts = engine(lambda b: replies(b, SamplingParams(max_new_tokens=40, temperature=0, top_k=0, no_repeat_ngram_size=2)))
+    for prompt, text in zip(PROMPTS, texts, strict=True):
+        ids = tokenizer(prompt + text).input_ids
+        pairs = list(zip(ids, ids[1:], strict=False))
+        assert len(pairs) == len(set(pairs)) and len(ids) > len(tokenizer(prompt).input_ids) + 20
+
+
+def test_banned_words_are_never_sent(engine):
+    greedy = engine(lambda b: replies(b, SamplingParams(max_new_tokens=12, temperature=0, top_k=0), prompts=["床前"]))[0]
+    banned = greedy.strip()[:2]
+    texts = engine(lambda b: replies(b, SamplingParams(max_new_tokens=12, temperature=1.0, top_k=0, seed=3, banned_words=(banned,)),
+                                     prompts=["床前"] * 4))
+    assert banned and all(banned not in t for t in texts)
+
+
+def test_candidates_send_the_likeliest(engine):
+    async def best_of(backend):
+        job = Job(1, "床前", SamplingParams(max_new_tokens=12, temperature=1.0, top_k=0, seed=11, candidates=4))
+        done = await backend.generate(job)
+        return done
+
+    done = engine(best_of)
+    assert done.num_draws >= 4 and done.text and done.seed in range(11, 11 + 4 + 100)
