@@ -9,17 +9,14 @@ so that GPT-2's byte tokens can break characters, and replies can copy the train
 """
 
 import asyncio
-import contextlib
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from transformers import GPT2Config
 
 from botkit.config import Config, LimitsConfig, ModelConfig, VllmConfig
-from botkit.engine.copy_index import NGRAM
 from botkit.params import SamplingParams
 from botkit.serve.backends import Job, LocalBackend
 
