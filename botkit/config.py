@@ -32,7 +32,7 @@ def setting(default, *, at_least: float | None = None, at_most: float | None = N
 
 @dataclass(frozen=True)
 class ModelConfig:
-    source: str = ""  # hub name, local folder, or "" for the bundled demo model
+    source: str = ""  # hub name, local folder, or "" for the bundled demo model; remote: the served run's folder, if here too
     run_name: str = ""  # a run in checkpoint_dir (from `botkit finetune`), used when source is ""
     checkpoint_dir: str = "checkpoint"  # where `botkit finetune` saves runs
     device: str = ""  # "" = cuda if available, else cpu

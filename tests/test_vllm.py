@@ -3,9 +3,9 @@
 One vLLM server per session (it starts in about a minute on 2 cores), from the venv named by
 BOTKIT_VLLM_VENV (default .vllm-venv, made by scripts/vllm_venv.sh), with botkit put beside it the
 way a user does (`pip install --no-deps`, here into a folder on its PYTHONPATH so that a shared venv
-stays untouched). It serves one tiny run trained here: a random GPT-2 (GPT2Config, the tokenizer
-botkit ships, head width 32 because vLLM's CPU attention has no 16) overfit on a few Chinese lines,
-so that GPT-2's byte tokens can break characters, and replies can copy the training text.
+stays untouched). It serves one tiny run trained here (head width 32: vLLM's CPU attention has no
+16) with its own small byte-level tokenizer, overfit on a few Chinese lines: its byte tokens can
+break characters, and its replies copy the training text unless `unique` stops them.
 """
 
 import asyncio
@@ -14,7 +14,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from transformers import GPT2Config
 
 from botkit.config import Config, LimitsConfig, ModelConfig, VllmConfig
 from botkit.params import SamplingParams
@@ -29,15 +28,14 @@ PROMPTS = ["床前", "举头望", "春眠", "白日依山", "花落", "欲穷千
 
 @pytest.fixture(scope="session")
 def zh_run(tmp_path_factory):
-    """A run overfit on LINES (its copy index holds them), from a random GPT-2 with botkit's tokenizer."""
-    from botkit.train.finetune import finetune
+    """A run overfit on LINES (its copy index holds them): a random GPT-2 from a GPT2Config with a
+    byte-level tokenizer trained on LINES (300 tokens: most characters are 2-3 byte tokens)."""
+    from scripted import tiny_run
 
     folder = tmp_path_factory.mktemp("zh")
     (folder / "poems.txt").write_text("\n".join(LINES * 30) + "\n", encoding="utf-8")
-    result = finetune(str(folder / "poems.txt"), model=GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128), steps=150,
-                      batch_size=8, block_size=64, learning_rate=1e-2, sample_every=0, save_every=1000, progress=False, run_name="zh",
-                      checkpoint_dir=str(folder / "checkpoint"), sample_dir=str(folder / "samples"), device="cpu")
-    return result.run_dir
+    return tiny_run(folder, folder / "poems.txt", n_embd=64, n_head=2, n_ctx=128, steps=150, batch_size=8, learning_rate=1e-2,
+                    run_name="zh").run_dir
 
 
 @pytest.fixture(scope="session")

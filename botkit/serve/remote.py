@@ -17,6 +17,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 from yarl import URL
@@ -83,6 +84,7 @@ class RemoteBackend:
     def from_config(cls, config: Config) -> RemoteBackend:
         if not config.model.url:
             raise ConfigError('model.backend is "remote" but model.url is empty: set it to the server\'s URL, such as http://gpu-box:8000/v1.')
+        run_dir = config.model.source if config.model.source and (Path(config.model.source) / "config.json").is_file() else None
         return cls(
             config.model.url,
             model=config.model.remote_model,
@@ -90,6 +92,8 @@ class RemoteBackend:
             max_batch_size=config.batch.max_size,
             max_context=config.model.max_context,
             timeout_s=config.batch.timeout_s,
+            tokenizer=run_tokenizer(run_dir) if run_dir else None,
+            run_dir=run_dir,  # the served run's folder, when it is here too: its tokenizer and copy index judge replies
         )
 
     def count_tokens(self, text: str) -> int:
@@ -158,6 +162,12 @@ class RemoteBackend:
         if max_new_tokens != params.max_new_tokens:
             params = dataclasses.replace(params, max_new_tokens=max_new_tokens)
         return prompt, params
+
+
+def run_tokenizer(run_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(run_dir)
 
 
 def is_judged(params: SamplingParams) -> bool:
