@@ -9,6 +9,7 @@ break characters, and its replies copy the training text unless `unique` stops t
 """
 
 import asyncio
+import dataclasses
 import os
 import re
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 
 from botkit.banned_words import banned_word_in
 from botkit.config import Config, LimitsConfig, ModelConfig, VllmConfig
+from botkit.errors import GenerationError
 from botkit.params import SamplingParams
 from botkit.serve.backends import Job, LocalBackend
 
@@ -141,9 +143,17 @@ def test_banned_words_are_never_sent(engine):
     greedy = engine(lambda b: replies(b, SamplingParams(max_new_tokens=16, temperature=0, top_k=0), prompts=["床前"]))[0]
     banned = max(re.split(r"[，。\n]", greedy)[1:-1], key=len)  # a whole clause: Chinese has no spaces between words
     assert banned_word_in(greedy, (banned,)) == banned  # the overfit run says it, left alone
-    texts = engine(lambda b: replies(b, SamplingParams(max_new_tokens=16, temperature=1.0, top_k=0, seed=3, banned_words=(banned,)),
-                                     prompts=["床前"] * 4))
-    assert [banned_word_in(t, (banned,)) for t in texts] == [None] * 4 and all(texts)
+    params = SamplingParams(max_new_tokens=16, temperature=1.3, top_k=0, banned_words=(banned,))
+
+    async def draw(backend):  # a request whose every draw held it fails with a sentence: nothing is sent
+        jobs = [Job(i, "床前", dataclasses.replace(params, seed=3 + 10 * i)) for i in range(8)]
+        return await asyncio.gather(*(backend.generate(job) for job in jobs), return_exceptions=True)
+
+    results = engine(draw)
+    sent = [r.text for r in results if not isinstance(r, Exception)]
+    assert all(isinstance(r, GenerationError) and "held a banned word" in str(r) for r in results if isinstance(r, Exception))
+    assert sent and [banned_word_in(t, (banned,)) for t in sent] == [None] * len(sent)
+    assert sum(r.num_draws for r in results if not isinstance(r, Exception)) > len(sent)  # some were drawn again
 
 
 def test_candidates_send_one_of_their_seeded_samples(engine):
