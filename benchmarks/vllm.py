@@ -42,11 +42,12 @@ from chat import settings_of
 from serve import in_own_thread, load_requests, log, params_of, percentile
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from botkit.chat.chats import Chats, Prompt
 from botkit.config import Config, ModelConfig, VllmConfig
 from botkit.model.loading import load_model
 from botkit.model.sources import asset_dir, resolve
 from botkit.serve.backends import LocalBackend
-from botkit.serve.core import Core, Prompt
+from botkit.serve.core import Core, Who
 from botkit.serve.remote import RemoteClient
 from botkit.serve.store import Store
 from botkit.serve.vllm_backend import VllmBackend
@@ -85,8 +86,8 @@ async def shared_level(core_or_client, requests: list[dict], num_chats: int) -> 
         while todo:
             request = todo.popleft()
             if isinstance(core_or_client, Core):
-                ticket = await core_or_client.submit_completion(request["prompt"], params_of(request), platform="bench",
-                                                                chat_id=f"c{index}", user_id=f"u{index}")
+                ticket = await core_or_client.submit(request["prompt"], params_of(request),
+                                                     who=Who(platform="bench", chat_id=f"c{index}", user_id=f"u{index}"))
                 reply = await ticket.result()
                 text, tokens = reply.text, reply.num_tokens
             else:
@@ -111,12 +112,12 @@ async def direct(client: RemoteClient, prompt: str, params, first_at: list | Non
 
 
 async def chat_arm(core: Core, chats: dict[str, list[dict]]) -> dict:
-    records = []
+    records, bot = [], Chats(core, core.store, core.config)
 
     async def one(turns: list[dict]) -> None:
         for turn in turns:
             started = time.perf_counter()
-            ticket = await core.submit(Prompt("bench", turn["chat_id"], turn["user_id"], turn["message"]), settings_of(turn, turns[0]))
+            ticket = await bot.submit(Prompt("bench", turn["chat_id"], turn["user_id"], turn["message"]), settings_of(turn, turns[0]))
             first = None
             async for delta in ticket.stream():
                 first = first or (time.perf_counter() - started if delta else None)

@@ -24,7 +24,7 @@ from yarl import URL
 
 from botkit.config import Config, secret
 from botkit.errors import ConfigError, GenerationError, ModelLoadError, RequestTimeout
-from botkit.model.loading import gpt2_tokenizer
+from botkit.model.tokenizer import EOS, count_tokenizer
 from botkit.params import SamplingParams
 from botkit.serve.backends import Completion, Job
 
@@ -76,7 +76,7 @@ class RemoteBackend:
         self.name = model or "remote"
         self.max_batch_size = max_batch_size
         self.max_context = max_context
-        self.tokenizer = tokenizer or gpt2_tokenizer()  # the served model's, to count tokens and to judge copies
+        self.tokenizer = tokenizer or count_tokenizer()  # the served model's (`tokenizers`, no torch): counts, cuts, judges copies
         self.run_dir = run_dir  # the run whose copy index judges `unique` replies (None: only the prompt is checked)
         self.unsupported: list[str] = []  # settings this server cannot honour (capabilities.py), found at start
 
@@ -97,7 +97,7 @@ class RemoteBackend:
         )
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, verbose=False).input_ids)
+        return len(self.tokenizer.encode(text).ids)
 
     async def __aenter__(self) -> RemoteBackend:
         await self.client.__aenter__()
@@ -152,12 +152,12 @@ class RemoteBackend:
         """The remote server refuses prompt + max_tokens over its window, where the local engine slides
         it: keep the prompt's last tokens and, if need be, ask for fewer new ones. An empty prompt
         starts from end-of-text, as it does locally."""
-        prompt = prompt or self.tokenizer.eos_token
-        ids = self.tokenizer(prompt, verbose=False).input_ids
+        prompt = prompt or EOS
+        ids = self.tokenizer.encode(prompt).ids
         budget = max(self.max_context - params.max_new_tokens, self.max_context // 2)
         if len(ids) > budget:
             ids = ids[-budget:]
-            prompt = self.tokenizer.decode(ids)
+            prompt = self.tokenizer.decode(ids, skip_special_tokens=False)
         max_new_tokens = min(params.max_new_tokens, self.max_context - len(ids))
         if max_new_tokens != params.max_new_tokens:
             params = dataclasses.replace(params, max_new_tokens=max_new_tokens)
@@ -165,9 +165,15 @@ class RemoteBackend:
 
 
 def run_tokenizer(run_dir: str):
-    from transformers import AutoTokenizer
+    """A run's own tokenizer as a bare `tokenizers` one (no torch): its tokenizer.json, else its GPT-2 files."""
+    from tokenizers import ByteLevelBPETokenizer, Tokenizer
 
-    return AutoTokenizer.from_pretrained(run_dir)
+    folder = Path(run_dir)
+    if (folder / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer = ByteLevelBPETokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    tokenizer.add_special_tokens([EOS])
+    return tokenizer
 
 
 def is_judged(params: SamplingParams) -> bool:

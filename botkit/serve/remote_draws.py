@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from types import SimpleNamespace
 
 from botkit.engine import judging
 from botkit.errors import GenerationError
@@ -21,8 +22,19 @@ from botkit.serve.backends import Completion, Job
 NEXT_SEED = 0x9E3779B97F4A7C15  # the engine's step from one draw's seed to the next (engine.py _draw_again)
 
 
+class _Encoding:
+    """judging.judge reads a transformers-style tokenizer (`tokenizer(text).input_ids`); the remote
+    backend's is a bare `tokenizers` one (no torch)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str, verbose: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(input_ids=self.tokenizer.encode(text).ids)
+
+
 async def judged_completion(backend, job: Job, prompt: str, params: SamplingParams) -> Completion:
-    prompt_ids = backend.tokenizer(prompt, verbose=False).input_ids
+    prompt_ids = backend.tokenizer.encode(prompt).ids
     one = dataclasses.replace(params, candidates=1)
     samples = await asyncio.gather(*(_sample(backend, prompt, prompt_ids, one, params.seed + i) for i in range(params.candidates)))
     attempts = [a for draws, _ in samples for a in draws]
@@ -40,7 +52,7 @@ async def _sample(backend, prompt: str, prompt_ids: list[int], params: SamplingP
     draws, num_prompt_tokens = [], len(prompt_ids)
     for _ in range(1 + judging.MAX_RESAMPLES):
         text, reason, num_tokens, logprob_sum, num_prompt_tokens = await _draw(backend, prompt, dataclasses.replace(params, seed=seed))
-        attempt = judging.judge(text, params, backend.tokenizer, backend.copy_index(), prompt_ids=prompt_ids, finish_reason=reason,
+        attempt = judging.judge(text, params, _Encoding(backend.tokenizer), backend.copy_index(), prompt_ids=prompt_ids, finish_reason=reason,
                                 num_tokens=num_tokens, seed=seed, mean_logprob=logprob_sum / max(1, num_tokens))
         draws.append(attempt)
         if not (attempt.banned or attempt.copies) or params.temperature == 0:

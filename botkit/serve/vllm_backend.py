@@ -16,7 +16,7 @@ from contextlib import AsyncExitStack
 from botkit.config import Config
 from botkit.errors import GenerationError, ModelLoadError
 from botkit.serve.backends import Completion, Job
-from botkit.serve.remote import RemoteBackend
+from botkit.serve.remote import RemoteBackend, run_tokenizer
 from botkit.serve.vllm_server import VllmServer
 
 log = logging.getLogger("botkit.vllm")
@@ -35,13 +35,11 @@ class VllmBackend(RemoteBackend):
     @classmethod
     def from_config(cls, config: Config, source) -> VllmBackend:
         """On `source` (model.sources.Source): a local folder, or a hub name vLLM downloads itself."""
-        from transformers import AutoTokenizer
-
         if source.kind != "hf":
             raise ModelLoadError(f"vLLM serves Hugging Face model folders, and {source.path} is a {source.kind} one: "
                                  "turn it into one with `botkit convert` and serve that folder.")
         run_dir = source.path if source.is_local else None
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        tokenizer = run_tokenizer(source.path) if source.is_local else None
         server = VllmServer(config.vllm, source.path, name=source.name, run_dir=run_dir, max_context=config.model.max_context)
         return cls(server, tokenizer=tokenizer, run_dir=run_dir, name=source.name, max_batch_size=config.batch.max_size,
                    max_context=config.model.max_context, timeout_s=config.batch.timeout_s)
