@@ -21,6 +21,9 @@ MAX_PENALTY = 2.0  # presence / frequency penalty: OpenAI's range is -2 to 2
 MAX_DRY_ALLOWED_LENGTH = 50  # DRY counts a repeat's length up to 50 tokens (text-generation-webui's cap)
 MAX_DRY_BREAKERS = 16
 MAX_DRY_BREAKER_CHARS = 20
+# The samplers of issue 22 (rules.py): the same names in SamplingParams, ChatSettings, `generate` and its CLI flags.
+SAMPLERS = ("min_p", "typical_p", "presence_penalty", "frequency_penalty", "dry_multiplier", "dry_base", "dry_allowed_length",
+            "dry_sequence_breakers", "min_tokens")
 DRY_SEQUENCE_BREAKERS = ("\n", ":", "\"", "*")  # text-generation-webui's default: a repeat never runs across these
 
 

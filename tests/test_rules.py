@@ -7,11 +7,12 @@ import pytest
 import torch
 from transformers import MinPLogitsWarper, TypicalLogitsWarper
 
+import botkit
 from botkit.engine.engine import Engine
 from botkit.engine.rules import RowRules, RuleContext, apply_rules, dry_match_lengths, from_xargs, to_xargs
 from botkit.engine.token_bytes import TokenBytes
 from botkit.errors import InputError
-from botkit.params import SamplingParams
+from botkit.params import ChatSettings, SamplingParams
 
 
 def _ctx(lm=None):
@@ -163,3 +164,19 @@ def test_xargs_round_trip_and_hostile_input():
         with pytest.raises(InputError, match=says):
             from_xargs(bad)
     assert from_xargs({"other_processor": {"x": 1}}) == SamplingParams()  # another processor's arguments are not ours
+
+
+def test_samplers_in_generate_and_as_chat_settings(tiny_lm):
+    texts = botkit.generate(tiny_lm, prefix="Hi", length=6, nsamples=2, batch_size=2, seed=1, return_as_list=True, temperature=1.0,
+                            min_p=0.05, typical_p=0.95, presence_penalty=0.5, frequency_penalty=0.5, dry_multiplier=0.8, min_tokens=6,
+                            truncate=" the")
+    assert len(texts) == 2 and all(len(tiny_lm.tokenizer(t[2:]).input_ids) >= 5 for t in texts)
+    with pytest.raises(InputError, match="typical_p"):
+        botkit.generate(tiny_lm, prefix="Hi", length=6, typical_p=0, return_as_list=True)
+    settings = ChatSettings().replace(min_p="0.05", dry_multiplier="0.8", min_tokens="3", presence_penalty="-1")
+    params = settings.sampling()
+    assert (params.min_p, params.dry_multiplier, params.min_tokens, params.presence_penalty) == (0.05, 0.8, 3, -1.0)
+    with pytest.raises(InputError, match="min_tokens"):
+        ChatSettings(length=5).replace(min_tokens="9")
+    with pytest.raises(InputError, match="frequency_penalty"):
+        ChatSettings().replace(frequency_penalty="nan")

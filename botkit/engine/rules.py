@@ -97,9 +97,9 @@ class RowRules:
     def num_generated(self) -> int:
         return len(self.tokens) - self.num_prompt
 
-    @property
-    def generated(self) -> list[int]:
-        return self.tokens[self.num_prompt :]
+    def last_generated(self, k: int) -> list[int]:
+        """The reply's last k tokens (fewer while it is shorter)."""
+        return self.tokens[max(self.num_prompt, len(self.tokens) - k) :] if k > 0 else []
 
     def append(self, token: int) -> None:
         """A token added to the reply (never end of text: it ends the row)."""
@@ -281,7 +281,7 @@ def mask_training_runs(ctx: RuleContext, rows: list[RowRules | None], logits: to
         k = min(row.params.top_k or MAX_COPY_CANDIDATES, MAX_COPY_CANDIDATES, logits.shape[-1])
         values, ids = logits[i].topk(k)
         ids = ids[torch.isfinite(values)].tolist()
-        prefix = row.generated[-(n - 1) :] if n > 1 else []
+        prefix = row.last_generated(n - 1)
         hit = training_run_hits(index, [prefix] * len(ids), ids) if ids else []
         banned = [t for t, h in zip(ids, hit, strict=True) if h and t != ctx.eos]
         if banned and len(banned) < int(torch.isfinite(logits[i]).sum()):
@@ -299,7 +299,7 @@ def redraw_training_runs(ctx: RuleContext, rows: list[RowRules], logits: torch.T
         live = [i for i in live if tokens[i] != ctx.eos]  # windows never cross an end of text
         if not live:
             return
-        hits = training_run_hits(index, [rows[i].generated[-(n - 1) :] if n > 1 else [] for i in live], [tokens[i] for i in live])
+        hits = training_run_hits(index, [rows[i].last_generated(n - 1) for i in live], [tokens[i] for i in live])
         live = [i for i, hit in zip(live, hits, strict=True) if hit]
         if live:  # one host copy for all rows: a row keeps its last allowed token
             live = [i for i, more in zip(live, (torch.isfinite(logits[live]).sum(1) > 1).tolist(), strict=True) if more]
