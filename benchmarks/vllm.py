@@ -21,7 +21,7 @@ Workloads:
 Greedy texts of the arms are compared request by request. Progress goes to stderr; the last stdout
 line is one JSON object.
 
-    python benchmarks/vllm.py --quick      # levels 1 and 16, 2 chat turns
+    python benchmarks/vllm.py --quick --chats 16     # levels 1 and 16, 2 turns of 16 chats
     python benchmarks/vllm.py              # levels 1, 16, 64; 2 chat turns of 64 chats
 """
 
@@ -165,7 +165,8 @@ async def run(args) -> dict:
     turns = [t for t in load_requests(args.chat_workload) if t["turn"] < args.turns]
     chats = defaultdict(list)
     for t in turns:
-        chats[t["chat_id"]].append(t)
+        if t["chat_id"] in chats or len(chats) < args.chats:
+            chats[t["chat_id"]].append(t)
     levels = (1, 16) if args.quick else (1, 16, 64)
     max_chats = max(levels[-1], len(chats))
     out = {"levels": {}, "chat": {}}
@@ -232,6 +233,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="levels 1 and 16 only")
     parser.add_argument("--turns", type=int, default=2, help="chat turns per chat (of 8)")
+    parser.add_argument("--chats", type=int, default=64, help="chats of the chat workload (of 64)")
     parser.add_argument("--workload", type=Path, default=SHARED / "workload.jsonl")
     parser.add_argument("--chat-workload", type=Path, default=SHARED / "chat_workload.jsonl")
     parser.add_argument("--vllm-venv", type=Path, default=ROOT / ".vllm-venv")

@@ -28,6 +28,9 @@ VENV = Path(os.environ.get("BOTKIT_VLLM_VENV", ROOT / ".vllm-venv"))
 LINES = ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。"]
 PROMPTS = ["床前", "举头", "明月", "低头", "疑是", "故乡"]
 
+if not (VENV / "bin" / "python").is_file():  # before the run is trained: without vLLM this file costs nothing
+    pytest.skip(f"no vLLM venv at {VENV}: run scripts/vllm_venv.sh (or set BOTKIT_VLLM_VENV) to test on vLLM", allow_module_level=True)
+
 
 @pytest.fixture(scope="session")
 def zh_run(tmp_path_factory):
@@ -43,10 +46,8 @@ def zh_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def vllm_command(tmp_path_factory):
-    """The command that starts vLLM's server with this checkout of botkit beside it; skips without the venv."""
+    """The command that starts vLLM's server with this checkout of botkit beside it."""
     python = VENV / "bin" / "python"
-    if not python.is_file():
-        pytest.skip(f"no vLLM venv at {VENV}: run scripts/vllm_venv.sh (or set BOTKIT_VLLM_VENV) to test on vLLM")
     target = tmp_path_factory.mktemp("vllm-botkit")
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(ROOT)],
                    check=True, capture_output=True)
