@@ -42,7 +42,11 @@ async def test_a_dying_engine_is_restarted_and_its_request_rerun_without_repeati
         assert (tmp_path / "died").exists() and backend.server.num_starts == 2 and backend.problem() is None
         assert "".join(streamed) == done.text and len(done.text.split()) == 6  # the first two words were not sent twice
         again = await backend.generate(Job(2, "hi", SamplingParams(max_new_tokens=6, seed=5)))
+        (tmp_path / "died").unlink()  # the server dies again, in a request with no seed of its own
+        streamed_unseeded = []
+        unseeded = await backend.generate(Job(3, "hi", SamplingParams(max_new_tokens=6), on_text=streamed_unseeded.append))
     assert again.text == done.text  # the same seed draws the same words: the rerun was that draw
+    assert backend.server.num_starts == 3 and "".join(streamed_unseeded) == unseeded.text and len(unseeded.text.split()) == 6
     assert any("restarting" in r.message for r in caplog.records) and any("Starting vLLM server" in r.message for r in caplog.records)
 
 

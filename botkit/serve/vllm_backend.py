@@ -10,7 +10,9 @@ streamed fails with a sentence instead.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import secrets
 from contextlib import AsyncExitStack
 
 from botkit.config import Config
@@ -69,10 +71,11 @@ class VllmBackend(RemoteBackend):
 
     async def generate(self, job: Job) -> Completion:
         streamed: list[str] = []  # what reached job.on_text, over every run of this job
-        for num_reruns in range(MAX_RERUNS + 1):
+        params = job.params if job.params.seed is not None else dataclasses.replace(job.params, seed=secrets.randbits(63))
+        for num_reruns in range(MAX_RERUNS + 1):  # every run with the same seed: a rerun draws what the first drew
             starts = self.server.num_starts
             seen: list[str] = []
-            rerun = Job(job.id, job.prompt, job.params, on_text=lambda delta, seen=seen: self._hand_on(job, delta, seen, streamed))
+            rerun = Job(job.id, job.prompt, params, on_text=lambda delta, seen=seen: self._hand_on(job, delta, seen, streamed))
             try:
                 return await super().generate(rerun)
             except GenerationError:

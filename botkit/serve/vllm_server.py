@@ -78,6 +78,7 @@ class VllmServer:
         self._problem: str | None = "not started yet"
         self._tail: deque[str] = deque(maxlen=NUM_TAIL_LINES)
         self._watcher: asyncio.Task | None = None
+        self._reader: asyncio.Task | None = None
         self._closing = False
 
     def problem(self) -> str | None:
@@ -121,6 +122,9 @@ class VllmServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
         await self._stop()
+        if self._reader is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reader, STOP_GRACE_S)  # the last lines, once its output closes
 
     async def _start(self) -> None:
         """Start the process and wait until it answers; a ModelLoadError with its last lines if it cannot."""
@@ -133,7 +137,7 @@ class VllmServer:
                 stderr=asyncio.subprocess.STDOUT, start_new_session=True)  # its own group: its engine processes stop with it
         except OSError as exc:
             raise ModelLoadError(f"vLLM's server could not start ({exc.strerror}): check vllm.command and vllm.venv.") from None
-        reader = asyncio.create_task(self._route_logs(self._process), name="botkit-vllm-logs")
+        self._reader = reader = asyncio.create_task(self._route_logs(self._process), name="botkit-vllm-logs")  # kept: a task needs a reference
         deadline = time.monotonic() + self.config.start_timeout_s
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             while time.monotonic() < deadline:
