@@ -30,7 +30,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     name: str
     chat_format: ChatFormat | None = None  # the run's chat_format.json: how it was trained to see a conversation
-    path: Path | None = None  # the local folder it came from (its copy index, `copying.CopyIndex.load(path)`)
+    path: Path | None = None  # the local folder it came from (its copy index, `copy_index.CopyIndex.load(path)`)
 
     @property
     def device(self) -> torch.device:
