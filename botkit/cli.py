@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("botkit").setLevel(logging.INFO)
+    # vLLM's own lines (backend = "vllm"): its warnings and errors, and with -v everything it says
+    logging.getLogger("botkit.vllm.server").setLevel(logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # its INFO lines carry request URLs, and Telegram's hold the token
     # transformers' warnings speak to library authors (deprecations, a guessed loss type): errors only,
     # and no progress bars ("Loading weights" on every start), through their documented variables,
@@ -263,7 +265,6 @@ def _make_backend(config: Config, source):
     if config.model.backend == "vllm":
         from botkit.serve.vllm_backend import VllmBackend
 
-        route_transformers_logs()
         return VllmBackend.from_config(config, source)
     if config.model.backend != "local":
         raise BotkitError(f'model.backend must be "local", "remote" or "vllm", not {config.model.backend!r}.')

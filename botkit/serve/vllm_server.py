@@ -2,7 +2,7 @@
 
 `[model] backend = "vllm"` runs it on the configured model or run, with botkit's logits processor
 (botkit.engine.vllm_rules) and the run folder whose copy index that processor reads (BOTKIT_RUN_DIR).
-Its log lines go through botkit's logging (logger "botkit.vllm"); when it dies it is started again,
+Its log lines go through botkit's logging (logger "botkit.vllm.server"); when it dies it is started again,
 up to `max_restarts` times in a row, and `problem()` says why it cannot serve meanwhile (/healthz).
 """
 
@@ -25,6 +25,7 @@ from botkit.config import VllmConfig
 from botkit.errors import ModelLoadError
 
 log = logging.getLogger("botkit.vllm")
+server_log = logging.getLogger("botkit.vllm.server")  # vLLM's own lines; `botkit run` shows its INFO ones with -v
 
 PROCESSOR = "botkit.engine.vllm_rules:BotkitRules"
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -156,7 +157,7 @@ class VllmServer:
                             return
                 await asyncio.sleep(POLL_S)
         raise ModelLoadError(f"vLLM's server was not ready within {self.config.start_timeout_s:.0f} s: raise vllm.start_timeout_s, "
-                             f"or read its log lines (logger botkit.vllm); its last line: {self._last_error()}")
+                             f"or read its lines (`botkit run -v` shows them); its last line: {self._last_error()}")
 
     def _last_error(self) -> str:
         errors = [line for line in self._tail if "Error" in line or "ERROR" in line]
@@ -171,7 +172,7 @@ class VllmServer:
                 continue
             self._tail.append(text)
             level = _LEVEL.search(text[:80])
-            log.log(getattr(logging, level[1]) if level else logging.INFO, "%s", text)
+            server_log.log(getattr(logging, level[1]) if level else logging.INFO, "%s", text)
 
     async def _watch(self) -> None:
         """Start the server again whenever it exits; give up after max_restarts failed starts in a row."""
