@@ -12,13 +12,17 @@ from botkit.params import STOP_LIMIT, SamplingParams
 
 _INT_LIMIT = 2**63  # every whole number a client sends is below this in size (torch's seeds, top_k and counts fit)
 # OpenAI fields botkit cannot honour: accepted only at their neutral values, refused otherwise.
-NEUTRAL_ONLY = (("logprobs", (None, 0)), ("echo", (None, False)), ("suffix", (None, "")), ("logit_bias", (None, {})),
-                ("presence_penalty", (None, 0)), ("frequency_penalty", (None, 0)))
+NEUTRAL_ONLY = (("logprobs", (None, 0)), ("echo", (None, False)), ("suffix", (None, "")), ("logit_bias", (None, {})))
+# The samplers (rules.py) by their request names: OpenAI's presence / frequency penalties, vLLM's
+# min_p, typical_p and min_tokens, and DRY by the names text-generation-webui and koboldcpp use.
+SAMPLER_FIELDS = (("presence_penalty", float, 0.0), ("frequency_penalty", float, 0.0), ("min_p", float, 0.0), ("typical_p", float, 1.0),
+                  ("min_tokens", int, 0), ("dry_multiplier", float, 0.0), ("dry_base", float, 1.75), ("dry_allowed_length", int, 2))
 # The fields each route reads; any other is refused, so a misspelt `max_token` does not silently mean
 # 16 tokens. `model` and `user` are accepted and ignored: one model is served, and callers are told
 # apart by their address or key.
 COMPLETION_FIELDS = frozenset({"prompt", "max_tokens", "temperature", "top_p", "n", "stop", "stream", "stream_options", "seed",
-                               "best_of", "top_k", "repetition_penalty", "model", "user", *(key for key, _ in NEUTRAL_ONLY)})
+                               "best_of", "top_k", "repetition_penalty", "model", "user", "dry_sequence_breakers",
+                               *(key for key, _ in NEUTRAL_ONLY), *(key for key, _, _ in SAMPLER_FIELDS)})
 PLAYGROUND_FIELDS = frozenset({"prefix", "length", "temperature", "top_k", "top_p", "nsamples", "truncate", "seed"})
 STREAM_OPTIONS = frozenset({"include_usage"})
 
@@ -44,10 +48,11 @@ class CompletionRequest:
 
 
 def parse_completion(body, *, max_n: int) -> CompletionRequest:
-    """An OpenAI completions body (prompt, max_tokens, temperature, top_p, n, stop, stream, seed;
-    top_k and repetition_penalty as vLLM's extensions). OpenAI's defaults: 16 tokens, temperature 1."""
+    """An OpenAI completions body (prompt, max_tokens, temperature, top_p, n, stop, stream, seed,
+    presence_penalty, frequency_penalty; top_k, repetition_penalty, min_p, typical_p and min_tokens as
+    vLLM's extensions; DRY's fields). OpenAI's defaults: 16 tokens, temperature 1."""
     body = _object(body)
-    _known(body, COMPLETION_FIELDS, "OpenAI's completions fields, top_k and repetition_penalty")
+    _known(body, COMPLETION_FIELDS, "OpenAI's completions fields, top_k, repetition_penalty, min_p, typical_p, min_tokens and dry_*")
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompts = (prompt,)
@@ -76,6 +81,8 @@ def parse_completion(body, *, max_n: int) -> CompletionRequest:
         repetition_penalty=_field(body, "repetition_penalty", float, 1.0),
         stop=_stop(body.get("stop")),
         seed=_field(body, "seed", int, None),
+        **{key: _field(body, key, kind, default) for key, kind, default in SAMPLER_FIELDS},
+        **_breakers(body.get("dry_sequence_breakers")),
     )
     return CompletionRequest(
         prompts=prompts,
@@ -144,6 +151,14 @@ def _stop(value) -> tuple[str, ...]:
     if len(value) > STOP_LIMIT:
         raise InputError(f"At most {STOP_LIMIT} stop strings are allowed, not {len(value)}.")
     return tuple(value)
+
+
+def _breakers(value) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise InputError("dry_sequence_breakers must be a list of strings such as [\"\\n\", \":\"].")
+    return {"dry_sequence_breakers": tuple(value)}
 
 
 def _sampling(**fields) -> SamplingParams:

@@ -30,13 +30,13 @@ import os
 import secrets
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from botkit.engine.judging import Judge
 from botkit.engine.postprocess import Postprocessor
+from botkit.engine.rules import RowRules, RuleContext, apply_rules, redraw_training_runs
 from botkit.engine.runner import Prefill, Runner
-from botkit.engine.sampling import apply_repetition_penalty, ban_repeated_ngrams, sample_next
+from botkit.engine.sampling import sample_next
 from botkit.engine.scheduler import Batch, Scheduler
 from botkit.engine.sequence import Event, Sequence
 from botkit.engine.token_bytes import TokenBytes
@@ -46,7 +46,6 @@ from botkit.params import SamplingParams
 __all__ = ["Engine", "Event", "Sequence"]
 
 log = logging.getLogger("botkit")
-BLOCK_TRIES = 16  # draws of one step's token for a `unique` row whose draws keep completing training n-grams
 
 
 def default_cache_mb(device: torch.device) -> int:
@@ -99,6 +98,7 @@ class Engine:
         if len(seq.prompt_ids) > max_prompt:
             log.warning("A prompt of %d tokens is longer than the window allows; keeping its last %d.", len(seq.prompt_ids), max_prompt)
             seq.offset = seq.start_offset = len(seq.prompt_ids) - max_prompt
+        seq.rules = self._new_rules(seq)
         return seq
 
     @torch.inference_mode()  # the cache's tensors are inference tensors: moving a row needs the mode
@@ -164,42 +164,26 @@ class Engine:
         logits = logits.float()  # (rows, vocab)
         judged = [i for i, s in enumerate(seqs) if s.is_judged]
         raw = logits[judged].log_softmax(dim=-1) if judged else None  # the model's own likelihoods, for scoring
-        if self.mask_utf8:  # only tokens that keep each row's bytes valid UTF-8
-            logits.masked_fill_(~self.token_bytes.allowed([s.utf8_state for s in seqs], logits.device), float("-inf"))
-        for i, seq in enumerate(seqs):
-            if seq.params.repetition_penalty != 1.0:
-                apply_repetition_penalty(logits, i, torch.tensor(seq.context, device=logits.device), seq.params.repetition_penalty)
-            if seq.params.no_repeat_ngram_size:
-                ban_repeated_ngrams(logits, i, seq)
+        apply_rules(self.rules_context, [s.rules for s in seqs], logits)
         tokens = sample_next(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
-        if any(s.params.unique for s in seqs) and self._copy_index() is not None:
-            self._avoid_training_runs(seqs, logits, tokens)
+        if any(s.params.unique for s in seqs) and self.rules_context.copy_index is not None:
+            redraw_training_runs(self.rules_context, [s.rules for s in seqs], logits, tokens,
+                                 lambda rows: sample_next(logits[rows], [seqs[i].params for i in rows], [seqs[i].generator for i in rows]).tolist())
         if judged:  # one gather and one copy to the host, not one per row (on a GPU each is a sync)
             picked = raw.gather(1, torch.tensor([[tokens[i]] for i in judged], device=raw.device)).squeeze(1).tolist()
             for i, logprob in zip(judged, picked, strict=True):
                 seqs[i].logprob_sum += logprob
         return tokens
 
-    def _avoid_training_runs(self, seqs: list[Sequence], logits: torch.Tensor, tokens: list[int]) -> None:
-        """In place: a `unique` row whose drawn token would complete an n-gram of the training text
-        draws again without it (up to BLOCK_TRIES tokens masked, never its last allowed one)."""
-        index = self._copy_index()
-        n = index.n
-        rows = [i for i, s in enumerate(seqs) if s.params.unique and len(s.generated) >= n - 1]
-        for _ in range(BLOCK_TRIES):
-            rows = [i for i in rows if tokens[i] != self.eos]  # windows never cross an end of text
-            if not rows:
-                return
-            windows = np.array([seqs[i].generated[len(seqs[i].generated) - n + 1 :] + [tokens[i]] for i in rows])
-            rows = [i for i, hit in zip(rows, index.contains(windows), strict=True) if hit]
-            if rows:  # one host copy for all rows: a row keeps its last allowed token
-                rows = [i for i, more in zip(rows, (torch.isfinite(logits[rows]).sum(1) > 1).tolist(), strict=True) if more]
-            if not rows:
-                return
-            logits[rows, [tokens[i] for i in rows]] = float("-inf")
-            again = sample_next(logits[rows], [seqs[i].params for i in rows], [seqs[i].generator for i in rows]).tolist()
-            for i, token in zip(rows, again, strict=True):
-                tokens[i] = token
+    @property
+    def rules_context(self) -> RuleContext:
+        if not hasattr(self, "_rules_context"):
+            self._rules_context = RuleContext(self.token_bytes, self.eos, self._copy_index(), mask_utf8=self.mask_utf8)
+        return self._rules_context
+
+    def _new_rules(self, seq: Sequence) -> RowRules:
+        """A row's rules start from the prompt the model sees (after a long one is trimmed)."""
+        return RowRules(self.rules_context, seq.params, seq.prompt_ids[seq.start_offset :])
 
     def _finish(self, seq: Sequence) -> list[Event]:
         """A finished row leaves: drawn again if the judge says so, else kept for reuse and freed."""
@@ -216,6 +200,7 @@ class Engine:
         row = self.scheduler.rows.index(seq) if seq in self.scheduler.rows else None
         slid = seq.offset != seq.start_offset
         seq.restart((seq.seed + 0x9E3779B97F4A7C15) % 2**63, self.post.detokenizer())
+        seq.rules = self._new_rules(seq)
         seq.generator.manual_seed(_fold_seed(seq.seed))
         if row is not None and not slid:
             self.runner.rewind_row(row, len(seq.context) - 1)  # its prompt stays; its last token is fed again

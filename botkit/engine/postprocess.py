@@ -34,8 +34,7 @@ class Postprocessor:
             seq.finish_reason = "stop"
             return
         seq.generated.append(token)
-        if self.token_bytes is not None:
-            seq.utf8_state = self.token_bytes.next_state(seq.utf8_state, token)
+        seq.rules.append(token)
         self.add_text(seq, token)
         if seq.finish_reason is None and len(seq.generated) >= seq.params.max_new_tokens:
             seq.finish_reason = "length"
