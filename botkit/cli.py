@@ -163,6 +163,7 @@ def _replace(config: Config, section: str, **changes) -> Config:
 async def serve(config: Config, console: bool = False, stop: asyncio.Event | None = None) -> None:
     """Run the core and every enabled adapter around one model until `stop` is set (by default: until
     SIGINT/SIGTERM) or the console chat ends."""
+    from botkit.chat.chats import Chats
     from botkit.serve.core import Core
     from botkit.serve.retention import Retention
     from botkit.serve.store import Store
@@ -193,6 +194,7 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
         await stack.enter_async_context(Retention(store, config.store))
         await stack.enter_async_context(backend)
         core = await stack.enter_async_context(Core(backend, store, config))
+        chats = Chats(core, store, config)  # the chat layer: what Discord, Telegram and the console talk to
         print(f"botkit keeps its prompts and replies in {Path(config.store.path).resolve()}", flush=True)
         if config.web.enabled:
             from botkit.adapters.web_adapter import WebAdapter
@@ -202,15 +204,15 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
         if config.discord.enabled:
             from botkit.adapters.discord_adapter import DiscordAdapter
 
-            await stack.enter_async_context(DiscordAdapter(core, config.discord, tokens["discord"]))
+            await stack.enter_async_context(DiscordAdapter(chats, config.discord, tokens["discord"]))
         if config.telegram.enabled:
             from botkit.adapters.telegram_adapter import TelegramAdapter
 
-            await stack.enter_async_context(TelegramAdapter(core, config.telegram, tokens["telegram"]))
+            await stack.enter_async_context(TelegramAdapter(chats, config.telegram, tokens["telegram"]))
         if console:
             from botkit.adapters.console_adapter import ConsoleAdapter
 
-            chat = await stack.enter_async_context(ConsoleAdapter(core, config.console))
+            chat = await stack.enter_async_context(ConsoleAdapter(chats, config.console))
             done = asyncio.create_task(chat.run())
             await asyncio.wait([done, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         else:
@@ -226,8 +228,7 @@ def with_run_chat_format(config: Config, chat_format) -> Config:
     default = ChatSettings()
     if chat_format is None or (config.chat.template, config.chat.truncate) != (default.template, default.truncate):
         return config
-    line = chat_format.speaker.replace("{name}", "{author}") + chat_format.separator
-    chat = config.chat.replace(**chat_format.chat_settings("bot"), chat_format=line)
+    chat = config.chat.replace(**chat_format.chat_settings("bot"), chat_format=chat_format.as_line())
     log.info("Chats speak the run's chat format: %r.", chat.template)
     return _replace(config, "chat", **{k: getattr(chat, k) for k in ("template", "truncate", "chat_format")})
 

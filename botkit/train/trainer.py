@@ -27,8 +27,9 @@ from transformers import AutoTokenizer, GPT2Config, get_scheduler
 from botkit.engine.copy_index import write_index
 from botkit.engine.training_texts import document_lines, write_texts
 from botkit.errors import DatasetError, InputError
-from botkit.model.loading import LoadedModel, _finish_tokenizer, load_model
+from botkit.model.loading import LoadedModel, load_model
 from botkit.model.sources import folder_kind, resolve
+from botkit.model.tokenizer import finish_tokenizer
 from botkit.train import run_folder as checkpoints
 from botkit.train.conversations import ConversationOptions
 from botkit.train.encoding import DatasetReader, TokenStream, load_tokens, train_tokenizer
@@ -265,7 +266,7 @@ def _resumed_model(run_dir: Path, rank: int) -> LoadedModel:
     if rank != saved:
         raise InputError(f"Run {run_dir.name!r} is a LoRA run of rank {saved}: pass --lora {saved} to continue it.")
     base = load_model(lora.base_source(run_dir), device="cpu", dtype="float32")
-    return LoadedModel(base.model, _finish_tokenizer(AutoTokenizer.from_pretrained(run_dir)), run_dir.name)
+    return LoadedModel(base.model, finish_tokenizer(AutoTokenizer.from_pretrained(run_dir)), run_dir.name)
 
 
 def _check_lengths(train: TokenStream, val: TokenStream | None, block: int, lm: LoadedModel) -> None:
