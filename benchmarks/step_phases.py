@@ -84,16 +84,15 @@ def instrument(engine: Engine, phases: Phases) -> None:
     engine.runner.run = phases.wrap("forward", engine.runner.run)
     engine._sample = phases.wrap("sample", engine._sample)
     engine.post.process = phases.wrap("postprocess", engine.post.process)
+    AttentionInterface.register(kvcache.ROWS_ATTENTION, phases.wrap("attention", kvcache.rows_attention))  # after the engine's own
     model = engine.runner.model
+    if getattr(model, "_phase_hooks", False):  # hooks stay on a model: once per model, not per engine
+        return
+    model._phase_hooks = True
     for block in model.transformer.h:
         for module in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
             phases.hook(module, "matmuls")
     phases.hook(model.lm_head, "lm_head")
-
-
-def timed_attention(phases: Phases):
-    """rows_attention with a timer, registered under its name (every engine in this process uses it)."""
-    AttentionInterface.register(kvcache.ROWS_ATTENTION, phases.wrap("attention", kvcache.rows_attention))
 
 
 def prompts(lm, path: Path, n: int) -> list[list[int]]:
@@ -142,7 +141,6 @@ def main() -> None:
     if "prepack" in args.arms:
         ARMS["prepack"]["lm"] = dataclasses.replace(lm, model=prepack(copy.deepcopy(lm.model)))
     phases = Phases()
-    timed_attention(phases)
     results: dict = {}
     for rows in args.rows:
         runs: dict[str, list[dict]] = defaultdict(list)
