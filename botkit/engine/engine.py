@@ -29,6 +29,7 @@ import logging
 import os
 import secrets
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -48,11 +49,24 @@ __all__ = ["Engine", "Event", "Sequence"]
 log = logging.getLogger("botkit")
 
 
-def default_cache_mb(device: torch.device) -> int:
-    """A quarter of the machine's memory (of the GPU's on CUDA) for conversation reuse."""
+def default_cache_mb(device: torch.device, cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """A quarter of the memory botkit may use (the GPU's on CUDA) for conversation reuse: the machine's,
+    or its container's limit (cgroup v2 memory.max, v1 memory.limit_in_bytes) when that is lower."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory // 4 // 2**20
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4 // 2**20
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(physical, _cgroup_limit_bytes(cgroup_root) or physical) // 4 // 2**20
+
+
+def _cgroup_limit_bytes(root: Path) -> int | None:
+    """The container's memory limit, or None when there is none (or it cannot be read)."""
+    for path in (root / "memory.max", root / "memory" / "memory.limit_in_bytes"):
+        try:
+            text = path.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        return int(text) if text.isdigit() else None  # "max": no limit (v1 writes a huge number instead)
+    return None
 
 
 class Engine:
@@ -76,6 +90,7 @@ class Engine:
         self.post = Postprocessor(self.eos, self.token_bytes, lm.tokenizer)
         self.judge = Judge(lm.tokenizer, self._copy_index)
         self._ids = itertools.count()
+        self._not_reusable_ids: set[int] = set()  # requests queued elsewhere when /forget ran (drop_cached_prefixes)
 
     # -- what callers use -------------------------------------------------------------------
 
@@ -85,6 +100,10 @@ class Engine:
         request_id = next(self._ids) if seq_id is None else seq_id
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seqs = [self._new_sequence(request_id, prompt_ids, params, seed + i) for i in range(params.candidates)]
+        if request_id in self._not_reusable_ids:
+            self._not_reusable_ids.discard(request_id)
+            for seq in seqs:
+                seq.is_reusable = False
         if len(seqs) > 1:
             for seq in seqs:
                 seq.group = seqs
@@ -109,6 +128,14 @@ class Engine:
             seq.finish_reason = "cancelled"
             self._forget(seq)
         return found[0].leader if found else None
+
+    def drop_cached_prefixes(self, not_reusable_ids=()) -> None:
+        """/forget: drop every kept conversation, and keep none of those in flight (they may quote the
+        erased text), nor the requests `not_reusable_ids` still queued elsewhere when they arrive."""
+        self.runner.prefix_cache.clear()
+        for seq in self.scheduler.everyone():
+            seq.is_reusable = False
+        self._not_reusable_ids.update(not_reusable_ids)
 
     @property
     def has_work(self) -> bool:
@@ -190,7 +217,7 @@ class Engine:
         if seq.is_judged and self.judge.redraws(seq):
             self._redraw(seq)
             return []
-        if seq in self.scheduler.rows:
+        if seq.is_reusable and seq in self.scheduler.rows:
             self.runner.keep(self.scheduler.rows.index(seq), seq.context)
         self._forget(seq)
         return self.judge.settle(seq) if seq.is_judged else []

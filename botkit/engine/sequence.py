@@ -33,6 +33,7 @@ class Sequence:
     attempts: list = field(default_factory=list)  # judging.Attempt of each judged draw so far
     result: Any = None  # judging.Attempt: what the request sends, once judged
     logprob_sum: float = 0.0  # of its generated tokens under the model, while judged (nats)
+    is_reusable: bool = True  # kept in the prefix cache when it finishes (not after a /forget while it ran)
 
     @property
     def is_judged(self) -> bool:
