@@ -140,6 +140,8 @@ def main() -> None:
     ids = prompts(lm, args.workload, max(args.rows))
     if "prepack" in args.arms:
         ARMS["prepack"]["lm"] = dataclasses.replace(lm, model=prepack(copy.deepcopy(lm.model)))
+    if "prepack_head" in args.arms:
+        ARMS["prepack_head"]["lm"] = dataclasses.replace(lm, model=prepack(copy.deepcopy(lm.model), blocks=False))
     phases = Phases()
     results: dict = {}
     for rows in args.rows:
@@ -165,6 +167,7 @@ ARMS = {  # engine settings to weigh; the first is the baseline
     "per_row": {},
     "padded_decode": {"padded_decode": True},
     "prepack": {},  # the model's matmul weights in oneDNN's layout (botkit/model/prepack.py); its model is built in main()
+    "prepack_head": {},  # the LM head only
 }
 
 if __name__ == "__main__":

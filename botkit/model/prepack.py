@@ -44,9 +44,10 @@ class PackedLinear(nn.Module):
 
 
 @torch.no_grad()
-def prepack(model: nn.Module) -> nn.Module:
-    """In place: every Conv1D of GPT-2's blocks and its LM head become PackedLinear. Returns `model`."""
-    for block in model.transformer.h:
+def prepack(model: nn.Module, blocks: bool = True) -> nn.Module:
+    """In place: every Conv1D of GPT-2's blocks (unless `blocks` is False) and its LM head become
+    PackedLinear. Returns `model`."""
+    for block in model.transformer.h if blocks else ():
         for owner, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
             layer = getattr(owner, name)
             if isinstance(layer, Conv1D):  # weight (in, out)
