@@ -52,6 +52,9 @@ def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
     block = o.block_size or lm.model.config.n_positions
     _check_lengths(train, val, block, lm)
 
+    if o.lora > lm.model.config.n_embd:  # checked before peft allocates the adapters (7.5 GB for a huge rank)
+        raise InputError(f"lora rank {o.lora} is above the model's width of {lm.model.config.n_embd}, where a rank stops adding anything: "
+                         "pass a smaller one such as 8.")
     net = lm.model.train()
     if o.lora:
         from botkit.model import lora
