@@ -23,6 +23,7 @@ import aiohttp
 from yarl import URL
 
 from botkit.config import Config, secret
+from botkit.engine.rule_args import to_xargs
 from botkit.errors import ConfigError, GenerationError, ModelLoadError, RequestTimeout
 from botkit.model.tokenizer import EOS, count_tokenizer
 from botkit.params import SamplingParams
@@ -256,6 +257,7 @@ class RemoteClient:
         body = self.request_body(prompt, params, logprobs=logprobs)
         async with self._limit:
             for attempt in range(1, MAX_ATTEMPTS + 1):
+                response = None
                 try:
                     async with self._request("POST", self.url, json=body) as response:
                         if response.status in (429, 503) and attempt < MAX_ATTEMPTS:
@@ -265,6 +267,11 @@ class RemoteClient:
                         async for chunk in self._read_events(response):
                             yield chunk
                         return
+                except aiohttp.ServerDisconnectedError as exc:
+                    # A kept-alive connection the server closed while idle (uvicorn, vLLM's server, closes
+                    # them after 5 s): it never read the request, so sending it again is safe.
+                    if response is not None or attempt == MAX_ATTEMPTS:
+                        raise _translate(self, exc) from None
                 except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
                     raise _translate(self, exc) from None
 
@@ -406,8 +413,6 @@ def native_samplers(params: SamplingParams) -> dict:
 def rule_args(params: SamplingParams) -> dict:
     """botkit's per-token rules for the server's logits processor (botkit.engine.vllm_rules), as
     `vllm_xargs`; {} when every rule is off."""
-    from botkit.engine.rules import to_xargs  # torch: loaded with the first request, not with botkit
-
     return to_xargs(params)
 
 
