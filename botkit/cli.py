@@ -14,6 +14,7 @@ from pathlib import Path
 
 from botkit.config import Config, load_config, override, secret
 from botkit.errors import BotkitError
+from botkit.model.sources import CLI_NAMES
 
 log = logging.getLogger("botkit")
 
@@ -47,12 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="a TOML file (see config.example.toml)")
     run.add_argument("--console", action="store_true", help="also chat in this terminal")
     run.add_argument("--port", type=int, help="web port (overrides [web] port)")
+    _serve_model_args(run)
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=lambda a: _serve(a, console=a.console))
 
     chat = sub.add_parser("chat", help="chat with the model in this terminal")
-    chat.add_argument("--config")
+    chat.add_argument("--config", help="a TOML file (see config.example.toml)")
     chat.add_argument("--port", type=int)
+    _serve_model_args(chat)
     chat.set_defaults(func=lambda a: _serve(a, console=True, web=False))
 
     gen = sub.add_parser("generate", help="generate text, with gpt-2-simple's options")
@@ -103,6 +106,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16, or int8 (CPU only: int8 weights, faster on CPUs with AVX-512 VNNI)")
 
 
+def _serve_model_args(p: argparse.ArgumentParser) -> None:
+    """`botkit run` / `botkit chat` talk to a model without a config file; these override [model]."""
+    p.add_argument("--model", default=None, help="hub name or local folder (overrides [model] source)")
+    p.add_argument("--run-name", default=None, help="a run in --checkpoint-dir, from `botkit finetune` (overrides [model] run_name)")
+    p.add_argument("--checkpoint-dir", default=None, help="where `botkit finetune` saved the run (overrides [model] checkpoint_dir)")
+
+
 def route_transformers_logs() -> None:
     """Once transformers is loaded anyway: its (error) lines go through botkit's logging and format."""
     from transformers.utils import logging as hf_logging
@@ -138,7 +148,27 @@ def _serve(args, console: bool, web: bool = True) -> None:
         config = override(config, "--port", "web", port=args.port)
     if not web:
         config = _replace(config, "web", enabled=False)
-    asyncio.run(serve(config, console=console or config.console.enabled))
+    config, names = _model_flags(config, args)
+    asyncio.run(serve(config, console=console or config.console.enabled, source_names=names))
+
+
+def _model_flags(config: Config, args) -> tuple[Config, dict[str, str]]:
+    """`config` with --model / --run-name / --checkpoint-dir applied, and what errors call each value:
+    the flag that set it, or its key in the config file."""
+    if args.model is not None and args.run_name is not None:
+        raise BotkitError("Pass --model or --run-name, not both: --model names a model, --run-name a run of `botkit finetune`.")
+    keys = {"model": "source", "run_name": "run_name", "checkpoint_dir": "checkpoint_dir"}  # resolve()'s names -> [model] keys
+    names = {name: f"model.{key} in {args.config}" if args.config else CLI_NAMES[name] for name, key in keys.items()}
+    for name, key in keys.items():
+        value = getattr(args, name)
+        if value is not None:
+            config = _replace(config, "model", **{key: value})  # text, as a flag always is
+            names[name] = CLI_NAMES[name]
+    if args.model is not None:
+        config = _replace(config, "model", run_name="")  # --model wins over the file's run
+    if args.run_name is not None:
+        config = _replace(config, "model", source="")  # the run is used only when source is ""
+    return config, names
 
 
 def _replace(config: Config, section: str, **changes) -> Config:
@@ -147,9 +177,10 @@ def _replace(config: Config, section: str, **changes) -> Config:
     return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changes)})
 
 
-async def serve(config: Config, console: bool = False, stop: asyncio.Event | None = None) -> None:
+async def serve(config: Config, console: bool = False, stop: asyncio.Event | None = None,
+                source_names: dict[str, str] | None = None) -> None:
     """Run the core and every enabled adapter around one model until `stop` is set (by default: until
-    SIGINT/SIGTERM) or the console chat ends."""
+    SIGINT/SIGTERM) or the console chat ends. `source_names`: what model errors call [model]'s keys."""
     from botkit.serve.core import Core
     from botkit.serve.retention import Retention
     from botkit.serve.store import Store
@@ -166,7 +197,7 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
     if config.model.backend == "local":
         from botkit.model.sources import resolve
 
-        source = resolve(config.model.source or None, config.model.run_name or None, config.model.checkpoint_dir)
+        source = resolve(config.model.source or None, config.model.run_name or None, config.model.checkpoint_dir, source_names)
     with ThreadPoolExecutor(1) as loader:  # a thread that exits: see backends.LocalBackend on OpenMP teams
         backend = await asyncio.get_running_loop().run_in_executor(loader, _make_backend, config, source)
     config = with_run_chat_format(config, getattr(getattr(backend, "lm", None), "chat_format", None))
