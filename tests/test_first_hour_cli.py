@@ -1,6 +1,7 @@
 """Issue 24, the first hour: talk to a run in one command (`botkit chat --run-name`, `botkit run
 --model`), and a config file's paths count from its own folder, with errors that name its keys."""
 
+import json
 import os
 import subprocess
 import sys
@@ -66,3 +67,17 @@ def test_help_lists_the_model_flags(command, capsys):
         main([command, "--help"])
     out = capsys.readouterr().out
     assert "--run-name" in out and "--model" in out and "--checkpoint-dir" in out
+
+
+def test_opt_in_counts_from_the_moment_of_opting_in_as_the_readme_shows(tmp_path, tiny_lm):
+    tiny_lm.model.save_pretrained(tmp_path / "m")
+    tiny_lm.tokenizer.save_pretrained(tmp_path / "m")
+    lines = "said before anyone agreed\n/privacy\n/settings dataset_opt_in on\nanyone watching the match tonight?\n/privacy\n"
+    out = botkit("chat", "--model", "m", cwd=tmp_path, stdin=lines)
+    assert out.returncode == 0, out.stderr
+    assert "only messages sent from that moment on" in out.stdout and "dataset_opt_in is now True." in out.stdout
+    assert "This chat has opted in to training data" in out.stdout
+    export = botkit("export-dataset", "--out", "ours.jsonl", cwd=tmp_path)
+    assert "Wrote 1 messages of 1 chat to ours.jsonl" in export.stdout, export.stdout + export.stderr
+    records = [json.loads(line) for line in (tmp_path / "ours.jsonl").read_text().splitlines()[1:]]
+    assert [r["text"] for r in records] == ["anyone watching the match tonight?"]

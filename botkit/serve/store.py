@@ -100,6 +100,8 @@ MIGRATIONS = [
     CREATE INDEX requests_message ON requests(message_id);
     ALTER TABLE chats ADD COLUMN context_since_message INTEGER NOT NULL DEFAULT 0;
     """,
+    # export-dataset takes a chat's messages with a larger id only: those sent after it opted in
+    "ALTER TABLE chats ADD COLUMN export_since_message INTEGER NOT NULL DEFAULT 0",
 ]
 
 BUSY_RETRIES = 5
@@ -256,6 +258,11 @@ class Store:
     async def set_chat_settings(self, platform: str, chat_id: str, settings: dict) -> None:
         await self._write("INSERT INTO chats (platform, chat_id, settings) VALUES (?, ?, ?)"
                           " ON CONFLICT DO UPDATE SET settings=excluded.settings", (platform, chat_id, json.dumps(settings)))
+
+    async def start_export(self, platform: str, chat_id: str) -> None:
+        """Only messages the chat receives from now on may be exported (`botkit export-dataset`)."""
+        await self._write("INSERT INTO chats (platform, chat_id, export_since_message) VALUES (?, ?, (SELECT COALESCE(MAX(id), 0) FROM messages))"
+                          " ON CONFLICT DO UPDATE SET export_since_message=excluded.export_since_message", (platform, chat_id))
 
     async def reset_context(self, platform: str, chat_id: str) -> None:
         last, last_message = (await self._rows("SELECT (SELECT COALESCE(MAX(id), 0) FROM requests),"
