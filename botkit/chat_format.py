@@ -164,6 +164,27 @@ class ChatFormat:
         return cls.from_dict(data, str(path))
 
 
+class ReplyDecoder:
+    """`ChatFormat.decode` for a reply that arrives in pieces: a `line_break` split across two pieces
+    ("<b" then "r>") is held back until it is whole."""
+
+    def __init__(self, line_break: str):
+        self.line_break = line_break
+        self.held = ""
+
+    def feed(self, piece: str) -> str:
+        if not self.line_break:
+            return piece
+        text = (self.held + piece).replace(self.line_break, "\n")
+        keep = next((n for n in range(len(self.line_break) - 1, 0, -1) if text.endswith(self.line_break[:n])), 0)
+        self.held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
 def clean_name(name: str) -> str:
     """A speaker name on one line, without braces, at most MAX_NAME_CHARS characters."""
     name = " ".join(_NAME_JUNK.sub(" ", str(name)).split())[:MAX_NAME_CHARS].strip()

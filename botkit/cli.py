@@ -200,7 +200,8 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
         source = resolve(config.model.source or None, config.model.run_name or None, config.model.checkpoint_dir, source_names)
     with ThreadPoolExecutor(1) as loader:  # a thread that exits: see backends.LocalBackend on OpenMP teams
         backend = await asyncio.get_running_loop().run_in_executor(loader, _make_backend, config, source)
-    config = with_run_chat_format(config, getattr(getattr(backend, "lm", None), "chat_format", None))
+    run_format = getattr(getattr(backend, "lm", None), "chat_format", None)  # None: not a chat run
+    config = with_run_chat_format(config, run_format)
     if stop is None:
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -215,7 +216,7 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
         if config.web.enabled:
             from botkit.adapters.web_adapter import WebAdapter
 
-            web = await stack.enter_async_context(WebAdapter(core, config.web, tokens["web"]))
+            web = await stack.enter_async_context(WebAdapter(core, config.web, tokens["web"], run_format))
             print(f"botkit is serving {backend.name}: open {web.url}", flush=True)
         if config.discord.enabled:
             from botkit.adapters.discord_adapter import DiscordAdapter

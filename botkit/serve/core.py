@@ -37,6 +37,7 @@ from botkit.serve.metrics import Metrics, Stats
 from botkit.serve.scheduler import FairQueue, RateLimiter
 from botkit.serve.store import Store
 
+MAX_CHARS_PER_TOKEN = 64  # a prompt longer than this many characters per window token cannot fit: refused before tokenizing it
 log = logging.getLogger("botkit")
 
 SETTLE_RETRY_S = 2.0  # how often a settlement the store refused (disk full) is tried again
@@ -218,10 +219,14 @@ class Core:
 
     async def submit_completion(self, text: str, params: SamplingParams, *, platform: str = "api", chat_id: str = "api",
                                 user_id: str = "api", user_name: str = "") -> Ticket:
-        """Queue a raw prefix for completion (no template or context)."""
-        if not isinstance(text, str) or len(text) > self.config.limits.max_message_chars:
-            raise InputError(f"The prompt must be text of at most {self.config.limits.max_message_chars} characters.")
+        """Queue a raw prefix for completion (no template or context). It is bounded by the model's
+        window in tokens, not by a chat message's length in characters."""
+        if not isinstance(text, str):
+            raise InputError("The prompt must be text.")
         text = text.encode("utf-8", "replace").decode("utf-8")
+        window = self.backend.max_context
+        if len(text) > MAX_CHARS_PER_TOKEN * window or self.backend.count_tokens(text) > window:
+            raise InputError(f"The prompt is longer than the model's window of {window} tokens: shorten it.")
         with self._queue_place():
             self._check_rate(self._api_limit, platform, user_id, "You're")
             return await self._enqueue("completion", Prompt(platform, chat_id, user_id, text, None, user_name), text, text, params)
