@@ -297,7 +297,8 @@ class WebAdapter:
                     elif kind == "waiting":
                         await _send(response, {"type": "waiting", "index": index, "position": value})
                     elif kind == "done":
-                        done = {"type": "done", "index": index, "text": value.text, "finish_reason": finish_reason(value.finish_reason)}
+                        done = {"type": "done", "index": index, "text": value.text, "finish_reason": finish_reason(value.finish_reason),
+                                "num_tokens": value.num_tokens, "note": empty_sample_note(value, req.params.stop)}
                         await _send(response, done)
                     else:
                         await _send(response, {"type": "error", "index": index, "message": value})
@@ -445,6 +446,17 @@ async def read_json(request: web.Request, timeout_s: float):
 
 async def _send(response: web.StreamResponse, event: dict) -> None:
     await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+
+
+def empty_sample_note(reply, stop: tuple[str, ...]) -> str:
+    """Why a playground sample holds no text, as a sentence the page shows under it ("" when it has text)."""
+    if reply.text.strip():
+        return ""
+    if reply.finish_reason == "length":
+        return f"The sample is only blank space after {reply.num_tokens} tokens: raise length, or change the prefix."
+    ends = f"the truncate text {', '.join(repr(s) for s in stop)} or the end of text" if stop else "the end of text"
+    return (f"The sample stopped at once: the model's first token was {ends}. Clear truncate, end the prefix where a text "
+            "goes on (a chat-trained run: with a speaker's name and a colon), or sample again.")
 
 
 def finish_reason(reason: str | None) -> str:

@@ -3,6 +3,7 @@ store and a tiny model: messages with names rendered in the run's chat format, n
 streaming, the window in tokens (oldest messages dropped first), and one-sentence refusals."""
 
 import contextlib
+import json
 import sqlite3
 
 import openai
@@ -119,3 +120,23 @@ async def test_a_completion_prompt_over_4000_characters_that_fits_the_window_is_
     async with serving(tmp_path, tiny_lm) as client:
         result = await client.completions.create(model="any", prompt=prompt, max_tokens=2)
     assert result.choices[0].finish_reason == "length"
+
+
+async def test_the_playground_says_why_a_sample_stopped_at_once(tmp_path, tiny_lm):
+    import aiohttp
+
+    config = Config(limits=LimitsConfig(user_per_minute=0, chat_per_minute=0))
+    async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, max_batch_size=4) as backend, \
+            Core(backend, store, config) as core, WebAdapter(core, WebConfig(port=0)) as web, \
+            aiohttp.ClientSession(base_url=web.url) as http:
+        async def done(**fields):
+            body = {"prefix": "The cat", "length": 3, "temperature": 0, **fields}
+            async with http.post("/api/generate", json=body) as response:
+                events = [json.loads(line[6:]) for line in (await response.text()).split("\n\n") if line.startswith("data: ")]
+            return next(e for e in events if e["type"] == "done")
+
+        first = (await done(truncate=""))["text"]  # greedy: the token this model always writes first
+        stopped = await done(truncate=first)
+        assert first and stopped["text"] == "" and stopped["num_tokens"] >= 1
+        assert stopped["note"].startswith(f"The sample stopped at once: the model's first token was the truncate text {first!r}")
+        assert (await done(truncate=""))["note"] == ""
