@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from botkit.chat_format import ChatFormat
 from botkit.config import KIND_NAMES
 from botkit.errors import InputError
-from botkit.params import STOP_LIMIT, SamplingParams
+from botkit.params import STOP_LIMIT, SamplingParams, expecting_text
 from botkit.prompting import fit_newest
 
 _INT_LIMIT = 2**63  # every whole number a client sends is below this in size (torch's seeds, top_k and counts fit)
@@ -171,7 +171,7 @@ def parse_playground(body, *, max_n: int) -> CompletionRequest:
         stop=(truncate,) if truncate else (),
         seed=_field(body, "seed", int, None),
     )
-    return CompletionRequest(prompts=(prefix,), n=nsamples, params=params, stream=True)
+    return CompletionRequest(prompts=(prefix,), n=nsamples, params=expecting_text(params), stream=True)
 
 
 def _object(body) -> dict:

@@ -15,6 +15,7 @@ from pathlib import Path
 from botkit.config import Config, load_config, override, secret
 from botkit.errors import BotkitError
 from botkit.model.sources import CLI_NAMES
+from botkit.params import EXPECT_TEXT_MIN_TOKENS, HAS_MIN_TOKENS
 
 log = logging.getLogger("botkit")
 
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
+    if HAS_MIN_TOKENS:  # the rule arrives with SamplingParams.min_tokens
+        gen.add_argument("--min-tokens", type=int, default=EXPECT_TEXT_MIN_TOKENS,
+                         help="tokens before --truncate or the end of text may end a sample (0 = a sample may be empty)")
     gen.add_argument("--unique", action="store_true", help="draw again a sample that copies the run's training text or the prefix")
     gen.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this many tokens (0 = off)")
     gen.add_argument("--destination-path", default=None, help="write the samples to this file instead of printing them")
@@ -139,7 +143,8 @@ def _generate(args) -> None:
     generate(lm, prefix=args.prefix, truncate=args.truncate, include_prefix=args.include_prefix, nsamples=args.nsamples,
              batch_size=args.batch_size, length=args.length, temperature=args.temperature, top_k=args.top_k,
              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, unique=args.unique,
-             no_repeat_ngram_size=args.no_repeat_ngram_size, destination_path=args.destination_path, sample_delim=args.sample_delim)
+             no_repeat_ngram_size=args.no_repeat_ngram_size, destination_path=args.destination_path, sample_delim=args.sample_delim,
+             **({"min_tokens": args.min_tokens} if HAS_MIN_TOKENS else {}))
 
 
 def _serve(args, console: bool, web: bool = True) -> None:

@@ -66,6 +66,21 @@ class SamplingParams:
             raise InputError(f"seed must be a whole number from 0 to {MAX_SEED:,} (2^63 - 1), not {_short(self.seed)}.")
 
 
+# Where a person expects text (a chat reply, the playground, `botkit generate`), a sample gets at least
+# this many tokens before a stop string or the end of text may end it: a chat-trained model's likeliest
+# first token is often the line break that ends a message. The field, SamplingParams.min_tokens (vLLM's
+# name), comes with the per-token rule that enforces it; until it exists, nothing changes.
+EXPECT_TEXT_MIN_TOKENS = 1
+HAS_MIN_TOKENS = "min_tokens" in {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+def expecting_text(params: SamplingParams) -> SamplingParams:
+    """`params` with at least EXPECT_TEXT_MIN_TOKENS tokens, unless they already ask for more."""
+    if not HAS_MIN_TOKENS or params.min_tokens >= EXPECT_TEXT_MIN_TOKENS:
+        return params
+    return dataclasses.replace(params, min_tokens=EXPECT_TEXT_MIN_TOKENS)
+
+
 TRIGGERS = ("mention", "always", "command", "never")
 
 
@@ -100,7 +115,7 @@ class ChatSettings:
         check_channel_settings(self.context, self.chat_format)
 
     def sampling(self, seed: int | None = None) -> SamplingParams:
-        return SamplingParams(
+        return expecting_text(SamplingParams(
             max_new_tokens=self.length,
             temperature=self.temperature,
             top_k=self.top_k,
@@ -111,7 +126,7 @@ class ChatSettings:
             banned_words=self.banned_words,
             unique=self.unique,
             candidates=self.candidates,
-        )
+        ))
 
     def replace(self, **changes) -> ChatSettings:
         """A copy with `changes` (values may be strings, as typed in a chat command), validated."""

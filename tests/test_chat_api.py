@@ -13,6 +13,7 @@ from botkit.adapters.web_params import ApiMessage, chat_prompt
 
 from botkit.chat_format import ChatFormat, ReplyDecoder
 from botkit.config import Config, LimitsConfig, WebConfig
+from botkit.params import HAS_MIN_TOKENS
 from botkit.serve.backends import LocalBackend
 from botkit.serve.core import Core
 from botkit.serve.store import Store
@@ -140,3 +141,14 @@ async def test_the_playground_says_why_a_sample_stopped_at_once(tmp_path, tiny_l
         assert first and stopped["text"] == "" and stopped["num_tokens"] >= 1
         assert stopped["note"].startswith(f"The sample stopped at once: the model's first token was the truncate text {first!r}")
         assert (await done(truncate=""))["note"] == ""
+
+
+@pytest.mark.skipif(not HAS_MIN_TOKENS, reason="SamplingParams.min_tokens arrives with branch rules")
+def test_where_a_person_expects_text_a_sample_gets_min_tokens():
+    from botkit.adapters.web_params import parse_completion, parse_playground
+
+    from botkit.params import ChatSettings
+
+    assert parse_playground({"prefix": "x"}, max_n=1).params.min_tokens == 1
+    assert ChatSettings().sampling().min_tokens == 1
+    assert parse_completion({"prompt": "x"}, max_n=1).params.min_tokens == 0  # the API keeps OpenAI's and vLLM's default
