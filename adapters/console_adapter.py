@@ -2,7 +2,7 @@
 through the same conversation layer as every other platform; its answers are printed as "bot> …".
 Ctrl-D (end of input) or /quit ends it.
 
-    async with ConsoleAdapter(core, config.console) as console:
+    async with ConsoleAdapter(chats, config.console) as console:
         await console.run()
 """
 
@@ -16,6 +16,7 @@ import threading
 import time
 from typing import TextIO
 
+from botkit.chat.chats import Chats
 from botkit.chat.conversation import Conversation
 from botkit.chat.events import ChatEvent, Platform
 from botkit.config import ConsoleConfig
@@ -30,8 +31,7 @@ class ConsoleAdapter:
     """Reads `stdin` in a daemon thread (a blocking readline must never hold up the event loop, and
     a daemon thread cannot keep the process alive at exit); writes to `stdout`."""
 
-    def __init__(self, core, config: ConsoleConfig, *, stdin: TextIO | None = None, stdout: TextIO | None = None):
-        self.core = core
+    def __init__(self, chats: Chats, config: ConsoleConfig, *, stdin: TextIO | None = None, stdout: TextIO | None = None):
         self.config = config
         if stdin is None and hasattr(sys.stdin, "reconfigure"):
             sys.stdin.reconfigure(errors="replace")  # a stray invalid byte must not end the chat
@@ -40,7 +40,7 @@ class ConsoleAdapter:
         self.user_name = _login_name()
         platform = Platform(PLATFORM, MAX_LINE_CHARS, max_parts=1, typing_interval_s=60.0, queue_notice_s=5.0,
                             bot_name="bot", mention_hint="just write")
-        self.conversation = Conversation(core, platform, lambda chat_id, message_id: self)
+        self.conversation = Conversation(chats, platform, lambda chat_id, message_id: self)
         self._lines: asyncio.Queue[str | None] = asyncio.Queue()
 
     async def __aenter__(self) -> ConsoleAdapter:

@@ -16,12 +16,12 @@ import discord
 from botkit.adapters.discord_replier import NO_PINGS, ChannelReplier, InteractionReplier
 from discord import app_commands
 
+from botkit.chat.chats import Chats
 from botkit.chat.commands import COMMANDS, SETTING_KEYS
 from botkit.chat.conversation import Conversation
 from botkit.chat.events import ChatEvent, Platform
 from botkit.config import DiscordConfig
 from botkit.errors import BotkitError, ConfigError
-from botkit.serve.core import Core
 
 log = logging.getLogger("botkit.discord")
 
@@ -33,14 +33,14 @@ PERMISSIONS = discord.Permissions(view_channel=True, send_messages=True, send_me
 
 
 class DiscordAdapter:
-    """`async with DiscordAdapter(core, config.discord, token):` connects, answers, and disconnects."""
+    """`async with DiscordAdapter(chats, config.discord, token):` connects, answers, and disconnects."""
 
-    def __init__(self, core: Core, config: DiscordConfig, token: str, *, chance=random.random):
-        self.core, self.config, self.token = core, config, token
+    def __init__(self, chats: Chats, config: DiscordConfig, token: str, *, chance=random.random):
+        self.config, self.token = config, token
         platform = Platform(PLATFORM, MAX_MESSAGE_CHARS, config.max_reply_parts, config.command_prefix,
                             typing_interval_s=config.typing_interval_s, queue_notice_s=config.queue_notice_s,
                             admin_user_ids=config.admin_user_ids, admins="members with Manage Server")
-        self.conversation = Conversation(core, platform, self._replier_for, chance=chance)
+        self.conversation = Conversation(chats, platform, self._replier_for, chance=chance)
         intents = discord.Intents.default()
         intents.message_content = True  # privileged: enable it in the developer portal
         self.client = discord.Client(intents=intents, allowed_mentions=NO_PINGS)

@@ -2,7 +2,7 @@
 out as plain-text replies (no parse_mode: model output cannot add markup; botkit/chat/conversation.py
 holds the policy). The composition root owns the event loop, so never `run_polling()`:
 
-    async with TelegramAdapter(core, config.telegram, secret(config.telegram.token_env, "Telegram")):
+    async with TelegramAdapter(chats, config.telegram, secret(config.telegram.token_env, "Telegram")):
         await stop_event.wait()
 """
 
@@ -23,12 +23,12 @@ from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import Application, ApplicationBuilder, ContextTypes, MessageHandler, filters
 from telegram.request import HTTPXRequest
 
+from botkit.chat.chats import Chats
 from botkit.chat.commands import COMMANDS
 from botkit.chat.conversation import Conversation
 from botkit.chat.events import ChatEvent, Platform
 from botkit.config import TelegramConfig, secret
 from botkit.errors import BotkitError, ConfigError
-from botkit.serve.core import Core
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +36,16 @@ PLATFORM = "telegram"
 
 
 class TelegramAdapter:
-    def __init__(self, core: Core, config: TelegramConfig, token: str, *, chance: Callable[[], float] = random.random):
+    def __init__(self, chats: Chats, config: TelegramConfig, token: str, *, chance: Callable[[], float] = random.random):
         if config.mode not in ("polling", "webhook"):
             raise ConfigError(f"telegram.mode must be 'polling' or 'webhook', not {config.mode!r}.")
         if config.mode == "webhook" and not config.webhook_url.startswith("https://"):
             raise ConfigError("telegram.mode = 'webhook' needs telegram.webhook_url, the public https:// URL Telegram will post to.")
-        self._core, self._config, self._token = core, config, token
+        self._config, self._token = config, token
         platform = Platform(PLATFORM, MessageLimit.MAX_TEXT_LENGTH, config.max_reply_parts, config.command_prefix,
                             usernames_ping=True, typing_interval_s=config.typing_interval_s,
                             queue_notice_s=config.queue_notice_s, admin_user_ids=config.admin_user_ids)
-        self.conversation = Conversation(core, platform, self._replier_for, chance=chance)
+        self.conversation = Conversation(chats, platform, self._replier_for, chance=chance)
         self.application: Application | None = None
         self._requests: list[HTTPXRequest] = []
 

@@ -43,6 +43,7 @@ from botkit.chat_format import ChatFormat, ReplyDecoder
 from botkit.config import WebConfig
 from botkit.errors import BotkitError, ConfigError, InputError
 from botkit.serve import health
+from botkit.serve.core import Who
 
 log = logging.getLogger("botkit.web")
 
@@ -313,9 +314,7 @@ class WebAdapter:
         try:
             for prompt, params in req.samples():
                 tickets.append(
-                    await self.core.submit_completion(
-                        prompt, params, platform="web", chat_id="web", user_id=request.remote or "web"
-                    )
+                    await self.core.submit(prompt, params, who=Who(platform="web", chat_id="web", user_id=request.remote or "web"))
                 )
         except BaseException:
             for ticket in tickets:

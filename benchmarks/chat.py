@@ -37,11 +37,12 @@ import torch
 from serve import load_requests, log, percentile
 from transformers import GPT2Config
 
+from botkit.chat.chats import Chats, Prompt
 from botkit.config import Config
 from botkit.model.loading import load_model
 from botkit.params import ChatSettings
 from botkit.serve.backends import LocalBackend
-from botkit.serve.core import Core, Prompt
+from botkit.serve.core import Core
 
 DEFAULT_WORKLOAD = Path(__file__).resolve().parents[2] / "shared" / "bench" / "chat_workload.jsonl"
 
@@ -70,11 +71,12 @@ async def run_arm(lm, chats: dict[str, list[dict]], cache_mb: int | None) -> dic
             from botkit.serve.store import Store
 
             async with Store.open(Path(tmp) / "bench.db") as store, Core(backend, store, make_config(len(chats))) as core:
+                bot = Chats(core, store, core.config)
 
                 async def one_chat(turns: list[dict]) -> None:
                     for turn in turns:
                         started = time.perf_counter()
-                        ticket = await core.submit(Prompt("bench", turn["chat_id"], turn["user_id"], turn["message"]), settings_of(turn, turns[0]))
+                        ticket = await bot.submit(Prompt("bench", turn["chat_id"], turn["user_id"], turn["message"]), settings_of(turn, turns[0]))
                         first = None
                         async for delta in ticket.stream():
                             if first is None and delta:

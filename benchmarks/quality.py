@@ -84,12 +84,13 @@ from serve import load_requests, log
 from transformers import GPT2Config
 
 import botkit
+from botkit.chat.chats import Chats, Prompt
 from botkit.engine.copy_index import NGRAM, CopyIndex, check_copying, write_index
 from botkit.engine.engine import Engine
 from botkit.model.loading import load_model
 from botkit.params import ChatSettings, SamplingParams
 from botkit.serve.backends import LocalBackend
-from botkit.serve.core import Core, Prompt
+from botkit.serve.core import Core
 from botkit.serve.store import Store
 from botkit.train.conversations import ConversationOptions
 from botkit.train.encoding import load_tokens
@@ -322,12 +323,13 @@ async def latency_arm(lm, chats: dict[str, list[dict]], arm: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         async with (LocalBackend(lm, max_batch_size=4 * len(chats)) as backend, Store.open(Path(tmp) / "bench.db") as store,
                     Core(backend, store, make_config(len(chats))) as core):
+            bot = Chats(core, store, core.config)
 
             async def one_chat(turns: list[dict]) -> None:
                 for turn in turns:
                     settings = ChatSettings(length=turn["max_new_tokens"], truncate="", **LATENCY_ARMS[arm])
                     started = time.perf_counter()
-                    ticket = await core.submit(Prompt("bench", turn["chat_id"], turn["user_id"], turn["message"]), settings)
+                    ticket = await bot.submit(Prompt("bench", turn["chat_id"], turn["user_id"], turn["message"]), settings)
                     await ticket.result()
                     times[turn["chat_id"], turn["turn"]] = time.perf_counter() - started
 

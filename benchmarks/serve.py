@@ -52,7 +52,7 @@ from botkit.errors import InputError
 from botkit.model.loading import LoadedModel, load_model
 from botkit.params import SamplingParams
 from botkit.serve.backends import LocalBackend
-from botkit.serve.core import Core
+from botkit.serve.core import Core, Who
 from botkit.serve.store import Store
 
 DEFAULT_WORKLOAD = Path(__file__).resolve().parents[2] / "shared" / "bench" / "workload.jsonl"
@@ -148,8 +148,7 @@ async def serve(lm: LoadedModel, requests: list[dict], num_chats: int, max_batch
         while todo:
             request = todo.popleft()
             start = time.perf_counter()
-            ticket = await core.submit_completion(request["prompt"], params_of(request), platform="bench",
-                                                  chat_id=f"c{index}", user_id=f"u{index}")
+            ticket = await core.submit(request["prompt"], params_of(request), who=Who(platform="bench", chat_id=f"c{index}", user_id=f"u{index}"))
             reply = await ticket.result()
             latencies_ms.append((time.perf_counter() - start) * 1000)
             num_tokens += reply.num_tokens

@@ -65,10 +65,11 @@ async def child(db: str, run: int, fault_every: int) -> None:
     import torch
     from transformers import GPT2Config
 
+    from botkit.chat.chats import Chats, Prompt
     from botkit.errors import BotkitError, BusyError
     from botkit.model.loading import load_model
     from botkit.serve.backends import LocalBackend
-    from botkit.serve.core import Core, Prompt
+    from botkit.serve.core import Core
     from botkit.serve.store import Store
 
     torch.set_num_threads(1)
@@ -84,6 +85,7 @@ async def child(db: str, run: int, fault_every: int) -> None:
     lm = load_model(GPT2Config(n_layer=2, n_head=2, n_embd=32), device="cpu", seed=0)
     async with Store.open(db) as store, LocalBackend(lm, max_batch_size=8, before_step=faults) as backend, \
             Core(backend, store, soak_config()) as core:
+        chats = Chats(core, store, core.config)
         print("READY", flush=True)
 
         async def deliver(ticket):
@@ -91,15 +93,15 @@ async def child(db: str, run: int, fault_every: int) -> None:
                 reply = await ticket.result()
             except BotkitError:
                 return
-            if not await core.is_delivered(reply.request_id):
-                await core.record_delivery(reply.request_id, [f"msg-{reply.request_id}-{i}" for i in range(1 + reply.request_id % 3)])
+            if not await store.is_delivered(reply.request_id):
+                await store.record_delivery(reply.request_id, [f"msg-{reply.request_id}-{i}" for i in range(1 + reply.request_id % 3)])
                 print(f"DELIVERED {reply.request_id}", flush=True)
 
         tasks, n = set(), 0
         while True:
             n += 1
             try:
-                ticket = await core.submit(Prompt("soak", f"chat{n % 5}", f"user{n % 7}", f"message {n} of run {run}", str(n)))
+                ticket = await chats.submit(Prompt("soak", f"chat{n % 5}", f"user{n % 7}", f"message {n} of run {run}", str(n)))
             except BusyError:
                 await asyncio.sleep(0.05)
                 continue
@@ -187,10 +189,11 @@ async def burst_and_scan(workdir: Path, num_prompts: int) -> dict:
     import aiohttp
     from botkit.adapters.web_adapter import WebAdapter
 
+    from botkit.chat.chats import Chats, Prompt
     from botkit.chat.replies import defuse_mentions, split_reply
     from botkit.config import WebConfig
     from botkit.errors import BotkitError, BusyError
-    from botkit.serve.core import Core, Prompt
+    from botkit.serve.core import Core
     from botkit.serve.store import Store
 
     key = "sk-" + secrets.token_urlsafe(32)
@@ -213,12 +216,13 @@ async def burst_and_scan(workdir: Path, num_prompts: int) -> dict:
     async with Store.open(workdir / "burst.db") as store, PingingBackend() as backend, \
             Core(backend, store, soak_config(max_queue=256, timeout_s=60)) as core, \
             WebAdapter(core, WebConfig(port=0), key) as web:
+        chats = Chats(core, store, core.config)
         beating = asyncio.create_task(heartbeat())
 
         async def one(i: int) -> str:
             text = f"prompt {i}" + (" FAIL" if i % 97 == 0 else "")
             try:
-                ticket = await core.submit(Prompt("discord", f"chat{i % 50}", f"user{i}", text, str(i)))
+                ticket = await chats.submit(Prompt("discord", f"chat{i % 50}", f"user{i}", text, str(i)))
             except BusyError:
                 return "busy"
             try:  # a ticket the core never settles would hang its caller: counted as lost
@@ -230,7 +234,7 @@ async def burst_and_scan(workdir: Path, num_prompts: int) -> dict:
                 return "failed"
             parts = split_reply(defuse_mentions(reply.text), 2000, 3)
             replies_sent.extend(parts)
-            await core.record_delivery(reply.request_id, [f"m{reply.request_id}-{k}" for k in range(len(parts))])
+            await store.record_delivery(reply.request_id, [f"m{reply.request_id}-{k}" for k in range(len(parts))])
             return "done"
 
         started = time.monotonic()
@@ -439,7 +443,7 @@ async def poison_arm(lm, workdir: Path, poisoned: bool, num_requests: int = 32) 
     """`num_requests` at once through the real Core; with `poisoned`, one of them breaks every step it is in."""
     from botkit.params import SamplingParams
     from botkit.serve.backends import LocalBackend
-    from botkit.serve.core import Core
+    from botkit.serve.core import Core, Who
     from botkit.serve.store import Store
 
     db = workdir / f"poison-{poisoned}-{time.monotonic_ns()}.db"
@@ -450,7 +454,7 @@ async def poison_arm(lm, workdir: Path, poisoned: bool, num_requests: int = 32) 
         async def one(i: int) -> tuple[bool, float, bool]:
             bad = poisoned and i == num_requests // 2
             params = SamplingParams(max_new_tokens=40, temperature=0.8, seed=POISON_SEED if bad else i)
-            ticket = await core.submit_completion(f"Request {i}: tell me a fortune.", params, user_id=str(i))
+            ticket = await core.submit(f"Request {i}: tell me a fortune.", params, who=Who(user_id=str(i)))
             try:
                 await ticket.result()
                 return bad, time.perf_counter() - started, True

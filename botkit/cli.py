@@ -186,6 +186,7 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
                 source_names: dict[str, str] | None = None) -> None:
     """Run the core and every enabled adapter around one model until `stop` is set (by default: until
     SIGINT/SIGTERM) or the console chat ends. `source_names`: what model errors call [model]'s keys."""
+    from botkit.chat.chats import Chats
     from botkit.serve.core import Core
     from botkit.serve.retention import Retention
     from botkit.serve.store import Store
@@ -217,6 +218,7 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
         await stack.enter_async_context(Retention(store, config.store))
         await stack.enter_async_context(backend)
         core = await stack.enter_async_context(Core(backend, store, config))
+        chats = Chats(core, store, config)  # the chat layer: what Discord, Telegram and the console talk to
         print(f"botkit keeps its prompts and replies in {Path(config.store.path).resolve()}", flush=True)
         if config.web.enabled:
             from botkit.adapters.web_adapter import WebAdapter
@@ -226,15 +228,15 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
         if config.discord.enabled:
             from botkit.adapters.discord_adapter import DiscordAdapter
 
-            await stack.enter_async_context(DiscordAdapter(core, config.discord, tokens["discord"]))
+            await stack.enter_async_context(DiscordAdapter(chats, config.discord, tokens["discord"]))
         if config.telegram.enabled:
             from botkit.adapters.telegram_adapter import TelegramAdapter
 
-            await stack.enter_async_context(TelegramAdapter(core, config.telegram, tokens["telegram"]))
+            await stack.enter_async_context(TelegramAdapter(chats, config.telegram, tokens["telegram"]))
         if console:
             from botkit.adapters.console_adapter import ConsoleAdapter
 
-            chat = await stack.enter_async_context(ConsoleAdapter(core, config.console))
+            chat = await stack.enter_async_context(ConsoleAdapter(chats, config.console))
             done = asyncio.create_task(chat.run())
             await asyncio.wait([done, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         else:

@@ -28,6 +28,7 @@ from fake_discord import (
 )
 from fake_telegram import FakeTelegram
 
+from botkit.chat.chats import Chats
 from botkit.config import Config, DiscordConfig, TelegramConfig
 from botkit.serve.core import Core
 from botkit.serve.store import Store
@@ -175,17 +176,18 @@ async def platform(name: str, tmp_path, monkeypatch, backend, config: Config, *,
         if name == "discord":
             settings = dict(enabled=True, typing_interval_s=0.2, queue_notice_s=30.0, connect_timeout_s=5.0) | adapter_config
             sessions = len(fake.identifies)
-            adapter = await stack.enter_async_context(DiscordAdapter(core, DiscordConfig(**settings), fake.token, chance=chance))
+            adapter = await stack.enter_async_context(DiscordAdapter(Chats(core, store, core.config), DiscordConfig(**settings), fake.token, chance=chance))
             await fake.wait_connected(num_sessions=sessions + 1)
             driver = DiscordDriver(fake)
         elif name == "telegram":
             settings = dict(enabled=True, base_url=fake.url, chat_send_interval_s=0.0, typing_interval_s=0.2,
                             queue_notice_s=30.0, request_timeout_s=2.0) | adapter_config
-            adapter = await stack.enter_async_context(TelegramAdapter(core, TelegramConfig(**settings), fake.token, chance=chance))
+            adapter = await stack.enter_async_context(TelegramAdapter(Chats(core, store, core.config), TelegramConfig(**settings), fake.token, chance=chance))
             driver = TelegramDriver(fake)
         else:
-            adapter = await stack.enter_async_context(ConsoleAdapter(core, config.console, stdin=io.StringIO(""), stdout=fake))
+            adapter = await stack.enter_async_context(ConsoleAdapter(Chats(core, store, core.config), config.console, stdin=io.StringIO(""), stdout=fake))
             adapter.conversation.chance = chance
             driver = ConsoleDriver(adapter, fake)
         driver.core, driver.store, driver.adapter = core, store, adapter
+        driver.chats = adapter.conversation.chats
         yield driver

@@ -7,6 +7,7 @@ import os
 
 from botkit.adapters.console_adapter import ConsoleAdapter
 
+from botkit.chat.chats import Chats
 from botkit.config import Config, ConsoleConfig, LimitsConfig
 from botkit.params import ChatSettings
 from botkit.serve.backends import LocalBackend
@@ -20,7 +21,7 @@ async def chatting(tmp_path, lm, stdin, limits=None):
     out = io.StringIO()
     async with Store.open(tmp_path / "bot.db") as store, LocalBackend(lm, max_batch_size=4) as backend, \
             Core(backend, store, config) as core, \
-            ConsoleAdapter(core, ConsoleConfig(enabled=True), stdin=stdin, stdout=out) as console:
+            ConsoleAdapter(Chats(core, store, core.config), ConsoleConfig(enabled=True), stdin=stdin, stdout=out) as console:
         yield core, console, out
 
 
@@ -29,8 +30,8 @@ async def test_each_line_gets_a_reply_and_commands_work(tmp_path, tiny_lm):
     async with chatting(tmp_path, tiny_lm, lines) as (core, console, out):
         await asyncio.wait_for(console.run(), 30)
         recent = await core.recent()
-        settings = await core.get_settings("console", "console")
-        delivered = [await core.is_delivered(r["id"]) for r in recent]
+        settings = await console.conversation.chats.settings("console", "console")
+        delivered = [await console.conversation.chats.store.is_delivered(r["id"]) for r in recent]
     text = out.getvalue()
     assert [r["text"] for r in recent] == ["second message", "hello bot"]  # the blank line was not sent
     for row in recent:

@@ -13,10 +13,10 @@ import pytest
 from platforms import GROUP, PRIVATE, fake_server, platform, until
 from scripted import ScriptedBackend, deliveries
 
+from botkit.chat.chats import Prompt
 from botkit.chat.conversation import EMPTY_REPLY, SORRY
 from botkit.config import Config, ConversationConfig, LimitsConfig
 from botkit.params import ChatSettings
-from botkit.serve.core import Prompt
 
 QUICK = ChatSettings(truncate="", length=8)
 NO_LIMITS = LimitsConfig(user_per_minute=0, chat_per_minute=0)
@@ -109,7 +109,7 @@ async def test_a_reply_done_but_never_sent_is_sent_after_the_restart_and_one_beg
             chat_id = rows(tmp_path, "SELECT chat_id FROM messages")[0][0]
             originals = [await bot.send(GROUP, "plain", text) for text in ("unsent", "begun")]
             ids = [str(m.get("id") or m.get("message_id")) for m in originals]
-            tickets = [await bot.core.submit(Prompt(name, chat_id, "7", text, message_id, "alice"))
+            tickets = [await bot.adapter.conversation.chats.submit(Prompt(name, chat_id, "7", text, message_id, "alice"))
                        for text, message_id in zip(("unsent", "begun"), ids, strict=True)]
             for ticket in tickets:
                 await ticket.result()

@@ -15,12 +15,13 @@ import time
 
 import pytest
 
+from botkit.chat.chats import Chats, Prompt
 from botkit.config import Config
 from botkit.engine.engine import Engine
 from botkit.errors import BusyError, GenerationError, InputError, RateLimitedError, RequestCancelled, RequestTimeout
 from botkit.params import SamplingParams
 from botkit.serve.backends import LocalBackend
-from botkit.serve.core import Core, Prompt
+from botkit.serve.core import Core, Who
 from botkit.serve.scheduler import FairQueue
 from botkit.serve.store import Store
 
@@ -71,7 +72,7 @@ async def test_chats_share_forward_passes_and_match_single_request_output(serve,
     passes = []
     core, store, _ = await serve(before_step=lambda rows: passes.append(len(rows)))
     cases = [("Hello there", greedy(12)), ("The quick brown fox", greedy(20, ("e",))), ("A", greedy(5)), ("Once upon a", greedy(16, (" the",)))]
-    tickets = [await core.submit_completion(p, params, chat_id=f"c{i}", user_id=f"u{i}") for i, (p, params) in enumerate(cases)]
+    tickets = [await core.submit(p, params, who=Who(chat_id=f"c{i}", user_id=f"u{i}")) for i, (p, params) in enumerate(cases)]
     replies = [await t.result() for t in tickets]
     for (prompt, params), reply in zip(cases, replies, strict=True):
         assert reply.text == alone(tiny_lm, prompt, params)
@@ -85,69 +86,72 @@ async def test_chats_share_forward_passes_and_match_single_request_output(serve,
 
 async def test_chat_prompt_uses_template_and_recent_context_within_the_window(serve):
     core, store, backend = await serve()
-    await core.update_settings("tg", "chat", template="<|startoftext|>{message}\n", length=10, truncate="\n")
-    first = await (await core.submit(Prompt("tg", "chat", "u1", "first message"))).result()
-    second = await core.submit(Prompt("tg", "chat", "u1", "second message"))
+    chats = Chats(core, store, core.config)
+    await chats.update_settings("tg", "chat", template="<|startoftext|>{message}\n", length=10, truncate="\n")
+    first = await (await chats.submit(Prompt("tg", "chat", "u1", "first message"))).result()
+    second = await chats.submit(Prompt("tg", "chat", "u1", "second message"))
     await second.result()
     assert second.prompt == f"<|startoftext|>first message\n{first.text}\n<|startoftext|>second message\n"
-    await core.reset_context("tg", "chat")
-    third = await core.submit(Prompt("tg", "chat", "u1", "third"))
+    await chats.reset_context("tg", "chat")
+    third = await chats.submit(Prompt("tg", "chat", "u1", "third"))
     assert third.prompt == "<|startoftext|>third\n"
-    long_history = await core.submit(Prompt("tg", "other", "u1", "x " * 1000))  # over the window: no context fits
+    long_history = await chats.submit(Prompt("tg", "other", "u1", "x " * 1000))  # over the window: no context fits
     await long_history.result()
-    follow = await core.submit(Prompt("tg", "other", "u1", "next"))
+    follow = await chats.submit(Prompt("tg", "other", "u1", "next"))
     assert backend.count_tokens(follow.prompt) <= backend.max_context - 10
 
 
 async def test_queue_full_is_busy_at_once(serve):
     core, _, _ = await serve(make_config(batch=dict(max_queue=3), limits=NO_LIMITS), max_batch_size=1)
-    tickets = [await core.submit_completion("hi", greedy(30), user_id=f"u{i}") for i in range(4)]  # 1 running + 3 queued
+    tickets = [await core.submit("hi", greedy(30), who=Who(user_id=f"u{i}")) for i in range(4)]  # 1 running + 3 queued
     await asyncio.sleep(0)
     with pytest.raises(BusyError, match="busy"):
         for i in range(3):
-            tickets.append(await core.submit_completion("hi", greedy(30), user_id=f"v{i}"))
+            tickets.append(await core.submit("hi", greedy(30), who=Who(user_id=f"v{i}")))
     for t in tickets:
         await t.result()
 
 
 async def test_rate_limits_per_user_and_chat(serve):
-    core, _, _ = await serve(make_config(limits=dict(user_per_minute=2, chat_per_minute=3)))
-    await core.submit(Prompt("d", "c1", "u1", "a"))
-    await core.submit(Prompt("d", "c1", "u1", "b"))
+    core, store, _ = await serve(make_config(limits=dict(user_per_minute=2, chat_per_minute=3)))
+    chats = Chats(core, store, core.config)
+    await chats.submit(Prompt("d", "c1", "u1", "a"))
+    await chats.submit(Prompt("d", "c1", "u1", "b"))
     with pytest.raises(RateLimitedError, match="too fast"):
-        await core.submit(Prompt("d", "c1", "u1", "c"))
-    await core.submit(Prompt("d", "c1", "u2", "d"))
+        await chats.submit(Prompt("d", "c1", "u1", "c"))
+    await chats.submit(Prompt("d", "c1", "u2", "d"))
     with pytest.raises(RateLimitedError, match="chat"):
-        await core.submit(Prompt("d", "c1", "u3", "e"))
+        await chats.submit(Prompt("d", "c1", "u3", "e"))
 
 
 async def test_empty_and_huge_messages_are_refused_with_a_sentence(serve):
     core, store, _ = await serve()
+    chats = Chats(core, store, core.config)
     for text in ["", "   \n\t", "\u200b\u200b", "x" * 5000]:
         with pytest.raises(InputError):
-            await core.submit(Prompt("d", "c", "u", text))
+            await chats.submit(Prompt("d", "c", "u", text))
     assert await store.recent() == []  # refused before being accepted
 
 
 async def test_timeout_fails_the_request_and_frees_its_slot(serve):
     slow = lambda rows: time.sleep(0.05)  # noqa: E731
     core, store, _ = await serve(make_config(batch=dict(timeout_s=0.5), limits=NO_LIMITS), max_batch_size=1, before_step=slow)
-    ticket = await core.submit_completion("hi", greedy(1000))
-    queued = await core.submit_completion("hi", greedy(1000), user_id="other")
+    ticket = await core.submit("hi", greedy(1000))
+    queued = await core.submit("hi", greedy(1000), who=Who(user_id="other"))
     with pytest.raises(RequestTimeout):
         await ticket.result()
     with pytest.raises(RequestTimeout):
         await queued.result()
     assert (await store.request(ticket.request_id))["status"] == "failed"
     assert "No reply within" in (await store.request(queued.request_id))["error"]
-    quick = await core.submit_completion("hi", greedy(2))
+    quick = await core.submit("hi", greedy(2))
     assert (await quick.result()).num_tokens <= 2  # the slot was freed
 
 
 async def test_cancel_frees_the_slot_for_the_next_request(serve):
     core, store, _ = await serve(max_batch_size=1, before_step=lambda rows: time.sleep(0.01))
-    hog = await core.submit_completion("hi", greedy(2000), user_id="a")
-    waiting = await core.submit_completion("hi", greedy(3), user_id="b")
+    hog = await core.submit("hi", greedy(2000), who=Who(user_id="a"))
+    waiting = await core.submit("hi", greedy(3), who=Who(user_id="b"))
     assert waiting.position() == 1
     await asyncio.sleep(0.2)
     hog.cancel()
@@ -170,8 +174,8 @@ def test_fair_queue_serves_users_in_turn():
 async def test_a_flooding_user_does_not_starve_a_light_user(serve):
     order, submitted = [], threading.Event()
     core, _, _ = await serve(max_batch_size=1, before_step=lambda rows: submitted.wait())  # nothing ends before all arrive
-    flood = [await core.submit_completion("hi", greedy(3), user_id="flooder") for _ in range(8)]
-    light = await core.submit_completion("hi", greedy(3), user_id="light")
+    flood = [await core.submit("hi", greedy(3), who=Who(user_id="flooder")) for _ in range(8)]
+    light = await core.submit("hi", greedy(3), who=Who(user_id="light"))
     submitted.set()
     assert light.position() == 2  # behind the running flood request and one more of the flooder's
     for t in [*flood, light]:
@@ -188,14 +192,14 @@ async def test_a_failing_step_fails_only_its_requests_after_one_retry_alone(serv
             raise RuntimeError("boom")
 
     core, store, _ = await serve(before_step=before_step)
-    bad = await core.submit_completion(" poison", greedy(5), user_id="b")
-    same_batch = await core.submit_completion("fine", greedy(5), user_id="a")
+    bad = await core.submit(" poison", greedy(5), who=Who(user_id="b"))
+    same_batch = await core.submit("fine", greedy(5), who=Who(user_id="a"))
     with pytest.raises(GenerationError, match="failed"):
         await bad.result()
     assert (await same_batch.result()).num_tokens >= 1  # retried alone, it succeeded
     row = await store.request(bad.request_id)
     assert row["status"] == "failed" and "RuntimeError" in row["error"]
-    after = await core.submit_completion("fine again", greedy(5), user_id="a")
+    after = await core.submit("fine again", greedy(5), who=Who(user_id="a"))
     assert (await after.result()).num_tokens >= 1  # the worker kept serving
 
 
@@ -207,14 +211,14 @@ async def test_an_out_of_memory_in_a_big_batch_is_retried_alone(serve):
             raise torch.OutOfMemoryError("simulated")
 
     core, store, _ = await serve(before_step=before_step)
-    tickets = [await core.submit_completion(f"x{i}", greedy(4), user_id=f"u{i}") for i in range(3)]
+    tickets = [await core.submit(f"x{i}", greedy(4), who=Who(user_id=f"u{i}")) for i in range(3)]
     replies = await asyncio.gather(*(t.result() for t in tickets))
     assert all(r.num_tokens >= 1 for r in replies)
 
 
 async def test_event_loop_stays_responsive_while_generating(serve):
     core, _, _ = await serve()
-    tickets = [await core.submit_completion("Hello", greedy(200), user_id=f"u{i}") for i in range(8)]
+    tickets = [await core.submit("Hello", greedy(200), who=Who(user_id=f"u{i}")) for i in range(8)]
     lags = []
     while not all(t.done for t in tickets):
         t0 = time.monotonic()
@@ -225,27 +229,29 @@ async def test_event_loop_stays_responsive_while_generating(serve):
 
 async def test_stream_yields_the_reply_in_pieces(serve):
     core, _, _ = await serve()
-    ticket = await core.submit_completion("Hello", greedy(20))
+    ticket = await core.submit("Hello", greedy(20))
     pieces = [p async for p in ticket.stream()]
     assert "".join(pieces) == (await ticket.result()).text and len(pieces) > 1
 
 
 async def test_deliveries_are_recorded_once(serve):
     core, store, _ = await serve()
-    reply = await (await core.submit(Prompt("d", "c", "u", "hello", message_id="m1"))).result()
-    assert not await core.is_delivered(reply.request_id)
-    await core.record_delivery(reply.request_id, ["p1", "p2"])
-    await core.record_delivery(reply.request_id, ["p1", "p2"])  # a retry records nothing new
-    assert await core.is_delivered(reply.request_id)
+    chats = Chats(core, store, core.config)
+    reply = await (await chats.submit(Prompt("d", "c", "u", "hello", message_id="m1"))).result()
+    assert not await store.is_delivered(reply.request_id)
+    await store.record_delivery(reply.request_id, ["p1", "p2"])
+    await store.record_delivery(reply.request_id, ["p1", "p2"])  # a retry records nothing new
+    assert await store.is_delivered(reply.request_id)
     rows = await store._rows("SELECT COUNT(*) FROM deliveries")
     assert rows[0][0] == 2
 
 
 async def test_settings_persist_and_bad_values_are_refused(serve, tmp_path):
-    core, _, _ = await serve()
-    await core.update_settings("d", "c", temperature="0.3", use_context="off")
+    core, store, _ = await serve()
+    chats = Chats(core, store, core.config)
+    await chats.update_settings("d", "c", temperature="0.3", use_context="off")
     with pytest.raises(InputError, match="top_p"):
-        await core.update_settings("d", "c", top_p="7")
+        await chats.update_settings("d", "c", top_p="7")
     with contextlib.closing(sqlite3.connect(tmp_path / "bot.db")) as db:  # in the file, for the next start
         (stored,) = db.execute("SELECT settings FROM chats WHERE platform='d' AND chat_id='c'").fetchone()
     assert json.loads(stored) == {"temperature": 0.3, "use_context": False}
@@ -256,7 +262,7 @@ DRIVER = textwrap.dedent('''
     from transformers import GPT2Config
     from botkit.serve.backends import LocalBackend
     from botkit.config import Config
-    from botkit.serve.core import Core
+    from botkit.serve.core import Core, Who
     from botkit.model.loading import load_model
     from botkit.params import SamplingParams
     from botkit.serve.store import Store
@@ -266,7 +272,7 @@ DRIVER = textwrap.dedent('''
         async with Store.open(sys.argv[1]) as store, LocalBackend(lm, 4) as backend, Core(backend, store, Config()) as core:
             tickets = []
             for i in range(40):
-                t = await core.submit_completion(f"prompt {i}", SamplingParams(max_new_tokens=200, temperature=0), user_id=str(i))
+                t = await core.submit(f"prompt {i}", SamplingParams(max_new_tokens=200, temperature=0), who=Who(user_id=str(i)))
                 print(t.request_id, flush=True)
                 tickets.append(t)
             for t in tickets:

@@ -26,6 +26,7 @@ from fake_discord import (
 )
 from scripted import ScriptedBackend, delivered, deliveries
 
+from botkit.chat.chats import Chats
 from botkit.chat.conversation import EMPTY_REPLY
 from botkit.chat.replies import defuse_mentions
 from botkit.config import BatchConfig, Config, DiscordConfig, LimitsConfig
@@ -58,7 +59,7 @@ async def running(tmp_path, fake, backend, *, config: Config | None = None, chan
         Store.open(tmp_path / "bot.db") as store,
         backend,
         Core(backend, store, config) as core,
-        DiscordAdapter(core, DiscordConfig(**settings), fake.token, chance=chance),
+        DiscordAdapter(Chats(core, store, core.config), DiscordConfig(**settings), fake.token, chance=chance),
     ):
         yield core, store
 
@@ -243,7 +244,7 @@ async def test_settings_show_change_by_managers_only_and_persist_across_restart(
     assert "top_p" in invalid
     async with running(tmp_path, fake, ScriptedBackend()) as (core, store):
         shown = await command("settings")
-        assert (await core.get_settings("discord", str(CHANNEL_ID))).temperature == 0.5
+        assert (await Chats(core, store, core.config).settings("discord", str(CHANNEL_ID))).temperature == 0.5
     assert "temperature = 0.5" in shown and "trigger = 'always'" in shown and "top_p = 0.95" in shown
 
 
@@ -288,8 +289,8 @@ async def test_a_dropped_gateway_connection_resumes_and_the_bot_keeps_answering(
 async def test_bad_token_and_missing_intent_are_config_errors(tmp_path, fake):
     async with Store.open(tmp_path / "bot.db") as store, Core(ScriptedBackend(), store) as core:
         with pytest.raises(ConfigError, match="DISCORD_TOKEN"):
-            await DiscordAdapter(core, DiscordConfig(), "wrong-token").start()
+            await DiscordAdapter(Chats(core, store, core.config), DiscordConfig(), "wrong-token").start()
         fake.privileged_intents = False
         with pytest.raises(ConfigError, match="Message Content"):
-            async with DiscordAdapter(core, DiscordConfig(connect_timeout_s=5.0), fake.token):
+            async with DiscordAdapter(Chats(core, store, core.config), DiscordConfig(connect_timeout_s=5.0), fake.token):
                 pass

@@ -86,3 +86,53 @@ def test_core_imports_no_platform_sdk():
             if isinstance(node, ast.ImportFrom) and node.module and "_adapter" in node.module:
                 offenders.append(f"{path.name}: {node.module}")
     assert offenders == []
+
+
+# Each layer folder may import the layers below it, never one above (STYLE.md): a chat message goes
+# chat -> serve -> engine -> model; training sits beside serving and uses the engine (samples, the
+# copy index) and the model. The modules at botkit's top level are the vocabulary every layer shares
+# (errors, config, params, chat formats, banned words): they import only each other.
+LAYERS = {"chat": 4, "serve": 3, "train": 3, "engine": 2, "model": 1}
+COMPOSITION_ROOTS = {"cli.py", "__init__.py", "__main__.py"}
+
+
+def botkit_imports(path: Path) -> list[str]:
+    """Every botkit module `path` imports, lazily or not, as dotted names."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module)
+    return [n for n in names if n == "botkit" or n.startswith("botkit.")]
+
+
+def layer_of(dotted: str) -> str | None:
+    """The layer folder of a botkit module ("botkit.serve.core" -> "serve"), None for the shared top level."""
+    parts = dotted.split(".")
+    return parts[1] if len(parts) > 2 and parts[1] in LAYERS else None
+
+
+def may_import(here: str | None, there: str | None) -> bool:
+    """Whether a module of layer `here` may import one of layer `there` (None: the shared top level)."""
+    if there is None:
+        return True
+    return here is not None and (here == there or LAYERS[there] < LAYERS[here])
+
+
+def test_imports_point_down_the_layers():
+    offenders = []
+    for path in sorted((ROOT / "botkit").rglob("*.py")):
+        if path.parent.name == "botkit" and path.name in COMPOSITION_ROOTS:
+            continue
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        offenders += [f"{module} -> {name}" for name in botkit_imports(path)
+                      if name.startswith("botkit.adapters") or not may_import(layer_of(module), layer_of(name))]
+    assert offenders == []
+
+
+def test_the_layer_rule_refuses_imports_that_point_up_or_sideways():
+    assert may_import("chat", "serve") and may_import("serve", "engine") and may_import("train", "model")
+    assert may_import("engine", None) and may_import("model", "model")
+    assert not may_import("engine", "serve") and not may_import("serve", "chat") and not may_import("model", "engine")
+    assert not may_import("serve", "train") and not may_import("train", "serve") and not may_import(None, "model")

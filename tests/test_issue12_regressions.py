@@ -13,6 +13,7 @@ from botkit.adapters.telegram_adapter import TelegramAdapter
 from platforms import GROUP, platform, until
 from scripted import ScriptedBackend
 
+from botkit.chat.chats import Chats
 from botkit.config import Config, TelegramConfig
 from botkit.errors import BotkitError
 from botkit.serve.core import Core
@@ -34,7 +35,7 @@ async def test_bug_9_command_replies_never_ping(tmp_path, monkeypatch, name):
             asked = await bot.command(GROUP, *args, admin=admin)
             await until(lambda asked=asked: bot.answers(asked))
             texts += bot.answers(asked)
-        settings = await bot.core.get_settings(name, str(bot.chat_id(GROUP)))
+        settings = await bot.chats.settings(name, str(bot.chat_id(GROUP)))
     assert settings.template == template  # stored as typed; only what is sent is defused
     assert "victim" in texts[0] and "victim" in texts[3] and "everyone" in texts[3]
     assert not [t for t in texts if PINGS[name].search(t) or PINGS["discord"].search(t)], texts
@@ -46,7 +47,7 @@ async def test_bug_11_telegram_unreachable_at_start_is_one_sentence(tmp_path, mo
     config = TelegramConfig(enabled=True, base_url=CLOSED_PORT_URL, request_timeout_s=2.0)
     async with Store.open(tmp_path / "bot.db") as store, ScriptedBackend() as backend, Core(backend, store) as core:
         with pytest.raises(BotkitError) as caught:
-            async with TelegramAdapter(core, config, "1000:SECRET-TOKEN-VALUE"):
+            async with TelegramAdapter(Chats(core, store, core.config), config, "1000:SECRET-TOKEN-VALUE"):
                 pass
     message = str(caught.value)
     assert message == ("Could not reach Telegram's Bot API at 127.0.0.1:9 (NetworkError); check the network"

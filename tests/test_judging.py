@@ -7,6 +7,7 @@ import pytest
 
 import botkit
 from botkit.banned_words import banned_word_in, normalize
+from botkit.chat.chats import Chats, Prompt
 from botkit.chat_format import ChatFormat
 from botkit.cli import with_run_chat_format
 from botkit.config import Config
@@ -15,7 +16,7 @@ from botkit.engine.engine import Engine
 from botkit.errors import GenerationError
 from botkit.params import ChatSettings, SamplingParams
 from botkit.serve.backends import LocalBackend
-from botkit.serve.core import Core, Prompt
+from botkit.serve.core import Core
 from botkit.serve.store import Store
 
 
@@ -63,7 +64,8 @@ async def test_a_greedy_reply_that_is_banned_is_never_sent(tmp_path, tiny_lm):
     config = dataclasses.replace(config, limits=dataclasses.replace(config.limits, user_per_minute=0, banned_words=(word.upper(),)))
     settings = ChatSettings(template="{message}", truncate="", temperature=0, length=16, unique=False)
     async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, 2) as backend, Core(backend, store, config) as core:
-        ticket = await core.submit(Prompt("t", "c", "u", "Once upon a time"), settings)  # the operator's list holds in every chat
+        chats = Chats(core, store, core.config)
+        ticket = await chats.submit(Prompt("t", "c", "u", "Once upon a time"), settings)  # the operator's list holds in every chat
         with pytest.raises(GenerationError, match="banned word"):
             await ticket.result()
         row = await store.request(ticket.request_id)
@@ -130,7 +132,8 @@ async def test_a_chat_run_serves_in_the_format_it_was_trained_on(tmp_path, tiny_
     assert with_run_chat_format(own, fmt).chat.template == "Q: {message}\nA:"  # the config's own template wins
     config = dataclasses.replace(config, limits=dataclasses.replace(config.limits, user_per_minute=0))
     async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, 2) as backend, Core(backend, store, config) as core:
-        ticket = await core.submit(Prompt("t", "c", "u", "pizza tonight?"))
+        chats = Chats(core, store, core.config)
+        ticket = await chats.submit(Prompt("t", "c", "u", "pizza tonight?"))
         await ticket.result()
         assert (await store.request(ticket.request_id))["prompt"] == "<user> pizza tonight?\n<bot>"  # " word" tokens follow
 

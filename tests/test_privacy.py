@@ -13,9 +13,10 @@ import pytest
 from platforms import GROUP, platform, until
 from scripted import ScriptedBackend
 
+from botkit.chat.chats import Chats, Prompt
 from botkit.config import Config, LimitsConfig, StoreConfig
 from botkit.params import ChatSettings
-from botkit.serve.core import Core, Prompt
+from botkit.serve.core import Core
 from botkit.serve.retention import Retention
 from botkit.serve.store import Store
 
@@ -89,15 +90,16 @@ async def test_retention_erases_old_rows_on_schedule_and_vacuums_the_file(tmp_pa
     config = StoreConfig(retention_days=1, prune_interval_s=0.05, vacuum_interval_s=0.2)
     async with Store.open(tmp_path / "bot.db") as store, ScriptedBackend() as backend, \
             Core(backend, store, Config(limits=NO_LIMITS)) as core:
+        chats = Chats(core, store, core.config)
         for i in range(200):  # old enough to fill pages that VACUUM gives back
-            ticket = await core.submit(Prompt("telegram", "-100", "42", f"{SECRET} number {i} " + "x" * 200, str(i), "alice"))
+            ticket = await chats.submit(Prompt("telegram", "-100", "42", f"{SECRET} number {i} " + "x" * 200, str(i), "alice"))
             await ticket.result()
         await store.record_delivery(ticket.request_id, ["m1"])
         await store.claim_answer(ticket.request_id, "reply")
         with contextlib.closing(sqlite3.connect(tmp_path / "bot.db")) as db:  # two days pass for these rows
             db.execute("UPDATE messages SET received_at = received_at - 2 * 86400")
             db.commit()
-        fresh = await core.submit(Prompt("telegram", "-100", "7", "a fresh message", "fresh", "bob"))
+        fresh = await chats.submit(Prompt("telegram", "-100", "7", "a fresh message", "fresh", "bob"))
         await fresh.result()
         size_before = (tmp_path / "bot.db").stat().st_size
         async with Retention(store, config, clock=lambda: now[0]):
@@ -112,7 +114,8 @@ async def test_retention_erases_old_rows_on_schedule_and_vacuums_the_file(tmp_pa
 async def test_without_retention_nothing_is_erased(tmp_path):
     async with Store.open(tmp_path / "bot.db") as store, ScriptedBackend() as backend, \
             Core(backend, store, Config(limits=NO_LIMITS)) as core:
-        await (await core.submit(Prompt("telegram", "-100", "42", "kept", "1", "alice"))).result()
+        chats = Chats(core, store, core.config)
+        await (await chats.submit(Prompt("telegram", "-100", "42", "kept", "1", "alice"))).result()
         retention = Retention(store, StoreConfig(), clock=lambda: time.time() + 10 * 365 * 86400)
         assert await retention.run_once() == 0
     assert count(tmp_path, "SELECT COUNT(*) FROM messages") == 1

@@ -11,11 +11,12 @@ import pytest
 from aiohttp import web
 from botkit.adapters.web_adapter import WebAdapter
 
+from botkit.chat.chats import Chats, Prompt
 from botkit.config import Config, LimitsConfig, ModelConfig, WebConfig
 from botkit.errors import ConfigError, GenerationError, ModelLoadError
 from botkit.params import ChatSettings, SamplingParams
 from botkit.serve.backends import Job, LocalBackend
-from botkit.serve.core import Core, Prompt
+from botkit.serve.core import Core
 from botkit.serve.remote import RemoteBackend, completions_url
 from botkit.serve.store import Store
 
@@ -46,7 +47,7 @@ async def test_a_second_botkit_gets_completions_from_the_first(tmp_path, tiny_lm
     async with first_botkit(tmp_path, tiny_lm) as (first, web), second_botkit(tmp_path, remote_config(web.url + "v1")) as second:
         assert second.backend.name == "random-gpt2"  # learnt from the first's /v1/models
         prompt = Prompt(platform="discord", chat_id="1", user_id="2", text="hello", message_id="9")
-        ticket = await second.submit(prompt, ChatSettings(length=8, truncate=""))
+        ticket = await Chats(second, second.store, second.config).submit(prompt, ChatSettings(length=8, truncate=""))
         deltas = [d async for d in ticket.stream()]
         reply = await ticket.result()
         served = (await first.recent(limit=1))[0]
@@ -59,11 +60,11 @@ async def test_a_second_botkit_gets_completions_from_the_first(tmp_path, tiny_lm
 async def test_remote_samples_equal_local_ones_for_the_same_parameters(tmp_path, tiny_lm):
     params = SamplingParams(max_new_tokens=10, temperature=0.7, top_k=30, top_p=0.9, repetition_penalty=1.3, seed=42)
     async with first_botkit(tmp_path, tiny_lm) as (first, web), second_botkit(tmp_path, remote_config(web.url)) as second:
-        local = await (await first.submit_completion("The river", params)).result()
-        remote = await (await second.submit_completion("The river", params)).result()
+        local = await (await first.submit("The river", params)).result()
+        remote = await (await second.submit("The river", params)).result()
         stop = local.text[len(local.text) // 2:][:3]
-        stopped = await (await second.submit_completion("The river", replace(params, stop=(stop,)))).result()
-        other_seed = await (await second.submit_completion("The river", replace(params, seed=43))).result()
+        stopped = await (await second.submit("The river", replace(params, stop=(stop,)))).result()
+        other_seed = await (await second.submit("The river", replace(params, seed=43))).result()
     assert remote.text == local.text and remote.finish_reason == "length" and remote.num_tokens == 10
     assert stopped.text == local.text[: local.text.index(stop)] and stopped.finish_reason == "stop"
     assert other_seed.text != local.text
@@ -73,7 +74,7 @@ async def test_api_key_comes_from_the_environment(tmp_path, tiny_lm, monkeypatch
     async with first_botkit(tmp_path, tiny_lm, api_key="right-key-123") as (first, web):
         monkeypatch.setenv("FIRST_KEY", "right-key-123")
         async with second_botkit(tmp_path, remote_config(web.url + "v1", api_key_env="FIRST_KEY")) as second:
-            assert (await (await second.submit_completion("x", SamplingParams(max_new_tokens=2))).result()).num_tokens == 2
+            assert (await (await second.submit("x", SamplingParams(max_new_tokens=2))).result()).num_tokens == 2
         monkeypatch.setenv("FIRST_KEY", "wrong-key-456")
         with pytest.raises(ModelLoadError, match="refused the API key.*model.api_key_env") as refused:
             async with second_botkit(tmp_path, remote_config(web.url + "v1", api_key_env="FIRST_KEY")):
@@ -105,7 +106,7 @@ async def test_a_server_that_goes_away_fails_only_those_requests(tmp_path, tiny_
         second_context = second_botkit(tmp_path, remote_config(web.url))
         second = await second_context.__aenter__()
     try:  # the first botkit is gone now
-        ticket = await second.submit_completion("x", SamplingParams(max_new_tokens=2))
+        ticket = await second.submit("x", SamplingParams(max_new_tokens=2))
         with pytest.raises(GenerationError, match="cannot be reached"):
             await ticket.result()
         failed = (await second.recent(limit=1))[0]

@@ -111,9 +111,10 @@ def test_sampled_text_never_holds_a_broken_character(tiny_lm, seed, temperature)
 async def test_a_long_chat_trims_its_context_in_halves_so_most_turns_extend_the_last(tmp_path):
     import dataclasses
 
+    from botkit.chat.chats import Chats, Prompt
     from botkit.config import Config
     from botkit.serve.backends import LocalBackend
-    from botkit.serve.core import Core, Prompt
+    from botkit.serve.core import Core
     from botkit.serve.store import Store
 
     lm = load_model(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128), device="cpu", seed=0)
@@ -122,8 +123,9 @@ async def test_a_long_chat_trims_its_context_in_halves_so_most_turns_extend_the_
                                  chat=dataclasses.replace(config.chat, length=8, temperature=0, truncate=""))
     prompts = []
     async with Store.open(tmp_path / "bot.db") as store, LocalBackend(lm, 4, cache_mb=64) as backend, Core(backend, store, config) as core:
+        chats = Chats(core, store, core.config)
         for turn in range(16):
-            ticket = await core.submit(Prompt("test", "chat", "user", f"message number {turn} from the user"))
+            ticket = await chats.submit(Prompt("test", "chat", "user", f"message number {turn} from the user"))
             await ticket.result()
             prompts.append((await store.request(ticket.request_id))["prompt"])
         reused = backend.engine.prefix_cache.stats()["reused_share"]
@@ -150,9 +152,10 @@ def test_the_gpu_path_one_padded_attention_call_per_layer_gives_the_same_greedy_
 async def test_a_long_channel_trims_its_context_in_halves_too(tmp_path):
     import dataclasses
 
+    from botkit.chat.chats import Chats, Prompt
     from botkit.config import Config
     from botkit.serve.backends import LocalBackend
-    from botkit.serve.core import Core, Prompt
+    from botkit.serve.core import Core
     from botkit.serve.store import Store
 
     lm = load_model(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128), device="cpu", seed=0)
@@ -162,10 +165,11 @@ async def test_a_long_channel_trims_its_context_in_halves_too(tmp_path):
                                                                                 context_messages=8))
     prompts = []
     async with Store.open(tmp_path / "bot.db") as store, LocalBackend(lm, 4, cache_mb=64) as backend, Core(backend, store, config) as core:
+        chats = Chats(core, store, core.config)
         for turn in range(16):
             await store.add_channel_message(platform="t", chat_id="c", user_id="u2", user_name="bob", platform_message_id=f"x{turn}",
                                             text=f"chatter {turn}", keep=50)
-            ticket = await core.submit(Prompt("t", "c", "u", f"question {turn} for the bot", message_id=f"q{turn}", user_name="alice"))
+            ticket = await chats.submit(Prompt("t", "c", "u", f"question {turn} for the bot", message_id=f"q{turn}", user_name="alice"))
             await ticket.result()
             prompts.append((await store.request(ticket.request_id))["prompt"])
     starts = [p.split("\n")[0] for p in prompts]

@@ -13,6 +13,7 @@ from botkit.adapters.telegram_adapter import TelegramAdapter
 from fake_telegram import FakeTelegram
 from scripted import ScriptedBackend, delivered, deliveries
 
+from botkit.chat.chats import Chats
 from botkit.chat.conversation import EMPTY_REPLY
 from botkit.config import Config, LimitsConfig, TelegramConfig
 from botkit.errors import ConfigError
@@ -45,7 +46,7 @@ async def running(tmp_path, fake, backend, *, config: Config | None = None, chan
     settings = dict(enabled=True, base_url=fake.url, chat_send_interval_s=0.0, typing_interval_s=0.2,
                     queue_notice_s=30.0, request_timeout_s=2.0) | telegram
     async with Store.open(tmp_path / "bot.db") as store, backend, Core(backend, store, config) as core, \
-            TelegramAdapter(core, TelegramConfig(**settings), fake.token, chance=chance):
+            TelegramAdapter(Chats(core, store, core.config), TelegramConfig(**settings), fake.token, chance=chance):
         yield core, store
 
 
@@ -202,10 +203,10 @@ async def test_settings_show_change_by_admins_only_and_persist_across_restart(tm
         [call] = await fake.wait_for("sendMessage", where=reply_to(template))
         assert call.params["text"] == "template is now 'Q: {message} A:'."
     async with running(tmp_path, fake, ScriptedBackend(), admin_user_ids=("8",)) as (core, store):
-        assert (await core.get_settings("telegram", str(GROUP))).temperature == 0.3
+        assert (await Chats(core, store, core.config).settings("telegram", str(GROUP))).temperature == 0.3
         by_configured_admin = fake.push_message(GROUP, "/settings trigger always", user_id=8)
         [call] = await fake.wait_for("sendMessage", where=reply_to(by_configured_admin))
-        assert (await core.get_settings("telegram", str(GROUP))).trigger == "always"
+        assert (await Chats(core, store, core.config).settings("telegram", str(GROUP))).trigger == "always"
 
 
 async def test_reset_forgets_the_chats_context(tmp_path, fake):
@@ -306,7 +307,7 @@ async def test_webhook_mode(tmp_path, fake, monkeypatch, unused_tcp_port):
 async def test_bad_token_and_bad_webhook_config_are_config_errors(tmp_path, fake):
     with pytest.raises(ConfigError, match="TELEGRAM_TOKEN"):
         async with Store.open(tmp_path / "bot.db") as store, Core(ScriptedBackend(), store, Config()) as core:
-            async with TelegramAdapter(core, TelegramConfig(base_url=fake.url), "1:WRONG"):
+            async with TelegramAdapter(Chats(core, store, core.config), TelegramConfig(base_url=fake.url), "1:WRONG"):
                 pass
     with pytest.raises(ConfigError, match="webhook_url"):
         TelegramAdapter(None, TelegramConfig(mode="webhook"), fake.token)

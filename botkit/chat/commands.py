@@ -45,17 +45,15 @@ async def settings_command(conv: Conversation, event: ChatEvent, replier: Replie
         await conv.say(replier, f"Only {conv.platform.admins} can change this chat's settings.", private=True)
     else:
         try:
-            changed = await conv.core.update_settings(conv.platform.name, event.chat_id, **{words[0]: words[1]})
+            changed = await conv.chats.update_settings(conv.platform.name, event.chat_id, **{words[0]: words[1]})
         except BotkitError as exc:
             await conv.say(replier, str(exc), private=True)
         else:
-            if changed.dataset_opt_in and not settings.dataset_opt_in:
-                await conv.core.store.start_export(conv.platform.name, event.chat_id)  # nothing said before this counts
             await conv.say(replier, f"{words[0]} is now {getattr(changed, words[0])!r}.")
 
 
 async def reset_command(conv: Conversation, event: ChatEvent, replier: Replier, settings: ChatSettings) -> None:
-    await conv.core.reset_context(conv.platform.name, event.chat_id)
+    await conv.chats.reset_context(conv.platform.name, event.chat_id)
     await conv.say(replier, "Done: I forgot this chat's conversation; my next reply starts fresh.")
 
 
@@ -73,11 +71,11 @@ async def help_command(conv: Conversation, event: ChatEvent, replier: Replier, s
 
 
 async def privacy_command(conv: Conversation, event: ChatEvent, replier: Replier, settings: ChatSettings) -> None:
-    days = conv.core.config.store.retention_days
+    days = conv.chats.config.store.retention_days
     kept = f"for {days:g} days, then erased" if days else "until erased (this bot's operator set no time limit)"
     room = ""
     if settings.use_context and settings.context == "channel":
-        room = (f" In this chat I also keep the last {conv.core.config.conversation.max_channel_messages} messages"
+        room = (f" In this chat I also keep the last {conv.chats.config.conversation.max_channel_messages} messages"
                 " not addressed to me, with their authors' names, to follow the conversation.")
     if settings.dataset_opt_in:
         dataset = (" This chat has opted in to training data: what is kept from messages sent here since then may be exported,"
@@ -93,7 +91,7 @@ async def privacy_command(conv: Conversation, event: ChatEvent, replier: Replier
 
 async def forget_command(conv: Conversation, event: ChatEvent, replier: Replier, settings: ChatSettings) -> None:
     scope = event.text.strip().lower()
-    store, platform = conv.core.store, conv.platform.name
+    store, platform = conv.chats.store, conv.platform.name
     if scope not in ("", "all"):
         await conv.say(replier, "Write /forget to erase your messages here, or /forget all to erase everyone's (admins only).",
                        private=True)

@@ -7,7 +7,7 @@ through the outbox (defused, split, recorded). After a restart, `resume` answers
 the platform that was accepted but never answered: run again, or "sorry, I restarted" past
 `[conversation] resume_max_age_s`.
 
-    async with Conversation(core, platform, replier_for) as conversation:
+    async with Conversation(chats, platform, replier_for) as conversation:
         conversation.connected()  # the platform says it is connected: answers owed since the restart go out
         await conversation.handle(event, replier)
 """
@@ -21,6 +21,7 @@ import random
 import time
 from collections.abc import Callable
 
+from botkit.chat.chats import Chats, Prompt
 from botkit.chat.commands import HANDLERS
 from botkit.chat.events import ChatEvent, Platform, Replier
 from botkit.chat.outbox import Notice, Outbox, Typing
@@ -28,7 +29,7 @@ from botkit.chat.triggers import prefixed_text, wants_reply
 from botkit.errors import BotkitError, InputError
 from botkit.params import ChatSettings
 from botkit.prompting import clean_message
-from botkit.serve.core import Core, Prompt, Ticket
+from botkit.serve.core import Ticket
 
 log = logging.getLogger("botkit.conversation")
 
@@ -42,13 +43,14 @@ MAX_REMEMBERED_EVENTS = 1000
 
 
 class Conversation:
-    def __init__(self, core: Core, platform: Platform, replier_for: Callable[[str, str | None], Replier], *,
+    def __init__(self, chats: Chats, platform: Platform, replier_for: Callable[[str, str | None], Replier], *,
                  chance: Callable[[], float] = random.random):
-        self.core = core
+        self.chats = chats
+        self.core = chats.core  # its public surface only: connections, rerun, stats
         self.platform = platform
         self.replier_for = replier_for  # (chat_id, message_id) -> a Replier answering that message, after a restart
         self.chance = chance  # () -> [0, 1): the draws for random_reply_chance (tests inject one)
-        self.outbox = Outbox(platform, core.store)
+        self.outbox = Outbox(platform, chats.store)
         self._recent: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()  # events handled here
         self._handlers: set[asyncio.Task] = set()  # waiting for a reply: cancelled at close
         self._deliveries: set[asyncio.Future] = set()  # sending one: finished at close, so what went out is recorded
@@ -57,7 +59,7 @@ class Conversation:
 
     async def __aenter__(self) -> Conversation:
         self.core.connections.expect(self.platform.name)
-        self._resume_up_to = await self.core.store.max_request_id()
+        self._resume_up_to = await self.chats.store.max_request_id()
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -102,7 +104,7 @@ class Conversation:
             return
         if not await self._first_sight(event):
             return  # a platform delivered it twice (a gateway replay, a redelivery after a restart)
-        settings = await self.core.get_settings(self.platform.name, event.chat_id)
+        settings = await self.chats.settings(self.platform.name, event.chat_id)
         if event.command is not None:
             await self._command(event, replier, settings)
         elif (text := prefixed_text(event.text, self.platform.command_prefix)) is not None:
@@ -120,7 +122,7 @@ class Conversation:
         self._recent[key] = None
         if len(self._recent) > MAX_REMEMBERED_EVENTS:
             self._recent.popitem(last=False)
-        return not await self.core.store.seen(self.platform.name, event.chat_id, event.event_id)
+        return not await self.chats.store.seen(self.platform.name, event.chat_id, event.event_id)
 
     async def _command(self, event: ChatEvent, replier: Replier, settings: ChatSettings) -> None:
         handler = HANDLERS.get(event.command)
@@ -133,15 +135,15 @@ class Conversation:
 
     async def _keep_as_context(self, event: ChatEvent) -> None:
         try:
-            text = clean_message(event.text, self.core.config.limits.max_message_chars)
+            text = clean_message(event.text, self.chats.config.limits.max_message_chars)
         except InputError:
             return  # empty, or too long to be useful context
-        await self.core.store.add_channel_message(
+        await self.chats.store.add_channel_message(
             platform=self.platform.name, chat_id=event.chat_id, user_id=event.user_id, user_name=event.user_name,
-            platform_message_id=event.event_id, text=text, keep=self.core.config.conversation.max_channel_messages)
+            platform_message_id=event.event_id, text=text, keep=self.chats.config.conversation.max_channel_messages)
 
     async def _mark_seen(self, event: ChatEvent) -> None:
-        await self.core.store.mark_seen(self.platform.name, event.chat_id, event.event_id)
+        await self.chats.store.mark_seen(self.platform.name, event.chat_id, event.event_id)
 
     # -- answering ----------------------------------------------------------------------------
 
@@ -168,7 +170,7 @@ class Conversation:
         typing = await Typing(replier, self.platform.typing_interval_s).start()
         try:
             try:
-                ticket = await self.core.submit(prompt, settings, retry_empty=True)
+                ticket = await self.chats.submit(prompt, settings, retry_empty=True)
             except BotkitError as exc:  # refused (busy, rate limited, bad input): no request was made
                 await typing.stop()
                 await self.say(replier, str(exc))
@@ -201,7 +203,7 @@ class Conversation:
     async def resume(self) -> None:
         """Answer, once each, this platform's requests accepted before this start and never answered,
         as replies to the original messages."""
-        owed = await self.core.store.owed_answers(self.platform.name, self._resume_up_to)
+        owed = await self.chats.store.owed_answers(self.platform.name, self._resume_up_to)
         if owed:
             log.info("%s: answering %d requests interrupted by the last shutdown", self.platform.name, len(owed))
         results = await asyncio.gather(*(self._resume(row, self.replier_for(row["chat_id"], row["platform_message_id"]))
@@ -211,11 +213,11 @@ class Conversation:
             log.warning("%s: could not answer request %d after the restart (%s: %s)", self.platform.name,
                         row["id"], type(result).__name__, result)
         if not failed:  # the next start looks only at later requests; otherwise it tries these again
-            await self.core.store.settle_owed(self.platform.name, self._resume_up_to)
+            await self.chats.store.settle_owed(self.platform.name, self._resume_up_to)
 
     async def _resume(self, row: dict, replier: Replier) -> None:
         request_id, status, error = row["id"], row["status"], row["error"] or ""
-        if time.time() - row["received_at"] > self.core.config.conversation.resume_max_age_s:
+        if time.time() - row["received_at"] > self.chats.config.conversation.resume_max_age_s:
             await self._deliver(replier, request_id, SORRY, "sorry")
         elif status == "failed" and error.startswith("interrupted:"):
             ticket = await self.core.rerun(request_id)

@@ -1,7 +1,8 @@
 """The async core: accept a prompt, record it, queue it fairly, generate it in batches, answer.
 
-Adapters call `submit` (a chat message: template, context, rate limits) or `submit_completion` (a raw
-prefix) and get a Ticket to await. The request is committed to the store before it is queued; it
+Callers hand `submit` a finished prompt, its sampling parameters and who asked (the web API its
+completions, the chat layer its chat prompts, botkit/chat/chats.py) and get a Ticket to await. Nothing
+here knows chats: no templates, context, chat settings or chat rate limits. The request is committed to the store before it is queued; it
 ends done, failed (with the reason) or cancelled, in the store and for the caller. A dispatcher task
 hands queued requests to the backend, at most `backend.max_batch_size` at once, serving users in turn.
 """
@@ -17,7 +18,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from botkit.chat.channel_context import build_channel_prompt, channel_lines_to_keep
 from botkit.config import Config
 from botkit.errors import (
     BotkitError,
@@ -29,8 +29,7 @@ from botkit.errors import (
     RequestTimeout,
     StoreUnavailable,
 )
-from botkit.params import ChatSettings, SamplingParams
-from botkit.prompting import build_prompt, clean_message, history_to_keep
+from botkit.params import SamplingParams
 from botkit.serve.backends import Backend, Job
 from botkit.serve.health import Connections
 from botkit.serve.metrics import Metrics, Stats
@@ -47,16 +46,14 @@ INTERRUPTED = "interrupted: botkit stopped before this finished"
 
 
 @dataclass(frozen=True)
-class Prompt:
-    """A chat message that asks for a reply."""
+class Who:
+    """Who asked: recorded with the request, and the key its user is served fairly by."""
 
-    platform: str
-    chat_id: str
-    user_id: str
-    text: str
-    message_id: str | None = None
+    platform: str = "api"
+    chat_id: str = "api"
+    user_id: str = "api"
     user_name: str = ""
-    bot_name: str = ""  # how the bot is called in this chat: its lines in channel context (chat setting context = channel)
+    message_id: str | None = None  # the platform's id of the message asking, when there is one
 
 
 @dataclass(frozen=True)
@@ -122,8 +119,6 @@ class Core:
         self.store = store
         self.config = config or Config()
         self._queue: FairQueue[Ticket] = FairQueue(self.config.batch.max_queue)
-        self._user_limit = RateLimiter(self.config.limits.user_per_minute)
-        self._chat_limit = RateLimiter(self.config.limits.chat_per_minute)
         self._api_limit = RateLimiter(self.config.limits.api_per_minute)  # completions: trusted local or keyed clients
         self._running: set[Ticket] = set()
         self._arriving = 0  # submits between their queue check and their push
@@ -162,37 +157,25 @@ class Core:
 
     # -- accepting work ---------------------------------------------------------------------
 
-    async def submit(self, prompt: Prompt, settings: ChatSettings | None = None, *, retry_empty: bool = False) -> Ticket:
-        """Queue a chat message for a reply (BusyError, RateLimitedError, InputError at once). With
-        `retry_empty`, a blank sample is drawn once more in the same slot (no second rate-limit slot,
-        and the blank one is never stored)."""
-        text = clean_message(prompt.text, self.config.limits.max_message_chars)
+    async def submit(self, prompt: str, params: SamplingParams, *, who: Who = Who(), kind: str = "completion",
+                     message: str | None = None, retry_empty: bool = False) -> Ticket:
+        """The one way in: queue `prompt` (BusyError, RateLimitedError, InputError at once). `message` is
+        the text the asker wrote when `prompt` was built around it (a chat's template and context). A
+        completion (an API client's raw prefix) is bounded and rate-limited here; the chat layer bounds
+        and rate-limits chat messages itself. With `retry_empty`, a blank sample is drawn once more in
+        the same slot, and the blank one is never stored."""
+        if kind == "completion":  # bounded by the model's window in tokens, not by a chat message's characters
+            if not isinstance(prompt, str):
+                raise InputError("The prompt must be text.")
+            prompt = prompt.encode("utf-8", "replace").decode("utf-8")
+            window = self.backend.max_context
+            if len(prompt) > MAX_CHARS_PER_TOKEN * window or self.backend.count_tokens(prompt) > window:
+                raise InputError(f"The prompt is longer than the model's window of {window} tokens: shorten it.")
         with self._queue_place():
-            self._check_rate(self._user_limit, prompt.platform, prompt.user_id, "You're")
-            self._check_rate(self._chat_limit, prompt.platform, prompt.chat_id, "This chat is")
-            settings = settings or await self.get_settings(prompt.platform, prompt.chat_id)
-            full = await self._chat_prompt(prompt, text, settings)
-            params = settings.sampling()
-            if self.config.limits.banned_words:  # the operator's list holds in every chat, whatever its admins set
-                params = dataclasses.replace(params, banned_words=params.banned_words + self.config.limits.banned_words)
-            return await self._enqueue("chat", prompt, text, full, params, retry_empty=retry_empty)
-
-    async def _chat_prompt(self, prompt: Prompt, text: str, settings: ChatSettings) -> str:
-        """The template and the chat's context around `text`, trimmed to the window minus the reply length."""
-        budget, limit = self.backend.max_context - settings.length, self.config.limits.context_messages
-        if settings.use_context and settings.context == "channel":
-            author, bot = prompt.user_name or prompt.user_id, prompt.bot_name or "bot"
-            history = await self.store.channel_context(prompt.platform, prompt.chat_id, limit + 1)
-            keep = len(history) if len(history) <= limit else limit // 2  # past the limit, half at once (see below)
-            keep = channel_lines_to_keep(settings.chat_format, history[len(history) - keep :], author, text, bot, budget,
-                                         self.backend.count_tokens)
-            if keep < len(history):
-                await self.store.keep_newest_channel_context(prompt.platform, prompt.chat_id, keep)
-            return build_channel_prompt(settings.chat_format, history[len(history) - keep :], author, text, bot, budget,
-                                        self.backend.count_tokens)
-        separator = settings.truncate or "\n"
-        history = await self._stable_history(prompt, settings, text, budget, separator) if settings.use_context else []
-        return build_prompt(settings.template, text, history, separator, budget, self.backend.count_tokens)
+            if kind == "completion":
+                self._check_rate(self._api_limit, who.platform, who.user_id, "You're")
+            return await self._enqueue(kind, who, message if message is not None else prompt, prompt, params,
+                                       retry_empty=retry_empty)
 
     async def rerun(self, request_id: int) -> Ticket | None:
         """Queue again a chat request that a crash or shutdown interrupted, with the prompt it was
@@ -205,38 +188,16 @@ class Core:
         self._push(ticket)
         return ticket
 
-    async def _stable_history(self, prompt: Prompt, settings: ChatSettings, text: str, budget: int, separator: str) -> list:
-        """The chat's context, trimmed in halves (see prompting.history_to_keep): past `context_messages`
-        exchanges or past the token budget, the oldest are dropped for good, so that the following
-        turns start the same way and reuse the engine's cache."""
-        limit = self.config.limits.context_messages
-        history = await self.store.context(prompt.platform, prompt.chat_id, limit + 1)
-        keep = len(history) if len(history) <= limit else limit // 2
-        keep = history_to_keep(settings.template, text, history[len(history) - keep :], separator, budget, self.backend.count_tokens)
-        if keep < len(history):
-            await self.store.keep_newest_context(prompt.platform, prompt.chat_id, keep)
-        return history[len(history) - keep :]
-
-    async def submit_completion(self, text: str, params: SamplingParams, *, platform: str = "api", chat_id: str = "api",
-                                user_id: str = "api", user_name: str = "") -> Ticket:
-        """Queue a raw prefix for completion (no template or context). It is bounded by the model's
-        window in tokens, not by a chat message's length in characters."""
-        if not isinstance(text, str):
-            raise InputError("The prompt must be text.")
-        text = text.encode("utf-8", "replace").decode("utf-8")
-        window = self.backend.max_context
-        if len(text) > MAX_CHARS_PER_TOKEN * window or self.backend.count_tokens(text) > window:
-            raise InputError(f"The prompt is longer than the model's window of {window} tokens: shorten it.")
-        with self._queue_place():
-            self._check_rate(self._api_limit, platform, user_id, "You're")
-            return await self._enqueue("completion", Prompt(platform, chat_id, user_id, text, None, user_name), text, text, params)
+    def check_room(self) -> None:
+        """BusyError when the queue is full (a caller's early check; `submit` checks again)."""
+        if len(self._queue) + self._arriving >= self._queue.max_size:
+            raise BusyError(f"I'm busy with {len(self._queue)} requests; please try again in a minute.")
 
     @contextlib.contextmanager
     def _queue_place(self):
         """Hold a place in the bounded queue while a request is being recorded, so that concurrent
         submits can never push the queue past `batch.max_queue`."""
-        if len(self._queue) + self._arriving >= self._queue.max_size:
-            raise BusyError(f"I'm busy with {len(self._queue)} requests; please try again in a minute.")
+        self.check_room()
         self._arriving += 1
         try:
             yield
@@ -249,16 +210,16 @@ class Core:
         if wait:
             raise RateLimitedError(f"{who} sending requests too fast; try again in {max(1, round(wait))} s.")
 
-    async def _enqueue(self, kind: str, prompt: Prompt, text: str, full_prompt: str, params: SamplingParams, *,
+    async def _enqueue(self, kind: str, who: Who, text: str, full_prompt: str, params: SamplingParams, *,
                        retry_empty: bool = False) -> Ticket:
         try:
             request_id = await self.store.add_request(
-                kind=kind, platform=prompt.platform, chat_id=prompt.chat_id, user_id=prompt.user_id, user_name=prompt.user_name,
-                platform_message_id=prompt.message_id, text=text, prompt=full_prompt, params=dataclasses.asdict(params))
+                kind=kind, platform=who.platform, chat_id=who.chat_id, user_id=who.user_id, user_name=who.user_name,
+                platform_message_id=who.message_id, text=text, prompt=full_prompt, params=dataclasses.asdict(params))
         except StoreUnavailable as exc:  # not recorded, so not accepted: the caller is told why
             log.warning("Could not record a request: %s", exc.__cause__ or exc)
             raise
-        ticket = Ticket(self, request_id, (prompt.platform, prompt.user_id), full_prompt, params, retry_empty=retry_empty)
+        ticket = Ticket(self, request_id, (who.platform, who.user_id), full_prompt, params, retry_empty=retry_empty)
         self._push(ticket)
         return ticket
 
@@ -354,34 +315,19 @@ class Core:
         elif ticket._task is not None:
             ticket._task.cancel()  # the backend frees the slot; _run records the failure
 
-    # -- chats ------------------------------------------------------------------------------
-
-    async def get_settings(self, platform: str, chat_id: str) -> ChatSettings:
-        changes = await self.store.chat_settings(platform, chat_id)
-        try:
-            return self.config.chat.replace(**changes)
-        except InputError:
-            log.warning("Stored settings for %s/%s are no longer valid; using the defaults.", platform, chat_id)
-            return self.config.chat
-
-    async def update_settings(self, platform: str, chat_id: str, **changes) -> ChatSettings:
-        settings = (await self.get_settings(platform, chat_id)).replace(**changes)
-        defaults = self.config.chat.to_dict()
-        await self.store.set_chat_settings(platform, chat_id, {k: v for k, v in settings.to_dict().items() if v != defaults[k]})
-        return settings
-
-    async def reset_context(self, platform: str, chat_id: str) -> None:
-        await self.store.reset_context(platform, chat_id)
-
-    async def record_delivery(self, request_id: int, platform_message_ids: list[str]) -> None:
-        await self.store.record_delivery(request_id, platform_message_ids)
-
-    async def is_delivered(self, request_id: int) -> bool:
-        return await self.store.is_delivered(request_id)
+    # -- reading ----------------------------------------------------------------------------
 
     async def recent(self, limit: int = 20, platform: str | None = None) -> list[dict]:
         """The latest requests, newest first; only `platform`'s when it is given."""
         return await self.store.recent(limit, platform)
+
+    @property
+    def max_context(self) -> int:
+        """The model's window in tokens: a prompt plus its reply fit in it."""
+        return self.backend.max_context
+
+    def count_tokens(self, text: str) -> int:
+        return self.backend.count_tokens(text)
 
     def stats(self) -> Stats:
         return self.metrics.snapshot(self.backend.name, len(self._queue), len(self._running))

@@ -19,12 +19,13 @@ import aiohttp
 import pytest
 from botkit.adapters.web_adapter import WebAdapter
 
+from botkit.chat.chats import Chats, Prompt
 from botkit.chat.replies import defuse_mentions, split_reply
 from botkit.cli import main as botkit_cli
 from botkit.config import load_config, secret
 from botkit.errors import BotkitError, ConfigError, DatasetError, InputError
 from botkit.params import ChatSettings
-from botkit.serve.core import Core, Prompt
+from botkit.serve.core import Core
 from botkit.serve.store import Store
 from botkit.train.encoding import read_documents
 
@@ -54,12 +55,16 @@ class Env:
     http: aiohttp.ClientSession  # sends the API key
     web: WebAdapter
 
+    @property
+    def chats(self) -> Chats:
+        return Chats(self.core, self.store, self.core.config)
+
 
 # -- what each case does ---------------------------------------------------------------------------
 
 def chat(text) -> Callable[[Env], Awaitable]:
     async def run(env: Env):
-        ticket = await env.core.submit(Prompt("discord", "chan", "user", text, message_id="m1", user_name="someone"))
+        ticket = await env.chats.submit(Prompt("discord", "chan", "user", text, message_id="m1", user_name="someone"))
         await ticket.result()
         return await env.store.request(ticket.request_id)
 
@@ -75,7 +80,7 @@ def reply(text: str, *, usernames: bool = False, limit: int = DISCORD_LIMIT) -> 
 
 def settings(**changes) -> Callable[[Env], Awaitable]:
     async def run(env: Env):
-        return await env.core.update_settings("discord", "chan", **changes)
+        return await env.chats.update_settings("discord", "chan", **changes)
 
     return run
 

@@ -7,9 +7,10 @@ import time
 
 import psutil
 
+from botkit.chat.chats import Chats, Prompt
 from botkit.errors import BusyError
 from botkit.serve.backends import Completion, Job
-from botkit.serve.core import Core, Prompt
+from botkit.serve.core import Core
 from botkit.serve.store import Store
 
 from .conftest import EchoBackend, make_config
@@ -42,13 +43,14 @@ class Heartbeat:
 async def test_ten_thousand_prompts_at_once(tmp_path, record_property):
     async with Store.open(tmp_path / "bot.db") as store, EchoBackend() as backend, \
             Core(backend, store, make_config(max_queue=MAX_QUEUE)) as core:
+        chats = Chats(core, store, core.config)
         heartbeat = Heartbeat(core)
         rss_before_mb = heartbeat.peak_rss_mb
         beating = asyncio.create_task(heartbeat.run())
 
         async def one(i: int) -> str:
             try:
-                ticket = await core.submit(Prompt("test", f"chat{i % 50}", f"user{i}", f"prompt number {i}", str(i)))
+                ticket = await chats.submit(Prompt("test", f"chat{i % 50}", f"user{i}", f"prompt number {i}", str(i)))
             except BusyError as exc:
                 assert str(exc).endswith(".") and "busy" in str(exc)
                 return "busy"
@@ -105,7 +107,8 @@ class StuckBackend(EchoBackend):
 async def test_concurrent_submits_never_grow_the_queue_past_max_queue(tmp_path):
     async with Store.open(tmp_path / "bot.db") as store, StuckBackend() as backend, \
             Core(backend, store, make_config(max_queue=10)) as core:
-        results = await asyncio.gather(*(core.submit(Prompt("test", "c", f"u{i}", f"hi {i}")) for i in range(100)),
+        chats = Chats(core, store, core.config)
+        results = await asyncio.gather(*(chats.submit(Prompt("test", "c", f"u{i}", f"hi {i}")) for i in range(100)),
                                        return_exceptions=True)
         tickets = [r for r in results if not isinstance(r, BaseException)]
         busy = [r for r in results if isinstance(r, BusyError)]

@@ -26,7 +26,8 @@ import torch
 from transformers import GPT2Config
 from botkit.serve.backends import LocalBackend
 from botkit.config import Config
-from botkit.serve.core import Core, Prompt
+from botkit.chat.chats import Chats, Prompt
+from botkit.serve.core import Core
 from botkit.errors import BotkitError, BusyError
 from botkit.model.loading import load_model
 from botkit.serve.store import Store
@@ -48,6 +49,7 @@ async def main(db, run):
         chat=dataclasses.replace(config.chat, length=8),  # short replies: many finish between kills
     )
     async with Store.open(db) as store, LocalBackend(lm, max_batch_size=8) as backend, Core(backend, store, config) as core:
+        chats = Chats(core, store, core.config)
         print("READY", flush=True)
 
         async def deliver(ticket):
@@ -55,8 +57,8 @@ async def main(db, run):
                 reply = await ticket.result()
             except BotkitError:
                 return
-            if not await core.is_delivered(reply.request_id):
-                await core.record_delivery(reply.request_id, parts_for(reply.request_id))
+            if not await store.is_delivered(reply.request_id):
+                await store.record_delivery(reply.request_id, parts_for(reply.request_id))
                 print(f"DELIVERED {reply.request_id}", flush=True)
 
         tasks = set()
@@ -65,7 +67,7 @@ async def main(db, run):
             n += 1
             prompt = Prompt("test", f"chat{n % 5}", f"user{n % 7}", f"message {n} of run {run}", message_id=str(n))
             try:
-                ticket = await core.submit(prompt)
+                ticket = await chats.submit(prompt)
             except BusyError:
                 await asyncio.sleep(0.05)
                 continue

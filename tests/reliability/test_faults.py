@@ -13,10 +13,11 @@ from contextlib import closing
 import pytest
 import torch
 
+from botkit.chat.chats import Chats, Prompt
 from botkit.errors import BotkitError, GenerationError, RequestTimeout
 from botkit.params import SamplingParams
 from botkit.serve.backends import LocalBackend
-from botkit.serve.core import Core, Prompt
+from botkit.serve.core import Core, Who
 from botkit.serve.store import Store
 
 from .conftest import EchoBackend, make_config
@@ -57,9 +58,10 @@ async def test_a_failing_request_fails_alone_and_the_worker_keeps_serving(tiny_l
     poison = Poison(tiny_lm.tokenizer, "POISON", error)
     async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, max_batch_size=8, before_step=poison) as backend, \
             Core(backend, store, make_config()) as core:
-        tickets = [await core.submit(prompt(f"hello number {i}", i)) for i in range(5)]
-        bad = await core.submit(prompt("this one is POISON", 99))
-        tickets += [await core.submit(prompt(f"more text {i}", 10 + i)) for i in range(3)]
+        chats = Chats(core, store, core.config)
+        tickets = [await chats.submit(prompt(f"hello number {i}", i)) for i in range(5)]
+        bad = await chats.submit(prompt("this one is POISON", 99))
+        tickets += [await chats.submit(prompt(f"more text {i}", 10 + i)) for i in range(3)]
         results = await settle([*tickets, bad])
 
         assert poison.num_raised >= 2, "the fault was not injected (batch, then alone)"
@@ -72,7 +74,7 @@ async def test_a_failing_request_fails_alone_and_the_worker_keeps_serving(tiny_l
         failed = await row(store, bad.request_id)
         assert failed["status"] == "failed" and reason in failed["error"]
 
-        after = await (await core.submit(prompt("and after the fault", 5))).result()  # no restart needed
+        after = await (await chats.submit(prompt("and after the fault", 5))).result()  # no restart needed
         assert (await row(store, after.request_id))["status"] == "done"
         assert core.stats().num_failed == 1
 
@@ -82,7 +84,8 @@ async def test_a_step_that_fails_once_is_retried_and_nobody_sees_it(tiny_lm, tmp
     poison = Poison(tiny_lm.tokenizer, "hello", error, times=1)
     async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, max_batch_size=8, before_step=poison) as backend, \
             Core(backend, store, make_config()) as core:
-        tickets = [await core.submit(prompt(f"hello number {i}", i)) for i in range(4)]
+        chats = Chats(core, store, core.config)
+        tickets = [await chats.submit(prompt(f"hello number {i}", i)) for i in range(4)]
         results = await settle(tickets)
         assert poison.num_raised == 1
         assert all(not isinstance(r, BaseException) for r in results), results
@@ -102,7 +105,8 @@ async def test_a_fault_inside_the_forward_pass_loses_none_of_the_prompts_joining
     try:
         async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, max_batch_size=8) as backend, \
                 Core(backend, store, make_config()) as core:
-            tickets = [await core.submit(prompt(f"hello number {i}", i)) for i in range(4)]
+            chats = Chats(core, store, core.config)
+            tickets = [await chats.submit(prompt(f"hello number {i}", i)) for i in range(4)]
             results = await asyncio.wait_for(settle(tickets), 60)
             assert raised and all(not isinstance(r, BaseException) for r in results), results
             assert [(await row(store, t.request_id))["status"] for t in tickets] == ["done"] * 4
@@ -128,7 +132,7 @@ async def test_a_retried_request_streams_exactly_the_reply_it_ends_with(tiny_lm,
             LocalBackend(tiny_lm, max_batch_size=4, before_step=FailAfterSteps(6)) as backend, \
             Core(backend, store, make_config()) as core:
         params = SamplingParams(max_new_tokens=20, temperature=1.0)
-        tickets = [await core.submit_completion(f"Story {i}:", params, user_id=str(i)) for i in range(3)]
+        tickets = [await core.submit(f"Story {i}:", params, who=Who(user_id=str(i))) for i in range(3)]
 
         async def streamed(ticket):
             return "".join([d async for d in ticket.stream()])
@@ -151,7 +155,8 @@ async def test_a_hang_past_the_timeout_fails_that_request_and_the_bot_recovers(t
 
     async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, max_batch_size=8, before_step=hang_once) as backend, \
             Core(backend, store, make_config(timeout_s=1.0)) as core:
-        ticket = await core.submit(prompt("please HANG here"))
+        chats = Chats(core, store, core.config)
+        ticket = await chats.submit(prompt("please HANG here"))
         with pytest.raises(RequestTimeout) as caught:
             await ticket.result()
         assert hung.is_set()
@@ -160,7 +165,7 @@ async def test_a_hang_past_the_timeout_fails_that_request_and_the_bot_recovers(t
         assert failed["status"] == "failed" and "No reply within" in failed["error"]
 
         await asyncio.sleep(1.2)  # the worker finishes the stuck step and drops the cancelled sequence
-        later = await (await core.submit(prompt("are you back?", 1))).result()
+        later = await (await chats.submit(prompt("are you back?", 1))).result()
         assert (await row(store, later.request_id))["status"] == "done"
         assert core.stats().running == 0
 
@@ -179,13 +184,14 @@ async def test_a_locked_database_delays_writes_and_loses_none(tiny_lm, tmp_path,
     path = tmp_path / "bot.db"
     async with Store.open(path) as store, LocalBackend(tiny_lm, max_batch_size=8) as backend, \
             Core(backend, store, make_config()) as core:
+        chats = Chats(core, store, core.config)
         await store.db.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         locked = threading.Event()
         holder = threading.Thread(target=hold_write_lock, args=(path, 0.4, locked))
         holder.start()
         await asyncio.to_thread(locked.wait)
         started = time.monotonic()
-        tickets = await asyncio.gather(*(core.submit(prompt(f"while locked {i}", i)) for i in range(6)))
+        tickets = await asyncio.gather(*(chats.submit(prompt(f"while locked {i}", i)) for i in range(6)))
         waited_s = time.monotonic() - started
         results = await settle(tickets)
         await asyncio.to_thread(holder.join)
@@ -201,6 +207,7 @@ async def test_a_database_locked_for_too_long_is_answered_with_a_sentence(tiny_l
     path = tmp_path / "bot.db"
     async with Store.open(path) as store, LocalBackend(tiny_lm, max_batch_size=8) as backend, \
             Core(backend, store, make_config()) as core:
+        chats = Chats(core, store, core.config)
         await store.db.execute("PRAGMA busy_timeout=10")
         locked = threading.Event()
         holder = threading.Thread(target=hold_write_lock, args=(path, 3.0, locked))
@@ -208,14 +215,15 @@ async def test_a_database_locked_for_too_long_is_answered_with_a_sentence(tiny_l
         await asyncio.to_thread(locked.wait)
         try:
             with pytest.raises(BotkitError):
-                await core.submit(prompt("while locked for a long time"))
+                await chats.submit(prompt("while locked for a long time"))
         finally:
             await asyncio.to_thread(holder.join)
 
 
 async def test_a_request_stopped_just_as_it_is_dispatched_is_still_answered(tmp_path):
     async with Store.open(tmp_path / "bot.db") as store, EchoBackend() as backend, Core(backend, store, make_config()) as core:
-        ticket = await core.submit(prompt("cancel me at the worst moment"))
+        chats = Chats(core, store, core.config)
+        ticket = await chats.submit(prompt("cancel me at the worst moment"))
         while ticket.position() != 0:  # the dispatcher has handed it a task, which has not run yet
             await asyncio.sleep(0)
         ticket.cancel()  # the same happens when its timeout fires at this moment

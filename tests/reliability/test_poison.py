@@ -10,11 +10,12 @@ import math
 import pytest
 
 import botkit
+from botkit.chat.chats import Chats, Prompt
 from botkit.engine.engine import Engine
 from botkit.errors import GenerationError, InputError, RequestTimeout
 from botkit.params import SamplingParams
 from botkit.serve.backends import LocalBackend
-from botkit.serve.core import Core, Prompt
+from botkit.serve.core import Core, Who
 from botkit.serve.store import Store
 
 from .conftest import make_config
@@ -29,7 +30,7 @@ async def serve_all(tiny_lm, tmp_path, texts, before_step=None):
     async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, max_batch_size=32, before_step=before_step) as backend, \
             Core(backend, store, make_config()) as core:
         params = SamplingParams(max_new_tokens=16, temperature=0)
-        tickets = [await core.submit_completion(text, params, user_id=str(i)) for i, text in enumerate(texts)]
+        tickets = [await core.submit(text, params, who=Who(user_id=str(i))) for i, text in enumerate(texts)]
         results = await asyncio.gather(*(t.result() for t in tickets), return_exceptions=True)
         return results, backend.engine.num_forward_passes
 
@@ -53,11 +54,11 @@ async def test_bug02_requests_arriving_while_a_fault_is_narrowed_down_are_served
     async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, max_batch_size=8, before_step=poison) as backend, \
             Core(backend, store, make_config(timeout_s=30)) as core:
         params = SamplingParams(max_new_tokens=40, temperature=0)
-        long = [await core.submit_completion(f"long one {i}", params, user_id=str(i)) for i in range(6)]
-        bad = await core.submit_completion("POISON", params, user_id="bad")
+        long = [await core.submit(f"long one {i}", params, who=Who(user_id=str(i))) for i in range(6)]
+        bad = await core.submit("POISON", params, who=Who(user_id="bad"))
         while poison.num_raised == 0:
             await asyncio.sleep(0.01)
-        quick = await core.submit_completion("one token please", SamplingParams(max_new_tokens=1, temperature=0), user_id="q")
+        quick = await core.submit("one token please", SamplingParams(max_new_tokens=1, temperature=0), who=Who(user_id="q"))
         assert (await quick.result()).num_tokens == 1
         assert not any(t.done for t in long), "the 1-token request waited for the long ones to finish"
         with pytest.raises(GenerationError):
@@ -97,7 +98,8 @@ async def test_bug16_a_request_that_times_out_while_it_fails_logs_no_unretrieved
 
     async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, max_batch_size=8, before_step=slowly) as backend, \
             Core(backend, store, make_config(timeout_s=0.2)) as core:
-        ticket = await core.submit(Prompt("t", "c", "u", "POISON now"))
+        chats = Chats(core, store, core.config)
+        ticket = await chats.submit(Prompt("t", "c", "u", "POISON now"))
         with pytest.raises(RequestTimeout):
             await ticket.result()
         while backend.engine.has_work:  # the worker fails it after the caller has gone

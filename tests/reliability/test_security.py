@@ -9,10 +9,11 @@ import aiohttp
 import pytest
 from botkit.adapters.web_adapter import WebAdapter
 
+from botkit.chat.chats import Chats, Prompt
 from botkit.config import WebConfig, secret
 from botkit.errors import ConfigError
 from botkit.serve.backends import Completion, Job
-from botkit.serve.core import Core, Prompt
+from botkit.serve.core import Core
 from botkit.serve.store import Store
 
 from .conftest import EchoBackend, make_config
@@ -44,6 +45,7 @@ async def test_no_secret_in_logs_database_replies_or_stats(tmp_path, monkeypatch
 
     async with Store.open(tmp_path / "bot.db") as store, FlakyBackend() as backend, Core(backend, store, config) as core, \
             WebAdapter(core, web_config, secret(KEY_ENV, "The web API key")) as web:
+        chats = Chats(core, store, core.config)
         good = {"Authorization": f"Bearer {key}"}
         calls = [
             ("POST", "v1/completions", good, {"prompt": "hello", "max_tokens": 4}),
@@ -65,7 +67,7 @@ async def test_no_secret_in_logs_database_replies_or_stats(tmp_path, monkeypatch
                     statuses.append(response.status)
                     written.append(await response.read())
                     written.append(repr(dict(response.headers)).encode())
-        chat = await core.submit(Prompt("discord", "c1", "u1", "a FAIL in chat"))
+        chat = await chats.submit(Prompt("discord", "c1", "u1", "a FAIL in chat"))
         with pytest.raises(Exception) as failure:
             await chat.result()
         written.append(str(failure.value).encode())
@@ -90,14 +92,15 @@ HOSTILE = [
 
 async def test_hostile_names_and_texts_are_stored_and_read_back_intact(tmp_path):
     async with Store.open(tmp_path / "bot.db") as store, EchoBackend() as backend, Core(backend, store, make_config()) as core:
-        innocent = await (await core.submit(Prompt("discord", "innocent", "u0", "plain message"))).result()
+        chats = Chats(core, store, core.config)
+        innocent = await (await chats.submit(Prompt("discord", "innocent", "u0", "plain message"))).result()
         ids = []
         for platform, chat_id, user_id, user_name, text in HOSTILE:
-            ticket = await core.submit(Prompt(platform, chat_id, user_id, text, message_id=chat_id, user_name=user_name))
+            ticket = await chats.submit(Prompt(platform, chat_id, user_id, text, message_id=chat_id, user_name=user_name))
             await ticket.result()
             ids.append(ticket.request_id)
-            await core.update_settings(platform, chat_id, template=f"{user_name} {{message}}")
-            assert (await core.get_settings(platform, chat_id)).template == f"{user_name} {{message}}"
+            await chats.update_settings(platform, chat_id, template=f"{user_name} {{message}}")
+            assert (await chats.settings(platform, chat_id)).template == f"{user_name} {{message}}"
         for request_id, (platform, chat_id, user_id, _, text) in zip(ids, HOSTILE, strict=True):
             row = await store.request(request_id)
             assert (row["platform"], row["chat_id"], row["user_id"], row["text"], row["status"]) == \
@@ -106,7 +109,7 @@ async def test_hostile_names_and_texts_are_stored_and_read_back_intact(tmp_path)
         assert {h[3] for h in HOSTILE} <= names
         assert await store.context("discord", "%", 10) == [(HOSTILE[2][4], "ok")]  # "%" is a name, not a pattern
         assert await store.context("discord", "innocent", 10) == [("plain message", "ok")]
-        await core.reset_context("discord", HOSTILE[0][1])
+        await chats.reset_context("discord", HOSTILE[0][1])
         assert await store.context("discord", HOSTILE[0][1], 10) == []
         assert await store.context("discord", "innocent", 10) == [("plain message", "ok")]
         tables = {r[0] for r in await store._rows("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -150,7 +153,8 @@ async def test_api_recent_shows_only_the_apis_own_requests_unless_configured(tmp
     web_config = WebConfig(port=0, recent_all_platforms=all_platforms)
     async with Store.open(tmp_path / "bot.db") as store, EchoBackend() as backend, Core(backend, store, make_config()) as core, \
             WebAdapter(core, web_config, key) as web, aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
-        await (await core.submit(Prompt("telegram", "dm-42", "u42", "my private note"))).result()
+        chats = Chats(core, store, core.config)
+        await (await chats.submit(Prompt("telegram", "dm-42", "u42", "my private note"))).result()
         async with http.post(web.url + "v1/completions", json={"prompt": "public prompt", "max_tokens": 2}) as response:
             assert response.status == 200
         async with http.get(web.url + "api/recent") as response:

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from botkit.chat.chats import Chats, Prompt
 from botkit.cli import serve
 from botkit.config import Config, StoreConfig, WebConfig
 from botkit.errors import BusyError, ConfigError, InputError
 from botkit.params import SamplingParams
-from botkit.serve.core import Core, Prompt
+from botkit.serve.core import Core
 from botkit.serve.store import Store
 
 from .conftest import EchoBackend, make_config
@@ -115,9 +116,10 @@ async def fill_up(store: Store) -> None:
 
 async def test_bug10_a_full_disk_is_said_to_be_a_full_disk(tmp_path):
     async with Store.open(tmp_path / "bot.db") as store, EchoBackend() as backend, Core(backend, store, make_config()) as core:
+        chats = Chats(core, store, core.config)
         await fill_up(store)
         with pytest.raises(BusyError) as refused:
-            await core.submit(Prompt("web", "c", "u", "x" * 3000))
+            await chats.submit(Prompt("web", "c", "u", "x" * 3000))
         assert "disk is full" in str(refused.value) and "busy" not in str(refused.value)
 
 
@@ -125,9 +127,10 @@ async def test_bug10_an_accepted_request_is_answered_and_settled_once_the_disk_h
     monkeypatch.setattr("botkit.serve.core.SETTLE_RETRY_S", 0.05)
     path = tmp_path / "bot.db"
     async with Store.open(path) as store, EchoBackend() as backend, Core(backend, store, make_config()) as core:
+        chats = Chats(core, store, core.config)
         backend.reply = "z" * 20_000  # a reply that needs new pages
         await fill_up(store)
-        ticket = await core.submit(Prompt("web", "c", "u", "hi"))  # fits the free space of the last page
+        ticket = await chats.submit(Prompt("web", "c", "u", "hi"))  # fits the free space of the last page
         reply = await asyncio.wait_for(ticket.result(), 10)
         assert reply.text == "z" * 20_000  # the caller is answered although the store could not record it
         assert status_of(path, ticket.request_id) in ("queued", "running")
