@@ -246,16 +246,19 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
 
 def with_run_chat_format(config: Config, chat_format) -> Config:
     """A run fine-tuned on chats speaks the format it was trained on: unless the config sets its own
-    template and truncate string, chats use the run's (the bot's lines are "bot: ...")."""
+    template, truncate string or context, chats read the room (`context = "channel"`) in the run's
+    lines, each message under its author's display name and the bot's under its own name, as the
+    model saw its speakers in training (the "bot" context's template, "user: ...", is the fallback)."""
     from botkit.params import ChatSettings
 
     default = ChatSettings()
-    if chat_format is None or (config.chat.template, config.chat.truncate) != (default.template, default.truncate):
+    chosen = (config.chat.template, config.chat.truncate, config.chat.context)
+    if chat_format is None or chosen != (default.template, default.truncate, default.context):
         return config
     line = chat_format.speaker.replace("{name}", "{author}") + chat_format.separator
-    chat = config.chat.replace(**chat_format.chat_settings("bot"), chat_format=line)
-    log.info("Chats speak the run's chat format: %r.", chat.template)
-    return _replace(config, "chat", **{k: getattr(chat, k) for k in ("template", "truncate", "chat_format")})
+    chat = config.chat.replace(**chat_format.chat_settings("bot"), chat_format=line, context="channel")
+    log.info("Chats read the room in the run's chat format: %r.", chat.chat_format)
+    return _replace(config, "chat", **{k: getattr(chat, k) for k in ("template", "truncate", "chat_format", "context")})
 
 
 def _check_port_free(host: str, port: int) -> None:

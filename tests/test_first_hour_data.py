@@ -108,3 +108,11 @@ def test_summary_samples_are_bounded(tmp_path):
     reader = DatasetReader(tmp_path / "e.json", chats=ConversationOptions.of())
     list(reader.documents())
     assert len(reader.summary.samples) == 1 and len(reader.summary.samples[0]) < 700
+
+
+def test_a_dry_run_on_data_smaller_than_a_block_still_shows_the_data_and_says_what_to_do(tmp_path, capsys):
+    code = main(["finetune", "--dataset", str(COMMUNITY / "discord_export.json"), "--steps", "30", "--dry-run",
+                 "--checkpoint-dir", str(tmp_path / "checkpoint")])  # the bundled demo model: blocks of 256 tokens
+    out = capsys.readouterr().out
+    assert code == 0 and "Chat messages: 8 of 14 kept" in out
+    assert "Training with these options would stop at once: The dataset has" in out and "lower block_size" in out

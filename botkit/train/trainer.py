@@ -25,7 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import AutoTokenizer, GPT2Config, get_scheduler
 
 from botkit.engine.copy_index import write_index
-from botkit.errors import DatasetError, InputError
+from botkit.errors import BotkitError, DatasetError, InputError
 from botkit.model.loading import LoadedModel, _finish_tokenizer, load_model
 from botkit.model.sources import folder_kind, resolve
 from botkit.train import run_folder as checkpoints
@@ -54,9 +54,14 @@ def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
     lm, base, stream = _model_and_data(dataset, o.model, resume, run_dir, o.run_name, o.seed, o.n_layer, o.n_embd, o.n_head, o.n_ctx, o.train_tokenizer, o.vocab_size, o.text_field, chats, o.lora)
     block = o.block_size or lm.model.config.n_positions
     train, val, val_note = held_out(stream, o.val_fraction, block)
-    _check_lengths(train, val, block, lm)
     tokens_per_step = o.batch_size * block * o.accumulate_gradients * accelerator.num_processes
     summary = (stream.summary or DataSummary()).report(len(train), len(val) if val is not None else 0, tokens_per_step, o.steps, val_note)
+    try:
+        _check_lengths(train, val, block, lm)
+    except BotkitError as exc:
+        if not o.dry_run:
+            raise
+        summary += f"\nTraining with these options would stop at once: {exc}"
     if o.dry_run:
         return FinetuneResult(lm, run_dir, 0, math.nan, None, None, "dry run", summary)
     if accelerator.is_main_process:
