@@ -9,7 +9,10 @@ A bot's prompt is the history in the same lines, then its own speaker prefix wit
 space ("gptbot:"): a byte-level BPE spells " word" as one token, so in training a speaker's colon is
 followed by a token that starts with the space, never by a lone space (a prompt ending in "gptbot: "
 cost the true reply 53 nats instead of 4 in benchmarks/quality.py). The reply ends before `truncate`. Placeholders are replaced literally, never with `str.format`, so a message or
-name such as "{message:>20000000}" stays text (issue 12, bug 1).
+name such as "{message:>20000000}" stays text.
+
+Chats use the same format for channel context (the chat setting `chat_format` is one message's line,
+`ChatFormat.from_line`), so a run trained on a community's chats is served in the lines it learnt.
 """
 
 from __future__ import annotations
@@ -111,6 +114,26 @@ class ChatFormat:
         `settings.replace(**fmt.chat_settings("gptbot"))`: a user line, then the bot's prefix."""
         template = self.line(user_name, MESSAGE) + self.bot_turn(bot_name)
         return {"template": template, "truncate": self.truncate}
+
+    # -- the chat setting -------------------------------------------------------------------
+
+    @classmethod
+    def from_line(cls, line: str, truncate: str = "\n") -> ChatFormat:
+        """The chat setting `chat_format`, one message's line ("{name}: {message}\\n"): the speaker,
+        then the separator (the whitespace that ends the line). "{author}", its older spelling, is read
+        as "{name}"."""
+        if not isinstance(line, str) or len(line) > MAX_FIELD_CHARS:
+            raise InputError(f"chat_format must be text of at most {MAX_FIELD_CHARS} characters.")
+        line = line.replace("{author}", NAME)
+        speaker = line.rstrip()
+        if speaker == line:
+            raise InputError(f"chat_format {line!r} must end with the line break (or space) that separates one message"
+                             " from the next, as in '{name}: {message}\\n'.")
+        return cls(speaker=speaker, separator=line[len(speaker) :], truncate=truncate)
+
+    def as_line(self) -> str:
+        """This format as the chat setting `chat_format` (from_line's inverse)."""
+        return self.speaker + self.separator
 
     # -- files ------------------------------------------------------------------------------
 

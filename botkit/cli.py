@@ -255,8 +255,7 @@ def with_run_chat_format(config: Config, chat_format) -> Config:
     chosen = (config.chat.template, config.chat.truncate, config.chat.context)
     if chat_format is None or chosen != (default.template, default.truncate, default.context):
         return config
-    line = chat_format.speaker.replace("{name}", "{author}") + chat_format.separator
-    chat = config.chat.replace(**chat_format.chat_settings("bot"), chat_format=line, context="channel")
+    chat = config.chat.replace(**chat_format.chat_settings("bot"), chat_format=chat_format.as_line(), context="channel")
     log.info("Chats read the room in the run's chat format: %r.", chat.chat_format)
     return _replace(config, "chat", **{k: getattr(chat, k) for k in ("template", "truncate", "chat_format", "context")})
 

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 
 from botkit.banned_words import check_banned_words
+from botkit.chat_format import ChatFormat
 from botkit.errors import InputError
+from botkit.prompting import check_template
 
 MAX_NEW_TOKENS = 2048
 STOP_LIMIT = 8
 MAX_STOP_CHARS = 200  # one stop string; longer ones only cost search time
 MAX_TOP_K = 1 << 20  # above any vocabulary: means "no top-k" in all but name
 MAX_SEED = (1 << 63) - 1  # SQLite integers and torch generators are signed 64-bit
-MAX_TEMPLATE_CHARS = 1000
 MAX_CANDIDATES = 8
 MAX_NO_REPEAT_NGRAM = 20
 
@@ -98,7 +98,7 @@ class ChatSettings:
     trigger: str = "mention"  # when the bot speaks in group chats: mention | always | command | never
     random_reply_chance: float = 0.0  # chance of answering an untriggered message in an allowed channel
     context: str = "bot"  # bot: exchanges with the bot | channel: the chat's recent messages, with author names
-    chat_format: str = "{author}: {message}\n"  # one line of channel context; the reply follows "{bot's name}: "
+    chat_format: str = "{name}: {message}\n"  # one line of channel context (ChatFormat.from_line); the reply follows "{bot's name}:"
     dataset_opt_in: bool = False  # this chat's messages may go into `botkit export-dataset` (training data)
     unique: bool = True  # a reply copying the chat's context or the model's training text is drawn again
     candidates: int = 1  # samples drawn for each reply; the likeliest that copies nothing is sent (up to 8)
@@ -167,40 +167,9 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-PLACEHOLDER = "{message}"
-
-
-def check_template(template: str) -> None:
-    """A prompt template holds `{message}` exactly once and otherwise literal text (`{{` and `}}` for
-    braces). It is never given to str.format: a format spec such as `{message:>20000000}` or an
-    attribute such as `{message.__class__}` would be live there."""
-    if not isinstance(template, str) or len(template) > MAX_TEMPLATE_CHARS:
-        raise InputError(f"The prompt template must be text of at most {MAX_TEMPLATE_CHARS} characters.")
-    literal = template.split(PLACEHOLDER)
-    if len(literal) != 2:
-        raise InputError("The prompt template must hold the placeholder {message} exactly once (for example Q: {message}\\nA:).")
-    if any(part.replace("{{", "").replace("}}", "").count("{") or part.replace("{{", "").replace("}}", "").count("}") for part in literal):
-        raise InputError("The prompt template may hold no placeholder but {message}: write {{ and }} for literal braces.")
-
-
-def fill_template(template: str, message: str) -> str:
-    """`template` with `message` in place of its `{message}` (the template was checked by check_template)."""
-    before, after = template.split(PLACEHOLDER, 1)
-    unescape = lambda part: part.replace("{{", "{").replace("}}", "}")  # noqa: E731
-    return unescape(before) + message + unescape(after)
-
-
 CONTEXTS = ("bot", "channel")
-MAX_CHAT_FORMAT_CHARS = 200
-_PLACEHOLDER = re.compile(r"\{[^{}]*\}")
-
-
 def check_channel_settings(context: str, chat_format: str) -> None:
-    """`context` is a known kind; `chat_format` holds {message} once, may hold {author}, nothing else
-    in braces (both are substituted literally, never with str.format), and is short."""
+    """`context` is a known kind; `chat_format` is one line of the chat format (ChatFormat.from_line)."""
     if context not in CONTEXTS:
         raise InputError(f"context must be one of {', '.join(CONTEXTS)}, not {context!r}.")
-    others = set(_PLACEHOLDER.findall(chat_format)) - {"{author}", "{message}"}
-    if len(chat_format) > MAX_CHAT_FORMAT_CHARS or chat_format.count("{message}") != 1 or others:
-        raise InputError(f"chat_format must contain {{message}} once, may contain {{author}}, nothing else in braces,"
-                         f" and be at most {MAX_CHAT_FORMAT_CHARS} characters long.")
+    ChatFormat.from_line(chat_format)

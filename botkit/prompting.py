@@ -6,7 +6,30 @@ import re
 from collections.abc import Callable
 
 from botkit.errors import InputError
-from botkit.params import fill_template
+
+MAX_TEMPLATE_CHARS = 1000
+PLACEHOLDER = "{message}"
+
+
+def check_template(template: str) -> None:
+    """A prompt template holds `{message}` exactly once and otherwise literal text (`{{` and `}}` for
+    braces). It is never given to str.format: a format spec such as `{message:>20000000}` or an
+    attribute such as `{message.__class__}` would be live there."""
+    if not isinstance(template, str) or len(template) > MAX_TEMPLATE_CHARS:
+        raise InputError(f"The prompt template must be text of at most {MAX_TEMPLATE_CHARS} characters.")
+    literal = template.split(PLACEHOLDER)
+    if len(literal) != 2:
+        raise InputError("The prompt template must hold the placeholder {message} exactly once (for example Q: {message}\\nA:).")
+    if any(part.replace("{{", "").replace("}}", "").count("{") or part.replace("{{", "").replace("}}", "").count("}") for part in literal):
+        raise InputError("The prompt template may hold no placeholder but {message}: write {{ and }} for literal braces.")
+
+
+def fill_template(template: str, message: str) -> str:
+    """`template` with `message` in place of its `{message}` (the template was checked by check_template)."""
+    before, after = template.split(PLACEHOLDER, 1)
+    unescape = lambda part: part.replace("{{", "{").replace("}}", "}")  # noqa: E731
+    return unescape(before) + message + unescape(after)
+
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0/C1 controls except tab and newline
 _INVISIBLE = re.compile(r"[\s\u200b-\u200f\u2060-\u2064\ufeff\u00ad]+")

@@ -189,5 +189,4 @@ async def platform(name: str, tmp_path, monkeypatch, backend, config: Config, *,
             adapter.conversation.chance = chance
             driver = ConsoleDriver(adapter, fake)
         driver.core, driver.store, driver.adapter = core, store, adapter
-        driver.chats = adapter.conversation.chats
         yield driver

@@ -23,7 +23,7 @@ def test_render_and_prompt_share_one_layout():
 
 
 def test_placeholders_in_messages_and_names_stay_text():
-    # issue 12, bug 1: str.format would pad this to 20,000,000 characters
+    # str.format would pad this to 20,000,000 characters
     fmt = ChatFormat()
     text = fmt.render([("{message:>20000000}", "{name} {message:>20000000} {0} {message.__class__}")])
     assert text == "{message:>20000000}".replace("{", " ").replace("}", " ").strip() + ": {name} {message:>20000000} {0} {message.__class__}\n<|endoftext|>"

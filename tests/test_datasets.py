@@ -1,5 +1,5 @@
-"""Datasets read and encoded in bounded pieces (issue 12, bug 4) with the same tokens as whole texts,
-and CSV fields that keep their line breaks (issue 12, bug 6)."""
+"""Datasets read and encoded in bounded pieces with the same tokens as whole texts, and CSV fields
+that keep their line breaks."""
 
 import numpy as np
 import pytest
@@ -16,7 +16,7 @@ PIECES = ["word", " word", "  ", "\n", "\n\n", " \n", "\r\n", "\t", "42", " 7", 
           "<|endoftext|>", "don't", "\u2028", "a" * 40, " " * 9]
 
 
-def test_issue12_bug4_a_text_file_is_read_in_segments_that_join_to_it(tmp_path):
+def test_a_text_file_is_read_in_segments_that_join_to_it(tmp_path):
     text = "".join(f"line {i} has some words.\n" + ("\n" if i % 7 == 0 else "") for i in range(3000)) + "no newline at the end"
     path = tmp_path / "big.txt"
     path.write_text(text)
@@ -28,7 +28,7 @@ def test_issue12_bug4_a_text_file_is_read_in_segments_that_join_to_it(tmp_path):
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.sampled_from(PIECES), min_size=1, max_size=400), st.integers(8, 120))
-def test_issue12_bug4_segmented_encoding_equals_whole_text_encoding(tmp_path_factory, pieces, segment_chars):
+def test_segmented_encoding_equals_whole_text_encoding(tmp_path_factory, pieces, segment_chars):
     text = "".join(pieces)
     path = tmp_path_factory.mktemp("seg") / "t.txt"
     path.write_bytes(text.encode())
@@ -37,7 +37,7 @@ def test_issue12_bug4_segmented_encoding_equals_whole_text_encoding(tmp_path_fac
     # A run with no cut point longer than the search window is cut inside it (documented); not tested here.
     assume(all(_pre_token_boundary(text, int(b)) for b in cuts))
     tokens = encode_segments(segments, GPT2)
-    whole = GPT2.backend_tokenizer.encode(text, add_special_tokens=False).ids if text.strip() else []
+    whole = GPT2.backend_tokenizer.encode(text.lstrip(), add_special_tokens=False).ids  # a file's leading blanks go
     expected = whole + ([GPT2.eos_token_id] if whole and whole[-1] != GPT2.eos_token_id else [])
     assert tokens.tolist() == expected
 
@@ -48,7 +48,7 @@ def _pre_token_boundary(text: str, b: int) -> bool:
     return after_line or before_space
 
 
-def test_issue12_bug4_a_large_file_spills_to_disk_and_comes_back_whole(tmp_path, monkeypatch):
+def test_a_large_file_spills_to_disk_and_comes_back_whole(tmp_path, monkeypatch):
     import botkit.train.encoding as datasets
 
     monkeypatch.setattr(datasets, "SPILL_BYTES", 1000)  # spill every few batches
@@ -68,7 +68,7 @@ def test_utf8_errors_name_the_byte_offset_even_past_the_first_read(tmp_path):
         read_documents(path)
 
 
-def test_issue12_bug6_csv_keeps_line_breaks_inside_quoted_fields(tmp_path):
+def test_csv_keeps_line_breaks_inside_quoted_fields(tmp_path):
     path = tmp_path / "rows.csv"
     path.write_bytes('text\r\n"first line\nsecond line"\r\n"cr\ronly"\r\n"crlf\r\ninside"\r\n"line\u2028separator"\r\nplain\r\n'.encode())
     assert read_documents(path) == ["<|startoftext|>first line\nsecond line<|endoftext|>", "<|startoftext|>cr\ronly<|endoftext|>",

@@ -1,6 +1,8 @@
 """The bundled tokenizer, the model loader and the import rules."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,15 @@ def test_bundled_gpt2_tokenizer_gives_openai_ids(text, ids):
     assert tok(text).input_ids == ids
     assert tok.decode(ids) == text
     assert tok.eos_token_id == 50256 and tok.padding_side == "left"
+
+
+def test_the_count_tokenizer_gives_the_same_ids_without_torch_or_transformers():
+    code = ("import sys\nfrom botkit.model.tokenizer import count_tokenizer\n"
+            "ids = [count_tokenizer().encode(t).ids for t in sys.argv[1:]]\n"
+            "print(ids, 'torch' in sys.modules or 'transformers' in sys.modules)")
+    texts = ["Hello world", " Hello world", "<|endoftext|>", "你好", "a<|endoftext|>b  \n\n x 😀"]
+    out = subprocess.run([sys.executable, "-c", code, *texts], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == f"{[gpt2_tokenizer()(t).input_ids for t in texts]} False", out.stderr
 
 
 def test_loads_a_local_folder_without_tokenizer_files(tmp_path):

@@ -127,7 +127,7 @@ async def test_a_chat_run_serves_in_the_format_it_was_trained_on(tmp_path, tiny_
     fmt = ChatFormat(speaker="<{name}> {message}", separator="\n", truncate="\n")
     config = with_run_chat_format(Config(), fmt)
     assert config.chat.template == "<user> {message}\n<bot>" and config.chat.truncate == "\n"
-    assert config.chat.chat_format == "<{author}> {message}\n" and config.chat.context == "channel"  # issue 24: read the room
+    assert config.chat.chat_format == "<{name}> {message}\n" and config.chat.context == "channel"  # read the room
     own = dataclasses.replace(Config(), chat=ChatSettings(template="Q: {message}\nA:"))
     assert with_run_chat_format(own, fmt).chat.template == "Q: {message}\nA:"  # the config's own template wins
     assert with_run_chat_format(own, fmt).chat.context == "bot"

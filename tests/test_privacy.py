@@ -125,5 +125,5 @@ def test_settings_change_of_context_is_validated():
     with pytest.raises(Exception, match="context must be one of bot, channel"):
         ChatSettings().replace(context="everything")
     for bad in ("{author}", "{message} {message}", "{author}: {message} {user}", "x" * 300 + "{message}"):
-        with pytest.raises(Exception, match="chat_format must contain"):
+        with pytest.raises(Exception, match="chat.format"):
             dataclasses.replace(ChatSettings(), chat_format=bad)

@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 
 from botkit.chat.channel_context import build_channel_prompt, channel_lines_to_keep
+from botkit.chat_format import ChatFormat
 from botkit.config import Config
 from botkit.errors import InputError, RateLimitedError
 from botkit.params import ChatSettings
@@ -72,13 +73,14 @@ class Chats:
         count_tokens = self.core.count_tokens
         if settings.use_context and settings.context == "channel":
             author, bot = prompt.user_name or prompt.user_id, prompt.bot_name or "bot"
+            fmt = ChatFormat.from_line(settings.chat_format, settings.truncate)
             history = await self.store.channel_context(prompt.platform, prompt.chat_id, limit + 1)
             keep = len(history) if len(history) <= limit else limit // 2  # past the limit, half at once (see below)
-            keep = channel_lines_to_keep(settings.chat_format, history[len(history) - keep :], author, text, bot, budget,
+            keep = channel_lines_to_keep(fmt, history[len(history) - keep :], author, text, bot, budget,
                                          count_tokens)
             if keep < len(history):
                 await self.store.keep_newest_channel_context(prompt.platform, prompt.chat_id, keep)
-            return build_channel_prompt(settings.chat_format, history[len(history) - keep :], author, text, bot, budget,
+            return build_channel_prompt(fmt, history[len(history) - keep :], author, text, bot, budget,
                                         count_tokens)
         separator = settings.truncate or "\n"
         history = await self._stable_history(prompt, settings, text, budget, separator) if settings.use_context else []

@@ -37,7 +37,7 @@ import numpy as np
 INDEX_FILE = "copy_index.u64"  # little-endian uint64 hashes, sorted, distinct
 INDEX_JSON = "copy_index.json"
 HASH_NAME = "poly64-splitmix-v1"  # changes if the hash does, so an old index is never misread
-NGRAM = 8  # tokens per window: the "shared 8-token span"
+NGRAM = 8  # tokens per window: a reply never shares an 8-token span with the training text
 MAX_BUILD_BYTES = 256 * 1024 * 1024  # building holds about this much at a time, whatever the dataset's size
 CHUNK_WINDOWS = 1 << 18  # windows hashed per step: 2 MB of hashes, ~10 MB with their temporaries
 MAX_SHARE = 0.5  # a reply sharing a run of more than half its tokens copies ...

@@ -14,7 +14,7 @@ its new tokens. A row that hits its stop string, end of text or length leaves at
 is free for the next step.
 
 A `unique` row never draws a token that would make its last 8 tokens a run of its model's training
-text (copying.py's index; the token is masked and the row draws again), so its reply shares no
+text (copy_index.py; the token is masked and the row draws again), so its reply shares no
 8-token span with the training text by construction. A finished sample may be judged before anyone
 sees it (judging.py): one holding a banned word or copying its prompt (or, in fewer tokens, its
 training text) is drawn again in its own row (the prompt's keys and values

@@ -2,7 +2,7 @@
 
 A finished sample is judged before anyone sees it. One that holds a banned word (matched after
 normalising case, accents, zero-width characters and leetspeak) or copies its training text or the
-chat's own context (copying.py; sampling already keeps a `unique` row off 8-token runs of the
+chat's own context (copy_index.py; sampling already keeps a `unique` row off 8-token runs of the
 training text, engine.py) is drawn again with a new seed, up to MAX_RESAMPLES times. Then
 the request sends the best sample it drew: never a banned one (if every sample is banned the
 request fails), else one that does not copy if there is one, else the least copying; among equals

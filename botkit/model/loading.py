@@ -14,7 +14,8 @@ from transformers.activations import NewGELUActivation
 
 from botkit.chat_format import ChatFormat
 from botkit.errors import InputError, ModelLoadError
-from botkit.model.sources import Source, asset_dir, resolve
+from botkit.model.sources import Source, resolve
+from botkit.model.tokenizer import finish_tokenizer, gpt2_tokenizer
 
 log = logging.getLogger("botkit")
 
@@ -23,25 +24,13 @@ DTYPE_NAMES = (*DTYPES, "int8")  # int8: float32 loaded, then its matmuls quanti
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
 
-def gpt2_tokenizer() -> PreTrainedTokenizerBase:
-    """OpenAI's GPT-2 BPE tokenizer from the files bundled with botkit; needs no network."""
-    return _finish_tokenizer(AutoTokenizer.from_pretrained(asset_dir("gpt2")))
-
-
-def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token; padded columns are masked anyway
-    tokenizer.padding_side = "left"  # GPT-2 samples from the last column
-    return tokenizer
-
-
 @dataclass
 class LoadedModel:
     model: GPT2LMHeadModel
     tokenizer: PreTrainedTokenizerBase
     name: str
     chat_format: ChatFormat | None = None  # the run's chat_format.json: how it was trained to see a conversation
-    path: Path | None = None  # the local folder it came from (its copy index, `copying.CopyIndex.load(path)`)
+    path: Path | None = None  # the local folder it came from (its copy index, `copy_index.CopyIndex.load(path)`)
 
     @property
     def device(self) -> torch.device:
@@ -159,7 +148,7 @@ def _load_pretrained(source: Source) -> LoadedModel:
         tokenizer = gpt2_tokenizer()
     else:
         try:
-            tokenizer = _finish_tokenizer(AutoTokenizer.from_pretrained(source.path, **options))
+            tokenizer = finish_tokenizer(AutoTokenizer.from_pretrained(source.path, **options))
         except OSError:
             log.warning("No usable tokenizer with %s; using the bundled GPT-2 tokenizer.", source.name)
             tokenizer = gpt2_tokenizer()
@@ -176,5 +165,5 @@ def _load_lora_run(source: Source) -> LoadedModel:
     base = _load_pretrained(base_source(run_dir))
     model = merged(load_adapter(base.model, run_dir, is_trainable=False))
     has_tokenizer = any((run_dir / f).is_file() for f in TOKENIZER_FILES)
-    tokenizer = _finish_tokenizer(AutoTokenizer.from_pretrained(run_dir)) if has_tokenizer else base.tokenizer
+    tokenizer = finish_tokenizer(AutoTokenizer.from_pretrained(run_dir)) if has_tokenizer else base.tokenizer
     return LoadedModel(model, tokenizer, source.name, ChatFormat.load(run_dir), run_dir)

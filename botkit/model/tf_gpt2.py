@@ -21,6 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, PreTrainedT
 
 from botkit.errors import ModelLoadError
 from botkit.model.tf_bundle import Bundle, open_bundle
+from botkit.model.tokenizer import finish_tokenizer, gpt2_tokenizer
 
 log = logging.getLogger("botkit")
 
@@ -145,7 +146,6 @@ def _state_dict(bundle: Bundle, config: GPT2Config) -> dict[str, torch.Tensor]:
 def folder_tokenizer(folder: Path, vocab_size: int, n_ctx: int) -> PreTrainedTokenizerBase:
     """The byte-level BPE tokenizer of encoder.json + vocab.bpe (OpenAI's files: the same content as
     transformers' vocab.json + merges.txt); without them, the bundled GPT-2 tokenizer if it fits."""
-    from botkit.model.loading import _finish_tokenizer, gpt2_tokenizer
 
     encoder_path, merges_path = folder / "encoder.json", folder / "vocab.bpe"
     if not encoder_path.is_file() or not merges_path.is_file():
@@ -165,4 +165,4 @@ def folder_tokenizer(folder: Path, vocab_size: int, n_ctx: int) -> PreTrainedTok
     if END_OF_TEXT not in vocab:
         raise ModelLoadError(f"encoder.json in {folder} has no {END_OF_TEXT} token, which GPT-2 needs: copy the file the model was trained with.")
     tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges, model_max_length=n_ctx)
-    return _finish_tokenizer(tokenizer)
+    return finish_tokenizer(tokenizer)

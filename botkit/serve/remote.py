@@ -22,7 +22,7 @@ from yarl import URL
 
 from botkit.config import Config, secret
 from botkit.errors import ConfigError, GenerationError, ModelLoadError, RequestTimeout
-from botkit.model.loading import gpt2_tokenizer
+from botkit.model.tokenizer import EOS, count_tokenizer
 from botkit.params import SamplingParams
 from botkit.serve.backends import Completion, Job
 
@@ -71,7 +71,7 @@ class RemoteBackend:
         self.name = model or "remote"
         self.max_batch_size = max_batch_size
         self.max_context = max_context
-        self.tokenizer = gpt2_tokenizer()
+        self.tokenizer = count_tokenizer()  # GPT-2's, without torch
 
     @classmethod
     def from_config(cls, config: Config) -> RemoteBackend:
@@ -87,7 +87,7 @@ class RemoteBackend:
         )
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, verbose=False).input_ids)
+        return len(self.tokenizer.encode(text).ids)
 
     async def __aenter__(self) -> RemoteBackend:
         await self.client.__aenter__()
@@ -114,12 +114,12 @@ class RemoteBackend:
         """The remote server refuses prompt + max_tokens over its window, where the local engine slides
         it: keep the prompt's last tokens and, if need be, ask for fewer new ones. An empty prompt
         starts from end-of-text, as it does locally."""
-        prompt = prompt or self.tokenizer.eos_token
-        ids = self.tokenizer(prompt, verbose=False).input_ids
+        prompt = prompt or EOS
+        ids = self.tokenizer.encode(prompt).ids
         budget = max(self.max_context - params.max_new_tokens, self.max_context // 2)
         if len(ids) > budget:
             ids = ids[-budget:]
-            prompt = self.tokenizer.decode(ids)
+            prompt = self.tokenizer.decode(ids, skip_special_tokens=False)
         max_new_tokens = min(params.max_new_tokens, self.max_context - len(ids))
         if max_new_tokens != params.max_new_tokens:
             params = dataclasses.replace(params, max_new_tokens=max_new_tokens)

@@ -102,7 +102,7 @@ class DatasetReader:
 
     def _csv(self, path: Path) -> Iterator[Segment]:
         chat_exports.raise_csv_limit()
-        with _open_text(path, newline="") as f:  # newline="": line breaks inside quoted fields stay (issue 12, bug 6)
+        with _open_text(path, newline="") as f:  # newline="": line breaks inside quoted fields stay
             rows = csv.reader(f)
             try:
                 header = next(rows, None)
@@ -153,7 +153,8 @@ def _open_text(path: Path, newline: str | None = None):
 
 def text_segments(path: Path, segment_chars: int = SEGMENT_CHARS) -> Iterator[Segment]:
     """A text file as one document in segments (see the module docstring); reads READ_BYTES at a time.
-    Blank segments before the first text are dropped, and a blank file yields only the end mark."""
+    Blank space before the first text is dropped, however the file is cut, and a blank file yields
+    only the end mark."""
     decoder = codecs.getincrementaldecoder("utf-8-sig")()
     pending, offset, has_text = "", 0, False
     with path.open("rb") as f:
@@ -165,15 +166,16 @@ def text_segments(path: Path, segment_chars: int = SEGMENT_CHARS) -> Iterator[Se
             except UnicodeDecodeError as exc:
                 raise DatasetError(f"{path} is not UTF-8 text (bad byte at offset {offset - buffered + exc.start}): convert it to UTF-8.") from None
             offset += len(data)
+            if not has_text:
+                pending = pending.lstrip()
+                has_text = bool(pending)
             while len(pending) > segment_chars:
                 cut = _cut(pending, segment_chars)
                 segment, pending = pending[:cut], pending[cut:]
-                has_text = has_text or not segment.isspace()
-                if has_text:
-                    yield segment, False
+                yield segment, False
             if not data:
                 break
-    yield (pending if has_text or not pending.isspace() else ""), True
+    yield pending, True
 
 
 def _cut(text: str, target: int) -> int:

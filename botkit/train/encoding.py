@@ -1,7 +1,7 @@
 """Fine-tuning datasets: read text and chat exports (`dataset_files.py`), encode them to one token
 stream in bounded memory, cache it (`botkit encode`), and split off a held-out tail.
 
-Memory (issue 12, bug 4): text is read and tokenized a segment at a time and the token ids are
+Memory: text is read and tokenized a segment at a time and the token ids are
 spilled to a temporary file, so encoding peaks at about the final int32 array plus one batch's token
 objects (benchmarks/encode_memory.py), not at ~160x the text as when the whole file went to the
 tokenizer at once.

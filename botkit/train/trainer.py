@@ -26,8 +26,9 @@ from transformers import AutoTokenizer, GPT2Config, get_scheduler
 
 from botkit.engine.copy_index import write_index
 from botkit.errors import BotkitError, DatasetError, InputError
-from botkit.model.loading import LoadedModel, _finish_tokenizer, load_model
+from botkit.model.loading import LoadedModel, load_model
 from botkit.model.sources import folder_kind, resolve
+from botkit.model.tokenizer import finish_tokenizer
 from botkit.train import run_folder as checkpoints
 from botkit.train.conversations import ConversationOptions
 from botkit.train.data_summary import DataSummary
@@ -280,7 +281,7 @@ def _resumed_model(run_dir: Path, rank: int) -> LoadedModel:
     if rank != saved:
         raise InputError(f"Run {run_dir.name!r} is a LoRA run of rank {saved}: pass --lora {saved} to continue it.")
     base = load_model(lora.base_source(run_dir), device="cpu", dtype="float32")
-    return LoadedModel(base.model, _finish_tokenizer(AutoTokenizer.from_pretrained(run_dir)), run_dir.name)
+    return LoadedModel(base.model, finish_tokenizer(AutoTokenizer.from_pretrained(run_dir)), run_dir.name)
 
 
 def held_out(stream: TokenStream, val_fraction: float, block: int) -> tuple[TokenStream, TokenStream | None, str]:

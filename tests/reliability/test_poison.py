@@ -1,6 +1,6 @@
-"""Issue 12, the worker's bugs: one poisoned request must not stall everyone (bug 2), a tiny
-temperature is greedy (bug 15), a request that times out while failing logs nothing (bug 16), and
-seeds 2^32 apart differ. Each test is named after its bug and failed before the fix."""
+"""The generation worker under faults: one poisoned request must not stall everyone, a tiny
+temperature is greedy, a request that times out while failing logs nothing, and seeds 2^32 apart
+differ. Each test failed before its fix."""
 
 import asyncio
 import gc
@@ -35,7 +35,7 @@ async def serve_all(tiny_lm, tmp_path, texts, before_step=None):
         return results, backend.engine.num_forward_passes
 
 
-async def test_bug02_one_poisoned_request_among_32_costs_the_others_a_few_steps_not_a_stall(tiny_lm, tmp_path):
+async def test_one_poisoned_request_among_32_costs_the_others_a_few_steps_not_a_stall(tiny_lm, tmp_path):
     texts = [f"request number {i} says hello" for i in range(32)]
     clean, clean_passes = await serve_all(tiny_lm, tmp_path / "a", texts)
     poison = Poison(tiny_lm.tokenizer, "POISON", RuntimeError("top_k overflow"))
@@ -49,7 +49,7 @@ async def test_bug02_one_poisoned_request_among_32_costs_the_others_a_few_steps_
     assert poisoned_passes - clean_passes <= 2 * math.ceil(math.log2(33)) + 2, (clean_passes, poisoned_passes)
 
 
-async def test_bug02_requests_arriving_while_a_fault_is_narrowed_down_are_served(tiny_lm, tmp_path):
+async def test_requests_arriving_while_a_fault_is_narrowed_down_are_served(tiny_lm, tmp_path):
     poison = Poison(tiny_lm.tokenizer, "POISON", RuntimeError("bad row"))
     async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, max_batch_size=8, before_step=poison) as backend, \
             Core(backend, store, make_config(timeout_s=30)) as core:
@@ -66,7 +66,7 @@ async def test_bug02_requests_arriving_while_a_fault_is_narrowed_down_are_served
         assert [(await t.result()).num_tokens for t in long] == [40] * 6
 
 
-def test_bug15_a_temperature_below_1e_38_is_greedy_not_the_least_likely_token(tiny_lm):
+def test_a_temperature_below_1e_38_is_greedy_not_the_least_likely_token(tiny_lm):
     kw = dict(prefix="Hello", length=12, return_as_list=True, seed=3)
     greedy = botkit.generate(tiny_lm, temperature=0, **kw)
     for tiny in (1e-39, 1e-30, 1e-6):
@@ -80,14 +80,14 @@ def test_seeds_2_to_the_32_apart_give_different_text(tiny_lm):
 
 
 @pytest.mark.parametrize("value", [2**63, 2**64, -1, 1.5, True])
-def test_bug02_out_of_range_sampling_values_are_refused_at_the_edge(value):
+def test_out_of_range_sampling_values_are_refused_at_the_edge(value):
     with pytest.raises(InputError):
         SamplingParams(top_k=value)
     with pytest.raises(InputError):
         SamplingParams(seed=value)
 
 
-async def test_bug16_a_request_that_times_out_while_it_fails_logs_no_unretrieved_exception(tiny_lm, tmp_path, caplog):
+async def test_a_request_that_times_out_while_it_fails_logs_no_unretrieved_exception(tiny_lm, tmp_path, caplog):
     slow_poison = Poison(tiny_lm.tokenizer, "POISON", RuntimeError("slow fault"))
 
     def slowly(seqs):

@@ -1,5 +1,5 @@
-"""Issue 12, the store's bugs: one botkit per database, all-or-nothing writes, a full disk, and
-database files that cannot be used. Each test is named after its bug and failed before the fix."""
+"""The store under faults: one botkit per database, all-or-nothing writes, a full disk, and
+database files that cannot be used. Each test failed before its fix."""
 
 import asyncio
 import os
@@ -35,9 +35,9 @@ async def queued_request(store: Store, text: str = "hello") -> int:
                                    text=text, prompt=text, params={})
 
 
-# -- bug 5: a second `botkit run` on the same database --------------------------------------------
+# -- a second `botkit run` on the same database ---------------------------------------------------
 
-async def test_bug05_a_second_instance_on_the_same_database_is_refused_before_it_touches_a_record(tmp_path):
+async def test_a_second_instance_on_the_same_database_is_refused_before_it_touches_a_record(tmp_path):
     path = tmp_path / "bot.db"
     async with Store.open(path) as first:
         live = await queued_request(first)  # a request the first instance is working on
@@ -50,7 +50,7 @@ async def test_bug05_a_second_instance_on_the_same_database_is_refused_before_it
         pass
 
 
-async def test_bug05_a_taken_port_is_found_before_the_store_is_touched(tmp_path):
+async def test_a_taken_port_is_found_before_the_store_is_touched(tmp_path):
     path = tmp_path / "bot.db"
     async with Store.open(path) as store:
         left = await queued_request(store)  # left by a crash: the next start that succeeds recovers it
@@ -62,7 +62,7 @@ async def test_bug05_a_taken_port_is_found_before_the_store_is_touched(tmp_path)
     assert status_of(path, left) == "queued"
 
 
-def test_bug05_a_killed_instance_leaves_no_lock_behind(tmp_path):
+def test_a_killed_instance_leaves_no_lock_behind(tmp_path):
     path = tmp_path / "bot.db"
     code = ("import asyncio, sys, time\nfrom botkit.serve.store import Store\n"
             "async def main():\n    async with Store.open(sys.argv[1]):\n        print('open', flush=True); time.sleep(60)\n"
@@ -84,15 +84,15 @@ async def _open_and_close(path):
         pass
 
 
-# -- bug 7: a failed write leaves nothing behind -----------------------------------------------------
+# -- a failed write leaves nothing behind ------------------------------------------------------------
 
-async def test_bug07_a_seed_of_2_to_the_63_is_refused_with_a_sentence():
+async def test_a_seed_of_2_to_the_63_is_refused_with_a_sentence():
     with pytest.raises(InputError, match="2\\^63"):
         SamplingParams(seed=2**63)
     assert SamplingParams(seed=2**63 - 1).seed == 2**63 - 1
 
 
-async def test_bug07_a_write_that_fails_halfway_leaves_no_orphan_rows(tmp_path):
+async def test_a_write_that_fails_halfway_leaves_no_orphan_rows(tmp_path):
     path = tmp_path / "bot.db"
     async with Store.open(path) as store:
         with pytest.raises(OverflowError):  # the second INSERT cannot bind the seed
@@ -104,7 +104,7 @@ async def test_bug07_a_write_that_fails_halfway_leaves_no_orphan_rows(tmp_path):
         assert db.execute("SELECT id FROM requests").fetchall() == [(ok,)]
 
 
-# -- bug 10: a full disk -------------------------------------------------------------------------------
+# -- a full disk ---------------------------------------------------------------------------------------
 
 async def fill_up(store: Store) -> None:
     """SQLite's own limit on the file's pages: every write that needs a new page fails as on a full disk."""
@@ -114,7 +114,7 @@ async def fill_up(store: Store) -> None:
     await store.db.execute(f"PRAGMA max_page_count={pages}")
 
 
-async def test_bug10_a_full_disk_is_said_to_be_a_full_disk(tmp_path):
+async def test_a_full_disk_is_said_to_be_a_full_disk(tmp_path):
     async with Store.open(tmp_path / "bot.db") as store, EchoBackend() as backend, Core(backend, store, make_config()) as core:
         chats = Chats(core, store, core.config)
         await fill_up(store)
@@ -123,7 +123,7 @@ async def test_bug10_a_full_disk_is_said_to_be_a_full_disk(tmp_path):
         assert "disk is full" in str(refused.value) and "busy" not in str(refused.value)
 
 
-async def test_bug10_an_accepted_request_is_answered_and_settled_once_the_disk_has_room(tmp_path, monkeypatch):
+async def test_an_accepted_request_is_answered_and_settled_once_the_disk_has_room(tmp_path, monkeypatch):
     monkeypatch.setattr("botkit.serve.core.SETTLE_RETRY_S", 0.05)
     path = tmp_path / "bot.db"
     async with Store.open(path) as store, EchoBackend() as backend, Core(backend, store, make_config()) as core:
@@ -142,13 +142,13 @@ async def test_bug10_an_accepted_request_is_answered_and_settled_once_the_disk_h
         assert status_of(path, ticket.request_id) == "done"
 
 
-# -- bug 11: database files that cannot be used ----------------------------------------------------
+# -- database files that cannot be used ------------------------------------------------------------
 
 @pytest.mark.parametrize("content, says", [
     (b"this is not a database at all\n" * 100, "not a botkit database"),
     (None, "not a botkit database"),  # a real database cut in half
 ])
-async def test_bug11_a_garbage_or_truncated_database_is_one_sentence(tmp_path, content, says):
+async def test_a_garbage_or_truncated_database_is_one_sentence(tmp_path, content, says):
     path = tmp_path / "bot.db"
     if content is None:
         async with Store.open(path) as store:
@@ -167,7 +167,7 @@ async def test_bug11_a_garbage_or_truncated_database_is_one_sentence(tmp_path, c
     assert says in message and "\n" not in message and message.endswith(".")
 
 
-async def test_bug11_a_store_path_that_is_a_folder_is_one_sentence(tmp_path):
+async def test_a_store_path_that_is_a_folder_is_one_sentence(tmp_path):
     with pytest.raises(ConfigError, match="is a folder"):
         async with Store.open(tmp_path):
             pass
@@ -187,7 +187,7 @@ OPEN = ("import asyncio, sys\nfrom botkit.serve.store import Store\nfrom botkit.
 
 
 @pytest.mark.parametrize("what", ["file", "folder"])
-def test_bug11_a_read_only_database_or_folder_is_one_sentence(what):
+def test_a_read_only_database_or_folder_is_one_sentence(what):
     folder = Path(tempfile.mkdtemp(dir="/tmp"))
     try:
         path = folder / "bot.db"

@@ -1,5 +1,5 @@
-"""Regression tests for the bugs of issue 12 that live in the conversation layer and the Telegram
-adapter, named after the bug; each failed before its fix."""
+"""Command replies never ping, and an unreachable Telegram at start is one sentence: regressions of
+the conversation layer and the Telegram adapter, each failed before its fix."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ CLOSED_PORT_URL = "http://127.0.0.1:9"  # the discard port: nothing listens on i
 
 
 @pytest.mark.parametrize("name", ["telegram", "discord"])
-async def test_bug_9_command_replies_never_ping(tmp_path, monkeypatch, name):
+async def test_command_replies_never_ping(tmp_path, monkeypatch, name):
     """`/settings @victim` answered with a live mention; an admin template with `@name` pinged on every listing."""
     async with platform(name, tmp_path, monkeypatch, ScriptedBackend(), Config()) as bot:
         template = "@victim <@123456789012345678> @everyone says: {message}"
@@ -35,13 +35,13 @@ async def test_bug_9_command_replies_never_ping(tmp_path, monkeypatch, name):
             asked = await bot.command(GROUP, *args, admin=admin)
             await until(lambda asked=asked: bot.answers(asked))
             texts += bot.answers(asked)
-        settings = await bot.chats.settings(name, str(bot.chat_id(GROUP)))
+        settings = await bot.adapter.conversation.chats.settings(name, str(bot.chat_id(GROUP)))
     assert settings.template == template  # stored as typed; only what is sent is defused
     assert "victim" in texts[0] and "victim" in texts[3] and "everyone" in texts[3]
     assert not [t for t in texts if PINGS[name].search(t) or PINGS["discord"].search(t)], texts
 
 
-async def test_bug_11_telegram_unreachable_at_start_is_one_sentence(tmp_path, monkeypatch):
+async def test_telegram_unreachable_at_start_is_one_sentence(tmp_path, monkeypatch):
     """The Telegram API unreachable at start gave a 126-line traceback."""
     monkeypatch.setenv("PTB_TIMEDELTA", "1")
     config = TelegramConfig(enabled=True, base_url=CLOSED_PORT_URL, request_timeout_s=2.0)
@@ -55,7 +55,7 @@ async def test_bug_11_telegram_unreachable_at_start_is_one_sentence(tmp_path, mo
     assert caught.value.__cause__ is not None and caught.value.__suppress_context__  # the CLI shows only the sentence
 
 
-def test_bug_11_botkit_run_says_one_sentence_when_telegram_is_unreachable(tmp_path, tiny_lm):
+def test_botkit_run_says_one_sentence_when_telegram_is_unreachable(tmp_path, tiny_lm):
     tiny_lm.model.save_pretrained(tmp_path / "model")
     config = tmp_path / "bot.toml"
     config.write_text(f'[model]\nsource = "{tmp_path / "model"}"\ndevice = "cpu"\n[store]\npath = "{tmp_path / "bot.db"}"\n'
