@@ -10,25 +10,29 @@ from dataclasses import dataclass, replace
 from botkit.chat_format import ChatFormat
 from botkit.config import KIND_NAMES
 from botkit.errors import InputError
-from botkit.params import STOP_LIMIT, SamplingParams, expecting_text
+from botkit.params import EXPECT_TEXT_MIN_TOKENS, STOP_LIMIT, SamplingParams
 from botkit.prompting import fit_newest
 
 _INT_LIMIT = 2**63  # every whole number a client sends is below this in size (torch's seeds, top_k and counts fit)
 # OpenAI fields botkit cannot honour: accepted only at their neutral values, refused otherwise.
-NEUTRAL_ONLY = (("logprobs", (None, 0)), ("echo", (None, False)), ("suffix", (None, "")), ("logit_bias", (None, {})),
-                ("presence_penalty", (None, 0)), ("frequency_penalty", (None, 0)))
+NEUTRAL_ONLY = (("logprobs", (None, 0)), ("echo", (None, False)), ("suffix", (None, "")), ("logit_bias", (None, {})))
+# The samplers (rules.py) by their request names: OpenAI's presence / frequency penalties, vLLM's
+# min_p, typical_p and min_tokens, and DRY by the names text-generation-webui and koboldcpp use.
+SAMPLER_FIELDS = (("presence_penalty", float, 0.0), ("frequency_penalty", float, 0.0), ("min_p", float, 0.0), ("typical_p", float, 1.0),
+                  ("min_tokens", int, 0), ("dry_multiplier", float, 0.0), ("dry_base", float, 1.75), ("dry_allowed_length", int, 2))
 # The fields each route reads; any other is refused, so a misspelt `max_token` does not silently mean
 # 16 tokens. `model` and `user` are accepted and ignored: one model is served, and callers are told
 # apart by their address or key.
 COMPLETION_FIELDS = frozenset({"prompt", "max_tokens", "temperature", "top_p", "n", "stop", "stream", "stream_options", "seed",
-                               "best_of", "top_k", "repetition_penalty", "model", "user", *(key for key, _ in NEUTRAL_ONLY)})
+                               "best_of", "top_k", "repetition_penalty", "model", "user", "dry_sequence_breakers",
+                               *(key for key, _ in NEUTRAL_ONLY), *(key for key, _, _ in SAMPLER_FIELDS)})
 CHAT_FIELDS = frozenset({"messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "stream",
-                         "stream_options", "seed", "top_k", "repetition_penalty", "model", "user",
-                         *(key for key, _ in NEUTRAL_ONLY if key not in ("echo", "suffix"))})
+                         "stream_options", "seed", "top_k", "repetition_penalty", "model", "user", "dry_sequence_breakers",
+                         *(key for key, _ in NEUTRAL_ONLY if key not in ("echo", "suffix")), *(key for key, _, _ in SAMPLER_FIELDS)})
 ROLES = frozenset({"system", "developer", "user", "assistant"})
 # Speaker names for messages without a `name`, in a run that has no names of its own (documented in the README)
 DEFAULT_NAMES = {"user": "User", "assistant": "Assistant", "system": "System", "developer": "System"}
-PLAYGROUND_FIELDS = frozenset({"prefix", "length", "temperature", "top_k", "top_p", "nsamples", "truncate", "seed"})
+PLAYGROUND_FIELDS = frozenset({"prefix", "length", "temperature", "top_k", "top_p", "nsamples", "truncate", "seed", "min_tokens"})
 STREAM_OPTIONS = frozenset({"include_usage"})
 
 
@@ -53,10 +57,11 @@ class CompletionRequest:
 
 
 def parse_completion(body, *, max_n: int) -> CompletionRequest:
-    """An OpenAI completions body (prompt, max_tokens, temperature, top_p, n, stop, stream, seed;
-    top_k and repetition_penalty as vLLM's extensions). OpenAI's defaults: 16 tokens, temperature 1."""
+    """An OpenAI completions body (prompt, max_tokens, temperature, top_p, n, stop, stream, seed,
+    presence_penalty, frequency_penalty; top_k, repetition_penalty, min_p, typical_p and min_tokens as
+    vLLM's extensions; DRY's fields). OpenAI's defaults: 16 tokens, temperature 1."""
     body = _object(body)
-    _known(body, COMPLETION_FIELDS, "OpenAI's completions fields, top_k and repetition_penalty")
+    _known(body, COMPLETION_FIELDS, "OpenAI's completions fields, top_k, repetition_penalty, min_p, typical_p, min_tokens and dry_*")
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompts = (prompt,)
@@ -143,6 +148,8 @@ def _openai_request(body: dict, prompts: tuple[str, ...], n: int, max_n: int, ma
         repetition_penalty=_field(body, "repetition_penalty", float, 1.0),
         stop=_with_default_stop(default_stop, stop),
         seed=_field(body, "seed", int, None),
+        **{key: _field(body, key, kind, default) for key, kind, default in SAMPLER_FIELDS},
+        **_breakers(body.get("dry_sequence_breakers")),
     )
     return CompletionRequest(
         prompts=prompts,
@@ -155,7 +162,8 @@ def _openai_request(body: dict, prompts: tuple[str, ...], n: int, max_n: int, ma
 
 def parse_playground(body, *, max_n: int) -> CompletionRequest:
     """The playground form: prefix, length, temperature, top_k, top_p, nsamples, truncate, seed
-    (gpt-2-simple's names); a sample ends before `truncate` ("" = only at the end of text or length)."""
+    (gpt-2-simple's names) and min_tokens (default 1); a sample ends before `truncate` ("" = only at
+    the end of text or length)."""
     body = _object(body)
     _known(body, PLAYGROUND_FIELDS, ", ".join(sorted(PLAYGROUND_FIELDS)))
     prefix = _field(body, "prefix", str, "")
@@ -170,8 +178,9 @@ def parse_playground(body, *, max_n: int) -> CompletionRequest:
         top_p=_field(body, "top_p", float, 0.95),
         stop=(truncate,) if truncate else (),
         seed=_field(body, "seed", int, None),
+        min_tokens=_field(body, "min_tokens", int, EXPECT_TEXT_MIN_TOKENS),  # a person is looking: no empty sample by default
     )
-    return CompletionRequest(prompts=(prefix,), n=nsamples, params=expecting_text(params), stream=True)
+    return CompletionRequest(prompts=(prefix,), n=nsamples, params=params, stream=True)
 
 
 def _object(body) -> dict:
@@ -218,6 +227,14 @@ def _with_default_stop(default_stop: tuple[str, ...], stop: tuple[str, ...]) -> 
     if len(both) > STOP_LIMIT:
         raise InputError(f"At most {STOP_LIMIT - len(default_stop)} stop strings are allowed here (a reply also ends at the end of its message).")
     return both
+
+
+def _breakers(value) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise InputError("dry_sequence_breakers must be a list of strings such as [\"\\n\", \":\"].")
+    return {"dry_sequence_breakers": tuple(value)}
 
 
 def _sampling(**fields) -> SamplingParams:

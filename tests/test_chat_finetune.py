@@ -66,7 +66,10 @@ def test_plain_text_runs_have_no_chat_format_and_keep_gpt2_simple_defaults(tmp_p
     dataset.write_text("".join(f"The quick brown fox number {i} jumps over the lazy dog.\n" for i in range(60)))
     result = tiny(tmp_path, dataset, run_name="plain", steps=2)
     assert result.lm.chat_format is None and not (result.run_dir / CHAT_FORMAT_JSON).exists()
-    assert CopyIndex.load(result.run_dir) is not None
+    index = CopyIndex.load(result.run_dir)
+    assert index.texts.covered("the QUICK brown fox number 7  jumps over the lazy dog.") == 1.0  # each line is a training text
+    assert index.texts.covered("the quick brown fox number 61 jumps over the lazy dog.") == 0.0  # at most 6 of 12 words in a row
+    assert index.texts.covered("Fox number 7 jumps over the lazy dog") > 0  # 8 of 12: more than half
     lm = load_model(run_name="plain", checkpoint_dir=tmp_path / "checkpoint", device="cpu")
     assert lm.chat_format is None
     [text] = generate(lm, length=40, temperature=0, return_as_list=True)

@@ -137,9 +137,15 @@ def test_cli_generate_runs_offline(tmp_path):
     lm = load_model(GPT2Config(n_layer=1, n_head=2, n_embd=16), device="cpu")
     lm.model.save_pretrained(tmp_path / "m")
     out = subprocess.run([sys.executable, "-m", "botkit", "generate", "--model", str(tmp_path / "m"), "--prefix", "Hello",
-                          "--truncate", "\\n", "--nsamples", "4", "--batch-size", "2", "--length", "8", "--seed", "1"],
+                          "--truncate", "\\n", "--nsamples", "4", "--batch-size", "2", "--length", "8", "--seed", "1",
+                          "--min-p", "0.05", "--dry-multiplier", "0.8", "--dry-sequence-breaker", "\\n", "--min-tokens", "8"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("=" * 20) == 4 and out.stdout.startswith("Hello")
+    samples = [s.rstrip("\n") for s in out.stdout.split("=" * 20 + "\n") if s]
+    assert len(samples) == 4 and not any("\n" in s for s in samples)  # --min-tokens 8 of --length 8: never cut by --truncate
     bad = subprocess.run([sys.executable, "-m", "botkit", "generate", "--model", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+    wrong = subprocess.run([sys.executable, "-m", "botkit", "generate", "--model", str(tmp_path / "m"), "--min-p", "7"],
+                           capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "min_p must be between 0 (off) and 1" in wrong.stderr and "Traceback" not in wrong.stderr

@@ -107,6 +107,11 @@ async def test_stop_string_ends_the_text_before_it(tmp_path, tiny_lm):
         ({"prompt": "x", "stream": "yes"}, "stream"),
         ({"prompt": "x", "logprobs": 5}, "logprobs"),
         ({"prompt": "x", "echo": True}, "echo"),
+        ({"prompt": "x", "min_p": 2}, "min_p"),
+        ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+        ({"prompt": "x", "frequency_penalty": "lots"}, "frequency_penalty"),
+        ({"prompt": "x", "dry_sequence_breakers": "\n"}, "dry_sequence_breakers"),
+        ({"prompt": "x", "min_tokens": 20}, "min_tokens"),
         ({"prompt": [1, 2, 3]}, "prompt"),
         ({"prompt": []}, "prompt"),
         ({}, "prompt"),
@@ -120,6 +125,23 @@ async def test_bad_parameters_are_400_with_a_sentence(tmp_path, tiny_lm, body, w
             assert response.status == 400
             assert word in assert_sentence(await response.json())
         assert core.stats().num_done == 0 and await core.recent() == []  # nothing was queued
+
+
+async def test_samplers_are_honoured_per_request(tmp_path, tiny_lm):
+    """min_tokens keeps a stop string from emptying a reply; the other samplers are accepted and change the text."""
+    async with serving(tmp_path, tiny_lm) as (core, web, http):
+        async def complete(**fields):
+            async with http.post("/v1/completions", json={"prompt": "The meaning of life is", "max_tokens": 6, "temperature": 0, **fields}) as r:
+                assert r.status == 200, await r.text()
+                return (await r.json())["choices"][0]["text"]
+
+        plain = await complete()
+        first = tiny_lm.tokenizer.decode(tiny_lm.tokenizer(plain).input_ids[:1])
+        assert await complete(stop=first) == ""
+        assert len(await complete(stop=first, min_tokens=3)) > 0
+        penalised = await complete(presence_penalty=2, frequency_penalty=2, min_p=0.1, typical_p=0.9, dry_multiplier=0.8,
+                                   dry_sequence_breakers=["\n"], max_tokens=16)
+        assert penalised and penalised != await complete(max_tokens=16)
 
 
 async def test_bad_playground_parameters_are_400(tmp_path, tiny_lm):

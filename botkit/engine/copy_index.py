@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from botkit.engine.training_texts import TrainingTexts
+
 INDEX_FILE = "copy_index.u64"  # little-endian uint64 hashes, sorted, distinct
 INDEX_JSON = "copy_index.json"
 HASH_NAME = "poly64-splitmix-v1"  # changes if the hash does, so an old index is never misread
@@ -116,9 +118,10 @@ class CopyReport:
 class CopyIndex:
     """A run's training n-grams: `CopyIndex.load(run_dir)`, then `check_copying(ids, index, context)`."""
 
-    def __init__(self, hashes: np.ndarray, n: int = NGRAM):
+    def __init__(self, hashes: np.ndarray, n: int = NGRAM, texts: TrainingTexts | None = None):
         self.hashes = hashes  # (num_ngrams,) sorted uint64, often a read-only memory map
         self.n = n
+        self.texts = texts  # the whole training texts (training_texts.py), for runs that have them
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -140,7 +143,7 @@ class CopyIndex:
         if not isinstance(meta, dict) or meta.get("hash") != HASH_NAME or not isinstance(meta.get("n"), int) or size != 8 * meta.get("num_ngrams", -1):
             return None
         hashes = np.memmap(run_dir / INDEX_FILE, dtype="<u8", mode="r") if size else np.zeros(0, dtype=np.uint64)
-        return cls(hashes, meta["n"])
+        return cls(hashes, meta["n"], TrainingTexts.load(run_dir))
 
     def hits(self, ids: Sequence[int]) -> np.ndarray:
         """(len(ids) - n + 1,) bool: whether each window of `ids` occurs in the training text."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from botkit.errors import InputError
-from botkit.params import SamplingParams
+from botkit.params import DRY_SEQUENCE_BREAKERS, SAMPLERS, SamplingParams
 
 if TYPE_CHECKING:
     from botkit.model.loading import LoadedModel
@@ -48,6 +48,15 @@ def generate(
     repetition_penalty: float = 1.0,
     unique: bool = False,
     no_repeat_ngram_size: int = 0,
+    min_p: float = 0.0,
+    typical_p: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    dry_multiplier: float = 0.0,
+    dry_base: float = 1.75,
+    dry_allowed_length: int = 2,
+    dry_sequence_breakers: tuple[str, ...] = DRY_SEQUENCE_BREAKERS,
+    min_tokens: int = 0,
 ) -> list[str] | None:
     """Generate `nsamples` texts per prefix, `batch_size` at a time, as gpt-2-simple does.
 
@@ -58,7 +67,13 @@ def generate(
     `unique=True` checks each sample against the run's training texts (its copy index) and its
     prefix, and draws one that copies again (up to 3 times), keeping the least copying: what
     gpt-2-simple's README asks you to do by hand. `no_repeat_ngram_size=n` never repeats an n-gram.
+
+    Today's samplers (botkit/engine/rules.py): `min_p` (0.05 with temperature 1 is a common choice),
+    `typical_p`, OpenAI's `presence_penalty` / `frequency_penalty`, DRY against verbatim loops
+    (`dry_multiplier` 0.8 turns it on; `dry_base`, `dry_allowed_length`, `dry_sequence_breakers`), and
+    `min_tokens`: no end of text and no `truncate` string before that many new tokens.
     """
+    samplers = {name: value for name, value in locals().items() if name in SAMPLERS}
     if not isinstance(nsamples, int) or nsamples < 1 or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"nsamples and batch_size must be positive whole numbers, not {nsamples!r} and {batch_size!r}.")
     prefixes = [prefix] if prefix is None or isinstance(prefix, str) else list(prefix)
@@ -66,7 +81,7 @@ def generate(
         raise InputError(f"nsamples ({nsamples}) times the number of prefixes must be a multiple of batch_size ({batch_size}), as in gpt-2-simple.")
     base = check_sampling(length=length, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                           truncate=truncate, seed=seed, nsamples=nsamples * len(prefixes), unique=unique,
-                          no_repeat_ngram_size=no_repeat_ngram_size)
+                          no_repeat_ngram_size=no_repeat_ngram_size, **samplers)
     if not return_as_list:
         check_destination(destination_path)
     from botkit.engine.engine import Engine  # torch loads here, not when botkit is imported
@@ -99,11 +114,11 @@ def generate(
 
 
 def check_sampling(*, length, temperature, top_k, top_p, repetition_penalty, truncate, seed, nsamples: int = 1, unique: bool = False,
-                   no_repeat_ngram_size: int = 0) -> SamplingParams:
+                   no_repeat_ngram_size: int = 0, **samplers) -> SamplingParams:
     """The sampling options as SamplingParams (without a seed), refused with a sentence before any model
     loads; the seeds `seed` to `seed + nsamples - 1` that the samples will use are checked too."""
     base = SamplingParams(max_new_tokens=length, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                          stop=(truncate,) if truncate else (), unique=unique, no_repeat_ngram_size=no_repeat_ngram_size)
+                          stop=(truncate,) if truncate else (), unique=unique, no_repeat_ngram_size=no_repeat_ngram_size, **samplers)
     if seed is not None:
         for sample_seed in {seed, seed + max(nsamples, 1) - 1}:
             replace(base, seed=sample_seed)

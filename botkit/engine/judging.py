@@ -1,7 +1,8 @@
 """Which sample a request sends: banned words, copying, and the best of several candidates.
 
 A finished sample is judged before anyone sees it. One that holds a banned word (matched after
-normalising case, accents, zero-width characters and leetspeak) or copies its training text or the
+normalising case, accents, zero-width characters and leetspeak) or copies its training text (a run
+of 8 tokens, or a whole short training text or more than half of one: training_texts.py) or the
 chat's own context (copy_index.py; sampling already keeps a `unique` row off 8-token runs of the
 training text, engine.py) is drawn again with a new seed, up to MAX_RESAMPLES times. Then
 the request sends the best sample it drew: never a banned one (if every sample is banned the
@@ -51,6 +52,9 @@ def judge(text: str, params, tokenizer, index, *, prompt_ids: list[int], finish_
 
         report = check_copying(tokenizer(text, verbose=False).input_ids, index, prompt_ids)
         attempt.copy_share, attempt.copies = report.share, report.is_copy
+        covered = index.texts.covered(text) if index is not None and index.texts is not None else 0.0
+        if covered:  # a whole training text, or more than half of one (training_texts.py)
+            attempt.copy_share, attempt.copies = max(attempt.copy_share, covered), True
     return attempt
 
 

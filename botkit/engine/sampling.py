@@ -1,4 +1,4 @@
-"""Pick each row's next token with its own temperature / top_k / top_p / repetition penalty / seed.
+"""Pick each row's next token with its own temperature / top_k / top_p / seed (the logits rules before it are rules.py's).
 
 transformers' logits processors take one setting for the whole batch; here every row of a mixed
 batch has its own, so the filters are applied with per-row tensors in one pass. Nothing sorts the
@@ -11,29 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from botkit.engine.rules import MIN_TEMPERATURE
 from botkit.params import SamplingParams
 
-MIN_TEMPERATURE = 1e-4  # below this a row is greedy: logits / 1e-39 overflow and picked the least likely token
 NUCLEUS_START = 256  # top_p alone: the first head tried; it grows 4x until it holds the nucleus
-
-
-def apply_repetition_penalty(logits: torch.Tensor, row: int, token_ids: torch.Tensor, penalty: float) -> None:
-    """In place, as transformers' RepetitionPenaltyLogitsProcessor: seen tokens become less likely."""
-    scores = logits[row, token_ids]
-    logits[row, token_ids] = torch.where(scores < 0, scores * penalty, scores / penalty)
-
-
-def ban_repeated_ngrams(logits: torch.Tensor, row: int, seq) -> None:
-    """In place, as transformers' NoRepeatNGramLogitsProcessor over the prompt and the reply: a token
-    that would complete an n-gram already in them is not drawn. `seq.ngrams` maps each (n-1)-gram
-    seen to the tokens that followed it, grown by the tokens added since the last call."""
-    n, tokens = seq.params.no_repeat_ngram_size, seq.prompt_ids + seq.generated  # positions stay put when the row slides
-    for end in range(max(seq.ngrams_upto, seq.offset + n), len(tokens) + 1):
-        seq.ngrams.setdefault(tuple(tokens[end - n : end - 1]), set()).add(tokens[end - 1])
-    seq.ngrams_upto = len(tokens) + 1
-    banned = seq.ngrams.get(tuple(tokens[len(tokens) - n + 1 :]) if n > 1 else (), ())
-    if banned:
-        logits[row, list(banned)] = float("-inf")
 
 
 def sample_next(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:

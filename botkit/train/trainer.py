@@ -25,6 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import AutoTokenizer, GPT2Config, get_scheduler
 
 from botkit.engine.copy_index import write_index
+from botkit.engine.training_texts import document_lines, write_texts
 from botkit.errors import BotkitError, DatasetError, InputError
 from botkit.model.loading import LoadedModel, load_model
 from botkit.model.sources import folder_kind, resolve
@@ -98,6 +99,7 @@ def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
             if stream.chat_format is not None:
                 stream.chat_format.save(run_dir)  # serving and `botkit generate` read it back (LoadedModel.chat_format)
             write_index(run_dir, stream.tokens, lm.tokenizer.eos_token_id)  # for copying.check_copying: no parroting
+            write_texts(run_dir, document_lines(stream.tokens, lm.tokenizer.eos_token_id, lm.tokenizer.decode))  # no short text whole
     loss_log = LossLog.open(run_dir, state.step) if accelerator.is_main_process else None
 
     def save(rng_state=None) -> None:
