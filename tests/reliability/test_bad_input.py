@@ -395,7 +395,7 @@ CASES = [
     ("HTTP: an unknown stream_options field", http('{"prompt": "hi", "stream": true, "stream_options": {"usage": true}}'),
      http_error(400, "usage")),
     ("HTTP: logit_bias that would change the text", http('{"prompt": "hi", "logit_bias": {"50256": -100}}'), http_error(400, "logit_bias")),
-    ("HTTP: presence_penalty", http('{"prompt": "hi", "presence_penalty": 1.5}'), http_error(400, "presence_penalty")),
+    ("HTTP: presence_penalty out of OpenAI's range", http('{"prompt": "hi", "presence_penalty": 2.5}'), http_error(400, "presence_penalty")),
     ("HTTP: OpenAI's neutral values and model/user are accepted",
      http('{"prompt": "hi", "model": "gpt-3.5-turbo-instruct", "user": "u1", "logit_bias": {}, "presence_penalty": 0,'
           ' "frequency_penalty": 0, "logprobs": null, "echo": false, "suffix": null, "best_of": 1, "max_tokens": 3}'),
