@@ -94,6 +94,8 @@ def parse_chat(body, *, max_n: int, default_stop: tuple[str, ...]) -> tuple[tupl
         raise InputError("messages must be a non-empty list of {\"role\": ..., \"content\": ...} objects.")
     parsed = tuple(_chat_message(m, i) for i, m in enumerate(messages))
     max_tokens = _field(body, "max_completion_tokens", int, _field(body, "max_tokens", int, 16))
+    if body.get("min_tokens") is None:  # a chat client shows the reply to a person: no empty one unless asked
+        body = {**body, "min_tokens": EXPECT_TEXT_MIN_TOKENS}
     return parsed, _openai_request(body, ("",), _field(body, "n", int, 1), max_n, max_tokens, default_stop)
 
 

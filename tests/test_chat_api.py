@@ -144,10 +144,13 @@ async def test_the_playground_says_why_a_sample_stopped_at_once(tmp_path, tiny_l
 
 
 def test_where_a_person_expects_text_a_sample_gets_min_tokens():
-    from botkit.adapters.web_params import parse_completion, parse_playground
+    from botkit.adapters.web_params import parse_chat, parse_completion, parse_playground
 
     from botkit.params import ChatSettings
 
     assert parse_playground({"prefix": "x"}, max_n=1).params.min_tokens == 1
     assert ChatSettings().sampling().min_tokens == 1
-    assert parse_completion({"prompt": "x"}, max_n=1).params.min_tokens == 0  # the API keeps OpenAI's and vLLM's default
+    assert parse_completion({"prompt": "x"}, max_n=1).params.min_tokens == 0  # the completions API keeps OpenAI's and vLLM's default
+    messages = [{"role": "user", "content": "hi"}]
+    assert parse_chat({"messages": messages}, max_n=1, default_stop=("\n",))[1].params.min_tokens == 1  # a person reads a chat reply
+    assert parse_chat({"messages": messages, "min_tokens": 0}, max_n=1, default_stop=())[1].params.min_tokens == 0
