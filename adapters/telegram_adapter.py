@@ -41,6 +41,9 @@ class TelegramAdapter:
             raise ConfigError(f"telegram.mode must be 'polling' or 'webhook', not {config.mode!r}.")
         if config.mode == "webhook" and not config.webhook_url.startswith("https://"):
             raise ConfigError("telegram.mode = 'webhook' needs telegram.webhook_url, the public https:// URL Telegram will post to.")
+        if config.mode == "webhook" and not config.webhook_secret_env:
+            raise ConfigError("telegram.mode = 'webhook' needs telegram.webhook_secret_env: without it anyone who finds the URL can post "
+                              "updates that claim to come from an admin (/settings, /forget all); name an environment variable holding a random secret.")
         self._config, self._token = config, token
         platform = Platform(PLATFORM, MessageLimit.MAX_TEXT_LENGTH, config.max_reply_parts, config.command_prefix,
                             usernames_ping=True, typing_interval_s=config.typing_interval_s,

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 from telegram import Bot, LinkPreviewOptions, ReplyParameters
 from telegram.constants import ChatAction
 from telegram.error import NetworkError, TimedOut
 
 NO_PREVIEW = LinkPreviewOptions(is_disabled=True)
-_RETRY_BACKOFF_S = 0.5  # first wait before resending after a 5xx or a dropped connection; doubles
+_RETRY_BACKOFF_S = 0.5  # first wait before trying again; doubles
 
 
 class ChatReplier:
@@ -22,7 +23,7 @@ class ChatReplier:
     async def reply(self, text: str, *, private: bool = False) -> str:
         to = ReplyParameters(self.message_id, allow_sending_without_reply=True) if self.message_id else None
         sent = await self._retrying(lambda: self.bot.send_message(self.chat_id, text, reply_parameters=to,
-                                                                  link_preview_options=NO_PREVIEW))
+                                                                  link_preview_options=NO_PREVIEW), only_unsent=True)
         return str(sent.message_id)
 
     async def edit(self, message_id: str, text: str) -> str:
@@ -33,15 +34,17 @@ class ChatReplier:
     async def typing(self) -> None:
         await self.bot.send_chat_action(self.chat_id, ChatAction.TYPING)  # Telegram shows it for 5 s
 
-    async def _retrying(self, send):
-        """Send again after a 5xx or a dropped connection (429s are retried by PacedRateLimiter).
-        A timeout is not retried: Telegram may have posted the message, and a duplicate is worse."""
+    async def _retrying(self, send, *, only_unsent: bool = False):
+        """Call again after a 5xx or a dropped connection (429s are retried by PacedRateLimiter). With
+        `only_unsent` (a new message), only when the request never reached Telegram (no connection):
+        after a timeout, a 5xx or a connection dropped mid-call Telegram may have posted the message,
+        and a duplicate is worse than a lost reply (see README, "sent but not recorded")."""
         for attempt in range(self.max_retries + 1):
             try:
                 return await send()
             except TimedOut:
                 raise
-            except NetworkError:
-                if attempt == self.max_retries:
+            except NetworkError as exc:
+                if attempt == self.max_retries or (only_unsent and not isinstance(exc.__cause__, httpx.ConnectError)):
                     raise
                 await asyncio.sleep(_RETRY_BACKOFF_S * 2**attempt)

@@ -4,6 +4,7 @@
     python benchmarks/soak.py              # longer: more kills, longer bursts and attacks
     python benchmarks/soak.py --quick --only-connections   # the connection attack alone, about 1 minute
     python benchmarks/soak.py --quick --only-poison        # the poisoned request alone, about 1 minute
+    python benchmarks/soak.py --quick --only-privacy       # /forget under load and a reader, about 30 s
 
 The last line is JSON: lost, duplicated, mass_pings and secrets_leaked must all be 0; peak_rss_mb
 (the largest process: a bot under kills, or the burst) and recovery_s (restart to ready, the worst)
@@ -12,8 +13,13 @@ latency under 300 idle sockets and 20 slowloris connections over its idle value,
 open files; goal <= 2), keyed_p99_ratio_over_capacity (the same attack on a bot allowed only 256),
 keyed_failed and log_growth_bytes (goal <= 1 MB). The poison phase adds innocent_p99_ratio (the p99
 latency of 31 requests sent with one that breaks every step it is in, over the same 32 without it;
-goal <= 1.2) and innocent_failed. Exit status 1 if any of the four counts, keyed_failed or
-innocent_failed is not 0.
+goal <= 1.2) and innocent_failed. The privacy phase (`--only-privacy` alone, about 30 s) runs a
+member's /forget while 8 requests quoting their message are generating and a second connection holds
+a read transaction, then searches the raw bytes of the database, its WAL and the engine's prefix
+cache for the message's secret: privacy_hits_db, privacy_hits_wal and privacy_hits_cache must be 0
+(forget_max_s: the command's time; wal_clear_max_s: from the reader letting go until the secret has
+left the files). Exit status 1 if any of the four counts, keyed_failed, innocent_failed or a privacy
+hit is not 0.
 """
 
 from __future__ import annotations
@@ -437,6 +443,7 @@ class PoisonStep:
 
 
 POISON_SEED = 666
+PRIVACY_HITS = ("privacy_hits_db", "privacy_hits_wal", "privacy_hits_cache")
 
 
 async def poison_arm(lm, workdir: Path, poisoned: bool, num_requests: int = 32) -> dict:
@@ -485,6 +492,74 @@ def poison_phase(workdir: Path, rounds: int) -> dict:
             "innocent_failed": failed, "poison_failed_alone": poison_failed}
 
 
+# -- privacy: /forget with requests in flight and a concurrent reader ---------------------------------
+
+async def privacy_round(lm, workdir: Path, round_no: int, num_in_flight: int = 8, reader_hold_s: float = 1.0) -> dict:
+    """One member's message (with a fresh secret) is answered; others' requests quoting it as context
+    are generating and a second connection holds a read transaction (a backup tool) when the member's
+    /forget runs (Chats.forget, what the command calls); then the reader lets go. Counts the secret's
+    hits in the raw bytes of the database and its WAL, and in the engine's prefix cache (decoded)."""
+    from botkit.chat.chats import Chats, Prompt
+    from botkit.params import ChatSettings
+    from botkit.serve.backends import LocalBackend
+    from botkit.serve.core import Core
+    from botkit.serve.store import Store
+
+    db = workdir / f"privacy-{round_no}.db"
+    secret = f"PRIVATE-{secrets.token_hex(8)}"
+    settings = ChatSettings(length=24, unique=False)
+    async with Store.open(db) as store, LocalBackend(lm, 32, cache_mb=256) as backend, \
+            Core(backend, store, soak_config(max_queue=256, timeout_s=120)) as core:
+        chats = Chats(core, store, core.config)
+        said = await chats.submit(Prompt("telegram", "-100", "alice", f"my door code is {secret}", "m0", "alice"), settings)
+        await said.result()
+        others = [await chats.submit(Prompt("telegram", "-100", f"member{i}", f"what did alice say? ({i})", f"m{i + 1}", f"member{i}"),
+                                    settings) for i in range(num_in_flight)]
+        reader = sqlite3.connect(db)
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM messages").fetchone()  # holds its snapshot until it ends
+        in_flight = sum(not t.done for t in others)
+        on_disk_before = any(secret.encode() in p.read_bytes() for p in workdir.glob(f"privacy-{round_no}.db*") if p.is_file())
+        cached_before = any(secret in lm.tokenizer.decode(e.tokens) for e in backend.engine.prefix_cache.entries.values())
+        started = time.perf_counter()
+        erased = await chats.forget("telegram", "-100", "alice")
+        forget_s = time.perf_counter() - started
+        await asyncio.sleep(reader_hold_s)
+        reader.rollback()
+        reader.close()
+        released = time.perf_counter()
+        for ticket in others:
+            with contextlib.suppress(Exception):
+                await ticket.result()
+        wal_clear_s = None
+        while time.perf_counter() - released < 30:
+            if not any(secret.encode() in p.read_bytes() for p in workdir.glob(f"privacy-{round_no}.db*") if p.is_file()):
+                wal_clear_s = time.perf_counter() - released
+                break
+            await asyncio.sleep(0.05)
+        cached = [lm.tokenizer.decode(e.tokens) for e in backend.engine.prefix_cache.entries.values()]
+        hits = {"db": db.read_bytes().count(secret.encode()),
+                "wal": db.with_name(db.name + "-wal").read_bytes().count(secret.encode()) if db.with_name(db.name + "-wal").exists() else 0,
+                "cache": sum(text.count(secret) for text in cached)}
+    return {"erased": erased, "in_flight": in_flight, "before": on_disk_before and cached_before, "forget_s": forget_s, "wal_clear_s": wal_clear_s, "hits": hits,
+            "num_cached": len(cached)}
+
+
+def privacy_phase(workdir: Path, rounds: int) -> dict:
+    """`rounds` privacy rounds on the bundled demo model; 0 hits is the goal."""
+    from botkit.model.loading import load_model
+
+    lm = load_model(device="cpu")
+    results = [asyncio.run(privacy_round(lm, workdir, i)) for i in range(rounds)]
+    return {"privacy_rounds": rounds,
+            "privacy_hits_db": sum(r["hits"]["db"] for r in results), "privacy_hits_wal": sum(r["hits"]["wal"] for r in results),
+            "privacy_hits_cache": sum(r["hits"]["cache"] for r in results),
+            "forget_max_s": round(max(r["forget_s"] for r in results), 3),
+            "wal_clear_max_s": None if any(r["wal_clear_s"] is None for r in results) else round(max(r["wal_clear_s"] for r in results), 3),
+            "in_flight_at_forget": [r["in_flight"] for r in results], "erased": [r["erased"] for r in results],
+            "secret_on_disk_and_cached_before": all(r["before"] for r in results)}  # else 0 hits would prove nothing
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="about 2-4 minutes")
@@ -494,6 +569,7 @@ def main() -> int:
     parser.add_argument("--attack-child", nargs=4, metavar=("HOST", "PORT", "IDLE", "SLOWLORIS"), help=argparse.SUPPRESS)
     parser.add_argument("--only-connections", action="store_true", help="run only the connection phase")
     parser.add_argument("--only-poison", action="store_true", help="run only the poison phase")
+    parser.add_argument("--only-privacy", action="store_true", help="run only the privacy phase")
     args = parser.parse_args()
     if args.child:
         asyncio.run(child(args.child[0], int(args.child[1]), fault_every=23))
@@ -510,6 +586,11 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="botkit-soak-") as tmp:
             print(json.dumps({"poison": poison_phase(Path(tmp), rounds=3 if args.quick else 7)}), flush=True)
         return 0
+    if args.only_privacy:
+        with tempfile.TemporaryDirectory(prefix="botkit-soak-") as tmp:
+            privacy = privacy_phase(Path(tmp), rounds=3 if args.quick else 10)
+        print(json.dumps({"privacy": privacy}), flush=True)
+        return int(any(privacy[k] for k in PRIVACY_HITS))
     if args.only_connections:
         with tempfile.TemporaryDirectory(prefix="botkit-soak-") as tmp:
             for max_files in MAX_FILES:
@@ -524,6 +605,8 @@ def main() -> int:
         print(json.dumps({"burst": burst}), flush=True)
         poison = poison_phase(workdir, rounds=3 if args.quick else 7)
         print(json.dumps({"poison": poison}), flush=True)
+        privacy = privacy_phase(workdir, rounds=3 if args.quick else 10)
+        print(json.dumps({"privacy": privacy}), flush=True)
         connections = []
         for max_files in MAX_FILES:
             connections.append(asyncio.run(connection_phase(workdir, attack_s, max_files)))
@@ -541,10 +624,12 @@ def main() -> int:
         # the first: at the usual limit; the over-capacity run's p99 is in its own line
         "keyed_p99_ratio": connections[0]["keyed_p99_ratio"], "keyed_p99_ratio_over_capacity": connections[1]["keyed_p99_ratio"],
         "keyed_failed": sum(c["keyed_failed"] for c in connections),
+        **{k: privacy[k] for k in (*PRIVACY_HITS, "forget_max_s", "wal_clear_max_s")},
         "log_growth_bytes": max(c["log_growth_bytes"] for c in connections), "elapsed_s": round(time.monotonic() - started, 1),
     }
     print(json.dumps(result))
-    return int(any(result[k] for k in ("lost", "duplicated", "mass_pings", "secrets_leaked", "keyed_failed", "innocent_failed")))
+    return int(any(result[k] for k in ("lost", "duplicated", "mass_pings", "secrets_leaked", "keyed_failed", "innocent_failed",
+                                       *PRIVACY_HITS)))
 
 
 if __name__ == "__main__":

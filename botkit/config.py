@@ -19,6 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from botkit.banned_words import check_banned_words
 from botkit.errors import ConfigError
 from botkit.params import ChatSettings
 
@@ -49,7 +50,7 @@ class BatchConfig:
     max_size: int = setting(32, at_least=1)  # sequences generated together in one forward pass
     max_queue: int = setting(256, at_least=1)  # waiting requests beyond this are told "busy"
     timeout_s: float = setting(120.0, above=0)  # a request not done by then fails with a timeout
-    cache_mb: int = setting(-1, at_least=-1)  # memory that keeps recent conversations' keys and values for their next turn (-1: a quarter of RAM, or of the GPU's; 0: off)
+    cache_mb: int = setting(-1, at_least=-1)  # memory that keeps recent conversations' keys and values for their next turn (-1: a quarter of RAM or of the container's memory limit, or of the GPU's; 0: off)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,12 @@ class LimitsConfig:
     api_per_minute: int = setting(0, at_least=0)  # samples per client per minute on the web playground / HTTP API (0 = unlimited)
     context_messages: int = setting(20, at_least=0)  # recent messages considered for context (then trimmed to the window)
     banned_words: tuple[str, ...] = ()  # in every chat, a reply holding one of these (any case, accents, leetspeak) is drawn again, never sent
+
+    def __post_init__(self):
+        try:  # checked here, not at the first message: a list too long would refuse every one of them
+            object.__setattr__(self, "banned_words", check_banned_words(self.banned_words))
+        except ValueError as exc:
+            raise ValueError(f"limits.banned_words: {exc}.") from None
 
 
 @dataclass(frozen=True)
@@ -139,12 +146,12 @@ class TelegramConfig:
     webhook_port: int = setting(8443, at_least=0, at_most=65535)  # local port of the webhook server
     base_url: str = ""  # Bot API server ("" = Telegram's); tests point it at a fake
     max_reply_parts: int = setting(3, at_least=1)  # a long reply is split into at most this many messages
-    webhook_secret_env: str = ""  # env var with a secret Telegram echoes on every webhook call ("" = none)
+    webhook_secret_env: str = ""  # env var with a secret Telegram echoes on every webhook call (required in webhook mode)
     typing_interval_s: float = setting(4.0, above=0)  # resend "typing…" this often while a reply is pending (it shows for 5 s)
     queue_notice_s: float = setting(5.0, at_least=0)  # a reply still queued after this long gets an "n-th in line" notice
     chat_send_interval_s: float = setting(1.0, at_least=0)  # at most one message per chat this often (Telegram's flood limit)
     group_sends_per_minute: int = setting(20, at_least=0)  # at most this many messages per group per minute (Telegram's limit)
-    max_send_retries: int = setting(2, at_least=0)  # a send refused with 429 (after its retry_after), a 5xx or a dropped connection
+    max_send_retries: int = setting(2, at_least=0)  # 429 (after retry_after); an edit after a 5xx or dropped connection; a new message only if it never reached Telegram
     request_timeout_s: float = setting(10.0, above=0)  # connect/read/write timeout of one Bot API call
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from botkit.banned_words import check_banned_words
+from botkit.banned_words import MAX_BANNED_WORDS, check_banned_words
 from botkit.chat_format import ChatFormat
 from botkit.errors import InputError
 from botkit.prompting import check_template
@@ -60,8 +60,8 @@ class SamplingParams:
             breakers = self.dry_sequence_breakers
             object.__setattr__(self, "dry_sequence_breakers", (breakers,) if isinstance(breakers, str) else tuple(breakers))
         self._check_samplers()
-        try:
-            object.__setattr__(self, "banned_words", check_banned_words(self.banned_words))
+        try:  # a chat's list (at most MAX_BANNED_WORDS, checked by ChatSettings) plus the config's
+            object.__setattr__(self, "banned_words", check_banned_words(self.banned_words, 2 * MAX_BANNED_WORDS))
         except ValueError as exc:
             raise InputError(f"banned_words: {exc}.") from None
         if not isinstance(self.candidates, int) or isinstance(self.candidates, bool) or not 1 <= self.candidates <= MAX_CANDIDATES:
@@ -156,6 +156,10 @@ class ChatSettings:
             raise InputError(f"trigger must be one of {', '.join(TRIGGERS)}, not {self.trigger!r}.")
         if not 0 <= self.random_reply_chance <= 1:
             raise InputError(f"random_reply_chance must be between 0 and 1, not {self.random_reply_chance!r}.")
+        try:
+            check_banned_words(self.banned_words)
+        except ValueError as exc:
+            raise InputError(f"banned_words: {exc}.") from None
         self.sampling()  # validates the sampling fields
         check_channel_settings(self.context, self.chat_format)
 

@@ -70,6 +70,7 @@ class _Failure:
     status: int
     retry_after_s: float
     times: int
+    after_effect: bool = False  # the request takes effect (the message is posted) before the error is answered
 
 
 @dataclass
@@ -86,6 +87,7 @@ class FakeDiscord:
     def __post_init__(self):
         self._ids = itertools.count(700_000_000_000_000_001)
         self._failures: list[_Failure] = []
+        self._by_nonce: dict[tuple[int, str], dict] = {}
         self._changed = asyncio.Condition()
         self._ws: web.WebSocketResponse | None = None
         self._session_id = ""
@@ -125,9 +127,12 @@ class FakeDiscord:
         """Wait until the client has identified `num_sessions` times and holds a live connection."""
         await self.wait_for(lambda: len(self.identifies) >= num_sessions and self._ws is not None, timeout_s)
 
-    def fail_next(self, method: str, path: str, status: int = 429, *, retry_after_s: float = 0.2, times: int = 1):
-        """Answer the next `times` requests matching `method` and the regex `path` with an error."""
-        self._failures.append(_Failure(method, re.compile(path), status, retry_after_s, times))
+    def fail_next(self, method: str, path: str, status: int = 429, *, retry_after_s: float = 0.2, times: int = 1,
+                  after_effect: bool = False):
+        """Answer the next `times` requests matching `method` and the regex `path` with an error;
+        `after_effect`: only once the request took effect, as when Discord posted the message but a
+        proxy answered 502."""
+        self._failures.append(_Failure(method, re.compile(path), status, retry_after_s, times, after_effect))
 
     async def drop_connection(self, code: int = 4000) -> None:
         """Close the gateway connection as Discord does on a server-side error (resumable codes)."""
@@ -354,6 +359,8 @@ class FakeDiscord:
         for failure in self._failures:
             if failure.times > 0 and failure.method == req.method and failure.path.fullmatch(req.path):
                 failure.times -= 1
+                if failure.after_effect:
+                    await self._route(req)
                 if failure.status == 429:
                     body = {
                         "message": "You are being rate limited.",
@@ -363,6 +370,9 @@ class FakeDiscord:
                     headers = {"Via": "1.1 google", "Retry-After": str(failure.retry_after_s)}
                     return _json(body, status=429, headers=headers)
                 return _json({"message": "Server error", "code": 0}, status=failure.status)
+        return await self._route(req)
+
+    async def _route(self, req: Request) -> web.StreamResponse:
         for method, pattern, handler in self._routes():
             match = re.fullmatch(pattern, req.path)
             if method == req.method and match:
@@ -414,11 +424,16 @@ class FakeDiscord:
         return None
 
     async def _create_message(self, req, channel_id):
+        nonce = req.json.get("nonce") if req.json.get("enforce_nonce") else None
+        if nonce is not None and (earlier := self._by_nonce.get((int(channel_id), nonce))):
+            return earlier  # Discord: "enforce_nonce" returns the message already created with this nonce
         reference = req.json.get("message_reference")
         reply_to = self.messages.get(int(reference["message_id"])) if reference else None
         message = self._message(int(channel_id), BOT, req.json.get("content", ""), reply_to=reply_to)
         message["sent_payload"] = req.json  # what the client posted, for assertions
         self.messages[int(message["id"])] = message
+        if nonce is not None:
+            self._by_nonce[(int(channel_id), nonce)] = message
         await self.dispatch("MESSAGE_CREATE", message)  # Discord echoes the bot's own messages
         return message
 

@@ -47,6 +47,7 @@ class Call:
 class _Fault:
     status: int | str  # an HTTP status, or "drop"
     retry_after: int = 1
+    after_effect: bool = False  # the call takes effect (the message is posted) before its answer is lost
 
 
 def _utf16_len(text: str) -> int:
@@ -106,11 +107,13 @@ class FakeTelegram:
 
     # ---- scripting -------------------------------------------------------------------------
 
-    def fail_next(self, method: str, status: int | str = 429, *, retry_after: int = 1, times: int = 1) -> None:
+    def fail_next(self, method: str, status: int | str = 429, *, retry_after: int = 1, times: int = 1,
+                  after_effect: bool = False) -> None:
         """The next `times` calls of `method` fail: 429 with retry_after, another HTTP status, or "drop"
-        (the connection is closed with no answer)."""
+        (the connection is closed with no answer); `after_effect`: only once the call took effect, as
+        when Telegram posted the message but the answer was lost on the way back."""
         for _ in range(times):
-            self._faults[method.lower()].append(_Fault(status, retry_after))
+            self._faults[method.lower()].append(_Fault(status, retry_after, after_effect))
 
     def push_message(self, chat_id: int, text: str, *, user_id: int = 42, first_name: str = "Alice",
                      username: str = "alice", is_bot: bool = False, chat_type: str | None = None,
@@ -192,6 +195,8 @@ class FakeTelegram:
         self._notify()
         if fault := (self._faults[method.lower()] or [None])[0]:
             self._faults[method.lower()].popleft()
+            if fault.after_effect and (handler := getattr(self, f"_api_{method.lower()}", None)):
+                await handler(params)
             call.outcome = "dropped" if fault.status == "drop" else f"error {fault.status}"
             self._notify()
             if fault.status == "drop":

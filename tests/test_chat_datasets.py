@@ -4,6 +4,7 @@ shapes), detection from content, splitting, normalisation, hostile files, and bo
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -166,9 +167,9 @@ async def test_botkit_store_exports_only_chats_that_opted_in(tmp_path, capsys):
     lines = (tmp_path / "data.jsonl").read_text().splitlines()
     assert json.loads(lines[0]) == {"format": "botkit-chat", "version": 1}
     records = [json.loads(line) for line in lines[1:]]
-    assert [(r["chat"], r["speaker"], r["text"]) for r in records] == [("chat1", "U1", "first in the opted-in chat"), ("chat1", "U3", "second, @bob see https://x.org")]
+    assert [(r["chat"], r["speaker"], r["text"]) for r in records] == [("chat1", "user1", "first in the opted-in chat"), ("chat1", "user2", "second, @user see <link>")]
     assert "100" not in (tmp_path / "data.jsonl").read_text()  # no platform ids
-    assert read_documents(tmp_path / "data.jsonl") == ["U1: first in the opted-in chat\nU3: second, @user see <link>\n<|endoftext|>"]
+    assert read_documents(tmp_path / "data.jsonl") == ["user1: first in the opted-in chat\nuser2: second, @user see <link>\n<|endoftext|>"]
 
     # The config's default counts for chats that kept it, as in the running bot.
     everyone = export_dataset(db, tmp_path / "all.jsonl", ChatSettings(dataset_opt_in=True))
@@ -192,9 +193,47 @@ def test_odd_telegram_messages_keep_what_is_usable(tmp_path):
         tg(text=12),  # no text
         tg(text="number name", **{"from": 7}),
         tg(text="huge time", date_unixtime="9" * 40, date="1999-99-99"),
+        tg(text="odd digits", date_unixtime="\u00b2"),  # a digit to str.isdigit, not to float()
+        tg(text="lone surrogate", date_unixtime="\ud800"),
         tg(text="far later", date_unixtime="1704160800"),  # 26 h later: a new conversation
         {"type": "service", "action": "pin_message", "text": "pinned"},
         "not a message",
     ]}))
-    assert read_documents(path) == ["Ann: kept\nAnn: ab\nAnn: x\nsomeone: number name\nAnn: huge time\n<|endoftext|>",
+    assert read_documents(path) == ["Ann: kept\nAnn: ab\nAnn: x\nsomeone: number name\nAnn: huge time\nAnn: odd digits\nAnn: lone surrogate\n<|endoftext|>",
                                     "Ann: far later\n<|endoftext|>"]
+
+
+async def test_exported_dataset_holds_no_ids_handles_or_profile_links(tmp_path):
+    db = tmp_path / "botkit.db"
+    texts = ["hi <@123456789012345678> and <@!223456789012345678>, ping <@&323456789012345678>",
+             "my profile tg://user?id=55512345 and t.me/alice_handle or telegram.me/joinchat/AbCdEf",
+             "ask @carol_handle"]
+    async with Store.open(db) as store:
+        for (user_id, user_name), text in zip([("55512345", "alice_handle"), ("66612345", "Bob Smith"),
+                                               ("55512345", "alice_handle")], texts, strict=True):
+            await store.add_request(kind="chat", platform="telegram", chat_id="-100777", user_id=user_id, user_name=user_name,
+                                    platform_message_id=None, text=text, prompt=text, params={})
+        await store.set_chat_settings("telegram", "-100777", {"dataset_opt_in": True})
+    export_dataset(db, tmp_path / "data.jsonl")
+    raw = (tmp_path / "data.jsonl").read_text()
+    for private in ("1234567890", "2234567890", "3234567890", "55512345", "66612345", "alice_handle", "Bob Smith",
+                    "carol_handle", "AbCdEf", "777"):
+        assert private not in raw
+    records = [json.loads(line) for line in raw.splitlines()[1:]]
+    assert [r["speaker"] for r in records] == ["user1", "user2", "user1"]  # one pseudonym a person, per dataset
+    assert records[2]["text"] == "ask @user"
+
+
+def test_cleaning_a_very_long_message_takes_linear_time():
+    started = time.perf_counter()
+    assert normalise("a" * 160_000 + " mail me at ann@example.org") == "a" * 160_000 + " mail me at <email>"
+    assert normalise("a." * 80_000) == "a." * 80_000
+    assert time.perf_counter() - started < 5  # quadratic matching took 71 s; linear takes milliseconds
+
+
+async def test_export_dataset_to_a_folder_is_one_sentence(tmp_path, capsys):
+    async with Store.open(tmp_path / "botkit.db"):
+        pass
+    assert main(["export-dataset", "--db", str(tmp_path / "botkit.db"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder" in err and "Traceback" not in err and err.count("\n") == 1

@@ -34,6 +34,8 @@ def test_example_documents_every_key_with_its_default():
     ("[chat]\ntop_p = 3.0", "top_p"),
     ("[telegram]\ntoken_env = '123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsawxyz'", "looks like a secret"),
     ("[batch\n", "not valid TOML"),
+    ("[limits]\nbanned_words = [" + ", ".join(f"'w{i}'" for i in range(201)) + "]", "limits.banned_words: a banned-word list holds at most 200"),
+    ("[limits]\nbanned_words = ['" + "x" * 65 + "']", "limits.banned_words: a banned-word list holds at most 200 words of at most 64"),
 ])
 def test_bad_config_is_one_sentence_naming_the_key(tmp_path, text, says):
     path = tmp_path / "c.toml"

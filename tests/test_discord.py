@@ -271,6 +271,16 @@ async def test_a_refused_send_is_retried_and_the_reply_appears_once(tmp_path, fa
     assert accepted.at_s - refused.at_s >= 0.3  # discord.py waited out retry_after (1 s for a 5xx)
 
 
+@pytest.mark.parametrize("status", [500, 502])
+async def test_a_reply_posted_whose_answer_was_lost_appears_once(tmp_path, fake, status):
+    fake.fail_next("POST", SEND, status, after_effect=True)  # discord.py retries a 5xx itself, with the same nonce
+    async with running(tmp_path, fake, ScriptedBackend()):
+        message = await fake.send_message("go", mention_bot=True)
+        await answered(fake, message)
+        assert len(await delivered(tmp_path, 1)) == 1
+        assert len(fake.requests_to("POST", SEND)) == 2 and len(replies_to(fake, message)) == 1
+
+
 async def test_a_dropped_gateway_connection_resumes_and_the_bot_keeps_answering(tmp_path, fake):
     async with running(tmp_path, fake, ScriptedBackend()):
         await answered(fake, await fake.send_message("before", mention_bot=True))

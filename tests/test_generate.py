@@ -8,8 +8,9 @@ import torch
 from transformers import GPT2Config
 
 import botkit
+from botkit.cli import main
 from botkit.engine.engine import Engine
-from botkit.errors import InputError
+from botkit.errors import GenerationError, InputError
 from botkit.model.loading import load_model
 from botkit.params import SamplingParams
 
@@ -149,3 +150,16 @@ def test_cli_generate_runs_offline(tmp_path):
     wrong = subprocess.run([sys.executable, "-m", "botkit", "generate", "--model", str(tmp_path / "m"), "--min-p", "7"],
                            capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2 and "min_p must be between 0 (off) and 1" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_a_sample_that_fails_is_an_error_not_a_finished_text(tmp_path, capsys):
+    lm = load_model(GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=1), device="cpu", seed=0)  # a 1-token window
+    with pytest.raises(GenerationError, match="could not be generated") as info:
+        botkit.generate(lm, prefix="Hello world", length=4, return_as_list=True, seed=1)
+    assert str(info.value).count(". ") == 0
+    lm.model.save_pretrained(tmp_path / "model")
+    lm.tokenizer.save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "model"), "--prefix", "Hello world", "--length", "4", "--seed", "1"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "could not be generated" in out.err

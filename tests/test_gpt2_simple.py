@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
@@ -118,8 +119,72 @@ def test_hostile_archives_are_refused_and_write_nothing(tmp_path, members, manif
     assert not (tmp_path / "evil.txt").exists() and not Path("/tmp/evil.txt").exists()
 
 
+def sparse(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.GNUTYPE_SPARSE  # a few header bytes that read as gigabytes of zeros
+    return info
+
+
+def manifest_archive(tmp_path: Path, body: bytes) -> Path:
+    path = tmp_path / "hostile.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo(MANIFEST)
+        info.size = len(body)
+        tar.addfile(info, io.BytesIO(body))
+    return path
+
+
+@pytest.mark.parametrize(("members", "manifest", "says"), [
+    ([sparse("run1/weights")], {"run1/weights": entry(b"")}, "which its manifest does not list as a file"),
+    ([("run1/a", b"good"), ("run1/./a", b"evil")], {"run1/a": entry(b"good"), "run1/./a": entry(b"evil")}, "not written plainly"),
+    ([], {"run1/huge": {"size": 2**50, "sha256": "0" * 64}}, "files need 1,024.0 TiB and"),
+    ([], {"": entry(b"")}, "outside the run's folder"),
+    ([], {".": entry(b"")}, "outside the run's folder"),
+    ([], {"run1/a": []}, "has no size and checksum"),
+])
+def test_more_hostile_archives_are_refused_in_one_sentence(tmp_path, members, manifest, says):
+    test_hostile_archives_are_refused_and_write_nothing(tmp_path, members, manifest, says)
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000 + b"]" * 100_000, b'{"format": 1, "run_name": "run1", "files": ' + b"[" * 100_000])
+def test_a_manifest_nested_deep_is_one_sentence(tmp_path, body):
+    with pytest.raises(InputError, match="nothing was written") as info:
+        import_run(manifest_archive(tmp_path, body), tmp_path / "dest")
+    assert str(info.value).count(". ") == 0
+
+
+def test_an_archive_is_checked_whole_before_any_file_is_written(tmp_path):
+    good, bad = b"good bytes" * 1000, b"tampered"
+    archive = hostile(tmp_path, [("run1/first", good), ("run1/second", bad)],
+                      {"run1/first": entry(good), "run1/second": entry(b"original")})
+    written = []
+
+    def watch(event, args):  # every file opened for writing, as the interpreter itself reports it
+        if event == "open" and watching and isinstance(args[0], str) and args[1] and any(c in str(args[1]) for c in "wxa+"):
+            written.append(args[0])
+
+    watching = True
+    sys.addaudithook(watch)
+    try:
+        with pytest.raises(InputError, match="run1/second does not match its checksum"):
+            import_run(archive, tmp_path / "dest")
+    finally:
+        watching = False
+    assert not [p for p in written if "dest" in p]
+
+
 def test_gpt2_simple_tar_without_a_manifest_is_one_sentence(tmp_path, checkpoint):
     with tarfile.open(tmp_path / "checkpoint_run1.tar", "w") as tar:  # what copy_checkpoint_to_gdrive writes
         tar.add(checkpoint / "run1", arcname="checkpoint/run1")
     with pytest.raises(InputError, match="does not start with botkit-archive.json .*extract it with tar and pass the folder to --model"):
         import_run(tmp_path / "checkpoint_run1.tar", tmp_path / "dest")
+
+
+def test_export_refuses_a_run_holding_a_link_instead_of_leaving_it_out(tmp_path, checkpoint):
+    run = Path(shutil.copytree(checkpoint / "run1", tmp_path / "run1"))
+    weights = next(p for p in run.iterdir() if p.name.startswith("model-") and ".data-" in p.name)
+    outside = tmp_path / weights.name
+    weights.rename(outside)
+    weights.symlink_to(outside)  # to save space, say
+    assert main(["export", str(run), str(tmp_path / "run1.tar.gz")]) == 2
+    assert not (tmp_path / "run1.tar.gz").exists()

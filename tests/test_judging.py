@@ -30,6 +30,15 @@ from botkit.serve.store import Store
     ("a bad, bad day", ("very bad",), None),
     ("a very  bad day", ("very bad",), "very bad"),
     ("€vil 5cheme", ("evil scheme",), "evil scheme"),
+    *[(f"you sh{c}it", ("shit",), "shit") for c in ("\ufe0f", "\u034f", "\u2066", "\u2069", "\u061c", "\u180b",
+                                                    "\U000e0041", "\u17b4", "\ufff9", "\U0001d173")],
+    ("you are a \u0455\u04bb\u0456t", ("shit",), "shit"),  # Cyrillic lookalikes
+    ("\u03bf\u03ba", ("ok",), "ok"),  # Greek lookalikes
+    ("\u202etihs\u202c happens", ("shit",), "shit"),  # shown right to left: reads "shit"
+    ("you sh.it", ("shit",), "shit"),
+    ("what sh-it", ("shit",), "shit"),
+    ("dog days", ("god",), None),
+    ("pen.island", ("penis",), None),
 ])
 def test_banned_words_are_found_in_any_case_accent_spacing_and_leetspeak(text, banned, hit):
     assert banned_word_in(text, banned) == hit
@@ -71,6 +80,23 @@ async def test_a_greedy_reply_that_is_banned_is_never_sent(tmp_path, tiny_lm):
         row = await store.request(ticket.request_id)
         assert row["status"] == "failed" and not row["reply"]
         assert await store.context("t", "c", 10) == []  # never context either
+
+
+async def test_the_operators_banned_words_hold_with_a_full_chat_list_and_for_the_http_api(tmp_path, tiny_lm):
+    ids = tiny_lm.tokenizer("Once upon a time").input_ids
+    word = first_word(run(Engine(tiny_lm, 2), ids, SamplingParams(max_new_tokens=16, temperature=0)).text)
+    config = Config()
+    operator = tuple(f"op{i}" for i in range(199)) + (word,)
+    config = dataclasses.replace(config, limits=dataclasses.replace(config.limits, user_per_minute=0, banned_words=operator))
+    chat_list = ",".join(f"chat{i}" for i in range(200))
+    settings = ChatSettings(template="{message}", truncate="", temperature=0, length=16, unique=False, banned_words=chat_list)
+    greedy = SamplingParams(max_new_tokens=16, temperature=0)
+    async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, 2) as backend, Core(backend, store, config) as core:
+        chats = Chats(core, store, config)
+        for ticket in (await chats.submit(Prompt("t", "c", "u", "Once upon a time"), settings),
+                       await core.submit("Once upon a time", greedy)):  # what the HTTP API and playground call
+            with pytest.raises(GenerationError, match="banned word"):
+                await ticket.result()
 
 
 @pytest.mark.parametrize("temperature", [0, 1.0])

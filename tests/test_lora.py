@@ -129,6 +129,7 @@ def test_lora_on_a_tensorflow_checkpoint(tmp_path, text_file):
     ({"lora": -1}, "lora must be a whole number"),
     ({"lora_alpha": 2.5}, "lora_alpha must be a whole number"),
     ({"lora_dropout": 1.5}, "lora_dropout must be at least 0"),
+    ({"lora": 10_000}, "lora rank 10000 is above the model's width of 32"),  # would allocate for nothing
 ])
 def test_bad_lora_options_are_one_sentence(tmp_path, text_file, base, kwargs, message):
     with pytest.raises(InputError, match=message) as info:
@@ -143,3 +144,26 @@ def test_a_lora_run_whose_base_is_gone_is_one_sentence(tmp_path, text_file, base
     with pytest.raises(ModelLoadError, match=r"adapts .*base-copy, which cannot be loaded here .*: put the base model back") as info:
         load_model(result.run_dir, device="cpu")
     assert str(info.value).endswith("(`botkit convert --merge`).")
+
+
+def lora_folder(path: Path, base) -> Path:
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base), "r": 4}))
+    return path
+
+
+@pytest.mark.parametrize("layout", ["itself", "each other", "nested"])
+def test_a_lora_run_that_adapts_a_lora_run_or_is_damaged_is_one_sentence(tmp_path, layout):
+    if layout == "itself":
+        run = lora_folder(tmp_path / "self", tmp_path / "self")
+    elif layout == "each other":
+        run = lora_folder(tmp_path / "a", tmp_path / "b")
+        lora_folder(tmp_path / "b", tmp_path / "a")
+    else:
+        run = tmp_path / "nested"
+        run.mkdir()
+        (run / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(run, device="cpu")
+    assert str(info.value).count(". ") == 0 and str(info.value).endswith(".")
+    assert layout == "nested" or "chain of LoRA runs it names comes back to" in str(info.value)

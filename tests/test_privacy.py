@@ -4,8 +4,10 @@ anywhere in the file or its WAL, the file compacted) and against the next prompt
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import logging
 import sqlite3
 import time
 
@@ -15,7 +17,9 @@ from scripted import ScriptedBackend
 
 from botkit.chat.chats import Chats, Prompt
 from botkit.config import Config, LimitsConfig, StoreConfig
-from botkit.params import ChatSettings
+from botkit.engine.engine import Engine
+from botkit.params import ChatSettings, SamplingParams
+from botkit.serve.backends import LocalBackend
 from botkit.serve.core import Core
 from botkit.serve.retention import Retention
 from botkit.serve.store import Store
@@ -127,3 +131,133 @@ def test_settings_change_of_context_is_validated():
     for bad in ("{author}", "{message} {message}", "{author}: {message} {user}", "x" * 300 + "{message}"):
         with pytest.raises(Exception, match="chat.format"):
             dataclasses.replace(ChatSettings(), chat_format=bad)
+
+
+@pytest.mark.parametrize("name", ["discord", "telegram"])
+async def test_forget_erases_the_text_from_prompts_still_generating(tmp_path, monkeypatch, name):
+    backend = ScriptedBackend(lambda prompt: "noted")
+    async with platform(name, tmp_path, monkeypatch, backend, Config(chat=ChatSettings(truncate="", length=8), limits=NO_LIMITS)) as bot:
+        secret = await bot.send(GROUP, "mention", f"my password is {SECRET}")
+        await until(lambda: bot.answers(secret))
+        backend.gate.clear()  # Bob's reply, whose prompt quotes Alice, is still generating when she forgets
+        bobs = await bot.send(GROUP, "mention", "hello from bob", user="bob")
+        await until(lambda: len(backend.prompts) == 2)
+        assert SECRET in backend.prompts[1] and SECRET.encode() in file_bytes(tmp_path)
+        forget = await bot.command(GROUP, "forget")
+        await until(lambda: bot.answers(forget))
+        assert SECRET.encode() not in file_bytes(tmp_path)
+        backend.gate.set()
+        await until(lambda: bot.answers(bobs))
+        assert bot.answers(bobs) == ["noted"]
+        assert SECRET.encode() not in file_bytes(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["discord", "telegram"])
+async def test_forget_during_the_members_own_pending_request_still_answers_it_and_keeps_nothing(
+        tmp_path, monkeypatch, caplog, name):
+    backend = ScriptedBackend(lambda prompt: "noted")
+    async with platform(name, tmp_path, monkeypatch, backend, Config(limits=NO_LIMITS)) as bot:
+        backend.gate.clear()
+        asked = await bot.send(GROUP, "mention", f"my password is {SECRET}")
+        await until(lambda: len(backend.prompts) == 1)
+        forget = await bot.command(GROUP, "forget")
+        await until(lambda: bot.answers(forget))
+        assert bot.answers(forget) == ["Done: I erased 1 message I kept from you in this chat, and my replies to them."]
+        backend.gate.set()
+        await until(lambda: bot.answers(asked))
+        assert bot.answers(asked) == ["noted"]
+        await asyncio.sleep(0.2)  # the adapter records the delivery just after sending: let it try
+    assert SECRET.encode() not in file_bytes(tmp_path)
+    assert count(tmp_path, "SELECT COUNT(*) FROM requests") == count(tmp_path, "SELECT COUNT(*) FROM deliveries") == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("botkit")]
+
+
+async def test_forget_empties_the_wal_once_a_concurrent_reader_lets_go(tmp_path):
+    async with Store.open(tmp_path / "bot.db") as store:
+        await store.add_request(kind="chat", platform="telegram", chat_id="-100", user_id="42", user_name="alice",
+                                platform_message_id="1", text=f"my password is {SECRET}", prompt=SECRET, params={})
+        reader = sqlite3.connect(tmp_path / "bot.db")  # a backup tool (Litestream) keeps a read transaction open
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT COUNT(*) FROM messages").fetchone() == (1,)
+        assert await store.forget("telegram", "-100", "42") == 1
+        assert SECRET.encode() in file_bytes(tmp_path)  # the reader's snapshot still holds it: SQLite must keep it
+        assert await store.context("telegram", "-100", 10) == []  # the store is not held meanwhile
+        reader.rollback()
+        reader.close()
+        await until(lambda: SECRET.encode() not in file_bytes(tmp_path))
+
+
+async def test_forget_drops_the_conversations_the_engine_keeps_for_reuse(tmp_path, tiny_lm):
+    settings = ChatSettings(template="{message}", truncate="", length=4, unique=False)
+    config = Config(limits=NO_LIMITS)
+    async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, 2, cache_mb=64) as backend, \
+            Core(backend, store, config) as core:
+        chats = Chats(core, store, config)
+        text = f"my password is {SECRET}, " * 8  # past one 16-token block: worth keeping
+        await (await chats.submit(Prompt("telegram", "-100", "42", text, "1", "alice"), settings)).result()
+        secret_ids = tiny_lm.tokenizer(f" {SECRET}").input_ids
+        kept = [e.tokens for e in backend.engine.prefix_cache.entries.values()]
+        assert any(contains(tokens, secret_ids) for tokens in kept)
+        assert await chats.forget("telegram", "-100", "42") == 1
+        assert not backend.engine.prefix_cache.entries and backend.engine.prefix_cache.nbytes == 0
+
+
+def test_a_sequence_in_flight_during_forget_is_not_kept_for_reuse(tiny_lm):
+    engine = Engine(tiny_lm, 2, cache_mb=64)
+    engine.add(tiny_lm.tokenizer(f"my password is {SECRET}, " * 8).input_ids, SamplingParams(max_new_tokens=4, seed=0))
+    engine.step()
+    engine.drop_cached_prefixes()
+    while engine.has_work:
+        engine.step()
+    assert not engine.prefix_cache.entries
+
+
+def contains(tokens: list[int], part: list[int]) -> bool:
+    return any(tokens[i : i + len(part)] == part for i in range(len(tokens) - len(part) + 1))
+
+
+def test_a_request_queued_before_forget_is_not_kept_for_reuse_when_it_runs_later(tiny_lm):
+    engine = Engine(tiny_lm, 2, cache_mb=64)
+    engine.drop_cached_prefixes(not_reusable_ids={7})  # request 7 still waits in the core's queue
+    engine.add(tiny_lm.tokenizer(f"my password is {SECRET}, " * 8).input_ids, SamplingParams(max_new_tokens=4, seed=0), seq_id=7)
+    while engine.has_work:
+        engine.step()
+    assert not engine.prefix_cache.entries
+
+
+async def test_a_prompt_built_while_forget_runs_is_not_kept(tmp_path):
+    """A prompt assembled from context just before /forget erased it, and recorded just after."""
+    backend = ScriptedBackend(lambda prompt: "noted")
+    config = Config(chat=ChatSettings(truncate="", length=8), limits=NO_LIMITS)
+    async with Store.open(tmp_path / "bot.db") as store, backend, Core(backend, store, config) as core:
+        chats = Chats(core, store, config)
+        await (await chats.submit(Prompt("telegram", "-100", "alice", f"my password is {SECRET}", "1", "alice"))).result()
+        context = store.context
+
+        async def context_then_forget(*args):  # the member's /forget lands between the read and the write
+            history = await context(*args)
+            await chats.forget("telegram", "-100", "alice")
+            return history
+
+        store.context = context_then_forget
+        ticket = await chats.submit(Prompt("telegram", "-100", "bob", "hello from bob", "2", "bob"))
+        store.context = context
+        await ticket.result()
+        assert SECRET in backend.prompts[1]
+    assert SECRET.encode() not in file_bytes(tmp_path)
+
+
+async def test_a_reply_in_flight_that_copies_the_forgotten_text_is_not_stored(tmp_path):
+    backend = ScriptedBackend(lambda prompt: prompt[-200:])  # a model that parrots its context
+    config = Config(chat=ChatSettings(truncate="", length=8), limits=NO_LIMITS)
+    async with Store.open(tmp_path / "bot.db") as store, backend, Core(backend, store, config) as core:
+        chats = Chats(core, store, config)
+        await (await chats.submit(Prompt("telegram", "-100", "alice", f"my password is {SECRET}", "1", "alice"))).result()
+        backend.gate.clear()
+        bobs = await chats.submit(Prompt("telegram", "-100", "bob", "hello from bob", "2", "bob"))
+        await until(lambda: len(backend.prompts) == 2)
+        assert await chats.forget("telegram", "-100", "alice") == 1
+        backend.gate.set()
+        assert SECRET in (await bobs.result()).text  # sent: it answers Bob, who asked
+        assert count(tmp_path, "SELECT COUNT(*) FROM requests WHERE status = 'done'") == 1
+    assert SECRET.encode() not in file_bytes(tmp_path)

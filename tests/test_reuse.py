@@ -1,11 +1,14 @@
 """Conversation KV reuse (prefix_cache.py) and the hot path's incremental text (token_bytes.py)."""
 
+import os
+
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import GPT2Config
 
-from botkit.engine.engine import Engine
+from botkit.engine.engine import Engine, default_cache_mb
 from botkit.engine.prefix_cache import BLOCK, PrefixCache
 from botkit.engine.token_bytes import TokenBytes
 from botkit.model.loading import load_model
@@ -174,3 +177,19 @@ async def test_a_long_channel_trims_its_context_in_halves_too(tmp_path):
             prompts.append((await store.request(ticket.request_id))["prompt"])
     starts = [p.split("\n")[0] for p in prompts]
     assert len(set(starts)) <= 5, starts  # the context's first line changes at the cuts only, not on every turn
+
+
+@pytest.mark.parametrize(("files", "limit_bytes"), [
+    ({"memory.max": "536870912\n"}, 512 * 2**20),  # cgroup v2: a 512 MiB container
+    ({"memory/memory.limit_in_bytes": "268435456\n"}, 256 * 2**20),  # cgroup v1
+    ({"memory.max": "max\n"}, None),  # no limit: the machine's memory
+    ({}, None),  # no cgroup file system
+])
+def test_the_default_cache_is_a_quarter_of_the_containers_memory_limit(tmp_path, files, limit_bytes):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    expected = min(physical, limit_bytes or physical) // 4 // 2**20
+    assert default_cache_mb(torch.device("cpu"), cgroup_root=tmp_path) == expected
+    assert limit_bytes is None or expected == limit_bytes // 4 // 2**20

@@ -2,12 +2,14 @@
 TensorFlow computed (tests/fixtures/tf, written by scripts/make_tf_fixtures.py)."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import aiohttp
+import google_crc32c
 import numpy as np
 import pytest
 import torch
@@ -21,7 +23,7 @@ from botkit.engine.generate import generate
 from botkit.errors import ModelLoadError
 from botkit.model.loading import load_model
 from botkit.model.sources import resolve
-from botkit.model.tf_bundle import open_bundle
+from botkit.model.tf_bundle import TABLE_MAGIC, mask, open_bundle
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tf"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
@@ -152,3 +154,61 @@ def test_an_index_of_many_blocks_and_other_dtypes():
     for i in range(500):
         values = bundle.read(f"v{i:03d}")
         assert values.dtype == (np.float32, np.int64, np.float16)[i % 3] and values.tolist() == [i, -i]
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def block(entries: list[tuple[int, bytes, bytes]]) -> bytes:
+    """An SSTable block of (shared, unshared key bytes, value) entries, one restart point, then its trailer."""
+    body = b"".join(varint(shared) + varint(len(key)) + varint(len(value)) + key + value for shared, key, value in entries)
+    body += (0).to_bytes(4, "little") + (1).to_bytes(4, "little")
+    return body + b"\0" + mask(google_crc32c.value(body + b"\0")).to_bytes(4, "little")
+
+
+def write_index(path: Path, data_entries: list[tuple[int, bytes, bytes]], num_references: int = 1) -> None:
+    """A table with one data block that its index block lists `num_references` times."""
+    data = block(data_entries)
+    handle = varint(0) + varint(len(data) - 5)
+    index = block([(0, f"k{i:04d}".encode(), handle) for i in range(num_references)])
+    footer = varint(0) + varint(0) + varint(len(data)) + varint(len(index) - 5)
+    path.write_bytes(data + index + footer.ljust(40, b"\0") + TABLE_MAGIC.to_bytes(8, "little"))
+
+
+@pytest.mark.parametrize(("entries", "num_references"), [
+    ([(0, b"a" * 200, b"")] + [(200 * i, b"b" * 200, b"") for i in range(1, 500)], 1),  # each key the last plus 200 bytes
+    ([(0, b"model/wte", b"")], 200),  # one block read 200 times
+])
+def test_a_hostile_index_is_refused_before_it_costs_memory_or_time(tmp_path, entries, num_references):
+    write_index(tmp_path / "model.ckpt.index", entries, num_references)
+    with pytest.raises(ModelLoadError, match="is not a TensorFlow checkpoint index botkit can read"):
+        open_bundle(tmp_path / "model.ckpt")
+
+
+def tensor_entry(*dims: int) -> bytes:
+    """A BundleEntryProto of a float32 tensor of shape `dims` at offset 0 of shard 0."""
+    shape = b"".join(b"\x12" + varint(len(d := b"\x08" + varint(size))) + d for size in dims)
+    return b"\x08\x01" + b"\x12" + varint(len(shape)) + shape + b"\x28" + varint(4 * math.prod(dims))
+
+
+def test_a_checkpoint_of_width_zero_is_one_sentence(tmp_path):
+    names = {"model/h0/ln_1/b": (0,), "model/wpe": (8, 0), "model/wte": (50257, 0)}
+    write_index(tmp_path / "model.ckpt.index", [(0, name.encode(), tensor_entry(*dims)) for name, dims in sorted(names.items())])
+    (tmp_path / "model.ckpt.data-00000-of-00001").write_bytes(b"")
+    (tmp_path / "hparams.json").write_text(json.dumps({"n_head": 1}))
+    with pytest.raises(ModelLoadError, match="does not have GPT-2's shapes") as info:
+        load_model(tmp_path, device="cpu")
+    assert str(info.value).count(". ") == 0
+
+
+def test_an_encoder_json_nested_deep_is_one_sentence(tmp_path):
+    run = copy_of(tmp_path)
+    (run / "encoder.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ModelLoadError, match="cannot be read as OpenAI's tokenizer files"):
+        load_model(run, device="cpu")

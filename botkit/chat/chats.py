@@ -11,8 +11,8 @@ sampling parameters and who asked (`Core.submit`), like the web API's completion
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+from collections import Counter
 from dataclasses import dataclass
 
 from botkit.chat.channel_context import build_channel_prompt, channel_lines_to_keep
@@ -51,6 +51,7 @@ class Chats:
         self.config = config
         self._user_limit = RateLimiter(config.limits.user_per_minute)
         self._chat_limit = RateLimiter(config.limits.chat_per_minute)
+        self._num_forgets: Counter[tuple[str, str]] = Counter()  # per chat: a /forget during a prompt's assembly
 
     async def submit(self, prompt: Prompt, settings: ChatSettings | None = None, *, retry_empty: bool = False) -> Ticket:
         """Queue a chat message for a reply (BusyError, RateLimitedError, InputError at once). With
@@ -61,11 +62,14 @@ class Chats:
         _check_rate(self._user_limit, prompt.platform, prompt.user_id, "You're")
         _check_rate(self._chat_limit, prompt.platform, prompt.chat_id, "This chat is")
         settings = settings or await self.settings(prompt.platform, prompt.chat_id)
+        num_forgets = self._num_forgets[prompt.platform, prompt.chat_id]
         full = await self._chat_prompt(prompt, text, settings)
-        params = settings.sampling()
-        if self.config.limits.banned_words:  # the operator's list holds in every chat, whatever its admins set
-            params = dataclasses.replace(params, banned_words=params.banned_words + self.config.limits.banned_words)
-        return await self.core.submit(full, params, who=prompt.who(), kind="chat", message=text, retry_empty=retry_empty)
+        # the operator's banned words are added by the core, for every request (Core._with_operator_rules)
+        ticket = await self.core.submit(full, settings.sampling(), who=prompt.who(), kind="chat", message=text, retry_empty=retry_empty)
+        if self._num_forgets[prompt.platform, prompt.chat_id] != num_forgets:  # its context may quote what /forget erased
+            await self.store.blank_prompt(ticket.request_id)
+            await self.core.drop_cached_prefixes()
+        return ticket
 
     async def _chat_prompt(self, prompt: Prompt, text: str, settings: ChatSettings) -> str:
         """The template and the chat's context around `text`, trimmed to the window minus the reply length."""
@@ -118,6 +122,14 @@ class Chats:
 
     async def reset_context(self, platform: str, chat_id: str) -> None:
         await self.store.reset_context(platform, chat_id)
+
+    async def forget(self, platform: str, chat_id: str, user_id: str | None = None) -> int:
+        """/forget: erase a member's (or everyone's) messages from the store, and every conversation the
+        engine keeps for reuse, which may hold them too; returns how many messages were erased."""
+        self._num_forgets[platform, chat_id] += 1
+        erased = await self.store.forget(platform, chat_id, user_id)
+        await self.core.drop_cached_prefixes()
+        return erased
 
 
 def _check_rate(limiter: RateLimiter, platform: str, key: str, who: str) -> None:

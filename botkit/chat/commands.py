@@ -91,17 +91,17 @@ async def privacy_command(conv: Conversation, event: ChatEvent, replier: Replier
 
 async def forget_command(conv: Conversation, event: ChatEvent, replier: Replier, settings: ChatSettings) -> None:
     scope = event.text.strip().lower()
-    store, platform = conv.chats.store, conv.platform.name
+    chats, platform = conv.chats, conv.platform.name
     if scope not in ("", "all"):
         await conv.say(replier, "Write /forget to erase your messages here, or /forget all to erase everyone's (admins only).",
                        private=True)
     elif scope == "all" and not await conv.may_administer(event):
         await conv.say(replier, f"Only {conv.platform.admins} can erase everyone's messages here.", private=True)
     elif scope == "all":
-        erased = await store.forget(platform, event.chat_id)
+        erased = await chats.forget(platform, event.chat_id)
         await conv.say(replier, f"Done: I erased {_messages(erased)} I kept from this chat, and my replies to them.")
     else:
-        erased = await store.forget(platform, event.chat_id, event.user_id)
+        erased = await chats.forget(platform, event.chat_id, event.user_id)
         await conv.say(replier, f"Done: I erased {_messages(erased)} I kept from you in this chat, and my replies to them.",
                        private=True)
 

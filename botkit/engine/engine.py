@@ -36,6 +36,7 @@ import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -77,6 +78,7 @@ class Sequence:
     result: judging.Attempt | None = None  # what the request sends, once judged
     logprob_sum: float = 0.0  # of its generated tokens under the model, while judged (nats)
     start_offset: int = 0
+    is_reusable: bool = True  # kept in the prefix cache when it finishes (not after a /forget while it ran)
 
     @property
     def is_judged(self) -> bool:
@@ -103,11 +105,24 @@ class Event:
     finished: bool
 
 
-def default_cache_mb(device: torch.device) -> int:
-    """A quarter of the machine's memory (of the GPU's on CUDA) for conversation reuse."""
+def default_cache_mb(device: torch.device, cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """A quarter of the memory botkit may use (the GPU's on CUDA) for conversation reuse: the machine's,
+    or its container's limit (cgroup v2 memory.max, v1 memory.limit_in_bytes) when that is lower."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory // 4 // 2**20
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4 // 2**20
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(physical, _cgroup_limit_bytes(cgroup_root) or physical) // 4 // 2**20
+
+
+def _cgroup_limit_bytes(root: Path) -> int | None:
+    """The container's memory limit, or None when there is none (or it cannot be read)."""
+    for path in (root / "memory.max", root / "memory" / "memory.limit_in_bytes"):
+        try:
+            text = path.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        return int(text) if text.isdigit() else None  # "max": no limit (v1 writes a huge number instead)
+    return None
 
 
 class Engine:
@@ -139,6 +154,7 @@ class Engine:
         self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (not reused)
         self._step_prompt_tokens = 0
         self._ids = itertools.count()
+        self._not_reusable_ids: set[int] = set()  # requests queued elsewhere when /forget ran (drop_cached_prefixes)
 
     # -- what callers use -------------------------------------------------------------------
 
@@ -148,6 +164,10 @@ class Engine:
         request_id = next(self._ids) if seq_id is None else seq_id
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seqs = [self._new_sequence(request_id, prompt_ids, params, seed + i) for i in range(params.candidates)]
+        if request_id in self._not_reusable_ids:
+            self._not_reusable_ids.discard(request_id)
+            for seq in seqs:
+                seq.is_reusable = False
         if len(seqs) > 1:
             for seq in seqs:
                 seq.group = seqs
@@ -446,9 +466,17 @@ class Engine:
             self.cache.grow(min(self.window, max(columns, 2 * self.cache.capacity)))
         return self.cache
 
+    def drop_cached_prefixes(self, not_reusable_ids=()) -> None:
+        """/forget: drop every kept conversation, and keep none of those in flight (they may quote the
+        erased text), nor the requests `not_reusable_ids` still queued elsewhere when they arrive."""
+        self.prefix_cache.clear()
+        for seq in {*self.waiting, *self.rows, *itertools.chain(*self.quarantine)}:
+            seq.is_reusable = False
+        self._not_reusable_ids.update(not_reusable_ids)
+
     def _keep_for_reuse(self, seq: Sequence) -> None:
         """A finished row's keys and values, for a later prompt that extends it (the chat's next turn)."""
-        if self.prefix_cache.max_bytes and seq in self.rows:
+        if self.prefix_cache.max_bytes and seq.is_reusable and seq in self.rows:
             row = self.rows.index(seq)
             n = self.cache.lengths[row]
             self.prefix_cache.add(seq.context[:n], self.cache.read_row(row, n))

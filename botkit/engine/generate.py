@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from botkit.errors import InputError
+from botkit.errors import GenerationError, InputError
 from botkit.params import DRY_SEQUENCE_BREAKERS, SAMPLERS, SamplingParams
 
 if TYPE_CHECKING:
@@ -100,6 +100,9 @@ def generate(
             samples.append((p, engine.add(ids, replace(base, seed=sample_seed))))
     while engine.has_work:
         engine.step()
+    if failed := [seq for _, seq in samples if seq.finish_reason == "error"]:  # its text is cut short, not a sample
+        raise GenerationError(f"{len(failed)} of {len(samples)} samples could not be generated ({failed[0].error.rstrip('.')}): "
+                              "try another seed, unique=False, or a model with a longer window.")
 
     texts = [((p or "") + seq.text if include_prefix else seq.text).lstrip("\n") for p, seq in samples]
     if return_as_list:

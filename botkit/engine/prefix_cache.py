@@ -86,6 +86,11 @@ class PrefixCache:
         while self.nbytes > self.max_bytes:
             self._remove(next(iter(self.entries.values())))
 
+    def clear(self) -> None:
+        self.entries.clear()
+        self.by_hash.clear()
+        self.nbytes = 0
+
     def _remove(self, entry: Entry) -> None:
         del self.entries[id(entry)]
         self.nbytes -= entry.nbytes

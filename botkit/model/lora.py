@@ -47,7 +47,7 @@ def read_adapter_config(run_dir: Path) -> dict:
     path = run_dir / ADAPTER_CONFIG
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested deep
         raise ModelLoadError(f"{path} cannot be read as JSON: the LoRA run is damaged, train it again or copy it again.") from exc
     if not isinstance(config, dict) or not isinstance(config.get("base_model_name_or_path"), str) or not isinstance(config.get("r"), int):
         raise ModelLoadError(f"{path} does not name its base model and rank: it is not a LoRA run of `botkit finetune --lora`.")
@@ -55,6 +55,20 @@ def read_adapter_config(run_dir: Path) -> dict:
 
 
 def base_source(run_dir: Path) -> Source:
+    """The model a LoRA run adapts (itself maybe a LoRA run: they stack), checked to end in a plain model."""
+    source, chain = _base_of(run_dir), [run_dir.resolve()]
+    link = source
+    while link.kind == "lora":  # walked once here, so a run naming itself or a cycle is a sentence, not a RecursionError
+        path = Path(link.path).resolve()
+        if path in chain:
+            raise ModelLoadError(f"The LoRA run {run_dir} adapts {source.path}, and the chain of LoRA runs it names comes back to "
+                                 f"{path}: point its adapter_config.json at the plain base model.")
+        chain.append(path)
+        link = _base_of(path)
+    return source
+
+
+def _base_of(run_dir: Path) -> Source:
     base = read_adapter_config(run_dir)["base_model_name_or_path"]
     try:
         return resolve(base)

@@ -4,10 +4,12 @@ another (gpt-2-simple's copy_checkpoint_to_gdrive / copy_checkpoint_from_gdrive,
     botkit-archive.json     first member: {"format": 1, "run_name": ..., "files": {path: {"size", "sha256"}}}
     <run_name>/...          the run folder's regular files
 
-An archive is hostile input. Import accepts only the regular files and folders the manifest lists,
-under the run's folder (tarfile's "data" filter also refuses absolute paths, "..", links and device
-files), checks each size before extracting and each SHA-256 after, writes into a temporary folder
-and moves it into place only when everything matched: a refused archive leaves nothing behind.
+An archive is hostile input. Import accepts only the regular (not sparse) files and folders the
+manifest lists, each spelled one plain way, under the run's folder (tarfile's "data" filter also
+refuses absolute paths, "..", links and device files). It refuses a manifest whose files would not
+fit on the disk, then reads the whole archive once checking every size and SHA-256 while writing
+nothing; only then does it extract (checking again, in case the file changed) into a temporary folder
+that it moves into place: a refused archive leaves nothing behind and wrote nothing on the way.
 """
 
 from __future__ import annotations
@@ -41,7 +43,11 @@ def export_run(run_dir: Path, archive: Path) -> int:
         raise InputError(f"There is no run folder {run_dir}: check the run name and --checkpoint-dir.")
     if not RUN_NAME.match(run_dir.name):
         raise InputError(f"The run folder name {run_dir.name!r} is not a plain name: rename the folder first.")
-    files = sorted(p for p in run_dir.rglob("*") if p.is_file() and not p.is_symlink() and ".saving" not in p.parts)
+    if links := sorted(p for p in run_dir.rglob("*") if p.is_symlink() and ".saving" not in p.parts):
+        # left out, the imported run would be broken; followed, a link could carry a file from anywhere
+        raise InputError(f"{links[0]} is a link, which an archive does not carry: replace it with the file itself "
+                         f"(cp --remove-destination \"$(readlink -f {links[0]})\" {links[0]}), then export again.")
+    files = sorted(p for p in run_dir.rglob("*") if p.is_file() and ".saving" not in p.parts)
     manifest = {"format": FORMAT, "run_name": run_dir.name, "files": {}}
     for path in files:
         manifest["files"][(PurePosixPath(run_dir.name) / path.relative_to(run_dir).as_posix()).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
@@ -83,30 +89,62 @@ def import_run(archive: Path, checkpoint_dir: Path, run_name: str | None = None)
 
 
 def _unpack(archive: Path, dest: Path) -> str:
-    """Extract into `dest` (a new folder) member by member, checking each against the manifest."""
+    """Check `archive` whole against its manifest, then extract it into `dest` (a new folder)."""
+    with tarfile.open(archive, "r:*") as tar:
+        manifest = _read_manifest(tar)
+        needed = sum(entry["size"] for entry in manifest["files"].values())
+        free = shutil.disk_usage(dest.parent).free
+        if needed > free:
+            raise Refused(f"its files need {_size(needed)} and {dest.parent} has {_size(free)} free")
+        _walk(tar, manifest)
     dest.mkdir()
     with tarfile.open(archive, "r:*") as tar:
-        first = tar.next()
-        if first is None or first.name != MANIFEST or not first.isfile() or first.size > MAX_MANIFEST_BYTES:
-            raise Refused(f"it does not start with {MANIFEST} (gpt-2-simple's checkpoint_run1.tar: extract it with tar and pass the folder to --model)")
-        manifest = _manifest(json.loads(tar.extractfile(first).read()))
-        expected, seen = manifest["files"], set()
-        while (member := tar.next()) is not None:
-            name = PurePosixPath(member.name)
-            if member.isdir() and name.parts and name.parts[0] == manifest["run_name"]:
-                continue
-            if not member.isfile() or member.name not in expected or member.name in seen:
-                raise Refused(f"it holds {member.name!r}, which its manifest does not list as a file")
-            if member.size != expected[member.name]["size"]:
-                raise Refused(f"{member.name} has {member.size} bytes, not the {expected[member.name]['size']} of its manifest")
-            tar.extract(member, dest, filter="data")
-            if _sha256(dest / member.name) != expected[member.name]["sha256"]:
-                raise Refused(f"{member.name} does not match its checksum")
-            seen.add(member.name)
-        if missing := sorted(set(expected) - seen):
-            raise Refused(f"{missing[0]} is missing ({len(missing)} files in all)")
+        _walk(tar, _read_manifest(tar), dest)
     (dest / manifest["run_name"]).mkdir(exist_ok=True)
     return manifest["run_name"]
+
+
+def _read_manifest(tar: tarfile.TarFile) -> dict:
+    first = tar.next()
+    if first is None or first.name != MANIFEST or not first.isfile() or first.size > MAX_MANIFEST_BYTES:
+        raise Refused(f"it does not start with {MANIFEST} (gpt-2-simple's checkpoint_run1.tar: extract it with tar and pass the folder to --model)")
+    try:
+        return _manifest(json.loads(tar.extractfile(first).read()))
+    except RecursionError:
+        raise Refused(f"its {MANIFEST} nests too deeply to be one this botkit writes") from None
+
+
+def _walk(tar: tarfile.TarFile, manifest: dict, dest: Path | None = None) -> None:
+    """Check each member after the manifest against it (streamed, nothing written); with `dest`, also
+    extract each one there and check it again on disk."""
+    expected, seen = manifest["files"], set()
+    while (member := tar.next()) is not None:
+        name = PurePosixPath(member.name)
+        if member.isdir() and name.parts and name.parts[0] == manifest["run_name"]:
+            continue
+        if not member.isreg() or member.issparse() or member.name not in expected or member.name in seen:
+            raise Refused(f"it holds {member.name!r}, which its manifest does not list as a file")
+        if member.size != expected[member.name]["size"]:
+            raise Refused(f"{member.name} has {member.size} bytes, not the {expected[member.name]['size']} of its manifest")
+        if dest is None:
+            digest = _sha256_of(tar.extractfile(member))
+        else:
+            tar.extract(member, dest, filter="data")
+            with (dest / member.name).open("rb") as f:
+                digest = _sha256_of(f)
+        if digest != expected[member.name]["sha256"]:
+            raise Refused(f"{member.name} does not match its checksum")
+        seen.add(member.name)
+    if missing := sorted(set(expected) - seen):
+        raise Refused(f"{missing[0]} is missing ({len(missing)} files in all)")
+
+
+def _size(num_bytes: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024:
+            return f"{num_bytes:,.1f} {unit}" if unit != "bytes" else f"{num_bytes:,} bytes"
+        num_bytes /= 1024
+    return f"{num_bytes:,.1f} TiB"
 
 
 def _manifest(manifest) -> dict:
@@ -117,17 +155,24 @@ def _manifest(manifest) -> dict:
         raise Refused(f"its run name {run_name!r} is not a plain folder name")
     for name, entry in manifest["files"].items():
         path = PurePosixPath(name)
-        if path.is_absolute() or ".." in path.parts or path.parts[0] != run_name or len(path.parts) < 2:
+        if path.is_absolute() or ".." in path.parts or len(path.parts) < 2 or path.parts[0] != run_name:
             raise Refused(f"its manifest lists {name!r}, outside the run's folder")
-        if not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or not isinstance(entry.get("sha256"), str):
+        if path.as_posix() != name:  # "run/./a" and "run//a" are "run/a": one file must not arrive twice
+            raise Refused(f"its manifest lists {name!r}, a path not written plainly")
+        if (not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or isinstance(entry["size"], bool)
+                or entry["size"] < 0 or not isinstance(entry.get("sha256"), str)):
             raise Refused(f"its manifest entry for {name!r} has no size and checksum")
     return manifest
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+        return _sha256_of(f)
+
+
+def _sha256_of(f) -> str:
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        digest.update(chunk)
     return digest.hexdigest()
 

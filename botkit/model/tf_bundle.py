@@ -33,6 +33,10 @@ FOOTER_BYTES = 48  # two block handles padded to 40 bytes, then the magic number
 BLOCK_TRAILER_BYTES = 5  # compression type (1 byte) + masked CRC-32C (4 bytes)
 MAX_INDEX_BYTES = 256 * 1024**2  # GPT-2 1558M's index is 14 KB; anything near this is not a checkpoint
 READ_CHUNK_BYTES = 64 * 1024**2
+# A hostile index can make its prefix-compressed keys grow with every entry (a 10 MiB index would
+# expand to hundreds of GiB); variable names are short and GPT-2 1558M has about 600 of them.
+MAX_KEY_BYTES = 1024
+MAX_ENTRIES = 20_000  # keys of at most MAX_KEY_BYTES: at most 20 MB of names
 
 # TensorFlow DataType enum values (types.proto) -> numpy dtype; bfloat16 is widened to float32 on read.
 DTYPES = {1: "f4", 2: "f8", 3: "i4", 4: "u1", 5: "i2", 6: "i1", 9: "i8", 10: "?", 14: "u2", 17: "u2", 19: "f2", 22: "u4", 23: "u8"}
@@ -139,10 +143,15 @@ def read_table(data: bytes) -> dict[bytes, bytes]:
     footer = data[-FOOTER_BYTES:]
     _, pos = _handle(footer, 0)  # the metaindex block: TensorFlow writes it empty
     index_handle, _ = _handle(footer, pos)
-    rows = {}
+    rows, end_of_last = {}, 0
     for _, value in _block(data, index_handle):
         handle, _ = _handle(value, 0)
+        if handle[0] < end_of_last:  # a table's data blocks follow each other: none is read twice
+            raise Damaged("data blocks out of order or overlapping")
+        end_of_last = handle[0] + handle[1] + BLOCK_TRAILER_BYTES
         rows.update(_block(data, handle))
+        if len(rows) > MAX_ENTRIES:
+            raise Damaged("more entries than any checkpoint has")
     return rows
 
 
@@ -175,6 +184,8 @@ def _block(data: bytes, handle: tuple[int, int]) -> list[tuple[bytes, bytes]]:
         value_len, pos = _varint(block, pos)
         if shared > len(key) or pos + unshared + value_len > limit:
             raise Damaged("entry beyond its block")
+        if shared + unshared > MAX_KEY_BYTES or len(pairs) >= MAX_ENTRIES:
+            raise Damaged("key or block larger than any checkpoint has")
         key = key[:shared] + block[pos : pos + unshared]
         pos += unshared
         pairs.append((key, block[pos : pos + value_len]))

@@ -71,7 +71,7 @@ def read_hparams(folder: Path) -> dict[str, int]:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ModelLoadError(f"{folder} has a TensorFlow checkpoint but no hparams.json: copy it from the model it was trained from (such as models/124M/hparams.json).") from exc
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested deep
         raise ModelLoadError(f"{path} is not valid JSON: copy it again from the model it was trained from.") from exc
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{path} is not a JSON object like OpenAI's hparams.json: copy it again.")
@@ -113,7 +113,7 @@ def _config(bundle: Bundle, hparams: dict[str, int], folder: Path) -> GPT2Config
         if key in hparams and hparams[key] != value:
             raise ModelLoadError(f"hparams.json in {folder} says {key} = {hparams[key]} but the checkpoint has {value}: it belongs to another model, copy the right one.")
     n_head = hparams.get("n_head", 12)  # gpt-2-simple's default_hparams()
-    if layers != set(range(len(layers))) or not layers or found["n_embd"] % n_head:
+    if layers != set(range(len(layers))) or not layers or min(found.values()) < 1 or found["n_embd"] % n_head:
         raise ModelLoadError(f"{bundle.prefix.name} in {folder} does not have GPT-2's shapes (layers {sorted(layers)[:5]}, width {found['n_embd']}, {n_head} heads): botkit reads OpenAI's GPT-2 layout only.")
     eot = found["n_vocab"] - 1  # GPT-2's <|endoftext|> is its last token; replaced by the tokenizer's own below
     return GPT2Config(vocab_size=found["n_vocab"], n_positions=found["n_ctx"], n_embd=found["n_embd"], n_layer=found["n_layer"], n_head=n_head,
@@ -156,7 +156,7 @@ def folder_tokenizer(folder: Path, vocab_size: int, n_ctx: int) -> PreTrainedTok
     try:
         vocab = json.loads(encoder_path.read_text(encoding="utf-8"))
         lines = merges_path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested deep
         raise ModelLoadError(f"{encoder_path.name} or {merges_path.name} in {folder} cannot be read as OpenAI's tokenizer files: copy them again.") from exc
     merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
     if (not isinstance(vocab, dict) or not all(isinstance(k, str) and isinstance(v, int) and 0 <= v < vocab_size for k, v in vocab.items())

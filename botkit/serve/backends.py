@@ -133,6 +133,14 @@ class LocalBackend:
             self._inbox.put(("cancel", job.id))
             raise
 
+    async def drop_cached_prefixes(self, request_ids: frozenset[int] = frozenset()) -> None:
+        """Drop the engine's kept conversations (their tokens' keys and values), and never keep those
+        in flight or the jobs `request_ids` (still queued in the core); returns once done."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._inbox.put(("drop_cache", (loop, done, request_ids)))
+        await done
+
     # -- the worker thread ------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -172,6 +180,10 @@ class LocalBackend:
         elif kind == "cancel":
             engine.cancel(arg)
             self._by_seq.pop(arg, None)
+        elif kind == "drop_cache":
+            loop, done, request_ids = arg
+            engine.drop_cached_prefixes(request_ids)
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
 
     def _step(self, engine: Engine) -> None:
         try:

@@ -174,8 +174,21 @@ class Core:
         with self._queue_place():
             if kind == "completion":
                 self._check_rate(self._api_limit, who.platform, who.user_id, "You're")
-            return await self._enqueue(kind, who, message if message is not None else prompt, prompt, params,
-                                       retry_empty=retry_empty)
+            return await self._enqueue(kind, who, message if message is not None else prompt, prompt,
+                                       self._with_operator_rules(params), retry_empty=retry_empty)
+
+    def _with_operator_rules(self, params: SamplingParams) -> SamplingParams:
+        """The config's banned words hold for every request (every chat, the HTTP API, the playground),
+        whatever a chat's admins or an API client set."""
+        extra = tuple(w for w in self.config.limits.banned_words if w not in params.banned_words)
+        return dataclasses.replace(params, banned_words=params.banned_words + extra) if extra else params
+
+    async def drop_cached_prefixes(self) -> None:
+        """Drop every conversation the backend keeps for reuse (its tokens' keys and values), and keep
+        none of those in flight: /forget erased text they may hold."""
+        drop = getattr(self.backend, "drop_cached_prefixes", None)  # only the local engine keeps any
+        if drop is not None:
+            await drop(frozenset(t.request_id for t in (*self._queue, *self._running)))
 
     async def rerun(self, request_id: int) -> Ticket | None:
         """Queue again a chat request that a crash or shutdown interrupted, with the prompt it was

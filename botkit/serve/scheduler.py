@@ -25,6 +25,9 @@ class FairQueue(Generic[T]):
     def __len__(self) -> int:
         return self._size
 
+    def __iter__(self):
+        return (item for items in self._users.values() for item in items)
+
     def push(self, user: Hashable, item: T) -> None:
         self._users.setdefault(user, deque()).append(item)
         self._size += 1

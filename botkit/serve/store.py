@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -104,7 +105,10 @@ MIGRATIONS = [
     "ALTER TABLE chats ADD COLUMN export_since_message INTEGER NOT NULL DEFAULT 0",
 ]
 
+log = logging.getLogger("botkit.store")
+
 BUSY_RETRIES = 5
+WAL_RETRY_S = (0.1, 30.0)  # first and longest wait between tries to empty the WAL after an erase
 BLANK = " \t\r\n"  # trim(reply, BLANK) = '' for a reply with nothing to read: never context
 
 
@@ -112,6 +116,10 @@ class Store:
     def __init__(self, db: aiosqlite.Connection):
         self.db = db
         self._lock = asyncio.Lock()  # one transaction at a time on the shared connection
+        self._wal_holds_erased = asyncio.Event()  # set by an erase whose WAL could not be emptied yet
+        # request in flight -> the erased texts its prompt quoted, in memory until it settles: a reply
+        # that copied one is not stored (see finish)
+        self._erased_quotes: dict[int, list[str]] = {}
 
     @classmethod
     @asynccontextmanager
@@ -130,7 +138,12 @@ class Store:
                 db.row_factory = aiosqlite.Row
                 store = cls(db)
                 await store._prepare(path)
-                yield store
+                emptier = asyncio.create_task(store._keep_emptying_wal())
+                try:
+                    yield store
+                finally:
+                    emptier.cancel()
+                    await asyncio.gather(emptier, return_exceptions=True)
             finally:
                 await db.close()
 
@@ -208,12 +221,15 @@ class Store:
 
     async def finish(self, request_id: int, *, reply: str, finish_reason: str, num_prompt_tokens: int,
                      num_tokens: int, seed: int | None, first_token_at: float | None) -> None:
+        if any(text in reply for text in self._erased_quotes.pop(request_id, ())):
+            reply = ""  # it copied a message /forget erased while it ran: sent, but never stored or context
         await self._write(
             "UPDATE requests SET status='done', reply=?, finish_reason=?, num_prompt_tokens=?, num_tokens=?,"
             " seed=COALESCE(?, seed), first_token_at=?, done_at=? WHERE id=?",
             (reply, finish_reason, num_prompt_tokens, num_tokens, seed, first_token_at, time.time(), request_id))
 
     async def fail(self, request_id: int, reason: str, status: str = "failed") -> None:
+        self._erased_quotes.pop(request_id, None)
         await self._write("UPDATE requests SET status=?, error=?, done_at=? WHERE id=? AND status IN ('queued', 'running')",
                           (status, reason, time.time(), request_id))
 
@@ -239,10 +255,12 @@ class Store:
     # -- deliveries -------------------------------------------------------------------------
 
     async def record_delivery(self, request_id: int, platform_message_ids: list[str]) -> None:
-        rows = [(request_id, i, str(mid), time.time()) for i, mid in enumerate(platform_message_ids)]
+        """Record which platform messages carry the answer; nothing if /forget erased the request meanwhile."""
+        rows = [(request_id, i, str(mid), time.time(), request_id) for i, mid in enumerate(platform_message_ids)]
 
         async def work(db):
-            await db.executemany("INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, ?)", rows)
+            await db.executemany("INSERT OR IGNORE INTO deliveries SELECT ?, ?, ?, ?"
+                                 " WHERE EXISTS (SELECT 1 FROM requests WHERE id = ?)", rows)
 
         await self._transaction(work)
 
@@ -346,9 +364,12 @@ class Store:
     async def claim_answer(self, request_id: int, kind: str) -> bool:
         """Record that an answer to `request_id` starts being sent now; False if one already was (or a
         delivery is recorded). From this moment the request counts as answered, even if botkit dies
-        before the platform confirms the message: a reply is never sent twice."""
+        before the platform confirms the message: a reply is never sent twice. A request that /forget
+        erased while it was in flight is answered once, from memory, and nothing about it is recorded."""
 
         async def work(db):
+            if not await (await db.execute("SELECT 1 FROM requests WHERE id=?", (request_id,))).fetchone():
+                return True
             if await (await db.execute("SELECT 1 FROM deliveries WHERE request_id=? LIMIT 1", (request_id,))).fetchone():
                 return False
             cur = await db.execute("INSERT OR IGNORE INTO answers VALUES (?, ?, ?)", (request_id, kind, time.time()))
@@ -387,6 +408,12 @@ class Store:
 
     # -- privacy ----------------------------------------------------------------------------
 
+    async def blank_prompt(self, request_id: int) -> None:
+        """Blank one request's stored prompt (built from context that /forget erased meanwhile)."""
+        await self._write("UPDATE requests SET prompt = '' WHERE id=?", (request_id,))
+        if not await self._try_emptying_wal():
+            self._wal_holds_erased.set()
+
     async def forget(self, platform: str, chat_id: str, user_id: str | None = None) -> int:
         """Erase a member's messages in a chat (everyone's if `user_id` is None); see `_erase`."""
         who = "platform=? AND chat_id=?" + (" AND user_id=?" if user_id is not None else "")
@@ -416,15 +443,22 @@ class Store:
 
     async def _erase(self, select_messages: str, args: tuple) -> int:
         """Erase the messages `select_messages` picks, with their requests, the replies and delivery
-        records, and blank the stored prompts of the chat's other (settled) requests that quote one of
-        them as context; the text is overwritten on disk (secure_delete, then the WAL is truncated).
+        records, and blank the stored prompts of the chat's other requests that quote one of them as
+        context (those in flight too: their prompt is in memory, and a blank one is never requeued); the text is overwritten on disk (secure_delete, then the WAL is truncated).
         Returns how many messages were erased."""
         requests = f"SELECT id FROM requests WHERE message_id IN ({select_messages})"
-        quoting = ("UPDATE requests SET prompt = '' WHERE status NOT IN ('queued', 'running') AND prompt != ''"
+        quoting = ("UPDATE requests SET prompt = '' WHERE prompt != ''"
                    " AND EXISTS (SELECT 1 FROM messages q JOIN messages f ON f.platform = q.platform AND f.chat_id = q.chat_id"
                    f" WHERE q.id = requests.message_id AND f.id IN ({select_messages}) AND instr(requests.prompt, f.text) > 0)")
 
+        in_flight_quotes = ("SELECT r.id, f.text FROM requests r JOIN messages q ON q.id = r.message_id"
+                            " JOIN messages f ON f.platform = q.platform AND f.chat_id = q.chat_id"
+                            f" WHERE r.status IN ('queued', 'running') AND f.id IN ({select_messages})"
+                            " AND f.text != '' AND instr(r.prompt, f.text) > 0")
+
         async def work(db):
+            for request_id, text in await (await db.execute(in_flight_quotes, args)).fetchall():
+                self._erased_quotes.setdefault(request_id, []).append(text)
             await db.execute(quoting, args)
             for table in ("deliveries", "answers"):
                 await db.execute(f"DELETE FROM {table} WHERE request_id IN ({requests})", args)
@@ -434,9 +468,36 @@ class Store:
         async with self._lock:
             await self._run_to_end("PRAGMA secure_delete=ON")  # erased text is overwritten, not left in free pages
         erased = await self._transaction(work)
-        async with self._lock:
-            await self._run_to_end("PRAGMA wal_checkpoint(TRUNCATE)")  # and the WAL's copies of those pages go too
+        if not await self._try_emptying_wal():  # the WAL's copies of those pages go too, now or once readers let go
+            self._wal_holds_erased.set()
         return erased
+
+    async def _try_emptying_wal(self) -> bool:
+        """One try at emptying the WAL that waits for nobody: False while another connection (a backup
+        tool such as Litestream) reads a snapshot that still needs the WAL's old pages."""
+        async with self._lock:
+            try:
+                await self._run_to_end("PRAGMA busy_timeout=0")
+                try:
+                    async with self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cursor:
+                        is_busy, num_wal_frames, _ = await cursor.fetchone()
+                finally:
+                    await self._run_to_end("PRAGMA busy_timeout=5000")
+            except sqlite3.Error as exc:
+                log.warning("emptying the WAL after an erase failed (%s); retrying", exc)
+                return False
+        return not is_busy and num_wal_frames <= 0
+
+    async def _keep_emptying_wal(self) -> None:
+        """While the store is open: after an erase whose WAL could not be emptied at once, retry (backing
+        off) until it is, so the erased text leaves the disk as soon as the last old reader ends."""
+        while True:
+            await self._wal_holds_erased.wait()
+            self._wal_holds_erased.clear()  # an erase during the tries below sets it again: one more round
+            wait_s = WAL_RETRY_S[0]
+            while not await self._try_emptying_wal():
+                await asyncio.sleep(wait_s)
+                wait_s = min(2 * wait_s, WAL_RETRY_S[1])
 
 
 def _unavailable(exc: sqlite3.Error) -> StoreUnavailable:

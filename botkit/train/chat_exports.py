@@ -136,7 +136,7 @@ def _telegram(m, chat: str) -> ChatMessage | None:
         elif isinstance(part, dict) and isinstance(part.get("text"), str):
             pieces.append(_ENTITY_TEXT.get(part.get("type"), part["text"]))
     time_s = _time(m.get("date"))
-    if isinstance(m.get("date_unixtime"), str) and m["date_unixtime"].isdigit() and len(m["date_unixtime"]) < 12:
+    if isinstance(m.get("date_unixtime"), str) and re.fullmatch(r"[0-9]{1,11}", m["date_unixtime"]):  # not "²" or "٣"
         time_s = float(m["date_unixtime"])
     return ChatMessage(chat, _text(m.get("from")), normalise("".join(pieces)), time_s)
 

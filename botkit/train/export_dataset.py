@@ -3,8 +3,10 @@ chat dataset for `botkit finetune --dataset`, from the moment each opted in (ear
 sent without that consent).
 
 Only people's messages are exported: the bot's own replies would teach the model its own output,
-and API completions are not chat. The file names no platform, chat or user id: chats are numbered,
-speakers keep the display name the chat showed. Read through a read-only connection, so a running
+and API completions are not chat. The file names no platform, chat or user id, handle or name:
+chats are numbered, speakers are user1, user2, ... (one pseudonym a person across the file: a
+Telegram name is often an @username), and the text is cleaned as every chat export is (mentions,
+Discord's <@id> markup, links and Telegram profile links removed; see train/conversations.normalise). Read through a read-only connection, so a running
 bot is not disturbed.
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 from botkit.errors import DatasetError, InputError
 from botkit.params import ChatSettings
 from botkit.train.chat_exports import botkit_header
+from botkit.train.conversations import normalise
 
 log = logging.getLogger("botkit")
 
@@ -38,6 +41,8 @@ def export_dataset(db_path: str | os.PathLike, out_path: str | os.PathLike, defa
     db_path, out_path = Path(db_path), Path(out_path)
     if not db_path.is_file():
         raise DatasetError(f"The database {db_path} does not exist: pass the [store] path of your bot with --db.")
+    if out_path.is_dir():
+        raise DatasetError(f"{out_path} is a folder: pass a file name with --out, such as {out_path / 'dataset.jsonl'}.")
     if not out_path.parent.is_dir():
         raise DatasetError(f"The folder of {out_path} does not exist: create it or choose another --out.")
     defaults = defaults or ChatSettings()
@@ -47,6 +52,7 @@ def export_dataset(db_path: str | os.PathLike, out_path: str | os.PathLike, defa
         raise DatasetError(f"Cannot open the database {db_path} ({exc}): check the path and its permissions.") from None
     tmp = out_path.with_name(out_path.name + ".tmp")
     num_chats = num_messages = 0
+    pseudonyms: dict[tuple[str, str], str] = {}  # (platform, user id) -> userN
     try:
         with db, tmp.open("w", encoding="utf-8") as out:
             out.write(botkit_header() + "\n")
@@ -57,12 +63,13 @@ def export_dataset(db_path: str | os.PathLike, out_path: str | os.PathLike, defa
                 if not _opted_in(defaults, settings, platform, chat_id):
                     continue
                 rows = db.execute(
-                    "SELECT m.user_name, m.text, m.received_at FROM messages m LEFT JOIN requests r ON r.message_id = m.id"
+                    "SELECT m.user_id, m.text, m.received_at FROM messages m LEFT JOIN requests r ON r.message_id = m.id"
                     " WHERE m.platform=? AND m.chat_id=? AND m.id > ? AND (r.kind IS NULL OR r.kind = 'chat') ORDER BY m.id",
                     (platform, chat_id, since))
                 label = f"chat{num_chats + 1}"
-                for user_name, text, received_at in rows:
-                    record = {"chat": label, "speaker": user_name or "someone", "time_s": received_at, "text": text}
+                for user_id, text, received_at in rows:
+                    speaker = pseudonyms.setdefault((platform, user_id), f"user{len(pseudonyms) + 1}")
+                    record = {"chat": label, "speaker": speaker, "time_s": received_at, "text": normalise(text)}
                     out.write(json.dumps(record, ensure_ascii=False) + "\n")
                     num_messages += 1
                     num_chats += label == f"chat{num_chats + 1}"  # counted at its first message

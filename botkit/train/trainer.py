@@ -70,6 +70,9 @@ def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
         log.info("The data of run %s:\n%s", o.run_name, summary)
     early_stopping = o.early_stopping if o.early_stopping is not None else DEFAULT_PATIENCE if val is not None else 0
 
+    if o.lora > lm.model.config.n_embd:  # checked before peft allocates the adapters (7.5 GB for a huge rank)
+        raise InputError(f"lora rank {o.lora} is above the model's width of {lm.model.config.n_embd}, where a rank stops adding anything: "
+                         "pass a smaller one such as 8.")
     net = lm.model.train()
     if o.lora:
         from botkit.model import lora
