@@ -199,7 +199,8 @@ class WebAdapter:
         """200 while every enabled platform is connected and the worker alive; 503 with the reasons otherwise."""
         problems = health.problems(self.core)
         body = {"status": "unhealthy", "problems": problems} if problems else {"status": "ok"}
-        return web.json_response({**body, "platforms": self.core.connections.states()}, status=503 if problems else 200)
+        return web.json_response({**body, "platforms": self.core.connections.states(), "details": health.details(self.core)},
+                                 status=503 if problems else 200)
 
     async def metrics(self, request: web.Request) -> web.Response:
         from botkit.serve import prometheus  # prometheus_client loads on the first scrape, not with botkit

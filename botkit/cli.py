@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("botkit").setLevel(logging.INFO)
+    # vLLM's own lines (backend = "vllm"): its warnings and errors, and with -v everything it says
+    logging.getLogger("botkit.vllm.server").setLevel(logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # its INFO lines carry request URLs, and Telegram's hold the token
     # transformers' warnings speak to library authors (deprecations, a guessed loss type): errors only,
     # and no progress bars ("Loading weights" on every start), through their documented variables,
@@ -209,13 +211,13 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
     if config.web.enabled and config.web.port:
         _check_port_free(config.web.host, config.web.port)  # before the store: a failed start changes no records
     source = None
-    if config.model.backend == "local":
+    if config.model.backend in ("local", "vllm"):
         from botkit.model.sources import resolve
 
         source = resolve(config.model.source or None, config.model.run_name or None, config.model.checkpoint_dir, source_names)
     with ThreadPoolExecutor(1) as loader:  # a thread that exits: see backends.LocalBackend on OpenMP teams
         backend = await asyncio.get_running_loop().run_in_executor(loader, _make_backend, config, source)
-    run_format = getattr(getattr(backend, "lm", None), "chat_format", None)  # None: not a chat run
+    run_format = run_chat_format(backend)  # None: not a chat run
     config = with_run_chat_format(config, run_format)
     if stop is None:
         stop = asyncio.Event()
@@ -269,6 +271,17 @@ def with_run_chat_format(config: Config, chat_format) -> Config:
     return _replace(config, "chat", **{k: getattr(chat, k) for k in ("template", "truncate", "chat_format", "context")})
 
 
+def run_chat_format(backend):
+    """The chat format the served run was trained with (its chat_format.json), or None."""
+    if getattr(backend, "lm", None) is not None:
+        return backend.lm.chat_format
+    if getattr(backend, "run_dir", None):
+        from botkit.chat_format import ChatFormat
+
+        return ChatFormat.load(backend.run_dir)
+    return None
+
+
 def _check_port_free(host: str, port: int) -> None:
     import socket
 
@@ -285,8 +298,12 @@ def _make_backend(config: Config, source):
         from botkit.serve.remote import RemoteBackend
 
         return RemoteBackend.from_config(config)
+    if config.model.backend == "vllm":
+        from botkit.serve.vllm_backend import VllmBackend
+
+        return VllmBackend.from_config(config, source)
     if config.model.backend != "local":
-        raise BotkitError(f'model.backend must be "local" or "remote", not {config.model.backend!r}.')
+        raise BotkitError(f'model.backend must be "local", "remote" or "vllm", not {config.model.backend!r}.')
     from botkit.model.loading import load_model
     from botkit.serve.backends import LocalBackend
 

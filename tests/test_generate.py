@@ -103,9 +103,9 @@ def test_no_broken_characters_at_a_cut(tiny_lm):
     engine = Engine(tiny_lm, 1)
     seq = engine.add(tok("x").input_ids, SamplingParams(max_new_tokens=1, temperature=0))
     seq.generated = ids[:1]
-    engine._add_text(seq, ids[0])
+    engine.post.add_text(seq, ids[0])
     seq.finish_reason = "length"
-    assert "\ufffd" not in engine._take_delta(seq) and "\ufffd" not in seq.text
+    assert "\ufffd" not in engine.post.take_delta(seq) and "\ufffd" not in seq.text
     assert all(t.startswith("你好") for t in texts)
 
 

@@ -38,7 +38,7 @@ async def scrape(http) -> dict[str, list]:
 async def test_healthz_follows_the_platform_connection_and_metrics_count_requests(tmp_path, monkeypatch):
     async with fake_server("telegram", monkeypatch) as fake, \
             platform("telegram", tmp_path, monkeypatch, ScriptedBackend(), NO_LIMITS, fake=fake) as bot, web_for(bot.core) as http:
-        assert await health(http) == (200, {"status": "ok", "platforms": {"telegram": True}})
+        assert await health(http) == (200, {"status": "ok", "platforms": {"telegram": True}, "details": {"engine": "local"}})
         answered = await bot.send(GROUP, "mention", "hello")
         await until(lambda: bot.answers(answered))
         await until(lambda: bot.core.stats().num_done == 1)

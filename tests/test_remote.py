@@ -15,6 +15,7 @@ from botkit.chat.chats import Chats, Prompt
 from botkit.config import Config, LimitsConfig, ModelConfig, WebConfig
 from botkit.errors import ConfigError, GenerationError, ModelLoadError
 from botkit.params import ChatSettings, SamplingParams
+from botkit.serve import capabilities
 from botkit.serve.backends import Job, LocalBackend
 from botkit.serve.core import Core
 from botkit.serve.remote import RemoteBackend, completions_url
@@ -47,7 +48,8 @@ async def test_a_second_botkit_gets_completions_from_the_first(tmp_path, tiny_lm
     async with first_botkit(tmp_path, tiny_lm) as (first, web), second_botkit(tmp_path, remote_config(web.url + "v1")) as second:
         assert second.backend.name == "random-gpt2"  # learnt from the first's /v1/models
         prompt = Prompt(platform="discord", chat_id="1", user_id="2", text="hello", message_id="9")
-        ticket = await Chats(second, second.store, second.config).submit(prompt, ChatSettings(length=8, truncate=""))
+        settings = ChatSettings(length=8, truncate="", unique=False)  # unjudged: streamed (a judged reply comes whole)
+        ticket = await Chats(second, second.store, second.config).submit(prompt, settings)
         deltas = [d async for d in ticket.stream()]
         reply = await ticket.result()
         served = (await first.recent(limit=1))[0]
@@ -149,6 +151,9 @@ class FakeVLLM:
 
     async def completions(self, request):
         body = await request.json()
+        if not body.get("stream"):  # botkit's probes at start (capabilities.py): vLLM without botkit's processor
+            logprobs = {"token_logprobs": [-1.0]} if body.get("logprobs") is not None else None
+            return web.json_response({"choices": [{"index": 0, "text": " one", "logprobs": logprobs, "finish_reason": "length"}]})
         self.bodies.append(body)
         if self.busy_answers:
             self.busy_answers -= 1
@@ -196,14 +201,18 @@ async def test_speaks_vllms_dialect(tmp_path):
         seen = []
         params = SamplingParams(max_new_tokens=3, temperature=0.5, top_k=40, top_p=0.9, stop=("\n",), seed=1)
         done = await backend.generate(Job(1, "Hello", params, on_text=seen.append))
-        await backend.generate(Job(2, "Hello", SamplingParams(top_k=0)))
+        unseeded = await backend.generate(Job(2, "Hello", SamplingParams(top_k=0)))
+        details = backend.health_details()
     assert backend.name == "gpt2"
     assert seen == [" one", " two", " three"] and done.text == " one two three"
     assert (done.finish_reason, done.num_tokens, done.num_prompt_tokens, done.seed) == ("length", 3, 7, 1)
     sent = fake.bodies[0]
     assert sent == {"model": "gpt2", "prompt": "Hello", "max_tokens": 3, "temperature": 0.5, "top_p": 0.9, "stream": True,
                     "stream_options": {"include_usage": True}, "stop": ["\n"], "seed": 1, "top_k": 40}
-    assert "top_k" not in fake.bodies[1] and "seed" not in fake.bodies[1]  # OpenAI's API has no top_k; off means absent
+    assert "top_k" not in fake.bodies[1]  # OpenAI's API has no top_k; off means absent
+    assert fake.bodies[1]["seed"] == unseeded.seed is not None  # as on the own engine, every sample has a seed, stored with it
+    # This fake is vLLM without botkit's processor: said at start and in /healthz, and no vllm_xargs are sent
+    assert "vllm_xargs" not in sent and details["unsupported"] == [capabilities.RULES] and "--logits-processors" in details["note"]
 
 
 async def test_busy_server_is_retried_then_reported(tmp_path):
@@ -269,3 +278,16 @@ async def test_a_connection_dropped_mid_answer_fails_that_request(tmp_path):
         with pytest.raises(GenerationError, match="remote model server http://127.0.0.1:[0-9]+ "):
             await backend.generate(Job(1, "x", SamplingParams(), on_text=seen.append))
     assert seen == [" one"]
+
+
+async def test_candidates_and_banned_words_are_judged_here_as_on_the_own_engine(tmp_path):
+    fake = FakeVLLM()  # it always answers " one two three"
+    async with fake_vllm(fake) as url, RemoteBackend(url) as backend:
+        done = await backend.generate(Job(1, "Hello", SamplingParams(candidates=3, seed=10)))
+        assert [b["seed"] for b in fake.bodies] == [10, 11, 12] and all(b["logprobs"] == 0 for b in fake.bodies)  # seed + i, as the engine
+        assert (done.text, done.num_draws, done.seed) == (" one two three", 3, 10)
+        fake.bodies.clear()
+        with pytest.raises(GenerationError, match=r"each of 4 draws held a banned word"):
+            await backend.generate(Job(2, "Hello", SamplingParams(banned_words=("Tw0",), seed=1)))  # leetspeak, any case
+    assert len(fake.bodies) == 4 and fake.bodies[1]["seed"] == (1 + 0x9E3779B97F4A7C15) % 2**63  # redrawn with the engine's next seed
+    assert not any("Tw0" in json.dumps(b) for b in fake.bodies)  # banned words are never sent

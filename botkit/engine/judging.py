@@ -16,9 +16,11 @@ so with `candidates = n` the n samples drawn together compete on how likely the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from botkit.banned_words import banned_word_in
+from botkit.engine.sequence import Event, Sequence
 
 MAX_RESAMPLES = 3  # draws after the first, per sample, while it is banned or copies
 COPY_PENALTY = 5.0  # nats per token taken off a sample copying all of itself
@@ -64,3 +66,40 @@ def best(attempts: list[Attempt]) -> Attempt | None:
     if not allowed:
         return None
     return max(allowed, key=lambda a: (not a.copies, a.score))
+
+
+class Judge:
+    """The engine's plug-in for judged rows (banned words, `unique`, `candidates`), called when one
+    finishes: `redraws(seq)` records the draw and says whether to draw it again; `settle(seq)` hands
+    out the request's one event once every candidate is done."""
+
+    def __init__(self, tokenizer, copy_index: Callable[[], object | None]):
+        self.tokenizer, self.copy_index = tokenizer, copy_index  # copy_index: the run's CopyIndex, loaded when first asked
+
+    def redraws(self, seq: Sequence) -> bool:
+        """True if the finished draw holds a banned word or copies, and may be drawn again (sampled, with draws left)."""
+        seq.text = seq.text.rstrip("\ufffd")
+        attempt = judge(seq.text, seq.params, self.tokenizer, self.copy_index(), prompt_ids=seq.prompt_ids[seq.offset :],
+                        finish_reason=seq.finish_reason, num_tokens=len(seq.generated), seed=seq.seed,
+                        mean_logprob=seq.logprob_sum / max(1, len(seq.generated)))
+        seq.attempts.append(attempt)
+        # (a greedy row would draw the same again)
+        return bool(attempt.banned or attempt.copies) and seq.params.temperature != 0 and len(seq.attempts) <= MAX_RESAMPLES
+
+    @staticmethod
+    def settle(seq: Sequence) -> list[Event]:
+        """Once every candidate of the request is done, the request's one event: the best draw."""
+        group = seq.group or [seq]
+        seq.result = Attempt("", "", 0, seq.seed, 0.0)  # a marker: this candidate is done
+        if any(m.result is None for m in group):
+            return []
+        leader = group[0]
+        chosen = best([a for m in group for a in m.attempts])
+        leader.result = chosen
+        if chosen is None:
+            tried = sum(len(m.attempts) for m in group)
+            leader.finish_reason = "error"
+            leader.error = f"each of {tried} draws held a banned word" if tried else leader.error or "no candidate finished"
+            return [Event(leader, "", True)]
+        leader.text, leader.finish_reason, leader.seed = chosen.text, chosen.finish_reason, chosen.seed
+        return [Event(leader, chosen.text, True)]

@@ -349,6 +349,9 @@ class Core:
         """Why requests cannot be served now (the dispatcher or the generation worker stopped), or None."""
         if self._dispatcher is None or self._dispatcher.done():
             return "the dispatcher is not running"
+        problem = getattr(self.backend, "problem", None)  # an engine botkit runs (vLLM) says why
+        if problem is not None and problem():
+            return problem()
         is_alive = getattr(self.backend, "is_alive", None)
         if is_alive is not None and not is_alive():
             return "the generation worker has stopped"

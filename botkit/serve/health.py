@@ -33,3 +33,9 @@ def problems(core) -> list[str]:
     """Everything that keeps the bot from serving now; empty when it is healthy."""
     worker = core.worker_problem()
     return ([f"worker: {worker}"] if worker else []) + core.connections.problems()
+
+
+def details(core) -> dict:
+    """What the engine says about itself for /healthz: a remote or vLLM server, and the settings it cannot honour."""
+    details = getattr(core.backend, "health_details", None)
+    return details() if details is not None else {"engine": "local"}

@@ -45,6 +45,10 @@ class CoreCollector:
         yield connected
         yield GaugeMetricFamily("botkit_worker_alive", "1 while requests can be generated, else 0.",
                                 value=float(self.core.worker_problem() is None))
+        server = getattr(self.core.backend, "server", None)  # an engine botkit runs itself (backend = "vllm")
+        if server is not None:
+            yield CounterMetricFamily("botkit_engine_restarts", "Times botkit started the vLLM server again after it died.",
+                                      value=max(0, server.num_starts - 1))
 
 
 def registry_for(core) -> CollectorRegistry:

@@ -13,9 +13,11 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 from yarl import URL
@@ -40,6 +42,7 @@ class Chunk:
     finish_reason: str | None = None  # "stop" | "length" on the last chunk
     num_tokens: int = 0  # completion tokens, on the last chunk
     num_prompt_tokens: int | None = None  # as the server counted them, on the last chunk if it said
+    logprob_sum: float | None = None  # of the sample's tokens under the model (nats), on the last chunk when asked for
 
 
 def completions_url(url: str) -> URL:
@@ -66,17 +69,22 @@ class RemoteBackend:
         max_batch_size: int = 32,
         max_context: int = 1024,
         timeout_s: float = 120.0,
+        tokenizer=None,
+        run_dir: str | None = None,
     ):
         self.client = RemoteClient(url, model=model, api_key=api_key, max_concurrency=max_batch_size, timeout_s=timeout_s)
         self.name = model or "remote"
         self.max_batch_size = max_batch_size
         self.max_context = max_context
-        self.tokenizer = count_tokenizer()  # GPT-2's, without torch
+        self.tokenizer = tokenizer or count_tokenizer()  # the served model's (`tokenizers`, no torch): counts, cuts, judges copies
+        self.run_dir = run_dir  # the run whose copy index judges `unique` replies (None: only the prompt is checked)
+        self.unsupported: list[str] = []  # settings this server cannot honour (capabilities.py), found at start
 
     @classmethod
     def from_config(cls, config: Config) -> RemoteBackend:
         if not config.model.url:
             raise ConfigError('model.backend is "remote" but model.url is empty: set it to the server\'s URL, such as http://gpu-box:8000/v1.')
+        run_dir = config.model.source if config.model.source and (Path(config.model.source) / "config.json").is_file() else None
         return cls(
             config.model.url,
             model=config.model.remote_model,
@@ -84,6 +92,8 @@ class RemoteBackend:
             max_batch_size=config.batch.max_size,
             max_context=config.model.max_context,
             timeout_s=config.batch.timeout_s,
+            tokenizer=run_tokenizer(run_dir) if run_dir else None,
+            run_dir=run_dir,  # the served run's folder, when it is here too: its tokenizer and copy index judge replies
         )
 
     def count_tokens(self, text: str) -> int:
@@ -92,13 +102,33 @@ class RemoteBackend:
     async def __aenter__(self) -> RemoteBackend:
         await self.client.__aenter__()
         self.name = self.client.model
+        from botkit.serve.capabilities import probe, unsupported_sentence
+
+        self.unsupported = await probe(self.client)
+        if self.unsupported:
+            log.warning("%s", unsupported_sentence(self.client.server, self.unsupported))
         return self
+
+    def health_details(self) -> dict:
+        """What /healthz adds about the engine: its server and the settings it cannot honour."""
+        from botkit.serve.capabilities import unsupported_sentence
+
+        details = {"engine": self.client.server, "unsupported": list(self.unsupported)}
+        if self.unsupported:
+            details["note"] = unsupported_sentence(self.client.server, self.unsupported)
+        return details
 
     async def __aexit__(self, *exc) -> None:
         await self.client.__aexit__(*exc)
 
     async def generate(self, job: Job) -> Completion:
         prompt, params = self._fit_window(job.prompt, job.params)
+        if params.seed is None:  # as the own engine: every sample has a seed, stored with its reply
+            params = dataclasses.replace(params, seed=secrets.randbits(63))
+        if is_judged(params):
+            from botkit.serve.remote_draws import judged_completion
+
+            return await judged_completion(self, job, prompt, params)
         text, first_token_at, last = [], None, Chunk("")
         async for chunk in self.client.stream(prompt, params):
             if chunk.text:
@@ -109,6 +139,14 @@ class RemoteBackend:
         num_prompt_tokens = last.num_prompt_tokens if last.num_prompt_tokens is not None else self.count_tokens(prompt)
         return Completion("".join(text), last.finish_reason or "stop", num_prompt_tokens, last.num_tokens,
                           params.seed, first_token_at)
+
+    def copy_index(self):
+        """The run's copy index (copy_index.CopyIndex), or None without a local run that has one."""
+        if not hasattr(self, "_index"):
+            from botkit.engine.copy_index import CopyIndex
+
+            self._index = CopyIndex.load(self.run_dir) if self.run_dir else None
+        return self._index
 
     def _fit_window(self, prompt: str, params: SamplingParams) -> tuple[str, SamplingParams]:
         """The remote server refuses prompt + max_tokens over its window, where the local engine slides
@@ -124,6 +162,23 @@ class RemoteBackend:
         if max_new_tokens != params.max_new_tokens:
             params = dataclasses.replace(params, max_new_tokens=max_new_tokens)
         return prompt, params
+
+
+def run_tokenizer(run_dir: str):
+    """A run's own tokenizer as a bare `tokenizers` one (no torch): its tokenizer.json, else its GPT-2 files."""
+    from tokenizers import ByteLevelBPETokenizer, Tokenizer
+
+    folder = Path(run_dir)
+    if (folder / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer = ByteLevelBPETokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    tokenizer.add_special_tokens([EOS])
+    return tokenizer
+
+
+def is_judged(params: SamplingParams) -> bool:
+    """Whether a sample is judged before it is sent (judging.py), as the own engine's Sequence.is_judged."""
+    return bool(params.banned_words or params.unique or params.candidates > 1)
 
 
 class RemoteClient:
@@ -143,6 +198,8 @@ class RemoteClient:
         self.model = model
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._api_key = api_key
+        self.has_rules = True  # the server runs botkit's logits processor (capabilities.probe says at start)
+        self.native_samplers = set(NATIVE_SAMPLERS)  # without it, vLLM's own sampler fields the server takes
         self._limit = asyncio.Semaphore(max_concurrency)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
         self._session: aiohttp.ClientSession | None = None
@@ -194,9 +251,9 @@ class RemoteClient:
             return []
         return [m.get("id") for m in body.get("data", []) if isinstance(m, dict) and m.get("id")]
 
-    async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[Chunk]:
+    async def stream(self, prompt: str, params: SamplingParams, *, logprobs: bool = False) -> AsyncIterator[Chunk]:
         """The sample's text as the server streams it; the last chunk carries finish_reason."""
-        body = self.request_body(prompt, params)
+        body = self.request_body(prompt, params, logprobs=logprobs)
         async with self._limit:
             for attempt in range(1, MAX_ATTEMPTS + 1):
                 try:
@@ -215,7 +272,9 @@ class RemoteClient:
         """A server's error text may echo the key it was sent; it never reaches users or the store."""
         return text.replace(self._api_key, "[redacted]") if self._api_key else text
 
-    def request_body(self, prompt: str, params: SamplingParams) -> dict:
+    def request_body(self, prompt: str, params: SamplingParams, *, logprobs: bool = False) -> dict:
+        """The OpenAI-style body: OpenAI's names where they exist, vLLM's otherwise, each sampler sent only
+        when on (a plain OpenAI server knows no top_k); botkit's per-token rules ride in `vllm_xargs`."""
         body = {
             "model": self.model,
             "prompt": prompt,
@@ -229,10 +288,14 @@ class RemoteClient:
             body["stop"] = list(params.stop)
         if params.seed is not None:
             body["seed"] = params.seed
+        if logprobs:
+            body["logprobs"] = 0  # the drawn token's log-probability only (the model's own: vLLM's raw_logprobs)
         if params.top_k:
             body["top_k"] = params.top_k  # vLLM's extension; sent only when on, since OpenAI lacks it
-        if params.repetition_penalty != 1.0:
-            body["repetition_penalty"] = params.repetition_penalty
+        if self.has_rules:  # the processor runs the penalties and min_p; vLLM's own stay neutral, or they apply twice
+            body["vllm_xargs"] = rule_args(params)
+        else:
+            body |= {name: value for name, value in native_samplers(params).items() if name in self.native_samplers}
         return body
 
     def _request(self, method: str, url: URL, **kwargs):
@@ -256,7 +319,7 @@ class RemoteClient:
         raise GenerationError(f"The remote model server {self.server} refused the request ({response.status}: {message or response.reason}).")
 
     async def _read_events(self, response: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
-        finish_reason, num_tokens, num_prompt_tokens, num_chunks = None, None, None, 0
+        finish_reason, num_tokens, num_prompt_tokens, num_chunks, logprob_sum = None, None, None, 0, None
         async for raw in response.content:
             line = raw.decode("utf-8", "replace").strip()
             if not line.startswith("data:"):
@@ -276,12 +339,16 @@ class RemoteClient:
                 num_chunks += 1
                 if choice.get("finish_reason"):
                     finish_reason = choice["finish_reason"]
+                logprobs = (choice.get("logprobs") or {}).get("token_logprobs")
+                if logprobs:
+                    logprob_sum = (logprob_sum or 0.0) + sum(x for x in logprobs if isinstance(x, int | float))
                 if choice.get("text"):
                     yield Chunk(choice["text"])
         if finish_reason is None:
             raise GenerationError(f"The remote model server {self.server} ended the answer without a finish reason: is it overloaded or restarting?")
         reason = "length" if finish_reason == "length" else "stop"
-        yield Chunk("", finish_reason=reason, num_tokens=num_tokens or num_chunks, num_prompt_tokens=num_prompt_tokens)
+        yield Chunk("", finish_reason=reason, num_tokens=num_tokens or num_chunks, num_prompt_tokens=num_prompt_tokens,
+                    logprob_sum=logprob_sum)
 
 
 class _NoModelList(GenerationError):
@@ -324,6 +391,24 @@ def _message_of(body) -> str:
     error = body.get("error")
     message = error.get("message") if isinstance(error, dict) else error if isinstance(error, str) else body.get("message")
     return str(message or "")[:300]
+
+
+# Samplers vLLM runs itself, under OpenAI's name where it has one, else vLLM's, with their off values:
+# sent as such only to a server without botkit's processor (capabilities.py).
+NATIVE_SAMPLERS = {"repetition_penalty": 1.0, "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+
+
+def native_samplers(params: SamplingParams) -> dict:
+    """The request fields of the samplers that are on."""
+    return {name: getattr(params, name, off) for name, off in NATIVE_SAMPLERS.items() if getattr(params, name, off) != off}
+
+
+def rule_args(params: SamplingParams) -> dict:
+    """botkit's per-token rules for the server's logits processor (botkit.engine.vllm_rules), as
+    `vllm_xargs`; {} when every rule is off."""
+    from botkit.engine.rules import to_xargs  # torch: loaded with the first request, not with botkit
+
+    return to_xargs(params)
 
 
 def remote_api_key(config: Config) -> str | None:

@@ -396,6 +396,8 @@ CASES = [
      http_error(400, "usage")),
     ("HTTP: logit_bias that would change the text", http('{"prompt": "hi", "logit_bias": {"50256": -100}}'), http_error(400, "logit_bias")),
     ("HTTP: presence_penalty out of OpenAI's range", http('{"prompt": "hi", "presence_penalty": 2.5}'), http_error(400, "presence_penalty")),
+    ("HTTP: min_tokens above max_tokens", http('{"prompt": "hi", "max_tokens": 3, "min_tokens": 4}'), http_error(400, "min_tokens")),
+    ("HTTP: a DRY breaker that is not text", http('{"prompt": "hi", "dry_sequence_breakers": [1]}'), http_error(400, "dry_sequence_breakers")),
     ("HTTP: OpenAI's neutral values and model/user are accepted",
      http('{"prompt": "hi", "model": "gpt-3.5-turbo-instruct", "user": "u1", "logit_bias": {}, "presence_penalty": 0,'
           ' "frequency_penalty": 0, "logprobs": null, "echo": false, "suffix": null, "best_of": 1, "max_tokens": 3}'),

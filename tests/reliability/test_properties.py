@@ -69,16 +69,16 @@ MODEL_TEXT = st.lists(st.sampled_from(PIECES + ["x", "EN", "D", "a", "b"]), min_
 
 
 def run_engine_text(engine: Engine, token_ids: list[int], stops: tuple[str, ...]) -> tuple[Sequence, list[str]]:
-    """Feed tokens one at a time through Engine._add_text / _take_delta as Engine._commit does."""
+    """Feed tokens one at a time through the post-processor's add_text / take_delta as Postprocessor.process does."""
     params = SamplingParams(max_new_tokens=len(token_ids), stop=stops)
     seq = Sequence(0, [engine.eos], params, torch.Generator(), 0, detok=engine.token_bytes.detokenizer())
     deltas = []
     for token in token_ids:
         seq.generated.append(token)
-        engine._add_text(seq, token)
+        engine.post.add_text(seq, token)
         if seq.finish_reason is None and len(seq.generated) >= params.max_new_tokens:
             seq.finish_reason = "length"
-        deltas.append(engine._take_delta(seq))
+        deltas.append(engine.post.take_delta(seq))
         if seq.finish_reason:
             break
     return seq, deltas

@@ -1,0 +1,259 @@
+"""botkit on vLLM: the own engine, vLLM directly, and botkit in front of vLLM (rules off and on), one run.
+
+GPT-2 124M shapes (`GPT2Config()`; `--small`: 4 layers of width 256), random weights, seed 0, saved as a Hugging Face folder with the
+tokenizer botkit ships, fp32, greedy. vLLM's CPU build is started once by botkit itself
+(`backend = "vllm"`, from the venv named by --vllm-venv, default .vllm-venv) with botkit's logits
+processor loaded; the vLLM arms are skipped (one line) when that venv is missing.
+
+Arms, one after another in this process:
+- own: botkit's Core on its own engine (LocalBackend), as benchmarks/serve.py drives it;
+- vllm: vLLM directly, through botkit's RemoteClient to its /v1/completions (no Core, no store, no rules);
+- front: botkit's Core on that vLLM server (VllmBackend), the rules off (no vllm_xargs sent);
+- front+rules: the same with the rules on (vllm_xargs; the processor runs its UTF-8 mask on every row).
+
+Workloads:
+- shared: the first 2 requests of each of 1 / 16 / 64 chats of ../shared/bench/workload.jsonl
+  (the first 2C requests in order), C closed loops; useful tokens/s over the level's wall time;
+- chat: the first --turns turns of the 64 chats of ../shared/bench/chat_workload.jsonl with
+  `use_context` on, closed loop per chat; time to first streamed text p50 of the follow-up turns
+  and tokens/s. vLLM directly replays, per chat and in order, the prompts botkit built in `front`.
+
+Greedy texts of the arms are compared request by request. Progress goes to stderr; the last stdout
+line is one JSON object.
+
+    python benchmarks/vllm.py --quick --chats 16     # levels 1 and 16, 2 turns of 16 chats
+    python benchmarks/vllm.py              # levels 1, 16, 64; 2 chat turns of 64 chats
+    python benchmarks/vllm.py --small      # the same with a 4-layer model (a shared, loaded machine)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import shutil
+import tempfile
+import time
+from collections import defaultdict, deque
+from pathlib import Path
+
+import torch
+from chat import settings_of
+from serve import in_own_thread, load_requests, log, params_of, percentile
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from botkit.chat.chats import Chats, Prompt
+from botkit.config import Config, ModelConfig, VllmConfig
+from botkit.model.loading import load_model
+from botkit.model.sources import asset_dir, resolve
+from botkit.serve.backends import LocalBackend
+from botkit.serve.core import Core, Who
+from botkit.serve.remote import RemoteClient
+from botkit.serve.store import Store
+from botkit.serve.vllm_backend import VllmBackend
+from botkit.serve.vllm_server import SERVER_MODULE
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "bench"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+SMALL = GPT2Config(n_layer=4, n_head=4, n_embd=256)  # --small: for a loaded machine (head width 64, as GPT-2's)
+
+
+def save_model(folder: Path, config: GPT2Config) -> Path:
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(asset_dir("gpt2") / name, folder / name)
+    return folder
+
+
+def make_config(model_dir: Path, num_chats: int, venv: Path, pythonpath: str) -> Config:
+    """botkit's config for every arm; vLLM from `venv`, with botkit on `pythonpath` if it is not installed there."""
+    command = ("env", f"PYTHONPATH={pythonpath}", str(venv / "bin" / "python"), "-m", SERVER_MODULE) if pythonpath else ()
+    config = Config(model=ModelConfig(backend="vllm", source=str(model_dir), max_context=1024),
+                    vllm=VllmConfig(venv=str(venv), command=command))
+    return dataclasses.replace(
+        config,
+        batch=dataclasses.replace(config.batch, max_size=num_chats, max_queue=4 * num_chats, timeout_s=7200),
+        limits=dataclasses.replace(config.limits, user_per_minute=0, chat_per_minute=0, context_messages=20),
+    )
+
+
+async def shared_level(core_or_client, requests: list[dict], num_chats: int) -> dict:
+    """`num_chats` closed loops over `requests`, through a Core (submit_completion) or a RemoteClient."""
+    todo, texts, num_tokens = deque(requests), {}, 0
+
+    async def one(index: int) -> None:
+        nonlocal num_tokens
+        while todo:
+            request = todo.popleft()
+            if isinstance(core_or_client, Core):
+                ticket = await core_or_client.submit(request["prompt"], params_of(request),
+                                                     who=Who(platform="bench", chat_id=f"c{index}", user_id=f"u{index}"))
+                reply = await ticket.result()
+                text, tokens = reply.text, reply.num_tokens
+            else:
+                text, tokens = await direct(core_or_client, request["prompt"], params_of(request))
+            num_tokens += tokens
+            texts[request["id"]] = text
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(num_chats)))
+    seconds = time.perf_counter() - started
+    log(f"  {num_chats} chats: {num_tokens} tokens in {seconds:.1f} s, {num_tokens / seconds:.1f} tok/s")
+    return {"chats": num_chats, "tokens": num_tokens, "seconds": round(seconds, 2), "tok_s": round(num_tokens / seconds, 1), "texts": texts}
+
+
+async def direct(client: RemoteClient, prompt: str, params, first_at: list | None = None) -> tuple[str, int]:
+    text, last = [], None
+    async for chunk in client.stream(prompt, params):
+        if chunk.text and first_at is not None and not first_at:
+            first_at.append(time.perf_counter())
+        text.append(chunk.text)
+        last = chunk
+    return "".join(text), last.num_tokens
+
+
+async def chat_arm(core: Core, chats: dict[str, list[dict]]) -> dict:
+    records, bot = [], Chats(core, core.store, core.config)
+
+    async def one(turns: list[dict]) -> None:
+        for turn in turns:
+            started = time.perf_counter()
+            ticket = await bot.submit(Prompt("bench", turn["chat_id"], turn["user_id"], turn["message"]), settings_of(turn, turns[0]))
+            first = None
+            async for delta in ticket.stream():
+                first = first or (time.perf_counter() - started if delta else None)
+            reply = await ticket.result()
+            records.append({"chat_id": turn["chat_id"], "turn": turn["turn"], "ttft_s": first or time.perf_counter() - started,
+                            "tokens": reply.num_tokens, "prompt": ticket.prompt, "params": ticket.params, "text": reply.text})
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(turns) for turns in chats.values()))
+    return summarise(records, time.perf_counter() - started)
+
+
+async def chat_direct(client: RemoteClient, front_records: list[dict]) -> dict:
+    """vLLM directly on the prompts botkit built, each chat's turns in order, chats at once."""
+    by_chat, records = defaultdict(list), []
+    for r in sorted(front_records, key=lambda r: r["turn"]):
+        by_chat[r["chat_id"]].append(r)
+
+    async def one(turns: list[dict]) -> None:
+        for r in turns:
+            started, first_at = time.perf_counter(), []
+            text, tokens = await direct(client, r["prompt"], r["params"], first_at)
+            records.append({"chat_id": r["chat_id"], "turn": r["turn"], "ttft_s": (first_at or [time.perf_counter()])[0] - started,
+                            "tokens": tokens, "text": text})
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(turns) for turns in by_chat.values()))
+    return summarise(records, time.perf_counter() - started)
+
+
+def summarise(records: list[dict], wall_s: float) -> dict:
+    follow = [r["ttft_s"] for r in records if r["turn"] > 0]
+    log(f"  chat: {len(records)} turns in {wall_s:.1f} s, follow-up TTFT p50 {percentile(follow, 50) * 1000:.0f} ms")
+    return {"turns": len(records), "tok_s": round(sum(r["tokens"] for r in records) / wall_s, 1),
+            "ttft_p50_ms": round(percentile(follow, 50) * 1000), "ttft_p99_ms": round(percentile(follow, 99) * 1000),
+            "texts": {(r["chat_id"], r["turn"]): r["text"] for r in records}, "records": records}
+
+
+def same(a: dict, b: dict) -> str:
+    shared = [k for k in a if k in b]
+    return f"{sum(a[k] == b[k] for k in shared)}/{len(shared)}"
+
+
+async def run(args) -> dict:
+    requests = load_requests(args.workload)
+    turns = [t for t in load_requests(args.chat_workload) if t["turn"] < args.turns]
+    chats = defaultdict(list)
+    for t in turns:
+        if t["chat_id"] in chats or len(chats) < args.chats:
+            chats[t["chat_id"]].append(t)
+    levels = (1, 16) if args.quick else (1, 16, 64)
+    max_chats = max(levels[-1], len(chats))
+    out = {"levels": {}, "chat": {}, "model": "small (4 x 256)" if args.small else "gpt2-124m shapes"}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = in_own_thread(save_model, tmp / "gpt2", SMALL if args.small else GPT2Config())
+        config = make_config(model_dir, max_chats, args.vllm_venv, args.pythonpath)
+        for c in levels:
+            out["levels"][c] = {}
+        if not args.skip_own:
+            lm = in_own_thread(lambda: load_model(str(model_dir), device="cpu"))
+            async with Store.open(tmp / "own.db") as store, LocalBackend(lm, max_batch_size=max_chats) as backend, \
+                    Core(backend, store, config) as core:
+                for c in levels:
+                    log(f"own engine, {c} chats")
+                    out["levels"][c]["own"] = await shared_level(core, requests[: 2 * c], c)
+                log("own engine, chat workload")
+                out["chat"]["own"] = await chat_arm(core, chats)
+            del lm
+        if not (args.vllm_venv / "bin" / "python").is_file():
+            log(f"no vLLM venv at {args.vllm_venv}: the vLLM arms are skipped (scripts/vllm_venv.sh makes one)")
+            return out
+        started = time.perf_counter()
+        async with VllmBackend.from_config(config, resolve(str(model_dir))) as vllm:
+            out["vllm_start_s"] = round(time.perf_counter() - started, 1)
+            log(f"vLLM ready in {out['vllm_start_s']} s")
+            client = RemoteClient(vllm.server.url, model=vllm.name, max_concurrency=max_chats, timeout_s=7200)
+            async with client:
+                client.has_rules = False  # vLLM alone: no botkit arguments
+                for rules in (False, True):
+                    vllm.client.has_rules = rules
+                    name = "front+rules" if rules else "front"
+                    async with Store.open(tmp / f"{name}.db") as store, Core(vllm, store, config) as core:
+                        for c in levels:
+                            if not rules:
+                                log(f"vLLM directly, {c} chats")
+                                out["levels"][c]["vllm"] = await shared_level(client, requests[: 2 * c], c)
+                            log(f"botkit in front of vLLM ({name}), {c} chats")
+                            out["levels"][c][name] = await shared_level(core, requests[: 2 * c], c)
+                        log(f"botkit in front of vLLM ({name}), chat workload")
+                        out["chat"][name] = await chat_arm(core, chats)
+                    if not rules:
+                        log("vLLM directly, chat workload")
+                        out["chat"]["vllm"] = await chat_direct(client, out["chat"]["front"]["records"])
+    return out
+
+
+def report(out: dict) -> dict:
+    figures = {"model": out["model"], "levels": {}, "chat": {}, "vllm_start_s": out.get("vllm_start_s")}
+    for c, arms in out["levels"].items():
+        figures["levels"][c] = {name: arm["tok_s"] for name, arm in arms.items()}
+        if "front" in arms:
+            figures["levels"][c]["same_texts_as_front"] = {name: same(arms["front"]["texts"], arm["texts"]) for name, arm in arms.items()}
+    for name, arm in out["chat"].items():
+        figures["chat"][name] = {"tok_s": arm["tok_s"], "ttft_p50_ms": arm["ttft_p50_ms"], "ttft_p99_ms": arm["ttft_p99_ms"]}
+    top = out["levels"][max(out["levels"])]
+    if "vllm" in top:
+        figures["front_vs_vllm_tok_s"] = round(top["front"]["tok_s"] / top["vllm"]["tok_s"], 3)
+        figures["rules_cost_tok_s"] = round(1 - top["front+rules"]["tok_s"] / top["front"]["tok_s"], 3)
+        chat = out["chat"]
+        figures["front_vs_vllm_chat_ttft_p50"] = round(chat["front"]["ttft_p50_ms"] / chat["vllm"]["ttft_p50_ms"], 3)
+        figures["rules_cost_chat_ttft_p50"] = round(chat["front+rules"]["ttft_p50_ms"] / chat["front"]["ttft_p50_ms"] - 1, 3)
+        figures["chat_same_texts"] = {name: same(chat["front"]["texts"], chat[name]["texts"]) for name in chat}
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="levels 1 and 16 only")
+    parser.add_argument("--skip-own", action="store_true", help="only the vLLM arms")
+    parser.add_argument("--small", action="store_true", help="a 4-layer, width-256 GPT-2 instead of 124M's shapes")
+    parser.add_argument("--turns", type=int, default=2, help="chat turns per chat (of 8)")
+    parser.add_argument("--chats", type=int, default=64, help="chats of the chat workload (of 64)")
+    parser.add_argument("--workload", type=Path, default=SHARED / "workload.jsonl")
+    parser.add_argument("--chat-workload", type=Path, default=SHARED / "chat_workload.jsonl")
+    parser.add_argument("--vllm-venv", type=Path, default=ROOT / ".vllm-venv")
+    parser.add_argument("--pythonpath", default="", help="a folder holding botkit for vLLM's venv (pip install --no-deps --target)")
+    args = parser.parse_args()
+    figures = report(asyncio.run(run(args)))
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
