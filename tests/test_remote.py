@@ -131,11 +131,12 @@ class FakeVLLM:
     """Speaks like `vllm serve`: its /v1/models, its stream chunks (finish_reason on the last text
     chunk, then a usage chunk), its older error body; scripted busy answers; counts what is in flight."""
 
-    def __init__(self, busy_answers=0, hold_s=0.0, has_models=True, drop_mid_answer=False):
+    def __init__(self, busy_answers=0, hold_s=0.0, has_models=True, drop_mid_answer=False, drop_before_answer=0):
         self.busy_answers = busy_answers
         self.hold_s = hold_s
         self.has_models = has_models
         self.drop_mid_answer = drop_mid_answer
+        self.drop_before_answer = drop_before_answer  # requests whose connection closes with no answer at all
         self.bodies = []
         self.in_flight = self.max_in_flight = 0
 
@@ -155,6 +156,10 @@ class FakeVLLM:
             logprobs = {"token_logprobs": [-1.0]} if body.get("logprobs") is not None else None
             return web.json_response({"choices": [{"index": 0, "text": " one", "logprobs": logprobs, "finish_reason": "length"}]})
         self.bodies.append(body)
+        if self.drop_before_answer:
+            self.drop_before_answer -= 1
+            request.transport.close()  # as an idle kept-alive connection the server had closed
+            return web.Response()
         if self.busy_answers:
             self.busy_answers -= 1
             return web.json_response({"object": "error", "message": "overloaded"}, status=503, headers={"Retry-After": "0"})
@@ -291,3 +296,10 @@ async def test_candidates_and_banned_words_are_judged_here_as_on_the_own_engine(
             await backend.generate(Job(2, "Hello", SamplingParams(banned_words=("Tw0",), seed=1)))  # leetspeak, any case
     assert len(fake.bodies) == 4 and fake.bodies[1]["seed"] == (1 + 0x9E3779B97F4A7C15) % 2**63  # redrawn with the engine's next seed
     assert not any("Tw0" in json.dumps(b) for b in fake.bodies)  # banned words are never sent
+
+
+async def test_a_connection_closed_before_any_answer_is_sent_again(tmp_path):
+    fake = FakeVLLM(drop_before_answer=1)
+    async with fake_vllm(fake) as url, RemoteBackend(url) as backend:
+        done = await backend.generate(Job(1, "Hello", SamplingParams(seed=1)))
+    assert done.text == " one two three" and len(fake.bodies) == 2 and fake.bodies[0] == fake.bodies[1]

@@ -35,6 +35,7 @@ def test_the_command_is_the_cpu_builds_module_with_botkits_processor():
 async def test_a_dying_engine_is_restarted_and_its_request_rerun_without_repeating_text(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("DIE_ONCE", str(tmp_path / "died"))
     caplog.set_level(logging.INFO, logger="botkit.vllm")
+    caplog.set_level(logging.INFO, logger="botkit.vllm.server")  # `botkit run` without -v (an earlier test) sets it to WARNING
     async with backend_on_fake() as backend:
         assert backend.problem() is None and backend.health_details()["unsupported"] == []
         streamed = []

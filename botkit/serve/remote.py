@@ -256,6 +256,7 @@ class RemoteClient:
         body = self.request_body(prompt, params, logprobs=logprobs)
         async with self._limit:
             for attempt in range(1, MAX_ATTEMPTS + 1):
+                response = None
                 try:
                     async with self._request("POST", self.url, json=body) as response:
                         if response.status in (429, 503) and attempt < MAX_ATTEMPTS:
@@ -265,6 +266,11 @@ class RemoteClient:
                         async for chunk in self._read_events(response):
                             yield chunk
                         return
+                except aiohttp.ServerDisconnectedError as exc:
+                    # A kept-alive connection the server closed while idle (uvicorn, vLLM's server, closes
+                    # them after 5 s): it never read the request, so sending it again is safe.
+                    if response is not None or attempt == MAX_ATTEMPTS:
+                        raise _translate(self, exc) from None
                 except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
                     raise _translate(self, exc) from None
 

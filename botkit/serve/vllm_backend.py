@@ -82,7 +82,7 @@ class VllmBackend(RemoteBackend):
                 if num_reruns == MAX_RERUNS or not await self.server.has_died(starts):
                     raise
             log.warning("Request %d was in flight when vLLM's server died; it runs again once the server is back.", job.id)
-            if not await self.server.wait_ready(self.server.config.start_timeout_s):
+            if not await self.server.wait_restarted(starts, self.server.config.start_timeout_s):
                 raise GenerationError("vLLM's server died and did not come back: its lines are in botkit's log (`botkit run -v`); please try again later.")
         raise AssertionError("unreachable")
 

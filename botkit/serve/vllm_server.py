@@ -88,11 +88,15 @@ class VllmServer:
         """Why the server cannot serve now (starting, restarting, given up), or None."""
         return self._problem
 
-    async def wait_ready(self, timeout_s: float) -> bool:
-        """Whether the server is (or becomes, within `timeout_s`) ready."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._ready.wait(), timeout_s)
-        return self._ready.is_set()
+    async def wait_restarted(self, num_starts: int, timeout_s: float) -> bool:
+        """Whether a start after start number `num_starts` is (or becomes, within `timeout_s`) ready.
+        Not `_ready` alone: the watcher may not have seen the old process exit yet."""
+        deadline = time.monotonic() + timeout_s
+        while not (self.num_starts > num_starts and self._ready.is_set()):
+            if time.monotonic() > deadline or (self._watcher is not None and self._watcher.done()):
+                return False
+            await asyncio.sleep(POLL_S / 5)
+        return True
 
     async def has_died(self, num_starts: int, wait_s: float = 3.0) -> bool:
         """Whether the server of start number `num_starts` has exited (waiting up to `wait_s` for a
