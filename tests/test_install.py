@@ -23,7 +23,8 @@ def run_botkit(*args, env=None, cwd=None, timeout=120):
 def test_importing_botkit_loads_no_heavy_library():
     code = ("import sys, botkit, botkit.cli, botkit.serve.core, botkit.serve.store, botkit.adapters.web_adapter, "
             "botkit.adapters.discord_adapter, botkit.adapters.telegram_adapter, botkit.adapters.console_adapter, "
-            "botkit.model.convert, botkit.model.run_archive, botkit.model.gpt2_simple, botkit.model.sources\n"
+            "botkit.model.convert, botkit.model.run_archive, botkit.model.gpt2_simple, botkit.model.sources, "
+            "botkit.serve.remote, botkit.serve.vllm_backend, botkit.engine.rule_args\n"
             f"print([m for m in {HEAVY!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -9,7 +9,8 @@ from transformers import MinPLogitsWarper, TypicalLogitsWarper
 
 import botkit
 from botkit.engine.engine import Engine
-from botkit.engine.rules import RowRules, RuleContext, apply_rules, dry_match_lengths, from_xargs, to_xargs
+from botkit.engine.rule_args import from_xargs, to_xargs
+from botkit.engine.rules import RowRules, RuleContext, apply_rules, dry_match_lengths
 from botkit.engine.token_bytes import TokenBytes
 from botkit.errors import InputError
 from botkit.params import ChatSettings, SamplingParams

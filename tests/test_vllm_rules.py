@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from botkit.engine.copy_index import CopyIndex, write_index
-from botkit.engine.rules import RowRules, RuleContext, apply_rules, to_xargs
+from botkit.engine.rule_args import to_xargs
+from botkit.engine.rules import RowRules, RuleContext, apply_rules
 from botkit.engine.token_bytes import TokenBytes
 from botkit.params import SamplingParams
 

@@ -4,7 +4,7 @@
     BOTKIT_RUN_DIR=runs/run1 V/bin/python -m vllm.entrypoints.openai.api_server --model runs/run1 \\
         --logits-processors botkit.engine.vllm_rules:BotkitRules
 
-A request opts in with `vllm_xargs = botkit.engine.rules.to_xargs(params)` (botkit's remote backend
+A request opts in with `vllm_xargs = botkit.engine.rule_args.to_xargs(params)` (botkit's remote backend
 sends it); a request without botkit's marker is left alone. The copy index of `unique` is the one in
 BOTKIT_RUN_DIR (default: the served model's folder); the UTF-8 table is the served model's tokenizer's.
 vLLM calls `update_state` before each step with the batch's changes and `apply` with the step's raw
@@ -19,7 +19,8 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from botkit.engine.copy_index import CopyIndex
-from botkit.engine.rules import XARGS_MARKER, RowRules, RuleContext, apply_rules, from_xargs
+from botkit.engine.rule_args import XARGS_MARKER, from_xargs
+from botkit.engine.rules import RowRules, RuleContext, apply_rules
 from botkit.engine.token_bytes import TokenBytes
 from botkit.errors import InputError
 from botkit.params import MAX_NEW_TOKENS

@@ -23,7 +23,7 @@ log = logging.getLogger("botkit.remote")
 RULES = "botkit's per-token rules (the UTF-8 mask, unique's copy rule, no_repeat_ngram_size, DRY, typical_p, min_tokens)"
 LOGPROBS = "candidates' scores (log-probabilities)"
 SAMPLER_PROBES = {"repetition_penalty": 1.1, "min_p": 0.01, "presence_penalty": 0.1, "frequency_penalty": 0.1}
-BAD_XARGS = {"botkit_rules": 1, "botkit_probe": 1}  # the processor refuses a rule it does not know (rules.from_xargs)
+BAD_XARGS = {"botkit_rules": 1, "botkit_probe": 1}  # the processor refuses a rule it does not know (rule_args.from_xargs)
 
 
 async def probe(client) -> list[str]:

@@ -23,6 +23,7 @@ import aiohttp
 from yarl import URL
 
 from botkit.config import Config, secret
+from botkit.engine.rule_args import to_xargs
 from botkit.errors import ConfigError, GenerationError, ModelLoadError, RequestTimeout
 from botkit.model.tokenizer import EOS, count_tokenizer
 from botkit.params import SamplingParams
@@ -412,8 +413,6 @@ def native_samplers(params: SamplingParams) -> dict:
 def rule_args(params: SamplingParams) -> dict:
     """botkit's per-token rules for the server's logits processor (botkit.engine.vllm_rules), as
     `vllm_xargs`; {} when every rule is off."""
-    from botkit.engine.rules import to_xargs  # torch: loaded with the first request, not with botkit
-
     return to_xargs(params)
 
 
