@@ -1,5 +1,5 @@
 """The web adapter: the playground page and an HTTP JSON API (OpenAI-style `/v1/completions`,
-`/v1/models`, `/api/stats`, `/api/recent`) and, for people who run bots, `GET /healthz` and
+`/v1/chat/completions`, `/v1/models`, `/api/stats`, `/api/recent`) and, for people who run bots, `GET /healthz` and
 `GET /metrics` (Prometheus), around one core, served by aiohttp.
 
 Safe by default: bound to 127.0.0.1, and it refuses to bind elsewhere without an API key. With a key
@@ -37,8 +37,9 @@ from botkit.adapters.web_connections import (
     usable_connections,
 )
 from botkit.adapters.web_errors import HTTP_SENTENCES, botkit_error_response, error_response
-from botkit.adapters.web_params import CompletionRequest, parse_completion, parse_playground
+from botkit.adapters.web_params import CompletionRequest, chat_prompt, parse_chat, parse_completion, parse_playground
 
+from botkit.chat_format import ChatFormat, ReplyDecoder
 from botkit.config import WebConfig
 from botkit.errors import BotkitError, ConfigError, InputError
 from botkit.serve import health
@@ -64,9 +65,10 @@ def is_loopback(host: str) -> bool:
 class WebAdapter:
     """Serves the playground and the API on `config.host:config.port` (port 0 picks a free one)."""
 
-    def __init__(self, core, config: WebConfig, api_key: str | None = None):
+    def __init__(self, core, config: WebConfig, api_key: str | None = None, chat_format: ChatFormat | None = None):
         self.core = core
         self.config = config
+        self.chat_format = chat_format or ChatFormat()  # a chat run's own; else the documented default
         self.api_key = api_key or None
         self.url = ""
         self.connections = Connections(config.max_connections, config.header_timeout_s)
@@ -127,6 +129,7 @@ class WebAdapter:
         app.router.add_get("/", self.page)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/api/generate", self.generate)
         app.router.add_get("/api/recent", self.recent)
         app.router.add_get("/api/stats", self.stats)
@@ -229,6 +232,59 @@ class WebAdapter:
         body["usage"] = self._usage(tickets, sum(r.num_tokens for r in replies))
         return web.json_response(body)
 
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's chat route: the messages in the run's chat format, trimmed oldest first to the
+        window, then the assistant's turn; each reply ends at the end of its message."""
+        fmt = self.chat_format
+        body = await read_json(request, self.config.body_timeout_s)
+        messages, req = parse_chat(body, max_n=self.config.max_n, default_stop=(fmt.truncate,) if fmt.truncate else ())
+        window = self.core.backend.max_context
+        budget = window - min(req.params.max_new_tokens, window // 2)  # the local engine slides past the window; a remote one would not
+        prompt, _ = chat_prompt(messages, fmt, budget, self.core.backend.count_tokens)
+        req = dataclasses.replace(req, prompts=(prompt,))
+        tickets = await self._submit(request, req)
+        with cancelling(tickets):
+            if req.stream:
+                return await self._stream_chat(request, req, tickets)
+            replies = await asyncio.gather(*(t.result() for t in tickets))
+        choices = [{"index": i, "message": {"role": "assistant", "content": fmt.decode(r.text)}, "logprobs": None,
+                    "finish_reason": finish_reason(r.finish_reason)} for i, r in enumerate(replies)]
+        body = {**self._envelope(choices), "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion"}
+        body["usage"] = self._usage(tickets, sum(r.num_tokens for r in replies))
+        return web.json_response(body)
+
+    async def _stream_chat(self, request, req: CompletionRequest, tickets: list) -> web.StreamResponse:
+        response = await self._open_sse(request)
+        envelope = {**self._envelope([]), "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk"}
+        decoders = [ReplyDecoder(self.chat_format.line_break) for _ in tickets]
+        for index in range(len(tickets)):
+            await _send(response, {**envelope, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                                            "logprobs": None, "finish_reason": None}]})
+        num_tokens = 0
+        async with contextlib.aclosing(merge_streams(tickets, self._streams)) as events:
+            async for index, kind, value in events:
+                if kind == "waiting":
+                    await response.write(b": waiting in line\n\n")  # an SSE comment: clients skip it
+                    continue
+                if kind == "error":
+                    await _send(response, {"error": {"message": value, "type": "server_error", "code": 500}})
+                    continue
+                if kind == "delta":
+                    text = decoders[index].feed(value)
+                    if text:
+                        await _send(response, {**envelope, "choices": [{"index": index, "delta": {"content": text}, "logprobs": None,
+                                                                        "finish_reason": None}]})
+                    continue
+                num_tokens += value.num_tokens
+                held = decoders[index].flush()
+                delta = {"content": held} if held else {}
+                await _send(response, {**envelope, "choices": [{"index": index, "delta": delta, "logprobs": None,
+                                                                "finish_reason": finish_reason(value.finish_reason)}]})
+        if req.include_usage:
+            await _send(response, {**envelope, "choices": [], "usage": self._usage(tickets, num_tokens)})
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
     async def generate(self, request: web.Request) -> web.StreamResponse:
         """The playground: samples stream as server-sent events, one JSON object per event."""
         req = parse_playground(await read_json(request, self.config.body_timeout_s), max_n=self.config.max_n)
@@ -243,7 +299,8 @@ class WebAdapter:
                     elif kind == "waiting":
                         await _send(response, {"type": "waiting", "index": index, "position": value})
                     elif kind == "done":
-                        done = {"type": "done", "index": index, "text": value.text, "finish_reason": finish_reason(value.finish_reason)}
+                        done = {"type": "done", "index": index, "text": value.text, "finish_reason": finish_reason(value.finish_reason),
+                                "num_tokens": value.num_tokens, "note": empty_sample_note(value, req.params.stop)}
                         await _send(response, done)
                     else:
                         await _send(response, {"type": "error", "index": index, "message": value})
@@ -389,6 +446,17 @@ async def read_json(request: web.Request, timeout_s: float):
 
 async def _send(response: web.StreamResponse, event: dict) -> None:
     await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+
+
+def empty_sample_note(reply, stop: tuple[str, ...]) -> str:
+    """Why a playground sample holds no text, as a sentence the page shows under it ("" when it has text)."""
+    if reply.text.strip():
+        return ""
+    if reply.finish_reason == "length":
+        return f"The sample is only blank space after {reply.num_tokens} tokens: raise length, or change the prefix."
+    ends = f"the truncate text {', '.join(repr(s) for s in stop)} or the end of text" if stop else "the end of text"
+    return (f"The sample stopped at once: the model's first token was {ends}. Clear truncate, end the prefix where a text "
+            "goes on (a chat-trained run: with a speaker's name and a colon), or sample again.")
 
 
 def finish_reason(reason: str | None) -> str:

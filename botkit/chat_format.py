@@ -33,6 +33,7 @@ MESSAGE = "{message}"
 MAX_FIELD_CHARS = 200  # a format is a few characters of punctuation; a long one is a mistake or an attack
 MAX_NAME_CHARS = 64
 DEFAULT_NAME = "someone"  # a speaker whose name is empty after cleaning
+_LINE_BREAKS = re.compile(r"\r\n|[\n\r\u2028\u2029\x85]")
 _NAME_JUNK = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029{}]+")  # controls and line breaks; braces keep templates unambiguous
 
 
@@ -42,6 +43,9 @@ class ChatFormat:
     separator: str = "\n"  # after each message
     truncate: str = "\n"  # a generated reply ends before this ("" = at the end token or length)
     end: str = "<|endoftext|>"  # after each conversation in the training text
+    # A line break inside a message, so a multi-line message stays one line of its speaker (the bot's
+    # reply ends at the separator); replies are decoded back. "" = written raw.
+    line_break: str = "<br>"
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -55,17 +59,30 @@ class ChatFormat:
             raise InputError(f"The chat format's speaker {self.speaker!r} must contain {MESSAGE} once, {NAME} at most once, and no other braces.")
         if NAME in self.speaker and self.speaker.index(NAME) > self.speaker.index(MESSAGE):
             raise InputError(f"The chat format's speaker {self.speaker!r} must put {NAME} before {MESSAGE}, so a prompt can end with the bot's name.")
-        for name in ("separator", "truncate", "end"):
+        for name in ("separator", "truncate", "end", "line_break"):
             if "{" in getattr(self, name) or "}" in getattr(self, name):
                 raise InputError(f"The chat format's {name} must not contain braces.")
+        if self.line_break and ("\n" in self.line_break or "\r" in self.line_break or (self.truncate and self.truncate in self.line_break)):
+            raise InputError(f"The chat format's line_break {self.line_break!r} must be on one line and not contain truncate: "
+                             "it stands for a line break inside a message.")
         if not self.separator:
             raise InputError("The chat format's separator must not be empty: messages would run into each other.")
 
     # -- text -------------------------------------------------------------------------------
 
     def line(self, name: str, message: str) -> str:
-        """One message as the model sees it, separator included."""
-        return self.speaker_prefix(name) + message + self.speaker.split(MESSAGE, 1)[1] + self.separator
+        """One message as the model sees it, separator included, its line breaks encoded."""
+        return self.speaker_prefix(name) + self.encode(message) + self.speaker.split(MESSAGE, 1)[1] + self.separator
+
+    def encode(self, message: str) -> str:
+        """`message` with its line breaks written as `line_break` (when set)."""
+        if not self.line_break:
+            return message
+        return _LINE_BREAKS.sub(self.line_break, message)
+
+    def decode(self, reply: str) -> str:
+        """A generated reply with `line_break` turned back into line breaks, as a person would write it."""
+        return reply.replace(self.line_break, "\n") if self.line_break else reply
 
     def speaker_prefix(self, name: str) -> str:
         """What comes before a message of `name` ("gptbot: ")."""
@@ -168,6 +185,27 @@ class ChatFormat:
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise InputError(f"{path} is not valid JSON: delete it, or write it again as a JSON object.") from None
         return cls.from_dict(data, str(path))
+
+
+class ReplyDecoder:
+    """`ChatFormat.decode` for a reply that arrives in pieces: a `line_break` split across two pieces
+    ("<b" then "r>") is held back until it is whole."""
+
+    def __init__(self, line_break: str):
+        self.line_break = line_break
+        self.held = ""
+
+    def feed(self, piece: str) -> str:
+        if not self.line_break:
+            return piece
+        text = (self.held + piece).replace(self.line_break, "\n")
+        keep = next((n for n in range(len(self.line_break) - 1, 0, -1) if text.endswith(self.line_break[:n])), 0)
+        self.held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
 
 
 def clean_name(name: str) -> str:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from botkit.config import Config, load_config, override, secret
 from botkit.errors import BotkitError
-from botkit.params import SAMPLERS
+from botkit.model.sources import CLI_NAMES
+from botkit.params import EXPECT_TEXT_MIN_TOKENS, SAMPLERS
 
 log = logging.getLogger("botkit")
 
@@ -50,12 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="a TOML file (see config.example.toml)")
     run.add_argument("--console", action="store_true", help="also chat in this terminal")
     run.add_argument("--port", type=int, help="web port (overrides [web] port)")
+    _serve_model_args(run)
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=lambda a: _serve(a, console=a.console))
 
     chat = sub.add_parser("chat", help="chat with the model in this terminal")
-    chat.add_argument("--config")
+    chat.add_argument("--config", help="a TOML file (see config.example.toml)")
     chat.add_argument("--port", type=int)
+    _serve_model_args(chat)
     chat.set_defaults(func=lambda a: _serve(a, console=True, web=False))
 
     gen = sub.add_parser("generate", help="generate text, with gpt-2-simple's options")
@@ -82,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dry-allowed-length", type=int, default=2, help="DRY: repeats of this many tokens are free")
     gen.add_argument("--dry-sequence-breaker", dest="dry_sequence_breakers", type=_unescape, action="append", default=None,
                      help="DRY: a repeat never runs across this string (repeat the flag; default: newline, colon, quote, asterisk)")
-    gen.add_argument("--min-tokens", type=int, default=0, help="no end of text and no --truncate string before this many new tokens")
+    gen.add_argument("--min-tokens", type=int, default=EXPECT_TEXT_MIN_TOKENS,
+                     help="no end of text and no --truncate string before this many new tokens (default 1: no empty sample; 0 = off)")
     gen.add_argument("--destination-path", default=None, help="write the samples to this file instead of printing them")
     gen.add_argument("--sample-delim", type=_unescape, default="=" * 20 + "\n")
     gen.set_defaults(func=_generate)
@@ -114,6 +118,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-dir", default="checkpoint")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16, or int8 (CPU only: int8 weights, faster on CPUs with AVX-512 VNNI)")
+
+
+def _serve_model_args(p: argparse.ArgumentParser) -> None:
+    """`botkit run` / `botkit chat` talk to a model without a config file; these override [model]."""
+    p.add_argument("--model", default=None, help="hub name or local folder (overrides [model] source)")
+    p.add_argument("--run-name", default=None, help="a run in --checkpoint-dir, from `botkit finetune` (overrides [model] run_name)")
+    p.add_argument("--checkpoint-dir", default=None, help="where `botkit finetune` saved the run (overrides [model] checkpoint_dir)")
 
 
 def route_transformers_logs() -> None:
@@ -153,7 +164,27 @@ def _serve(args, console: bool, web: bool = True) -> None:
         config = override(config, "--port", "web", port=args.port)
     if not web:
         config = _replace(config, "web", enabled=False)
-    asyncio.run(serve(config, console=console or config.console.enabled))
+    config, names = _model_flags(config, args)
+    asyncio.run(serve(config, console=console or config.console.enabled, source_names=names))
+
+
+def _model_flags(config: Config, args) -> tuple[Config, dict[str, str]]:
+    """`config` with --model / --run-name / --checkpoint-dir applied, and what errors call each value:
+    the flag that set it, or its key in the config file."""
+    if args.model is not None and args.run_name is not None:
+        raise BotkitError("Pass --model or --run-name, not both: --model names a model, --run-name a run of `botkit finetune`.")
+    keys = {"model": "source", "run_name": "run_name", "checkpoint_dir": "checkpoint_dir"}  # resolve()'s names -> [model] keys
+    names = {name: f"model.{key} in {args.config}" if args.config else CLI_NAMES[name] for name, key in keys.items()}
+    for name, key in keys.items():
+        value = getattr(args, name)
+        if value is not None:
+            config = _replace(config, "model", **{key: value})  # text, as a flag always is
+            names[name] = CLI_NAMES[name]
+    if args.model is not None:
+        config = _replace(config, "model", run_name="")  # --model wins over the file's run
+    if args.run_name is not None:
+        config = _replace(config, "model", source="")  # the run is used only when source is ""
+    return config, names
 
 
 def _replace(config: Config, section: str, **changes) -> Config:
@@ -162,9 +193,10 @@ def _replace(config: Config, section: str, **changes) -> Config:
     return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changes)})
 
 
-async def serve(config: Config, console: bool = False, stop: asyncio.Event | None = None) -> None:
+async def serve(config: Config, console: bool = False, stop: asyncio.Event | None = None,
+                source_names: dict[str, str] | None = None) -> None:
     """Run the core and every enabled adapter around one model until `stop` is set (by default: until
-    SIGINT/SIGTERM) or the console chat ends."""
+    SIGINT/SIGTERM) or the console chat ends. `source_names`: what model errors call [model]'s keys."""
     from botkit.chat.chats import Chats
     from botkit.serve.core import Core
     from botkit.serve.retention import Retention
@@ -182,10 +214,11 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
     if config.model.backend in ("local", "vllm"):
         from botkit.model.sources import resolve
 
-        source = resolve(config.model.source or None, config.model.run_name or None, config.model.checkpoint_dir)
+        source = resolve(config.model.source or None, config.model.run_name or None, config.model.checkpoint_dir, source_names)
     with ThreadPoolExecutor(1) as loader:  # a thread that exits: see backends.LocalBackend on OpenMP teams
         backend = await asyncio.get_running_loop().run_in_executor(loader, _make_backend, config, source)
-    config = with_run_chat_format(config, run_chat_format(backend))
+    run_format = run_chat_format(backend)  # None: not a chat run
+    config = with_run_chat_format(config, run_format)
     if stop is None:
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -201,7 +234,7 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
         if config.web.enabled:
             from botkit.adapters.web_adapter import WebAdapter
 
-            web = await stack.enter_async_context(WebAdapter(core, config.web, tokens["web"]))
+            web = await stack.enter_async_context(WebAdapter(core, config.web, tokens["web"], run_format))
             print(f"botkit is serving {backend.name}: open {web.url}", flush=True)
         if config.discord.enabled:
             from botkit.adapters.discord_adapter import DiscordAdapter
@@ -224,15 +257,18 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
 
 def with_run_chat_format(config: Config, chat_format) -> Config:
     """A run fine-tuned on chats speaks the format it was trained on: unless the config sets its own
-    template and truncate string, chats use the run's (the bot's lines are "bot: ...")."""
+    template, truncate string or context, chats read the room (`context = "channel"`) in the run's
+    lines, each message under its author's display name and the bot's under its own name, as the
+    model saw its speakers in training (the "bot" context's template, "user: ...", is the fallback)."""
     from botkit.params import ChatSettings
 
     default = ChatSettings()
-    if chat_format is None or (config.chat.template, config.chat.truncate) != (default.template, default.truncate):
+    chosen = (config.chat.template, config.chat.truncate, config.chat.context)
+    if chat_format is None or chosen != (default.template, default.truncate, default.context):
         return config
-    chat = config.chat.replace(**chat_format.chat_settings("bot"), chat_format=chat_format.as_line())
-    log.info("Chats speak the run's chat format: %r.", chat.template)
-    return _replace(config, "chat", **{k: getattr(chat, k) for k in ("template", "truncate", "chat_format")})
+    chat = config.chat.replace(**chat_format.chat_settings("bot"), chat_format=chat_format.as_line(), context="channel")
+    log.info("Chats read the room in the run's chat format: %r.", chat.chat_format)
+    return _replace(config, "chat", **{k: getattr(chat, k) for k in ("template", "truncate", "chat_format", "context")})
 
 
 def run_chat_format(backend):

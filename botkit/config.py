@@ -218,7 +218,31 @@ def load_config(path: str | os.PathLike | None) -> Config:
         raise ConfigError(f"Config file {path} is not valid TOML ({exc}): fix that line.") from None
     except RecursionError:
         raise ConfigError(f"Config file {path} nests arrays or tables too deeply to read: write it flat, as config.example.toml is.") from None
-    return _build(Config, data, path, "")
+    return _paths_from(_build(Config, data, path, ""), data, path.parent)
+
+
+PATH_KEYS = (("model", "checkpoint_dir"), ("store", "path"))  # always paths, written in the file or not
+# model.source is a path only when it names something beside the config file; else a hub name ("gpt2", "user/model")
+
+
+def _paths_from(config: Config, data: dict, folder: Path) -> Config:
+    """A config file's relative paths (its defaults too) count from the file's folder, not from wherever
+    botkit was started (a systemd unit starts it in /)."""
+    def beside(value: str) -> str:
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else folder / path)
+
+    for section, key in PATH_KEYS:
+        if getattr(getattr(config, section), key):
+            config = _replaced(config, section, **{key: beside(getattr(getattr(config, section), key))})
+    source = config.model.source
+    if source and "source" in data.get("model", {}) and (Path(beside(source)).exists() or source.startswith((".", "~"))):
+        config = _replaced(config, "model", source=beside(source))
+    return config
+
+
+def _replaced(config: Config, section: str, **changes) -> Config:
+    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changes)})
 
 
 def override(config: Config, source: str, section: str, **changes) -> Config:

@@ -112,6 +112,12 @@ class SamplingParams:
             raise InputError(f"min_tokens must be a whole number from 0 to the length ({self.max_new_tokens}), not {_short(self.min_tokens)}.")
 
 
+# Where a person expects text (a chat reply, the playground, `botkit generate`), a sample gets at least
+# this many tokens before a stop string or the end of text may end it: a chat-trained model's likeliest
+# first token is often the line break that ends a message. The API keeps OpenAI's and vLLM's 0.
+EXPECT_TEXT_MIN_TOKENS = 1
+
+
 TRIGGERS = ("mention", "always", "command", "never")
 
 
@@ -143,7 +149,7 @@ class ChatSettings:
     dry_multiplier: float = 0.0  # DRY against verbatim loops (0: off; 0.8 is common)
     dry_base: float = 1.75  # DRY: how fast its penalty grows with a repeat's length
     dry_allowed_length: int = 2  # DRY: repeats of this many tokens are free
-    min_tokens: int = 0  # no end of reply before this many tokens (never an empty reply)
+    min_tokens: int = EXPECT_TEXT_MIN_TOKENS  # no end of reply before this many tokens (1: never an empty reply)
 
     def __post_init__(self):
         check_template(self.template)

@@ -21,11 +21,11 @@ from botkit.train.export_dataset import export_dataset
 FIXTURES = Path(__file__).parent / "fixtures" / "chats"
 EXPECTED = {
     "discord_general.json": [
-        "Alice: who is up for pizza tonight?\nCarol: @user knows a place, see <link>\nBob: yes!! margherita for me\nand garlic bread\n<|endoftext|>",
+        "Alice: who is up for pizza tonight?\nCarol: @user knows a place, see <link>\nBob: yes!! margherita for me<br>and garlic bread\n<|endoftext|>",
         "Carol: that was the best pizza of my life :chefkiss:\ndave: same time next week? ask @user or mail <email>\n<|endoftext|>",
     ],
     "discord_general.csv": [
-        "alice_1999: who is up for pizza tonight?\nbob_the_builder: yes!! margherita for me\nand garlic bread, \"the\" best\n<|endoftext|>",
+        "alice_1999: who is up for pizza tonight?\nbob_the_builder: yes!! margherita for me<br>and garlic bread, \"the\" best\n<|endoftext|>",
         "carol.w: that was the best pizza of my life\n<|endoftext|>",
     ],
     "telegram_chat.json": [

@@ -77,7 +77,7 @@ def test_saved_in_a_run_folder_and_loaded_back(tmp_path):
     fmt = ChatFormat(speaker="[{name}] {message}", separator="\n", truncate="\n", end="<|endoftext|>")
     path = fmt.save(tmp_path)
     assert path == tmp_path / CHAT_FORMAT_JSON
-    assert json.loads(path.read_text()) == {"speaker": "[{name}] {message}", "separator": "\n", "truncate": "\n", "end": "<|endoftext|>"}
+    assert json.loads(path.read_text()) == {"speaker": "[{name}] {message}", "separator": "\n", "truncate": "\n", "end": "<|endoftext|>", "line_break": "<br>"}
     assert ChatFormat.load(tmp_path) == fmt == ChatFormat.load(path) == ChatFormat.parse(str(tmp_path))
     assert ChatFormat.load(tmp_path / "elsewhere") is None
     assert ChatFormat.parse('{"speaker": "<{name}> {message}"}') == ChatFormat(speaker="<{name}> {message}")

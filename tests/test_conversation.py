@@ -140,3 +140,15 @@ async def test_channel_context_reads_the_room_with_names_and_forgets_on_reset(tm
                                   f"{author}: what do you think?\n{bot_name}:")
     assert backend.prompts[1].endswith(f"{author}: what do you think?\n{bot_name}: I agree\n{author}: and now?\n{bot_name}:")
     assert "the first message" not in "".join(backend.prompts)
+
+
+@pytest.mark.parametrize("name", CHATS)
+async def test_a_multi_line_message_stays_one_line_of_its_author_and_a_replys_line_breaks_are_sent(tmp_path, monkeypatch, name):
+    backend = ScriptedBackend(lambda prompt: "bring:<br>- water<br>- a jacket")
+    settings = dataclasses.replace(QUICK, context="channel")
+    async with platform(name, tmp_path, monkeypatch, backend, config(chat=settings)) as bot:
+        asked = await bot.send(GROUP, "mention", "count me in\npacking list?")
+        await until(lambda: bot.answers(asked))
+    assert backend.prompts[0].endswith(": count me in<br>packing list?\n" + backend.prompts[0].rsplit("\n", 1)[1])
+    assert backend.prompts[0].count("\n") == 1  # one line of its author, then the bot's turn
+    assert bot.answers(asked) == ["bring:\n- water\n- a jacket"]

@@ -153,15 +153,17 @@ async def test_a_chat_run_serves_in_the_format_it_was_trained_on(tmp_path, tiny_
     fmt = ChatFormat(speaker="<{name}> {message}", separator="\n", truncate="\n")
     config = with_run_chat_format(Config(), fmt)
     assert config.chat.template == "<user> {message}\n<bot>" and config.chat.truncate == "\n"
-    assert config.chat.chat_format == "<{name}> {message}\n"
+    assert config.chat.chat_format == "<{name}> {message}\n" and config.chat.context == "channel"  # read the room
     own = dataclasses.replace(Config(), chat=ChatSettings(template="Q: {message}\nA:"))
     assert with_run_chat_format(own, fmt).chat.template == "Q: {message}\nA:"  # the config's own template wins
+    assert with_run_chat_format(own, fmt).chat.context == "bot"
     config = dataclasses.replace(config, limits=dataclasses.replace(config.limits, user_per_minute=0))
     async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, 2) as backend, Core(backend, store, config) as core:
         chats = Chats(core, store, core.config)
-        ticket = await chats.submit(Prompt("t", "c", "u", "pizza tonight?"))
+        ticket = await chats.submit(Prompt("t", "c", "u", "pizza tonight?", user_name="Anna", bot_name="RidgeBot"))
         await ticket.result()
-        assert (await store.request(ticket.request_id))["prompt"] == "<user> pizza tonight?\n<bot>"  # " word" tokens follow
+        # the asker's and the bot's own names, never a "user"/"bot" the model never saw; " word" tokens follow the colon
+        assert (await store.request(ticket.request_id))["prompt"] == "<Anna> pizza tonight?\n<RidgeBot>"
 
 
 def test_no_repeated_ngram_holds_past_the_window_slide():

@@ -116,7 +116,7 @@ async def test_stop_string_ends_the_text_before_it(tmp_path, tiny_lm):
         ({"prompt": []}, "prompt"),
         ({}, "prompt"),
         ([1, 2], "JSON object"),
-        ({"prompt": "x" * 5000}, "characters"),
+        ({"prompt": "word " * 3000}, "window of 1024 tokens"),  # bounded by tokens, not characters
     ],
 )
 async def test_bad_parameters_are_400_with_a_sentence(tmp_path, tiny_lm, body, word):

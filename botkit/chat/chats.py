@@ -112,9 +112,12 @@ class Chats:
             return self.config.chat
 
     async def update_settings(self, platform: str, chat_id: str, **changes) -> ChatSettings:
-        settings = (await self.settings(platform, chat_id)).replace(**changes)
+        before = await self.settings(platform, chat_id)
+        settings = before.replace(**changes)
         defaults = self.config.chat.to_dict()
         await self.store.set_chat_settings(platform, chat_id, {k: v for k, v in settings.to_dict().items() if v != defaults[k]})
+        if settings.dataset_opt_in and not before.dataset_opt_in:
+            await self.store.start_export(platform, chat_id)  # training data counts from the moment of opting in
         return settings
 
     async def reset_context(self, platform: str, chat_id: str) -> None:

@@ -77,9 +77,15 @@ async def privacy_command(conv: Conversation, event: ChatEvent, replier: Replier
     if settings.use_context and settings.context == "channel":
         room = (f" In this chat I also keep the last {conv.chats.config.conversation.max_channel_messages} messages"
                 " not addressed to me, with their authors' names, to follow the conversation.")
+    if settings.dataset_opt_in:
+        dataset = (" This chat has opted in to training data: what is kept from messages sent here since then may be exported,"
+                   " without ids, to train the bot's model.")
+    else:
+        dataset = (" Nothing from this chat is used as training data unless its admins opt in (/settings dataset_opt_in on),"
+                   " and then only messages sent from that moment on.")
     await conv.say(replier, (
         "I keep every message that asks me for a reply, with your user id and name, and my reply, in this bot's "
-        f"database, {kept}.{room} /forget erases yours in this chat; its admins can erase everyone's with /forget all."),
+        f"database, {kept}.{room}{dataset} /forget erases yours in this chat; its admins can erase everyone's with /forget all."),
         private=True)
 
 

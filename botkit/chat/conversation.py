@@ -27,6 +27,7 @@ from botkit.chat.events import ChatEvent, Platform, Replier
 from botkit.chat.live_reply import LiveReply
 from botkit.chat.outbox import Notice, Outbox, Typing
 from botkit.chat.triggers import prefixed_text, wants_reply
+from botkit.chat_format import ChatFormat
 from botkit.errors import BotkitError, InputError
 from botkit.params import ChatSettings
 from botkit.prompting import clean_message
@@ -34,6 +35,7 @@ from botkit.serve.core import Ticket
 
 log = logging.getLogger("botkit.conversation")
 
+LINES = ChatFormat()  # a reply's "<br>" (a line break inside a message, as chat-trained runs write it) is sent as a line break
 EMPTY_REPLY = "The model had nothing to say twice in a row; try a longer message, or raise length with /settings."
 SWITCHED_OFF = "I'm switched off in this chat (trigger = never); an admin can turn me on with /settings trigger mention."
 GEN_USAGE = "Write the start of a text after the command, for example: /gen Once upon a time"
@@ -198,7 +200,7 @@ class Conversation:
         live = LiveReply(self.outbox, replier, notice, stream).start(ticket) if stream and ticket.params.candidates == 1 else None
         try:
             reply = await self.outbox.wait(ticket, replier, notice)
-            text, kind = (reply.text, "reply") if reply.text.strip() else (EMPTY_REPLY, "error")
+            text, kind = (LINES.decode(reply.text), "reply") if reply.text.strip() else (EMPTY_REPLY, "error")
         except BotkitError as exc:  # failed, timed out
             text, kind = str(exc), "error"
         finally:  # botkit stopping leaves what was shown: the answer after the restart edits it (Store.previews)
@@ -255,7 +257,7 @@ class Conversation:
                 await typing.stop()
         elif status == "done":
             reply = row["reply"] or ""
-            await self._deliver(replier, request_id, reply if reply.strip() else EMPTY_REPLY,
+            await self._deliver(replier, request_id, LINES.decode(reply) if reply.strip() else EMPTY_REPLY,
                                 "reply" if reply.strip() else "error", await self._previews(request_id))
         elif status in ("failed", "cancelled"):
             await self._deliver(replier, request_id, error or SORRY, "error", await self._previews(request_id))

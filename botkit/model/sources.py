@@ -51,15 +51,21 @@ def asset_dir(name: str) -> Path:
     return Path(str(resources.files("botkit") / "assets" / name))
 
 
-def resolve(model: str | os.PathLike | Source | None, run_name: str | None = None, checkpoint_dir: str | os.PathLike = "checkpoint") -> Source:
-    """The Source that `load_model` reads, or a ModelLoadError that says what to do instead."""
+CLI_NAMES = {"model": "--model", "run_name": "--run-name", "checkpoint_dir": "--checkpoint-dir"}  # what errors call the three values
+
+
+def resolve(model: str | os.PathLike | Source | None, run_name: str | None = None, checkpoint_dir: str | os.PathLike = "checkpoint",
+            names: dict[str, str] | None = None) -> Source:
+    """The Source that `load_model` reads, or a ModelLoadError that says what to do instead; `names`
+    are what the errors call model, run_name and checkpoint_dir (a config file's keys, say)."""
+    names = {**CLI_NAMES, **(names or {})}
     if isinstance(model, Source):
         return model
     if model is None and run_name:
         path = Path(checkpoint_dir) / run_name
         kind = folder_kind(path) if path.is_dir() else None
         if kind is None:
-            raise ModelLoadError(f"No trained model in {path}: check --run-name and --checkpoint-dir, or train one with `botkit finetune`.")
+            raise ModelLoadError(f"No trained model in {path}: check {names['run_name']} and {names['checkpoint_dir']}, or train one with `botkit finetune`.")
         return Source(str(path), run_name, is_local=True, kind=kind)
     if model is None:
         path = asset_dir("demo")
@@ -70,13 +76,13 @@ def resolve(model: str | os.PathLike | Source | None, run_name: str | None = Non
     if path.is_dir():
         kind = folder_kind(path)
         if kind is None:
-            raise ModelLoadError(f"{path} has no config.json: point --model at a folder saved by `save_pretrained` or `botkit finetune`, "
+            raise ModelLoadError(f"{path} has no config.json: point {names['model']} at a folder saved by `save_pretrained` or `botkit finetune`, "
                                  "an OpenAI download such as models/124M, or a gpt-2-simple run such as checkpoint/run1.")
         return Source(str(path), path.name, is_local=True, kind=kind)
     if path.with_name(path.name + ".index").is_file():  # a checkpoint prefix: models/124M/model.ckpt, checkpoint/run1/model-1000
         return Source(str(path.parent), path.parent.name, is_local=True, kind="tf", checkpoint=path.name)
     if path.exists() or os.sep in str(model) or str(model).startswith("."):
-        raise ModelLoadError(f"Model path {model} does not exist: check the path, or use a hub name such as gpt2.")
+        raise ModelLoadError(f"Model path {model} ({names['model']}) does not exist: check the path, or use a hub name such as gpt2.")
     return _hub_source(GPT2_SIMPLE_NAMES.get(str(model), str(model)))
 
 

@@ -36,6 +36,7 @@ from botkit.serve.metrics import Metrics, Stats
 from botkit.serve.scheduler import FairQueue, RateLimiter
 from botkit.serve.store import Store
 
+MAX_CHARS_PER_TOKEN = 64  # a prompt longer than this many characters per window token cannot fit: refused before tokenizing it
 log = logging.getLogger("botkit")
 
 SETTLE_RETRY_S = 2.0  # how often a settlement the store refused (disk full) is tried again
@@ -185,10 +186,13 @@ class Core:
         completion (an API client's raw prefix) is bounded and rate-limited here; the chat layer bounds
         and rate-limits chat messages itself. With `retry_empty`, a blank sample is drawn once more in
         the same slot, and the blank one is never stored."""
-        if kind == "completion":
-            if not isinstance(prompt, str) or len(prompt) > self.config.limits.max_message_chars:
-                raise InputError(f"The prompt must be text of at most {self.config.limits.max_message_chars} characters.")
+        if kind == "completion":  # bounded by the model's window in tokens, not by a chat message's characters
+            if not isinstance(prompt, str):
+                raise InputError("The prompt must be text.")
             prompt = prompt.encode("utf-8", "replace").decode("utf-8")
+            window = self.backend.max_context
+            if len(prompt) > MAX_CHARS_PER_TOKEN * window or self.backend.count_tokens(prompt) > window:
+                raise InputError(f"The prompt is longer than the model's window of {window} tokens: shorten it.")
         with self._queue_place():
             if kind == "completion":
                 self._check_rate(self._api_limit, who.platform, who.user_id, "You're")

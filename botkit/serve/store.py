@@ -101,7 +101,9 @@ MIGRATIONS = [
     CREATE INDEX requests_message ON requests(message_id);
     ALTER TABLE chats ADD COLUMN context_since_message INTEGER NOT NULL DEFAULT 0;
     """,
-    # 3: streamed replies (chat setting stream). `previews` holds the messages a reply was shown in
+    # export-dataset takes a chat's messages with a larger id only: those sent after it opted in
+    "ALTER TABLE chats ADD COLUMN export_since_message INTEGER NOT NULL DEFAULT 0",
+    # 4: streamed replies (chat setting stream). `previews` holds the messages a reply was shown in
     # while it was written, so that after a crash its answer edits them instead of leaving a stale half.
     """
     CREATE TABLE previews (
@@ -296,6 +298,11 @@ class Store:
     async def set_chat_settings(self, platform: str, chat_id: str, settings: dict) -> None:
         await self._write("INSERT INTO chats (platform, chat_id, settings) VALUES (?, ?, ?)"
                           " ON CONFLICT DO UPDATE SET settings=excluded.settings", (platform, chat_id, json.dumps(settings)))
+
+    async def start_export(self, platform: str, chat_id: str) -> None:
+        """Only messages the chat receives from now on may be exported (`botkit export-dataset`)."""
+        await self._write("INSERT INTO chats (platform, chat_id, export_since_message) VALUES (?, ?, (SELECT COALESCE(MAX(id), 0) FROM messages))"
+                          " ON CONFLICT DO UPDATE SET export_since_message=excluded.export_since_message", (platform, chat_id))
 
     async def reset_context(self, platform: str, chat_id: str) -> None:
         last, last_message = (await self._rows("SELECT (SELECT COALESCE(MAX(id), 0) FROM requests),"

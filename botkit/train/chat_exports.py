@@ -8,8 +8,8 @@
 - botkit's own `botkit export-dataset` JSONL (a `{"format": "botkit-chat"}` line, then one message a line).
 
 The shape is read from the content. System and service messages, messages the platform marks as a
-bot's, forwards and bot commands are dropped here; mentions and links are normalised here (the
-export knows who was mentioned). Malformed input is one DatasetError sentence.
+bot's and forwards are dropped here (bot commands and their answers later, in `conversations.py`,
+the same for every shape); mentions and links are normalised here (the export knows who was mentioned). Malformed input is one DatasetError sentence.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from botkit.errors import DatasetError
 from botkit.train.conversations import EMAIL, LINK, USER, ChatMessage, normalise
+from botkit.train.data_summary import DataSummary
 
 log = logging.getLogger("botkit")
 
@@ -34,13 +35,15 @@ BOTKIT_FORMAT = "botkit-chat"
 MESSAGE_PATHS = (("messages", "item"), ("chats", "list", "item", "messages", "item"))
 MAX_DEPTH = 64  # no export nests this deep; a hostile one nested 100,000 deep must not cost quadratic time
 CSV_FIELD_LIMIT = 64 * 1024 * 1024  # csv's default of 128 KiB refuses a long but legitimate row
+NOT_TALK = "system messages, marked bots, forwards and other chats"  # a drop reason in the data summary
 _DISCRIMINATOR = re.compile(r"#\d{1,4}$")
 
 
 # -- JSON: DiscordChatExporter and Telegram Desktop ---------------------------------------------------
 
-def json_messages(path: Path) -> Iterator[ChatMessage]:
-    """Messages of a DiscordChatExporter JSON export or a Telegram Desktop result.json."""
+def json_messages(path: Path, summary: DataSummary | None = None) -> Iterator[ChatMessage]:
+    """Messages of a DiscordChatExporter JSON export or a Telegram Desktop result.json; what the
+    platform marks as not a person's talk is counted in `summary`."""
     import ijson  # C parser; a stream of events, never the whole document
 
     kind, chat_type, chat_index, builder, untimed, total = None, None, 0, None, 0, 0
@@ -60,6 +63,8 @@ def json_messages(path: Path) -> Iterator[ChatMessage]:
                             total += 1
                             untimed += message.time_s is None
                             yield message
+                        elif summary is not None:
+                            summary.drop(NOT_TALK)
                 elif event == "start_map" and where in MESSAGE_PATHS:
                     builder = ijson.ObjectBuilder()
                     builder.event(event, value)
@@ -125,12 +130,10 @@ def _telegram(m, chat: str) -> ChatMessage | None:
     parts = m.get("text_entities") if isinstance(m.get("text_entities"), list) else m.get("text")
     parts = [parts] if isinstance(parts, str) else parts if isinstance(parts, list) else []
     pieces = []
-    for i, part in enumerate(parts):
+    for part in parts:
         if isinstance(part, str):
             pieces.append(part)
         elif isinstance(part, dict) and isinstance(part.get("text"), str):
-            if i == 0 and part.get("type") == "bot_command":
-                return None  # "/start@somebot": talk to a bot, not to the group
             pieces.append(_ENTITY_TEXT.get(part.get("type"), part["text"]))
     time_s = _time(m.get("date"))
     if isinstance(m.get("date_unixtime"), str) and re.fullmatch(r"[0-9]{1,11}", m["date_unixtime"]):  # not "²" or "٣"

@@ -7,15 +7,21 @@ bot's; what is left here is the same for every source.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from botkit.chat_format import ChatFormat, clean_name
+from botkit.errors import InputError
+from botkit.train.data_summary import DataSummary
 
 DEFAULT_GAP_S = 3600.0  # a silence longer than this starts a new conversation
 MAX_MESSAGES = 1000  # a conversation that never pauses is cut here (training windows are far shorter anyway)
 MAX_MESSAGE_CHARS = 20_000  # longer messages are pastes or spam, not voice: dropped (Discord allows 4,000, Telegram 4,096)
+COMMAND_PREFIXES = "!?.-/"  # "!rank", "?help", ".play", "-skip", "/start@bot": a prefix, then a word
+COMMANDS, ANSWERS = "bot commands", "answers to a bot command"  # drop reasons in the data summary
+COMMAND_REPLY_S = 5.0  # a bot answers a command within a second or two; a person rarely writes this soon after it
 
 USER = "@user"  # what every mention becomes: no handle, id or name of the person mentioned reaches the training text
 LINK = "<link>"
@@ -51,14 +57,24 @@ class ConversationOptions:
     gap_s: float = DEFAULT_GAP_S
     exclude_speakers: frozenset[str] = frozenset()  # names to drop, e.g. bots a Telegram or CSV export does not mark
     anonymize_speakers: bool = False  # speakers become user1, user2, ... (a CSV export names people by their username)
+    command_prefixes: str = COMMAND_PREFIXES  # a message of a prefix then a word is a bot command: dropped with its answer ("" = keep)
 
     @classmethod
     def of(cls, chat_format: ChatFormat | str | None = None, gap_s: float = DEFAULT_GAP_S,
-           exclude_speakers: str | Iterable[str] = "", anonymize_speakers: bool = False) -> ConversationOptions:
+           exclude_speakers: str | Iterable[str] = "", anonymize_speakers: bool = False,
+           command_prefixes: str = COMMAND_PREFIXES) -> ConversationOptions:
         """From `finetune`'s arguments: a format or its JSON/path, and names comma-separated or listed."""
         fmt = ChatFormat.parse(chat_format) if isinstance(chat_format, str) and chat_format else chat_format or ChatFormat()
         names = exclude_speakers.split(",") if isinstance(exclude_speakers, str) else exclude_speakers
-        return cls(fmt, float(gap_s), frozenset(clean_name(n).casefold() for n in names if n.strip()), bool(anonymize_speakers))
+        if not isinstance(command_prefixes, str) or any(c.isalnum() or c.isspace() for c in command_prefixes):
+            raise InputError(f"command_prefixes must be punctuation characters such as {COMMAND_PREFIXES!r} (or '' to keep commands), "
+                             f"not {command_prefixes!r}.")
+        return cls(fmt, float(gap_s), frozenset(clean_name(n).casefold() for n in names if n.strip()), bool(anonymize_speakers),
+                   command_prefixes)
+
+    def is_command(self, text: str) -> bool:
+        """"!rank", "/start@bot", "?help me": a prefix then a letter. "- water" (a list), "...", "?!" and "-5" are talk."""
+        return len(text) > 1 and text[0] in self.command_prefixes and text[1].isalpha()
 
 
 def normalise(text: str, mentioned: Iterable[str] = ()) -> str:
@@ -80,17 +96,31 @@ def normalise(text: str, mentioned: Iterable[str] = ()) -> str:
 
 
 def conversations(messages: Iterable[ChatMessage], gap_s: float = DEFAULT_GAP_S,
-                  exclude_speakers: frozenset[str] = frozenset()) -> Iterator[list[ChatMessage]]:
+                  exclude_speakers: frozenset[str] = frozenset(), options: ConversationOptions | None = None,
+                  summary: DataSummary | None = None) -> Iterator[list[ChatMessage]]:
     """Consecutive messages of one chat, split where the chat changes, after a silence longer than
     `gap_s`, when time runs backwards by more than that, or at MAX_MESSAGES. Empty and overlong
-    messages and excluded speakers are dropped. Streams: holds one conversation at a time."""
+    messages, excluded speakers, bot commands (`options.command_prefixes`) and their answers are
+    dropped, each counted in `summary` by reason. Streams: holds one conversation at a time."""
+    summary = summary if summary is not None else DataSummary()
+    is_command = options.is_command if options is not None else ConversationOptions().is_command
     current: list[ChatMessage] = []
     last_time: float | None = None
+    command, answerer = None, None  # the last command while its answer may still come, and who answered it
     for message in messages:
-        if not message.text or len(message.text) > MAX_MESSAGE_CHARS:
+        reason = _drop_reason(message, exclude_speakers, is_command)
+        if reason is None and command is not None and _answers(message, command, answerer):
+            reason = ANSWERS
+            answerer = clean_name(message.speaker)
+            command = dataclasses.replace(command, time_s=message.time_s)  # an answer in several messages
+        elif reason == COMMANDS:
+            command, answerer = message, None
+        elif reason is None:
+            command = None
+        if reason is not None:
+            summary.drop(reason)
             continue
-        if exclude_speakers and clean_name(message.speaker).casefold() in exclude_speakers:
-            continue
+        summary.keep(clean_name(message.speaker))
         if current and (message.chat != current[-1].chat or len(current) >= MAX_MESSAGES
                         or _silent(last_time, message.time_s, gap_s)):
             yield current
@@ -101,18 +131,43 @@ def conversations(messages: Iterable[ChatMessage], gap_s: float = DEFAULT_GAP_S,
         yield current
 
 
+def _drop_reason(message: ChatMessage, exclude_speakers: frozenset[str], is_command) -> str | None:
+    if not message.text:
+        return "empty (an attachment or a sticker alone)"
+    if len(message.text) > MAX_MESSAGE_CHARS:
+        return f"longer than {MAX_MESSAGE_CHARS:,} characters (pastes)"
+    if exclude_speakers and clean_name(message.speaker).casefold() in exclude_speakers:
+        return "excluded speakers"
+    if is_command(message.text):
+        return COMMANDS
+    return None
+
+
+def _answers(message: ChatMessage, command: ChatMessage, answerer: str | None) -> bool:
+    """A message from someone else in the same chat (the one who answered already, if any), within
+    COMMAND_REPLY_S of the command or of the answer's previous part: a bot answering. Without times
+    nothing counts as an answer (a CSV or Telegram export without them: name the bot in exclude_speakers)."""
+    speaker = clean_name(message.speaker)
+    return (message.chat == command.chat and speaker != clean_name(command.speaker) and answerer in (None, speaker)
+            and message.time_s is not None and command.time_s is not None
+            and 0 <= message.time_s - command.time_s <= COMMAND_REPLY_S)
+
+
 def _silent(before: float | None, now: float | None, gap_s: float) -> bool:
     return before is not None and now is not None and abs(now - before) > gap_s
 
 
 def render_conversations(messages: Iterable[ChatMessage], options: ConversationOptions,
-                         pseudonyms: dict[str, str] | None = None) -> Iterator[str]:
+                         pseudonyms: dict[str, str] | None = None, summary: DataSummary | None = None) -> Iterator[str]:
     """Each conversation as training text in `options.chat_format`. With `anonymize_speakers`, each
     name gets a pseudonym in order of first appearance, kept in `pseudonyms` (one per dataset)."""
     pseudonyms = {} if pseudonyms is None else pseudonyms
-    for conversation in conversations(messages, options.gap_s, options.exclude_speakers):
+    summary = summary if summary is not None else DataSummary()
+    for conversation in conversations(messages, options.gap_s, options.exclude_speakers, options, summary):
         if options.anonymize_speakers:
             names = [pseudonyms.setdefault(clean_name(m.speaker).casefold(), f"user{len(pseudonyms) + 1}") for m in conversation]
         else:
             names = [m.speaker for m in conversation]
-        yield options.chat_format.render(zip(names, (m.text for m in conversation), strict=True))
+        text = options.chat_format.render(zip(names, (m.text for m in conversation), strict=True))
+        summary.conversation(text)
+        yield text

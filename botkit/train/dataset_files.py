@@ -23,6 +23,7 @@ from botkit.chat_format import ChatFormat
 from botkit.errors import DatasetError
 from botkit.train import chat_exports
 from botkit.train.conversations import ConversationOptions, render_conversations
+from botkit.train.data_summary import DataSummary
 
 START = "<|startoftext|>"
 END = "<|endoftext|>"
@@ -62,6 +63,7 @@ class DatasetReader:
         self.chats = chats or ConversationOptions()
         self.chat_format: ChatFormat | None = None
         self.pseudonyms: dict[str, str] = {}  # with anonymize_speakers: one pseudonym per name across all files
+        self.summary = DataSummary()  # what the chat exports' messages became (kept, dropped by reason, samples)
 
     def segments(self) -> Iterator[Segment]:
         for path in self.paths:
@@ -89,13 +91,13 @@ class DatasetReader:
         elif suffix == ".jsonl":
             yield from self._jsonl(path)
         elif suffix == ".json" or (suffix != ".txt" and head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{")):
-            yield from self._chats(path, chat_exports.json_messages(path))
+            yield from self._chats(path, chat_exports.json_messages(path, self.summary))
         else:
             yield from text_segments(path)
 
     def _chats(self, path: Path, messages) -> Iterator[Segment]:
         self.chat_format = self.chats.chat_format
-        for conversation in render_conversations(messages, self.chats, self.pseudonyms):
+        for conversation in render_conversations(messages, self.chats, self.pseudonyms, self.summary):
             yield conversation, True
 
     def _csv(self, path: Path) -> Iterator[Segment]:

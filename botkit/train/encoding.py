@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from botkit.chat_format import ChatFormat
 from botkit.errors import DatasetError
 from botkit.train.conversations import ConversationOptions
+from botkit.train.data_summary import DataSummary
 from botkit.train.dataset_files import END, START, DatasetReader, Segment, dataset_paths  # noqa: F401 - part of this module's API
 
 CACHE_SUFFIX = ".npz"
@@ -40,6 +41,7 @@ class TokenStream:
     tokens: np.ndarray  # (num_tokens,) int32
     source: str
     chat_format: ChatFormat | None = None  # how its conversations were rendered; None: no chat export in it
+    summary: DataSummary | None = None  # what its chat messages became; None: read from a cache or no chats
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -136,7 +138,7 @@ def load_tokens(dataset: str | os.PathLike, tokenizer: PreTrainedTokenizerBase, 
     tokens = encode_segments(reader.segments(), tokenizer)
     if len(tokens) == 0:
         raise DatasetError(f"Dataset {dataset} is empty: add some text to it.")
-    return TokenStream(tokens, str(dataset), reader.chat_format)
+    return TokenStream(tokens, str(dataset), reader.chat_format, reader.summary if reader.chat_format else None)
 
 
 def encode_dataset(dataset, tokenizer: PreTrainedTokenizerBase, out_path, text_field: str = "text",

@@ -1,5 +1,6 @@
 """`botkit export-dataset`: the messages of chats that opted in (`/settings dataset_opt_in on`) as a
-chat dataset for `botkit finetune --dataset`.
+chat dataset for `botkit finetune --dataset`, from the moment each opted in (earlier messages were
+sent without that consent).
 
 Only people's messages are exported: the bot's own replies would teach the model its own output,
 and API completions are not chat. The file names no platform, chat or user id, handle or name:
@@ -55,14 +56,16 @@ def export_dataset(db_path: str | os.PathLike, out_path: str | os.PathLike, defa
     try:
         with db, tmp.open("w", encoding="utf-8") as out:
             out.write(botkit_header() + "\n")
-            chats = db.execute("SELECT DISTINCT m.platform, m.chat_id, COALESCE(c.settings, '{}') FROM messages m"
-                               " LEFT JOIN chats c ON c.platform = m.platform AND c.chat_id = m.chat_id ORDER BY m.platform, m.chat_id")
-            for platform, chat_id, settings in chats.fetchall():
+            chats = db.execute("SELECT DISTINCT m.platform, m.chat_id, COALESCE(c.settings, '{}'), COALESCE(c.export_since_message, 0)"
+                               " FROM messages m LEFT JOIN chats c ON c.platform = m.platform AND c.chat_id = m.chat_id"
+                               " ORDER BY m.platform, m.chat_id")
+            for platform, chat_id, settings, since in chats.fetchall():
                 if not _opted_in(defaults, settings, platform, chat_id):
                     continue
                 rows = db.execute(
                     "SELECT m.user_id, m.text, m.received_at FROM messages m LEFT JOIN requests r ON r.message_id = m.id"
-                    " WHERE m.platform=? AND m.chat_id=? AND (r.kind IS NULL OR r.kind = 'chat') ORDER BY m.id", (platform, chat_id))
+                    " WHERE m.platform=? AND m.chat_id=? AND m.id > ? AND (r.kind IS NULL OR r.kind = 'chat') ORDER BY m.id",
+                    (platform, chat_id, since))
                 label = f"chat{num_chats + 1}"
                 for user_id, text, received_at in rows:
                     speaker = pseudonyms.setdefault((platform, user_id), f"user{len(pseudonyms) + 1}")

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from botkit.errors import InputError
-from botkit.train.conversations import ConversationOptions
+from botkit.train.conversations import COMMAND_PREFIXES, ConversationOptions
 
 if TYPE_CHECKING:
     from transformers import GPT2Config
@@ -37,7 +37,8 @@ class FinetuneResult:
     avg_loss: float
     val_loss: float | None
     best_val_loss: float | None
-    stopped: str  # "steps" | "early stopping" | "stop_at_step" | "interrupted"
+    stopped: str  # "steps" | "early stopping" | "stop_at_step" | "interrupted" | "dry run"
+    summary: str = ""  # what the data became (printed before the first step; all a dry run does)
 
 
 def finetune(
@@ -74,7 +75,7 @@ def finetune(
     val_fraction: float = 0.0,
     val_every: int = 0,
     val_batches: int = 40,
-    early_stopping: int = 0,
+    early_stopping: int | None = None,
     mixed_precision: str = "auto",
     device: str = "",
     n_layer: int = 4,
@@ -88,7 +89,9 @@ def finetune(
     conversation_gap_s: float = 3600.0,
     exclude_speakers: str = "",
     anonymize_speakers: bool = False,
+    command_prefixes: str = COMMAND_PREFIXES,
     stop_at_step: int = 0,
+    dry_run: bool = False,
     progress: bool = True,
 ) -> FinetuneResult:
     """Fine-tune `model` on `dataset`; checkpoints go to `checkpoint_dir/run_name/`.
@@ -98,9 +101,11 @@ def finetune(
     bundled demo model. `steps` is the run's total: the learning-rate schedule spans it, and a run
     resumed with `restore_from="latest"` trains until its step count reaches `steps` (pass a larger
     `steps` to train further). `stop_at_step` stops and saves early without changing the schedule.
-    `block_size` 0 means the model's context. Held-out loss: the last `val_fraction` of the tokens,
-    every `val_every` steps (0: at each save); `early_stopping` N stops after N evaluations without
-    improvement and keeps the best model in `run_name/best/`. `lora` R > 0 trains rank-R LoRA
+    `block_size` 0 means the model's context. Held-out loss: the last `val_fraction` of the tokens
+    (at least one block; data too small for that trains without, and says so), every `val_every`
+    steps (0: ten times a run, or at each save if that is more often); `early_stopping` N stops after
+    N evaluations without improvement and keeps the best model in `run_name/best/` (None: 3 when there
+    is held-out data, else off). `lora` R > 0 trains rank-R LoRA
     adapters on the attention and MLP projections instead of every weight (`lora_alpha` 0 means 2R);
     checkpoints then hold the adapter alone, and loading the run merges it into the base model.
 
@@ -108,8 +113,14 @@ def finetune(
     JSONL) become conversations, split after `conversation_gap_s` seconds of silence, rendered with
     `chat_format` (a ChatFormat, its JSON, or a chat_format.json path; default "{name}: {message}"
     lines); `exclude_speakers` (comma-separated) drops bots an export does not mark;
-    `anonymize_speakers` names speakers user1, user2, ... (CSV exports name people by username). The run folder
-    then holds chat_format.json, and every run gets an n-gram index of its text (botkit.engine.copy_index).
+    `anonymize_speakers` names speakers user1, user2, ... (CSV exports name people by username);
+    messages that are bot commands (one of `command_prefixes`, then a word: "!rank") are dropped with
+    their bot's answer. The run folder then holds chat_format.json, and every run gets an n-gram index
+    of its text (botkit.engine.copy_index).
+
+    Every run first logs a summary of its data (messages kept and dropped by reason, speakers,
+    conversations, tokens, epochs at `steps`, three conversations as the model sees them);
+    `dry_run=True` builds only that (`FinetuneResult.summary`), trains nothing and writes nothing.
     """
     options = dict(locals())
     _check_args(options)
@@ -136,7 +147,9 @@ def _check_args(args: dict) -> None:
 
     positive("steps", "batch_size", "accumulate_gradients", "save_every", "print_every", "max_checkpoints", "sample_num", "sample_length",
              "val_batches", "n_layer", "n_embd", "n_head", "n_ctx", "vocab_size")
-    at_least_zero("sample_every", "block_size", "warmup_steps", "val_every", "early_stopping", "stop_at_step")
+    at_least_zero("sample_every", "block_size", "warmup_steps", "val_every", "stop_at_step")
+    if args["early_stopping"] is not None:
+        at_least_zero("early_stopping")
     finite_at_least_zero("weight_decay", "max_grad_norm")
     if not isinstance(args["seed"], int) or not 0 <= args["seed"] < 2**63:
         raise InputError(f"seed must be a whole number from 0 to 2^63 - 1, not {args['seed']!r}.")
@@ -169,7 +182,7 @@ def _check_args(args: dict) -> None:
     gap = args["conversation_gap_s"]
     if isinstance(gap, bool) or not (isinstance(gap, int | float) and 0 < gap < math.inf):
         raise InputError(f"conversation_gap_s must be a number of seconds above 0, not {args['conversation_gap_s']!r}.")
-    ConversationOptions.of(args["chat_format"], gap, args["exclude_speakers"])  # a bad format fails now, not after loading
+    ConversationOptions.of(args["chat_format"], gap, args["exclude_speakers"], command_prefixes=args["command_prefixes"])  # fails now, not after loading
 
 
 
@@ -184,8 +197,8 @@ HELP = {
     "accumulate_gradients": "micro-batches per optimizer step (gpt-2-simple's default was 5; here 1)",
     "restore_from": "'latest' continues the run in checkpoint_dir/run_name; '' or 'fresh' starts from --model",
     "block_size": "tokens per training window; 0 = the model's context",
-    "val_every": "steps between held-out evaluations; 0 = at every save",
-    "early_stopping": "stop after this many held-out evaluations without improvement (0 = off)",
+    "val_every": "steps between held-out evaluations; 0 = ten times a run (or at every save, if more often)",
+    "early_stopping": "stop after this many held-out evaluations without improvement (0 = off; default 3 with --val-fraction, else off)",
     "n_layer": "layers of a new model (--model scratch); also --n-embd, --n-head, --n-ctx",
     "train_tokenizer": "train a byte-level BPE tokenizer of --vocab-size on the data (--model scratch only)",
     "stop_at_step": "stop and save at this step without shortening the schedule (0 = run to --steps)",
@@ -197,7 +210,10 @@ HELP = {
     "conversation_gap_s": "in chat exports, a silence longer than this (seconds) starts a new conversation",
     "exclude_speakers": "comma-separated names whose messages are dropped (bots a Telegram or CSV export does not mark)",
     "anonymize_speakers": "in chat exports, name speakers user1, user2, ... (a Discord CSV names people by their username)",
+    "command_prefixes": "in chat exports, a message of one of these characters then a word is a bot command: dropped with its bot's answer ('' = keep)",
+    "dry_run": "print what the data becomes (kept and dropped messages, speakers, tokens, epochs, sample conversations) and stop",
 }
+CLI_TYPES = {"early_stopping": int}  # defaults of None
 CLI_SKIP = ("dataset", "progress")
 
 
@@ -212,7 +228,7 @@ def add_cli(subparsers) -> None:
         if isinstance(default, bool):
             p.add_argument(flag, action="store_true", default=default, help=HELP.get(name))
         else:
-            kind = str if default is None else type(default)
+            kind = CLI_TYPES.get(name, str if default is None else type(default))
             p.add_argument(flag, type=kind, default=default, help=HELP.get(name, f"(default: {default!r})"))
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_run_finetune)
@@ -224,7 +240,7 @@ def add_cli(subparsers) -> None:
     e.add_argument("--run-name", default=None, help="use the tokenizer of this run in --checkpoint-dir")
     e.add_argument("--checkpoint-dir", default="checkpoint")
     e.add_argument("--text-field", default="text", help="the JSONL field holding the text")
-    for name in ("chat_format", "conversation_gap_s", "exclude_speakers"):
+    for name in ("chat_format", "conversation_gap_s", "exclude_speakers", "command_prefixes"):
         default = inspect.signature(finetune).parameters[name].default
         e.add_argument("--" + name.replace("_", "-"), type=float if isinstance(default, float) else str, default=default, help=HELP[name])
     e.add_argument("--anonymize-speakers", action="store_true", help=HELP["anonymize_speakers"])
@@ -236,6 +252,10 @@ def _run_finetune(args) -> None:
     kwargs = {n: getattr(args, n) for n in names}
     kwargs["model"] = kwargs["model"] or None
     result = finetune(args.dataset, **kwargs)
+    if result.stopped == "dry run":
+        print(result.summary)
+        print("That was a dry run: nothing was trained or written. Train with the same options without --dry-run.")
+        return
     val = f", held-out loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(f"Trained {result.run_dir} to step {result.step} (average loss {result.avg_loss:.4f}{val}); stopped by {result.stopped}.")
 
@@ -245,7 +265,8 @@ def _run_encode(args) -> None:
     from botkit.train.encoding import encode_dataset
 
     lm = load_model(args.model, run_name=args.run_name, checkpoint_dir=args.checkpoint_dir, device="cpu")
-    chats = ConversationOptions.of(args.chat_format, args.conversation_gap_s, args.exclude_speakers, args.anonymize_speakers)
+    chats = ConversationOptions.of(args.chat_format, args.conversation_gap_s, args.exclude_speakers, args.anonymize_speakers,
+                                   args.command_prefixes)
     stream = encode_dataset(args.dataset, lm.tokenizer, args.out, args.text_field, chats)
     kind = " (chat conversations)" if stream.chat_format else ""
     print(f"Wrote {len(stream):,} tokens of {args.dataset}{kind} to {args.out} (tokenizer of {lm.name}).")

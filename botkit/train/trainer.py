@@ -26,18 +26,21 @@ from transformers import AutoTokenizer, GPT2Config, get_scheduler
 
 from botkit.engine.copy_index import write_index
 from botkit.engine.training_texts import document_lines, write_texts
-from botkit.errors import DatasetError, InputError
+from botkit.errors import BotkitError, DatasetError, InputError
 from botkit.model.loading import LoadedModel, load_model
 from botkit.model.sources import folder_kind, resolve
 from botkit.model.tokenizer import finish_tokenizer
 from botkit.train import run_folder as checkpoints
 from botkit.train.conversations import ConversationOptions
+from botkit.train.data_summary import DataSummary
 from botkit.train.encoding import DatasetReader, TokenStream, load_tokens, train_tokenizer
 from botkit.train.finetune import SCRATCH, FinetuneResult
 from botkit.train.run_folder import LossLog, TrainerState
 
 log = logging.getLogger("botkit")
 
+DEFAULT_PATIENCE = 3  # early stopping with held-out data and no early_stopping given: evaluations without improvement
+NUM_EVALUATIONS = 10  # held-out evaluations a run makes when val_every is 0 (unless saves come more often)
 PLAIN_PROGRESS_EVERY_S = 10.0  # without a terminal, one plain progress line this often instead of a redrawn bar
 
 
@@ -45,12 +48,27 @@ def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
     """The training loop behind `botkit.finetune` (which checks the options `o` and documents them)."""
     accelerator = Accelerator(cpu=(o.device == "cpu"), mixed_precision=_precision(o.mixed_precision, o.device))
     run_dir = Path(o.checkpoint_dir) / o.run_name
-    resume = _prepare_run_dir(run_dir, o.restore_from, o.overwrite, accelerator.is_main_process)
-    chats = ConversationOptions.of(o.chat_format, o.conversation_gap_s, o.exclude_speakers, o.anonymize_speakers)
+    if o.dry_run:  # reads the data, writes nothing
+        resume = o.restore_from == "latest" and checkpoints.has_checkpoint(run_dir)
+    else:
+        resume = _prepare_run_dir(run_dir, o.restore_from, o.overwrite, accelerator.is_main_process)
+    chats = ConversationOptions.of(o.chat_format, o.conversation_gap_s, o.exclude_speakers, o.anonymize_speakers, o.command_prefixes)
     lm, base, stream = _model_and_data(dataset, o.model, resume, run_dir, o.run_name, o.seed, o.n_layer, o.n_embd, o.n_head, o.n_ctx, o.train_tokenizer, o.vocab_size, o.text_field, chats, o.lora)
-    train, val = stream.split(o.val_fraction)
     block = o.block_size or lm.model.config.n_positions
-    _check_lengths(train, val, block, lm)
+    train, val, val_note = held_out(stream, o.val_fraction, block)
+    tokens_per_step = o.batch_size * block * o.accumulate_gradients * accelerator.num_processes
+    summary = (stream.summary or DataSummary()).report(len(train), len(val) if val is not None else 0, tokens_per_step, o.steps, val_note)
+    try:
+        _check_lengths(train, val, block, lm)
+    except BotkitError as exc:
+        if not o.dry_run:
+            raise
+        summary += f"\nTraining with these options would stop at once: {exc}"
+    if o.dry_run:
+        return FinetuneResult(lm, run_dir, 0, math.nan, None, None, "dry run", summary)
+    if accelerator.is_main_process:
+        log.info("The data of run %s:\n%s", o.run_name, summary)
+    early_stopping = o.early_stopping if o.early_stopping is not None else DEFAULT_PATIENCE if val is not None else 0
 
     if o.lora > lm.model.config.n_embd:  # checked before peft allocates the adapters (7.5 GB for a huge rank)
         raise InputError(f"lora rank {o.lora} is above the model's width of {lm.model.config.n_embd}, where a rank stops adding anything: "
@@ -93,9 +111,8 @@ def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
             checkpoints.save_checkpoint(run_dir, accelerator.unwrap_model(net), opt, sched, state, accelerator.scaler, o.max_checkpoints, rng_state)
             loss_log.plot()
 
-    val_every = o.val_every or o.save_every
+    val_every = o.val_every or min(o.save_every, max(1, o.steps // NUM_EVALUATIONS))
     last_stop = o.stop_at_step or o.steps
-    tokens_per_step = o.batch_size * block * o.accumulate_gradients * accelerator.num_processes
     bar = Progress(last_stop, state.step, o.progress and accelerator.is_main_process)
     stopped, val_loss, tokens_per_s, save_pending = "steps", None, None, False
     try:
@@ -118,7 +135,7 @@ def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
             if val is not None and (state.step % val_every == 0 or state.step == o.steps):
                 val_loss = evaluate_loss(accelerator.unwrap_model(net), val, block, o.batch_size, o.val_batches)
                 net.train()
-                if _improved(state, val_loss, o.early_stopping, accelerator, net, run_dir):
+                if _improved(state, val_loss, early_stopping, accelerator, net, run_dir):
                     stopped = "early stopping"
             if loss_log is not None:
                 loss_log.append(step=state.step, loss=loss, avg_loss=state.avg_loss, learning_rate=sched.get_last_lr()[0], tokens_per_s=rate, val_loss=val_loss)
@@ -130,7 +147,7 @@ def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
                 net.train()
             if stopped == "early stopping":
                 log.info("Held-out loss has not improved for %d evaluations: stopping at step %d (best %.4f at step %d, saved in %s).",
-                         o.early_stopping, state.step, state.best_val_loss, state.best_val_step, run_dir / "best")
+                         early_stopping, state.step, state.best_val_loss, state.best_val_step, run_dir / "best")
                 break
             save_pending = state.step % o.save_every == 0
     except KeyboardInterrupt:
@@ -146,7 +163,7 @@ def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
     if o.lora:
         net = lora.merged(net)  # saved already: the result is the plain model with the adapter added in
     trained = LoadedModel(net, lm.tokenizer, o.run_name, stream.chat_format, run_dir)
-    return FinetuneResult(trained, run_dir, state.step, state.avg_loss, val_loss, state.best_val_loss, stopped)
+    return FinetuneResult(trained, run_dir, state.step, state.avg_loss, val_loss, state.best_val_loss, stopped, summary)
 
 
 def _forward_backward(accelerator, net, train: TokenStream, block, batch_size, accumulate, seed, step) -> float:
@@ -272,13 +289,27 @@ def _resumed_model(run_dir: Path, rank: int) -> LoadedModel:
     return LoadedModel(base.model, finish_tokenizer(AutoTokenizer.from_pretrained(run_dir)), run_dir.name)
 
 
+def held_out(stream: TokenStream, val_fraction: float, block: int) -> tuple[TokenStream, TokenStream | None, str]:
+    """The training part, the held-out tail (`val_fraction` of the tokens, at least one block) and a
+    sentence for the summary. Data too small to hold out a block and keep most of it trains without."""
+    if val_fraction <= 0:
+        return stream, None, ""
+    num_val = max(math.ceil(len(stream) * val_fraction), block)
+    if num_val > len(stream) // 2:
+        note = (f"No held-out part: {len(stream):,} tokens are too few to hold out a block of {block} and train on the rest "
+                "(add text or lower block_size to get held-out loss and early stopping).")
+        log.warning(note)
+        return stream, None, note
+    train, val = stream.split(num_val / len(stream))
+    note = f"Held out: the last {len(val):,} tokens{' (one block, more than val_fraction)' if len(val) <= block else ''}."
+    return train, val, note
+
+
 def _check_lengths(train: TokenStream, val: TokenStream | None, block: int, lm: LoadedModel) -> None:
     if block > lm.model.config.n_positions:
         raise InputError(f"block_size {block} is longer than the model's context of {lm.model.config.n_positions} tokens: lower it.")
     if len(train) < block:
         raise DatasetError(f"The dataset has {len(train)} training tokens, fewer than one block of {block}: add text or lower block_size.")
-    if val is not None and len(val) < block:
-        raise DatasetError(f"The held-out part has {len(val)} tokens, fewer than one block of {block}: raise val_fraction, add text or lower block_size.")
     if int(train.tokens.max()) >= lm.model.config.vocab_size:
         raise DatasetError(f"{train.source} has token ids beyond this model's vocabulary: it was encoded for another model.")
 
