@@ -218,3 +218,10 @@ async def test_parts_shown_that_the_answer_no_longer_needs_are_deleted(tmp_path,
         backend.step()
         await until(lambda: bot.answers(message) == ["out of memory"])  # one message: the other parts are gone
         assert len(await delivered(tmp_path, 1)) == 1
+
+
+def test_a_streamed_line_break_shows_as_one_and_a_half_written_one_waits():
+    from botkit.chat.live_reply import as_written
+
+    assert as_written("packing list:<br>- water<br>- rain jacket") == "packing list:\n- water\n- rain jacket"
+    assert [as_written("a<br>b" + tail) for tail in ("<", "<b", "<br", "<br>")] == ["a\nb", "a\nb", "a\nb", "a\nb\n"]

@@ -24,10 +24,9 @@ from collections.abc import Callable
 from botkit.chat.chats import Chats, Prompt
 from botkit.chat.commands import HANDLERS
 from botkit.chat.events import ChatEvent, Platform, Replier
-from botkit.chat.live_reply import LiveReply
+from botkit.chat.live_reply import LINES, LiveReply
 from botkit.chat.outbox import Notice, Outbox, Typing
 from botkit.chat.triggers import prefixed_text, wants_reply
-from botkit.chat_format import ChatFormat
 from botkit.errors import BotkitError, InputError
 from botkit.params import ChatSettings
 from botkit.prompting import clean_message
@@ -35,7 +34,6 @@ from botkit.serve.core import Ticket
 
 log = logging.getLogger("botkit.conversation")
 
-LINES = ChatFormat()  # a reply's "<br>" (a line break inside a message, as chat-trained runs write it) is sent as a line break
 EMPTY_REPLY = "The model had nothing to say twice in a row; try a longer message, or raise length with /settings."
 SWITCHED_OFF = "I'm switched off in this chat (trigger = never); an admin can turn me on with /settings trigger mention."
 GEN_USAGE = "Write the start of a text after the command, for example: /gen Once upon a time"

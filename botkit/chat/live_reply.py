@@ -24,12 +24,22 @@ import time
 from botkit.banned_words import banned_word_in
 from botkit.chat.events import Replier
 from botkit.chat.outbox import Notice, Outbox
+from botkit.chat_format import ChatFormat
 from botkit.serve.core import Ticket
 
 log = logging.getLogger("botkit.conversation")
 
+LINES = ChatFormat()  # the line_break a chat-trained run writes ("<br>"), shown as a line break
 WRITING = "…"  # what a streamed message shows while a draw that was drawn again has no text yet
 _WORD_END = re.compile(r"\S(?=\s)")  # the last character of a word that whitespace follows
+
+
+def as_written(draft: str) -> str:
+    """A draft's "<br>" as line breaks, as the final reply will be (conversation.LINES), holding back a
+    "<br>" still being written ("<b"), so what is shown only grows."""
+    text = LINES.decode(draft)
+    held = next((n for n in range(len(LINES.line_break) - 1, 0, -1) if text.endswith(LINES.line_break[:n])), 0)
+    return text[: len(text) - held]
 
 
 def visible_text(draft: str, banned: tuple[str, ...]) -> str:
@@ -81,7 +91,7 @@ class LiveReply:
         while not ticket.done:
             await ticket.draft_changed()
             await asyncio.sleep(max(0.0, last_update + self.interval_s - time.monotonic()))  # the platform's pace
-            text = visible_text(ticket.draft, banned)
+            text = visible_text(as_written(ticket.draft), banned)
             if ticket.done or text == shown:
                 continue
             self._showing = asyncio.ensure_future(self._show(ticket.request_id, text))
