@@ -1,6 +1,8 @@
 """Fine-tuning on tiny models: exact resume, datasets, held-out loss, early stopping, bad input."""
 
 import csv
+import dataclasses
+import inspect
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from botkit.errors import BotkitError, DatasetError, InputError
 from botkit.model.loading import gpt2_tokenizer, load_model
 from botkit.train.encoding import encode_dataset, load_tokens, read_documents, train_tokenizer
 from botkit.train.finetune import finetune
+from botkit.train.options import FinetuneOptions
 
 TEXT = "".join(f"The quick brown fox number {i} jumps over the lazy dog.\n" for i in range(60))
 
@@ -184,3 +187,21 @@ def test_bad_input_is_one_sentence(tmp_path, content, kwargs, error, message):
     with pytest.raises(error, match=message) as info:
         tiny(tmp_path, path, run_name="bad", **kwargs)
     assert str(info.value).count(". ") == 0 and str(info.value).endswith(".")
+
+
+def test_finetune_options_are_frozen_and_refuse_a_bad_value_with_the_same_sentence(tmp_path, text_file):
+    options = FinetuneOptions(steps=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.steps = 4
+    assert options.steps == 3 and dataclasses.replace(options, steps=5).steps == 5
+    with pytest.raises(InputError) as direct:
+        FinetuneOptions(optimizer="lion")
+    with pytest.raises(InputError) as public:
+        finetune(str(text_file), optimizer="lion", checkpoint_dir=str(tmp_path / "checkpoint"))
+    assert str(direct.value) == str(public.value) == "optimizer must be one of 'adamw', 'adam', 'sgd', not 'lion'."
+
+
+def test_finetune_keywords_are_the_options_fields_with_the_same_defaults():
+    keywords = {name: p.default for name, p in inspect.signature(finetune).parameters.items() if name != "dataset"}
+    fields = {f.name: f.default for f in dataclasses.fields(FinetuneOptions)}
+    assert keywords == fields

@@ -1,44 +1,22 @@
 """`botkit.finetune`: gpt-2-simple's `finetune` with exact resume, held-out loss, early stopping,
 progress, loss plots, from-scratch models and several GPUs (through accelerate).
 
-This module holds the function's options, their checks and the command line; it imports nothing
-heavy, so `botkit --help` stays fast. The loop itself is in `trainer.py`.
+This module holds the public function and the command line; it imports nothing heavy, so
+`botkit --help` stays fast. The options and their checks are in `options.py`, the loop in `trainer.py`.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
-from dataclasses import dataclass
-from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
-from botkit.errors import InputError
 from botkit.train.conversations import COMMAND_PREFIXES, ConversationOptions
+from botkit.train.options import FinetuneOptions, FinetuneResult
 
 if TYPE_CHECKING:
     from transformers import GPT2Config
 
     from botkit.chat_format import ChatFormat
-    from botkit.model.loading import LoadedModel
-
-SCRATCH = "scratch"  # model="scratch": a new randomly initialised GPT-2 built from n_layer/n_embd/n_head/n_ctx
-OPTIMIZERS = ("adamw", "adam", "sgd")  # "adam" is gpt-2-simple's name; both mean AdamW (weight_decay=0 is Adam)
-SCHEDULES = ("constant", "cosine", "linear")
-RESTORE = ("latest", "fresh")
-
-
-@dataclass
-class FinetuneResult:
-    lm: LoadedModel  # the trained model, in eval mode, ready for `botkit.generate`
-    run_dir: Path
-    step: int
-    avg_loss: float
-    val_loss: float | None
-    best_val_loss: float | None
-    stopped: str  # "steps" | "early stopping" | "stop_at_step" | "interrupted" | "dry run"
-    summary: str = ""  # what the data became (printed before the first step; all a dry run does)
 
 
 def finetune(
@@ -122,70 +100,12 @@ def finetune(
     conversations, tokens, epochs at `steps`, three conversations as the model sees them);
     `dry_run=True` builds only that (`FinetuneResult.summary`), trains nothing and writes nothing.
     """
-    options = dict(locals())
-    _check_args(options)
+    # Every keyword argument is a FinetuneOptions field of the same name and default (a test holds them
+    # equal); the signature stays spelled out because it is gpt-2-simple's and what `help()` shows.
+    options = FinetuneOptions(**{name: value for name, value in locals().items() if name != "dataset"})
     from botkit.train.trainer import train
 
-    return train(options.pop("dataset"), SimpleNamespace(**options))
-
-
-def _check_args(args: dict) -> None:
-    def positive(*names):
-        for name in names:
-            if not isinstance(args[name], int) or isinstance(args[name], bool) or args[name] <= 0:
-                raise InputError(f"{name} must be a whole number above 0, not {args[name]!r}.")
-
-    def at_least_zero(*names):
-        for name in names:
-            if not isinstance(args[name], int) or isinstance(args[name], bool) or args[name] < 0:
-                raise InputError(f"{name} must be a whole number from 0 up, not {args[name]!r}.")
-
-    def finite_at_least_zero(*names):
-        for name in names:
-            if not isinstance(args[name], int | float) or not 0 <= args[name] < math.inf:
-                raise InputError(f"{name} must be a finite number from 0 up, not {args[name]!r}.")
-
-    positive("steps", "batch_size", "accumulate_gradients", "save_every", "print_every", "max_checkpoints", "sample_num", "sample_length",
-             "val_batches", "n_layer", "n_embd", "n_head", "n_ctx", "vocab_size")
-    at_least_zero("sample_every", "block_size", "warmup_steps", "val_every", "stop_at_step")
-    if args["early_stopping"] is not None:
-        at_least_zero("early_stopping")
-    finite_at_least_zero("weight_decay", "max_grad_norm")
-    if not isinstance(args["seed"], int) or not 0 <= args["seed"] < 2**63:
-        raise InputError(f"seed must be a whole number from 0 to 2^63 - 1, not {args['seed']!r}.")
-    for name, allowed in (("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES), ("restore_from", ("", *RESTORE)),
-                          ("mixed_precision", ("auto", "no", "fp16", "bf16")), ("device", ("", "cpu", "cuda"))):
-        if args[name] not in allowed:
-            raise InputError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, not {args[name]!r}.")
-    if not 0 <= args["val_fraction"] < 1:
-        raise InputError(f"val_fraction must be at least 0 and below 1, not {args['val_fraction']!r}.")
-    if not 0 < args["learning_rate"] < math.inf:
-        raise InputError(f"learning_rate must be a finite number above 0, not {args['learning_rate']!r}.")
-    if args["early_stopping"] and not args["val_fraction"]:
-        raise InputError("early_stopping needs held-out data: set val_fraction (for example 0.05).")
-    if not args["run_name"] or any(c in args["run_name"] for c in "/\\") or args["run_name"].startswith("."):
-        raise InputError(f"run_name must be a plain folder name, not {args['run_name']!r}.")
-    for name in ("lora", "lora_alpha"):
-        if not isinstance(args[name], int) or isinstance(args[name], bool) or args[name] < 0:
-            raise InputError(f"{name} must be a whole number, 0 (off or default) or more such as 8, not {args[name]!r}.")
-    if args["lora"] and (args["model"] == SCRATCH or not isinstance(args["model"], str | None)):
-        raise InputError("LoRA adapts a trained model: pass one as model (--model gpt2, a folder, or models/124M), not a new one.")
-    if args["lora"] and args["only_train_transformer_layers"]:
-        raise InputError("lora already trains only the transformer layers (its adapters): drop only_train_transformer_layers.")
-    if not 0 <= args["lora_dropout"] < 1:
-        raise InputError(f"lora_dropout must be at least 0 and below 1, not {args['lora_dropout']!r}.")
-    if args["n_embd"] % args["n_head"]:
-        raise InputError(f"n_embd ({args['n_embd']}) must be divisible by n_head ({args['n_head']}).")
-    for name in ("checkpoint_dir", "sample_dir"):
-        if Path(args[name]).exists() and not Path(args[name]).is_dir():
-            raise InputError(f"{name} {args[name]} is a file, not a folder: choose a folder for --{name.replace('_', '-')}.")
-    gap = args["conversation_gap_s"]
-    if isinstance(gap, bool) or not (isinstance(gap, int | float) and 0 < gap < math.inf):
-        raise InputError(f"conversation_gap_s must be a number of seconds above 0, not {args['conversation_gap_s']!r}.")
-    ConversationOptions.of(args["chat_format"], gap, args["exclude_speakers"], command_prefixes=args["command_prefixes"])  # fails now, not after loading
-
-
-
+    return train(dataset, options)
 
 
 # ---- command line: `botkit finetune` and `botkit encode` -------------------------------------------

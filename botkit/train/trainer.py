@@ -14,8 +14,8 @@ import math
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from botkit.train import run_folder as checkpoints
 from botkit.train.conversations import ConversationOptions
 from botkit.train.data_summary import DataSummary
 from botkit.train.encoding import DatasetReader, TokenStream, load_tokens, train_tokenizer
-from botkit.train.finetune import SCRATCH, FinetuneResult
+from botkit.train.options import SCRATCH, FinetuneOptions, FinetuneResult
 from botkit.train.run_folder import LossLog, TrainerState
 
 log = logging.getLogger("botkit")
@@ -44,8 +44,38 @@ NUM_EVALUATIONS = 10  # held-out evaluations a run makes when val_every is 0 (un
 PLAIN_PROGRESS_EVERY_S = 10.0  # without a terminal, one plain progress line this often instead of a redrawn bar
 
 
-def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
-    """The training loop behind `botkit.finetune` (which checks the options `o` and documents them)."""
+@dataclass
+class _Run:
+    """What setup builds for the loop and finish. A dry run stops after the data: the rest stays None."""
+
+    accelerator: Accelerator
+    run_dir: Path
+    lm: LoadedModel
+    stream: TokenStream  # the whole dataset, as read
+    train: TokenStream
+    val: TokenStream | None
+    block: int
+    tokens_per_step: int
+    summary: str
+    early_stopping: int = 0
+    net: torch.nn.Module | None = None
+    opt: torch.optim.Optimizer | None = None
+    sched: object = None
+    state: TrainerState | None = None
+    loss_log: LossLog | None = None  # main process only
+
+
+def train(dataset: str, o: FinetuneOptions) -> FinetuneResult:
+    """The training behind `botkit.finetune` (which documents the options `o`, checked when made)."""
+    run = _setup(dataset, o)
+    if o.dry_run:
+        return FinetuneResult(run.lm, run.run_dir, 0, math.nan, None, None, "dry run", run.summary)
+    stopped, val_loss = _loop(run, o)
+    return _finish(run, o, stopped, val_loss)
+
+
+def _setup(dataset: str, o: FinetuneOptions) -> _Run:
+    """The run folder, the data and its summary, then (unless a dry run) the model, optimizer and trainer state."""
     accelerator = Accelerator(cpu=(o.device == "cpu"), mixed_precision=_precision(o.mixed_precision, o.device))
     run_dir = Path(o.checkpoint_dir) / o.run_name
     if o.dry_run:  # reads the data, writes nothing
@@ -64,11 +94,12 @@ def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
         if not o.dry_run:
             raise
         summary += f"\nTraining with these options would stop at once: {exc}"
+    run = _Run(accelerator, run_dir, lm, stream, train, val, block, tokens_per_step, summary)
     if o.dry_run:
-        return FinetuneResult(lm, run_dir, 0, math.nan, None, None, "dry run", summary)
+        return run
     if accelerator.is_main_process:
         log.info("The data of run %s:\n%s", o.run_name, summary)
-    early_stopping = o.early_stopping if o.early_stopping is not None else DEFAULT_PATIENCE if val is not None else 0
+    run.early_stopping = o.early_stopping if o.early_stopping is not None else DEFAULT_PATIENCE if val is not None else 0
 
     if o.lora > lm.model.config.n_embd:  # checked before peft allocates the adapters (7.5 GB for a huge rank)
         raise InputError(f"lora rank {o.lora} is above the model's width of {lm.model.config.n_embd}, where a rank stops adding anything: "
@@ -84,18 +115,18 @@ def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
         (getattr(net, "activation_checkpointing_enable", None) or net.gradient_checkpointing_enable)()  # renamed in transformers 5
     params = _trainable(net, o.only_train_transformer_layers)  # with LoRA: the adapters only
     opt = _optimizer(o.optimizer, params, o.learning_rate, o.weight_decay)
-    sched = get_scheduler(o.lr_schedule, opt, num_warmup_steps=o.warmup_steps, num_training_steps=o.steps)
+    run.sched = get_scheduler(o.lr_schedule, opt, num_warmup_steps=o.warmup_steps, num_training_steps=o.steps)
     # The scheduler stays unprepared: accelerate would step it once per process, but `steps` counts
     # optimizer steps of the whole run (each process draws its own batch).
-    net, opt = accelerator.prepare(net, opt)
+    run.net, run.opt = accelerator.prepare(net, opt)
 
     if resume:
-        state = checkpoints.load_trainer_state(run_dir, opt, sched, accelerator.scaler)
-        log.info("Resuming %s at step %d of %d.", o.run_name, state.step, o.steps)
-        if state.step >= o.steps:
-            raise InputError(f"Run {o.run_name!r} has already trained {state.step} steps: pass a larger steps (--steps) to train it further.")
+        run.state = checkpoints.load_trainer_state(run_dir, run.opt, run.sched, accelerator.scaler)
+        log.info("Resuming %s at step %d of %d.", o.run_name, run.state.step, o.steps)
+        if run.state.step >= o.steps:
+            raise InputError(f"Run {o.run_name!r} has already trained {run.state.step} steps: pass a larger steps (--steps) to train it further.")
     else:
-        state = TrainerState()
+        run.state = TrainerState()
         torch.manual_seed(o.seed)  # dropout; a resumed run restores this RNG from the checkpoint instead
         if accelerator.is_main_process:
             lm.tokenizer.save_pretrained(run_dir)
@@ -103,14 +134,14 @@ def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
                 stream.chat_format.save(run_dir)  # serving and `botkit generate` read it back (LoadedModel.chat_format)
             write_index(run_dir, stream.tokens, lm.tokenizer.eos_token_id)  # for copying.check_copying: no parroting
             write_texts(run_dir, document_lines(stream.tokens, lm.tokenizer.eos_token_id, lm.tokenizer.decode))  # no short text whole
-    loss_log = LossLog.open(run_dir, state.step) if accelerator.is_main_process else None
+    run.loss_log = LossLog.open(run_dir, run.state.step) if accelerator.is_main_process else None
+    return run
 
-    def save(rng_state=None) -> None:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            checkpoints.save_checkpoint(run_dir, accelerator.unwrap_model(net), opt, sched, state, accelerator.scaler, o.max_checkpoints, rng_state)
-            loss_log.plot()
 
+def _loop(run: _Run, o: FinetuneOptions) -> tuple[str, float | None]:
+    """Optimizer steps until `steps` (or stop_at_step), early stopping or Ctrl-C; returns why it
+    stopped ("steps", "early stopping" or "interrupted") and the last step's held-out loss."""
+    accelerator, net, state = run.accelerator, run.net, run.state
     val_every = o.val_every or min(o.save_every, max(1, o.steps // NUM_EVALUATIONS))
     last_stop = o.stop_at_step or o.steps
     bar = Progress(last_stop, state.step, o.progress and accelerator.is_main_process)
@@ -118,52 +149,67 @@ def train(dataset: str, o: SimpleNamespace) -> FinetuneResult:
     try:
         while state.step < last_stop:
             started, rng_state = time.perf_counter(), torch.get_rng_state()
-            loss = _forward_backward(accelerator, net, train, block, o.batch_size, o.accumulate_gradients, o.seed, state.step)
+            loss = _forward_backward(accelerator, net, run.train, run.block, o.batch_size, o.accumulate_gradients, o.seed, state.step)
             if not math.isfinite(loss):
-                kept = f"the last good checkpoint (step {_saved_step(run_dir)}) is kept" if checkpoints.has_checkpoint(run_dir) else "no checkpoint was saved"
+                kept = f"the last good checkpoint (step {_saved_step(run.run_dir)}) is kept" if checkpoints.has_checkpoint(run.run_dir) else "no checkpoint was saved"
                 raise InputError(f"The loss became {loss} at step {state.step + 1}, so training stopped and {kept}: lower learning_rate (now {o.learning_rate}) and train again.")
             if save_pending:  # saved only now that these weights gave a finite loss: a checkpoint is always a good one
-                save(rng_state)
+                _save(run, o, rng_state)
                 save_pending = False
-            _optimizer_step(accelerator, net, opt, sched, o.max_grad_norm)
+            _optimizer_step(accelerator, net, run.opt, run.sched, o.max_grad_norm)
             state.step += 1
-            state.num_tokens += tokens_per_step
+            state.num_tokens += run.tokens_per_step
             state.add_loss(loss)
-            rate = tokens_per_step / (time.perf_counter() - started)
+            rate = run.tokens_per_step / (time.perf_counter() - started)
             tokens_per_s = rate if tokens_per_s is None else 0.9 * tokens_per_s + 0.1 * rate
             val_loss = None
-            if val is not None and (state.step % val_every == 0 or state.step == o.steps):
-                val_loss = evaluate_loss(accelerator.unwrap_model(net), val, block, o.batch_size, o.val_batches)
+            if run.val is not None and (state.step % val_every == 0 or state.step == o.steps):
+                val_loss = evaluate_loss(accelerator.unwrap_model(net), run.val, run.block, o.batch_size, o.val_batches)
                 net.train()
-                if _improved(state, val_loss, early_stopping, accelerator, net, run_dir):
+                if _improved(state, val_loss, run.early_stopping, accelerator, net, run.run_dir):
                     stopped = "early stopping"
-            if loss_log is not None:
-                loss_log.append(step=state.step, loss=loss, avg_loss=state.avg_loss, learning_rate=sched.get_last_lr()[0], tokens_per_s=rate, val_loss=val_loss)
+            if run.loss_log is not None:
+                run.loss_log.append(step=state.step, loss=loss, avg_loss=state.avg_loss, learning_rate=run.sched.get_last_lr()[0], tokens_per_s=rate, val_loss=val_loss)
             if state.step % o.print_every == 0 or val_loss is not None:
                 bar.set_postfix(loss=f"{loss:.3f}", avg=f"{state.avg_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
             bar.update(state.step)
             if o.sample_every and state.step % o.sample_every == 0 and accelerator.is_main_process:
-                _write_samples(lm, accelerator.unwrap_model(net), Path(o.sample_dir) / o.run_name, state.step, o.sample_num, o.sample_length, o.seed)
+                _write_samples(run.lm, accelerator.unwrap_model(net), Path(o.sample_dir) / o.run_name, state.step, o.sample_num, o.sample_length, o.seed)
                 net.train()
             if stopped == "early stopping":
                 log.info("Held-out loss has not improved for %d evaluations: stopping at step %d (best %.4f at step %d, saved in %s).",
-                         early_stopping, state.step, state.best_val_loss, state.best_val_step, run_dir / "best")
+                         run.early_stopping, state.step, state.best_val_loss, state.best_val_step, run.run_dir / "best")
                 break
             save_pending = state.step % o.save_every == 0
     except KeyboardInterrupt:
         stopped = "interrupted"
-        opt.zero_grad(set_to_none=True)  # drop a half-accumulated step; the checkpoint holds whole steps only
+        run.opt.zero_grad(set_to_none=True)  # drop a half-accumulated step; the checkpoint holds whole steps only
         log.warning("Interrupted at step %d: saving; continue with restore_from='latest'.", state.step)
     finally:
         bar.close()
-    if stopped == "steps" and state.step < o.steps:
+    return stopped, val_loss
+
+
+def _finish(run: _Run, o: FinetuneOptions, stopped: str, val_loss: float | None) -> FinetuneResult:
+    """Save the last step and hand back the trained model, ready to generate."""
+    if stopped == "steps" and run.state.step < o.steps:
         stopped = "stop_at_step"
-    save()
-    net = accelerator.unwrap_model(net).eval()
+    _save(run, o)
+    net = run.accelerator.unwrap_model(run.net).eval()
     if o.lora:
+        from botkit.model import lora
+
         net = lora.merged(net)  # saved already: the result is the plain model with the adapter added in
-    trained = LoadedModel(net, lm.tokenizer, o.run_name, stream.chat_format, run_dir)
-    return FinetuneResult(trained, run_dir, state.step, state.avg_loss, val_loss, state.best_val_loss, stopped, summary)
+    trained = LoadedModel(net, run.lm.tokenizer, o.run_name, run.stream.chat_format, run.run_dir)
+    return FinetuneResult(trained, run.run_dir, run.state.step, run.state.avg_loss, val_loss, run.state.best_val_loss, stopped, run.summary)
+
+
+def _save(run: _Run, o: FinetuneOptions, rng_state=None) -> None:
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        checkpoints.save_checkpoint(run.run_dir, run.accelerator.unwrap_model(run.net), run.opt, run.sched, run.state,
+                                    run.accelerator.scaler, o.max_checkpoints, rng_state)
+        run.loss_log.plot()
 
 
 def _forward_backward(accelerator, net, train: TokenStream, block, batch_size, accumulate, seed, step) -> float:
