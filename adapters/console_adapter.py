@@ -31,15 +31,24 @@ class ConsoleAdapter:
     """Reads `stdin` in a daemon thread (a blocking readline must never hold up the event loop, and
     a daemon thread cannot keep the process alive at exit); writes to `stdout`."""
 
-    def __init__(self, chats: Chats, config: ConsoleConfig, *, stdin: TextIO | None = None, stdout: TextIO | None = None):
+    def __init__(
+        self, chats: Chats, config: ConsoleConfig, *, stdin: TextIO | None = None, stdout: TextIO | None = None
+    ):
         self.config = config
         if stdin is None and hasattr(sys.stdin, "reconfigure"):
             sys.stdin.reconfigure(errors="replace")  # a stray invalid byte must not end the chat
         self.stdin = stdin or sys.stdin
         self.stdout = stdout or sys.stdout
         self.user_name = _login_name()
-        platform = Platform(PLATFORM, MAX_LINE_CHARS, max_parts=1, typing_interval_s=60.0, queue_notice_s=5.0,
-                            bot_name="bot", mention_hint="just write")
+        platform = Platform(
+            PLATFORM,
+            MAX_LINE_CHARS,
+            max_parts=1,
+            typing_interval_s=60.0,
+            queue_notice_s=5.0,
+            bot_name="bot",
+            mention_hint="just write",
+        )
         self.conversation = Conversation(chats, platform, lambda chat_id, message_id: self)
         self._lines: asyncio.Queue[str | None] = asyncio.Queue()
 
@@ -70,9 +79,18 @@ class ConsoleAdapter:
         command, args = None, text
         if text.startswith("/"):
             command, _, args = text[1:].partition(" ")
-        await self.conversation.handle(ChatEvent(
-            chat_id=CHAT_ID, event_id=f"line-{time.time_ns()}", user_id=self.user_name, user_name=self.user_name,
-            text=args, is_private=True, command=command), self)
+        await self.conversation.handle(
+            ChatEvent(
+                chat_id=CHAT_ID,
+                event_id=f"line-{time.time_ns()}",
+                user_id=self.user_name,
+                user_name=self.user_name,
+                text=args,
+                is_private=True,
+                command=command,
+            ),
+            self,
+        )
 
     # -- the replier: the terminal ---------------------------------------------------------------
 

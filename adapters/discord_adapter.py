@@ -28,8 +28,9 @@ log = logging.getLogger("botkit.discord")
 PLATFORM = "discord"
 MAX_MESSAGE_CHARS = 2000  # Discord's limit for a message's content
 # What the bot needs in a channel; replying to a message needs Read Message History.
-PERMISSIONS = discord.Permissions(view_channel=True, send_messages=True, send_messages_in_threads=True,
-                                  read_message_history=True)
+PERMISSIONS = discord.Permissions(
+    view_channel=True, send_messages=True, send_messages_in_threads=True, read_message_history=True
+)
 
 
 class DiscordAdapter:
@@ -37,10 +38,18 @@ class DiscordAdapter:
 
     def __init__(self, chats: Chats, config: DiscordConfig, token: str, *, chance=random.random):
         self.config, self.token = config, token
-        platform = Platform(PLATFORM, MAX_MESSAGE_CHARS, config.max_reply_parts, config.command_prefix,
-                            typing_interval_s=config.typing_interval_s, queue_notice_s=config.queue_notice_s,
-                            admin_user_ids=config.admin_user_ids, admins="members with Manage Server",
-                            stream_interval_s=config.stream_interval_s, group_stream_interval_s=config.stream_interval_s)
+        platform = Platform(
+            PLATFORM,
+            MAX_MESSAGE_CHARS,
+            config.max_reply_parts,
+            config.command_prefix,
+            typing_interval_s=config.typing_interval_s,
+            queue_notice_s=config.queue_notice_s,
+            admin_user_ids=config.admin_user_ids,
+            admins="members with Manage Server",
+            stream_interval_s=config.stream_interval_s,
+            group_stream_interval_s=config.stream_interval_s,
+        )
         self.conversation = Conversation(chats, platform, self._replier_for, chance=chance)
         intents = discord.Intents.default()
         intents.message_content = True  # privileged: enable it in the developer portal
@@ -68,7 +77,9 @@ class DiscordAdapter:
                 await self.tree.sync()
             self._gateway = asyncio.create_task(self.client.connect(reconnect=True), name="discord-gateway")
             ready = asyncio.create_task(self._ready.wait())
-            await asyncio.wait({self._gateway, ready}, timeout=self.config.connect_timeout_s, return_when="FIRST_COMPLETED")
+            await asyncio.wait(
+                {self._gateway, ready}, timeout=self.config.connect_timeout_s, return_when="FIRST_COMPLETED"
+            )
             ready.cancel()
             if not self._ready.is_set():
                 if self._gateway.done():
@@ -80,8 +91,9 @@ class DiscordAdapter:
             raise error from (None if error is exc else exc)
         name = self.conversation.platform.bot_name = self.client.user.display_name
         self.conversation.platform.mention_hint = f"mention me (@{name})"
-        invite = discord.utils.oauth_url(self.client.application_id, permissions=PERMISSIONS,
-                                         scopes=("bot", "applications.commands"))
+        invite = discord.utils.oauth_url(
+            self.client.application_id, permissions=PERMISSIONS, scopes=("bot", "applications.commands")
+        )
         log.info("Discord: connected as %s; invite it to a server with %s", self.client.user, invite)
 
     async def close(self) -> None:
@@ -107,22 +119,39 @@ class DiscordAdapter:
         if message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return  # pins, joins, thread starts: system messages are not prompts
         me, ref = self.client.user.id, message.reference
-        await self.conversation.handle(ChatEvent(
-            chat_id=str(message.channel.id), event_id=str(message.id), user_id=str(message.author.id),
-            user_name=message.author.display_name, text=re.sub(rf"<@!?{me}>", "", message.content).strip(),
-            is_private=message.guild is None, mentions_bot=me in message.raw_mentions,
-            replies_to_bot=ref is not None and isinstance(ref.resolved, discord.Message) and ref.resolved.author.id == me,
-            from_bot=message.author.bot or message.webhook_id is not None,
-            allowed=self._allowed(message.guild and message.guild.id, message.channel),
-        ), ChannelReplier(message.channel, message.to_reference(fail_if_not_exists=False)))
+        await self.conversation.handle(
+            ChatEvent(
+                chat_id=str(message.channel.id),
+                event_id=str(message.id),
+                user_id=str(message.author.id),
+                user_name=message.author.display_name,
+                text=re.sub(rf"<@!?{me}>", "", message.content).strip(),
+                is_private=message.guild is None,
+                mentions_bot=me in message.raw_mentions,
+                replies_to_bot=ref is not None
+                and isinstance(ref.resolved, discord.Message)
+                and ref.resolved.author.id == me,
+                from_bot=message.author.bot or message.webhook_id is not None,
+                allowed=self._allowed(message.guild and message.guild.id, message.channel),
+            ),
+            ChannelReplier(message.channel, message.to_reference(fail_if_not_exists=False)),
+        )
 
     async def on_command(self, interaction: discord.Interaction, name: str, text: str = "") -> None:
-        await self.conversation.handle(ChatEvent(
-            chat_id=str(interaction.channel_id), event_id=str(interaction.id), user_id=str(interaction.user.id),
-            user_name=interaction.user.display_name, text=text, is_private=interaction.guild_id is None, command=name,
-            allowed=self._allowed(interaction.guild_id, interaction.channel),
-            is_admin=functools.partial(_manages_server, interaction),
-        ), InteractionReplier(interaction))
+        await self.conversation.handle(
+            ChatEvent(
+                chat_id=str(interaction.channel_id),
+                event_id=str(interaction.id),
+                user_id=str(interaction.user.id),
+                user_name=interaction.user.display_name,
+                text=text,
+                is_private=interaction.guild_id is None,
+                command=name,
+                allowed=self._allowed(interaction.guild_id, interaction.channel),
+                is_admin=functools.partial(_manages_server, interaction),
+            ),
+            InteractionReplier(interaction),
+        )
 
     def _allowed(self, guild_id: int | None, channel) -> bool:
         """The configured allowlists (empty = everywhere); a thread counts as its parent channel too."""
@@ -135,8 +164,9 @@ class DiscordAdapter:
 
     def _replier_for(self, chat_id: str, message_id: str | None) -> ChannelReplier:
         """Replies to a message known only by ids (after a restart); without it, plain sends in the channel."""
-        reference = message_id and discord.MessageReference(message_id=int(message_id), channel_id=int(chat_id),
-                                                            fail_if_not_exists=False)
+        reference = message_id and discord.MessageReference(
+            message_id=int(message_id), channel_id=int(chat_id), fail_if_not_exists=False
+        )
         return ChannelReplier(self.client.get_partial_messageable(int(chat_id)), reference or None)
 
     def register_commands(self, tree: app_commands.CommandTree) -> None:
@@ -174,14 +204,22 @@ async def _manages_server(interaction: discord.Interaction) -> bool:
 def _startup_error(exc: BaseException, config: DiscordConfig) -> BaseException:
     """A one-sentence BotkitError for why the bot could not come online."""
     if isinstance(exc, discord.LoginFailure):
-        return ConfigError(f"Discord refused the bot token in {config.token_env}: copy it again from the "
-                           "developer portal (Bot → Reset Token) and export it.")
+        return ConfigError(
+            f"Discord refused the bot token in {config.token_env}: copy it again from the "
+            "developer portal (Bot → Reset Token) and export it."
+        )
     if isinstance(exc, discord.PrivilegedIntentsRequired):
-        return ConfigError("Discord refused the Message Content intent: enable it in the developer portal "
-                           "(your application → Bot → Privileged Gateway Intents) and start again.")
+        return ConfigError(
+            "Discord refused the Message Content intent: enable it in the developer portal "
+            "(your application → Bot → Privileged Gateway Intents) and start again."
+        )
     if isinstance(exc, TimeoutError):
-        return BotkitError(f"Discord's gateway did not answer within {config.connect_timeout_s:.0f} s; "
-                           "check the network and https://discordstatus.com, then start again.")
+        return BotkitError(
+            f"Discord's gateway did not answer within {config.connect_timeout_s:.0f} s; "
+            "check the network and https://discordstatus.com, then start again."
+        )
     if isinstance(exc, discord.HTTPException | aiohttp.ClientError | OSError | discord.ConnectionClosed):
-        return BotkitError(f"Could not connect to Discord ({type(exc).__name__}: {exc}); check the network and start again.")
+        return BotkitError(
+            f"Could not connect to Discord ({type(exc).__name__}: {exc}); check the network and start again."
+        )
     return exc  # a BotkitError already, a cancellation, or a bug

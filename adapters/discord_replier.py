@@ -54,9 +54,17 @@ class InteractionReplier:
                 message_id = getattr(sent, "message_id", None)  # discord.py < 2.5 returns nothing: ask for it
                 self.original = str(message_id or (await self.interaction.original_response()).id)
             elif self.original is None:
-                self.original = str((await self.interaction.edit_original_response(content=text, allowed_mentions=NO_PINGS)).id)
+                self.original = str(
+                    (await self.interaction.edit_original_response(content=text, allowed_mentions=NO_PINGS)).id
+                )
             else:
-                return str((await self.interaction.followup.send(text, ephemeral=private, allowed_mentions=NO_PINGS, wait=True)).id)
+                return str(
+                    (
+                        await self.interaction.followup.send(
+                            text, ephemeral=private, allowed_mentions=NO_PINGS, wait=True
+                        )
+                    ).id
+                )
             return self.original
 
     async def draft(self, draft_id: int, text: str) -> bool:
@@ -72,4 +80,6 @@ class InteractionReplier:
     async def edit(self, message_id: str, text: str) -> str:
         if message_id == self.original:
             return str((await self.interaction.edit_original_response(content=text, allowed_mentions=NO_PINGS)).id)
-        return str((await self.interaction.followup.edit_message(int(message_id), content=text, allowed_mentions=NO_PINGS)).id)
+        return str(
+            (await self.interaction.followup.edit_message(int(message_id), content=text, allowed_mentions=NO_PINGS)).id
+        )

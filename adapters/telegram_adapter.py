@@ -36,19 +36,35 @@ PLATFORM = "telegram"
 
 
 class TelegramAdapter:
-    def __init__(self, chats: Chats, config: TelegramConfig, token: str, *, chance: Callable[[], float] = random.random):
+    def __init__(
+        self, chats: Chats, config: TelegramConfig, token: str, *, chance: Callable[[], float] = random.random
+    ):
         if config.mode not in ("polling", "webhook"):
             raise ConfigError(f"telegram.mode must be 'polling' or 'webhook', not {config.mode!r}.")
         if config.mode == "webhook" and not config.webhook_url.startswith("https://"):
-            raise ConfigError("telegram.mode = 'webhook' needs telegram.webhook_url, the public https:// URL Telegram will post to.")
+            raise ConfigError(
+                "telegram.mode = 'webhook' needs telegram.webhook_url, the public https:// URL Telegram will post to."
+            )
         if config.mode == "webhook" and not config.webhook_secret_env:
-            raise ConfigError("telegram.mode = 'webhook' needs telegram.webhook_secret_env: without it anyone who finds the URL can post "
-                              "updates that claim to come from an admin (/settings, /forget all); name an environment variable holding a random secret.")
+            raise ConfigError(
+                "telegram.mode = 'webhook' needs telegram.webhook_secret_env: without it anyone who "
+                "finds the URL can post "
+                "updates that claim to come from an admin (/settings, /forget all); name an environment "
+                "variable holding a random secret."
+            )
         self._config, self._token = config, token
-        platform = Platform(PLATFORM, MessageLimit.MAX_TEXT_LENGTH, config.max_reply_parts, config.command_prefix,
-                            usernames_ping=True, typing_interval_s=config.typing_interval_s,
-                            queue_notice_s=config.queue_notice_s, admin_user_ids=config.admin_user_ids,
-                            stream_interval_s=config.stream_interval_s, group_stream_interval_s=config.group_stream_interval_s)
+        platform = Platform(
+            PLATFORM,
+            MessageLimit.MAX_TEXT_LENGTH,
+            config.max_reply_parts,
+            config.command_prefix,
+            usernames_ping=True,
+            typing_interval_s=config.typing_interval_s,
+            queue_notice_s=config.queue_notice_s,
+            admin_user_ids=config.admin_user_ids,
+            stream_interval_s=config.stream_interval_s,
+            group_stream_interval_s=config.group_stream_interval_s,
+        )
         self.conversation = Conversation(chats, platform, self._replier_for, chance=chance)
         self.application: Application | None = None
         self._requests: list[HTTPXRequest] = []
@@ -64,12 +80,21 @@ class TelegramAdapter:
         config, timeout_s = self._config, self._config.request_timeout_s
         await self.conversation.__aenter__()
         # Built here, not by the builder, so they can be closed even if initialize() fails (a bad token).
-        polls = _WatchedRequest(self.conversation, connect_timeout=timeout_s, read_timeout=timeout_s, write_timeout=timeout_s)
+        polls = _WatchedRequest(
+            self.conversation, connect_timeout=timeout_s, read_timeout=timeout_s, write_timeout=timeout_s
+        )
         calls = HTTPXRequest(connect_timeout=timeout_s, read_timeout=timeout_s, write_timeout=timeout_s)
         self._requests = [polls, calls]
-        builder = (ApplicationBuilder().token(self._token).concurrent_updates(True).get_updates_request(polls).request(calls)
-                   .rate_limiter(PacedRateLimiter(config.chat_send_interval_s, config.group_sends_per_minute,
-                                                  config.max_send_retries)))
+        builder = (
+            ApplicationBuilder()
+            .token(self._token)
+            .concurrent_updates(True)
+            .get_updates_request(polls)
+            .request(calls)
+            .rate_limiter(
+                PacedRateLimiter(config.chat_send_interval_s, config.group_sends_per_minute, config.max_send_retries)
+            )
+        )
         if config.base_url:
             base = config.base_url.rstrip("/")
             builder = builder.base_url(f"{base}/bot").base_file_url(f"{base}/file/bot")
@@ -82,9 +107,15 @@ class TelegramAdapter:
             await app.start()
             if config.mode == "webhook":
                 await app.updater.start_webhook(
-                    listen=config.webhook_listen, port=config.webhook_port, url_path=urlparse(config.webhook_url).path,
-                    webhook_url=config.webhook_url, allowed_updates=["message"],
-                    secret_token=secret(config.webhook_secret_env, "Telegram webhook mode") if config.webhook_secret_env else None)
+                    listen=config.webhook_listen,
+                    port=config.webhook_port,
+                    url_path=urlparse(config.webhook_url).path,
+                    webhook_url=config.webhook_url,
+                    allowed_updates=["message"],
+                    secret_token=secret(config.webhook_secret_env, "Telegram webhook mode")
+                    if config.webhook_secret_env
+                    else None,
+                )
             else:
                 await app.updater.start_polling(allowed_updates=["message"], error_callback=self._on_poll_error)
         except BaseException as exc:
@@ -117,31 +148,44 @@ class TelegramAdapter:
         if message.from_user is None:
             return
         text, command, mentions = message.text, None, []
-        for entity, written in message.parse_entities([MessageEntity.BOT_COMMAND, MessageEntity.MENTION,
-                                                       MessageEntity.TEXT_MENTION]).items():
+        for entity, written in message.parse_entities(
+            [MessageEntity.BOT_COMMAND, MessageEntity.MENTION, MessageEntity.TEXT_MENTION]
+        ).items():
             if entity.type == MessageEntity.BOT_COMMAND and entity.offset == 0:
                 command, _, addressee = written[1:].lower().partition("@")
                 if addressee and addressee != bot.username.lower():
                     return  # another bot's command
-                text = text[len(written):]
-            elif written.lower() == f"@{bot.username}".lower() or (entity.user is not None and entity.user.id == bot.id):
+                text = text[len(written) :]
+            elif written.lower() == f"@{bot.username}".lower() or (
+                entity.user is not None and entity.user.id == bot.id
+            ):
                 mentions.append(written)
         for mention in mentions:
             text = text.replace(mention, "")
         anonymous_admin = message.sender_chat is not None and message.sender_chat.id == message.chat_id
         replied = message.reply_to_message
-        await self.conversation.handle(ChatEvent(
-            chat_id=str(message.chat_id), event_id=str(message.message_id), user_id=str(message.from_user.id),
-            user_name=message.from_user.username or message.from_user.full_name, text=re.sub(" {2,}", " ", text).strip(),
-            is_private=message.chat.type == ChatType.PRIVATE, mentions_bot=bool(mentions),
-            replies_to_bot=bool(replied and replied.from_user and replied.from_user.id == bot.id),
-            from_bot=message.from_user.is_bot and not anonymous_admin, command=command,
-            allowed=not self._config.allowed_chats or str(message.chat_id) in self._config.allowed_chats,
-            is_admin=functools.partial(_is_chat_admin, message, anonymous_admin),
-        ), ChatReplier(bot, message.chat_id, message.message_id, self._config.max_send_retries))
+        await self.conversation.handle(
+            ChatEvent(
+                chat_id=str(message.chat_id),
+                event_id=str(message.message_id),
+                user_id=str(message.from_user.id),
+                user_name=message.from_user.username or message.from_user.full_name,
+                text=re.sub(" {2,}", " ", text).strip(),
+                is_private=message.chat.type == ChatType.PRIVATE,
+                mentions_bot=bool(mentions),
+                replies_to_bot=bool(replied and replied.from_user and replied.from_user.id == bot.id),
+                from_bot=message.from_user.is_bot and not anonymous_admin,
+                command=command,
+                allowed=not self._config.allowed_chats or str(message.chat_id) in self._config.allowed_chats,
+                is_admin=functools.partial(_is_chat_admin, message, anonymous_admin),
+            ),
+            ChatReplier(bot, message.chat_id, message.message_id, self._config.max_send_retries),
+        )
 
     def _replier_for(self, chat_id: str, message_id: str | None) -> ChatReplier:
-        return ChatReplier(self.application.bot, int(chat_id), message_id and int(message_id), self._config.max_send_retries)
+        return ChatReplier(
+            self.application.bot, int(chat_id), message_id and int(message_id), self._config.max_send_retries
+        )
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         log.error("Telegram: handling an update failed", exc_info=context.error)
@@ -186,8 +230,12 @@ def _startup_error(exc: BaseException, config: TelegramConfig) -> BaseException:
         return ConfigError(f"Telegram refused the bot token in {config.token_env}: copy it again from @BotFather.")
     if isinstance(exc, NetworkError):  # TimedOut too
         host = urlparse(config.base_url).netloc if config.base_url else "api.telegram.org"
-        return BotkitError(f"Could not reach Telegram's Bot API at {host} ({type(exc).__name__}); check the network"
-                           " (and [telegram] base_url), then start again.")
+        return BotkitError(
+            f"Could not reach Telegram's Bot API at {host} ({type(exc).__name__}); check the network"
+            " (and [telegram] base_url), then start again."
+        )
     if isinstance(exc, TelegramError):
-        return BotkitError(f"Telegram's Bot API refused to start the bot ({type(exc).__name__}); try again in a minute.")
+        return BotkitError(
+            f"Telegram's Bot API refused to start the bot ({type(exc).__name__}); try again in a minute."
+        )
     return exc

@@ -15,8 +15,9 @@ class PacedRateLimiter(AIORateLimiter):
     "typing" actions and reads must not use up a group's 20 messages a minute."""
 
     def __init__(self, chat_interval_s: float, group_per_minute: int, max_retries: int):
-        super().__init__(group_max_rate=group_per_minute, group_time_period=60 if group_per_minute else 0,
-                         max_retries=max_retries)
+        super().__init__(
+            group_max_rate=group_per_minute, group_time_period=60 if group_per_minute else 0, max_retries=max_retries
+        )
         self._chat_interval_s = chat_interval_s
         self._chat_locks: dict[str, asyncio.Lock] = {}
         self._chat_last_send: dict[str, float] = {}

@@ -23,14 +23,19 @@ class ChatReplier:
 
     async def reply(self, text: str, *, private: bool = False) -> str:
         to = ReplyParameters(self.message_id, allow_sending_without_reply=True) if self.message_id else None
-        sent = await self._retrying(lambda: self.bot.send_message(self.chat_id, text, reply_parameters=to,
-                                                                  link_preview_options=NO_PREVIEW), only_unsent=True)
+        sent = await self._retrying(
+            lambda: self.bot.send_message(self.chat_id, text, reply_parameters=to, link_preview_options=NO_PREVIEW),
+            only_unsent=True,
+        )
         return str(sent.message_id)
 
     async def edit(self, message_id: str, text: str) -> str:
         try:
-            await self._retrying(lambda: self.bot.edit_message_text(text, chat_id=self.chat_id, message_id=int(message_id),
-                                                                    link_preview_options=NO_PREVIEW))
+            await self._retrying(
+                lambda: self.bot.edit_message_text(
+                    text, chat_id=self.chat_id, message_id=int(message_id), link_preview_options=NO_PREVIEW
+                )
+            )
         except BadRequest as exc:
             if "not modified" not in exc.message:  # it already reads so (a streamed reply shown whole before a restart)
                 raise

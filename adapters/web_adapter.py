@@ -93,11 +93,18 @@ class WebAdapter:
         limiter = LogLimiter()
         # aiohttp's Server is the documented protocol factory for loop.create_server; this one makes the
         # guarded handler instead of aiohttp's own (aiohttp's TCPSite has no hook for that).
-        handler_args = dict(loop=loop, access_log=None, keepalive_timeout=self.config.keepalive_timeout_s, lingering_time=LINGER_S)
+        handler_args = dict(
+            loop=loop, access_log=None, keepalive_timeout=self.config.keepalive_timeout_s, lingering_time=LINGER_S
+        )
         try:
             self._listener = await loop.create_server(
-                functools.partial(GuardedRequestHandler, self._runner.server, self.connections, limiter, **handler_args),
-                self.config.host, self.config.port, backlog=BACKLOG)
+                functools.partial(
+                    GuardedRequestHandler, self._runner.server, self.connections, limiter, **handler_args
+                ),
+                self.config.host,
+                self.config.port,
+                backlog=BACKLOG,
+            )
         except OSError as exc:
             await self._runner.cleanup()
             raise ConfigError(
@@ -150,7 +157,9 @@ class WebAdapter:
             if exc.status < 400:
                 raise
             if exc.status == 413:
-                message = f"The request body is over the {self.config.max_body_bytes}-byte limit: send a shorter prompt."
+                message = (
+                    f"The request body is over the {self.config.max_body_bytes}-byte limit: send a shorter prompt."
+                )
             else:
                 message = HTTP_SENTENCES.get(exc.status) or exc.text or exc.reason
             return error_response(exc.status, message, "invalid_request_error", headers=exc.headers)
@@ -174,12 +183,18 @@ class WebAdapter:
             if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
                 raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"})
         elif request.host.rsplit(":", 1)[0] not in LOCAL_NAMES:
-            raise web.HTTPForbidden(text="This server answers only requests addressed to localhost; set web.api_key_env to serve others.")
+            raise web.HTTPForbidden(
+                text="This server answers only requests addressed to localhost; set web.api_key_env to serve others."
+            )
         if request.method == "POST":
             if request.content_type != "application/json":
-                raise web.HTTPUnsupportedMediaType(text="Send the body as JSON with the header Content-Type: application/json.")
+                raise web.HTTPUnsupportedMediaType(
+                    text="Send the body as JSON with the header Content-Type: application/json."
+                )
             if (request.content_length or 0) > self.config.max_body_bytes:
-                raise web.HTTPRequestEntityTooLarge(max_size=self.config.max_body_bytes, actual_size=request.content_length)
+                raise web.HTTPRequestEntityTooLarge(
+                    max_size=self.config.max_body_bytes, actual_size=request.content_length
+                )
         return await handler(request)
 
     # -- routes ----------------------------------------------------------------------------------
@@ -199,8 +214,10 @@ class WebAdapter:
         """200 while every enabled platform is connected and the worker alive; 503 with the reasons otherwise."""
         problems = health.problems(self.core)
         body = {"status": "unhealthy", "problems": problems} if problems else {"status": "ok"}
-        return web.json_response({**body, "platforms": self.core.connections.states(), "details": health.details(self.core)},
-                                 status=503 if problems else 200)
+        return web.json_response(
+            {**body, "platforms": self.core.connections.states(), "details": health.details(self.core)},
+            status=503 if problems else 200,
+        )
 
     async def metrics(self, request: web.Request) -> web.Response:
         from botkit.serve import prometheus  # prometheus_client loads on the first scrape, not with botkit
@@ -239,7 +256,8 @@ class WebAdapter:
         body = await read_json(request, self.config.body_timeout_s)
         messages, req = parse_chat(body, max_n=self.config.max_n, default_stop=(fmt.truncate,) if fmt.truncate else ())
         window = self.core.backend.max_context
-        budget = window - min(req.params.max_new_tokens, window // 2)  # the local engine slides past the window; a remote one would not
+        # the local engine slides past the window; a remote one would not
+        budget = window - min(req.params.max_new_tokens, window // 2)
         prompt, _ = chat_prompt(messages, fmt, budget, self.core.backend.count_tokens)
         req = dataclasses.replace(req, prompts=(prompt,))
         tickets = await self._submit(request, req)
@@ -247,8 +265,15 @@ class WebAdapter:
             if req.stream:
                 return await self._stream_chat(request, req, tickets)
             replies = await asyncio.gather(*(t.result() for t in tickets))
-        choices = [{"index": i, "message": {"role": "assistant", "content": fmt.decode(r.text)}, "logprobs": None,
-                    "finish_reason": finish_reason(r.finish_reason)} for i, r in enumerate(replies)]
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": fmt.decode(r.text)},
+                "logprobs": None,
+                "finish_reason": finish_reason(r.finish_reason),
+            }
+            for i, r in enumerate(replies)
+        ]
         body = {**self._envelope(choices), "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion"}
         body["usage"] = self._usage(tickets, sum(r.num_tokens for r in replies))
         return web.json_response(body)
@@ -258,8 +283,20 @@ class WebAdapter:
         envelope = {**self._envelope([]), "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk"}
         decoders = [ReplyDecoder(self.chat_format.line_break) for _ in tickets]
         for index in range(len(tickets)):
-            await _send(response, {**envelope, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                                            "logprobs": None, "finish_reason": None}]})
+            await _send(
+                response,
+                {
+                    **envelope,
+                    "choices": [
+                        {
+                            "index": index,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                },
+            )
         num_tokens = 0
         async with contextlib.aclosing(merge_streams(tickets, self._streams)) as events:
             async for index, kind, value in events:
@@ -272,14 +309,38 @@ class WebAdapter:
                 if kind == "delta":
                     text = decoders[index].feed(value)
                     if text:
-                        await _send(response, {**envelope, "choices": [{"index": index, "delta": {"content": text}, "logprobs": None,
-                                                                        "finish_reason": None}]})
+                        await _send(
+                            response,
+                            {
+                                **envelope,
+                                "choices": [
+                                    {
+                                        "index": index,
+                                        "delta": {"content": text},
+                                        "logprobs": None,
+                                        "finish_reason": None,
+                                    }
+                                ],
+                            },
+                        )
                     continue
                 num_tokens += value.num_tokens
                 held = decoders[index].flush()
                 delta = {"content": held} if held else {}
-                await _send(response, {**envelope, "choices": [{"index": index, "delta": delta, "logprobs": None,
-                                                                "finish_reason": finish_reason(value.finish_reason)}]})
+                await _send(
+                    response,
+                    {
+                        **envelope,
+                        "choices": [
+                            {
+                                "index": index,
+                                "delta": delta,
+                                "logprobs": None,
+                                "finish_reason": finish_reason(value.finish_reason),
+                            }
+                        ],
+                    },
+                )
         if req.include_usage:
             await _send(response, {**envelope, "choices": [], "usage": self._usage(tickets, num_tokens)})
         await response.write(b"data: [DONE]\n\n")
@@ -299,8 +360,14 @@ class WebAdapter:
                     elif kind == "waiting":
                         await _send(response, {"type": "waiting", "index": index, "position": value})
                     elif kind == "done":
-                        done = {"type": "done", "index": index, "text": value.text, "finish_reason": finish_reason(value.finish_reason),
-                                "num_tokens": value.num_tokens, "note": empty_sample_note(value, req.params.stop)}
+                        done = {
+                            "type": "done",
+                            "index": index,
+                            "text": value.text,
+                            "finish_reason": finish_reason(value.finish_reason),
+                            "num_tokens": value.num_tokens,
+                            "note": empty_sample_note(value, req.params.stop),
+                        }
                         await _send(response, done)
                     else:
                         await _send(response, {"type": "error", "index": index, "message": value})
@@ -315,7 +382,9 @@ class WebAdapter:
         try:
             for prompt, params in req.samples():
                 tickets.append(
-                    await self.core.submit(prompt, params, who=Who(platform="web", chat_id="web", user_id=request.remote or "web"))
+                    await self.core.submit(
+                        prompt, params, who=Who(platform="web", chat_id="web", user_id=request.remote or "web")
+                    )
                 )
         except BaseException:
             for ticket in tickets:
@@ -344,7 +413,12 @@ class WebAdapter:
                     choice = {"text": value, "index": index, "logprobs": None, "finish_reason": None}
                 else:
                     num_tokens += value.num_tokens
-                    choice = {"text": "", "index": index, "logprobs": None, "finish_reason": finish_reason(value.finish_reason)}
+                    choice = {
+                        "text": "",
+                        "index": index,
+                        "logprobs": None,
+                        "finish_reason": finish_reason(value.finish_reason),
+                    }
                 await _send(response, {**envelope, "choices": [choice]})
         if req.include_usage:
             await _send(response, {**envelope, "choices": [], "usage": self._usage(tickets, num_tokens)})
@@ -367,7 +441,10 @@ class WebAdapter:
     def _usage(self, tickets: list, completion_tokens: int) -> dict:
         # Each sample's prompt as the core accepted it (lone surrogates replaced), not the raw JSON text,
         # which a tokenizer may refuse after the request was generated and stored.
-        prompt_tokens = sum(k * self.core.backend.count_tokens(p) for p, k in Counter(t.prompt for t in tickets).items())  # n samples, one prompt
+        # n samples, one prompt
+        prompt_tokens = sum(
+            k * self.core.backend.count_tokens(p) for p, k in Counter(t.prompt for t in tickets).items()
+        )
         return {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -386,7 +463,9 @@ def cancelling(tickets: list):
             ticket.cancel()
 
 
-async def merge_streams(tickets: list, registry: set[asyncio.Task], idle_s: float = 1.0) -> AsyncIterator[tuple[int, str, object]]:
+async def merge_streams(
+    tickets: list, registry: set[asyncio.Task], idle_s: float = 1.0
+) -> AsyncIterator[tuple[int, str, object]]:
     """(index, "delta", text), (index, "done", Reply) and (index, "error", sentence) from all tickets,
     in the order they happen, and (index, "waiting", place in line) for each queued one after every
     `idle_s` without news (which also keeps idle connections alive). Use it under
@@ -437,9 +516,13 @@ async def read_json(request: web.Request, timeout_s: float):
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"The request body is not valid JSON ({exc.__class__.__name__}): send a JSON object.") from None
+        raise InputError(
+            f"The request body is not valid JSON ({exc.__class__.__name__}): send a JSON object."
+        ) from None
     except RecursionError:
-        raise InputError("The request body nests arrays or objects too deeply for JSON to read: send a flat JSON object.") from None
+        raise InputError(
+            "The request body nests arrays or objects too deeply for JSON to read: send a flat JSON object."
+        ) from None
     except ValueError:  # an integer of more than sys.get_int_max_str_digits() (4,300) digits
         raise InputError("The request body holds a number too long to read: send ordinary numbers.") from None
 
@@ -455,8 +538,11 @@ def empty_sample_note(reply, stop: tuple[str, ...]) -> str:
     if reply.finish_reason == "length":
         return f"The sample is only blank space after {reply.num_tokens} tokens: raise length, or change the prefix."
     ends = f"the truncate text {', '.join(repr(s) for s in stop)} or the end of text" if stop else "the end of text"
-    return (f"The sample stopped at once: the model's first token was {ends}. Clear truncate, end the prefix where a text "
-            "goes on (a chat-trained run: with a speaker's name and a colon), or sample again.")
+    return (
+        f"The sample stopped at once: the model's first token was {ends}. Clear truncate, end the prefix where a "
+        "text "
+        "goes on (a chat-trained run: with a speaker's name and a colon), or sample again."
+    )
 
 
 def finish_reason(reason: str | None) -> str:

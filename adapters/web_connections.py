@@ -126,8 +126,10 @@ def _refusal() -> bytes:
     """A 503 in botkit's shape, written straight to the socket: a refused connection has sent no
     request yet, so there is nothing for aiohttp to answer."""
     body = json.dumps({"error": {"message": HTTP_SENTENCES[503], "type": "server_busy", "code": 503}}).encode()
-    head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\nRetry-After: 5\r\nConnection: close\r\n\r\n")
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nRetry-After: 5\r\nConnection: close\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -165,8 +167,13 @@ class GuardedRequestHandler(web.RequestHandler):
             log.error("Unexpected error answering %s %s", request.method, request.path, exc_info=exc)
             sentence = HTTP_SENTENCES[500]
         else:  # the client's fault: no traceback, and not its bytes, which may hold its key
-            self._limiter("malformed", logging.INFO, "Refused a malformed HTTP request from %s (%s)", request.remote,
-                          type(exc).__name__ if exc else status)
+            self._limiter(
+                "malformed",
+                logging.INFO,
+                "Refused a malformed HTTP request from %s (%s)",
+                request.remote,
+                type(exc).__name__ if exc else status,
+            )
             sentence = HTTP_SENTENCES.get(status, HTTP_SENTENCES[400])
         response = error_response(status, sentence)
         response.force_close()
@@ -189,8 +196,13 @@ def usable_connections(max_connections: int, backlog: int) -> int:
     if soft == resource.RLIM_INFINITY or max_connections <= soft - FD_HEADROOM - backlog:
         return max_connections
     usable = max(16, soft - FD_HEADROOM - backlog)
-    log.warning("web.max_connections is %d but this process may open only %d files (ulimit -n, hard limit): serving at "
-                "most %d connections; raise the limit to serve more.", max_connections, soft, usable)
+    log.warning(
+        "web.max_connections is %d but this process may open only %d files (ulimit -n, hard limit): serving at "
+        "most %d connections; raise the limit to serve more.",
+        max_connections,
+        soft,
+        usable,
+    )
     return usable
 
 
@@ -206,8 +218,14 @@ def accept_errors_logged_once(server: asyncio.AbstractServer, limiter: LogLimite
         sock = context.get("socket")
         if str(context.get("message", "")).startswith("socket.accept()") and sock is not None and sock.fileno() in fds:
             exc = context.get("exception")
-            limiter("accept", logging.WARNING, "The web adapter cannot accept new connections (%s): raise the open-file "
-                    "limit (ulimit -n) or lower web.max_connections.", getattr(exc, "strerror", None) or exc)
+            limiter(
+                "accept",
+                logging.WARNING,
+                "The web adapter cannot accept new connections (%s): raise the "
+                "open-file "
+                "limit (ulimit -n) or lower web.max_connections.",
+                getattr(exc, "strerror", None) or exc,
+            )
         elif previous is not None:
             previous(loop, context)
         else:

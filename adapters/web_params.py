@@ -18,21 +18,67 @@ _INT_LIMIT = 2**63  # every whole number a client sends is below this in size (t
 NEUTRAL_ONLY = (("logprobs", (None, 0)), ("echo", (None, False)), ("suffix", (None, "")), ("logit_bias", (None, {})))
 # The samplers (rules.py) by their request names: OpenAI's presence / frequency penalties, vLLM's
 # min_p, typical_p and min_tokens, and DRY by the names text-generation-webui and koboldcpp use.
-SAMPLER_FIELDS = (("presence_penalty", float, 0.0), ("frequency_penalty", float, 0.0), ("min_p", float, 0.0), ("typical_p", float, 1.0),
-                  ("min_tokens", int, 0), ("dry_multiplier", float, 0.0), ("dry_base", float, 1.75), ("dry_allowed_length", int, 2))
+SAMPLER_FIELDS = (
+    ("presence_penalty", float, 0.0),
+    ("frequency_penalty", float, 0.0),
+    ("min_p", float, 0.0),
+    ("typical_p", float, 1.0),
+    ("min_tokens", int, 0),
+    ("dry_multiplier", float, 0.0),
+    ("dry_base", float, 1.75),
+    ("dry_allowed_length", int, 2),
+)
 # The fields each route reads; any other is refused, so a misspelt `max_token` does not silently mean
 # 16 tokens. `model` and `user` are accepted and ignored: one model is served, and callers are told
 # apart by their address or key.
-COMPLETION_FIELDS = frozenset({"prompt", "max_tokens", "temperature", "top_p", "n", "stop", "stream", "stream_options", "seed",
-                               "best_of", "top_k", "repetition_penalty", "model", "user", "dry_sequence_breakers",
-                               *(key for key, _ in NEUTRAL_ONLY), *(key for key, _, _ in SAMPLER_FIELDS)})
-CHAT_FIELDS = frozenset({"messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "stream",
-                         "stream_options", "seed", "top_k", "repetition_penalty", "model", "user", "dry_sequence_breakers",
-                         *(key for key, _ in NEUTRAL_ONLY if key not in ("echo", "suffix")), *(key for key, _, _ in SAMPLER_FIELDS)})
+COMPLETION_FIELDS = frozenset(
+    {
+        "prompt",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "stop",
+        "stream",
+        "stream_options",
+        "seed",
+        "best_of",
+        "top_k",
+        "repetition_penalty",
+        "model",
+        "user",
+        "dry_sequence_breakers",
+        *(key for key, _ in NEUTRAL_ONLY),
+        *(key for key, _, _ in SAMPLER_FIELDS),
+    }
+)
+CHAT_FIELDS = frozenset(
+    {
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "stop",
+        "stream",
+        "stream_options",
+        "seed",
+        "top_k",
+        "repetition_penalty",
+        "model",
+        "user",
+        "dry_sequence_breakers",
+        *(key for key, _ in NEUTRAL_ONLY if key not in ("echo", "suffix")),
+        *(key for key, _, _ in SAMPLER_FIELDS),
+    }
+)
 ROLES = frozenset({"system", "developer", "user", "assistant"})
 # Speaker names for messages without a `name`, in a run that has no names of its own (documented in the README)
 DEFAULT_NAMES = {"user": "User", "assistant": "Assistant", "system": "System", "developer": "System"}
-PLAYGROUND_FIELDS = frozenset({"prefix", "length", "temperature", "top_k", "top_p", "nsamples", "truncate", "seed", "min_tokens"})
+PLAYGROUND_FIELDS = frozenset(
+    {"prefix", "length", "temperature", "top_k", "top_p", "nsamples", "truncate", "seed", "min_tokens"}
+)
 STREAM_OPTIONS = frozenset({"include_usage"})
 
 
@@ -61,7 +107,11 @@ def parse_completion(body, *, max_n: int) -> CompletionRequest:
     presence_penalty, frequency_penalty; top_k, repetition_penalty, min_p, typical_p and min_tokens as
     vLLM's extensions; DRY's fields). OpenAI's defaults: 16 tokens, temperature 1."""
     body = _object(body)
-    _known(body, COMPLETION_FIELDS, "OpenAI's completions fields, top_k, repetition_penalty, min_p, typical_p, min_tokens and dry_*")
+    _known(
+        body,
+        COMPLETION_FIELDS,
+        "OpenAI's completions fields, top_k, repetition_penalty, min_p, typical_p, min_tokens and dry_*",
+    )
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompts = (prompt,)
@@ -91,7 +141,7 @@ def parse_chat(body, *, max_n: int, default_stop: tuple[str, ...]) -> tuple[tupl
     _known(body, CHAT_FIELDS, "OpenAI's chat completions fields, top_k and repetition_penalty")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise InputError("messages must be a non-empty list of {\"role\": ..., \"content\": ...} objects.")
+        raise InputError('messages must be a non-empty list of {"role": ..., "content": ...} objects.')
     parsed = tuple(_chat_message(m, i) for i, m in enumerate(messages))
     max_tokens = _field(body, "max_completion_tokens", int, _field(body, "max_tokens", int, 16))
     if body.get("min_tokens") is None:  # a chat client shows the reply to a person: no empty one unless asked
@@ -105,9 +155,13 @@ def _chat_message(message, index: int) -> ApiMessage:
         raise InputError(f"{where} must be an object whose role is one of {', '.join(sorted(ROLES))}.")
     unknown = sorted(set(message) - {"role", "content", "name"})
     if unknown:
-        raise InputError(f"{where} has a field this server does not read ({_short(unknown[0])}): send role, content and name only.")
+        raise InputError(
+            f"{where} has a field this server does not read ({_short(unknown[0])}): send role, content and name only."
+        )
     content = message.get("content")
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
         content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
         raise InputError(f"{where}.content must be text, or a list of text parts (images and audio are not supported).")
@@ -123,14 +177,19 @@ def chat_prompt(messages: tuple[ApiMessage, ...], fmt: ChatFormat, budget_tokens
     its last message with a `name`, else DEFAULT_NAMES["assistant"]."""
     bot = next((m.name for m in reversed(messages) if m.role == "assistant" and m.name), DEFAULT_NAMES["assistant"])
     lines = [fmt.line(m.name or (bot if m.role == "assistant" else DEFAULT_NAMES[m.role]), m.content) for m in messages]
-    prompt = fit_newest(lines[:-1], lines[-1] + fmt.bot_turn(bot), budget_tokens, count_tokens)  # the last message always stays
+    # the last message always stays
+    prompt = fit_newest(lines[:-1], lines[-1] + fmt.bot_turn(bot), budget_tokens, count_tokens)
     if count_tokens(prompt) > budget_tokens:
-        raise InputError(f"The last message alone is longer than the model's window allows ({budget_tokens} tokens "
-                         "with max_tokens taken off): shorten it or ask for fewer tokens.")
+        raise InputError(
+            f"The last message alone is longer than the model's window allows ({budget_tokens} tokens "
+            "with max_tokens taken off): shorten it or ask for fewer tokens."
+        )
     return prompt, bot
 
 
-def _openai_request(body: dict, prompts: tuple[str, ...], n: int, max_n: int, max_tokens: int, default_stop: tuple[str, ...]) -> CompletionRequest:
+def _openai_request(
+    body: dict, prompts: tuple[str, ...], n: int, max_n: int, max_tokens: int, default_stop: tuple[str, ...]
+) -> CompletionRequest:
     """The fields both OpenAI routes share: neutral-only fields, n, the samplers, stream options."""
     for key, allowed in NEUTRAL_ONLY:
         if body.get(key) not in allowed:
@@ -139,7 +198,7 @@ def _openai_request(body: dict, prompts: tuple[str, ...], n: int, max_n: int, ma
         raise InputError(f"n × the number of prompts must be from 1 to {max_n}, not {n * len(prompts)}.")
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
-        raise InputError("stream_options must be an object such as {\"include_usage\": true}.")
+        raise InputError('stream_options must be an object such as {"include_usage": true}.')
     _known(stream_options, STREAM_OPTIONS, "include_usage")
     stop = _stop(body.get("stop"))
     params = _sampling(
@@ -180,14 +239,15 @@ def parse_playground(body, *, max_n: int) -> CompletionRequest:
         top_p=_field(body, "top_p", float, 0.95),
         stop=(truncate,) if truncate else (),
         seed=_field(body, "seed", int, None),
-        min_tokens=_field(body, "min_tokens", int, EXPECT_TEXT_MIN_TOKENS),  # a person is looking: no empty sample by default
+        # a person is looking: no empty sample by default
+        min_tokens=_field(body, "min_tokens", int, EXPECT_TEXT_MIN_TOKENS),
     )
     return CompletionRequest(prompts=(prefix,), n=nsamples, params=params, stream=True)
 
 
 def _object(body) -> dict:
     if not isinstance(body, dict):
-        raise InputError("The request body must be a JSON object such as {\"prompt\": \"Once upon a time\"}.")
+        raise InputError('The request body must be a JSON object such as {"prompt": "Once upon a time"}.')
     return body
 
 
@@ -227,7 +287,10 @@ def _stop(value) -> tuple[str, ...]:
 def _with_default_stop(default_stop: tuple[str, ...], stop: tuple[str, ...]) -> tuple[str, ...]:
     both = tuple(dict.fromkeys((*default_stop, *stop)))
     if len(both) > STOP_LIMIT:
-        raise InputError(f"At most {STOP_LIMIT - len(default_stop)} stop strings are allowed here (a reply also ends at the end of its message).")
+        raise InputError(
+            f"At most {STOP_LIMIT - len(default_stop)} stop strings are allowed here (a reply also ends "
+            "at the end of its message)."
+        )
     return both
 
 
@@ -235,7 +298,7 @@ def _breakers(value) -> dict:
     if value is None:
         return {}
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-        raise InputError("dry_sequence_breakers must be a list of strings such as [\"\\n\", \":\"].")
+        raise InputError('dry_sequence_breakers must be a list of strings such as ["\\n", ":"].')
     return {"dry_sequence_breakers": tuple(value)}
 
 

@@ -44,8 +44,12 @@ def measure(rows: int, repeat: int, device: str, heads: int = 12, dim: int = 64,
     diff = float((run(per_row) - run(padded)).abs().max())
     timed(lambda: run(per_row), 3), timed(lambda: run(padded), 3)  # warm up
     t_rows, t_padded = timed(lambda: run(per_row), repeat), timed(lambda: run(padded), repeat)
-    return {"per_row_ms": round(t_rows * 1e3, 3), "padded_ms": round(t_padded * 1e3, 3),
-            "padded_vs_per_row": round(t_rows / t_padded, 2), "max_abs_diff": diff}
+    return {
+        "per_row_ms": round(t_rows * 1e3, 3),
+        "padded_ms": round(t_padded * 1e3, 3),
+        "padded_vs_per_row": round(t_rows / t_padded, 2),
+        "max_abs_diff": diff,
+    }
 
 
 def main() -> None:
@@ -59,9 +63,16 @@ def main() -> None:
     with torch.inference_mode():
         for rows in args.rows:
             results[rows] = r = measure(rows, args.repeat, args.device)
-            print(f"{rows} rows: per row {r['per_row_ms']:.2f} ms, padded {r['padded_ms']:.2f} ms, max |diff| {r['max_abs_diff']:.1e}",
-                  flush=True)
-    print(json.dumps({"device": args.device, "threads": torch.get_num_threads(), "layer": "12 heads x 64", "rows": results}))
+            print(
+                f"{rows} rows: per row {r['per_row_ms']:.2f} ms, padded {r['padded_ms']:.2f} ms, max |diff| "
+                f"{r['max_abs_diff']:.1e}",
+                flush=True,
+            )
+    print(
+        json.dumps(
+            {"device": args.device, "threads": torch.get_num_threads(), "layer": "12 heads x 64", "rows": results}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -51,7 +51,9 @@ def settings_of(turn: dict, first: dict) -> ChatSettings:
     """A chat's truncate string is a chat setting: each chat keeps its first turn's stop (it also
     separates the exchanges in its context); the length is the turn's. `unique` is off: a judged
     reply is handed out whole once judged, so its first token would come with its last."""
-    return ChatSettings(length=turn["max_new_tokens"], temperature=0, top_k=0, top_p=1.0, truncate=first["stop"] or "", unique=False)
+    return ChatSettings(
+        length=turn["max_new_tokens"], temperature=0, top_k=0, top_p=1.0, truncate=first["stop"] or "", unique=False
+    )
 
 
 def make_config(num_chats: int) -> Config:
@@ -70,13 +72,19 @@ async def run_arm(lm, chats: dict[str, list[dict]], cache_mb: int | None) -> dic
         async with LocalBackend(lm, max_batch_size=len(chats), cache_mb=cache_mb) as backend:
             from botkit.serve.store import Store
 
-            async with Store.open(Path(tmp) / "bench.db") as store, Core(backend, store, make_config(len(chats))) as core:
+            async with (
+                Store.open(Path(tmp) / "bench.db") as store,
+                Core(backend, store, make_config(len(chats))) as core,
+            ):
                 bot = Chats(core, store, core.config)
 
                 async def one_chat(turns: list[dict]) -> None:
                     for turn in turns:
                         started = time.perf_counter()
-                        ticket = await bot.submit(Prompt("bench", turn["chat_id"], turn["user_id"], turn["message"]), settings_of(turn, turns[0]))
+                        ticket = await bot.submit(
+                            Prompt("bench", turn["chat_id"], turn["user_id"], turn["message"]),
+                            settings_of(turn, turns[0]),
+                        )
                         first = None
                         async for delta in ticket.stream():
                             if first is None and delta:
@@ -84,19 +92,36 @@ async def run_arm(lm, chats: dict[str, list[dict]], cache_mb: int | None) -> dic
                         reply = await ticket.result()
                         done = time.perf_counter() - started
                         row = await store.request(ticket.request_id)
-                        records.append({"chat_id": turn["chat_id"], "turn": turn["turn"], "ttft_s": first if first is not None else done, "latency_s": done,
-                                        "tokens": reply.num_tokens, "prompt": row["prompt"], "text": reply.text,
-                                        "prompt_tokens": row["num_prompt_tokens"], "max_new_tokens": turn["max_new_tokens"]})
+                        records.append(
+                            {
+                                "chat_id": turn["chat_id"],
+                                "turn": turn["turn"],
+                                "ttft_s": first if first is not None else done,
+                                "latency_s": done,
+                                "tokens": reply.num_tokens,
+                                "prompt": row["prompt"],
+                                "text": reply.text,
+                                "prompt_tokens": row["num_prompt_tokens"],
+                                "max_new_tokens": turn["max_new_tokens"],
+                            }
+                        )
 
                 started = time.perf_counter()
                 await asyncio.gather(*(one_chat(turns) for turns in chats.values()))
                 wall = time.perf_counter() - started
             cache = backend.engine.prefix_cache.stats()
     follow = [r["ttft_s"] for r in records if r["turn"] > 0]
-    return {"records": records, "wall_s": wall, "tok_s": sum(r["tokens"] for r in records) / wall,
-            "ttft_p50_s": percentile(follow, 50), "ttft_p99_s": percentile(follow, 99),
-            "prompt_tokens": sum(r["prompt_tokens"] for r in records), "reused_share": cache["reused_share"], "cache_mb": cache["mb"],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
+    return {
+        "records": records,
+        "wall_s": wall,
+        "tok_s": sum(r["tokens"] for r in records) / wall,
+        "ttft_p50_s": percentile(follow, 50),
+        "ttft_p99_s": percentile(follow, 99),
+        "prompt_tokens": sum(r["prompt_tokens"] for r in records),
+        "reused_share": cache["reused_share"],
+        "cache_mb": cache["mb"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+    }
 
 
 def sequential_generate(lm, records: list[dict]) -> dict:
@@ -104,9 +129,16 @@ def sequential_generate(lm, records: list[dict]) -> dict:
     tokens, started = 0, time.perf_counter()
     with torch.inference_mode():
         for r in records:
-            ids = lm.tokenizer(r["prompt"], return_tensors="pt", verbose=False).input_ids[:, -(lm.max_context - r["max_new_tokens"]) :]
-            out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=r["max_new_tokens"],
-                                    pad_token_id=lm.eos_token_id)
+            ids = lm.tokenizer(r["prompt"], return_tensors="pt", verbose=False).input_ids[
+                :, -(lm.max_context - r["max_new_tokens"]) :
+            ]
+            out = lm.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=r["max_new_tokens"],
+                pad_token_id=lm.eos_token_id,
+            )
             tokens += out.shape[1] - ids.shape[1]
     return {"tok_s": tokens / (time.perf_counter() - started), "num_prompts": len(records)}
 
@@ -116,7 +148,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="16 chats instead of 64")
     parser.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD)
     parser.add_argument("--chats", type=int, default=None)
-    parser.add_argument("--no-ctranslate2", action="store_true", help="skip the CTranslate2 arm even when it is installed")
+    parser.add_argument(
+        "--no-ctranslate2", action="store_true", help="skip the CTranslate2 arm even when it is installed"
+    )
     args = parser.parse_args()
     num_chats = args.chats or (16 if args.quick else 64)
     turns = load_requests(args.workload)
@@ -129,13 +163,25 @@ def main() -> None:
 
     log("arm: reuse off")
     off = asyncio.run(run_arm(lm, chats, cache_mb=0))
-    log(f"  {off['tok_s']:.1f} tok/s, follow-up TTFT p50 {off['ttft_p50_s']:.2f} s p99 {off['ttft_p99_s']:.2f} s, {off['wall_s']:.0f} s")
+    log(
+        f"  {off['tok_s']:.1f} tok/s, follow-up TTFT p50 {off['ttft_p50_s']:.2f} s p99 {off['ttft_p99_s']:.2f} s, "
+        f"{off['wall_s']:.0f} s"
+    )
     log("arm: reuse on")
     on = asyncio.run(run_arm(lm, chats, cache_mb=None))
-    log(f"  {on['tok_s']:.1f} tok/s, follow-up TTFT p50 {on['ttft_p50_s']:.2f} s p99 {on['ttft_p99_s']:.2f} s, {on['wall_s']:.0f} s,"
-        f" reused {on['reused_share']:.0%} of prompt tokens")
-    same = sum(a["text"] == b["text"] for a, b in zip(sorted(off["records"], key=lambda r: r["prompt"]),
-                                                      sorted(on["records"], key=lambda r: r["prompt"]), strict=True))
+    log(
+        f"  {on['tok_s']:.1f} tok/s, follow-up TTFT p50 {on['ttft_p50_s']:.2f} s p99 {on['ttft_p99_s']:.2f} s, "
+        f"{on['wall_s']:.0f} s,"
+        f" reused {on['reused_share']:.0%} of prompt tokens"
+    )
+    same = sum(
+        a["text"] == b["text"]
+        for a, b in zip(
+            sorted(off["records"], key=lambda r: r["prompt"]),
+            sorted(on["records"], key=lambda r: r["prompt"]),
+            strict=True,
+        )
+    )
     sample = [r for r in on["records"] if r["turn"] > 0][:: max(1, len(on["records"]) // (8 if args.quick else 24))]
     log(f"arm: sequential model.generate on {len(sample)} of the same prompts")
     seq = sequential_generate(lm, sample)
@@ -147,13 +193,21 @@ def main() -> None:
         "tok_s_ratio_reuse_vs_sequential": round(on["tok_s"] / seq["tok_s"], 2),
         "reused_share": on["reused_share"],
         "tok_s": {"reuse": round(on["tok_s"], 1), "off": round(off["tok_s"], 1), "sequential": round(seq["tok_s"], 1)},
-        "ttft_s": {"reuse_p50": round(on["ttft_p50_s"], 3), "reuse_p99": round(on["ttft_p99_s"], 3),
-                   "off_p50": round(off["ttft_p50_s"], 3), "off_p99": round(off["ttft_p99_s"], 3)},
+        "ttft_s": {
+            "reuse_p50": round(on["ttft_p50_s"], 3),
+            "reuse_p99": round(on["ttft_p99_s"], 3),
+            "off_p50": round(off["ttft_p50_s"], 3),
+            "off_p99": round(off["ttft_p99_s"], 3),
+        },
         "wall_s": {"reuse": round(on["wall_s"], 1), "off": round(off["wall_s"], 1)},
         "prompt_tokens": on["prompt_tokens"],
         "same_text_as_off": f"{same}/{len(on['records'])}",
-        "peak_rss_mb": {"after_off": off["peak_rss_mb"], "after_reuse": on["peak_rss_mb"]}, "cache_mb": on["cache_mb"],
-        "chats": len(chats), "turns": len(on["records"]), "threads": torch.get_num_threads(), "quick": args.quick,
+        "peak_rss_mb": {"after_off": off["peak_rss_mb"], "after_reuse": on["peak_rss_mb"]},
+        "cache_mb": on["cache_mb"],
+        "chats": len(chats),
+        "turns": len(on["records"]),
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
     }
     ctranslate2_chat = None
     if not args.no_ctranslate2:
@@ -171,11 +225,18 @@ def main() -> None:
         botkit = {(r["chat_id"], r["turn"]): (r["prompt"], r["text"]) for r in on["records"]}
         same = sum(botkit[r["chat_id"], r["turn"]] == (r["prompt"], r["text"]) for r in ct2["records"])
         for chat_id in chats:
-            differ = [r for r in ct2["records"] if r["chat_id"] == chat_id and botkit[chat_id, r["turn"]] != (r["prompt"], r["text"])]
+            differ = [
+                r
+                for r in ct2["records"]
+                if r["chat_id"] == chat_id and botkit[chat_id, r["turn"]] != (r["prompt"], r["text"])
+            ]
             if differ:
                 first = min(differ, key=lambda r: r["turn"])
-                log(f"  chat {chat_id}: CTranslate2's reply differs from botkit's at turn {first['turn']}"
-                    f" ({'same' if botkit[chat_id, first['turn']][0] == first['prompt'] else 'another'} prompt), {len(differ)} turns differ")
+                log(
+                    f"  chat {chat_id}: CTranslate2's reply differs from botkit's at turn {first['turn']}"
+                    f" ({'same' if botkit[chat_id, first['turn']][0] == first['prompt'] else 'another'} prompt), "
+                    f"{len(differ)} turns differ"
+                )
         result["ctranslate2_same_prompt_and_text"] = f"{same}/{len(ct2['records'])}"
     print(json.dumps(result))
 

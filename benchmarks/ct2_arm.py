@@ -53,8 +53,16 @@ def convert(lm: LoadedModel, folder: Path) -> Path:
     prompts = [lm.tokenizer(text).input_ids for text in ("Hello world", "In the beginning God created", "\n\n1:1 And")]
     got = [ids for ids, _ in generate(generator, lm, [(p, CHECK_NEW_TOKENS, "") for p in prompts])]
     with torch.inference_mode():
-        want = [lm.model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
-                                  max_new_tokens=CHECK_NEW_TOKENS, pad_token_id=lm.eos_token_id)[0, len(p) :].tolist() for p in prompts]
+        want = [
+            lm.model.generate(
+                torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=CHECK_NEW_TOKENS,
+                pad_token_id=lm.eos_token_id,
+            )[0, len(p) :].tolist()
+            for p in prompts
+        ]
     want = [w[: w.index(lm.eos_token_id)] if lm.eos_token_id in w else w for w in want]
     if got != want:
         raise RuntimeError(f"CTranslate2's greedy tokens differ from transformers' after conversion: {got} != {want}")
@@ -63,11 +71,14 @@ def convert(lm: LoadedModel, folder: Path) -> Path:
 
 def load(model_dir: Path, compute_type: str) -> ctranslate2.Generator:
     """One generator on torch's thread count (botkit's), one batch at a time."""
-    return ctranslate2.Generator(str(model_dir), device="cpu", compute_type=compute_type, inter_threads=1,
-                                 intra_threads=torch.get_num_threads())
+    return ctranslate2.Generator(
+        str(model_dir), device="cpu", compute_type=compute_type, inter_threads=1, intra_threads=torch.get_num_threads()
+    )
 
 
-def generate(generator: ctranslate2.Generator, lm: LoadedModel, jobs: list[tuple[list[int], int, str]]) -> list[tuple[list[int], str]]:
+def generate(
+    generator: ctranslate2.Generator, lm: LoadedModel, jobs: list[tuple[list[int], int, str]]
+) -> list[tuple[list[int], str]]:
     """One `generate_batch` over `jobs` (prompt ids, max_new_tokens, stop string or ""), greedy;
     returns each row's (useful token ids, text cut at its stop string)."""
     tokenizer, eos = lm.tokenizer, lm.eos_token_id
@@ -81,9 +92,15 @@ def generate(generator: ctranslate2.Generator, lm: LoadedModel, jobs: list[tuple
         _, max_new_tokens, stop = jobs[step.batch_id]
         return len(ids) >= max_new_tokens or bool(stop) and stop in tokenizer.decode(ids)
 
-    generator.generate_batch([tokenizer.convert_ids_to_tokens(prompt) for prompt, _, _ in jobs],
-                             max_length=max(n for _, n, _ in jobs), beam_size=1, sampling_topk=1,
-                             include_prompt_in_result=False, end_token=[eos], callback=on_token)
+    generator.generate_batch(
+        [tokenizer.convert_ids_to_tokens(prompt) for prompt, _, _ in jobs],
+        max_length=max(n for _, n, _ in jobs),
+        beam_size=1,
+        sampling_topk=1,
+        include_prompt_in_result=False,
+        end_token=[eos],
+        callback=on_token,
+    )
     replies = []
     for ids, (_, _, stop) in zip(generated, jobs, strict=True):
         text = tokenizer.decode(ids)
@@ -139,8 +156,13 @@ class ChatPrompts:
         self.exchanges.setdefault(chat_id, []).append((text, reply))
 
 
-def ctranslate2_chat(lm: LoadedModel, chats: dict[str, list[dict]], settings_of: Callable[[dict, dict], ChatSettings],
-                     config: Config | None = None, compute_type: str = "float32") -> dict:
+def ctranslate2_chat(
+    lm: LoadedModel,
+    chats: dict[str, list[dict]],
+    settings_of: Callable[[dict, dict], ChatSettings],
+    config: Config | None = None,
+    compute_type: str = "float32",
+) -> dict:
     """chat.py's workload on CTranslate2: all chats as closed loops, each round one `generate_batch`
     over every chat's next turn (its prompt built as botkit's Core would, no cache across calls)."""
     config = config or Config()
@@ -163,11 +185,24 @@ def ctranslate2_chat(lm: LoadedModel, chats: dict[str, list[dict]], settings_of:
             for (turn, text, prompt), (ids, reply) in zip(asked, generate(generator, lm, jobs), strict=True):
                 prompts.answered(turn["chat_id"], text, reply)
                 position[turn["chat_id"]] += 1
-                records.append({"chat_id": turn["chat_id"], "turn": turn["turn"], "prompt": prompt, "text": reply, "tokens": len(ids)})
+                records.append(
+                    {
+                        "chat_id": turn["chat_id"],
+                        "turn": turn["turn"],
+                        "prompt": prompt,
+                        "text": reply,
+                        "tokens": len(ids),
+                    }
+                )
             rounds += 1
         seconds = time.perf_counter() - start
         del generator
     num_tokens = sum(r["tokens"] for r in records)
-    return {"tok_s": num_tokens / seconds, "tokens": num_tokens, "seconds": seconds, "rounds": rounds,
-            "compute_type": compute_type, "records": records}
-
+    return {
+        "tok_s": num_tokens / seconds,
+        "tokens": num_tokens,
+        "seconds": seconds,
+        "rounds": rounds,
+        "compute_type": compute_type,
+        "records": records,
+    }

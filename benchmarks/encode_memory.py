@@ -27,10 +27,12 @@ import time
 from pathlib import Path
 
 MODES = ["encode", "load", "cache", "index"]
-WORDS = ("the of and to in is was that for on with as by at from his her they have not this are but had which "
-         "one all were when we there can an your more so said what about if out up into them some could time "
-         "would other like then these two may first any well new because people way even good only very after "
-         "channel server message tonight anyone again really think maybe game weekend pizza music lol yeah ok").split()
+WORDS = (
+    "the of and to in is was that for on with as by at from his her they have not this are but had which "
+    "one all were when we there can an your more so said what about if out up into them some could time "
+    "would other like then these two may first any well new because people way even good only very after "
+    "channel server message tonight anyone again really think maybe game weekend pizza music lol yeah ok"
+).split()
 
 
 def write_text(path: Path, size_mb: int, seed: int = 0) -> None:
@@ -43,7 +45,9 @@ def write_text(path: Path, size_mb: int, seed: int = 0) -> None:
             lines = []
             for _ in range(1000):
                 words = rng.choices(WORDS, k=rng.randint(3, 25))
-                lines.append(" ".join(words).capitalize() + rng.choice(".?!") + ("\n\n" if rng.random() < 0.1 else "\n"))
+                lines.append(
+                    " ".join(words).capitalize() + rng.choice(".?!") + ("\n\n" if rng.random() < 0.1 else "\n")
+                )
             block = "".join(lines)
             f.write(block)
             written += len(block)
@@ -87,8 +91,15 @@ def measure(mode: str, path: str, cache: str) -> dict:
             extra = {"index_mb": round(index_path.stat().st_size / 1e6, 1), **_check_speed(tmp, tokens, check_copying)}
     array_mb = num_tokens * np.dtype(np.int32).itemsize / 1e6
     extra_mb = (peak_kb - before_kb) * 1024 / 1e6
-    return {"mode": mode, "num_tokens": num_tokens, "token_array_mb": round(array_mb, 1), "peak_extra_mb": round(extra_mb, 1),
-            "ratio": round(extra_mb / array_mb, 2), "seconds": round(seconds, 1), **extra}
+    return {
+        "mode": mode,
+        "num_tokens": num_tokens,
+        "token_array_mb": round(array_mb, 1),
+        "peak_extra_mb": round(extra_mb, 1),
+        "ratio": round(extra_mb / array_mb, 2),
+        "seconds": round(seconds, 1),
+        **extra,
+    }
 
 
 def _check_speed(run_dir: str, tokens, check_copying) -> dict:
@@ -100,11 +111,16 @@ def _check_speed(run_dir: str, tokens, check_copying) -> dict:
 
     index = CopyIndex.load(run_dir)
     rng = np.random.default_rng(0)
-    replies = [tokens[s : s + 60] for s in rng.integers(0, len(tokens) - 60, 200)] + list(rng.integers(0, 50_000, (200, 60)))
+    replies = [tokens[s : s + 60] for s in rng.integers(0, len(tokens) - 60, 200)] + list(
+        rng.integers(0, 50_000, (200, 60))
+    )
     started = time.perf_counter()
     copies = sum(check_copying(reply, index).is_copy for reply in replies)
     took = time.perf_counter() - started
-    return {"check_us": round(took / len(replies) * 1e6), "copies_found": f"{copies}/{len(replies)} (200 slices of the text, 200 random)"}
+    return {
+        "check_us": round(took / len(replies) * 1e6),
+        "copies_found": f"{copies}/{len(replies)} (200 slices of the text, 200 random)",
+    }
 
 
 def main() -> None:
@@ -123,13 +139,20 @@ def main() -> None:
             write_text(path, size_mb)
             for mode in args.modes:
                 cache = Path(tmp) / f"text-{size_mb}mb.npz"
-                out = subprocess.run([sys.executable, __file__, "--child", mode, str(path), str(cache)], capture_output=True, text=True)
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", mode, str(path), str(cache)], capture_output=True, text=True
+                )
                 if out.returncode:
                     sys.exit(f"{mode} on {size_mb} MB failed:\n{out.stderr[-3000:]}")
                 result = {"text_mb": size_mb, **json.loads(out.stdout.strip().splitlines()[-1])}
                 index = f", index {result['index_mb']} MB, check {result['check_us']} us" if mode == "index" else ""
-                print(f"{size_mb:>5} MB text, {mode:<6}: {result['num_tokens']:>11,} tokens ({result['token_array_mb']} MB as int32), "
-                      f"peak +{result['peak_extra_mb']} MB = {result['ratio']}x the token array, {result['seconds']} s{index}", flush=True)
+                print(
+                    f"{size_mb:>5} MB text, {mode:<6}: {result['num_tokens']:>11,} tokens "
+                    f"({result['token_array_mb']} MB as int32), "
+                    f"peak +{result['peak_extra_mb']} MB = {result['ratio']}x the token array, {result['seconds']} "
+                    f"s{index}",
+                    flush=True,
+                )
                 results.append(result)
     worst = max((r["ratio"] for r in results if r["mode"] != "index"), default=0.0)
     print(json.dumps({"worst_ratio": worst, "goal": 2.0, "met": worst <= 2.0, "results": results}))

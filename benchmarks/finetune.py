@@ -3,7 +3,7 @@ weights), same batch shapes, same optimizer, CPU, float32.
 
     python benchmarks/finetune.py --quick      # about 2 minutes on 2 idle cores
     python benchmarks/finetune.py              # more steps
-    python benchmarks/finetune.py --lora --quick                      # full vs LoRA: 124M and 355M shapes, CPU (~15 min of CPU)
+    python benchmarks/finetune.py --lora --quick    # full vs LoRA: 124M and 355M shapes, CPU (~15 min of CPU)
     python benchmarks/finetune.py --lora --device cuda --shapes 774M,1558M --batch 1 --block 1024   # on a GPU
 
 `--lora` compares full fine-tuning with LoRA (rank 16 on c_attn, c_proj, c_fc) and LoRA with
@@ -78,9 +78,20 @@ def run_botkit(args) -> dict:
     from botkit.train.finetune import finetune
 
     with tempfile.TemporaryDirectory() as tmp:
-        result = finetune(args.data, model=model_config(), steps=args.steps, batch_size=args.batch, block_size=args.block,
-                          learning_rate=1e-4, sample_every=0, save_every=args.steps, progress=False, run_name="bench",
-                          checkpoint_dir=tmp, device="cpu")
+        result = finetune(
+            args.data,
+            model=model_config(),
+            steps=args.steps,
+            batch_size=args.batch,
+            block_size=args.block,
+            learning_rate=1e-4,
+            sample_every=0,
+            save_every=args.steps,
+            progress=False,
+            run_name="bench",
+            checkpoint_dir=tmp,
+            device="cpu",
+        )
         rows = list(csv.DictReader((result.run_dir / "loss.csv").read_text().splitlines()))
     rates = [float(r["tokens_per_s"]) for r in rows]
     return {"tokens_per_s": statistics.median(rates[args.warmup :]), "peak_rss_mb": peak_rss_mb()}
@@ -111,15 +122,32 @@ def run_lora_arm(args) -> dict:
         sampler.start()
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        result = finetune(args.data, model=args.base, steps=args.steps, batch_size=args.batch, block_size=args.block, learning_rate=1e-4,
-                          lora=args.rank if args.mode.startswith("lora") else 0, gradient_checkpointing=args.mode.endswith("_gc"),
-                          sample_every=0, save_every=args.steps, progress=False, run_name="bench", checkpoint_dir=tmp, device=args.device)
+        result = finetune(
+            args.data,
+            model=args.base,
+            steps=args.steps,
+            batch_size=args.batch,
+            block_size=args.block,
+            learning_rate=1e-4,
+            lora=args.rank if args.mode.startswith("lora") else 0,
+            gradient_checkpointing=args.mode.endswith("_gc"),
+            sample_every=0,
+            save_every=args.steps,
+            progress=False,
+            run_name="bench",
+            checkpoint_dir=tmp,
+            device=args.device,
+        )
         done.set()
         sampler.join()
         rows = list(csv.DictReader((result.run_dir / "loss.csv").read_text().splitlines()))
     rates = [float(r["tokens_per_s"]) for r in rows]
     gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
-    return {"tokens_per_s": statistics.median(rates[args.warmup :]), "peak_rss_mb": peak[0] / 2**20, "peak_gpu_mb": gpu_mb}
+    return {
+        "tokens_per_s": statistics.median(rates[args.warmup :]),
+        "peak_rss_mb": peak[0] / 2**20,
+        "peak_gpu_mb": gpu_mb,
+    }
 
 
 def lora_comparison(args) -> None:
@@ -127,26 +155,64 @@ def lora_comparison(args) -> None:
     from botkit.model.loading import gpt2_tokenizer
     from botkit.train.encoding import tokenizer_fingerprint
 
-    summary = {"benchmark": f"finetune full vs LoRA r{args.rank}, random weights, {args.device}", "batch": args.batch, "block": args.block,
-               "steps": args.steps, "warmup_steps": args.warmup, "shapes": {}}
+    summary = {
+        "benchmark": f"finetune full vs LoRA r{args.rank}, random weights, {args.device}",
+        "batch": args.batch,
+        "block": args.block,
+        "steps": args.steps,
+        "warmup_steps": args.warmup,
+        "shapes": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "tokens.npz"
-        np.savez(data, tokens=np.random.default_rng(0).integers(0, 50257, size=200_000).astype(np.uint16), tokenizer=tokenizer_fingerprint(gpt2_tokenizer()))
+        np.savez(
+            data,
+            tokens=np.random.default_rng(0).integers(0, 50257, size=200_000).astype(np.uint16),
+            tokenizer=tokenizer_fingerprint(gpt2_tokenizer()),
+        )
         for shape in args.shapes.split(","):
             base = Path(tmp) / shape
             subprocess.run([sys.executable, __file__, "--save-shape", shape, "--base", str(base)], check=True)
             arms = {}
             for mode in LORA_ARMS:
-                cmd = [sys.executable, __file__, "--mode", mode, "--data", str(data), "--base", str(base), "--batch", str(args.batch), "--block", str(args.block),
-                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--rank", str(args.rank), "--device", args.device]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--mode",
+                    mode,
+                    "--data",
+                    str(data),
+                    "--base",
+                    str(base),
+                    "--batch",
+                    str(args.batch),
+                    "--block",
+                    str(args.block),
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                    "--rank",
+                    str(args.rank),
+                    "--device",
+                    args.device,
+                ]
                 started = time.perf_counter()
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+                out = subprocess.run(
+                    cmd, check=True, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}
+                )
                 arms[mode] = json.loads(out.stdout.strip().splitlines()[-1])
                 gpu = f", peak GPU {arms[mode]['peak_gpu_mb']:7.0f} MB" if arms[mode]["peak_gpu_mb"] is not None else ""
-                print(f"{shape:5s} {mode:8s}: {arms[mode]['tokens_per_s']:8.1f} tokens/s, peak RSS {arms[mode]['peak_rss_mb']:7.0f} MB{gpu} "
-                      f"({time.perf_counter() - started:.0f} s)", flush=True)
+                print(
+                    f"{shape:5s} {mode:8s}: {arms[mode]['tokens_per_s']:8.1f} tokens/s, peak RSS "
+                    f"{arms[mode]['peak_rss_mb']:7.0f} MB{gpu} "
+                    f"({time.perf_counter() - started:.0f} s)",
+                    flush=True,
+                )
             shutil.rmtree(base)
-            summary["shapes"][shape] = {mode: {k: round(v, 1) for k, v in arm.items() if v is not None} for mode, arm in arms.items()}
+            summary["shapes"][shape] = {
+                mode: {k: round(v, 1) for k, v in arm.items() if v is not None} for mode, arm in arms.items()
+            }
     summary["load_avg_1m"] = round(os.getloadavg()[0], 2)
     print(json.dumps(summary))
 
@@ -173,7 +239,9 @@ def main() -> None:
     p.add_argument("--block", type=int, default=256)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--lora", action="store_true", help="compare full fine-tuning with LoRA (and LoRA + gradient checkpointing)")
+    p.add_argument(
+        "--lora", action="store_true", help="compare full fine-tuning with LoRA (and LoRA + gradient checkpointing)"
+    )
     p.add_argument("--shapes", default="124M,355M", help="--lora: model shapes, from " + ", ".join(SHAPES))
     p.add_argument("--rank", type=int, default=16, help="--lora: LoRA rank")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="--lora: where to train")
@@ -204,22 +272,47 @@ def main() -> None:
         np.savez(data, tokens=tokens, tokenizer=tokenizer_fingerprint(gpt2_tokenizer()))
         results = {}
         for mode in ("plain", "botkit", "plain_fused"):
-            cmd = [sys.executable, __file__, "--mode", mode, "--data", str(data), "--batch", str(args.batch), "--block", str(args.block),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--mode",
+                mode,
+                "--data",
+                str(data),
+                "--batch",
+                str(args.batch),
+                "--block",
+                str(args.block),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+            ]
             started = time.perf_counter()
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            out = subprocess.run(
+                cmd, check=True, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}
+            )
             results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"{mode:11s}: {results[mode]['tokens_per_s']:8.1f} tokens/s, peak RSS {results[mode]['peak_rss_mb']:7.0f} MB "
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+            print(
+                f"{mode:11s}: {results[mode]['tokens_per_s']:8.1f} tokens/s, peak RSS "
+                f"{results[mode]['peak_rss_mb']:7.0f} MB "
+                f"({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
     summary = {
         "benchmark": "finetune GPT-2 124M shapes, random weights, CPU float32",
-        "batch": args.batch, "block": args.block, "steps": args.steps, "warmup_steps": args.warmup,
+        "batch": args.batch,
+        "block": args.block,
+        "steps": args.steps,
+        "warmup_steps": args.warmup,
         "ratio_vs_plain": round(results["botkit"]["tokens_per_s"] / results["plain"]["tokens_per_s"], 3),
         "botkit_tokens_per_s": round(results["botkit"]["tokens_per_s"], 1),
         "plain_tokens_per_s": round(results["plain"]["tokens_per_s"], 1),
         "peak_rss_mb": round(results["botkit"]["peak_rss_mb"]),
         "plain_peak_rss_mb": round(results["plain"]["peak_rss_mb"]),
-        "ratio_vs_plain_fused_adamw": round(results["botkit"]["tokens_per_s"] / results["plain_fused"]["tokens_per_s"], 3),
+        "ratio_vs_plain_fused_adamw": round(
+            results["botkit"]["tokens_per_s"] / results["plain_fused"]["tokens_per_s"], 3
+        ),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     print(json.dumps(summary))

@@ -34,8 +34,12 @@ def main() -> None:
     torch.manual_seed(0)
     demo = load_model(None, device="cpu", dtype="float32").model
     gpt2 = GPT2LMHeadModel(GPT2Config())  # 124M
-    arms = [("demo (4 layers, 256 wide), block 256", demo, 256), ("gpt2 124M, block 128", gpt2, 128),
-            ("gpt2 124M, block 256", gpt2, 256), ("gpt2 124M, block 1024", gpt2, 1024)]
+    arms = [
+        ("demo (4 layers, 256 wide), block 256", demo, 256),
+        ("gpt2 124M, block 128", gpt2, 128),
+        ("gpt2 124M, block 256", gpt2, 256),
+        ("gpt2 124M, block 1024", gpt2, 1024),
+    ]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name, model, block in arms:
         print(f"{name}: {seconds_per_step(model, block):.2f} s/step (median of {NUM_STEPS})", flush=True)

@@ -52,8 +52,8 @@ from botkit.model.loading import load_model
 torch.set_grad_enabled(False)
 lm = load_model(GPT2Config(), device="cpu", dtype="float32", seed=int(sys.argv[2]))
 start = time.perf_counter()
-texts = botkit.generate(lm, prefix=sys.argv[1], nsamples=2, batch_size=2, length=int(sys.argv[3]), temperature=0.7, top_k=0,
-                        seed=1, return_as_list=True)
+texts = botkit.generate(lm, prefix=sys.argv[1], nsamples=2, batch_size=2, length=int(sys.argv[3]),
+                        temperature=0.7, top_k=0, seed=1, return_as_list=True)
 print(time.perf_counter() - start, sum(len(t) for t in texts))
 """
 
@@ -93,9 +93,18 @@ def same_work(lm: LoadedModel, prompts: list[str], batch: int, length: int) -> d
     seconds = {"botkit": 0.0, "hf": 0.0}
     num_tokens, num_mismatches = 0, 0
     for i, prompt in enumerate(prompts):
+
         def run_botkit(prompt=prompt):
-            return botkit.generate(lm, prefix=prompt, nsamples=batch, batch_size=batch, length=length,
-                                   temperature=0, include_prefix=False, return_as_list=True)
+            return botkit.generate(
+                lm,
+                prefix=prompt,
+                nsamples=batch,
+                batch_size=batch,
+                length=length,
+                temperature=0,
+                include_prefix=False,
+                return_as_list=True,
+            )
 
         def run_hf(prompt=prompt):
             return hf_generate(lm, prompt, batch, length, do_sample=False)
@@ -111,10 +120,17 @@ def same_work(lm: LoadedModel, prompts: list[str], batch: int, length: int) -> d
         num_mismatches += sum(a != b for a, b in zip(results["botkit"], hf_texts, strict=True))
         log(f"  batch {batch} prompt {i}: botkit {seconds['botkit']:.1f}s hf {seconds['hf']:.1f}s (cumulative)")
     result = {name: num_tokens / s for name, s in seconds.items()}
-    log(f"batch {batch}: botkit {result['botkit']:.1f} tok/s, transformers {result['hf']:.1f} tok/s, "
-        f"ratio {result['botkit'] / result['hf']:.2f}, {num_mismatches} text mismatches")
-    return {"botkit_tok_s": result["botkit"], "hf_tok_s": result["hf"], "ratio": result["botkit"] / result["hf"],
-            "num_tokens": num_tokens, "num_text_mismatches": num_mismatches}
+    log(
+        f"batch {batch}: botkit {result['botkit']:.1f} tok/s, transformers {result['hf']:.1f} tok/s, "
+        f"ratio {result['botkit'] / result['hf']:.2f}, {num_mismatches} text mismatches"
+    )
+    return {
+        "botkit_tok_s": result["botkit"],
+        "hf_tok_s": result["hf"],
+        "ratio": result["botkit"] / result["hf"],
+        "num_tokens": num_tokens,
+        "num_text_mismatches": num_mismatches,
+    }
 
 
 def pick_truncate(lm: LoadedModel, text: str, k: int) -> tuple[str, str] | None:
@@ -166,10 +182,19 @@ def early_stop(lm: LoadedModel, prompts: list[str], positions: list[int], length
     result = {name: num_useful / s for name, s in seconds.items()}
     speedup = result["botkit_early_stop"] / result["hf_full_then_cut"]
     same_engine = result["botkit_early_stop"] / result["botkit_full_then_cut"]
-    log(f"early stop: useful tok/s {', '.join(f'{n} {v:.1f}' for n, v in result.items())}; "
-        f"speedup vs transformers {speedup:.2f}, vs botkit full length {same_engine:.2f}, {num_mismatches} text mismatches")
-    return {"useful_tok_s": result, "speedup": speedup, "speedup_same_engine": same_engine, "useful_tokens": ends,
-            "length": length, "num_text_mismatches": num_mismatches}
+    log(
+        f"early stop: useful tok/s {', '.join(f'{n} {v:.1f}' for n, v in result.items())}; "
+        f"speedup vs transformers {speedup:.2f}, vs botkit full length {same_engine:.2f}, {num_mismatches} text "
+        "mismatches"
+    )
+    return {
+        "useful_tok_s": result,
+        "speedup": speedup,
+        "speedup_same_engine": same_engine,
+        "useful_tokens": ends,
+        "length": length,
+        "num_text_mismatches": num_mismatches,
+    }
 
 
 def long_generation(prompt: str, length: int, seed: int) -> dict:
@@ -178,12 +203,20 @@ def long_generation(prompt: str, length: int, seed: int) -> dict:
     root = Path(__file__).resolve().parents[1]
     seconds = {}
     with tempfile.TemporaryDirectory() as old:
-        archive = subprocess.run(["git", "-C", str(root), "archive", BEFORE, "botkit"], capture_output=True, check=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(root), "archive", BEFORE, "botkit"], capture_output=True, check=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", old], input=archive, check=True)
         for name, path in (("now", str(root)), ("before", old)):
             env = {**os.environ, "PYTHONPATH": path, "PYTHONWARNINGS": "ignore"}
-            out = subprocess.run([sys.executable, "-c", LONG, prompt, str(seed), str(length)], capture_output=True, text=True,
-                                 env=env, cwd=path, check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", LONG, prompt, str(seed), str(length)],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=path,
+                check=True,
+            )
             seconds[name] = float(out.stdout.split()[0])
             log(f"long generation, {name}: 2 x {length} tokens in {seconds[name]:.1f} s")
     return {"seconds": seconds, "speedup": seconds["before"] / seconds["now"], "length": length}
@@ -215,21 +248,43 @@ def main() -> None:
     b8 = same_work(lm, prompts[:num_b8], 8, length)
     stop = early_stop(lm, prompts, early_positions, early_length, args.seed)
     long = long_generation(prompts[1], 1500, args.seed) if args.long or not args.quick else None
-    print(json.dumps({
-        "ratio_vs_hf": round(min(b1["ratio"], b8["ratio"]), 3),
-        "ratio_vs_hf_b1": round(b1["ratio"], 3),
-        "ratio_vs_hf_b8": round(b8["ratio"], 3),
-        "early_stop_speedup": round(stop["speedup"], 3),
-        "early_stop_speedup_same_engine": round(stop["speedup_same_engine"], 3),
-        "tok_s": {"botkit_b1": round(b1["botkit_tok_s"], 2), "hf_b1": round(b1["hf_tok_s"], 2),
-                  "botkit_b8": round(b8["botkit_tok_s"], 2), "hf_b8": round(b8["hf_tok_s"], 2)},
-        "useful_tok_s": {name: round(v, 2) for name, v in stop["useful_tok_s"].items()},
-        "early_stop_useful_tokens": stop["useful_tokens"], "early_stop_length": stop["length"],
-        "text_mismatches": {"b1": b1["num_text_mismatches"], "b8": b8["num_text_mismatches"],
-                            "early_stop": stop["num_text_mismatches"]},
-        "new_tokens": length, "threads": torch.get_num_threads(), "quick": args.quick,
-    } | ({"long_speedup": round(long["speedup"], 2), "long_seconds": {k: round(v, 1) for k, v in long["seconds"].items()},
-          "long_length": long["length"]} if long else {})))
+    print(
+        json.dumps(
+            {
+                "ratio_vs_hf": round(min(b1["ratio"], b8["ratio"]), 3),
+                "ratio_vs_hf_b1": round(b1["ratio"], 3),
+                "ratio_vs_hf_b8": round(b8["ratio"], 3),
+                "early_stop_speedup": round(stop["speedup"], 3),
+                "early_stop_speedup_same_engine": round(stop["speedup_same_engine"], 3),
+                "tok_s": {
+                    "botkit_b1": round(b1["botkit_tok_s"], 2),
+                    "hf_b1": round(b1["hf_tok_s"], 2),
+                    "botkit_b8": round(b8["botkit_tok_s"], 2),
+                    "hf_b8": round(b8["hf_tok_s"], 2),
+                },
+                "useful_tok_s": {name: round(v, 2) for name, v in stop["useful_tok_s"].items()},
+                "early_stop_useful_tokens": stop["useful_tokens"],
+                "early_stop_length": stop["length"],
+                "text_mismatches": {
+                    "b1": b1["num_text_mismatches"],
+                    "b8": b8["num_text_mismatches"],
+                    "early_stop": stop["num_text_mismatches"],
+                },
+                "new_tokens": length,
+                "threads": torch.get_num_threads(),
+                "quick": args.quick,
+            }
+            | (
+                {
+                    "long_speedup": round(long["speedup"], 2),
+                    "long_seconds": {k: round(v, 1) for k, v in long["seconds"].items()},
+                    "long_length": long["length"],
+                }
+                if long
+                else {}
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -85,8 +85,13 @@ def paired(fp32, int8, rounds: int, reps: int = 1) -> tuple[list[float], float, 
 @torch.inference_mode()
 def bench_layers(model, fast: bool, rounds: int) -> dict:
     block = model.transformer.h[0]
-    layers = {"attn.c_attn": block.attn.c_attn, "attn.c_proj": block.attn.c_proj, "mlp.c_fc": block.mlp.c_fc,
-              "mlp.c_proj": block.mlp.c_proj, "lm_head": model.lm_head}
+    layers = {
+        "attn.c_attn": block.attn.c_attn,
+        "attn.c_proj": block.attn.c_proj,
+        "mlp.c_fc": block.mlp.c_fc,
+        "mlp.c_proj": block.mlp.c_proj,
+        "lm_head": model.lm_head,
+    }
     out = {}
     for name, layer in layers.items():
         q = Int8Linear.of(layer, fast)
@@ -96,9 +101,15 @@ def bench_layers(model, fast: bool, rounds: int) -> dict:
             x = torch.randn(1, rows, q.in_features)  # (batch 1, tokens, in): the engine's flat step
             est = max(1e-5, 2 * rows * q.in_features * q.out_features / 100e9)  # ~seconds at 100 GFLOP/s
             ratios, t_fp32, t_int8 = paired(partial(layer, x), partial(q, x), rounds, reps=max(1, int(0.01 / est)))
-            out[f"{name} x{rows}"] = {**summary(ratios), "fp32_ms": round(t_fp32 * 1e3, 3), "int8_ms": round(t_int8 * 1e3, 3)}
-            log(f"layer {name:12s} rows {rows:5d}: fp32 {t_fp32 * 1e3:8.3f} ms, int8 {t_int8 * 1e3:8.3f} ms, "
-                f"ratio {out[f'{name} x{rows}']['ratio']}")
+            out[f"{name} x{rows}"] = {
+                **summary(ratios),
+                "fp32_ms": round(t_fp32 * 1e3, 3),
+                "int8_ms": round(t_int8 * 1e3, 3),
+            }
+            log(
+                f"layer {name:12s} rows {rows:5d}: fp32 {t_fp32 * 1e3:8.3f} ms, int8 {t_int8 * 1e3:8.3f} ms, "
+                f"ratio {out[f'{name} x{rows}']['ratio']}"
+            )
     return out
 
 
@@ -123,8 +134,15 @@ def bench_steps(fp32: LoadedModel, int8: LoadedModel, rounds: int) -> dict:
         engines = decode_engines([fp32, int8], rows, prompt_len=64, max_new=rounds + 8)
         ratios, t_fp32, t_int8 = paired(engines[0].step, engines[1].step, rounds)
         assert all(len(e.rows) == rows for e in engines), "a row ended early: the step sizes would differ"
-        out[f"decode x{rows}"] = {**summary(ratios), "fp32_ms": round(t_fp32 * 1e3, 1), "int8_ms": round(t_int8 * 1e3, 1)}
-        log(f"step decode x{rows}: fp32 {t_fp32 * 1e3:.1f} ms, int8 {t_int8 * 1e3:.1f} ms, ratio {out[f'decode x{rows}']['ratio']}")
+        out[f"decode x{rows}"] = {
+            **summary(ratios),
+            "fp32_ms": round(t_fp32 * 1e3, 1),
+            "int8_ms": round(t_int8 * 1e3, 1),
+        }
+        log(
+            f"step decode x{rows}: fp32 {t_fp32 * 1e3:.1f} ms, int8 {t_int8 * 1e3:.1f} ms, ratio "
+            f"{out[f'decode x{rows}']['ratio']}"
+        )
     prompt = torch.randint(0, 50000, (1000,), generator=torch.Generator().manual_seed(0)).tolist()
 
     def timed_prefill(lm: LoadedModel) -> float:
@@ -137,20 +155,31 @@ def bench_steps(fp32: LoadedModel, int8: LoadedModel, rounds: int) -> dict:
     timed_prefill(fp32), timed_prefill(int8)  # warm up
     ratios, t = [], {0: [], 1: []}
     for r in range(max(3, rounds // 2)):
-        for arm in ((0, 1) if r % 2 == 0 else (1, 0)):
+        for arm in (0, 1) if r % 2 == 0 else (1, 0):
             t[arm].append(timed_prefill((fp32, int8)[arm]))
         ratios.append(t[0][-1] / t[1][-1])
-    out["prefill 1000"] = {**summary(ratios), "fp32_ms": round(statistics.median(t[0]) * 1e3, 1),
-                           "int8_ms": round(statistics.median(t[1]) * 1e3, 1)}
+    out["prefill 1000"] = {
+        **summary(ratios),
+        "fp32_ms": round(statistics.median(t[0]) * 1e3, 1),
+        "int8_ms": round(statistics.median(t[1]) * 1e3, 1),
+    }
     log(f"step prefill 1000: ratio {out['prefill 1000']['ratio']}")
     return out
 
 
 def bench_workload(fp32: LoadedModel, int8: LoadedModel, path: Path, num_requests: int, max_batch: int) -> dict:
-    requests = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][:num_requests]
-    jobs = [(fp32.tokenizer(r["prompt"]).input_ids, SamplingParams(max_new_tokens=r["max_new_tokens"], temperature=0,
-                                                                    stop=(r["stop"],) if r.get("stop") else ()))
-            for r in requests]
+    requests = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][
+        :num_requests
+    ]
+    jobs = [
+        (
+            fp32.tokenizer(r["prompt"]).input_ids,
+            SamplingParams(
+                max_new_tokens=r["max_new_tokens"], temperature=0, stop=(r["stop"],) if r.get("stop") else ()
+            ),
+        )
+        for r in requests
+    ]
 
     def run(lm: LoadedModel) -> tuple[int, float]:
         engine = Engine(lm, max_batch_size=max_batch, cache_mb=0)
@@ -166,19 +195,33 @@ def bench_workload(fp32: LoadedModel, int8: LoadedModel, path: Path, num_request
         rates[arm].append(tokens / took)
         log(f"workload {arm}: {tokens} tokens in {took:.1f} s, {tokens / took:.1f} tok/s")
     fp32_rate, int8_rate = statistics.mean(rates["fp32"]), statistics.mean(rates["int8"])
-    return {"requests": len(jobs), "max_batch": max_batch, "fp32_tok_s": round(fp32_rate, 1), "int8_tok_s": round(int8_rate, 1),
-            "ratio": round(int8_rate / fp32_rate, 2), "runs_tok_s": {k: [round(v, 1) for v in vs] for k, vs in rates.items()}}
+    return {
+        "requests": len(jobs),
+        "max_batch": max_batch,
+        "fp32_tok_s": round(fp32_rate, 1),
+        "int8_tok_s": round(int8_rate, 1),
+        "ratio": round(int8_rate / fp32_rate, 2),
+        "runs_tok_s": {k: [round(v, 1) for v in vs] for k, vs in rates.items()},
+    }
 
 
 @torch.inference_mode()
 def bench_quality(corpus: Path) -> dict:
     fp32, int8 = load_model(None, device="cpu", dtype="float32"), load_model(None, device="cpu", dtype="int8")
     _, held_out = load_tokens(corpus, fp32.tokenizer).split(0.05)
-    losses = {name: evaluate_loss(lm.model, held_out, 256, batch_size=8, max_batches=10**6) for name, lm in (("fp32", fp32), ("int8", int8))}
+    losses = {
+        name: evaluate_loss(lm.model, held_out, 256, batch_size=8, max_batches=10**6)
+        for name, lm in (("fp32", fp32), ("int8", int8))
+    }
     delta = losses["int8"] / losses["fp32"] - 1
     log(f"quality: held-out loss fp32 {losses['fp32']:.4f}, int8 {losses['int8']:.4f} nats/token ({delta:+.3%})")
-    return {"model": "botkit/assets/demo", "held_out_tokens": len(held_out) // 256 * 256, "fp32_loss": round(losses["fp32"], 4),
-            "int8_loss": round(losses["int8"], 4), "relative_delta": round(delta, 5)}
+    return {
+        "model": "botkit/assets/demo",
+        "held_out_tokens": len(held_out) // 256 * 256,
+        "fp32_loss": round(losses["fp32"], 4),
+        "int8_loss": round(losses["int8"], 4),
+        "relative_delta": round(delta, 5),
+    }
 
 
 def corpus_path(given: Path | None) -> Path:
@@ -197,9 +240,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD, help="the shared bench/workload.jsonl")
     parser.add_argument("--requests", type=int, default=None, help="workload requests (default 128, quick 64)")
-    parser.add_argument("--corpus", type=Path, default=None, help="fortunes.txt from scripts/fortunes_corpus.py "
-                        f"(default: {DEFAULT_CORPUS_DIR}/fortunes.txt, built if missing)")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"which measurements, comma-separated (default: all of {','.join(PARTS)})")
+    parser.add_argument(
+        "--corpus",
+        type=Path,
+        default=None,
+        help="fortunes.txt from scripts/fortunes_corpus.py "
+        f"(default: {DEFAULT_CORPUS_DIR}/fortunes.txt, built if missing)",
+    )
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"which measurements, comma-separated (default: all of {','.join(PARTS)})",
+    )
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     if parts - set(PARTS):
@@ -207,23 +259,35 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = 8 if args.quick else 20
-    report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "fast_int8_kernel": has_fast_int8(),
-              "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    log(f"torch {torch.__version__}, {report['threads']} threads, fast int8 kernel (AVX-512 VNNI): {report['fast_int8_kernel']}")
+    report = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "fast_int8_kernel": has_fast_int8(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    log(
+        f"torch {torch.__version__}, {report['threads']} threads, fast int8 kernel (AVX-512 VNNI): "
+        f"{report['fast_int8_kernel']}"
+    )
 
     if "quality" in parts:
         report["quality"] = bench_quality(corpus_path(args.corpus))
     fp32 = load_model(GPT2Config(), device="cpu", dtype="float32", seed=0)
     int8 = LoadedModel(quantize_int8(copy.deepcopy(fp32.model)), fp32.tokenizer, name="random-gpt2-int8")
     if "memory" in parts:
-        report["memory"] = {"fp32_mb": round(model_bytes(fp32.model) / 2**20, 1), "int8_mb": round(model_bytes(int8.model) / 2**20, 1)}
+        report["memory"] = {
+            "fp32_mb": round(model_bytes(fp32.model) / 2**20, 1),
+            "int8_mb": round(model_bytes(int8.model) / 2**20, 1),
+        }
         log(f"memory: {report['memory']}")
     if "layers" in parts:
         report["layers"] = bench_layers(fp32.model, report["fast_int8_kernel"], rounds)
     if "steps" in parts:
         report["steps"] = bench_steps(fp32, int8, rounds)
     if "workload" in parts:
-        report["workload"] = bench_workload(fp32, int8, args.workload, args.requests or (64 if args.quick else 128), max_batch=64)
+        report["workload"] = bench_workload(
+            fp32, int8, args.workload, args.requests or (64 if args.quick else 128), max_batch=64
+        )
     print(json.dumps(report))
 
 

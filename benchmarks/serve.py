@@ -74,7 +74,9 @@ def load_requests(path: Path) -> list[dict]:
 
 
 def params_of(request: dict) -> SamplingParams:
-    return SamplingParams(max_new_tokens=request["max_new_tokens"], temperature=0, stop=(request["stop"],) if request["stop"] else ())
+    return SamplingParams(
+        max_new_tokens=request["max_new_tokens"], temperature=0, stop=(request["stop"],) if request["stop"] else ()
+    )
 
 
 def cut_at_stop(text: str, stop: str | None) -> tuple[str, bool]:
@@ -102,8 +104,13 @@ def sequential(lm: LoadedModel, requests: list[dict]) -> tuple[int, float, dict[
         enc = lm.tokenizer(request["prompt"], return_tensors="pt")
         prompt_len = enc.input_ids.shape[1]
         criteria = StoppingCriteriaList([StopOnText(lm, request["stop"], prompt_len)] if request["stop"] else [])
-        out = lm.model.generate(**enc, max_new_tokens=request["max_new_tokens"], do_sample=False,
-                                pad_token_id=lm.eos_token_id, stopping_criteria=criteria)
+        out = lm.model.generate(
+            **enc,
+            max_new_tokens=request["max_new_tokens"],
+            do_sample=False,
+            pad_token_id=lm.eos_token_id,
+            stopping_criteria=criteria,
+        )
         new = out[0, prompt_len:].tolist()
         if lm.eos_token_id in new:
             new = new[: new.index(lm.eos_token_id)]
@@ -137,7 +144,9 @@ async def watch_loop(lags_ms: list[float], stop: asyncio.Event) -> None:
         lags_ms.append((time.perf_counter() - start - 0.010) * 1000)
 
 
-async def serve(lm: LoadedModel, requests: list[dict], num_chats: int, max_batch: int, config: Config, folder: Path) -> dict:
+async def serve(
+    lm: LoadedModel, requests: list[dict], num_chats: int, max_batch: int, config: Config, folder: Path
+) -> dict:
     """Closed loop of `num_chats` chats over `requests` through a fresh Core; returns the level's figures."""
     todo = deque(requests)
     latencies_ms, lags_ms, texts = [], [], {}
@@ -148,15 +157,21 @@ async def serve(lm: LoadedModel, requests: list[dict], num_chats: int, max_batch
         while todo:
             request = todo.popleft()
             start = time.perf_counter()
-            ticket = await core.submit(request["prompt"], params_of(request), who=Who(platform="bench", chat_id=f"c{index}", user_id=f"u{index}"))
+            ticket = await core.submit(
+                request["prompt"],
+                params_of(request),
+                who=Who(platform="bench", chat_id=f"c{index}", user_id=f"u{index}"),
+            )
             reply = await ticket.result()
             latencies_ms.append((time.perf_counter() - start) * 1000)
             num_tokens += reply.num_tokens
             texts[request["id"]] = reply.text
 
-    async with (Store.open(folder / f"serve-{num_chats}.db") as store,
-                LocalBackend(lm, max_batch_size=max_batch) as backend,
-                Core(backend, store, config) as core):
+    async with (
+        Store.open(folder / f"serve-{num_chats}.db") as store,
+        LocalBackend(lm, max_batch_size=max_batch) as backend,
+        Core(backend, store, config) as core,
+    ):
         stop = asyncio.Event()
         watcher = asyncio.create_task(watch_loop(lags_ms, stop))
         start = time.perf_counter()
@@ -164,9 +179,18 @@ async def serve(lm: LoadedModel, requests: list[dict], num_chats: int, max_batch
         seconds = time.perf_counter() - start
         stop.set()
         await watcher
-    return {"chats": num_chats, "requests": len(requests), "tokens": num_tokens, "seconds": round(seconds, 2),
-            "tok_s": num_tokens / seconds, "p50_ms": percentile(latencies_ms, 50), "p99_ms": percentile(latencies_ms, 99),
-            "loop_lag_p99_ms": percentile(lags_ms, 99), "loop_lag_max_ms": max(lags_ms, default=0.0), "texts": texts}
+    return {
+        "chats": num_chats,
+        "requests": len(requests),
+        "tokens": num_tokens,
+        "seconds": round(seconds, 2),
+        "tok_s": num_tokens / seconds,
+        "p50_ms": percentile(latencies_ms, 50),
+        "p99_ms": percentile(latencies_ms, 99),
+        "loop_lag_p99_ms": percentile(lags_ms, 99),
+        "loop_lag_max_ms": max(lags_ms, default=0.0),
+        "texts": texts,
+    }
 
 
 def in_own_thread(fn, *args):
@@ -199,7 +223,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--max-batch", type=int, default=64, help="[batch] max_size of the Core")
     parser.add_argument("--rounds", type=int, default=None, help="requests per chat at each level (default 2, quick 1)")
-    parser.add_argument("--sequential", type=int, default=None, help="requests in the sequential baseline (default 32, quick 8)")
+    parser.add_argument(
+        "--sequential", type=int, default=None, help="requests in the sequential baseline (default 32, quick 8)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -229,47 +255,81 @@ def main() -> None:
         if ct2_arm:
             model_dir = in_own_thread(ct2_arm.convert, lm, folder)
             generators = {name: ct2_arm.load(model_dir, name) for name in ("float32", "int8")}
-            log(f"CTranslate2 {ct2_arm.ctranslate2.__version__}: converted, same greedy tokens as transformers on the check prompts")
+            log(
+                f"CTranslate2 {ct2_arm.ctranslate2.__version__}: converted, same greedy tokens as transformers on the "
+                "check prompts"
+            )
             for generator in generators.values():
                 ct2_arm.ctranslate2_serve(generator, lm, [dict(r, max_new_tokens=4) for r in requests[:4]], 4)
         in_own_thread(sequential, lm, [dict(requests[0], max_new_tokens=4)])
         asyncio.run(serve(lm, [dict(r, max_new_tokens=4) for r in requests[:4]], 4, args.max_batch, config, folder))
         if lm_int8:
             (folder / "int8").mkdir()  # its own stores
-            asyncio.run(serve(lm_int8, [dict(r, max_new_tokens=4) for r in requests[:4]], 4, args.max_batch, config, folder / "int8"))
+            asyncio.run(
+                serve(
+                    lm_int8,
+                    [dict(r, max_new_tokens=4) for r in requests[:4]],
+                    4,
+                    args.max_batch,
+                    config,
+                    folder / "int8",
+                )
+            )
 
         half = num_sequential // 2
         seq_runs = []
         levels: dict[int, dict] = {}
         top_requests = requests[: max(2, 64 * rounds)]
         anchors: dict[str, dict] = {}  # the optional arms on the 64-chat level's requests
-        order = [("seq", requests[:half]), ("core", 64), *(("ct2", name) for name in generators),
-                 *([("core_int8", 64)] if lm_int8 else []), ("seq", requests[half:num_sequential]),
-                 *(("core", c) for c in LEVELS if c != 64)]
+        order = [
+            ("seq", requests[:half]),
+            ("core", 64),
+            *(("ct2", name) for name in generators),
+            *([("core_int8", 64)] if lm_int8 else []),
+            ("seq", requests[half:num_sequential]),
+            *(("core", c) for c in LEVELS if c != 64),
+        ]
         for kind, what in order:
             if kind == "ct2":
                 anchors[what] = ct2_arm.ctranslate2_serve(generators[what], lm, top_requests, 64)
-                log(f"CTranslate2 {what}: {len(top_requests)} requests, {anchors[what]['tokens']} tokens in "
-                    f"{anchors[what]['seconds']:.1f}s = {anchors[what]['tok_s']:.1f} tok/s")
+                log(
+                    f"CTranslate2 {what}: {len(top_requests)} requests, {anchors[what]['tokens']} tokens in "
+                    f"{anchors[what]['seconds']:.1f}s = {anchors[what]['tok_s']:.1f} tok/s"
+                )
             elif kind == "core_int8":
-                anchors["botkit_int8"] = asyncio.run(serve(lm_int8, top_requests, 64, args.max_batch, config, folder / "int8"))
-                log(f"botkit int8, 64 chats: {anchors['botkit_int8']['tokens']} tokens in {anchors['botkit_int8']['seconds']}s = "
-                    f"{anchors['botkit_int8']['tok_s']:.1f} tok/s")
+                anchors["botkit_int8"] = asyncio.run(
+                    serve(lm_int8, top_requests, 64, args.max_batch, config, folder / "int8")
+                )
+                log(
+                    f"botkit int8, 64 chats: {anchors['botkit_int8']['tokens']} tokens in "
+                    f"{anchors['botkit_int8']['seconds']}s = "
+                    f"{anchors['botkit_int8']['tok_s']:.1f} tok/s"
+                )
             elif kind == "seq":
                 tokens, seconds, texts = in_own_thread(sequential, lm, what)
                 seq_runs.append((tokens, seconds, texts))
-                log(f"sequential: {len(what)} requests, {tokens} tokens in {seconds:.1f}s = {tokens / seconds:.1f} tok/s")
+                log(
+                    f"sequential: {len(what)} requests, {tokens} tokens in {seconds:.1f}s = {tokens / seconds:.1f} "
+                    "tok/s"
+                )
             else:
                 chats = what
-                level = asyncio.run(serve(lm, requests[: max(2, chats * rounds)], chats, args.max_batch, config, folder))
+                level = asyncio.run(
+                    serve(lm, requests[: max(2, chats * rounds)], chats, args.max_batch, config, folder)
+                )
                 levels[chats] = level
-                log(f"{chats} chats: {level['requests']} requests, {level['tokens']} tokens in {level['seconds']}s = "
+                log(
+                    f"{chats} chats: {level['requests']} requests, {level['tokens']} tokens in {level['seconds']}s = "
                     f"{level['tok_s']:.1f} tok/s, p50 {level['p50_ms']:.0f} ms, p99 {level['p99_ms']:.0f} ms, "
-                    f"loop lag p99 {level['loop_lag_p99_ms']:.1f} ms (max {level['loop_lag_max_ms']:.1f})")
+                    f"loop lag p99 {level['loop_lag_p99_ms']:.1f} ms (max {level['loop_lag_max_ms']:.1f})"
+                )
 
         generators.clear()  # ends CTranslate2's threads before the engine's own measurement
         join_tok_s, decode_tok_s = in_own_thread(full_batch_speeds, lm, requests, args.max_batch)
-        log(f"engine with full steps: {join_tok_s:.0f} prompt tok/s (joining), {decode_tok_s:.0f} tok/s ({args.max_batch} rows decoding)")
+        log(
+            f"engine with full steps: {join_tok_s:.0f} prompt tok/s (joining), {decode_tok_s:.0f} tok/s "
+            f"({args.max_batch} rows decoding)"
+        )
 
     seq_tokens = sum(t for t, _, _ in seq_runs)
     seq_tok_s = seq_tokens / sum(s for _, s, _ in seq_runs)
@@ -280,39 +340,63 @@ def main() -> None:
         core_texts.update(level.pop("texts"))
     compared = [i for i in seq_texts if i in core_texts]
     mismatches = sum(seq_texts[i] != core_texts[i] for i in compared)
-    log(f"greedy texts: {len(compared) - mismatches} of {len(compared)} replies equal between the core and sequential generate")
+    log(
+        f"greedy texts: {len(compared) - mismatches} of {len(compared)} replies equal between the core and sequential "
+        "generate"
+    )
     top = levels[64]
     extra = {}
     if "float32" in anchors:
         fp32, int8 = anchors["float32"], anchors["int8"]
-        extra = {"ctranslate2_fp32_tok_s": round(fp32["tok_s"], 1), "ctranslate2_int8_tok_s": round(int8["tok_s"], 1),
-                 "ratio_vs_ctranslate2_fp32": round(top["tok_s"] / fp32["tok_s"], 2),
-                 "ratio_vs_ctranslate2_int8": round(top["tok_s"] / int8["tok_s"], 2),
-                 "ctranslate2_fp32_same_text": same_texts(fp32["texts"], top_texts)}
+        extra = {
+            "ctranslate2_fp32_tok_s": round(fp32["tok_s"], 1),
+            "ctranslate2_int8_tok_s": round(int8["tok_s"], 1),
+            "ratio_vs_ctranslate2_fp32": round(top["tok_s"] / fp32["tok_s"], 2),
+            "ratio_vs_ctranslate2_int8": round(top["tok_s"] / int8["tok_s"], 2),
+            "ctranslate2_fp32_same_text": same_texts(fp32["texts"], top_texts),
+        }
         log(f"greedy texts: {extra['ctranslate2_fp32_same_text']} replies equal between botkit and CTranslate2 fp32")
     if "botkit_int8" in anchors:
-        extra |= {"botkit_int8_tok_s": round(anchors["botkit_int8"]["tok_s"], 1),
-                  "ratio_int8_vs_fp32": round(anchors["botkit_int8"]["tok_s"] / top["tok_s"], 2)}
+        extra |= {
+            "botkit_int8_tok_s": round(anchors["botkit_int8"]["tok_s"], 1),
+            "ratio_int8_vs_fp32": round(anchors["botkit_int8"]["tok_s"] / top["tok_s"], 2),
+        }
         if "int8" in anchors:
-            extra |= {"ratio_int8_vs_ctranslate2_int8": round(anchors["botkit_int8"]["tok_s"] / anchors["int8"]["tok_s"], 2),
-                      "int8_same_text": same_texts(anchors["int8"]["texts"], anchors["botkit_int8"]["texts"])}
+            extra |= {
+                "ratio_int8_vs_ctranslate2_int8": round(anchors["botkit_int8"]["tok_s"] / anchors["int8"]["tok_s"], 2),
+                "int8_same_text": same_texts(anchors["int8"]["texts"], anchors["botkit_int8"]["texts"]),
+            }
     # Tokens/s of the 64-chat level if every step were full: its prompt tokens at the joining speed,
     # its reply tokens at the full-batch decode speed (no ramp-up, no drain).
     prompt_tokens = sum(len(lm.tokenizer(r["prompt"]).input_ids) for r in requests[: top["requests"]])
     full_tok_s = top["tokens"] / (prompt_tokens / join_tok_s + top["tokens"] / decode_tok_s)
-    print(json.dumps({
-        "ratio_vs_sequential": round(top["tok_s"] / seq_tok_s, 2),
-        "p50_ms": round(top["p50_ms"]), "p99_ms": round(top["p99_ms"]),
-        "loop_lag_p99_ms": round(max(level["loop_lag_p99_ms"] for level in levels.values()), 1),
-        "sequential_tok_s": round(seq_tok_s, 2),
-        "full_steps_ratio": round(full_tok_s / seq_tok_s, 2), "join_prompt_tok_s": round(join_tok_s), "full_decode_tok_s": round(decode_tok_s),
-        "sequential_halves_tok_s": [round(t / s, 2) for t, s, _ in seq_runs],
-        "levels": {str(c): {k: (round(v, 2) if isinstance(v, float) else v) for k, v in levels[c].items()} | {
-            "ratio_vs_sequential": round(levels[c]["tok_s"] / seq_tok_s, 2)} for c in LEVELS},
-        "text_mismatches": mismatches, "texts_compared": len(compared), **extra,
-        "threads": torch.get_num_threads(), "max_batch": args.max_batch, "quick": args.quick,
-        "load": "closed loop: each chat sends its next request when the previous one is answered",
-    }))
+    print(
+        json.dumps(
+            {
+                "ratio_vs_sequential": round(top["tok_s"] / seq_tok_s, 2),
+                "p50_ms": round(top["p50_ms"]),
+                "p99_ms": round(top["p99_ms"]),
+                "loop_lag_p99_ms": round(max(level["loop_lag_p99_ms"] for level in levels.values()), 1),
+                "sequential_tok_s": round(seq_tok_s, 2),
+                "full_steps_ratio": round(full_tok_s / seq_tok_s, 2),
+                "join_prompt_tok_s": round(join_tok_s),
+                "full_decode_tok_s": round(decode_tok_s),
+                "sequential_halves_tok_s": [round(t / s, 2) for t, s, _ in seq_runs],
+                "levels": {
+                    str(c): {k: (round(v, 2) if isinstance(v, float) else v) for k, v in levels[c].items()}
+                    | {"ratio_vs_sequential": round(levels[c]["tok_s"] / seq_tok_s, 2)}
+                    for c in LEVELS
+                },
+                "text_mismatches": mismatches,
+                "texts_compared": len(compared),
+                **extra,
+                "threads": torch.get_num_threads(),
+                "max_batch": args.max_batch,
+                "quick": args.quick,
+                "load": "closed loop: each chat sends its next request when the previous one is answered",
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ def soak_config(max_queue: int = 64, timeout_s: float = 30.0) -> Config:
 
 # -- the bot under kills (a child process) ---------------------------------------------------------
 
+
 async def child(db: str, run: int, fault_every: int) -> None:
     """A bot under load: prints ACCEPTED <id> as soon as a prompt is accepted, DELIVERED <id> after
     recording its delivery; every `fault_every`-th step raises (a worker fault) until it is killed."""
@@ -89,8 +90,11 @@ async def child(db: str, run: int, fault_every: int) -> None:
 
     rng = random.Random(run)
     lm = load_model(GPT2Config(n_layer=2, n_head=2, n_embd=32), device="cpu", seed=0)
-    async with Store.open(db) as store, LocalBackend(lm, max_batch_size=8, before_step=faults) as backend, \
-            Core(backend, store, soak_config()) as core:
+    async with (
+        Store.open(db) as store,
+        LocalBackend(lm, max_batch_size=8, before_step=faults) as backend,
+        Core(backend, store, soak_config()) as core,
+    ):
         chats = Chats(core, store, core.config)
         print("READY", flush=True)
 
@@ -100,14 +104,18 @@ async def child(db: str, run: int, fault_every: int) -> None:
             except BotkitError:
                 return
             if not await store.is_delivered(reply.request_id):
-                await store.record_delivery(reply.request_id, [f"msg-{reply.request_id}-{i}" for i in range(1 + reply.request_id % 3)])
+                await store.record_delivery(
+                    reply.request_id, [f"msg-{reply.request_id}-{i}" for i in range(1 + reply.request_id % 3)]
+                )
                 print(f"DELIVERED {reply.request_id}", flush=True)
 
         tasks, n = set(), 0
         while True:
             n += 1
             try:
-                ticket = await chats.submit(Prompt("soak", f"chat{n % 5}", f"user{n % 7}", f"message {n} of run {run}", str(n)))
+                ticket = await chats.submit(
+                    Prompt("soak", f"chat{n % 5}", f"user{n % 7}", f"message {n} of run {run}", str(n))
+                )
             except BusyError:
                 await asyncio.sleep(0.05)
                 continue
@@ -130,16 +138,24 @@ def kills(workdir: Path, num_kills: int, seed: int) -> dict:
         out = workdir / f"run{run}.out"
         started = time.monotonic()
         with out.open("w") as stdout:
-            proc = subprocess.Popen([sys.executable, __file__, "--child", str(db), str(run)], stdout=stdout,
-                                    stderr=subprocess.DEVNULL, cwd=ROOT)
+            proc = subprocess.Popen(
+                [sys.executable, __file__, "--child", str(db), str(run)],
+                stdout=stdout,
+                stderr=subprocess.DEVNULL,
+                cwd=ROOT,
+            )
         while "READY" not in out.read_text():
             if proc.poll() is not None or time.monotonic() - started > 180:
                 raise SystemExit(f"the bot did not start (run {run}, exit {proc.returncode})")
             time.sleep(0.05)
         recovery_s.append(time.monotonic() - started)
         with contextlib.closing(sqlite3.connect(db)) as conn:  # after recovery: every earlier prompt has ended
-            rows = dict(conn.execute("SELECT id, status FROM requests WHERE status IN ('done', 'failed', 'cancelled')"
-                                     " AND (status != 'failed' OR COALESCE(error, '') != '')"))
+            rows = dict(
+                conn.execute(
+                    "SELECT id, status FROM requests WHERE status IN ('done', 'failed', 'cancelled')"
+                    " AND (status != 'failed' OR COALESCE(error, '') != '')"
+                )
+            )
         lost |= {i for i in accepted if i not in rows}
         deadline = time.monotonic() + rng.uniform(1.0, 4.0)
         while run < num_kills and time.monotonic() < deadline:
@@ -154,18 +170,25 @@ def kills(workdir: Path, num_kills: int, seed: int) -> dict:
         with contextlib.closing(sqlite3.connect(db)) as conn:
             if conn.execute("PRAGMA integrity_check").fetchall() != [("ok",)]:
                 raise SystemExit(f"integrity_check failed after kill {run}")
-            bad_deliveries = conn.execute("SELECT COUNT(*) FROM (SELECT request_id, COUNT(*) AS n FROM deliveries"
-                                          " GROUP BY request_id HAVING n != 1 + request_id % 3)").fetchone()[0]
+            bad_deliveries = conn.execute(
+                "SELECT COUNT(*) FROM (SELECT request_id, COUNT(*) AS n FROM deliveries"
+                " GROUP BY request_id HAVING n != 1 + request_id % 3)"
+            ).fetchone()[0]
             statuses = dict(conn.execute("SELECT status, COUNT(*) FROM requests GROUP BY status"))
     return {
-        "kills": num_kills, "accepted": len(accepted), "delivered": len(delivered), "statuses": statuses,
+        "kills": num_kills,
+        "accepted": len(accepted),
+        "delivered": len(delivered),
+        "statuses": statuses,
         "lost": len(lost) + not_ended,
         "duplicated": (len(accepted) - len(set(accepted))) + (len(delivered) - len(set(delivered))) + bad_deliveries,
-        "recovery_s": round(max(recovery_s[1:]), 2), "peak_rss_mb": round(peak_rss_mb),
+        "recovery_s": round(max(recovery_s[1:]), 2),
+        "peak_rss_mb": round(peak_rss_mb),
     }
 
 
 # -- a burst, pinging replies and a secret scan, in this process -------------------------------------
+
 
 class PingingBackend:
     """Replies with text that tries to ping everyone; fails prompts that contain FAIL."""
@@ -219,9 +242,12 @@ async def burst_and_scan(workdir: Path, num_prompts: int) -> dict:
             max_lag_s = max(max_lag_s, time.monotonic() - before - 0.01)
             peak_rss_mb = max(peak_rss_mb, process.memory_info().rss / 2**20)
 
-    async with Store.open(workdir / "burst.db") as store, PingingBackend() as backend, \
-            Core(backend, store, soak_config(max_queue=256, timeout_s=60)) as core, \
-            WebAdapter(core, WebConfig(port=0), key) as web:
+    async with (
+        Store.open(workdir / "burst.db") as store,
+        PingingBackend() as backend,
+        Core(backend, store, soak_config(max_queue=256, timeout_s=60)) as core,
+        WebAdapter(core, WebConfig(port=0), key) as web,
+    ):
         chats = Chats(core, store, core.config)
         beating = asyncio.create_task(heartbeat())
 
@@ -252,9 +278,11 @@ async def burst_and_scan(workdir: Path, num_prompts: int) -> dict:
         outcomes = await asyncio.gather(*tasks)
         burst_s = time.monotonic() - started
         async with aiohttp.ClientSession() as http:
-            for headers, body in [({"Authorization": f"Bearer {key}"}, {"prompt": "web FAIL", "max_tokens": 3}),
-                                  ({"Authorization": f"Bearer {key}x"}, {"prompt": "hi"}),
-                                  ({"Authorization": f"Bearer {key}"}, {"prompt": "hi", "max_tokens": 0})]:
+            for headers, body in [
+                ({"Authorization": f"Bearer {key}"}, {"prompt": "web FAIL", "max_tokens": 3}),
+                ({"Authorization": f"Bearer {key}x"}, {"prompt": "hi"}),
+                ({"Authorization": f"Bearer {key}"}, {"prompt": "hi", "max_tokens": 0}),
+            ]:
                 async with http.post(web.url + "v1/completions", headers=headers, json=body) as response:
                     replies_sent.append(await response.text())
             async with http.get(web.url + "api/stats", headers={"Authorization": f"Bearer {key}"}) as response:
@@ -262,16 +290,24 @@ async def burst_and_scan(workdir: Path, num_prompts: int) -> dict:
         replies_sent.append(core.stats().summary())
         beating.cancel()
         accepted = sum(1 for o in outcomes if o != "busy")
-        stored = (await store._rows("SELECT COUNT(*) FROM requests WHERE status IN ('done', 'failed') AND kind='chat'"))[0][0]
+        stored = (
+            await store._rows("SELECT COUNT(*) FROM requests WHERE status IN ('done', 'failed') AND kind='chat'")
+        )[0][0]
     logging.getLogger().removeHandler(handler)
     handler.close()
     written = [p.read_bytes() for p in workdir.iterdir() if p.name.startswith(("burst.db", "soak.log"))]
     written += [r.encode() for r in replies_sent]
     return {
-        "burst_prompts": num_prompts, "burst_answered": outcomes.count("done"), "burst_failed": outcomes.count("failed"),
-        "burst_busy": outcomes.count("busy"), "burst_s": round(burst_s, 1), "max_loop_lag_ms": round(max_lag_s * 1000),
-        "lost": accepted - stored + outcomes.count("never answered"), "mass_pings": sum(1 for r in replies_sent if PINGS.search(r)),
-        "secrets_leaked": sum(blob.count(key.encode()) for blob in written), "burst_peak_rss_mb": round(peak_rss_mb),
+        "burst_prompts": num_prompts,
+        "burst_answered": outcomes.count("done"),
+        "burst_failed": outcomes.count("failed"),
+        "burst_busy": outcomes.count("busy"),
+        "burst_s": round(burst_s, 1),
+        "max_loop_lag_ms": round(max_lag_s * 1000),
+        "lost": accepted - stored + outcomes.count("never answered"),
+        "mass_pings": sum(1 for r in replies_sent if PINGS.search(r)),
+        "secrets_leaked": sum(blob.count(key.encode()) for blob in written),
+        "burst_peak_rss_mb": round(peak_rss_mb),
     }
 
 
@@ -301,8 +337,12 @@ async def web_child(db: str, log_path: str) -> None:
     from botkit.serve.store import Store
 
     logging.basicConfig(filename=log_path, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    async with Store.open(db) as store, QuickBackend() as backend, Core(backend, store, soak_config(max_queue=256)) as core, \
-            WebAdapter(core, WebConfig(port=0), secret(KEY_ENV, "the soak's web key")) as web:
+    async with (
+        Store.open(db) as store,
+        QuickBackend() as backend,
+        Core(backend, store, soak_config(max_queue=256)) as core,
+        WebAdapter(core, WebConfig(port=0), secret(KEY_ENV, "the soak's web key")) as web,
+    ):
         print(f"URL {web.url}", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
         logging.getLogger("botkit").info("Connections at the end: %s", dict(web.connections.counts))
@@ -317,13 +357,17 @@ async def keyed_clients(url: str, key: str, seconds: float, num_clients: int = 4
     async def client():
         import aiohttp
 
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
-                                         timeout=aiohttp.ClientTimeout(total=30)) as http:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True), timeout=aiohttp.ClientTimeout(total=30)
+        ) as http:
             while time.monotonic() < deadline:
                 started = time.monotonic()
                 try:
-                    async with http.post(url + "v1/completions", json={"prompt": "hello", "max_tokens": 3},
-                                         headers={"Authorization": f"Bearer {key}"}) as response:
+                    async with http.post(
+                        url + "v1/completions",
+                        json={"prompt": "hello", "max_tokens": 3},
+                        headers={"Authorization": f"Bearer {key}"},
+                    ) as response:
                         await response.read()
                         failure = None if response.status == 200 else f"HTTP {response.status}"
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -337,7 +381,8 @@ async def keyed_clients(url: str, key: str, seconds: float, num_clients: int = 4
     return latencies, failures
 
 
-ATTACKER_ADDRESS = "127.0.0.2"  # the attack comes from another address than the keyed clients (127.0.0.1), as from another machine
+# the attack comes from another address than the keyed clients (127.0.0.1), as from another machine
+ATTACKER_ADDRESS = "127.0.0.2"
 
 
 async def attacker(address: tuple[str, int], stop: asyncio.Event, counts: dict, slowloris: bool) -> None:
@@ -371,15 +416,19 @@ async def attack_child(host: str, port: int, num_idle: int, num_slowloris: int) 
     """The attack, in its own process as on its own machine: runs until stdin closes, then prints its
     counts as JSON."""
     stop, counts = asyncio.Event(), {"connect_failed": 0, "closed_by_server": 0}
-    attackers = [asyncio.create_task(attacker((host, port), stop, counts, slowloris=i < num_slowloris))
-                 for i in range(num_idle + num_slowloris)]
+    attackers = [
+        asyncio.create_task(attacker((host, port), stop, counts, slowloris=i < num_slowloris))
+        for i in range(num_idle + num_slowloris)
+    ]
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     stop.set()
     await asyncio.gather(*attackers)
     print(json.dumps(counts), flush=True)
 
 
-async def connection_phase(workdir: Path, seconds: float, max_files: int, num_idle: int = 300, num_slowloris: int = 20) -> dict:
+async def connection_phase(
+    workdir: Path, seconds: float, max_files: int, num_idle: int = 300, num_slowloris: int = 20
+) -> dict:
     """Keyed clients alone, then the same clients while `num_idle` idle sockets and `num_slowloris`
     slowloris connections (reconnecting whenever closed) attack a bot that may open `max_files` files:
     the clients' p99 latencies and failures, and how much the bot's log grew during the attack."""
@@ -389,9 +438,16 @@ async def connection_phase(workdir: Path, seconds: float, max_files: int, num_id
     def limit_files():  # soft and hard: botkit raises a low soft limit itself
         resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
 
-    bot = subprocess.Popen([sys.executable, __file__, "--web-child", str(workdir / f"web-{max_files}.db"), str(log_path)],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT,
-                           env={**os.environ, KEY_ENV: key}, preexec_fn=limit_files, text=True)
+    bot = subprocess.Popen(
+        [sys.executable, __file__, "--web-child", str(workdir / f"web-{max_files}.db"), str(log_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env={**os.environ, KEY_ENV: key},
+        preexec_fn=limit_files,
+        text=True,
+    )
     attack = None
     try:
         line = await asyncio.wait_for(asyncio.to_thread(bot.stdout.readline), 120)
@@ -401,8 +457,13 @@ async def connection_phase(workdir: Path, seconds: float, max_files: int, num_id
         host, port = url.removeprefix("http://").rstrip("/").rsplit(":", 1)
         idle_latencies, idle_failed = await keyed_clients(url, key, seconds)
         log_before = log_path.stat().st_size
-        attack = subprocess.Popen([sys.executable, __file__, "--attack-child", host, port, str(num_idle), str(num_slowloris)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT, text=True)
+        attack = subprocess.Popen(
+            [sys.executable, __file__, "--attack-child", host, port, str(num_idle), str(num_slowloris)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+            text=True,
+        )
         await asyncio.sleep(2.0)  # let every attacker connect
         attack_latencies, attack_failed = await keyed_clients(url, key, seconds)
         log_growth = log_path.stat().st_size - log_before
@@ -416,15 +477,22 @@ async def connection_phase(workdir: Path, seconds: float, max_files: int, num_id
                 except subprocess.TimeoutExpired:
                     proc.kill()
     # no answer at all under attack (main before this phase existed): an infinite p99
-    p99_idle, p99_attack = (statistics.quantiles(x, n=100)[98] if len(x) > 1 else float("inf") for x in (idle_latencies, attack_latencies))
+    p99_idle, p99_attack = (
+        statistics.quantiles(x, n=100)[98] if len(x) > 1 else float("inf") for x in (idle_latencies, attack_latencies)
+    )
     return {
-        "attack": f"{num_idle} idle + {num_slowloris} slowloris from {ATTACKER_ADDRESS}; the bot may open {max_files} files",
-        "keyed_p99_ms_idle": round(p99_idle * 1000, 1), "keyed_p99_ms_attack": round(p99_attack * 1000, 1),
+        "attack": f"{num_idle} idle + {num_slowloris} slowloris from {ATTACKER_ADDRESS}; the bot may open {max_files} "
+        "files",
+        "keyed_p99_ms_idle": round(p99_idle * 1000, 1),
+        "keyed_p99_ms_attack": round(p99_attack * 1000, 1),
         "keyed_p50_ms_attack": round(statistics.median(attack_latencies) * 1000, 1) if attack_latencies else None,
-        "keyed_p99_ratio": round(p99_attack / p99_idle, 2), "keyed_answered": [len(idle_latencies), len(attack_latencies)],
-        "keyed_failed": sum(idle_failed.values()) + sum(attack_failed.values()), "keyed_failures": {**idle_failed, **attack_failed},
+        "keyed_p99_ratio": round(p99_attack / p99_idle, 2),
+        "keyed_answered": [len(idle_latencies), len(attack_latencies)],
+        "keyed_failed": sum(idle_failed.values()) + sum(attack_failed.values()),
+        "keyed_failures": {**idle_failed, **attack_failed},
         "log_growth_bytes": log_growth,
-        "attack_connections_closed_by_server": counts["closed_by_server"], "attack_connects_failed": counts["connect_failed"],
+        "attack_connections_closed_by_server": counts["closed_by_server"],
+        "attack_connects_failed": counts["connect_failed"],
         "server_log_tail": log_path.read_text(errors="replace").strip().splitlines()[-1:],
     }
 
@@ -454,8 +522,11 @@ async def poison_arm(lm, workdir: Path, poisoned: bool, num_requests: int = 32) 
     from botkit.serve.store import Store
 
     db = workdir / f"poison-{poisoned}-{time.monotonic_ns()}.db"
-    async with Store.open(db) as store, LocalBackend(lm, 32, before_step=PoisonStep() if poisoned else None) as backend, \
-            Core(backend, store, soak_config(max_queue=256, timeout_s=120)) as core:
+    async with (
+        Store.open(db) as store,
+        LocalBackend(lm, 32, before_step=PoisonStep() if poisoned else None) as backend,
+        Core(backend, store, soak_config(max_queue=256, timeout_s=120)) as core,
+    ):
         started = time.perf_counter()
 
         async def one(i: int) -> tuple[bool, float, bool]:
@@ -471,8 +542,11 @@ async def poison_arm(lm, workdir: Path, poisoned: bool, num_requests: int = 32) 
         results = await asyncio.gather(*(one(i) for i in range(num_requests)))
     innocent = [(t, ok) for bad, t, ok in results if not bad]
     latencies = sorted(t for t, _ in innocent)
-    return {"innocent_p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-            "innocent_failed": sum(not ok for _, ok in innocent), "poison_failed": any(bad and not ok for bad, _, ok in results)}
+    return {
+        "innocent_p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "innocent_failed": sum(not ok for _, ok in innocent),
+        "poison_failed": any(bad and not ok for bad, _, ok in results),
+    }
 
 
 def poison_phase(workdir: Path, rounds: int) -> dict:
@@ -488,11 +562,16 @@ def poison_phase(workdir: Path, rounds: int) -> dict:
         ratios.append(dirty["innocent_p99_s"] / clean["innocent_p99_s"])
         failed += clean["innocent_failed"] + dirty["innocent_failed"]
         poison_failed &= dirty["poison_failed"]
-    return {"innocent_p99_ratio": round(statistics.median(ratios), 3), "innocent_p99_ratios": [round(r, 3) for r in ratios],
-            "innocent_failed": failed, "poison_failed_alone": poison_failed}
+    return {
+        "innocent_p99_ratio": round(statistics.median(ratios), 3),
+        "innocent_p99_ratios": [round(r, 3) for r in ratios],
+        "innocent_failed": failed,
+        "poison_failed_alone": poison_failed,
+    }
 
 
 # -- privacy: /forget with requests in flight and a concurrent reader ---------------------------------
+
 
 async def privacy_round(lm, workdir: Path, round_no: int, num_in_flight: int = 8, reader_hold_s: float = 1.0) -> dict:
     """One member's message (with a fresh secret) is answered; others' requests quoting it as context
@@ -508,19 +587,33 @@ async def privacy_round(lm, workdir: Path, round_no: int, num_in_flight: int = 8
     db = workdir / f"privacy-{round_no}.db"
     secret = f"PRIVATE-{secrets.token_hex(8)}"
     settings = ChatSettings(length=24, unique=False)
-    async with Store.open(db) as store, LocalBackend(lm, 32, cache_mb=256) as backend, \
-            Core(backend, store, soak_config(max_queue=256, timeout_s=120)) as core:
+    async with (
+        Store.open(db) as store,
+        LocalBackend(lm, 32, cache_mb=256) as backend,
+        Core(backend, store, soak_config(max_queue=256, timeout_s=120)) as core,
+    ):
         chats = Chats(core, store, core.config)
-        said = await chats.submit(Prompt("telegram", "-100", "alice", f"my door code is {secret}", "m0", "alice"), settings)
+        said = await chats.submit(
+            Prompt("telegram", "-100", "alice", f"my door code is {secret}", "m0", "alice"), settings
+        )
         await said.result()
-        others = [await chats.submit(Prompt("telegram", "-100", f"member{i}", f"what did alice say? ({i})", f"m{i + 1}", f"member{i}"),
-                                    settings) for i in range(num_in_flight)]
+        others = [
+            await chats.submit(
+                Prompt("telegram", "-100", f"member{i}", f"what did alice say? ({i})", f"m{i + 1}", f"member{i}"),
+                settings,
+            )
+            for i in range(num_in_flight)
+        ]
         reader = sqlite3.connect(db)
         reader.execute("BEGIN")
         reader.execute("SELECT COUNT(*) FROM messages").fetchone()  # holds its snapshot until it ends
         in_flight = sum(not t.done for t in others)
-        on_disk_before = any(secret.encode() in p.read_bytes() for p in workdir.glob(f"privacy-{round_no}.db*") if p.is_file())
-        cached_before = any(secret in lm.tokenizer.decode(e.tokens) for e in backend.engine.prefix_cache.entries.values())
+        on_disk_before = any(
+            secret.encode() in p.read_bytes() for p in workdir.glob(f"privacy-{round_no}.db*") if p.is_file()
+        )
+        cached_before = any(
+            secret in lm.tokenizer.decode(e.tokens) for e in backend.engine.prefix_cache.entries.values()
+        )
         started = time.perf_counter()
         erased = await chats.forget("telegram", "-100", "alice")
         forget_s = time.perf_counter() - started
@@ -533,16 +626,29 @@ async def privacy_round(lm, workdir: Path, round_no: int, num_in_flight: int = 8
                 await ticket.result()
         wal_clear_s = None
         while time.perf_counter() - released < 30:
-            if not any(secret.encode() in p.read_bytes() for p in workdir.glob(f"privacy-{round_no}.db*") if p.is_file()):
+            if not any(
+                secret.encode() in p.read_bytes() for p in workdir.glob(f"privacy-{round_no}.db*") if p.is_file()
+            ):
                 wal_clear_s = time.perf_counter() - released
                 break
             await asyncio.sleep(0.05)
         cached = [lm.tokenizer.decode(e.tokens) for e in backend.engine.prefix_cache.entries.values()]
-        hits = {"db": db.read_bytes().count(secret.encode()),
-                "wal": db.with_name(db.name + "-wal").read_bytes().count(secret.encode()) if db.with_name(db.name + "-wal").exists() else 0,
-                "cache": sum(text.count(secret) for text in cached)}
-    return {"erased": erased, "in_flight": in_flight, "before": on_disk_before and cached_before, "forget_s": forget_s, "wal_clear_s": wal_clear_s, "hits": hits,
-            "num_cached": len(cached)}
+        hits = {
+            "db": db.read_bytes().count(secret.encode()),
+            "wal": db.with_name(db.name + "-wal").read_bytes().count(secret.encode())
+            if db.with_name(db.name + "-wal").exists()
+            else 0,
+            "cache": sum(text.count(secret) for text in cached),
+        }
+    return {
+        "erased": erased,
+        "in_flight": in_flight,
+        "before": on_disk_before and cached_before,
+        "forget_s": forget_s,
+        "wal_clear_s": wal_clear_s,
+        "hits": hits,
+        "num_cached": len(cached),
+    }
 
 
 def privacy_phase(workdir: Path, rounds: int) -> dict:
@@ -551,13 +657,19 @@ def privacy_phase(workdir: Path, rounds: int) -> dict:
 
     lm = load_model(device="cpu")
     results = [asyncio.run(privacy_round(lm, workdir, i)) for i in range(rounds)]
-    return {"privacy_rounds": rounds,
-            "privacy_hits_db": sum(r["hits"]["db"] for r in results), "privacy_hits_wal": sum(r["hits"]["wal"] for r in results),
-            "privacy_hits_cache": sum(r["hits"]["cache"] for r in results),
-            "forget_max_s": round(max(r["forget_s"] for r in results), 3),
-            "wal_clear_max_s": None if any(r["wal_clear_s"] is None for r in results) else round(max(r["wal_clear_s"] for r in results), 3),
-            "in_flight_at_forget": [r["in_flight"] for r in results], "erased": [r["erased"] for r in results],
-            "secret_on_disk_and_cached_before": all(r["before"] for r in results)}  # else 0 hits would prove nothing
+    return {
+        "privacy_rounds": rounds,
+        "privacy_hits_db": sum(r["hits"]["db"] for r in results),
+        "privacy_hits_wal": sum(r["hits"]["wal"] for r in results),
+        "privacy_hits_cache": sum(r["hits"]["cache"] for r in results),
+        "forget_max_s": round(max(r["forget_s"] for r in results), 3),
+        "wal_clear_max_s": None
+        if any(r["wal_clear_s"] is None for r in results)
+        else round(max(r["wal_clear_s"] for r in results), 3),
+        "in_flight_at_forget": [r["in_flight"] for r in results],
+        "erased": [r["erased"] for r in results],
+        "secret_on_disk_and_cached_before": all(r["before"] for r in results),
+    }  # else 0 hits would prove nothing
 
 
 def main() -> int:
@@ -566,7 +678,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--child", nargs=2, metavar=("DB", "RUN"), help=argparse.SUPPRESS)
     parser.add_argument("--web-child", nargs=2, metavar=("DB", "LOG"), help=argparse.SUPPRESS)
-    parser.add_argument("--attack-child", nargs=4, metavar=("HOST", "PORT", "IDLE", "SLOWLORIS"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--attack-child", nargs=4, metavar=("HOST", "PORT", "IDLE", "SLOWLORIS"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--only-connections", action="store_true", help="run only the connection phase")
     parser.add_argument("--only-poison", action="store_true", help="run only the poison phase")
     parser.add_argument("--only-privacy", action="store_true", help="run only the privacy phase")
@@ -594,7 +708,10 @@ def main() -> int:
     if args.only_connections:
         with tempfile.TemporaryDirectory(prefix="botkit-soak-") as tmp:
             for max_files in MAX_FILES:
-                print(json.dumps({"connections": asyncio.run(connection_phase(Path(tmp), attack_s, max_files))}), flush=True)
+                print(
+                    json.dumps({"connections": asyncio.run(connection_phase(Path(tmp), attack_s, max_files))}),
+                    flush=True,
+                )
         return 0
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="botkit-soak-") as tmp:
@@ -618,18 +735,35 @@ def main() -> int:
         "secrets_leaked": burst["secrets_leaked"],
         "peak_rss_mb": max(crash["peak_rss_mb"], burst["burst_peak_rss_mb"]),
         "recovery_s": crash["recovery_s"],
-        "kills": num_kills, "accepted_under_kills": crash["accepted"], "burst_busy": burst["burst_busy"],
+        "kills": num_kills,
+        "accepted_under_kills": crash["accepted"],
+        "burst_busy": burst["burst_busy"],
         "max_loop_lag_ms": burst["max_loop_lag_ms"],
-        "innocent_p99_ratio": poison["innocent_p99_ratio"], "innocent_failed": poison["innocent_failed"],
+        "innocent_p99_ratio": poison["innocent_p99_ratio"],
+        "innocent_failed": poison["innocent_failed"],
         # the first: at the usual limit; the over-capacity run's p99 is in its own line
-        "keyed_p99_ratio": connections[0]["keyed_p99_ratio"], "keyed_p99_ratio_over_capacity": connections[1]["keyed_p99_ratio"],
+        "keyed_p99_ratio": connections[0]["keyed_p99_ratio"],
+        "keyed_p99_ratio_over_capacity": connections[1]["keyed_p99_ratio"],
         "keyed_failed": sum(c["keyed_failed"] for c in connections),
         **{k: privacy[k] for k in (*PRIVACY_HITS, "forget_max_s", "wal_clear_max_s")},
-        "log_growth_bytes": max(c["log_growth_bytes"] for c in connections), "elapsed_s": round(time.monotonic() - started, 1),
+        "log_growth_bytes": max(c["log_growth_bytes"] for c in connections),
+        "elapsed_s": round(time.monotonic() - started, 1),
     }
     print(json.dumps(result))
-    return int(any(result[k] for k in ("lost", "duplicated", "mass_pings", "secrets_leaked", "keyed_failed", "innocent_failed",
-                                       *PRIVACY_HITS)))
+    return int(
+        any(
+            result[k]
+            for k in (
+                "lost",
+                "duplicated",
+                "mass_pings",
+                "secrets_leaked",
+                "keyed_failed",
+                "innocent_failed",
+                *PRIVACY_HITS,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,12 @@ def main() -> None:
         figures = {
             "help_s": timed([py, "-m", "botkit", "--help"], repeat=repeat),
             "import_botkit_s": timed([py, "-c", "import botkit"], repeat=repeat),
-            "heavy_imports_s": timed([py, "-c", "import botkit.model.loading, botkit.train.trainer, botkit.engine.engine"], repeat=repeat),
-            "offline_hub_name_s": timed([py, "-m", "botkit", "generate", "--model", "gpt2"], env=offline, repeat=repeat),
+            "heavy_imports_s": timed(
+                [py, "-c", "import botkit.model.loading, botkit.train.trainer, botkit.engine.engine"], repeat=repeat
+            ),
+            "offline_hub_name_s": timed(
+                [py, "-m", "botkit", "generate", "--model", "gpt2"], env=offline, repeat=repeat
+            ),
         }
     figures["help_speedup"] = round(figures["heavy_imports_s"] / figures["help_s"], 1)
     for key, value in figures.items():

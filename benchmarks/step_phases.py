@@ -66,6 +66,7 @@ class Phases:
             finally:
                 if self.on:
                     self.seconds[name] += time.perf_counter() - start
+
         return timed
 
     def hook(self, module: torch.nn.Module, name: str) -> None:
@@ -84,7 +85,8 @@ def instrument(engine: Engine, phases: Phases) -> None:
     engine.runner.run = phases.wrap("forward", engine.runner.run)
     engine._sample = phases.wrap("sample", engine._sample)
     engine.post.process = phases.wrap("postprocess", engine.post.process)
-    AttentionInterface.register(kvcache.ROWS_ATTENTION, phases.wrap("attention", kvcache.rows_attention))  # after the engine's own
+    # after the engine's own
+    AttentionInterface.register(kvcache.ROWS_ATTENTION, phases.wrap("attention", kvcache.rows_attention))
     model = engine.runner.model
     if getattr(model, "_phase_hooks", False):  # hooks stay on a model: once per model, not per engine
         return
@@ -112,7 +114,7 @@ def measure(lm, arm: dict, ids: list[list[int]], rows: int, num_steps: int, phas
         phases.seconds.clear()
         phases.on = True
         start, num = time.perf_counter(), 0
-        while (engine.waiting if kind == "join" else num < steps):
+        while engine.waiting if kind == "join" else num < steps:
             engine.step()
             num += 1
         total = time.perf_counter() - start
@@ -152,21 +154,35 @@ def main() -> None:
                 log(f"rows {rows} rep {rep} {arm}: decode {runs[arm][-1]['decode']['ms_per_step']:.1f} ms/step")
         level = {}
         for arm, got in runs.items():
-            level[arm] = {kind: {k: round(statistics.median(r[kind][k] for r in got), 2) for k in got[0][kind]} for kind in ("join", "decode")}
+            level[arm] = {
+                kind: {k: round(statistics.median(r[kind][k] for r in got), 2) for k in got[0][kind]}
+                for kind in ("join", "decode")
+            }
             level[arm]["same_tokens_as_first_arm"] = all(r["tokens"] == runs[args.arms[0]][0]["tokens"] for r in got)
         base = level[args.arms[0]]
         for arm in args.arms[1:]:
             level[arm]["decode_speedup"] = round(base["decode"]["ms_per_step"] / level[arm]["decode"]["ms_per_step"], 3)
             level[arm]["join_speedup"] = round(base["join"]["ms_per_step"] / level[arm]["join"]["ms_per_step"], 3)
         results[str(rows)] = level
-    print(json.dumps({"cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
-                      "steps": args.steps, "repeat": args.repeat, "levels": results}))
+    print(
+        json.dumps(
+            {
+                "cpu": platform.processor() or platform.machine(),
+                "threads": args.threads,
+                "torch": torch.__version__,
+                "steps": args.steps,
+                "repeat": args.repeat,
+                "levels": results,
+            }
+        )
+    )
 
 
 ARMS = {  # engine settings to weigh; the first is the baseline
     "per_row": {},
     "padded_decode": {"padded_decode": True},
-    "prepack": {},  # the model's matmul weights in oneDNN's layout (botkit/model/prepack.py); its model is built in main()
+    # the model's matmul weights in oneDNN's layout (botkit/model/prepack.py); its model is built in main()
+    "prepack": {},
     "prepack_head": {},  # the LM head only
 }
 

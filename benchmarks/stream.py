@@ -51,13 +51,22 @@ def log(text: str) -> None:
 
 
 def config(stream: bool) -> Config:
-    return Config(chat=ChatSettings(length=60, truncate="", use_context=False, stream=stream),
-                  limits=LimitsConfig(user_per_minute=0, chat_per_minute=0), batch=BatchConfig(timeout_s=3600))
+    return Config(
+        chat=ChatSettings(length=60, truncate="", use_context=False, stream=stream),
+        limits=LimitsConfig(user_per_minute=0, chat_per_minute=0),
+        batch=BatchConfig(timeout_s=3600),
+    )
 
 
 async def telegram_arm(lm, tmp: Path, *, private: bool, stream: bool) -> list[dict]:
-    async with platform("telegram", tmp, pytest.MonkeyPatch(), LocalBackend(lm, max_batch_size=NUM_CHATS), config(stream),
-                        chat_send_interval_s=1.0) as bot:
+    async with platform(
+        "telegram",
+        tmp,
+        pytest.MonkeyPatch(),
+        LocalBackend(lm, max_batch_size=NUM_CHATS),
+        config(stream),
+        chat_send_interval_s=1.0,
+    ) as bot:
         fake, sent = bot.fake, []
         for i in range(NUM_CHATS):
             chat_id = 101 + i if private else -101 - i
@@ -67,34 +76,58 @@ async def telegram_arm(lm, tmp: Path, *, private: bool, stream: bool) -> list[di
             await asyncio.sleep(0.05)
         records = []
         for chat_id, at in sent:
-            calls = [c for c in fake.calls if c.outcome == "ok" and c.method.lower() in SHOWING and c.params["chat_id"] == chat_id]
+            calls = [
+                c
+                for c in fake.calls
+                if c.outcome == "ok" and c.method.lower() in SHOWING and c.params["chat_id"] == chat_id
+            ]
             records.append({"first_s": calls[0].at - at, "whole_s": calls[-1].at - at, "num_updates": len(calls)})
     return records
 
 
 async def discord_arm(lm, tmp: Path) -> list[dict]:
-    async with platform("discord", tmp, pytest.MonkeyPatch(), LocalBackend(lm, max_batch_size=NUM_CHATS), config(True)) as bot:
+    async with platform(
+        "discord", tmp, pytest.MonkeyPatch(), LocalBackend(lm, max_batch_size=NUM_CHATS), config(True)
+    ) as bot:
         fake, sent = bot.fake, []
         for i in range(NUM_CHATS):
             at = time.monotonic()
-            sent.append((await fake.send_message("tell me a story", author=(ALICE, BOB)[i % 2], channel_id=CHANNEL_ID,
-                                                 mention_bot=True), at))
+            sent.append(
+                (
+                    await fake.send_message(
+                        "tell me a story", author=(ALICE, BOB)[i % 2], channel_id=CHANNEL_ID, mention_bot=True
+                    ),
+                    at,
+                )
+            )
         while len(deliveries(tmp)) < NUM_CHATS:
             await asyncio.sleep(0.05)
         records = []
         for message, at in sent:
-            ids = {m["id"] for m in fake.bot_messages() if m.get("message_reference", {}).get("message_id") == message["id"]}
-            calls = [r for r in fake.requests if isinstance(r.json, dict) and (
-                (r.method == "POST" and (r.json.get("message_reference") or {}).get("message_id") == message["id"])
-                or (r.method == "PATCH" and r.path.rsplit("/", 1)[-1] in ids))]
+            ids = {
+                m["id"]
+                for m in fake.bot_messages()
+                if m.get("message_reference", {}).get("message_id") == message["id"]
+            }
+            calls = [
+                r
+                for r in fake.requests
+                if isinstance(r.json, dict)
+                and (
+                    (r.method == "POST" and (r.json.get("message_reference") or {}).get("message_id") == message["id"])
+                    or (r.method == "PATCH" and r.path.rsplit("/", 1)[-1] in ids)
+                )
+            ]
             records.append({"first_s": calls[0].at_s - at, "whole_s": calls[-1].at_s - at, "num_updates": len(calls)})
     return records
 
 
 def summary(records: list[dict]) -> dict:
-    return {"first_visible_s": statistics.median(r["first_s"] for r in records),
-            "whole_reply_s": statistics.median(r["whole_s"] for r in records),
-            "updates_per_reply": statistics.mean(r["num_updates"] for r in records)}
+    return {
+        "first_visible_s": statistics.median(r["first_s"] for r in records),
+        "whole_reply_s": statistics.median(r["whole_s"] for r in records),
+        "updates_per_reply": statistics.mean(r["num_updates"] for r in records),
+    }
 
 
 async def run(lm) -> dict:
@@ -102,16 +135,20 @@ async def run(lm) -> dict:
     off = lambda tmp: telegram_arm(lm, tmp, private=True, stream=False)  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:  # warm-up, not counted: the first forward passes are slower
         await off(Path(tmp))
-    for name, make in [("telegram private, stream off", off),
-                       ("telegram private, drafts", lambda tmp: telegram_arm(lm, tmp, private=True, stream=True)),
-                       ("telegram groups, edits", lambda tmp: telegram_arm(lm, tmp, private=False, stream=True)),
-                       ("discord channel, edits", lambda tmp: discord_arm(lm, tmp)),
-                       ("telegram private, stream off, again", off)]:  # the machine's drift over the run
+    for name, make in [
+        ("telegram private, stream off", off),
+        ("telegram private, drafts", lambda tmp: telegram_arm(lm, tmp, private=True, stream=True)),
+        ("telegram groups, edits", lambda tmp: telegram_arm(lm, tmp, private=False, stream=True)),
+        ("discord channel, edits", lambda tmp: discord_arm(lm, tmp)),
+        ("telegram private, stream off, again", off),
+    ]:  # the machine's drift over the run
         with tempfile.TemporaryDirectory() as tmp:
             arms[name] = summary(await make(Path(tmp)))
         a = arms[name]
-        log(f"{name}: first text {a['first_visible_s']:.2f} s, whole reply {a['whole_reply_s']:.2f} s,"
-            f" {a['updates_per_reply']:.1f} updates per reply")
+        log(
+            f"{name}: first text {a['first_visible_s']:.2f} s, whole reply {a['whole_reply_s']:.2f} s,"
+            f" {a['updates_per_reply']:.1f} updates per reply"
+        )
     return arms
 
 

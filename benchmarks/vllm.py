@@ -1,6 +1,7 @@
 """botkit on vLLM: the own engine, vLLM directly, and botkit in front of vLLM (rules off and on), one run.
 
-GPT-2 124M shapes (`GPT2Config()`; `--small`: 4 layers of width 256), random weights, seed 0, saved as a Hugging Face folder with the
+GPT-2 124M shapes (`GPT2Config()`; `--small`: 4 layers of width 256), random weights, seed 0, saved as a Hugging Face
+folder with the
 tokenizer botkit ships, fp32, greedy. vLLM's CPU build is started once by botkit itself
 (`backend = "vllm"`, from the venv named by --vllm-venv, default .vllm-venv) with botkit's logits
 processor loaded; the vLLM arms are skipped (one line) when that venv is missing.
@@ -71,9 +72,13 @@ def save_model(folder: Path, config: GPT2Config) -> Path:
 
 def make_config(model_dir: Path, num_chats: int, venv: Path, pythonpath: str) -> Config:
     """botkit's config for every arm; vLLM from `venv`, with botkit on `pythonpath` if it is not installed there."""
-    command = ("env", f"PYTHONPATH={pythonpath}", str(venv / "bin" / "python"), "-m", SERVER_MODULE) if pythonpath else ()
-    config = Config(model=ModelConfig(backend="vllm", source=str(model_dir), max_context=1024),
-                    vllm=VllmConfig(venv=str(venv), command=command))
+    command = (
+        ("env", f"PYTHONPATH={pythonpath}", str(venv / "bin" / "python"), "-m", SERVER_MODULE) if pythonpath else ()
+    )
+    config = Config(
+        model=ModelConfig(backend="vllm", source=str(model_dir), max_context=1024),
+        vllm=VllmConfig(venv=str(venv), command=command),
+    )
     return dataclasses.replace(
         config,
         batch=dataclasses.replace(config.batch, max_size=num_chats, max_queue=4 * num_chats, timeout_s=7200),
@@ -90,8 +95,11 @@ async def shared_level(core_or_client, requests: list[dict], num_chats: int) -> 
         while todo:
             request = todo.popleft()
             if isinstance(core_or_client, Core):
-                ticket = await core_or_client.submit(request["prompt"], params_of(request),
-                                                     who=Who(platform="bench", chat_id=f"c{index}", user_id=f"u{index}"))
+                ticket = await core_or_client.submit(
+                    request["prompt"],
+                    params_of(request),
+                    who=Who(platform="bench", chat_id=f"c{index}", user_id=f"u{index}"),
+                )
                 reply = await ticket.result()
                 text, tokens = reply.text, reply.num_tokens
             else:
@@ -103,7 +111,13 @@ async def shared_level(core_or_client, requests: list[dict], num_chats: int) -> 
     await asyncio.gather(*(one(i) for i in range(num_chats)))
     seconds = time.perf_counter() - started
     log(f"  {num_chats} chats: {num_tokens} tokens in {seconds:.1f} s, {num_tokens / seconds:.1f} tok/s")
-    return {"chats": num_chats, "tokens": num_tokens, "seconds": round(seconds, 2), "tok_s": round(num_tokens / seconds, 1), "texts": texts}
+    return {
+        "chats": num_chats,
+        "tokens": num_tokens,
+        "seconds": round(seconds, 2),
+        "tok_s": round(num_tokens / seconds, 1),
+        "texts": texts,
+    }
 
 
 async def direct(client: RemoteClient, prompt: str, params, first_at: list | None = None) -> tuple[str, int]:
@@ -122,13 +136,24 @@ async def chat_arm(core: Core, chats: dict[str, list[dict]]) -> dict:
     async def one(turns: list[dict]) -> None:
         for turn in turns:
             started = time.perf_counter()
-            ticket = await bot.submit(Prompt("bench", turn["chat_id"], turn["user_id"], turn["message"]), settings_of(turn, turns[0]))
+            ticket = await bot.submit(
+                Prompt("bench", turn["chat_id"], turn["user_id"], turn["message"]), settings_of(turn, turns[0])
+            )
             first = None
             async for delta in ticket.stream():
                 first = first or (time.perf_counter() - started if delta else None)
             reply = await ticket.result()
-            records.append({"chat_id": turn["chat_id"], "turn": turn["turn"], "ttft_s": first or time.perf_counter() - started,
-                            "tokens": reply.num_tokens, "prompt": ticket.prompt, "params": ticket.params, "text": reply.text})
+            records.append(
+                {
+                    "chat_id": turn["chat_id"],
+                    "turn": turn["turn"],
+                    "ttft_s": first or time.perf_counter() - started,
+                    "tokens": reply.num_tokens,
+                    "prompt": ticket.prompt,
+                    "params": ticket.params,
+                    "text": reply.text,
+                }
+            )
 
     started = time.perf_counter()
     await asyncio.gather(*(one(turns) for turns in chats.values()))
@@ -145,8 +170,15 @@ async def chat_direct(client: RemoteClient, front_records: list[dict]) -> dict:
         for r in turns:
             started, first_at = time.perf_counter(), []
             text, tokens = await direct(client, r["prompt"], r["params"], first_at)
-            records.append({"chat_id": r["chat_id"], "turn": r["turn"], "ttft_s": (first_at or [time.perf_counter()])[0] - started,
-                            "tokens": tokens, "text": text})
+            records.append(
+                {
+                    "chat_id": r["chat_id"],
+                    "turn": r["turn"],
+                    "ttft_s": (first_at or [time.perf_counter()])[0] - started,
+                    "tokens": tokens,
+                    "text": text,
+                }
+            )
 
     started = time.perf_counter()
     await asyncio.gather(*(one(turns) for turns in by_chat.values()))
@@ -156,9 +188,14 @@ async def chat_direct(client: RemoteClient, front_records: list[dict]) -> dict:
 def summarise(records: list[dict], wall_s: float) -> dict:
     follow = [r["ttft_s"] for r in records if r["turn"] > 0]
     log(f"  chat: {len(records)} turns in {wall_s:.1f} s, follow-up TTFT p50 {percentile(follow, 50) * 1000:.0f} ms")
-    return {"turns": len(records), "tok_s": round(sum(r["tokens"] for r in records) / wall_s, 1),
-            "ttft_p50_ms": round(percentile(follow, 50) * 1000), "ttft_p99_ms": round(percentile(follow, 99) * 1000),
-            "texts": {(r["chat_id"], r["turn"]): r["text"] for r in records}, "records": records}
+    return {
+        "turns": len(records),
+        "tok_s": round(sum(r["tokens"] for r in records) / wall_s, 1),
+        "ttft_p50_ms": round(percentile(follow, 50) * 1000),
+        "ttft_p99_ms": round(percentile(follow, 99) * 1000),
+        "texts": {(r["chat_id"], r["turn"]): r["text"] for r in records},
+        "records": records,
+    }
 
 
 def same(a: dict, b: dict) -> str:
@@ -184,8 +221,11 @@ async def run(args) -> dict:
             out["levels"][c] = {}
         if not args.skip_own:
             lm = in_own_thread(lambda: load_model(str(model_dir), device="cpu"))
-            async with Store.open(tmp / "own.db") as store, LocalBackend(lm, max_batch_size=max_chats) as backend, \
-                    Core(backend, store, config) as core:
+            async with (
+                Store.open(tmp / "own.db") as store,
+                LocalBackend(lm, max_batch_size=max_chats) as backend,
+                Core(backend, store, config) as core,
+            ):
                 for c in levels:
                     log(f"own engine, {c} chats")
                     out["levels"][c]["own"] = await shared_level(core, requests[: 2 * c], c)
@@ -225,16 +265,24 @@ def report(out: dict) -> dict:
     for c, arms in out["levels"].items():
         figures["levels"][c] = {name: arm["tok_s"] for name, arm in arms.items()}
         if "front" in arms:
-            figures["levels"][c]["same_texts_as_front"] = {name: same(arms["front"]["texts"], arm["texts"]) for name, arm in arms.items()}
+            figures["levels"][c]["same_texts_as_front"] = {
+                name: same(arms["front"]["texts"], arm["texts"]) for name, arm in arms.items()
+            }
     for name, arm in out["chat"].items():
-        figures["chat"][name] = {"tok_s": arm["tok_s"], "ttft_p50_ms": arm["ttft_p50_ms"], "ttft_p99_ms": arm["ttft_p99_ms"]}
+        figures["chat"][name] = {
+            "tok_s": arm["tok_s"],
+            "ttft_p50_ms": arm["ttft_p50_ms"],
+            "ttft_p99_ms": arm["ttft_p99_ms"],
+        }
     top = out["levels"][max(out["levels"])]
     if "vllm" in top:
         figures["front_vs_vllm_tok_s"] = round(top["front"]["tok_s"] / top["vllm"]["tok_s"], 3)
         figures["rules_cost_tok_s"] = round(1 - top["front+rules"]["tok_s"] / top["front"]["tok_s"], 3)
         chat = out["chat"]
         figures["front_vs_vllm_chat_ttft_p50"] = round(chat["front"]["ttft_p50_ms"] / chat["vllm"]["ttft_p50_ms"], 3)
-        figures["rules_cost_chat_ttft_p50"] = round(chat["front+rules"]["ttft_p50_ms"] / chat["front"]["ttft_p50_ms"] - 1, 3)
+        figures["rules_cost_chat_ttft_p50"] = round(
+            chat["front+rules"]["ttft_p50_ms"] / chat["front"]["ttft_p50_ms"] - 1, 3
+        )
         figures["chat_same_texts"] = {name: same(chat["front"]["texts"], chat[name]["texts"]) for name in chat}
     return figures
 
@@ -249,7 +297,9 @@ def main() -> None:
     parser.add_argument("--workload", type=Path, default=SHARED / "workload.jsonl")
     parser.add_argument("--chat-workload", type=Path, default=SHARED / "chat_workload.jsonl")
     parser.add_argument("--vllm-venv", type=Path, default=ROOT / ".vllm-venv")
-    parser.add_argument("--pythonpath", default="", help="a folder holding botkit for vLLM's venv (pip install --no-deps --target)")
+    parser.add_argument(
+        "--pythonpath", default="", help="a folder holding botkit for vLLM's venv (pip install --no-deps --target)"
+    )
     args = parser.parse_args()
     figures = report(asyncio.run(run(args)))
     print(json.dumps(figures))

@@ -19,13 +19,67 @@ _BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0")
 _INVISIBLE_CATEGORIES = frozenset(("Cf", "Mn", "Me"))
 # Letters of other scripts drawn like Latin ones (after casefold). Written out because the one table
 # that has them all (Unicode's confusables.txt) maps thousands of characters for a few dozen used here.
-_LOOKALIKE = str.maketrans({
-    "а": "a", "в": "b", "е": "e", "з": "3", "і": "i", "ј": "j", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p",
-    "с": "c", "т": "t", "у": "y", "х": "x", "ѕ": "s", "һ": "h", "ԁ": "d", "ԛ": "q", "ԝ": "w", "ɡ": "g", "ı": "i",
-    "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k", "ν": "v", "ο": "o", "ρ": "p", "τ": "t", "υ": "u",
-    "χ": "x", "ω": "w", "ɑ": "a", "ℓ": "l"})
-_LEET = str.maketrans({"0": "o", "1": "i", "!": "i", "|": "i", "3": "e", "4": "a", "@": "a", "5": "s", "$": "s", "7": "t",
-                       "+": "t", "8": "b", "9": "g", "2": "z", "€": "e", "£": "l"})
+_LOOKALIKE = str.maketrans(
+    {
+        "а": "a",
+        "в": "b",
+        "е": "e",
+        "з": "3",
+        "і": "i",
+        "ј": "j",
+        "к": "k",
+        "м": "m",
+        "н": "h",
+        "о": "o",
+        "р": "p",
+        "с": "c",
+        "т": "t",
+        "у": "y",
+        "х": "x",
+        "ѕ": "s",
+        "һ": "h",
+        "ԁ": "d",
+        "ԛ": "q",
+        "ԝ": "w",
+        "ɡ": "g",
+        "ı": "i",
+        "α": "a",
+        "β": "b",
+        "ε": "e",
+        "η": "n",
+        "ι": "i",
+        "κ": "k",
+        "ν": "v",
+        "ο": "o",
+        "ρ": "p",
+        "τ": "t",
+        "υ": "u",
+        "χ": "x",
+        "ω": "w",
+        "ɑ": "a",
+        "ℓ": "l",
+    }
+)
+_LEET = str.maketrans(
+    {
+        "0": "o",
+        "1": "i",
+        "!": "i",
+        "|": "i",
+        "3": "e",
+        "4": "a",
+        "@": "a",
+        "5": "s",
+        "$": "s",
+        "7": "t",
+        "+": "t",
+        "8": "b",
+        "9": "g",
+        "2": "z",
+        "€": "e",
+        "£": "l",
+    }
+)
 _NOT_LETTER = re.compile(r"[\W_]+")
 _INNER_MARK = re.compile(r"(?<=\w)(?:[^\w\s]|_)+(?=\w)")  # "sh.it", "sh-it": one mark splitting a word
 _RIGHT_TO_LEFT = frozenset("\u202b\u202e\u2067")  # text after these is shown reversed
@@ -78,7 +132,9 @@ def banned_word_in(text: str, banned: tuple[str, ...]) -> str | None:
     spelled = _spelled(readings[0])
     for word in banned:
         target = normalize(word)
-        if target.strip() and (any(target in r for r in readings) or any(target.replace(" ", "") in run for run in spelled)):
+        if target.strip() and (
+            any(target in r for r in readings) or any(target.replace(" ", "") in run for run in spelled)
+        ):
             return word
     return None
 
@@ -89,5 +145,7 @@ def check_banned_words(words, max_words: int = MAX_BANNED_WORDS) -> tuple[str, .
         words = words.split(",")
     words = tuple(w.strip() for w in words if isinstance(w, str) and w.strip())
     if len(words) > max_words or any(len(w) > MAX_BANNED_WORD_CHARS for w in words):
-        raise ValueError(f"a banned-word list holds at most {max_words} words of at most {MAX_BANNED_WORD_CHARS} characters")
+        raise ValueError(
+            f"a banned-word list holds at most {max_words} words of at most {MAX_BANNED_WORD_CHARS} characters"
+        )
     return words

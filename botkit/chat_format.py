@@ -8,7 +8,8 @@ continues, recorded in the run folder (`chat_format.json`) so serving uses what 
 A bot's prompt is the history in the same lines, then its own speaker prefix without its trailing
 space ("gptbot:"): a byte-level BPE spells " word" as one token, so in training a speaker's colon is
 followed by a token that starts with the space, never by a lone space (a prompt ending in "gptbot: "
-cost the true reply 53 nats instead of 4 in benchmarks/quality.py). The reply ends before `truncate`. Placeholders are replaced literally, never with `str.format`, so a message or
+cost the true reply 53 nats instead of 4 in benchmarks/quality.py). The reply ends before `truncate`. Placeholders are
+replaced literally, never with `str.format`, so a message or
 name such as "{message:>20000000}" stays text.
 
 Chats use the same format for channel context (the chat setting `chat_format` is one message's line,
@@ -34,7 +35,8 @@ MAX_FIELD_CHARS = 200  # a format is a few characters of punctuation; a long one
 MAX_NAME_CHARS = 64
 DEFAULT_NAME = "someone"  # a speaker whose name is empty after cleaning
 _LINE_BREAKS = re.compile(r"\r\n|[\n\r\u2028\u2029\x85]")
-_NAME_JUNK = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029{}]+")  # controls and line breaks; braces keep templates unambiguous
+# controls and line breaks; braces keep templates unambiguous
+_NAME_JUNK = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029{}]+")
 
 
 @dataclass(frozen=True)
@@ -53,18 +55,31 @@ class ChatFormat:
             if not isinstance(value, str):
                 raise InputError(f"The chat format's {field.name} must be text, not {type(value).__name__}.")
             if len(value) > MAX_FIELD_CHARS:
-                raise InputError(f"The chat format's {field.name} is {len(value)} characters long: keep it under {MAX_FIELD_CHARS}.")
+                raise InputError(
+                    f"The chat format's {field.name} is {len(value)} characters long: keep it under {MAX_FIELD_CHARS}."
+                )
         rest = self.speaker.replace(MESSAGE, "", 1).replace(NAME, "", 1)
         if self.speaker.count(MESSAGE) != 1 or self.speaker.count(NAME) > 1 or "{" in rest or "}" in rest:
-            raise InputError(f"The chat format's speaker {self.speaker!r} must contain {MESSAGE} once, {NAME} at most once, and no other braces.")
+            raise InputError(
+                f"The chat format's speaker {self.speaker!r} must contain {MESSAGE} once, {NAME} at most "
+                "once, and no other braces."
+            )
         if NAME in self.speaker and self.speaker.index(NAME) > self.speaker.index(MESSAGE):
-            raise InputError(f"The chat format's speaker {self.speaker!r} must put {NAME} before {MESSAGE}, so a prompt can end with the bot's name.")
+            raise InputError(
+                f"The chat format's speaker {self.speaker!r} must put {NAME} before {MESSAGE}, so a "
+                "prompt can end with the bot's name."
+            )
         for name in ("separator", "truncate", "end", "line_break"):
             if "{" in getattr(self, name) or "}" in getattr(self, name):
                 raise InputError(f"The chat format's {name} must not contain braces.")
-        if self.line_break and ("\n" in self.line_break or "\r" in self.line_break or (self.truncate and self.truncate in self.line_break)):
-            raise InputError(f"The chat format's line_break {self.line_break!r} must be on one line and not contain truncate: "
-                             "it stands for a line break inside a message.")
+        if self.line_break and (
+            "\n" in self.line_break or "\r" in self.line_break or (self.truncate and self.truncate in self.line_break)
+        ):
+            raise InputError(
+                f"The chat format's line_break {self.line_break!r} must be on one line and not contain "
+                "truncate: "
+                "it stands for a line break inside a message."
+            )
         if not self.separator:
             raise InputError("The chat format's separator must not be empty: messages would run into each other.")
 
@@ -96,8 +111,14 @@ class ChatFormat:
         """A whole conversation of (name, message) pairs as training text, end token included."""
         return "".join(self.line(name, message) for name, message in messages) + self.end
 
-    def prompt(self, history: Sequence[tuple[str, str]], bot_name: str, *, budget_tokens: int | None = None,
-               count_tokens: Callable[[str], int] | None = None) -> str:
+    def prompt(
+        self,
+        history: Sequence[tuple[str, str]],
+        bot_name: str,
+        *,
+        budget_tokens: int | None = None,
+        count_tokens: Callable[[str], int] | None = None,
+    ) -> str:
         """The text a bot continues: `history` (oldest first, (name, message) pairs, the bot's own
         earlier replies included) then the bot's turn ("gptbot:"). With `budget_tokens` and
         `count_tokens`, the oldest messages are dropped, whole, until the prompt fits."""
@@ -127,8 +148,10 @@ class ChatFormat:
         line = line.replace("{author}", NAME)
         speaker = line.rstrip()
         if speaker == line:
-            raise InputError(f"chat_format {line!r} must end with the line break (or space) that separates one message"
-                             " from the next, as in '{name}: {message}\\n'.")
+            raise InputError(
+                f"chat_format {line!r} must end with the line break (or space) that separates one message"
+                " from the next, as in '{name}: {message}\\n'."
+            )
         return cls(speaker=speaker, separator=line[len(speaker) :], truncate=truncate)
 
     def as_line(self) -> str:
@@ -143,7 +166,9 @@ class ChatFormat:
     @classmethod
     def from_dict(cls, data: object, where: str = "the chat format") -> ChatFormat:
         if not isinstance(data, dict):
-            raise InputError(f"{where} must be a JSON object with {', '.join(f.name for f in dataclasses.fields(cls))}.")
+            raise InputError(
+                f"{where} must be a JSON object with {', '.join(f.name for f in dataclasses.fields(cls))}."
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(str(k) for k in data if k not in known)
         if unknown:
@@ -158,7 +183,9 @@ class ChatFormat:
             try:
                 return cls.from_dict(json.loads(text), "--chat-format")
             except (json.JSONDecodeError, RecursionError):
-                raise InputError("--chat-format is not valid JSON: pass a JSON object or the path of a chat_format.json.") from None
+                raise InputError(
+                    "--chat-format is not valid JSON: pass a JSON object or the path of a chat_format.json."
+                ) from None
         path = Path(text).expanduser()
         if path.is_dir():
             path = path / CHAT_FORMAT_JSON

@@ -23,12 +23,17 @@ log = logging.getLogger("botkit")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("botkit").setLevel(logging.INFO)
     # vLLM's own lines (backend = "vllm"): its warnings and errors, and with -v everything it says
-    logging.getLogger("botkit.vllm.server").setLevel(logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # its INFO lines carry request URLs, and Telegram's hold the token
+    logging.getLogger("botkit.vllm.server").setLevel(
+        logging.INFO if getattr(args, "verbose", False) else logging.WARNING
+    )
+    # its INFO lines carry request URLs, and Telegram's hold the token
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     # transformers' warnings speak to library authors (deprecations, a guessed loss type): errors only,
     # and no progress bars ("Loading weights" on every start), through their documented variables,
     # so that a command that fails early never pays for importing transformers.
@@ -44,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="botkit", description="Fine-tune a GPT-2 and serve it to Discord, Telegram and the web.")
+    parser = argparse.ArgumentParser(
+        prog="botkit", description="Fine-tune a GPT-2 and serve it to Discord, Telegram and the web."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="serve the bot (with no config: a local web playground on the demo model)")
@@ -63,9 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text, with gpt-2-simple's options")
     _model_args(gen)
-    gen.add_argument("--prefix", type=_unescape, default=None, help="text to continue (default: start from <|endoftext|>)")
-    gen.add_argument("--truncate", type=_unescape, default=None, help="end each sample before this string (a run trained on chats: its chat format's; '' = none)")
-    gen.add_argument("--include-prefix", action=argparse.BooleanOptionalAction, default=True, help="keep the prefix in the output")
+    gen.add_argument(
+        "--prefix", type=_unescape, default=None, help="text to continue (default: start from <|endoftext|>)"
+    )
+    gen.add_argument(
+        "--truncate",
+        type=_unescape,
+        default=None,
+        help="end each sample before this string (a run trained on chats: its chat format's; '' = none)",
+    )
+    gen.add_argument(
+        "--include-prefix", action=argparse.BooleanOptionalAction, default=True, help="keep the prefix in the output"
+    )
     gen.add_argument("--nsamples", type=int, default=1)
     gen.add_argument("--batch-size", type=int, default=1)
     gen.add_argument("--length", type=int, default=1023, help="new tokens per sample (may exceed the window)")
@@ -74,19 +90,50 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--unique", action="store_true", help="draw again a sample that copies the run's training text or the prefix")
-    gen.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this many tokens (0 = off)")
-    gen.add_argument("--min-p", type=float, default=0.0, help="drop tokens less likely than this share of the likeliest (0 = off; 0.05 is common)")
+    gen.add_argument(
+        "--unique", action="store_true", help="draw again a sample that copies the run's training text or the prefix"
+    )
+    gen.add_argument(
+        "--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this many tokens (0 = off)"
+    )
+    gen.add_argument(
+        "--min-p",
+        type=float,
+        default=0.0,
+        help="drop tokens less likely than this share of the likeliest (0 = off; 0.05 is common)",
+    )
     gen.add_argument("--typical-p", type=float, default=1.0, help="locally typical sampling's mass (1 = off)")
-    gen.add_argument("--presence-penalty", type=float, default=0.0, help="-2 to 2, OpenAI's: taken off tokens already in the sample")
-    gen.add_argument("--frequency-penalty", type=float, default=0.0, help="-2 to 2, OpenAI's: taken off a token per time it is in the sample")
-    gen.add_argument("--dry-multiplier", type=float, default=0.0, help="DRY against verbatim loops (0 = off; 0.8 is common)")
-    gen.add_argument("--dry-base", type=float, default=1.75, help="DRY: how fast its penalty grows with a repeat's length")
+    gen.add_argument(
+        "--presence-penalty", type=float, default=0.0, help="-2 to 2, OpenAI's: taken off tokens already in the sample"
+    )
+    gen.add_argument(
+        "--frequency-penalty",
+        type=float,
+        default=0.0,
+        help="-2 to 2, OpenAI's: taken off a token per time it is in the sample",
+    )
+    gen.add_argument(
+        "--dry-multiplier", type=float, default=0.0, help="DRY against verbatim loops (0 = off; 0.8 is common)"
+    )
+    gen.add_argument(
+        "--dry-base", type=float, default=1.75, help="DRY: how fast its penalty grows with a repeat's length"
+    )
     gen.add_argument("--dry-allowed-length", type=int, default=2, help="DRY: repeats of this many tokens are free")
-    gen.add_argument("--dry-sequence-breaker", dest="dry_sequence_breakers", type=_unescape, action="append", default=None,
-                     help="DRY: a repeat never runs across this string (repeat the flag; default: newline, colon, quote, asterisk)")
-    gen.add_argument("--min-tokens", type=int, default=EXPECT_TEXT_MIN_TOKENS,
-                     help="no end of text and no --truncate string before this many new tokens (default 1: no empty sample; 0 = off)")
+    gen.add_argument(
+        "--dry-sequence-breaker",
+        dest="dry_sequence_breakers",
+        type=_unescape,
+        action="append",
+        default=None,
+        help="DRY: a repeat never runs across this string (repeat the flag; default: newline, colon, quote, asterisk)",
+    )
+    gen.add_argument(
+        "--min-tokens",
+        type=int,
+        default=EXPECT_TEXT_MIN_TOKENS,
+        help="no end of text and no --truncate string before this many new tokens (default 1: no empty "
+        "sample; 0 = off)",
+    )
     gen.add_argument("--destination-path", default=None, help="write the samples to this file instead of printing them")
     gen.add_argument("--sample-delim", type=_unescape, default="=" * 20 + "\n")
     gen.set_defaults(func=_generate)
@@ -113,18 +160,35 @@ def _unescape(text: str) -> str:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="hub name, local folder, models/124M or checkpoint/run1 from gpt-2-simple (default: the bundled demo model)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="hub name, local folder, models/124M or checkpoint/run1 from "
+        "gpt-2-simple (default: the bundled demo model)",
+    )
     p.add_argument("--run-name", default=None, help="a run in --checkpoint-dir, from `botkit finetune`")
     p.add_argument("--checkpoint-dir", default="checkpoint")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16, or int8 (CPU only: int8 weights, faster on CPUs with AVX-512 VNNI)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16, float16, or int8 (CPU only: int8 weights, faster on CPUs with AVX-512 VNNI)",
+    )
 
 
 def _serve_model_args(p: argparse.ArgumentParser) -> None:
     """`botkit run` / `botkit chat` talk to a model without a config file; these override [model]."""
     p.add_argument("--model", default=None, help="hub name or local folder (overrides [model] source)")
-    p.add_argument("--run-name", default=None, help="a run in --checkpoint-dir, from `botkit finetune` (overrides [model] run_name)")
-    p.add_argument("--checkpoint-dir", default=None, help="where `botkit finetune` saved the run (overrides [model] checkpoint_dir)")
+    p.add_argument(
+        "--run-name",
+        default=None,
+        help="a run in --checkpoint-dir, from `botkit finetune` (overrides [model] run_name)",
+    )
+    p.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="where `botkit finetune` saved the run (overrides [model] checkpoint_dir)",
+    )
 
 
 def route_transformers_logs() -> None:
@@ -141,9 +205,19 @@ def _generate(args) -> None:
 
     # Options, the output folder and the model's path first: one sentence at once, not after loading.
     samplers = {name: getattr(args, name) for name in SAMPLERS if getattr(args, name) is not None}
-    check_sampling(length=args.length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   repetition_penalty=args.repetition_penalty, truncate=args.truncate, seed=args.seed, nsamples=args.nsamples,
-                   unique=args.unique, no_repeat_ngram_size=args.no_repeat_ngram_size, **samplers)
+    check_sampling(
+        length=args.length,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        truncate=args.truncate,
+        seed=args.seed,
+        nsamples=args.nsamples,
+        unique=args.unique,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        **samplers,
+    )
     check_destination(args.destination_path)
     source = resolve(args.model, args.run_name, args.checkpoint_dir)  # a bad path or no hub: one sentence, at once
     from botkit.engine.generate import generate
@@ -151,11 +225,25 @@ def _generate(args) -> None:
 
     lm = load_model(source, device=args.device, dtype=args.dtype)
     route_transformers_logs()
-    generate(lm, prefix=args.prefix, truncate=args.truncate, include_prefix=args.include_prefix, nsamples=args.nsamples,
-             batch_size=args.batch_size, length=args.length, temperature=args.temperature, top_k=args.top_k,
-             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, unique=args.unique,
-             no_repeat_ngram_size=args.no_repeat_ngram_size, destination_path=args.destination_path, sample_delim=args.sample_delim,
-             **samplers)
+    generate(
+        lm,
+        prefix=args.prefix,
+        truncate=args.truncate,
+        include_prefix=args.include_prefix,
+        nsamples=args.nsamples,
+        batch_size=args.batch_size,
+        length=args.length,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        unique=args.unique,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        destination_path=args.destination_path,
+        sample_delim=args.sample_delim,
+        **samplers,
+    )
 
 
 def _serve(args, console: bool, web: bool = True) -> None:
@@ -172,8 +260,11 @@ def _model_flags(config: Config, args) -> tuple[Config, dict[str, str]]:
     """`config` with --model / --run-name / --checkpoint-dir applied, and what errors call each value:
     the flag that set it, or its key in the config file."""
     if args.model is not None and args.run_name is not None:
-        raise BotkitError("Pass --model or --run-name, not both: --model names a model, --run-name a run of `botkit finetune`.")
-    keys = {"model": "source", "run_name": "run_name", "checkpoint_dir": "checkpoint_dir"}  # resolve()'s names -> [model] keys
+        raise BotkitError(
+            "Pass --model or --run-name, not both: --model names a model, --run-name a run of `botkit finetune`."
+        )
+    # resolve()'s names -> [model] keys
+    keys = {"model": "source", "run_name": "run_name", "checkpoint_dir": "checkpoint_dir"}
     names = {name: f"model.{key} in {args.config}" if args.config else CLI_NAMES[name] for name, key in keys.items()}
     for name, key in keys.items():
         value = getattr(args, name)
@@ -193,8 +284,9 @@ def _replace(config: Config, section: str, **changes) -> Config:
     return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changes)})
 
 
-async def serve(config: Config, console: bool = False, stop: asyncio.Event | None = None,
-                source_names: dict[str, str] | None = None) -> None:
+async def serve(
+    config: Config, console: bool = False, stop: asyncio.Event | None = None, source_names: dict[str, str] | None = None
+) -> None:
     """Run the core and every enabled adapter around one model until `stop` is set (by default: until
     SIGINT/SIGTERM) or the console chat ends. `source_names`: what model errors call [model]'s keys."""
     from botkit.chat.chats import Chats
@@ -204,9 +296,15 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
 
     # Secrets first: a missing token should fail before minutes of model loading.
     tokens = {
-        "web": secret(config.web.api_key_env, "The web API key ([web] api_key_env)") if config.web.api_key_env else None,
-        "discord": secret(config.discord.token_env, "Discord ([discord] token_env)") if config.discord.enabled else None,
-        "telegram": secret(config.telegram.token_env, "Telegram ([telegram] token_env)") if config.telegram.enabled else None,
+        "web": secret(config.web.api_key_env, "The web API key ([web] api_key_env)")
+        if config.web.api_key_env
+        else None,
+        "discord": secret(config.discord.token_env, "Discord ([discord] token_env)")
+        if config.discord.enabled
+        else None,
+        "telegram": secret(config.telegram.token_env, "Telegram ([telegram] token_env)")
+        if config.telegram.enabled
+        else None,
     }
     if config.web.enabled and config.web.port:
         _check_port_free(config.web.host, config.web.port)  # before the store: a failed start changes no records
@@ -214,7 +312,9 @@ async def serve(config: Config, console: bool = False, stop: asyncio.Event | Non
     if config.model.backend in ("local", "vllm"):
         from botkit.model.sources import resolve
 
-        source = resolve(config.model.source or None, config.model.run_name or None, config.model.checkpoint_dir, source_names)
+        source = resolve(
+            config.model.source or None, config.model.run_name or None, config.model.checkpoint_dir, source_names
+        )
     with ThreadPoolExecutor(1) as loader:  # a thread that exits: see backends.LocalBackend on OpenMP teams
         backend = await asyncio.get_running_loop().run_in_executor(loader, _make_backend, config, source)
     run_format = run_chat_format(backend)  # None: not a chat run
@@ -289,8 +389,10 @@ def _check_port_free(host: str, port: int) -> None:
         with socket.create_server((host.strip("[]"), port), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
             pass
     except OSError as exc:
-        raise BotkitError(f"The web adapter cannot listen on {host}:{port} ({exc.strerror}): stop the program using it "
-                          "(another botkit?), or set web.port (or --port) to a free port.") from None
+        raise BotkitError(
+            f"The web adapter cannot listen on {host}:{port} ({exc.strerror}): stop the program using it "
+            "(another botkit?), or set web.port (or --port) to a free port."
+        ) from None
 
 
 def _make_backend(config: Config, source):

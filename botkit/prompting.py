@@ -19,9 +19,16 @@ def check_template(template: str) -> None:
         raise InputError(f"The prompt template must be text of at most {MAX_TEMPLATE_CHARS} characters.")
     literal = template.split(PLACEHOLDER)
     if len(literal) != 2:
-        raise InputError("The prompt template must hold the placeholder {message} exactly once (for example Q: {message}\\nA:).")
-    if any(part.replace("{{", "").replace("}}", "").count("{") or part.replace("{{", "").replace("}}", "").count("}") for part in literal):
-        raise InputError("The prompt template may hold no placeholder but {message}: write {{ and }} for literal braces.")
+        raise InputError(
+            "The prompt template must hold the placeholder {message} exactly once (for example Q: {message}\\nA:)."
+        )
+    if any(
+        part.replace("{{", "").replace("}}", "").count("{") or part.replace("{{", "").replace("}}", "").count("}")
+        for part in literal
+    ):
+        raise InputError(
+            "The prompt template may hold no placeholder but {message}: write {{ and }} for literal braces."
+        )
 
 
 def fill_template(template: str, message: str) -> str:
@@ -48,8 +55,14 @@ def clean_message(text: str, max_chars: int) -> str:
     return text
 
 
-def build_prompt(template: str, message: str, history: list[tuple[str, str]], separator: str,
-                 budget_tokens: int, count_tokens: Callable[[str], int]) -> str:
+def build_prompt(
+    template: str,
+    message: str,
+    history: list[tuple[str, str]],
+    separator: str,
+    budget_tokens: int,
+    count_tokens: Callable[[str], int],
+) -> str:
     """`history` (oldest first) rendered with the template, then the new message; the oldest
     exchanges are dropped until the whole fits `budget_tokens` (the window minus the reply length)."""
     pieces = [fill_template(template, m) + reply + separator for m, reply in history]
@@ -68,8 +81,14 @@ def fit_newest(pieces: list[str], current: str, budget_tokens: int, count_tokens
     return "".join(pieces) + current
 
 
-def history_to_keep(template: str, message: str, history: list[tuple[str, str]], separator: str,
-                    budget_tokens: int, count_tokens: Callable[[str], int]) -> int:
+def history_to_keep(
+    template: str,
+    message: str,
+    history: list[tuple[str, str]],
+    separator: str,
+    budget_tokens: int,
+    count_tokens: Callable[[str], int],
+) -> int:
     """How many of the newest exchanges of `history` to keep (see newest_to_keep)."""
     sizes = [count_tokens(fill_template(template, m) + reply + separator) for m, reply in history]
     return newest_to_keep(sizes, count_tokens(fill_template(template, message)), budget_tokens)

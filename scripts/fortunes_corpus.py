@@ -3,7 +3,8 @@
 Usage: python scripts/fortunes_corpus.py [WORKDIR]   (default /tmp/botkit-demo; writes WORKDIR/fortunes.txt)
 
 Fetches the packages with `apt-get download fortunes fortunes-min` (no root needed; `fortunes-min`
-holds the fortunes, literature and riddles files) unless WORKDIR already holds them unpacked, keeps the categories below (no ethnic, men-women, politics, drugs, ascii-art, cookie) and
+holds the fortunes, literature and riddles files) unless WORKDIR already holds them unpacked, keeps the categories
+below (no ethnic, men-women, politics, drugs, ascii-art, cookie) and
 drops any fortune matching a word list, backspace-overstruck text, or lines wider than 100 columns.
 scripts/train_demo.sh trains on this file; benchmarks/int8.py measures held-out loss on its last 5 %.
 Licence: see /usr/share/doc/fortunes/copyright in the package (BSD for fortune-mod; the quotations are
@@ -17,8 +18,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-CATEGORIES = ["computers", "people", "science", "work", "wisdom", "humorists", "literature",
-              "fortunes", "linux", "education", "art", "riddles", "platitudes"]
+CATEGORIES = [
+    "computers",
+    "people",
+    "science",
+    "work",
+    "wisdom",
+    "humorists",
+    "literature",
+    "fortunes",
+    "linux",
+    "education",
+    "art",
+    "riddles",
+    "platitudes",
+]
 BLOCKED = re.compile(r"\b(fuck|shit|cunt|nigger|fag|rape|whore|bitch|slut|retard|nazi|hitler)", re.I)
 
 

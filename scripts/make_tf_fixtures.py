@@ -43,11 +43,26 @@ from build_gpt2_tokenizer import bytes_to_unicode  # this folder's; standard lib
 
 HPARAMS = {"n_vocab": 0, "n_ctx": 32, "n_embd": 16, "n_head": 2, "n_layer": 2}  # n_vocab set from the vocabulary
 TEXT = "Hello world, hello botkit! The world says hello."
-MERGES = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("Ġ", "w"), ("o", "r"), ("Ġw", "or"), ("l", "d"),
-          ("Ġwor", "ld"), ("Ġ", "h"), ("Ġ", "hello"), ("Ġ", "b"), ("o", "t"), ("Ġb", "ot")]
+MERGES = [
+    ("h", "e"),
+    ("l", "l"),
+    ("he", "ll"),
+    ("hell", "o"),
+    ("Ġ", "w"),
+    ("o", "r"),
+    ("Ġw", "or"),
+    ("l", "d"),
+    ("Ġwor", "ld"),
+    ("Ġ", "h"),
+    ("Ġ", "hello"),
+    ("Ġ", "b"),
+    ("o", "t"),
+    ("Ġb", "ot"),
+]
 
 
-# ---- OpenAI's encoder.py (byte-level BPE), condensed (bytes_to_unicode from build_gpt2_tokenizer.py) --------------------------------------------
+# ---- OpenAI's encoder.py (byte-level BPE), condensed (bytes_to_unicode from build_gpt2_tokenizer.py) -------------
+
 
 def bpe(token: str, ranks: dict) -> list[str]:
     word = list(token)
@@ -79,6 +94,7 @@ def encode(text: str, encoder: dict[str, int], merges: list[tuple[str, str]]) ->
 
 # ---- OpenAI's model.py (the graph), condensed; names and maths unchanged -------------------------
 
+
 def norm(x, scope, *, epsilon=1e-5):
     with tf.compat.v1.variable_scope(scope):
         n_state = x.shape[-1]
@@ -94,7 +110,10 @@ def conv1d(x, scope, nf):
         *start, nx = x.shape.as_list()
         w = tf.compat.v1.get_variable("w", [1, nx, nf], initializer=tf.compat.v1.random_normal_initializer(stddev=0.02))
         b = tf.compat.v1.get_variable("b", [nf], initializer=tf.compat.v1.constant_initializer(0))
-        return tf.reshape(tf.matmul(tf.reshape(x, [-1, nx]), tf.reshape(w, [-1, nf])) + b, [-1 if s is None else s for s in start] + [nf])
+        return tf.reshape(
+            tf.matmul(tf.reshape(x, [-1, nx]), tf.reshape(w, [-1, nf])) + b,
+            [-1 if s is None else s for s in start] + [nf],
+        )
 
 
 def attn(x, scope, n_state, n_head):
@@ -105,7 +124,8 @@ def attn(x, scope, n_state, n_head):
         q, k, v = map(split_heads, tf.split(conv1d(x, "c_attn", n_state * 3), 3, axis=2))
         w = tf.matmul(q, k, transpose_b=True) * tf.math.rsqrt(tf.cast(n_state // n_head, tf.float32))
         nd = tf.shape(w)[2]
-        b = tf.cast(tf.range(nd)[:, None] >= tf.range(nd), tf.float32)[None, None]  # causal: 1 on and below the diagonal
+        # causal: 1 on and below the diagonal
+        b = tf.cast(tf.range(nd)[:, None] >= tf.range(nd), tf.float32)[None, None]
         w = w * b - 1e10 * (1 - b)
         w = w - tf.reduce_max(w, axis=-1, keepdims=True)
         w = tf.exp(w) / tf.reduce_sum(tf.exp(w), axis=-1, keepdims=True)
@@ -119,8 +139,16 @@ def gelu(x):
 
 def model(hparams, X):
     with tf.compat.v1.variable_scope("model"):
-        wpe = tf.compat.v1.get_variable("wpe", [hparams["n_ctx"], hparams["n_embd"]], initializer=tf.compat.v1.random_normal_initializer(stddev=0.01))
-        wte = tf.compat.v1.get_variable("wte", [hparams["n_vocab"], hparams["n_embd"]], initializer=tf.compat.v1.random_normal_initializer(stddev=0.02))
+        wpe = tf.compat.v1.get_variable(
+            "wpe",
+            [hparams["n_ctx"], hparams["n_embd"]],
+            initializer=tf.compat.v1.random_normal_initializer(stddev=0.01),
+        )
+        wte = tf.compat.v1.get_variable(
+            "wte",
+            [hparams["n_vocab"], hparams["n_embd"]],
+            initializer=tf.compat.v1.random_normal_initializer(stddev=0.02),
+        )
         h = tf.gather(wte, X) + tf.gather(wpe, tf.range(tf.shape(X)[1]))[None]
         for layer in range(hparams["n_layer"]):
             with tf.compat.v1.variable_scope(f"h{layer}"):
@@ -140,7 +168,8 @@ def main(out: Path) -> None:
     vocab = byte_tokens + ["".join(m) for m in MERGES] + ["<|endoftext|>"]
     encoder = {token: i for i, token in enumerate(vocab)}
     hparams = {**HPARAMS, "n_vocab": len(encoder)}
-    ids = [encoder["<|endoftext|>"]] + encode(TEXT, encoder, MERGES)  # gpt-2-simple starts unconditional text at end-of-text
+    # gpt-2-simple starts unconditional text at end-of-text
+    ids = [encoder["<|endoftext|>"]] + encode(TEXT, encoder, MERGES)
 
     X = tf.compat.v1.placeholder(tf.int32, [1, None])
     logits = model(hparams, X)
@@ -160,7 +189,9 @@ def main(out: Path) -> None:
 
         openai = Path(tmp) / "models" / "tiny"
         openai.mkdir(parents=True)
-        tf.compat.v1.train.Saver(var_list=model_vars, save_relative_paths=True).save(sess, str(openai / "model.ckpt"), write_meta_graph=False)
+        tf.compat.v1.train.Saver(var_list=model_vars, save_relative_paths=True).save(
+            sess, str(openai / "model.ckpt"), write_meta_graph=False
+        )
         logits_openai = sess.run(logits, feed)
 
         run1 = Path(tmp) / "content" / "checkpoint" / "run1"  # absolute paths in `checkpoint`, as on Colab
@@ -174,7 +205,9 @@ def main(out: Path) -> None:
         for folder in (openai, run1):
             (folder / "hparams.json").write_text(json.dumps(hparams, indent=2))
             (folder / "encoder.json").write_text(json.dumps(encoder))
-            (folder / "vocab.bpe").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES), encoding="utf-8")
+            (folder / "vocab.bpe").write_text(
+                "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES), encoding="utf-8"
+            )
         out.mkdir(parents=True)
         shutil.copytree(openai, out / "openai")
         shutil.copytree(run1, out / "run1")
@@ -183,7 +216,9 @@ def main(out: Path) -> None:
     write_many(out / "many")
     np.save(out / "logits_openai.npy", logits_openai.astype(np.float32))
     np.save(out / "logits_run1.npy", logits_run1.astype(np.float32))
-    (out / "expected.json").write_text(json.dumps({"text": TEXT, "ids": ids, "tensorflow": tf.__version__}, indent=2) + "\n")
+    (out / "expected.json").write_text(
+        json.dumps({"text": TEXT, "ids": ids, "tensorflow": tf.__version__}, indent=2) + "\n"
+    )
     for path in sorted(out.rglob("*")):
         if path.is_file():
             print(f"{path.stat().st_size:8d}  {path.relative_to(out)}")
@@ -196,7 +231,9 @@ def write_other(folder: Path, hparams: dict) -> None:
             tf.compat.v1.get_variable("bias", [4], initializer=tf.compat.v1.constant_initializer(0.0))
         sess.run(tf.compat.v1.global_variables_initializer())
         folder.mkdir(parents=True)
-        tf.compat.v1.train.Saver(save_relative_paths=True).save(sess, str(folder.resolve() / "model.ckpt"), write_meta_graph=False)
+        tf.compat.v1.train.Saver(save_relative_paths=True).save(
+            sess, str(folder.resolve() / "model.ckpt"), write_meta_graph=False
+        )
     (folder / "hparams.json").write_text(json.dumps(hparams, indent=2))
 
 
@@ -207,7 +244,9 @@ def write_many(folder: Path) -> None:
             tf.compat.v1.get_variable(f"v{i:03d}", initializer=tf.constant([i, -i], dtype=dtypes[i % 3]))
         sess.run(tf.compat.v1.global_variables_initializer())
         folder.mkdir(parents=True)
-        tf.compat.v1.train.Saver(save_relative_paths=True).save(sess, str(folder.resolve() / "model.ckpt"), write_meta_graph=False)
+        tf.compat.v1.train.Saver(save_relative_paths=True).save(
+            sess, str(folder.resolve() / "model.ckpt"), write_meta_graph=False
+        )
 
 
 if __name__ == "__main__":

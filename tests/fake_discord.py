@@ -127,8 +127,16 @@ class FakeDiscord:
         """Wait until the client has identified `num_sessions` times and holds a live connection."""
         await self.wait_for(lambda: len(self.identifies) >= num_sessions and self._ws is not None, timeout_s)
 
-    def fail_next(self, method: str, path: str, status: int = 429, *, retry_after_s: float = 0.2, times: int = 1,
-                  after_effect: bool = False):
+    def fail_next(
+        self,
+        method: str,
+        path: str,
+        status: int = 429,
+        *,
+        retry_after_s: float = 0.2,
+        times: int = 1,
+        after_effect: bool = False,
+    ):
         """Answer the next `times` requests matching `method` and the regex `path` with an error;
         `after_effect`: only once the request took effect, as when Discord posted the message but a
         proxy answered 502."""
@@ -205,8 +213,13 @@ class FakeDiscord:
         }
         if channel_id == DM_CHANNEL_ID:  # a bot DM: no server, the user instead of a member
             del interaction["guild_id"], interaction["member"]
-            interaction.update(channel_id=str(DM_CHANNEL_ID), channel={"id": str(DM_CHANNEL_ID), "type": 1}, user=author,
-                               context=1, authorizing_integration_owners={"1": author["id"]})
+            interaction.update(
+                channel_id=str(DM_CHANNEL_ID),
+                channel={"id": str(DM_CHANNEL_ID), "type": 1},
+                user=author,
+                context=1,
+                authorizing_integration_owners={"1": author["id"]},
+            )
         await self.dispatch("INTERACTION_CREATE", interaction)
         return interaction
 

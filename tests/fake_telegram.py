@@ -26,9 +26,20 @@ from aiohttp import web
 # Parameters that are plain strings on the wire; every other value is JSON (numbers, objects, lists).
 _STRING_PARAMS = {"text", "action", "parse_mode", "url", "secret_token", "description", "caption"}
 _ENTITY = re.compile(r"(?<!\w)(/[A-Za-z0-9_]+(?:@\w+)?|@\w{3,})")
-_ADMIN_RIGHTS = ("can_be_edited", "is_anonymous", "can_manage_chat", "can_delete_messages", "can_manage_video_chats",
-                 "can_restrict_members", "can_promote_members", "can_change_info", "can_invite_users",
-                 "can_post_stories", "can_edit_stories", "can_delete_stories")
+_ADMIN_RIGHTS = (
+    "can_be_edited",
+    "is_anonymous",
+    "can_manage_chat",
+    "can_delete_messages",
+    "can_manage_video_chats",
+    "can_restrict_members",
+    "can_promote_members",
+    "can_change_info",
+    "can_invite_users",
+    "can_post_stories",
+    "can_edit_stories",
+    "can_delete_stories",
+)
 
 
 @dataclass
@@ -68,13 +79,21 @@ def _entities(text: str) -> list[dict]:
 class FakeTelegram:
     def __init__(self, *, bot_id: int = 1000, bot_username: str = "botkit_bot", token: str = "1000:TEST-TOKEN"):
         self.token = token
-        self.bot = {"id": bot_id, "is_bot": True, "first_name": "Botkit", "username": bot_username,
-                    "can_join_groups": True, "can_read_all_group_messages": False, "supports_inline_queries": False}
+        self.bot = {
+            "id": bot_id,
+            "is_bot": True,
+            "first_name": "Botkit",
+            "username": bot_username,
+            "can_join_groups": True,
+            "can_read_all_group_messages": False,
+            "supports_inline_queries": False,
+        }
         self.calls: list[Call] = []
         self.messages: dict[int, dict[int, dict]] = defaultdict(dict)  # chat id -> message id -> message
         self.admins: dict[int, set[int]] = defaultdict(set)  # chat id -> user ids
         self.commands: list[dict] = []
-        self.drafts: dict[int, list[tuple[int, str]]] = defaultdict(list)  # chat id -> (draft id, text) as shown, in order
+        # chat id -> (draft id, text) as shown, in order
+        self.drafts: dict[int, list[tuple[int, str]]] = defaultdict(list)
         self.webhook: dict = {}  # the last setWebhook parameters; empty when polling
         self._updates: list[dict] = []  # not yet confirmed by a getUpdates offset
         self._next_update_id = 1
@@ -108,17 +127,28 @@ class FakeTelegram:
 
     # ---- scripting -------------------------------------------------------------------------
 
-    def fail_next(self, method: str, status: int | str = 429, *, retry_after: int = 1, times: int = 1,
-                  after_effect: bool = False) -> None:
+    def fail_next(
+        self, method: str, status: int | str = 429, *, retry_after: int = 1, times: int = 1, after_effect: bool = False
+    ) -> None:
         """The next `times` calls of `method` fail: 429 with retry_after, another HTTP status, or "drop"
         (the connection is closed with no answer); `after_effect`: only once the call took effect, as
         when Telegram posted the message but the answer was lost on the way back."""
         for _ in range(times):
             self._faults[method.lower()].append(_Fault(status, retry_after, after_effect))
 
-    def push_message(self, chat_id: int, text: str, *, user_id: int = 42, first_name: str = "Alice",
-                     username: str = "alice", is_bot: bool = False, chat_type: str | None = None,
-                     reply_to: dict | None = None, sender_chat: dict | None = None) -> dict:
+    def push_message(
+        self,
+        chat_id: int,
+        text: str,
+        *,
+        user_id: int = 42,
+        first_name: str = "Alice",
+        username: str = "alice",
+        is_bot: bool = False,
+        chat_type: str | None = None,
+        reply_to: dict | None = None,
+        sender_chat: dict | None = None,
+    ) -> dict:
         """A user writes `text` in a chat; returns the message as the bot will receive it.
         Negative chat ids are supergroups, positive ones private chats (unless `chat_type` says)."""
         chat_type = chat_type or ("supergroup" if chat_id < 0 else "private")
@@ -128,7 +158,10 @@ class FakeTelegram:
         else:
             chat["title"] = f"chat {chat_id}"
         message = {
-            "message_id": self._new_message_id(chat_id), "date": int(time.time()), "chat": chat, "text": text,
+            "message_id": self._new_message_id(chat_id),
+            "date": int(time.time()),
+            "chat": chat,
+            "text": text,
             "from": {"id": user_id, "is_bot": is_bot, "first_name": first_name, "username": username},
         }
         if entities := _entities(text):
@@ -167,8 +200,9 @@ class FakeTelegram:
         """The messages the bot has in a chat, oldest first, as they read now (after edits)."""
         return [m for m in self.messages[chat_id].values() if m["from"]["id"] == self.bot["id"]]
 
-    async def wait_for(self, method: str, count: int = 1, *, timeout_s: float = 10.0, where=None,
-                       outcome: str | None = "ok") -> list[Call]:
+    async def wait_for(
+        self, method: str, count: int = 1, *, timeout_s: float = 10.0, where=None, outcome: str | None = "ok"
+    ) -> list[Call]:
         """Wait until `count` calls of `method` with `outcome` (and matching `where(params)`) have come."""
 
         def matching():
@@ -178,8 +212,10 @@ class FakeTelegram:
             try:
                 await asyncio.wait_for(self._changed.wait_for(lambda: len(matching()) >= count), timeout_s)
             except TimeoutError:
-                raise AssertionError(f"{len(matching())} of {count} {method} calls after {timeout_s} s; "
-                                     f"calls: {[(c.method, c.outcome) for c in self.calls]}") from None
+                raise AssertionError(
+                    f"{len(matching())} of {count} {method} calls after {timeout_s} s; "
+                    f"calls: {[(c.method, c.outcome) for c in self.calls]}"
+                ) from None
         return matching()
 
     # ---- the Bot API -----------------------------------------------------------------------
@@ -204,8 +240,11 @@ class FakeTelegram:
                 request.transport.close()  # the client sees the connection end with no answer
                 return web.Response()
             if fault.status == 429:
-                return self._error(429, f"Too Many Requests: retry after {fault.retry_after}",
-                                   parameters={"retry_after": fault.retry_after})
+                return self._error(
+                    429,
+                    f"Too Many Requests: retry after {fault.retry_after}",
+                    parameters={"retry_after": fault.retry_after},
+                )
             return self._error(fault.status, "Internal Server Error")
         handler = getattr(self, f"_api_{method.lower()}", None)
         if handler is None:
@@ -250,10 +289,13 @@ class FakeTelegram:
             raise _ApiError(400, "Bad Request: message text is empty")
         if _utf16_len(params["text"]) > 4096:
             raise _ApiError(400, "Bad Request: message is too long")
-        message = {"message_id": self._new_message_id(chat_id), "date": int(time.time()),
-                   "chat": {"id": chat_id, "type": "supergroup" if chat_id < 0 else "private"},
-                   "from": {k: self.bot[k] for k in ("id", "is_bot", "first_name", "username")},
-                   "text": params["text"]}
+        message = {
+            "message_id": self._new_message_id(chat_id),
+            "date": int(time.time()),
+            "chat": {"id": chat_id, "type": "supergroup" if chat_id < 0 else "private"},
+            "from": {k: self.bot[k] for k in ("id", "is_bot", "first_name", "username")},
+            "text": params["text"],
+        }
         reply_to = (params.get("reply_parameters") or {}).get("message_id") or params.get("reply_to_message_id")
         if reply_to is not None and int(reply_to) in self.messages[chat_id]:
             message["reply_to_message"] = self.messages[chat_id][int(reply_to)]

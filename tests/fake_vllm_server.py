@@ -48,7 +48,9 @@ def main() -> None:
         words = [" " + rng.choice(WORDS) for _ in range(body.get("max_tokens", 16))]
         if not body.get("stream"):
             logprobs = {"token_logprobs": [-1.0] * len(words)} if body.get("logprobs") is not None else None
-            return web.json_response({"choices": [{"index": 0, "text": "".join(words), "logprobs": logprobs, "finish_reason": "length"}]})
+            return web.json_response(
+                {"choices": [{"index": 0, "text": "".join(words), "logprobs": logprobs, "finish_reason": "length"}]}
+            )
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         die = os.environ.get("DIE_ONCE")
@@ -57,8 +59,12 @@ def main() -> None:
                 open(die, "w").close()
                 os._exit(1)
             last = i == len(words) - 1
-            choice = {"index": 0, "text": word, "finish_reason": "length" if last else None,
-                      "logprobs": {"token_logprobs": [-1.0]} if body.get("logprobs") is not None else None}
+            choice = {
+                "index": 0,
+                "text": word,
+                "finish_reason": "length" if last else None,
+                "logprobs": {"token_logprobs": [-1.0]} if body.get("logprobs") is not None else None,
+            }
             await response.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
             await asyncio.sleep(WORD_S)
         usage = {"prompt_tokens": 1, "completion_tokens": len(words)}

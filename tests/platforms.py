@@ -70,24 +70,40 @@ class DiscordDriver:
         channel_id = CHANNEL_ID if chat == GROUP else DM_CHANNEL_ID
         if kind == "command":
             return await self.fake.use_command("gen", {"prefix": text}, channel_id=channel_id)
-        reply_to = await self.fake.send_message("earlier", author=BOT, channel_id=channel_id) if kind == "reply" else None
+        reply_to = (
+            await self.fake.send_message("earlier", author=BOT, channel_id=channel_id) if kind == "reply" else None
+        )
         return await self.fake.send_message(
-            "" if kind == "empty mention" else f"!gen {text}" if kind == "prefix" else text, channel_id=channel_id,
-            author=OTHER_BOT if kind == "bot" else USERS[user], mention_bot=kind in ("mention", "empty mention", "bot"),
-            reply_to=reply_to)
+            "" if kind == "empty mention" else f"!gen {text}" if kind == "prefix" else text,
+            channel_id=channel_id,
+            author=OTHER_BOT if kind == "bot" else USERS[user],
+            mention_bot=kind in ("mention", "empty mention", "bot"),
+            reply_to=reply_to,
+        )
 
     async def command(self, chat: str, name: str, args: str = "", *, user: str = "alice", admin: bool = False) -> dict:
         """A slash command; `args` go to its first option (for /settings: "key value")."""
         channel_id = CHANNEL_ID if chat == GROUP else DM_CHANNEL_ID
         options = {"settings": ["key", "value"], "forget": ["scope"], "gen": ["prefix"]}.get(name, [])
         values = args.split(maxsplit=len(options) - 1) if options and args else []
-        return await self.fake.use_command(name, dict(zip(options, values, strict=False)), author=USERS[user],
-                                           channel_id=channel_id, permissions=MANAGE_GUILD if admin else MEMBER_PERMISSIONS)
+        return await self.fake.use_command(
+            name,
+            dict(zip(options, values, strict=False)),
+            author=USERS[user],
+            channel_id=channel_id,
+            permissions=MANAGE_GUILD if admin else MEMBER_PERMISSIONS,
+        )
 
     def updates(self) -> list[str]:
         """Every text the bot put on screen, in order: messages sent and edits."""
-        return [r.json["content"] for r in self.fake.requests
-                if r.method in ("POST", "PATCH") and "/messages" in r.path and isinstance(r.json, dict) and "content" in r.json]
+        return [
+            r.json["content"]
+            for r in self.fake.requests
+            if r.method in ("POST", "PATCH")
+            and "/messages" in r.path
+            and isinstance(r.json, dict)
+            and "content" in r.json
+        ]
 
     def showing(self, sent: dict) -> list[str]:
         """What the bot shows in answer to `sent` now."""
@@ -95,8 +111,16 @@ class DiscordDriver:
 
     def answers(self, sent: dict) -> list[str]:
         if "token" in sent:  # a slash command: its response and followups
-            return [m["content"] for m in self.fake.bot_messages() if m.get("interaction_token") == sent["token"] and m["content"]]
-        return [m["content"] for m in self.fake.bot_messages() if m.get("message_reference", {}).get("message_id") == sent["id"]]
+            return [
+                m["content"]
+                for m in self.fake.bot_messages()
+                if m.get("interaction_token") == sent["token"] and m["content"]
+            ]
+        return [
+            m["content"]
+            for m in self.fake.bot_messages()
+            if m.get("message_reference", {}).get("message_id") == sent["id"]
+        ]
 
 
 class TelegramDriver:
@@ -118,22 +142,42 @@ class TelegramDriver:
             return self.fake.push_message(chat_id, f"{bot} {text}", user_id=9, is_bot=True, username="otherbot")
         reply_to = None
         if kind == "reply":
-            reply_to = self.fake.push_message(chat_id, "earlier", user_id=self.fake.bot["id"], is_bot=True,
-                                              username=self.fake.bot["username"])
-        written = {"mention": f"{bot} {text}", "empty mention": bot, "prefix": f"!gen {text}", "command": f"/gen {text}"}
-        return self.fake.push_message(chat_id, written.get(kind, text), reply_to=reply_to, user_id=self.user_ids[user],
-                                      username=user, first_name=user.title())
+            reply_to = self.fake.push_message(
+                chat_id, "earlier", user_id=self.fake.bot["id"], is_bot=True, username=self.fake.bot["username"]
+            )
+        written = {
+            "mention": f"{bot} {text}",
+            "empty mention": bot,
+            "prefix": f"!gen {text}",
+            "command": f"/gen {text}",
+        }
+        return self.fake.push_message(
+            chat_id,
+            written.get(kind, text),
+            reply_to=reply_to,
+            user_id=self.user_ids[user],
+            username=user,
+            first_name=user.title(),
+        )
 
     async def command(self, chat: str, name: str, args: str = "", *, user: str = "alice", admin: bool = False) -> dict:
         if admin:
             self.fake.set_admin(self.chat_ids[chat], self.user_ids[user])
-        return self.fake.push_message(self.chat_ids[chat], f"/{name} {args}".strip(), user_id=self.user_ids[user],
-                                      username=user, first_name=user.title())
+        return self.fake.push_message(
+            self.chat_ids[chat],
+            f"/{name} {args}".strip(),
+            user_id=self.user_ids[user],
+            username=user,
+            first_name=user.title(),
+        )
 
     def updates(self) -> list[str]:
         """Every text the bot put on screen, in order: messages sent, edits and drafts."""
-        return [c.params.get("text", "") for c in self.fake.calls
-                if c.outcome == "ok" and c.method.lower() in ("sendmessage", "editmessagetext", "sendmessagedraft")]
+        return [
+            c.params.get("text", "")
+            for c in self.fake.calls
+            if c.outcome == "ok" and c.method.lower() in ("sendmessage", "editmessagetext", "sendmessagedraft")
+        ]
 
     def showing(self, sent: dict) -> list[str]:
         """What the bot shows in answer to `sent` now: its messages, else (a private chat) its draft."""
@@ -141,8 +185,11 @@ class TelegramDriver:
         return self.answers(sent) or [drafts[-1][1]] if drafts else self.answers(sent)
 
     def answers(self, sent: dict) -> list[str]:
-        return [m["text"] for m in self.fake.sent(sent["chat"]["id"])
-                if m.get("reply_to_message", {}).get("message_id") == sent["message_id"]]
+        return [
+            m["text"]
+            for m in self.fake.sent(sent["chat"]["id"])
+            if m.get("reply_to_message", {}).get("message_id") == sent["message_id"]
+        ]
 
 
 class ConsoleDriver:
@@ -157,9 +204,13 @@ class ConsoleDriver:
     async def send(self, chat: str, kind: str, text: str) -> list[str]:
         start = len(self.out.getvalue())
         await self.console.handle_line({"prefix": f"!gen {text}", "command": f"/gen {text}"}.get(kind, text))
-        return [line.removeprefix("bot> ") for line in self.out.getvalue()[start:].splitlines() if line.startswith("bot> ")]
+        return [
+            line.removeprefix("bot> ") for line in self.out.getvalue()[start:].splitlines() if line.startswith("bot> ")
+        ]
 
-    async def command(self, chat: str, name: str, args: str = "", *, user: str = "alice", admin: bool = False) -> list[str]:
+    async def command(
+        self, chat: str, name: str, args: str = "", *, user: str = "alice", admin: bool = False
+    ) -> list[str]:
         return await self.send(chat, "plain", f"/{name} {args}".strip())
 
     def answers(self, sent: list[str]) -> list[str]:
@@ -183,8 +234,9 @@ async def fake_server(name: str, monkeypatch):
 
 
 @contextlib.asynccontextmanager
-async def platform(name: str, tmp_path, monkeypatch, backend, config: Config, *, fake=None, chance=lambda: 0.5,
-                   **adapter_config):
+async def platform(
+    name: str, tmp_path, monkeypatch, backend, config: Config, *, fake=None, chance=lambda: 0.5, **adapter_config
+):
     """The core on SQLite in tmp_path with platform `name`'s adapter connected to `fake` (a new one by
     default); yields its driver, whose `core` and `store` are the bot's."""
     async with contextlib.AsyncExitStack() as stack:
@@ -193,18 +245,35 @@ async def platform(name: str, tmp_path, monkeypatch, backend, config: Config, *,
         await stack.enter_async_context(backend)
         core = await stack.enter_async_context(Core(backend, store, config))
         if name == "discord":
-            settings = dict(enabled=True, typing_interval_s=0.2, queue_notice_s=30.0, connect_timeout_s=5.0) | adapter_config
+            settings = (
+                dict(enabled=True, typing_interval_s=0.2, queue_notice_s=30.0, connect_timeout_s=5.0) | adapter_config
+            )
             sessions = len(fake.identifies)
-            adapter = await stack.enter_async_context(DiscordAdapter(Chats(core, store, core.config), DiscordConfig(**settings), fake.token, chance=chance))
+            adapter = await stack.enter_async_context(
+                DiscordAdapter(Chats(core, store, core.config), DiscordConfig(**settings), fake.token, chance=chance)
+            )
             await fake.wait_connected(num_sessions=sessions + 1)
             driver = DiscordDriver(fake)
         elif name == "telegram":
-            settings = dict(enabled=True, base_url=fake.url, chat_send_interval_s=0.0, typing_interval_s=0.2,
-                            queue_notice_s=30.0, request_timeout_s=2.0) | adapter_config
-            adapter = await stack.enter_async_context(TelegramAdapter(Chats(core, store, core.config), TelegramConfig(**settings), fake.token, chance=chance))
+            settings = (
+                dict(
+                    enabled=True,
+                    base_url=fake.url,
+                    chat_send_interval_s=0.0,
+                    typing_interval_s=0.2,
+                    queue_notice_s=30.0,
+                    request_timeout_s=2.0,
+                )
+                | adapter_config
+            )
+            adapter = await stack.enter_async_context(
+                TelegramAdapter(Chats(core, store, core.config), TelegramConfig(**settings), fake.token, chance=chance)
+            )
             driver = TelegramDriver(fake)
         else:
-            adapter = await stack.enter_async_context(ConsoleAdapter(Chats(core, store, core.config), config.console, stdin=io.StringIO(""), stdout=fake))
+            adapter = await stack.enter_async_context(
+                ConsoleAdapter(Chats(core, store, core.config), config.console, stdin=io.StringIO(""), stdout=fake)
+            )
             adapter.conversation.chance = chance
             driver = ConsoleDriver(adapter, fake)
         driver.core, driver.store, driver.adapter = core, store, adapter

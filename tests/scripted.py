@@ -33,7 +33,9 @@ class ScriptedBackend:
             for word in re.findall(r"\s*\S+", text):
                 job.on_text(word)
                 await asyncio.sleep(0)  # the event loop runs between pieces, as between the engine's steps
-        return Completion(text=text, finish_reason="stop", num_prompt_tokens=len(job.prompt.split()), num_tokens=len(text.split()))
+        return Completion(
+            text=text, finish_reason="stop", num_prompt_tokens=len(job.prompt.split()), num_tokens=len(text.split())
+        )
 
     async def __aenter__(self):
         return self
@@ -60,9 +62,24 @@ def tiny_run(tmp_path, dataset, **kwargs):
     """`botkit.finetune` of a tiny new model with a small trained tokenizer: each step takes milliseconds."""
     from botkit.train.finetune import finetune
 
-    args = dict(model="scratch", train_tokenizer=True, vocab_size=300, n_layer=2, n_embd=32, n_head=2, n_ctx=32,
-                steps=6, batch_size=4, learning_rate=3e-3, sample_every=0, save_every=100, progress=False,
-                checkpoint_dir=str(tmp_path / "checkpoint"), sample_dir=str(tmp_path / "samples"), device="cpu")
+    args = dict(
+        model="scratch",
+        train_tokenizer=True,
+        vocab_size=300,
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        n_ctx=32,
+        steps=6,
+        batch_size=4,
+        learning_rate=3e-3,
+        sample_every=0,
+        save_every=100,
+        progress=False,
+        checkpoint_dir=str(tmp_path / "checkpoint"),
+        sample_dir=str(tmp_path / "samples"),
+        device="cpu",
+    )
     return finetune(str(dataset), **{**args, **kwargs})
 
 
@@ -117,7 +134,9 @@ class SteppedBackend:
             raise GenerationError(self.reply[1:])
         if any(kind == "draft" for kind, _ in self.script):  # a judged reply comes whole, at the end
             job.on_text(self.reply)
-        return Completion(text=self.reply, finish_reason="stop", num_prompt_tokens=1, num_tokens=len(self.reply.split()))
+        return Completion(
+            text=self.reply, finish_reason="stop", num_prompt_tokens=1, num_tokens=len(self.reply.split())
+        )
 
     async def __aenter__(self):
         return self

@@ -32,22 +32,24 @@ COLUMNS = {  # column -> (trigger, random_reply_chance); every draw is 0.5
 # "reply": a reply generated from the message's text; "off": the sentence saying the bot is off here;
 # "empty": the sentence saying the message is empty; None: silence.
 TABLE = {  #                      always   mention  m+random  command  c+random  never
-    (GROUP, "plain"):           ("reply", None,    "reply",  None,    None,     None),
-    (GROUP, "mention"):         ("reply", "reply", "reply",  None,    None,     None),
-    (GROUP, "reply"):           ("reply", "reply", "reply",  None,    None,     None),
-    (GROUP, "prefix"):          ("reply", "reply", "reply",  "reply", "reply",  None),
-    (GROUP, "command"):         ("reply", "reply", "reply",  "reply", "reply",  "off"),
-    (GROUP, "empty mention"):   ("empty", "empty", "empty",  None,    None,     None),
-    (GROUP, "bot"):             (None,    None,    None,     None,    None,     None),
-    (PRIVATE, "plain"):         ("reply", "reply", "reply",  None,    None,     None),
-    (PRIVATE, "mention"):       ("reply", "reply", "reply",  None,    None,     None),
-    (PRIVATE, "prefix"):        ("reply", "reply", "reply",  "reply", "reply",  None),
-    (PRIVATE, "command"):       ("reply", "reply", "reply",  "reply", "reply",  "off"),
+    (GROUP, "plain"): ("reply", None, "reply", None, None, None),
+    (GROUP, "mention"): ("reply", "reply", "reply", None, None, None),
+    (GROUP, "reply"): ("reply", "reply", "reply", None, None, None),
+    (GROUP, "prefix"): ("reply", "reply", "reply", "reply", "reply", None),
+    (GROUP, "command"): ("reply", "reply", "reply", "reply", "reply", "off"),
+    (GROUP, "empty mention"): ("empty", "empty", "empty", None, None, None),
+    (GROUP, "bot"): (None, None, None, None, None, None),
+    (PRIVATE, "plain"): ("reply", "reply", "reply", None, None, None),
+    (PRIVATE, "mention"): ("reply", "reply", "reply", None, None, None),
+    (PRIVATE, "prefix"): ("reply", "reply", "reply", "reply", "reply", None),
+    (PRIVATE, "command"): ("reply", "reply", "reply", "reply", "reply", "off"),
 }
 
 
-STREAM_FAST = {"discord": dict(stream_interval_s=0.01),
-               "telegram": dict(stream_interval_s=0.01, group_stream_interval_s=0.01)}
+STREAM_FAST = {
+    "discord": dict(stream_interval_s=0.01),
+    "telegram": dict(stream_interval_s=0.01, group_stream_interval_s=0.01),
+}
 
 
 def text_of(chat: str, kind: str) -> str:
@@ -65,10 +67,14 @@ async def test_behaviour_table(tmp_path, monkeypatch, name, column):
     async with platform(name, tmp_path, monkeypatch, backend, config, **STREAM_FAST.get(name, {})) as bot:
         cells = {key: row[index] for key, row in TABLE.items() if key[0] in bot.chats and key[1] in bot.kinds}
         sent = {key: await bot.send(*key, text_of(*key)) for key in cells}
-        expected = {key: {"reply": [f"re: {text_of(*key)}"], "off": [SWITCHED_OFF], "empty": [EMPTY], None: []}[cell]
-                    for key, cell in cells.items()}
+        expected = {
+            key: {"reply": [f"re: {text_of(*key)}"], "off": [SWITCHED_OFF], "empty": [EMPTY], None: []}[cell]
+            for key, cell in cells.items()
+        }
         with contextlib.suppress(AssertionError):  # a missing answer shows in the comparison below
-            await until(lambda: all(len(bot.answers(sent[key])) >= len(answers) for key, answers in expected.items()), 5.0)
+            await until(
+                lambda: all(len(bot.answers(sent[key])) >= len(answers) for key, answers in expected.items()), 5.0
+            )
         await bot.adapter.conversation.idle()  # every message's handler has ended: no answer is still to come
         assert {key: bot.answers(message) for key, message in sent.items()} == expected
     assert sorted(backend.prompts) == sorted(f"{text_of(*key)}\n" for key, cell in cells.items() if cell == "reply")

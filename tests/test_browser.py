@@ -22,7 +22,9 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
 if not (CHROMIUM and CHROMEDRIVER):
-    pytest.skip("Chromium is absent: apt-get install chromium chromium-driver (as .ci/run does)", allow_module_level=True)
+    pytest.skip(
+        "Chromium is absent: apt-get install chromium chromium-driver (as .ci/run does)", allow_module_level=True
+    )
 
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions  # noqa: E402
@@ -32,9 +34,18 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 def open_chromium(profile_dir: str):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={profile_dir}", "--window-size=1280,900"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile_dir}",
+        "--window-size=1280,900",
+    ):
         options.add_argument(flag)
     # An explicit driver path: selenium-manager never runs, so nothing is downloaded.
     return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
@@ -81,17 +92,22 @@ def use_playground(browser, url: str, api_key: str | None = None) -> dict:
 @contextlib.asynccontextmanager
 async def serving(tmp_path, lm, api_key=None):
     config = Config(limits=LimitsConfig(user_per_minute=0, chat_per_minute=0))
-    async with Store.open(tmp_path / "bot.db") as store, LocalBackend(lm, max_batch_size=4) as backend, \
-            Core(backend, store, config) as core, WebAdapter(core, WebConfig(port=0), api_key) as web:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        LocalBackend(lm, max_batch_size=4) as backend,
+        Core(backend, store, config) as core,
+        WebAdapter(core, WebConfig(port=0), api_key) as web,
+    ):
         yield core, web
 
 
 async def check_playground(browser, core, url, api_key=None):
-    seen = await asyncio.wait_for(asyncio.to_thread(use_playground, browser, url, api_key), 90)  # the loop keeps serving
+    # the loop keeps serving
+    seen = await asyncio.wait_for(asyncio.to_thread(use_playground, browser, url, api_key), 90)
     replies = [r["reply"] for r in await core.recent()]
     assert seen["error"] == ""
     assert len(seen["samples"]) == 3 and all(s.startswith("Once upon a time") for s in seen["samples"])
-    generated = sorted(s[len("Once upon a time"):] for s in seen["samples"])
+    generated = sorted(s[len("Once upon a time") :] for s in seen["samples"])
     assert generated == sorted(replies) and all(generated)  # what the page shows is what the store holds
     assert sorted(seen["recent"]) == sorted(replies)
     assert "3 done" in seen["stats"]

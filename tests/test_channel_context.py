@@ -19,8 +19,9 @@ def words(text: str) -> int:
 def test_a_prompt_reads_like_the_chat_and_ends_with_the_bots_turn():
     history = [("alice", "hi all", None), ("bob", "@bot tell a joke", " Why did the chicken…"), ("carol", "lol", None)]
     prompt = build_channel_prompt(FORMAT, history, "alice", "another one", "botkit", 1000, words)
-    assert prompt == ("alice: hi all\nbob: @bot tell a joke\nbotkit: Why did the chicken…\ncarol: lol\n"
-                      "alice: another one\nbotkit:")
+    assert prompt == (
+        "alice: hi all\nbob: @bot tell a joke\nbotkit: Why did the chicken…\ncarol: lol\nalice: another one\nbotkit:"
+    )
 
 
 def test_names_and_texts_cannot_inject_lines_or_placeholders():
@@ -32,16 +33,29 @@ def test_names_and_texts_cannot_inject_lines_or_placeholders():
 
 def test_the_chat_setting_is_one_line_of_the_chat_format():
     old_spelling = ChatFormat.from_line("{author}: {message}\n")
-    assert old_spelling == ChatFormat(speaker="{name}: {message}", separator="\n") and old_spelling.as_line() == "{name}: {message}\n"
-    for bad in ("{name}: {message}", "{message} said {name}\n", "{name}: {message} {other}\n", "{name}\n", "x" * 300 + "\n"):
+    assert (
+        old_spelling == ChatFormat(speaker="{name}: {message}", separator="\n")
+        and old_spelling.as_line() == "{name}: {message}\n"
+    )
+    for bad in (
+        "{name}: {message}",
+        "{message} said {name}\n",
+        "{name}: {message} {other}\n",
+        "{name}\n",
+        "x" * 300 + "\n",
+    ):
         with pytest.raises(InputError):
             ChatFormat.from_line(bad)
 
 
 @settings(max_examples=200, deadline=None)
-@given(history=st.lists(st.tuples(st.text("ab ", max_size=12), st.text("xy \n", max_size=30),
-                                  st.none() | st.text("z ", max_size=20)), max_size=12),
-       budget=st.integers(0, 60))
+@given(
+    history=st.lists(
+        st.tuples(st.text("ab ", max_size=12), st.text("xy \n", max_size=30), st.none() | st.text("z ", max_size=20)),
+        max_size=12,
+    ),
+    budget=st.integers(0, 60),
+)
 def test_the_oldest_whole_lines_go_first_until_the_prompt_fits(history, budget):
     prompt = build_channel_prompt(FORMAT, history, "me", "now", "bot", budget, words)
     lines = []  # one per message, and one per reply of the bot

@@ -23,8 +23,12 @@ KEY = "test-key-for-the-chat-route"
 @contextlib.asynccontextmanager
 async def serving(tmp_path, lm, chat_format=None):
     config = Config(limits=LimitsConfig(user_per_minute=0, chat_per_minute=0))
-    async with Store.open(tmp_path / "bot.db") as store, LocalBackend(lm, max_batch_size=4) as backend, \
-            Core(backend, store, config) as core, WebAdapter(core, WebConfig(port=0), KEY, chat_format) as web:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        LocalBackend(lm, max_batch_size=4) as backend,
+        Core(backend, store, config) as core,
+        WebAdapter(core, WebConfig(port=0), KEY, chat_format) as web,
+    ):
         async with openai.AsyncOpenAI(base_url=web.url + "v1", api_key=KEY, max_retries=0) as client:
             yield client
 
@@ -43,19 +47,34 @@ CONVERSATION = [
 
 async def test_a_conversation_is_rendered_in_the_runs_format_with_its_speakers(tmp_path, tiny_lm):
     async with serving(tmp_path, tiny_lm) as client:
-        result = await client.chat.completions.create(model="any", messages=CONVERSATION, max_tokens=6, n=2, seed=3,
-                                                      temperature=0.9, top_p=0.95, stop=["zzz"], extra_body={"top_k": 40})
+        result = await client.chat.completions.create(
+            model="any",
+            messages=CONVERSATION,
+            max_tokens=6,
+            n=2,
+            seed=3,
+            temperature=0.9,
+            top_p=0.95,
+            stop=["zzz"],
+            extra_body={"top_k": 40},
+        )
     assert result.object == "chat.completion" and len(result.choices) == 2
     assert all(c.message.role == "assistant" and isinstance(c.message.content, str) for c in result.choices)
     prompt = "Anna: who is in for the ridge walk?<br>saturday, 7am\nRidgeBot: count me in\nBen: me too\nRidgeBot:"
     assert prompts(tmp_path) == [prompt] * 2
-    assert result.usage.prompt_tokens == 2 * len(tiny_lm.tokenizer.encode(prompt)) and 2 <= result.usage.completion_tokens <= 12
+    assert (
+        result.usage.prompt_tokens == 2 * len(tiny_lm.tokenizer.encode(prompt))
+        and 2 <= result.usage.completion_tokens <= 12
+    )
 
 
 async def test_a_plain_run_gets_the_documented_default_names(tmp_path, tiny_lm):
     async with serving(tmp_path, tiny_lm) as client:
-        await client.chat.completions.create(model="any", max_tokens=2, messages=[
-            {"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}])
+        await client.chat.completions.create(
+            model="any",
+            max_tokens=2,
+            messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}],
+        )
     assert prompts(tmp_path) == ["System: be brief\nUser: hello\nAssistant:"]
 
 
@@ -63,14 +82,22 @@ async def test_a_chat_run_speaks_its_own_format(tmp_path, tiny_lm):
     fmt = ChatFormat(speaker="<{name}> {message}", line_break=" / ")
     async with serving(tmp_path, tiny_lm, fmt) as client:
         await client.chat.completions.create(model="any", messages=CONVERSATION, max_tokens=2)
-    assert prompts(tmp_path) == ["<Anna> who is in for the ridge walk? / saturday, 7am\n<RidgeBot> count me in\n<Ben> me too\n<RidgeBot>"]
+    assert prompts(tmp_path) == [
+        "<Anna> who is in for the ridge walk? / saturday, 7am\n<RidgeBot> count me in\n<Ben> me too\n<RidgeBot>"
+    ]
 
 
 async def test_streaming_gives_the_same_reply_as_a_plain_request(tmp_path, tiny_lm):
     async with serving(tmp_path, tiny_lm, ChatFormat(truncate="")) as client:
         plain = await client.chat.completions.create(model="any", messages=CONVERSATION, max_tokens=12, temperature=0)
-        stream = await client.chat.completions.create(model="any", messages=CONVERSATION, max_tokens=12, temperature=0,
-                                                      stream=True, stream_options={"include_usage": True})
+        stream = await client.chat.completions.create(
+            model="any",
+            messages=CONVERSATION,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         chunks = [chunk async for chunk in stream]
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == plain.choices[0].message.content and len(text) > 0
@@ -87,12 +114,18 @@ async def test_a_long_conversation_is_trimmed_oldest_first_to_the_window(tmp_pat
     assert "message number 0 " not in prompt and prompt.endswith("message number 39 " + "walk " * 40 + "\nAssistant:")
 
 
-@pytest.mark.parametrize(("messages", "says"), [
-    ([{"role": "robot", "content": "hi"}], "role is one of"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "images and audio are not supported"),
-    ([], "non-empty list"),
-    ([{"role": "user", "content": "word " * 3000}], "longer than the model's window"),
-])
+@pytest.mark.parametrize(
+    ("messages", "says"),
+    [
+        ([{"role": "robot", "content": "hi"}], "role is one of"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+            "images and audio are not supported",
+        ),
+        ([], "non-empty list"),
+        ([{"role": "user", "content": "word " * 3000}], "longer than the model's window"),
+    ],
+)
 async def test_bad_requests_are_one_sentence(tmp_path, tiny_lm, messages, says):
     async with serving(tmp_path, tiny_lm) as client:
         with pytest.raises(openai.BadRequestError) as refused:
@@ -126,19 +159,28 @@ async def test_the_playground_says_why_a_sample_stopped_at_once(tmp_path, tiny_l
     import aiohttp
 
     config = Config(limits=LimitsConfig(user_per_minute=0, chat_per_minute=0))
-    async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, max_batch_size=4) as backend, \
-            Core(backend, store, config) as core, WebAdapter(core, WebConfig(port=0)) as web, \
-            aiohttp.ClientSession(base_url=web.url) as http:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        LocalBackend(tiny_lm, max_batch_size=4) as backend,
+        Core(backend, store, config) as core,
+        WebAdapter(core, WebConfig(port=0)) as web,
+        aiohttp.ClientSession(base_url=web.url) as http,
+    ):
+
         async def done(**fields):
             body = {"prefix": "The cat", "length": 3, "temperature": 0, **fields}
             async with http.post("/api/generate", json=body) as response:
-                events = [json.loads(line[6:]) for line in (await response.text()).split("\n\n") if line.startswith("data: ")]
+                events = [
+                    json.loads(line[6:]) for line in (await response.text()).split("\n\n") if line.startswith("data: ")
+                ]
             return next(e for e in events if e["type"] == "done")
 
         first = (await done(truncate="", length=1))["text"]  # greedy: the token this model always writes first
         stopped = await done(truncate=first, min_tokens=0)
         assert first and stopped["text"] == "" and stopped["num_tokens"] >= 1
-        assert stopped["note"].startswith(f"The sample stopped at once: the model's first token was the truncate text {first!r}")
+        assert stopped["note"].startswith(
+            f"The sample stopped at once: the model's first token was the truncate text {first!r}"
+        )
         by_default = await done(truncate=first)  # min_tokens 1: the first token may not end it
         assert by_default["text"] and not by_default["text"].startswith(first) and by_default["note"] == ""
 
@@ -150,7 +192,9 @@ def test_where_a_person_expects_text_a_sample_gets_min_tokens():
 
     assert parse_playground({"prefix": "x"}, max_n=1).params.min_tokens == 1
     assert ChatSettings().sampling().min_tokens == 1
-    assert parse_completion({"prompt": "x"}, max_n=1).params.min_tokens == 0  # the completions API keeps OpenAI's and vLLM's default
+    # the completions API keeps OpenAI's and vLLM's default
+    assert parse_completion({"prompt": "x"}, max_n=1).params.min_tokens == 0
     messages = [{"role": "user", "content": "hi"}]
-    assert parse_chat({"messages": messages}, max_n=1, default_stop=("\n",))[1].params.min_tokens == 1  # a person reads a chat reply
+    # a person reads a chat reply
+    assert parse_chat({"messages": messages}, max_n=1, default_stop=("\n",))[1].params.min_tokens == 1
     assert parse_chat({"messages": messages, "min_tokens": 0}, max_n=1, default_stop=())[1].params.min_tokens == 0

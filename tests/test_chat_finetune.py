@@ -41,7 +41,16 @@ def test_a_chat_run_records_its_format_and_generate_speaks_it(tmp_path, communit
     lm = load_model(run_name="chat", checkpoint_dir=tmp_path / "checkpoint", device="cpu")
     assert lm.chat_format == fmt and lm.path == result.run_dir
     prompt = fmt.prompt([("Alice", "who is up for pizza tonight?")], "Carol")
-    kwargs = dict(prefix=prompt, nsamples=6, batch_size=6, length=24, temperature=1.0, seed=1, include_prefix=False, return_as_list=True)
+    kwargs = dict(
+        prefix=prompt,
+        nsamples=6,
+        batch_size=6,
+        length=24,
+        temperature=1.0,
+        seed=1,
+        include_prefix=False,
+        return_as_list=True,
+    )
     whole = generate(lm, truncate="", **kwargs)
     assert any("\n" in text for text in whole)  # untruncated, the model writes further turns
     replies = generate(lm, **kwargs)  # the run's format: one message each
@@ -67,8 +76,10 @@ def test_plain_text_runs_have_no_chat_format_and_keep_gpt2_simple_defaults(tmp_p
     result = tiny(tmp_path, dataset, run_name="plain", steps=2)
     assert result.lm.chat_format is None and not (result.run_dir / CHAT_FORMAT_JSON).exists()
     index = CopyIndex.load(result.run_dir)
-    assert index.texts.covered("the QUICK brown fox number 7  jumps over the lazy dog.") == 1.0  # each line is a training text
-    assert index.texts.covered("the quick brown fox number 61 jumps over the lazy dog.") == 0.0  # at most 6 of 12 words in a row
+    # each line is a training text
+    assert index.texts.covered("the QUICK brown fox number 7  jumps over the lazy dog.") == 1.0
+    # at most 6 of 12 words in a row
+    assert index.texts.covered("the quick brown fox number 61 jumps over the lazy dog.") == 0.0
     assert index.texts.covered("Fox number 7 jumps over the lazy dog") > 0  # 8 of 12: more than half
     lm = load_model(run_name="plain", checkpoint_dir=tmp_path / "checkpoint", device="cpu")
     assert lm.chat_format is None
@@ -92,7 +103,10 @@ def test_cli_trains_on_an_export_and_encodes_with_options(tmp_path, community, c
 
     shutil.copy(FIXTURES / "discord_general.csv", community / "general.csv")
     out = tmp_path / "c.npz"
-    assert main(["encode", str(community), "--out", str(out), "--exclude-speakers", "MEE6", "--conversation-gap-s", "60"]) == 0
+    assert (
+        main(["encode", str(community), "--out", str(out), "--exclude-speakers", "MEE6", "--conversation-gap-s", "60"])
+        == 0
+    )
     assert "(chat conversations)" in capsys.readouterr().out
     from botkit.train.encoding import load_tokens
 

@@ -15,7 +15,8 @@ CONVERSATION = [("alice", "anyone up?"), ("bob", "always")]
 def test_render_and_prompt_share_one_layout():
     fmt = ChatFormat()
     assert fmt.render(CONVERSATION) == "alice: anyone up?\nbob: always\n<|endoftext|>"
-    assert fmt.prompt(CONVERSATION, "gptbot") == "alice: anyone up?\nbob: always\ngptbot:"  # ends at the colon: " word" tokens carry their space
+    # ends at the colon: " word" tokens carry their space
+    assert fmt.prompt(CONVERSATION, "gptbot") == "alice: anyone up?\nbob: always\ngptbot:"
     custom = ChatFormat(speaker="<{name}> {message} ~", separator="\n\n", truncate=" ~", end="")
     assert custom.render(CONVERSATION) == "<alice> anyone up? ~\n\n<bob> always ~\n\n"
     assert custom.prompt(CONVERSATION[:1], "gptbot") == "<alice> anyone up? ~\n\n<gptbot>"
@@ -26,7 +27,11 @@ def test_placeholders_in_messages_and_names_stay_text():
     # str.format would pad this to 20,000,000 characters
     fmt = ChatFormat()
     text = fmt.render([("{message:>20000000}", "{name} {message:>20000000} {0} {message.__class__}")])
-    assert text == "{message:>20000000}".replace("{", " ").replace("}", " ").strip() + ": {name} {message:>20000000} {0} {message.__class__}\n<|endoftext|>"
+    assert (
+        text
+        == "{message:>20000000}".replace("{", " ").replace("}", " ").strip()
+        + ": {name} {message:>20000000} {0} {message.__class__}\n<|endoftext|>"
+    )
     assert len(text) < 200
 
 
@@ -55,18 +60,21 @@ def test_chat_settings_make_todays_template_speak_the_format():
     assert settings.truncate == "\n"
 
 
-@pytest.mark.parametrize(("fields", "says"), [
-    ({"speaker": "{name}: no message"}, "{message} once"),
-    ({"speaker": "{message} {message}"}, "{message} once"),
-    ({"speaker": "{name} {name}: {message}"}, "{name} at most once"),
-    ({"speaker": "{message} by {name}"}, "before {message}"),
-    ({"speaker": "{who}: {message}"}, "no other braces"),
-    ({"speaker": "{message:>9}"}, "no other braces"),
-    ({"separator": ""}, "must not be empty"),
-    ({"truncate": "{x}"}, "must not contain braces"),
-    ({"end": "x" * 201}, "under 200"),
-    ({"speaker": 5}, "must be text, not int"),
-])
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"speaker": "{name}: no message"}, "{message} once"),
+        ({"speaker": "{message} {message}"}, "{message} once"),
+        ({"speaker": "{name} {name}: {message}"}, "{name} at most once"),
+        ({"speaker": "{message} by {name}"}, "before {message}"),
+        ({"speaker": "{who}: {message}"}, "no other braces"),
+        ({"speaker": "{message:>9}"}, "no other braces"),
+        ({"separator": ""}, "must not be empty"),
+        ({"truncate": "{x}"}, "must not contain braces"),
+        ({"end": "x" * 201}, "under 200"),
+        ({"speaker": 5}, "must be text, not int"),
+    ],
+)
 def test_bad_formats_are_one_sentence(fields, says):
     with pytest.raises(InputError, match=None) as info:
         ChatFormat(**fields)
@@ -77,19 +85,28 @@ def test_saved_in_a_run_folder_and_loaded_back(tmp_path):
     fmt = ChatFormat(speaker="[{name}] {message}", separator="\n", truncate="\n", end="<|endoftext|>")
     path = fmt.save(tmp_path)
     assert path == tmp_path / CHAT_FORMAT_JSON
-    assert json.loads(path.read_text()) == {"speaker": "[{name}] {message}", "separator": "\n", "truncate": "\n", "end": "<|endoftext|>", "line_break": "<br>"}
+    assert json.loads(path.read_text()) == {
+        "speaker": "[{name}] {message}",
+        "separator": "\n",
+        "truncate": "\n",
+        "end": "<|endoftext|>",
+        "line_break": "<br>",
+    }
     assert ChatFormat.load(tmp_path) == fmt == ChatFormat.load(path) == ChatFormat.parse(str(tmp_path))
     assert ChatFormat.load(tmp_path / "elsewhere") is None
     assert ChatFormat.parse('{"speaker": "<{name}> {message}"}') == ChatFormat(speaker="<{name}> {message}")
 
 
-@pytest.mark.parametrize(("content", "says"), [
-    ('{"speaker": "{name}: {message}", "colour": "red"}', "unknown key 'colour'"),
-    ("[1, 2]", "must be a JSON object"),
-    ("{not json", "not valid JSON"),
-    ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
-    (b"\xff\xfe{}", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        ('{"speaker": "{name}: {message}", "colour": "red"}', "unknown key 'colour'"),
+        ("[1, 2]", "must be a JSON object"),
+        ("{not json", "not valid JSON"),
+        ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
+        (b"\xff\xfe{}", "not valid JSON"),
+    ],
+)
 def test_bad_files_are_one_sentence(tmp_path, content, says):
     path = tmp_path / CHAT_FORMAT_JSON
     path.write_bytes(content if isinstance(content, bytes) else content.encode())

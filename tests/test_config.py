@@ -15,28 +15,39 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 def test_example_documents_every_key_with_its_default():
     defaults = Config()  # its paths count from the file's folder
     assert load_config(EXAMPLE) == dataclasses.replace(
-        defaults, model=dataclasses.replace(defaults.model, checkpoint_dir=str(EXAMPLE.parent / "checkpoint")),
-        store=dataclasses.replace(defaults.store, path=str(EXAMPLE.parent / "botkit.db")))
+        defaults,
+        model=dataclasses.replace(defaults.model, checkpoint_dir=str(EXAMPLE.parent / "checkpoint")),
+        store=dataclasses.replace(defaults.store, path=str(EXAMPLE.parent / "botkit.db")),
+    )
     lines = EXAMPLE.read_text().splitlines()
     for section in dataclasses.fields(Config):
         assert f"[{section.name}]" in lines
         for field in dataclasses.fields(typing.get_type_hints(Config)[section.name]):
-            line = next(x for x in lines[lines.index(f"[{section.name}]"):] if x.startswith(f"{field.name} = "))
+            line = next(x for x in lines[lines.index(f"[{section.name}]") :] if x.startswith(f"{field.name} = "))
             assert "  # " in line, f"{section.name}.{field.name} has no comment"
 
 
-@pytest.mark.parametrize(("text", "says"), [
-    ("[batch]\nmax_sise = 3", "unknown key 'batch.max_sise'"),
-    ("[nope]\nx = 1", "unknown key 'nope'"),
-    ("[batch]\nmax_size = 'big'", "batch.max_size must be a whole number"),
-    ("[discord]\nallowed_channels = 5", "discord.allowed_channels must be a list"),
-    ("[chat]\ntemplate = '{msg}'", "placeholder {message}"),
-    ("[chat]\ntop_p = 3.0", "top_p"),
-    ("[telegram]\ntoken_env = '123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsawxyz'", "looks like a secret"),
-    ("[batch\n", "not valid TOML"),
-    ("[limits]\nbanned_words = [" + ", ".join(f"'w{i}'" for i in range(201)) + "]", "limits.banned_words: a banned-word list holds at most 200"),
-    ("[limits]\nbanned_words = ['" + "x" * 65 + "']", "limits.banned_words: a banned-word list holds at most 200 words of at most 64"),
-])
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("[batch]\nmax_sise = 3", "unknown key 'batch.max_sise'"),
+        ("[nope]\nx = 1", "unknown key 'nope'"),
+        ("[batch]\nmax_size = 'big'", "batch.max_size must be a whole number"),
+        ("[discord]\nallowed_channels = 5", "discord.allowed_channels must be a list"),
+        ("[chat]\ntemplate = '{msg}'", "placeholder {message}"),
+        ("[chat]\ntop_p = 3.0", "top_p"),
+        ("[telegram]\ntoken_env = '123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsawxyz'", "looks like a secret"),
+        ("[batch\n", "not valid TOML"),
+        (
+            "[limits]\nbanned_words = [" + ", ".join(f"'w{i}'" for i in range(201)) + "]",
+            "limits.banned_words: a banned-word list holds at most 200",
+        ),
+        (
+            "[limits]\nbanned_words = ['" + "x" * 65 + "']",
+            "limits.banned_words: a banned-word list holds at most 200 words of at most 64",
+        ),
+    ],
+)
 def test_bad_config_is_one_sentence_naming_the_key(tmp_path, text, says):
     path = tmp_path / "c.toml"
     path.write_text(text)

@@ -19,9 +19,14 @@ from botkit.serve.store import Store
 async def chatting(tmp_path, lm, stdin, limits=None):
     config = Config(chat=ChatSettings(length=6, truncate=""), limits=limits or LimitsConfig())
     out = io.StringIO()
-    async with Store.open(tmp_path / "bot.db") as store, LocalBackend(lm, max_batch_size=4) as backend, \
-            Core(backend, store, config) as core, \
-            ConsoleAdapter(Chats(core, store, core.config), ConsoleConfig(enabled=True), stdin=stdin, stdout=out) as console:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        LocalBackend(lm, max_batch_size=4) as backend,
+        Core(backend, store, config) as core,
+        ConsoleAdapter(
+            Chats(core, store, core.config), ConsoleConfig(enabled=True), stdin=stdin, stdout=out
+        ) as console,
+    ):
         yield core, console, out
 
 

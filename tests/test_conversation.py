@@ -46,8 +46,11 @@ async def test_an_empty_reply_is_retried_in_the_same_slot_and_never_becomes_cont
     assert len(backend.prompts) == 5 and backend.prompts[2] == backend.prompts[3]  # each retry: the same prompt
     assert "one" in backend.prompts[2] and "second try" in backend.prompts[2]  # the good exchange is context,
     assert "two" not in backend.prompts[4] and "one" in backend.prompts[4]  # the empty one is not
-    assert rows(tmp_path, "SELECT status, reply FROM requests ORDER BY id") == [("done", "second try"), ("done", ""),
-                                                                                ("done", "third")]
+    assert rows(tmp_path, "SELECT status, reply FROM requests ORDER BY id") == [
+        ("done", "second try"),
+        ("done", ""),
+        ("done", "third"),
+    ]
 
 
 @pytest.mark.parametrize("name", CHATS)
@@ -73,15 +76,18 @@ async def test_a_redelivered_event_is_recognised_through_the_store_after_a_resta
 
 @pytest.mark.parametrize("name", CHATS)
 @pytest.mark.parametrize("age_limit_s, answer", [(600.0, "a scripted reply"), (0.0, SORRY)])
-async def test_a_request_interrupted_by_a_shutdown_is_answered_once_after_the_restart(tmp_path, monkeypatch, name,
-                                                                                    age_limit_s, answer):
+async def test_a_request_interrupted_by_a_shutdown_is_answered_once_after_the_restart(
+    tmp_path, monkeypatch, name, age_limit_s, answer
+):
     stuck = ScriptedBackend()
     stuck.gate.clear()  # generation never ends before the shutdown
     async with fake_server(name, monkeypatch) as fake:
         async with platform(name, tmp_path, monkeypatch, stuck, config(), fake=fake) as bot:
             message = await bot.send(GROUP, "mention", "hello")
             await until(lambda: stuck.prompts)
-        assert rows(tmp_path, "SELECT status, error FROM requests") == [("failed", "interrupted: botkit stopped before this finished")]
+        assert rows(tmp_path, "SELECT status, error FROM requests") == [
+            ("failed", "interrupted: botkit stopped before this finished")
+        ]
         assert bot.answers(message) == []
         backend = ScriptedBackend()
         restarted = config(conversation=ConversationConfig(resume_max_age_s=age_limit_s))
@@ -93,9 +99,12 @@ async def test_a_request_interrupted_by_a_shutdown_is_answered_once_after_the_re
             await until(lambda: bot.core.connections.states().get(name))  # connected: it looked for what it owes
             await bot.adapter.conversation.idle()  # a third start owes nothing
             assert bot.answers(message) == [answer]
-    assert backend.prompts == (stuck.prompts if answer != SORRY else [])  # run again with the prompt it was accepted with
-    (request_id, _), = deliveries(tmp_path)
-    assert rows(tmp_path, "SELECT request_id, kind FROM answers") == [(request_id, "reply" if answer != SORRY else "sorry")]
+    # run again with the prompt it was accepted with
+    assert backend.prompts == (stuck.prompts if answer != SORRY else [])
+    ((request_id, _),) = deliveries(tmp_path)
+    assert rows(tmp_path, "SELECT request_id, kind FROM answers") == [
+        (request_id, "reply" if answer != SORRY else "sorry")
+    ]
 
 
 @pytest.mark.parametrize("name", CHATS)
@@ -109,8 +118,10 @@ async def test_a_reply_done_but_never_sent_is_sent_after_the_restart_and_one_beg
             chat_id = rows(tmp_path, "SELECT chat_id FROM messages")[0][0]
             originals = [await bot.send(GROUP, "plain", text) for text in ("unsent", "begun")]
             ids = [str(m.get("id") or m.get("message_id")) for m in originals]
-            tickets = [await bot.adapter.conversation.chats.submit(Prompt(name, chat_id, "7", text, message_id, "alice"))
-                       for text, message_id in zip(("unsent", "begun"), ids, strict=True)]
+            tickets = [
+                await bot.adapter.conversation.chats.submit(Prompt(name, chat_id, "7", text, message_id, "alice"))
+                for text, message_id in zip(("unsent", "begun"), ids, strict=True)
+            ]
             for ticket in tickets:
                 await ticket.result()
             assert await bot.store.claim_answer(tickets[1].request_id, "reply")
@@ -136,14 +147,21 @@ async def test_channel_context_reads_the_room_with_names_and_forgets_on_reset(tm
         reset = await bot.send(GROUP, "command", "")  # /gen with nothing: a usage sentence, not a message
         await until(lambda: bot.answers(reset))
     author, bot_name = ("alice", "botkit") if name == "discord" else ("alice", "Botkit")
-    assert backend.prompts[0] == (f"{author}: the second message\n{author}: the third message\n{author}: the fourth message\n"
-                                  f"{author}: what do you think?\n{bot_name}:")
-    assert backend.prompts[1].endswith(f"{author}: what do you think?\n{bot_name}: I agree\n{author}: and now?\n{bot_name}:")
+    assert backend.prompts[0] == (
+        f"{author}: the second message\n{author}: the third message\n{author}: the fourth "
+        "message\n"
+        f"{author}: what do you think?\n{bot_name}:"
+    )
+    assert backend.prompts[1].endswith(
+        f"{author}: what do you think?\n{bot_name}: I agree\n{author}: and now?\n{bot_name}:"
+    )
     assert "the first message" not in "".join(backend.prompts)
 
 
 @pytest.mark.parametrize("name", CHATS)
-async def test_a_multi_line_message_stays_one_line_of_its_author_and_a_replys_line_breaks_are_sent(tmp_path, monkeypatch, name):
+async def test_a_multi_line_message_stays_one_line_of_its_author_and_a_replys_line_breaks_are_sent(
+    tmp_path, monkeypatch, name
+):
     backend = ScriptedBackend(lambda prompt: "bring:<br>- water<br>- a jacket")
     settings = dataclasses.replace(QUICK, context="channel")
     async with platform(name, tmp_path, monkeypatch, backend, config(chat=settings)) as bot:

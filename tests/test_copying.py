@@ -10,9 +10,11 @@ from botkit.model.loading import gpt2_tokenizer
 
 GPT2 = gpt2_tokenizer()
 EOS = GPT2.eos_token_id
-LINES = ["the quick brown fox jumps over the lazy dog near the river bank today",
-         "we should order pizza for the whole server on friday night after the game",
-         "my cat refuses to sleep anywhere except on the keyboard while I work"]
+LINES = [
+    "the quick brown fox jumps over the lazy dog near the river bank today",
+    "we should order pizza for the whole server on friday night after the game",
+    "my cat refuses to sleep anywhere except on the keyboard while I work",
+]
 TOKENS = np.array([t for line in LINES for t in GPT2.encode(line) + [EOS]], dtype=np.int32)
 
 
@@ -30,7 +32,10 @@ def test_a_reply_that_copies_a_training_line_is_a_copy():
     index = CopyIndex.build(TOKENS, EOS)
     copied = GPT2.encode("lol we should order pizza for the whole server on friday, right?")
     report = check_copying(copied, index)
-    assert report.is_copy and report.training_span == len(GPT2.encode(" should order pizza for the whole server on friday"))  # "we" starts the line: another token than " we"
+    # "we" starts the line: another token than " we"
+    assert report.is_copy and report.training_span == len(
+        GPT2.encode(" should order pizza for the whole server on friday")
+    )
     assert "training text" in report.reason and 0.5 < report.training_share < 1
     fresh = check_copying(GPT2.encode("nobody here has ever seen a purple elephant dancing in the rain"), index)
     assert not fresh.is_copy and fresh.training_span == 0 and fresh.share == 0 and fresh.reason == ""
@@ -62,7 +67,9 @@ def test_bucketed_build_on_disk_equals_the_in_memory_index(tmp_path):
     loaded = CopyIndex.load(tmp_path)
     built = CopyIndex.build(tokens, EOS)
     assert path == tmp_path / INDEX_FILE and isinstance(loaded.hashes, np.memmap)
-    assert np.array_equal(np.asarray(loaded.hashes), built.hashes) and np.all(np.diff(built.hashes.astype(np.float64)) >= 0)
+    assert np.array_equal(np.asarray(loaded.hashes), built.hashes) and np.all(
+        np.diff(built.hashes.astype(np.float64)) >= 0
+    )
     meta = json.loads((tmp_path / INDEX_JSON).read_text())
     assert meta["num_ngrams"] == len(built) < 30_000 - 7 and meta["n"] == 8 and meta["num_tokens"] == 30_000
     start = next(s for s in range(20_000, 29_000) if EOS not in tokens[s : s + 30].tolist())

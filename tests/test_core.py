@@ -71,8 +71,15 @@ def alone(lm, prompt, params):
 async def test_chats_share_forward_passes_and_match_single_request_output(serve, tiny_lm):
     passes = []
     core, store, _ = await serve(before_step=lambda rows: passes.append(len(rows)))
-    cases = [("Hello there", greedy(12)), ("The quick brown fox", greedy(20, ("e",))), ("A", greedy(5)), ("Once upon a", greedy(16, (" the",)))]
-    tickets = [await core.submit(p, params, who=Who(chat_id=f"c{i}", user_id=f"u{i}")) for i, (p, params) in enumerate(cases)]
+    cases = [
+        ("Hello there", greedy(12)),
+        ("The quick brown fox", greedy(20, ("e",))),
+        ("A", greedy(5)),
+        ("Once upon a", greedy(16, (" the",))),
+    ]
+    tickets = [
+        await core.submit(p, params, who=Who(chat_id=f"c{i}", user_id=f"u{i}")) for i, (p, params) in enumerate(cases)
+    ]
     replies = [await t.result() for t in tickets]
     for (prompt, params), reply in zip(cases, replies, strict=True):
         assert reply.text == alone(tiny_lm, prompt, params)
@@ -135,7 +142,9 @@ async def test_empty_and_huge_messages_are_refused_with_a_sentence(serve):
 
 async def test_timeout_fails_the_request_and_frees_its_slot(serve):
     slow = lambda rows: time.sleep(0.05)  # noqa: E731
-    core, store, _ = await serve(make_config(batch=dict(timeout_s=0.5), limits=NO_LIMITS), max_batch_size=1, before_step=slow)
+    core, store, _ = await serve(
+        make_config(batch=dict(timeout_s=0.5), limits=NO_LIMITS), max_batch_size=1, before_step=slow
+    )
     ticket = await core.submit("hi", greedy(1000))
     queued = await core.submit("hi", greedy(1000), who=Who(user_id="other"))
     with pytest.raises(RequestTimeout):
@@ -173,7 +182,8 @@ def test_fair_queue_serves_users_in_turn():
 
 async def test_a_flooding_user_does_not_starve_a_light_user(serve):
     order, submitted = [], threading.Event()
-    core, _, _ = await serve(max_batch_size=1, before_step=lambda rows: submitted.wait())  # nothing ends before all arrive
+    # nothing ends before all arrive
+    core, _, _ = await serve(max_batch_size=1, before_step=lambda rows: submitted.wait())
     flood = [await core.submit("hi", greedy(3), who=Who(user_id="flooder")) for _ in range(8)]
     light = await core.submit("hi", greedy(3), who=Who(user_id="light"))
     submitted.set()
@@ -257,7 +267,7 @@ async def test_settings_persist_and_bad_values_are_refused(serve, tmp_path):
     assert json.loads(stored) == {"temperature": 0.3, "use_context": False}
 
 
-DRIVER = textwrap.dedent('''
+DRIVER = textwrap.dedent("""
     import asyncio, sys
     from transformers import GPT2Config
     from botkit.serve.backends import LocalBackend
@@ -269,16 +279,18 @@ DRIVER = textwrap.dedent('''
 
     async def main():
         lm = load_model(GPT2Config(n_layer=2, n_head=2, n_embd=32), device="cpu")
-        async with Store.open(sys.argv[1]) as store, LocalBackend(lm, 4) as backend, Core(backend, store, Config()) as core:
+        async with Store.open(sys.argv[1]) as store, LocalBackend(lm, 4) as backend, \\
+                Core(backend, store, Config()) as core:
             tickets = []
             for i in range(40):
-                t = await core.submit(f"prompt {i}", SamplingParams(max_new_tokens=200, temperature=0), who=Who(user_id=str(i)))
+                params = SamplingParams(max_new_tokens=200, temperature=0)
+                t = await core.submit(f"prompt {i}", params, who=Who(user_id=str(i)))
                 print(t.request_id, flush=True)
                 tickets.append(t)
             for t in tickets:
                 await t.result()
     asyncio.run(main())
-''')
+""")
 
 
 async def test_sigkill_mid_load_then_restart_leaves_no_request_unaccounted(tmp_path, tiny_lm):

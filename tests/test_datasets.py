@@ -12,12 +12,37 @@ from botkit.train.dataset_files import text_segments
 from botkit.train.encoding import encode_dataset, encode_segments, load_tokens, read_documents, train_tokenizer
 
 GPT2 = gpt2_tokenizer()
-PIECES = ["word", " word", "  ", "\n", "\n\n", " \n", "\r\n", "\t", "42", " 7", "'s", "!", "?!", " 床前明月光", "，", "🦉", "é",
-          "<|endoftext|>", "don't", "\u2028", "a" * 40, " " * 9]
+PIECES = [
+    "word",
+    " word",
+    "  ",
+    "\n",
+    "\n\n",
+    " \n",
+    "\r\n",
+    "\t",
+    "42",
+    " 7",
+    "'s",
+    "!",
+    "?!",
+    " 床前明月光",
+    "，",
+    "🦉",
+    "é",
+    "<|endoftext|>",
+    "don't",
+    "\u2028",
+    "a" * 40,
+    " " * 9,
+]
 
 
 def test_a_text_file_is_read_in_segments_that_join_to_it(tmp_path):
-    text = "".join(f"line {i} has some words.\n" + ("\n" if i % 7 == 0 else "") for i in range(3000)) + "no newline at the end"
+    text = (
+        "".join(f"line {i} has some words.\n" + ("\n" if i % 7 == 0 else "") for i in range(3000))
+        + "no newline at the end"
+    )
     path = tmp_path / "big.txt"
     path.write_text(text)
     segments = list(text_segments(path, segment_chars=500))
@@ -70,10 +95,17 @@ def test_utf8_errors_name_the_byte_offset_even_past_the_first_read(tmp_path):
 
 def test_csv_keeps_line_breaks_inside_quoted_fields(tmp_path):
     path = tmp_path / "rows.csv"
-    path.write_bytes('text\r\n"first line\nsecond line"\r\n"cr\ronly"\r\n"crlf\r\ninside"\r\n"line\u2028separator"\r\nplain\r\n'.encode())
-    assert read_documents(path) == ["<|startoftext|>first line\nsecond line<|endoftext|>", "<|startoftext|>cr\ronly<|endoftext|>",
-                                    "<|startoftext|>crlf\r\ninside<|endoftext|>", "<|startoftext|>line\u2028separator<|endoftext|>",
-                                    "<|startoftext|>plain<|endoftext|>"]
+    path.write_bytes(
+        'text\r\n"first line\nsecond '
+        'line"\r\n"cr\ronly"\r\n"crlf\r\ninside"\r\n"line\u2028separator"\r\nplain\r\n'.encode()
+    )
+    assert read_documents(path) == [
+        "<|startoftext|>first line\nsecond line<|endoftext|>",
+        "<|startoftext|>cr\ronly<|endoftext|>",
+        "<|startoftext|>crlf\r\ninside<|endoftext|>",
+        "<|startoftext|>line\u2028separator<|endoftext|>",
+        "<|startoftext|>plain<|endoftext|>",
+    ]
 
 
 def test_jsonl_records_may_hold_a_raw_line_separator(tmp_path):
@@ -82,16 +114,19 @@ def test_jsonl_records_may_hold_a_raw_line_separator(tmp_path):
     assert read_documents(path) == ["one\u2028two", "three"]
 
 
-@pytest.mark.parametrize(("content", "says"), [
-    (b'text\n"never closed\n' + b"x" * 10, None),  # csv reads to the end: one long row, no error
-    (b"text\n" + b'"' + b"y" * 70_000_000 + b'"\n', "field larger than field limit"),
-    (b"text\n\"a\",\"b\"\n", "line 2 has 2 columns"),
-])
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b'text\n"never closed\n' + b"x" * 10, None),  # csv reads to the end: one long row, no error
+        (b"text\n" + b'"' + b"y" * 70_000_000 + b'"\n', "field larger than field limit"),
+        (b'text\n"a","b"\n', "line 2 has 2 columns"),
+    ],
+)
 def test_hostile_csv(tmp_path, content, says):
     path = tmp_path / "h.csv"
     path.write_bytes(content)
     if says is None:
-        assert read_documents(path) == ['<|startoftext|>never closed\n' + "x" * 10 + '<|endoftext|>']
+        assert read_documents(path) == ["<|startoftext|>never closed\n" + "x" * 10 + "<|endoftext|>"]
         return
     with pytest.raises(DatasetError, match=says) as info:
         read_documents(path)
@@ -102,15 +137,20 @@ def test_cache_keeps_the_chat_format_and_tokens(tmp_path):
     from botkit.chat_format import ChatFormat
     from botkit.train.conversations import ConversationOptions
 
-    (tmp_path / "chat.jsonl").write_text('{"format": "botkit-chat", "version": 1}\n'
-                                         '{"chat": "1", "speaker": "ann", "time_s": 0, "text": "hello"}\n')
+    (tmp_path / "chat.jsonl").write_text(
+        '{"format": "botkit-chat", "version": 1}\n{"chat": "1", "speaker": "ann", "time_s": 0, "text": "hello"}\n'
+    )
     fmt = ChatFormat(speaker="<{name}> {message}")
     stream = encode_dataset(tmp_path / "chat.jsonl", GPT2, tmp_path / "c.npz", chats=ConversationOptions(fmt))
     assert stream.tokens.tolist() == GPT2.encode("<ann> hello\n<|endoftext|>")
     cached = load_tokens(tmp_path / "c.npz", GPT2)
     assert cached.chat_format == fmt and cached.tokens.tolist() == stream.tokens.tolist()
     with np.load(tmp_path / "c.npz") as data:  # what np.savez_compressed would have written
-        assert data["tokens"].dtype == np.uint16 and str(data["tokenizer"]) and set(data.files) == {"tokens", "tokenizer", "chat_format"}
+        assert (
+            data["tokens"].dtype == np.uint16
+            and str(data["tokenizer"])
+            and set(data.files) == {"tokens", "tokenizer", "chat_format"}
+        )
     plain = encode_dataset(tmp_path / "chat.jsonl", GPT2, tmp_path / "p.npz")
     assert load_tokens(tmp_path / "p.npz", GPT2).chat_format == ChatFormat() == plain.chat_format
     (tmp_path / "t.txt").write_text("just text")
@@ -129,10 +169,14 @@ def test_tokenizer_trains_from_the_stream_of_segments(tmp_path):
 def test_caches_from_np_savez_still_load_and_damaged_ones_are_one_sentence(tmp_path):
     from botkit.train.encoding import tokenizer_fingerprint
 
-    np.savez_compressed(tmp_path / "old.npz", tokens=np.array([1, 2, 3, 50256], dtype=np.uint16), tokenizer=tokenizer_fingerprint(GPT2))
+    np.savez_compressed(
+        tmp_path / "old.npz", tokens=np.array([1, 2, 3, 50256], dtype=np.uint16), tokenizer=tokenizer_fingerprint(GPT2)
+    )
     old = load_tokens(tmp_path / "old.npz", GPT2)
     assert old.tokens.tolist() == [1, 2, 3, 50256] and old.tokens.dtype == np.int32 and old.chat_format is None
-    np.savez_compressed(tmp_path / "2d.npz", tokens=np.ones((2, 2), dtype=np.uint16), tokenizer=tokenizer_fingerprint(GPT2))
+    np.savez_compressed(
+        tmp_path / "2d.npz", tokens=np.ones((2, 2), dtype=np.uint16), tokenizer=tokenizer_fingerprint(GPT2)
+    )
     np.savez_compressed(tmp_path / "obj.npz", tokens=np.array([1.5]), tokenizer=tokenizer_fingerprint(GPT2))
     (tmp_path / "cut.npz").write_bytes((tmp_path / "old.npz").read_bytes()[:60])
     for name in ("2d.npz", "obj.npz", "cut.npz"):

@@ -58,7 +58,9 @@ async def running(tmp_path, fake, backend, *, config: Config | None = None, chan
         Store.open(tmp_path / "bot.db") as store,
         backend,
         Core(backend, store, config) as core,
-        DiscordAdapter(Chats(core, store, core.config), DiscordConfig(**settings), fake.token, chance=chance) as adapter,
+        DiscordAdapter(
+            Chats(core, store, core.config), DiscordConfig(**settings), fake.token, chance=chance
+        ) as adapter,
     ):
         yield core, store, adapter
 
@@ -93,7 +95,8 @@ async def test_a_mention_is_answered_by_the_model_as_a_reply_and_recorded(tmp_pa
         row = await store.request(request_id)
     assert message_id == reply["id"]
     assert row["status"] == "done" and row["text"] == "Once upon a time" and row["chat_id"] == str(CHANNEL_ID)
-    assert reply["content"].strip() and reply["content"] == defuse_mentions(row["reply"].lstrip())  # sent without leading whitespace
+    # sent without leading whitespace
+    assert reply["content"].strip() and reply["content"] == defuse_mentions(row["reply"].lstrip())
     assert reply["sent_payload"]["allowed_mentions"] == NO_PINGS
     typing = fake.requests_to("POST", rf"/channels/{CHANNEL_ID}/typing")
     assert typing and typing[0].at_s <= fake.requests_to("POST", SEND)[0].at_s
@@ -167,8 +170,10 @@ async def test_typing_is_kept_on_until_the_reply_is_sent(tmp_path, fake):
         backend.gate.set()
         await answered(fake, message)
         backend.gate.clear()
-        await fake.send_message("and you?", channel_id=DM_CHANNEL_ID)  # a sentinel: its typing shows the bot's clock running
-        await fake.wait_for(lambda: len(fake.requests_to("POST", rf"/channels/{DM_CHANNEL_ID}/typing")) >= 3)  # 2 intervals on
+        # a sentinel: its typing shows the bot's clock running
+        await fake.send_message("and you?", channel_id=DM_CHANNEL_ID)
+        # 2 intervals on
+        await fake.wait_for(lambda: len(fake.requests_to("POST", rf"/channels/{DM_CHANNEL_ID}/typing")) >= 3)
         backend.gate.set()
     (sent,) = fake.requests_to("POST", rf"/channels/{CHANNEL_ID}/messages")
     typing = fake.requests_to("POST", rf"/channels/{CHANNEL_ID}/typing")
@@ -304,5 +309,7 @@ async def test_bad_token_and_missing_intent_are_config_errors(tmp_path, fake):
             await DiscordAdapter(Chats(core, store, core.config), DiscordConfig(), "wrong-token").start()
         fake.privileged_intents = False
         with pytest.raises(ConfigError, match="Message Content"):
-            async with DiscordAdapter(Chats(core, store, core.config), DiscordConfig(connect_timeout_s=5.0), fake.token):
+            async with DiscordAdapter(
+                Chats(core, store, core.config), DiscordConfig(connect_timeout_s=5.0), fake.token
+            ):
                 pass

@@ -40,7 +40,9 @@ def test_resume_is_exact(tmp_path, text_file):
     torch.manual_seed(1234)  # as a new process would be: the dropout RNG must come from the checkpoint
     resumed = tiny(tmp_path, text_file, run_name="split", restore_from="latest", **schedule)
     assert resumed.step == 8 and resumed.stopped == "steps"
-    for (name, a), b in zip(straight.lm.model.state_dict().items(), resumed.lm.model.state_dict().values(), strict=True):
+    for (name, a), b in zip(
+        straight.lm.model.state_dict().items(), resumed.lm.model.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
     assert loss_rows(straight.run_dir) == loss_rows(resumed.run_dir)
     assert len(loss_rows(resumed.run_dir)) == 8
@@ -73,17 +75,32 @@ def test_gradient_checkpointing_and_frozen_embeddings(tmp_path, text_file):
     checkpointed = tiny(tmp_path, text_file, steps=3, run_name="gc", gradient_checkpointing=True)
     torch.testing.assert_close(plain.lm.model.lm_head.weight, checkpointed.lm.model.lm_head.weight)
     frozen = tiny(tmp_path, text_file, steps=3, run_name="frozen", only_train_transformer_layers=True)
-    initial = tiny(tmp_path, text_file, steps=1, learning_rate=1e-12, run_name="initial")  # same seed: the starting weights
+    # same seed: the starting weights
+    initial = tiny(tmp_path, text_file, steps=1, learning_rate=1e-12, run_name="initial")
     torch.testing.assert_close(frozen.lm.model.transformer.wte.weight, initial.lm.model.transformer.wte.weight)
-    assert not torch.allclose(frozen.lm.model.transformer.h[0].mlp.c_fc.weight, initial.lm.model.transformer.h[0].mlp.c_fc.weight)
+    assert not torch.allclose(
+        frozen.lm.model.transformer.h[0].mlp.c_fc.weight, initial.lm.model.transformer.h[0].mlp.c_fc.weight
+    )
 
 
 def test_gpt2_model_trains_on_csv_and_writes_samples(tmp_path):
     dataset = tmp_path / "rows.csv"
-    dataset.write_text("text\n" + "".join(f"\"line {i}, with a comma\"\n" for i in range(40)))
-    result = finetune(str(dataset), model=GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64), steps=2, batch_size=2,
-                      block_size=32, sample_every=2, sample_num=2, sample_length=5, run_name="csv", progress=False,
-                      checkpoint_dir=str(tmp_path / "checkpoint"), sample_dir=str(tmp_path / "samples"), device="cpu")
+    dataset.write_text("text\n" + "".join(f'"line {i}, with a comma"\n' for i in range(40)))
+    result = finetune(
+        str(dataset),
+        model=GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64),
+        steps=2,
+        batch_size=2,
+        block_size=32,
+        sample_every=2,
+        sample_num=2,
+        sample_length=5,
+        run_name="csv",
+        progress=False,
+        checkpoint_dir=str(tmp_path / "checkpoint"),
+        sample_dir=str(tmp_path / "samples"),
+        device="cpu",
+    )
     assert result.step == 2
     samples = (tmp_path / "samples" / "csv" / "samples-2.txt").read_text()
     assert samples.count("=" * 20) == 1  # two samples, one separator
@@ -92,8 +109,11 @@ def test_gpt2_model_trains_on_csv_and_writes_samples(tmp_path):
 
 def test_csv_rows_are_wrapped_and_header_skipped(tmp_path):
     path = tmp_path / "rows.csv"
-    path.write_text("text\nfirst row\n\"second, with comma\"\n")
-    assert read_documents(path) == ["<|startoftext|>first row<|endoftext|>", "<|startoftext|>second, with comma<|endoftext|>"]
+    path.write_text('text\nfirst row\n"second, with comma"\n')
+    assert read_documents(path) == [
+        "<|startoftext|>first row<|endoftext|>",
+        "<|startoftext|>second, with comma<|endoftext|>",
+    ]
 
 
 def test_jsonl_folder_and_glob(tmp_path):
@@ -114,8 +134,16 @@ def test_encode_cache_round_trip(tmp_path, text_file):
     with np.load(tmp_path / "cache.npz") as data:
         assert data["tokens"].dtype == np.uint16
         assert data["tokens"].tolist() == stream.tokens.tolist()
-    result = finetune(str(tmp_path / "cache.npz"), model=GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=32), steps=1,
-                      run_name="npz", sample_every=0, progress=False, checkpoint_dir=str(tmp_path / "c"), device="cpu")
+    result = finetune(
+        str(tmp_path / "cache.npz"),
+        model=GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=32),
+        steps=1,
+        run_name="npz",
+        sample_every=0,
+        progress=False,
+        checkpoint_dir=str(tmp_path / "c"),
+        device="cpu",
+    )
     assert result.step == 1
     with pytest.raises(DatasetError, match="another tokenizer"):
         load_tokens(tmp_path / "cache.npz", train_tokenizer([TEXT], vocab_size=300))
@@ -125,7 +153,9 @@ def test_held_out_loss_and_early_stopping(tmp_path):
     # Training text and held-out text share no characters, so held-out loss rises from the first step.
     dataset = tmp_path / "shift.txt"
     dataset.write_text("abc " * 900 + "xyz " * 100)
-    result = tiny(tmp_path, dataset, steps=20, val_fraction=0.1, val_every=1, early_stopping=2, learning_rate=1e-2, run_name="es")
+    result = tiny(
+        tmp_path, dataset, steps=20, val_fraction=0.1, val_every=1, early_stopping=2, learning_rate=1e-2, run_name="es"
+    )
     assert result.stopped == "early stopping" and result.step < 20
     val = [float(row["val_loss"]) for row in csv.DictReader((result.run_dir / "loss.csv").read_text().splitlines())]
     assert len(val) == result.step  # evaluated at every step
@@ -140,14 +170,19 @@ def test_chinese_dataset_trains_and_generates_utf8(tmp_path):
     dataset = tmp_path / "poems.txt"
     dataset.write_text(poem * 40, encoding="utf-8")
     result = tiny(tmp_path, dataset, steps=40, learning_rate=1e-2, run_name="zh")
-    assert len(result.lm.tokenizer.encode(poem)) < len(gpt2_tokenizer().encode(poem)) / 2  # the trained tokenizer fits Chinese
+    # the trained tokenizer fits Chinese
+    assert len(result.lm.tokenizer.encode(poem)) < len(gpt2_tokenizer().encode(poem)) / 2
     [text] = generate(result.lm, prefix="床前", length=12, temperature=0, return_as_list=True)
     assert "\ufffd" not in text and set(text) <= set(poem) and len(text) > len("床前") + 4
 
 
 def test_existing_run_needs_overwrite_or_restore(tmp_path, text_file):
     tiny(tmp_path, text_file, steps=1, run_name="r")
-    with pytest.raises(InputError, match=r"already exists.*restore_from='latest' \(--restore-from latest\).*overwrite=True"):
+    with pytest.raises(
+        InputError,
+        match=r"already exists.*restore_from='latest' \(--restore-from "
+        r"latest\).*overwrite=True",
+    ):
         tiny(tmp_path, text_file, steps=2, run_name="r")
     assert tiny(tmp_path, text_file, steps=2, run_name="r", overwrite=True).step == 2
     with pytest.raises(InputError, match="already trained 2 steps"):
@@ -156,9 +191,23 @@ def test_existing_run_needs_overwrite_or_restore(tmp_path, text_file):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, text_file):
     # Warmup makes step 1's learning rate 0 (a good checkpoint); step 2's huge rate ruins the weights.
-    with pytest.raises(InputError, match=r"loss became nan at step 3.*last good checkpoint \(step 1\) is kept.*lower learning_rate"):
-        tiny(tmp_path, text_file, steps=5, save_every=1, learning_rate=1e30, lr_schedule="linear", warmup_steps=3,
-             max_grad_norm=0, optimizer="sgd", run_name="nan")
+    with pytest.raises(
+        InputError,
+        match=r"loss became nan at step 3.*last good checkpoint \(step 1\) is kept.*lower "
+        r"learning_rate",
+    ):
+        tiny(
+            tmp_path,
+            text_file,
+            steps=5,
+            save_every=1,
+            learning_rate=1e30,
+            lr_schedule="linear",
+            warmup_steps=3,
+            max_grad_norm=0,
+            optimizer="sgd",
+            run_name="nan",
+        )
     lm = load_model(run_name="nan", checkpoint_dir=tmp_path / "checkpoint", device="cpu")
     ids = torch.tensor([lm.tokenizer.encode(TEXT[:60])])
     assert torch.isfinite(lm.model(ids, labels=ids).loss)

@@ -14,8 +14,15 @@ from botkit.config import load_config
 
 
 def botkit(*args, cwd, stdin="", timeout_s=240):
-    return subprocess.run([sys.executable, "-m", "botkit", *args], capture_output=True, text=True, input=stdin,
-                          timeout=timeout_s, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "botkit", *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=timeout_s,
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def test_chat_with_a_run_by_its_name_in_one_command(tmp_path, tiny_lm):
@@ -47,7 +54,8 @@ def test_a_config_files_paths_count_from_its_folder_and_errors_name_its_keys(tmp
     config = load_config(path)
     assert Path(config.store.path) == folder / "data" / "bot.db"
     assert Path(config.model.checkpoint_dir) == folder / "runs" and Path(config.model.source) == folder / "models" / "m"
-    assert load_config(_write(folder / "hub.toml", '[model]\nsource = "gpt2"\n')).model.source == "gpt2"  # a hub name stays one
+    # a hub name stays one
+    assert load_config(_write(folder / "hub.toml", '[model]\nsource = "gpt2"\n')).model.source == "gpt2"
 
     _write(path, '[model]\nrun_name = "community"\n')
     assert main(["chat", "--config", str(path)]) == 2
@@ -72,7 +80,10 @@ def test_help_lists_the_model_flags(command, capsys):
 def test_opt_in_counts_from_the_moment_of_opting_in_as_the_readme_shows(tmp_path, tiny_lm):
     tiny_lm.model.save_pretrained(tmp_path / "m")
     tiny_lm.tokenizer.save_pretrained(tmp_path / "m")
-    lines = "said before anyone agreed\n/privacy\n/settings dataset_opt_in on\nanyone watching the match tonight?\n/privacy\n"
+    lines = (
+        "said before anyone agreed\n/privacy\n/settings dataset_opt_in on\n"
+        "anyone watching the match tonight?\n/privacy\n"
+    )
     out = botkit("chat", "--model", "m", cwd=tmp_path, stdin=lines)
     assert out.returncode == 0, out.stderr
     assert "only messages sent from that moment on" in out.stdout and "dataset_opt_in is now True." in out.stdout

@@ -35,8 +35,10 @@ def test_discord_prefix_commands_and_their_bots_answers_are_dropped():
 
 def test_telegram_commands_and_an_unmarked_bots_answers_are_dropped():
     docs, summary = read("telegram_export.json")
-    assert docs == ["Anna: evening all, lakes it is on sunday\nBen: great, I will bring:<br>map<br>snacks\n"
-                    "Anna: sunny! bring sunscreen\n<|endoftext|>"]
+    assert docs == [
+        "Anna: evening all, lakes it is on sunday\nBen: great, I will bring:<br>map<br>snacks\n"
+        "Anna: sunny! bring sunscreen\n<|endoftext|>"
+    ]
     assert summary.dropped == {"bot commands": 2, "answers to a bot command": 2}
 
 
@@ -50,9 +52,15 @@ def test_command_prefixes_are_configurable():
 
 
 def test_a_person_answering_after_a_few_seconds_is_kept():
-    at = [ChatMessage("c", "ann", "!rank", 0.0), ChatMessage("c", "bob", "what does rank do?", 20.0),
-          ChatMessage("c", "bot", "ann: rank 3", 21.0)]
-    assert [m.text for c in conversations(at, options=ConversationOptions()) for m in c] == ["what does rank do?", "ann: rank 3"]
+    at = [
+        ChatMessage("c", "ann", "!rank", 0.0),
+        ChatMessage("c", "bob", "what does rank do?", 20.0),
+        ChatMessage("c", "bot", "ann: rank 3", 21.0),
+    ]
+    assert [m.text for c in conversations(at, options=ConversationOptions()) for m in c] == [
+        "what does rank do?",
+        "ann: rank 3",
+    ]
 
 
 def test_a_multi_line_message_stays_one_line_of_its_speaker_and_decodes_back():
@@ -69,9 +77,30 @@ def test_a_multi_line_message_stays_one_line_of_its_speaker_and_decodes_back():
 
 
 def test_dry_run_prints_the_data_summary_and_writes_nothing(tmp_path, capsys):
-    code = main(["finetune", "--dataset", str(COMMUNITY / "discord_export.json"), "--model", "scratch", "--n-layer", "1",
-                 "--n-embd", "32", "--n-head", "2", "--n-ctx", "32", "--steps", "200", "--batch-size", "2",
-                 "--checkpoint-dir", str(tmp_path / "checkpoint"), "--dry-run"])
+    code = main(
+        [
+            "finetune",
+            "--dataset",
+            str(COMMUNITY / "discord_export.json"),
+            "--model",
+            "scratch",
+            "--n-layer",
+            "1",
+            "--n-embd",
+            "32",
+            "--n-head",
+            "2",
+            "--n-ctx",
+            "32",
+            "--steps",
+            "200",
+            "--batch-size",
+            "2",
+            "--checkpoint-dir",
+            str(tmp_path / "checkpoint"),
+            "--dry-run",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "Chat messages: 8 of 14 kept, from 3 speakers in 2 conversations." in out
@@ -91,19 +120,33 @@ def test_every_run_starts_with_the_summary_and_small_data_gets_a_held_out_block(
     header = rows[0].split(",")
     num_evals = sum(1 for row in rows[1:] if row.split(",")[header.index("val_loss")])
     assert num_evals >= 6  # val_every 0: about ten evaluations a run
-    assert (result.run_dir / "best" / "model.safetensors").is_file()  # early stopping is on by default with held-out data
+    # early stopping is on by default with held-out data
+    assert (result.run_dir / "best" / "model.safetensors").is_file()
 
 
 def test_data_too_small_to_hold_out_a_block_trains_without_and_says_why(tmp_path):
     data = tmp_path / "tiny.txt"
     data.write_text("hello there, hikers. " * 12)
     result = tiny_run(tmp_path, data, steps=2, val_fraction=0.05)
-    assert result.val_loss is None and "No held-out part:" in result.summary and "too few to hold out a block of 32" in result.summary
+    assert (
+        result.val_loss is None
+        and "No held-out part:" in result.summary
+        and "too few to hold out a block of 32" in result.summary
+    )
 
 
 def test_summary_samples_are_bounded(tmp_path):
-    export = {"messages": [{"type": "Default", "timestamp": f"2025-01-01T00:{i:02d}:00+00:00", "content": "x" * 900,
-                            "author": {"name": f"p{i}", "isBot": False}} for i in range(3)]}
+    export = {
+        "messages": [
+            {
+                "type": "Default",
+                "timestamp": f"2025-01-01T00:{i:02d}:00+00:00",
+                "content": "x" * 900,
+                "author": {"name": f"p{i}", "isBot": False},
+            }
+            for i in range(3)
+        ]
+    }
     (tmp_path / "e.json").write_text(json.dumps(export))
     reader = DatasetReader(tmp_path / "e.json", chats=ConversationOptions.of())
     list(reader.documents())
@@ -111,8 +154,18 @@ def test_summary_samples_are_bounded(tmp_path):
 
 
 def test_a_dry_run_on_data_smaller_than_a_block_still_shows_the_data_and_says_what_to_do(tmp_path, capsys):
-    code = main(["finetune", "--dataset", str(COMMUNITY / "discord_export.json"), "--steps", "30", "--dry-run",
-                 "--checkpoint-dir", str(tmp_path / "checkpoint")])  # the bundled demo model: blocks of 256 tokens
+    code = main(
+        [
+            "finetune",
+            "--dataset",
+            str(COMMUNITY / "discord_export.json"),
+            "--steps",
+            "30",
+            "--dry-run",
+            "--checkpoint-dir",
+            str(tmp_path / "checkpoint"),
+        ]
+    )  # the bundled demo model: blocks of 256 tokens
     out = capsys.readouterr().out
     assert code == 0 and "Chat messages: 8 of 14 kept" in out
     assert "Training with these options would stop at once: The dataset has" in out and "lower block_size" in out

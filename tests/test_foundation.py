@@ -15,12 +15,15 @@ from botkit.model.loading import gpt2_tokenizer, load_model
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize(("text", "ids"), [
-    ("Hello world", [15496, 995]),
-    (" Hello world", [18435, 995]),
-    ("<|endoftext|>", [50256]),
-    ("你好", [19526, 254, 25001, 121]),
-])
+@pytest.mark.parametrize(
+    ("text", "ids"),
+    [
+        ("Hello world", [15496, 995]),
+        (" Hello world", [18435, 995]),
+        ("<|endoftext|>", [50256]),
+        ("你好", [19526, 254, 25001, 121]),
+    ],
+)
 def test_bundled_gpt2_tokenizer_gives_openai_ids(text, ids):
     tok = gpt2_tokenizer()
     assert tok(text).input_ids == ids
@@ -29,9 +32,11 @@ def test_bundled_gpt2_tokenizer_gives_openai_ids(text, ids):
 
 
 def test_the_count_tokenizer_gives_the_same_ids_without_torch_or_transformers():
-    code = ("import sys\nfrom botkit.model.tokenizer import count_tokenizer\n"
-            "ids = [count_tokenizer().encode(t).ids for t in sys.argv[1:]]\n"
-            "print(ids, 'torch' in sys.modules or 'transformers' in sys.modules)")
+    code = (
+        "import sys\nfrom botkit.model.tokenizer import count_tokenizer\n"
+        "ids = [count_tokenizer().encode(t).ids for t in sys.argv[1:]]\n"
+        "print(ids, 'torch' in sys.modules or 'transformers' in sys.modules)"
+    )
     texts = ["Hello world", " Hello world", "<|endoftext|>", "你好", "a<|endoftext|>b  \n\n x 😀"]
     out = subprocess.run([sys.executable, "-c", code, *texts], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == f"{[gpt2_tokenizer()(t).input_ids for t in texts]} False", out.stderr
@@ -52,11 +57,14 @@ def test_loads_a_run_directory(tmp_path):
     assert load_model(run_name="run1", checkpoint_dir=tmp_path / "checkpoint").name == "run1"
 
 
-@pytest.mark.parametrize(("source", "run_name", "says"), [
-    ("./no/such/model", None, "does not exist"),
-    ("gpt2", None, "never downloaded"),  # HF_HUB_OFFLINE=1 in tests, and a fresh cache
-    (None, "missing-run", "No trained model"),
-])
+@pytest.mark.parametrize(
+    ("source", "run_name", "says"),
+    [
+        ("./no/such/model", None, "does not exist"),
+        ("gpt2", None, "never downloaded"),  # HF_HUB_OFFLINE=1 in tests, and a fresh cache
+        (None, "missing-run", "No trained model"),
+    ],
+)
 def test_missing_models_get_one_sentence(tmp_path, source, run_name, says):
     with pytest.raises(ModelLoadError) as info:
         load_model(source, run_name=run_name, checkpoint_dir=tmp_path)
@@ -90,8 +98,18 @@ def test_core_imports_no_platform_sdk():
         if path.name == "cli.py":  # the composition root builds the adapters
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in PLATFORM_SDKS or n.startswith("botkit.adapters")]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            offenders += [
+                f"{path.name}: {n}"
+                for n in names
+                if n.split(".")[0] in PLATFORM_SDKS or n.startswith("botkit.adapters")
+            ]
     for path in (ROOT / "adapters").glob("*_adapter.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and "_adapter" in node.module:
@@ -137,8 +155,11 @@ def test_imports_point_down_the_layers():
         if path.parent.name == "botkit" and path.name in COMPOSITION_ROOTS:
             continue
         module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
-        offenders += [f"{module} -> {name}" for name in botkit_imports(path)
-                      if name.startswith("botkit.adapters") or not may_import(layer_of(module), layer_of(name))]
+        offenders += [
+            f"{module} -> {name}"
+            for name in botkit_imports(path)
+            if name.startswith("botkit.adapters") or not may_import(layer_of(module), layer_of(name))
+        ]
     assert offenders == []
 
 

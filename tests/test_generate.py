@@ -19,14 +19,22 @@ PROMPTS = ["Hello world", "The quick brown fox jumps over the lazy", "A", "In th
 
 def hf_greedy(lm, prompt, n):
     ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
-    out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                            min_new_tokens=n, pad_token_id=lm.eos_token_id)
-    return out[0, ids.shape[1]:].tolist()
+    out = lm.model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        pad_token_id=lm.eos_token_id,
+    )
+    return out[0, ids.shape[1] :].tolist()
 
 
 def test_greedy_matches_transformers_token_for_token_in_a_mixed_batch(tiny_lm):
     engine = Engine(tiny_lm, max_batch_size=3)  # 4 prompts, 3 slots: one joins mid-flight
-    seqs = [engine.add(tiny_lm.tokenizer(p).input_ids, SamplingParams(max_new_tokens=24, temperature=0)) for p in PROMPTS]
+    seqs = [
+        engine.add(tiny_lm.tokenizer(p).input_ids, SamplingParams(max_new_tokens=24, temperature=0)) for p in PROMPTS
+    ]
     while engine.has_work:
         engine.step()
     for prompt, seq in zip(PROMPTS, seqs, strict=True):
@@ -57,18 +65,29 @@ def test_each_sample_stops_at_its_own_truncate_and_frees_its_slot(tiny_lm):
 
 def test_cancelling_a_running_row_frees_it_and_the_others_go_on(tiny_lm):
     engine = Engine(tiny_lm, 3)
-    seqs = [engine.add(tiny_lm.tokenizer(p).input_ids, SamplingParams(max_new_tokens=8, temperature=0)) for p in PROMPTS[:3]]
+    seqs = [
+        engine.add(tiny_lm.tokenizer(p).input_ids, SamplingParams(max_new_tokens=8, temperature=0)) for p in PROMPTS[:3]
+    ]
     engine.step()
-    assert engine.cancel(seqs[0].id) is seqs[0] and seqs[0].finish_reason == "cancelled"  # the last row moves into its slot
+    # the last row moves into its slot
+    assert engine.cancel(seqs[0].id) is seqs[0] and seqs[0].finish_reason == "cancelled"
     while engine.has_work:
         engine.step()
     for prompt, seq in zip(PROMPTS[1:3], seqs[1:], strict=True):
         assert seq.generated == hf_greedy(tiny_lm, prompt, 8)
 
 
-@pytest.mark.parametrize(("prefix", "truncate", "include_prefix"), [
-    ("Hello", None, True), ("Hello", None, False), ("Hello", "e", True), ("Hello", "e", False), (None, None, True), (None, " ", False),
-])
+@pytest.mark.parametrize(
+    ("prefix", "truncate", "include_prefix"),
+    [
+        ("Hello", None, True),
+        ("Hello", None, False),
+        ("Hello", "e", True),
+        ("Hello", "e", False),
+        (None, None, True),
+        (None, " ", False),
+    ],
+)
 def test_truncate_and_include_prefix(tiny_lm, prefix, truncate, include_prefix):
     kw = dict(prefix=prefix, length=20, temperature=0, return_as_list=True)
     full = botkit.generate(tiny_lm, **kw, include_prefix=False)[0]
@@ -76,28 +95,42 @@ def test_truncate_and_include_prefix(tiny_lm, prefix, truncate, include_prefix):
     body = full.split(truncate)[0] if truncate else full
     assert text == ((prefix or "") + body if include_prefix else body).lstrip("\n")
     if truncate:
-        assert truncate not in text[len(prefix or "") if include_prefix else 0:]
+        assert truncate not in text[len(prefix or "") if include_prefix else 0 :]
 
 
 def test_length_beyond_the_window_slides():
     lm = load_model(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32), device="cpu")
-    (text,) = botkit.generate(lm, prefix="Hi", length=100, temperature=1.0, seed=0, return_as_list=True, include_prefix=False)
+    (text,) = botkit.generate(
+        lm, prefix="Hi", length=100, temperature=1.0, seed=0, return_as_list=True, include_prefix=False
+    )
     assert len(lm.tokenizer(text).input_ids) >= 90  # re-tokenising may merge a few
 
 
 def test_same_seed_same_text_and_batches_do_not_change_it(tiny_lm):
-    kw = dict(prefix=["Hello", "Goodbye"], length=15, temperature=1.0, top_k=40, top_p=0.9, nsamples=2, seed=7, return_as_list=True)
+    kw = dict(
+        prefix=["Hello", "Goodbye"],
+        length=15,
+        temperature=1.0,
+        top_k=40,
+        top_p=0.9,
+        nsamples=2,
+        seed=7,
+        return_as_list=True,
+    )
     a = botkit.generate(tiny_lm, batch_size=1, **kw)
     assert a == botkit.generate(tiny_lm, batch_size=1, **kw)
     assert a == botkit.generate(tiny_lm, batch_size=2, **kw)
     assert len(set(a)) == 4
     one_each = {**kw, "nsamples": 1}
-    assert botkit.generate(tiny_lm, **one_each, batch_size=2) == botkit.generate(tiny_lm, **one_each, batch_size=1)  # two prompts, one batch
+    # two prompts, one batch
+    assert botkit.generate(tiny_lm, **one_each, batch_size=2) == botkit.generate(tiny_lm, **one_each, batch_size=1)
     assert botkit.generate(tiny_lm, batch_size=1, **{**kw, "seed": 8}) != a
 
 
 def test_no_broken_characters_at_a_cut(tiny_lm):
-    texts = botkit.generate(tiny_lm, prefix="你好", length=3, temperature=1.0, nsamples=16, batch_size=8, seed=0, return_as_list=True)
+    texts = botkit.generate(
+        tiny_lm, prefix="你好", length=3, temperature=1.0, nsamples=16, batch_size=8, seed=0, return_as_list=True
+    )
     tok = tiny_lm.tokenizer
     ids = [i for i in range(tok.vocab_size) if "\ufffd" in tok.decode([i])][:50]  # tokens holding half a character
     engine = Engine(tiny_lm, 1)
@@ -109,13 +142,16 @@ def test_no_broken_characters_at_a_cut(tiny_lm):
     assert all(t.startswith("你好") for t in texts)
 
 
-@pytest.mark.parametrize(("kwargs", "says"), [
-    (dict(top_k=-1), "top_k"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(nsamples=3, batch_size=2), "multiple of batch_size"),
-    (dict(length=0), "length"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "says"),
+    [
+        (dict(top_k=-1), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(nsamples=3, batch_size=2), "multiple of batch_size"),
+        (dict(length=0), "length"),
+    ],
+)
 def test_bad_parameters_get_one_sentence(tiny_lm, kwargs, says):
     with pytest.raises(InputError, match=says) as info:
         botkit.generate(tiny_lm, return_as_list=True, **kwargs)
@@ -130,26 +166,71 @@ def test_long_prefix_is_left_trimmed_with_a_warning(tiny_lm, caplog):
 
 def test_writes_samples_to_a_file(tiny_lm, tmp_path):
     path = tmp_path / "out.txt"
-    botkit.generate_to_file(tiny_lm, destination_path=str(path), prefix="Hi", length=5, nsamples=2, batch_size=2, seed=1)
+    botkit.generate_to_file(
+        tiny_lm, destination_path=str(path), prefix="Hi", length=5, nsamples=2, batch_size=2, seed=1
+    )
     assert path.read_text().count("=" * 20 + "\n") == 2
 
 
 def test_cli_generate_runs_offline(tmp_path):
     lm = load_model(GPT2Config(n_layer=1, n_head=2, n_embd=16), device="cpu")
     lm.model.save_pretrained(tmp_path / "m")
-    out = subprocess.run([sys.executable, "-m", "botkit", "generate", "--model", str(tmp_path / "m"), "--prefix", "Hello",
-                          "--truncate", "\\n", "--nsamples", "4", "--batch-size", "2", "--length", "8", "--seed", "1",
-                          "--min-p", "0.05", "--dry-multiplier", "0.8", "--dry-sequence-breaker", "\\n", "--min-tokens", "8"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "botkit",
+            "generate",
+            "--model",
+            str(tmp_path / "m"),
+            "--prefix",
+            "Hello",
+            "--truncate",
+            "\\n",
+            "--nsamples",
+            "4",
+            "--batch-size",
+            "2",
+            "--length",
+            "8",
+            "--seed",
+            "1",
+            "--min-p",
+            "0.05",
+            "--dry-multiplier",
+            "0.8",
+            "--dry-sequence-breaker",
+            "\\n",
+            "--min-tokens",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("=" * 20) == 4 and out.stdout.startswith("Hello")
     samples = [s.rstrip("\n") for s in out.stdout.split("=" * 20 + "\n") if s]
-    assert len(samples) == 4 and not any("\n" in s for s in samples)  # --min-tokens 8 of --length 8: never cut by --truncate
-    bad = subprocess.run([sys.executable, "-m", "botkit", "generate", "--model", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+    # --min-tokens 8 of --length 8: never cut by --truncate
+    assert len(samples) == 4 and not any("\n" in s for s in samples)
+    bad = subprocess.run(
+        [sys.executable, "-m", "botkit", "generate", "--model", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
-    wrong = subprocess.run([sys.executable, "-m", "botkit", "generate", "--model", str(tmp_path / "m"), "--min-p", "7"],
-                           capture_output=True, text=True, timeout=120)
-    assert wrong.returncode == 2 and "min_p must be between 0 (off) and 1" in wrong.stderr and "Traceback" not in wrong.stderr
+    wrong = subprocess.run(
+        [sys.executable, "-m", "botkit", "generate", "--model", str(tmp_path / "m"), "--min-p", "7"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        wrong.returncode == 2
+        and "min_p must be between 0 (off) and 1" in wrong.stderr
+        and "Traceback" not in wrong.stderr
+    )
 
 
 def test_a_sample_that_fails_is_an_error_not_a_finished_text(tmp_path, capsys):
@@ -160,6 +241,11 @@ def test_a_sample_that_fails_is_an_error_not_a_finished_text(tmp_path, capsys):
     lm.model.save_pretrained(tmp_path / "model")
     lm.tokenizer.save_pretrained(tmp_path / "model")
     capsys.readouterr()
-    assert main(["generate", "--model", str(tmp_path / "model"), "--prefix", "Hello world", "--length", "4", "--seed", "1"]) == 2
+    assert (
+        main(
+            ["generate", "--model", str(tmp_path / "model"), "--prefix", "Hello world", "--length", "4", "--seed", "1"]
+        )
+        == 2
+    )
     out = capsys.readouterr()
     assert out.out == "" and "could not be generated" in out.err

@@ -32,13 +32,22 @@ async def scrape(http) -> dict[str, list]:
     async with http.get("/metrics") as response:
         assert response.status == 200 and response.headers["Content-Type"].startswith("text/plain")
         text = await response.text()
-    return {family.name: [(s.name, s.labels, s.value) for s in family.samples] for family in text_string_to_metric_families(text)}
+    return {
+        family.name: [(s.name, s.labels, s.value) for s in family.samples]
+        for family in text_string_to_metric_families(text)
+    }
 
 
 async def test_healthz_follows_the_platform_connection_and_metrics_count_requests(tmp_path, monkeypatch):
-    async with fake_server("telegram", monkeypatch) as fake, \
-            platform("telegram", tmp_path, monkeypatch, ScriptedBackend(), NO_LIMITS, fake=fake) as bot, web_for(bot.core) as http:
-        assert await health(http) == (200, {"status": "ok", "platforms": {"telegram": True}, "details": {"engine": "local"}})
+    async with (
+        fake_server("telegram", monkeypatch) as fake,
+        platform("telegram", tmp_path, monkeypatch, ScriptedBackend(), NO_LIMITS, fake=fake) as bot,
+        web_for(bot.core) as http,
+    ):
+        assert await health(http) == (
+            200,
+            {"status": "ok", "platforms": {"telegram": True}, "details": {"engine": "local"}},
+        )
         answered = await bot.send(GROUP, "mention", "hello")
         await until(lambda: bot.answers(answered))
         await until(lambda: bot.core.stats().num_done == 1)
@@ -57,7 +66,10 @@ async def test_healthz_follows_the_platform_connection_and_metrics_count_request
     assert ("botkit_platform_connected", {"platform": "telegram"}, 1.0) in metrics["botkit_platform_connected"]
     assert ("botkit_platform_connected", {"platform": "telegram"}, 0.0) in down["botkit_platform_connected"]
     latency = {(name, labels.get("le")): value for name, labels, value in metrics["botkit_request_latency_seconds"]}
-    assert latency["botkit_request_latency_seconds_count", None] == 1.0 and latency["botkit_request_latency_seconds_bucket", "+Inf"] == 1.0
+    assert (
+        latency["botkit_request_latency_seconds_count", None] == 1.0
+        and latency["botkit_request_latency_seconds_bucket", "+Inf"] == 1.0
+    )
     assert latency["botkit_request_latency_seconds_bucket", "300.0"] == 1.0
     for gauge in ("botkit_queue_depth", "botkit_running", "botkit_tokens_per_second"):
         assert metrics[gauge][0][2] >= 0

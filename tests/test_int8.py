@@ -109,9 +109,15 @@ def test_the_engine_generates_with_int8_as_transformers_does_with_the_same_model
         engine.step()
     for ids, seq in zip(prompts, seqs, strict=True):
         x = torch.tensor([ids])
-        out = lm.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=16, min_new_tokens=16,
-                                pad_token_id=lm.eos_token_id)
-        assert seq.generated == out[0, len(ids):].tolist()
+        out = lm.model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            do_sample=False,
+            max_new_tokens=16,
+            min_new_tokens=16,
+            pad_token_id=lm.eos_token_id,
+        )
+        assert seq.generated == out[0, len(ids) :].tolist()
 
 
 def test_int8_off_the_cpu_is_one_sentence():

@@ -20,26 +20,42 @@ from botkit.serve.core import Core
 from botkit.serve.store import Store
 
 
-@pytest.mark.parametrize(("text", "banned", "hit"), [
-    ("you are a Sh1t", ("shit",), "shit"),
-    ("ŞHİT happens", ("shit",), "shit"),
-    ("s\u200bh\u200bi\u200bt", ("shit",), "shit"),
-    ("a b.a.d word", ("bad",), "bad"),
-    ("he is BÄD", ("bad",), "bad"),
-    ("badminton is fun", ("bad",), None),
-    ("a bad, bad day", ("very bad",), None),
-    ("a very  bad day", ("very bad",), "very bad"),
-    ("€vil 5cheme", ("evil scheme",), "evil scheme"),
-    *[(f"you sh{c}it", ("shit",), "shit") for c in ("\ufe0f", "\u034f", "\u2066", "\u2069", "\u061c", "\u180b",
-                                                    "\U000e0041", "\u17b4", "\ufff9", "\U0001d173")],
-    ("you are a \u0455\u04bb\u0456t", ("shit",), "shit"),  # Cyrillic lookalikes
-    ("\u03bf\u03ba", ("ok",), "ok"),  # Greek lookalikes
-    ("\u202etihs\u202c happens", ("shit",), "shit"),  # shown right to left: reads "shit"
-    ("you sh.it", ("shit",), "shit"),
-    ("what sh-it", ("shit",), "shit"),
-    ("dog days", ("god",), None),
-    ("pen.island", ("penis",), None),
-])
+@pytest.mark.parametrize(
+    ("text", "banned", "hit"),
+    [
+        ("you are a Sh1t", ("shit",), "shit"),
+        ("ŞHİT happens", ("shit",), "shit"),
+        ("s\u200bh\u200bi\u200bt", ("shit",), "shit"),
+        ("a b.a.d word", ("bad",), "bad"),
+        ("he is BÄD", ("bad",), "bad"),
+        ("badminton is fun", ("bad",), None),
+        ("a bad, bad day", ("very bad",), None),
+        ("a very  bad day", ("very bad",), "very bad"),
+        ("€vil 5cheme", ("evil scheme",), "evil scheme"),
+        *[
+            (f"you sh{c}it", ("shit",), "shit")
+            for c in (
+                "\ufe0f",
+                "\u034f",
+                "\u2066",
+                "\u2069",
+                "\u061c",
+                "\u180b",
+                "\U000e0041",
+                "\u17b4",
+                "\ufff9",
+                "\U0001d173",
+            )
+        ],
+        ("you are a \u0455\u04bb\u0456t", ("shit",), "shit"),  # Cyrillic lookalikes
+        ("\u03bf\u03ba", ("ok",), "ok"),  # Greek lookalikes
+        ("\u202etihs\u202c happens", ("shit",), "shit"),  # shown right to left: reads "shit"
+        ("you sh.it", ("shit",), "shit"),
+        ("what sh-it", ("shit",), "shit"),
+        ("dog days", ("god",), None),
+        ("pen.island", ("penis",), None),
+    ],
+)
 def test_banned_words_are_found_in_any_case_accent_spacing_and_leetspeak(text, banned, hit):
     assert banned_word_in(text, banned) == hit
     assert normalize(text) == normalize(normalize(text))
@@ -70,11 +86,18 @@ async def test_a_greedy_reply_that_is_banned_is_never_sent(tmp_path, tiny_lm):
     ids = tiny_lm.tokenizer("Once upon a time").input_ids
     word = first_word(run(Engine(tiny_lm, 2), ids, SamplingParams(max_new_tokens=16, temperature=0)).text)
     config = Config()
-    config = dataclasses.replace(config, limits=dataclasses.replace(config.limits, user_per_minute=0, banned_words=(word.upper(),)))
+    config = dataclasses.replace(
+        config, limits=dataclasses.replace(config.limits, user_per_minute=0, banned_words=(word.upper(),))
+    )
     settings = ChatSettings(template="{message}", truncate="", temperature=0, length=16, unique=False)
-    async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, 2) as backend, Core(backend, store, config) as core:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        LocalBackend(tiny_lm, 2) as backend,
+        Core(backend, store, config) as core,
+    ):
         chats = Chats(core, store, core.config)
-        ticket = await chats.submit(Prompt("t", "c", "u", "Once upon a time"), settings)  # the operator's list holds in every chat
+        # the operator's list holds in every chat
+        ticket = await chats.submit(Prompt("t", "c", "u", "Once upon a time"), settings)
         with pytest.raises(GenerationError, match="banned word"):
             await ticket.result()
         row = await store.request(ticket.request_id)
@@ -87,14 +110,24 @@ async def test_the_operators_banned_words_hold_with_a_full_chat_list_and_for_the
     word = first_word(run(Engine(tiny_lm, 2), ids, SamplingParams(max_new_tokens=16, temperature=0)).text)
     config = Config()
     operator = tuple(f"op{i}" for i in range(199)) + (word,)
-    config = dataclasses.replace(config, limits=dataclasses.replace(config.limits, user_per_minute=0, banned_words=operator))
+    config = dataclasses.replace(
+        config, limits=dataclasses.replace(config.limits, user_per_minute=0, banned_words=operator)
+    )
     chat_list = ",".join(f"chat{i}" for i in range(200))
-    settings = ChatSettings(template="{message}", truncate="", temperature=0, length=16, unique=False, banned_words=chat_list)
+    settings = ChatSettings(
+        template="{message}", truncate="", temperature=0, length=16, unique=False, banned_words=chat_list
+    )
     greedy = SamplingParams(max_new_tokens=16, temperature=0)
-    async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, 2) as backend, Core(backend, store, config) as core:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        LocalBackend(tiny_lm, 2) as backend,
+        Core(backend, store, config) as core,
+    ):
         chats = Chats(core, store, config)
-        for ticket in (await chats.submit(Prompt("t", "c", "u", "Once upon a time"), settings),
-                       await core.submit("Once upon a time", greedy)):  # what the HTTP API and playground call
+        for ticket in (
+            await chats.submit(Prompt("t", "c", "u", "Once upon a time"), settings),
+            await core.submit("Once upon a time", greedy),
+        ):  # what the HTTP API and playground call
             with pytest.raises(GenerationError, match="banned word"):
                 await ticket.result()
 
@@ -117,9 +150,13 @@ def test_a_unique_reply_never_completes_a_run_of_the_training_text(tiny_lm, temp
 def test_a_reply_that_copies_its_prompt_is_drawn_again_then_sent_as_the_least_copying(tiny_lm):
     ids = tiny_lm.tokenizer("Once upon a time").input_ids
     loop = run(Engine(tiny_lm, 2), ids, SamplingParams(max_new_tokens=24, temperature=0))  # a random model loops
-    seq = run(Engine(tiny_lm, 2), ids + loop.generated, SamplingParams(max_new_tokens=24, temperature=1e-3, unique=True))
-    assert len(seq.attempts) == 4 and all(a.copies for a in seq.attempts)  # near greedy, every draw says the prompt again...
-    assert seq.result.copies and seq.result.copy_share == min(a.copy_share for a in seq.attempts)  # ...so the least copying goes
+    seq = run(
+        Engine(tiny_lm, 2), ids + loop.generated, SamplingParams(max_new_tokens=24, temperature=1e-3, unique=True)
+    )
+    # near greedy, every draw says the prompt again...
+    assert len(seq.attempts) == 4 and all(a.copies for a in seq.attempts)
+    # ...so the least copying goes
+    assert seq.result.copies and seq.result.copy_share == min(a.copy_share for a in seq.attempts)
 
 
 def test_candidates_draw_together_share_the_prompt_and_the_likeliest_is_sent(tiny_lm):
@@ -144,8 +181,17 @@ def test_no_repeated_ngram_in_prompt_and_reply(tiny_lm):
 
 
 def test_generate_unique_and_no_repeat_for_gpt2_simple_users(tiny_lm):
-    texts = botkit.generate(tiny_lm, prefix="Hello", length=20, temperature=0, nsamples=2, batch_size=2, unique=True,
-                            no_repeat_ngram_size=2, return_as_list=True)
+    texts = botkit.generate(
+        tiny_lm,
+        prefix="Hello",
+        length=20,
+        temperature=0,
+        nsamples=2,
+        batch_size=2,
+        unique=True,
+        no_repeat_ngram_size=2,
+        return_as_list=True,
+    )
     assert len(texts) == 2 and all(t.startswith("Hello") for t in texts)
 
 
@@ -158,7 +204,11 @@ async def test_a_chat_run_serves_in_the_format_it_was_trained_on(tmp_path, tiny_
     assert with_run_chat_format(own, fmt).chat.template == "Q: {message}\nA:"  # the config's own template wins
     assert with_run_chat_format(own, fmt).chat.context == "bot"
     config = dataclasses.replace(config, limits=dataclasses.replace(config.limits, user_per_minute=0))
-    async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, 2) as backend, Core(backend, store, config) as core:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        LocalBackend(tiny_lm, 2) as backend,
+        Core(backend, store, config) as core,
+    ):
         chats = Chats(core, store, core.config)
         ticket = await chats.submit(Prompt("t", "c", "u", "pizza tonight?", user_name="Anna", bot_name="RidgeBot"))
         await ticket.result()

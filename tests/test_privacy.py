@@ -41,7 +41,9 @@ def count(tmp_path, sql: str) -> int:
 @pytest.mark.parametrize("name", ["discord", "telegram"])
 async def test_forget_erases_a_members_messages_from_the_file_and_from_context(tmp_path, monkeypatch, name):
     backend = ScriptedBackend(lambda prompt: "noted")
-    async with platform(name, tmp_path, monkeypatch, backend, Config(chat=ChatSettings(truncate="", length=8), limits=NO_LIMITS)) as bot:
+    async with platform(
+        name, tmp_path, monkeypatch, backend, Config(chat=ChatSettings(truncate="", length=8), limits=NO_LIMITS)
+    ) as bot:
         secret = await bot.send(GROUP, "mention", f"my password is {SECRET}")
         await until(lambda: bot.answers(secret))
         bobs = await bot.send(GROUP, "mention", "hello from bob", user="bob")
@@ -76,11 +78,18 @@ async def test_forget_all_is_for_chat_admins_and_erases_everyones(tmp_path, monk
     assert count(tmp_path, "SELECT COUNT(*) FROM messages") == count(tmp_path, "SELECT COUNT(*) FROM requests") == 0
 
 
-@pytest.mark.parametrize(("store", "chat", "says"), [
-    (StoreConfig(), ChatSettings(), "until erased"),
-    (StoreConfig(retention_days=30), ChatSettings(), "for 30 days, then erased"),
-    (StoreConfig(retention_days=7), ChatSettings(context="channel"), "also keep the last 50 messages not addressed to me"),
-])
+@pytest.mark.parametrize(
+    ("store", "chat", "says"),
+    [
+        (StoreConfig(), ChatSettings(), "until erased"),
+        (StoreConfig(retention_days=30), ChatSettings(), "for 30 days, then erased"),
+        (
+            StoreConfig(retention_days=7),
+            ChatSettings(context="channel"),
+            "also keep the last 50 messages not addressed to me",
+        ),
+    ],
+)
 async def test_privacy_says_what_is_kept_and_for_how_long(tmp_path, monkeypatch, store, chat, says):
     async with platform("telegram", tmp_path, monkeypatch, ScriptedBackend(), Config(store=store, chat=chat)) as bot:
         asked = await bot.command(GROUP, "privacy")
@@ -92,11 +101,16 @@ async def test_privacy_says_what_is_kept_and_for_how_long(tmp_path, monkeypatch,
 async def test_retention_erases_old_rows_on_schedule_and_vacuums_the_file(tmp_path):
     now = [time.time()]
     config = StoreConfig(retention_days=1, prune_interval_s=0.05, vacuum_interval_s=0.2)
-    async with Store.open(tmp_path / "bot.db") as store, ScriptedBackend() as backend, \
-            Core(backend, store, Config(limits=NO_LIMITS)) as core:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        ScriptedBackend() as backend,
+        Core(backend, store, Config(limits=NO_LIMITS)) as core,
+    ):
         chats = Chats(core, store, core.config)
         for i in range(200):  # old enough to fill pages that VACUUM gives back
-            ticket = await chats.submit(Prompt("telegram", "-100", "42", f"{SECRET} number {i} " + "x" * 200, str(i), "alice"))
+            ticket = await chats.submit(
+                Prompt("telegram", "-100", "42", f"{SECRET} number {i} " + "x" * 200, str(i), "alice")
+            )
             await ticket.result()
         await store.record_delivery(ticket.request_id, ["m1"])
         await store.claim_answer(ticket.request_id, "reply")
@@ -108,16 +122,26 @@ async def test_retention_erases_old_rows_on_schedule_and_vacuums_the_file(tmp_pa
         size_before = (tmp_path / "bot.db").stat().st_size
         async with Retention(store, config, clock=lambda: now[0]):
             await until(lambda: count(tmp_path, "SELECT COUNT(*) FROM messages") == 1)
-            await until(lambda: count(tmp_path, "PRAGMA freelist_count") == 0 and (tmp_path / "bot.db").stat().st_size < size_before)
+            await until(
+                lambda: (
+                    count(tmp_path, "PRAGMA freelist_count") == 0 and (tmp_path / "bot.db").stat().st_size < size_before
+                )
+            )
         history = await store.context("telegram", "-100", 50)
     assert [text for text, _ in history] == ["a fresh message"]
-    assert count(tmp_path, "SELECT COUNT(*) FROM requests") == 1 and count(tmp_path, "SELECT COUNT(*) FROM deliveries") == 0
+    assert (
+        count(tmp_path, "SELECT COUNT(*) FROM requests") == 1
+        and count(tmp_path, "SELECT COUNT(*) FROM deliveries") == 0
+    )
     assert SECRET.encode() not in file_bytes(tmp_path)
 
 
 async def test_without_retention_nothing_is_erased(tmp_path):
-    async with Store.open(tmp_path / "bot.db") as store, ScriptedBackend() as backend, \
-            Core(backend, store, Config(limits=NO_LIMITS)) as core:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        ScriptedBackend() as backend,
+        Core(backend, store, Config(limits=NO_LIMITS)) as core,
+    ):
         chats = Chats(core, store, core.config)
         await (await chats.submit(Prompt("telegram", "-100", "42", "kept", "1", "alice"))).result()
         retention = Retention(store, StoreConfig(), clock=lambda: time.time() + 10 * 365 * 86400)
@@ -136,7 +160,9 @@ def test_settings_change_of_context_is_validated():
 @pytest.mark.parametrize("name", ["discord", "telegram"])
 async def test_forget_erases_the_text_from_prompts_still_generating(tmp_path, monkeypatch, name):
     backend = ScriptedBackend(lambda prompt: "noted")
-    async with platform(name, tmp_path, monkeypatch, backend, Config(chat=ChatSettings(truncate="", length=8), limits=NO_LIMITS)) as bot:
+    async with platform(
+        name, tmp_path, monkeypatch, backend, Config(chat=ChatSettings(truncate="", length=8), limits=NO_LIMITS)
+    ) as bot:
         secret = await bot.send(GROUP, "mention", f"my password is {SECRET}")
         await until(lambda: bot.answers(secret))
         backend.gate.clear()  # Bob's reply, whose prompt quotes Alice, is still generating when she forgets
@@ -154,7 +180,8 @@ async def test_forget_erases_the_text_from_prompts_still_generating(tmp_path, mo
 
 @pytest.mark.parametrize("name", ["discord", "telegram"])
 async def test_forget_during_the_members_own_pending_request_still_answers_it_and_keeps_nothing(
-        tmp_path, monkeypatch, caplog, name):
+    tmp_path, monkeypatch, caplog, name
+):
     backend = ScriptedBackend(lambda prompt: "noted")
     async with platform(name, tmp_path, monkeypatch, backend, Config(limits=NO_LIMITS)) as bot:
         backend.gate.clear()
@@ -174,8 +201,17 @@ async def test_forget_during_the_members_own_pending_request_still_answers_it_an
 
 async def test_forget_empties_the_wal_once_a_concurrent_reader_lets_go(tmp_path):
     async with Store.open(tmp_path / "bot.db") as store:
-        await store.add_request(kind="chat", platform="telegram", chat_id="-100", user_id="42", user_name="alice",
-                                platform_message_id="1", text=f"my password is {SECRET}", prompt=SECRET, params={})
+        await store.add_request(
+            kind="chat",
+            platform="telegram",
+            chat_id="-100",
+            user_id="42",
+            user_name="alice",
+            platform_message_id="1",
+            text=f"my password is {SECRET}",
+            prompt=SECRET,
+            params={},
+        )
         reader = sqlite3.connect(tmp_path / "bot.db")  # a backup tool (Litestream) keeps a read transaction open
         reader.execute("BEGIN")
         assert reader.execute("SELECT COUNT(*) FROM messages").fetchone() == (1,)
@@ -190,8 +226,11 @@ async def test_forget_empties_the_wal_once_a_concurrent_reader_lets_go(tmp_path)
 async def test_forget_drops_the_conversations_the_engine_keeps_for_reuse(tmp_path, tiny_lm):
     settings = ChatSettings(template="{message}", truncate="", length=4, unique=False)
     config = Config(limits=NO_LIMITS)
-    async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, 2, cache_mb=64) as backend, \
-            Core(backend, store, config) as core:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        LocalBackend(tiny_lm, 2, cache_mb=64) as backend,
+        Core(backend, store, config) as core,
+    ):
         chats = Chats(core, store, config)
         text = f"my password is {SECRET}, " * 8  # past one 16-token block: worth keeping
         await (await chats.submit(Prompt("telegram", "-100", "42", text, "1", "alice"), settings)).result()
@@ -219,7 +258,11 @@ def contains(tokens: list[int], part: list[int]) -> bool:
 def test_a_request_queued_before_forget_is_not_kept_for_reuse_when_it_runs_later(tiny_lm):
     engine = Engine(tiny_lm, 2, cache_mb=64)
     engine.drop_cached_prefixes(not_reusable_ids={7})  # request 7 still waits in the core's queue
-    engine.add(tiny_lm.tokenizer(f"my password is {SECRET}, " * 8).input_ids, SamplingParams(max_new_tokens=4, seed=0), seq_id=7)
+    engine.add(
+        tiny_lm.tokenizer(f"my password is {SECRET}, " * 8).input_ids,
+        SamplingParams(max_new_tokens=4, seed=0),
+        seq_id=7,
+    )
     while engine.has_work:
         engine.step()
     assert not engine.prefix_cache.entries
@@ -231,7 +274,9 @@ async def test_a_prompt_built_while_forget_runs_is_not_kept(tmp_path):
     config = Config(chat=ChatSettings(truncate="", length=8), limits=NO_LIMITS)
     async with Store.open(tmp_path / "bot.db") as store, backend, Core(backend, store, config) as core:
         chats = Chats(core, store, config)
-        await (await chats.submit(Prompt("telegram", "-100", "alice", f"my password is {SECRET}", "1", "alice"))).result()
+        await (
+            await chats.submit(Prompt("telegram", "-100", "alice", f"my password is {SECRET}", "1", "alice"))
+        ).result()
         context = store.context
 
         async def context_then_forget(*args):  # the member's /forget lands between the read and the write
@@ -252,7 +297,9 @@ async def test_a_reply_in_flight_that_copies_the_forgotten_text_is_not_stored(tm
     config = Config(chat=ChatSettings(truncate="", length=8), limits=NO_LIMITS)
     async with Store.open(tmp_path / "bot.db") as store, backend, Core(backend, store, config) as core:
         chats = Chats(core, store, config)
-        await (await chats.submit(Prompt("telegram", "-100", "alice", f"my password is {SECRET}", "1", "alice"))).result()
+        await (
+            await chats.submit(Prompt("telegram", "-100", "alice", f"my password is {SECRET}", "1", "alice"))
+        ).result()
         backend.gate.clear()
         bobs = await chats.submit(Prompt("telegram", "-100", "bob", "hello from bob", "2", "bob"))
         await until(lambda: len(backend.prompts) == 2)

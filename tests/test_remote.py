@@ -27,16 +27,23 @@ UNLIMITED = Config(limits=LimitsConfig(user_per_minute=0, chat_per_minute=0))
 @contextlib.asynccontextmanager
 async def first_botkit(tmp_path, lm, api_key=None):
     """The serving botkit: local model, store, core and web adapter on a free port."""
-    async with Store.open(tmp_path / "first.db") as store, LocalBackend(lm, max_batch_size=8) as backend, \
-            Core(backend, store, UNLIMITED) as core, WebAdapter(core, WebConfig(port=0), api_key) as web:
+    async with (
+        Store.open(tmp_path / "first.db") as store,
+        LocalBackend(lm, max_batch_size=8) as backend,
+        Core(backend, store, UNLIMITED) as core,
+        WebAdapter(core, WebConfig(port=0), api_key) as web,
+    ):
         yield core, web
 
 
 @contextlib.asynccontextmanager
 async def second_botkit(tmp_path, config):
     """The front botkit: no model of its own, `[model] backend = "remote"`."""
-    async with Store.open(tmp_path / "second.db") as store, RemoteBackend.from_config(config) as backend, \
-            Core(backend, store, config) as core:
+    async with (
+        Store.open(tmp_path / "second.db") as store,
+        RemoteBackend.from_config(config) as backend,
+        Core(backend, store, config) as core,
+    ):
         yield core
 
 
@@ -45,7 +52,10 @@ def remote_config(url, **model):
 
 
 async def test_a_second_botkit_gets_completions_from_the_first(tmp_path, tiny_lm):
-    async with first_botkit(tmp_path, tiny_lm) as (first, web), second_botkit(tmp_path, remote_config(web.url + "v1")) as second:
+    async with (
+        first_botkit(tmp_path, tiny_lm) as (first, web),
+        second_botkit(tmp_path, remote_config(web.url + "v1")) as second,
+    ):
         assert second.backend.name == "random-gpt2"  # learnt from the first's /v1/models
         prompt = Prompt(platform="discord", chat_id="1", user_id="2", text="hello", message_id="9")
         settings = ChatSettings(length=8, truncate="", unique=False)  # unjudged: streamed (a judged reply comes whole)
@@ -61,10 +71,13 @@ async def test_a_second_botkit_gets_completions_from_the_first(tmp_path, tiny_lm
 
 async def test_remote_samples_equal_local_ones_for_the_same_parameters(tmp_path, tiny_lm):
     params = SamplingParams(max_new_tokens=10, temperature=0.7, top_k=30, top_p=0.9, repetition_penalty=1.3, seed=42)
-    async with first_botkit(tmp_path, tiny_lm) as (first, web), second_botkit(tmp_path, remote_config(web.url)) as second:
+    async with (
+        first_botkit(tmp_path, tiny_lm) as (first, web),
+        second_botkit(tmp_path, remote_config(web.url)) as second,
+    ):
         local = await (await first.submit("The river", params)).result()
         remote = await (await second.submit("The river", params)).result()
-        stop = local.text[len(local.text) // 2:][:3]
+        stop = local.text[len(local.text) // 2 :][:3]
         stopped = await (await second.submit("The river", replace(params, stop=(stop,)))).result()
         other_seed = await (await second.submit("The river", replace(params, seed=43))).result()
     assert remote.text == local.text and remote.finish_reason == "length" and remote.num_tokens == 10
@@ -117,12 +130,15 @@ async def test_a_server_that_goes_away_fails_only_those_requests(tmp_path, tiny_
         await second_context.__aexit__(None, None, None)
 
 
-@pytest.mark.parametrize("url, expected", [
-    ("http://gpu:8000/v1", "http://gpu:8000/v1/completions"),
-    ("http://gpu:8000/v1/", "http://gpu:8000/v1/completions"),
-    ("http://gpu:8000", "http://gpu:8000/v1/completions"),
-    ("https://gpu/api/v1/completions", "https://gpu/api/v1/completions"),
-])
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("http://gpu:8000/v1", "http://gpu:8000/v1/completions"),
+        ("http://gpu:8000/v1/", "http://gpu:8000/v1/completions"),
+        ("http://gpu:8000", "http://gpu:8000/v1/completions"),
+        ("https://gpu/api/v1/completions", "https://gpu/api/v1/completions"),
+    ],
+)
 def test_completions_url(url, expected):
     assert str(completions_url(url)) == expected
 
@@ -154,7 +170,9 @@ class FakeVLLM:
         body = await request.json()
         if not body.get("stream"):  # botkit's probes at start (capabilities.py): vLLM without botkit's processor
             logprobs = {"token_logprobs": [-1.0]} if body.get("logprobs") is not None else None
-            return web.json_response({"choices": [{"index": 0, "text": " one", "logprobs": logprobs, "finish_reason": "length"}]})
+            return web.json_response(
+                {"choices": [{"index": 0, "text": " one", "logprobs": logprobs, "finish_reason": "length"}]}
+            )
         self.bodies.append(body)
         if self.drop_before_answer:
             self.drop_before_answer -= 1
@@ -162,9 +180,13 @@ class FakeVLLM:
             return web.Response()
         if self.busy_answers:
             self.busy_answers -= 1
-            return web.json_response({"object": "error", "message": "overloaded"}, status=503, headers={"Retry-After": "0"})
+            return web.json_response(
+                {"object": "error", "message": "overloaded"}, status=503, headers={"Retry-After": "0"}
+            )
         if body["model"] != "gpt2":
-            return web.json_response({"object": "error", "message": f"The model `{body['model']}` does not exist."}, status=404)
+            return web.json_response(
+                {"object": "error", "message": f"The model `{body['model']}` does not exist."}, status=404
+            )
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -174,15 +196,30 @@ class FakeVLLM:
             pieces = [" one", " two", " three"]
             for i, piece in enumerate(pieces):
                 last = i == len(pieces) - 1
-                chunk = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "gpt2",
-                         "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": "length" if last else None,
-                                      "stop_reason": None}], "usage": None}
+                chunk = {
+                    "id": "cmpl-1",
+                    "object": "text_completion",
+                    "created": 1,
+                    "model": "gpt2",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "text": piece,
+                            "logprobs": None,
+                            "finish_reason": "length" if last else None,
+                            "stop_reason": None,
+                        }
+                    ],
+                    "usage": None,
+                }
                 await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 if self.drop_mid_answer:
                     request.transport.close()  # the engine crashed
                     return response
             usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
-            await response.write(f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n".encode())
+            await response.write(
+                f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n".encode()
+            )
             return response
         finally:
             self.in_flight -= 1
@@ -212,12 +249,27 @@ async def test_speaks_vllms_dialect(tmp_path):
     assert seen == [" one", " two", " three"] and done.text == " one two three"
     assert (done.finish_reason, done.num_tokens, done.num_prompt_tokens, done.seed) == ("length", 3, 7, 1)
     sent = fake.bodies[0]
-    assert sent == {"model": "gpt2", "prompt": "Hello", "max_tokens": 3, "temperature": 0.5, "top_p": 0.9, "stream": True,
-                    "stream_options": {"include_usage": True}, "stop": ["\n"], "seed": 1, "top_k": 40}
+    assert sent == {
+        "model": "gpt2",
+        "prompt": "Hello",
+        "max_tokens": 3,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "stop": ["\n"],
+        "seed": 1,
+        "top_k": 40,
+    }
     assert "top_k" not in fake.bodies[1]  # OpenAI's API has no top_k; off means absent
-    assert fake.bodies[1]["seed"] == unseeded.seed is not None  # as on the own engine, every sample has a seed, stored with it
+    # as on the own engine, every sample has a seed, stored with it
+    assert fake.bodies[1]["seed"] == unseeded.seed is not None
     # This fake is vLLM without botkit's processor: said at start and in /healthz, and no vllm_xargs are sent
-    assert "vllm_xargs" not in sent and details["unsupported"] == [capabilities.RULES] and "--logits-processors" in details["note"]
+    assert (
+        "vllm_xargs" not in sent
+        and details["unsupported"] == [capabilities.RULES]
+        and "--logits-processors" in details["note"]
+    )
 
 
 async def test_busy_server_is_retried_then_reported(tmp_path):
@@ -238,7 +290,9 @@ async def test_server_errors_are_passed_on_as_a_sentence(tmp_path):
 
 class EchoingVLLM(FakeVLLM):
     async def completions(self, request):  # a careless server that repeats the request's key in its error
-        return web.json_response({"object": "error", "message": f"bad request from {request.headers['Authorization']}"}, status=400)
+        return web.json_response(
+            {"object": "error", "message": f"bad request from {request.headers['Authorization']}"}, status=400
+        )
 
 
 async def test_a_server_that_echoes_the_api_key_never_leaks_it(tmp_path):
@@ -289,12 +343,15 @@ async def test_candidates_and_banned_words_are_judged_here_as_on_the_own_engine(
     fake = FakeVLLM()  # it always answers " one two three"
     async with fake_vllm(fake) as url, RemoteBackend(url) as backend:
         done = await backend.generate(Job(1, "Hello", SamplingParams(candidates=3, seed=10)))
-        assert [b["seed"] for b in fake.bodies] == [10, 11, 12] and all(b["logprobs"] == 0 for b in fake.bodies)  # seed + i, as the engine
+        # seed + i, as the engine
+        assert [b["seed"] for b in fake.bodies] == [10, 11, 12] and all(b["logprobs"] == 0 for b in fake.bodies)
         assert (done.text, done.num_draws, done.seed) == (" one two three", 3, 10)
         fake.bodies.clear()
         with pytest.raises(GenerationError, match=r"each of 4 draws held a banned word"):
-            await backend.generate(Job(2, "Hello", SamplingParams(banned_words=("Tw0",), seed=1)))  # leetspeak, any case
-    assert len(fake.bodies) == 4 and fake.bodies[1]["seed"] == (1 + 0x9E3779B97F4A7C15) % 2**63  # redrawn with the engine's next seed
+            # leetspeak, any case
+            await backend.generate(Job(2, "Hello", SamplingParams(banned_words=("Tw0",), seed=1)))
+    # redrawn with the engine's next seed
+    assert len(fake.bodies) == 4 and fake.bodies[1]["seed"] == (1 + 0x9E3779B97F4A7C15) % 2**63
     assert not any("Tw0" in json.dumps(b) for b in fake.bodies)  # banned words are never sent
 
 

@@ -19,9 +19,15 @@ GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
 
 def hf_greedy(lm, ids, n):
     ids = torch.tensor([ids])
-    out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                            pad_token_id=lm.eos_token_id)
-    return out[0, ids.shape[1]:].tolist()
+    out = lm.model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        pad_token_id=lm.eos_token_id,
+    )
+    return out[0, ids.shape[1] :].tolist()
 
 
 def run(engine, prompt_ids, params=GREEDY):
@@ -56,12 +62,14 @@ def test_a_chat_reuses_its_earlier_turns_and_writes_what_it_writes_without_reuse
     assert sum(s.num_reused > 0 for s in reused) >= 9, [s.num_reused for s in reused]  # all but the first and the cuts
     assert max(s.num_reused for s in reused) >= 64
     for seq in reused[:4]:  # and equal to transformers on the whole prompt
-        assert seq.generated == hf_greedy(lm, seq.prompt_ids[seq.offset:], 12)
+        assert seq.generated == hf_greedy(lm, seq.prompt_ids[seq.offset :], 12)
 
 
 def test_chats_sharing_a_template_reuse_it(tiny_lm):
     engine = Engine(tiny_lm, 4, cache_mb=64)
-    template = tiny_lm.tokenizer("You are a friendly bot in a Discord server about gardening. Keep replies short.\n" * 2).input_ids
+    template = tiny_lm.tokenizer(
+        "You are a friendly bot in a Discord server about gardening. Keep replies short.\n" * 2
+    ).input_ids
     first = run(engine, template + tiny_lm.tokenizer("Alice: hi").input_ids)
     second = run(engine, template + tiny_lm.tokenizer("Bob: how do I water cacti?").input_ids)
     assert first.num_reused == 0 and second.num_reused >= len(template) // BLOCK * BLOCK
@@ -71,7 +79,9 @@ def test_chats_sharing_a_template_reuse_it(tiny_lm):
 def test_a_tiny_cache_evicts_the_least_recently_used_and_stays_within_its_bytes(tiny_lm):
     engine = Engine(tiny_lm, 2, cache_mb=1)
     per_token = 2 * 2 * 32 * 4  # layers x (k, v) x width x bytes
-    prompts = [torch.randint(0, 50000, (1500,), generator=torch.Generator().manual_seed(i)).tolist()[:1000] for i in range(8)]
+    prompts = [
+        torch.randint(0, 50000, (1500,), generator=torch.Generator().manual_seed(i)).tolist()[:1000] for i in range(8)
+    ]
     for prompt in prompts:
         run(engine, prompt, SamplingParams(max_new_tokens=4, temperature=0))
         assert engine.prefix_cache.nbytes <= 2**20
@@ -106,9 +116,14 @@ def test_incremental_text_equals_decoding_the_whole_reply(tiny_lm, ids):
 def test_sampled_text_never_holds_a_broken_character(tiny_lm, seed, temperature):
     """A random model samples bytes at random: without the UTF-8 mask most of these would hold U+FFFD."""
     engine = Engine(tiny_lm, 1, cache_mb=0)
-    seq = run(engine, tiny_lm.tokenizer("你好，").input_ids, SamplingParams(max_new_tokens=24, temperature=temperature, top_k=0, seed=seed))
+    seq = run(
+        engine,
+        tiny_lm.tokenizer("你好，").input_ids,
+        SamplingParams(max_new_tokens=24, temperature=temperature, top_k=0, seed=seed),
+    )
     assert "\ufffd" not in seq.text
-    assert "\ufffd" not in tiny_lm.tokenizer.decode(seq.generated).rstrip("\ufffd")  # only a cut at the length may be unfinished
+    # only a cut at the length may be unfinished
+    assert "\ufffd" not in tiny_lm.tokenizer.decode(seq.generated).rstrip("\ufffd")
 
 
 async def test_a_long_chat_trims_its_context_in_halves_so_most_turns_extend_the_last(tmp_path):
@@ -122,10 +137,17 @@ async def test_a_long_chat_trims_its_context_in_halves_so_most_turns_extend_the_
 
     lm = load_model(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128), device="cpu", seed=0)
     config = Config()
-    config = dataclasses.replace(config, limits=dataclasses.replace(config.limits, user_per_minute=0, chat_per_minute=0, context_messages=6),
-                                 chat=dataclasses.replace(config.chat, length=8, temperature=0, truncate=""))
+    config = dataclasses.replace(
+        config,
+        limits=dataclasses.replace(config.limits, user_per_minute=0, chat_per_minute=0, context_messages=6),
+        chat=dataclasses.replace(config.chat, length=8, temperature=0, truncate=""),
+    )
     prompts = []
-    async with Store.open(tmp_path / "bot.db") as store, LocalBackend(lm, 4, cache_mb=64) as backend, Core(backend, store, config) as core:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        LocalBackend(lm, 4, cache_mb=64) as backend,
+        Core(backend, store, config) as core,
+    ):
         chats = Chats(core, store, core.config)
         for turn in range(16):
             ticket = await chats.submit(Prompt("test", "chat", "user", f"message number {turn} from the user"))
@@ -140,7 +162,10 @@ async def test_a_long_chat_trims_its_context_in_halves_so_most_turns_extend_the_
 def test_the_gpu_path_one_padded_attention_call_per_layer_gives_the_same_greedy_tokens_on_cpu(tiny_lm):
     """On a GPU, decode attention is one padded call per layer (padded_decode); rows of different
     lengths, joining mid-flight, must still write what the per-row path writes."""
-    prompts = [tiny_lm.tokenizer(p).input_ids for p in ("Hello world", "The quick brown fox jumps over the lazy", "A", "In the beginning")]
+    prompts = [
+        tiny_lm.tokenizer(p).input_ids
+        for p in ("Hello world", "The quick brown fox jumps over the lazy", "A", "In the beginning")
+    ]
 
     def greedy(padded):
         engine = Engine(tiny_lm, 3, padded_decode=padded)
@@ -164,27 +189,46 @@ async def test_a_long_channel_trims_its_context_in_halves_too(tmp_path):
     lm = load_model(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128), device="cpu", seed=0)
     config = Config()
     chat = dataclasses.replace(config.chat, length=8, temperature=0, truncate="\n", context="channel", unique=False)
-    config = dataclasses.replace(config, chat=chat, limits=dataclasses.replace(config.limits, user_per_minute=0, chat_per_minute=0,
-                                                                                context_messages=8))
+    config = dataclasses.replace(
+        config,
+        chat=chat,
+        limits=dataclasses.replace(config.limits, user_per_minute=0, chat_per_minute=0, context_messages=8),
+    )
     prompts = []
-    async with Store.open(tmp_path / "bot.db") as store, LocalBackend(lm, 4, cache_mb=64) as backend, Core(backend, store, config) as core:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        LocalBackend(lm, 4, cache_mb=64) as backend,
+        Core(backend, store, config) as core,
+    ):
         chats = Chats(core, store, core.config)
         for turn in range(16):
-            await store.add_channel_message(platform="t", chat_id="c", user_id="u2", user_name="bob", platform_message_id=f"x{turn}",
-                                            text=f"chatter {turn}", keep=50)
-            ticket = await chats.submit(Prompt("t", "c", "u", f"question {turn} for the bot", message_id=f"q{turn}", user_name="alice"))
+            await store.add_channel_message(
+                platform="t",
+                chat_id="c",
+                user_id="u2",
+                user_name="bob",
+                platform_message_id=f"x{turn}",
+                text=f"chatter {turn}",
+                keep=50,
+            )
+            ticket = await chats.submit(
+                Prompt("t", "c", "u", f"question {turn} for the bot", message_id=f"q{turn}", user_name="alice")
+            )
             await ticket.result()
             prompts.append((await store.request(ticket.request_id))["prompt"])
     starts = [p.split("\n")[0] for p in prompts]
     assert len(set(starts)) <= 5, starts  # the context's first line changes at the cuts only, not on every turn
 
 
-@pytest.mark.parametrize(("files", "limit_bytes"), [
-    ({"memory.max": "536870912\n"}, 512 * 2**20),  # cgroup v2: a 512 MiB container
-    ({"memory/memory.limit_in_bytes": "268435456\n"}, 256 * 2**20),  # cgroup v1
-    ({"memory.max": "max\n"}, None),  # no limit: the machine's memory
-    ({}, None),  # no cgroup file system
-])
+@pytest.mark.parametrize(
+    ("files", "limit_bytes"),
+    [
+        ({"memory.max": "536870912\n"}, 512 * 2**20),  # cgroup v2: a 512 MiB container
+        ({"memory/memory.limit_in_bytes": "268435456\n"}, 256 * 2**20),  # cgroup v1
+        ({"memory.max": "max\n"}, None),  # no limit: the machine's memory
+        ({}, None),  # no cgroup file system
+    ],
+)
 def test_the_default_cache_is_a_quarter_of_the_containers_memory_limit(tmp_path, files, limit_bytes):
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

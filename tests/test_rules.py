@@ -68,7 +68,9 @@ def test_greedy_rows_skip_min_p_and_typical_p():
 def test_presence_and_frequency_penalties_follow_openais_formula():
     """OpenAI: mu[j] -> mu[j] - c[j] * alpha_frequency - float(c[j] > 0) * alpha_presence, c over the reply only."""
     logits = _logits(rows=1)
-    ours = _applied(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), logits, prompt=(9, 9, 9), reply=(5, 5, 7))
+    ours = _applied(
+        SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), logits, prompt=(9, 9, 9), reply=(5, 5, 7)
+    )
     expected = logits.clone()
     expected[0, 5] -= 2 * 0.25 + 0.5
     expected[0, 7] -= 1 * 0.25 + 0.5
@@ -88,7 +90,9 @@ def test_dry_penalises_the_token_that_would_extend_a_repeat_by_hand():
     expected = logits.clone()
     expected[0, 4] -= 0.8 * 2.0 ** (3 - 2)
     assert torch.allclose(ours, expected)
-    assert torch.equal(_applied(dataclasses.replace(params, dry_allowed_length=4), logits, tokens[:5], tokens[5:]), logits)
+    assert torch.equal(
+        _applied(dataclasses.replace(params, dry_allowed_length=4), logits, tokens[:5], tokens[5:]), logits
+    )
 
 
 def test_dry_breakers_are_the_tokens_holding_a_breaker_string(tiny_lm):
@@ -150,27 +154,60 @@ def test_the_utf8_mask_follows_each_rows_bytes(tiny_lm):
 
 
 def test_xargs_round_trip_and_hostile_input():
-    params = SamplingParams(max_new_tokens=30, temperature=0.7, top_k=0, min_p=0.05, typical_p=0.9, presence_penalty=0.5,
-                            frequency_penalty=-0.5, repetition_penalty=1.2, no_repeat_ngram_size=3, dry_multiplier=0.8,
-                            dry_sequence_breakers=("\n", "@"), min_tokens=4, unique=True, stop=("\n",))
+    params = SamplingParams(
+        max_new_tokens=30,
+        temperature=0.7,
+        top_k=0,
+        min_p=0.05,
+        typical_p=0.9,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        repetition_penalty=1.2,
+        no_repeat_ngram_size=3,
+        dry_multiplier=0.8,
+        dry_sequence_breakers=("\n", "@"),
+        min_tokens=4,
+        unique=True,
+        stop=("\n",),
+    )
     xargs = to_xargs(params)
     assert all(isinstance(v, str | int | float | list) and not isinstance(v, bool) for v in xargs.values())
     back = from_xargs(xargs, temperature=0.7, top_k=0, max_new_tokens=30, stop=("\n",))
     assert back == params
     assert to_xargs(SamplingParams()) == {"botkit_rules": 1}
-    for bad, says in [({"botkit_min_p": 7}, "min_p"), ({"botkit_unique": "yes"}, "0 or 1"), ({"botkit_min_p": "0.1"}, "number"),
-                      ({"botkit_dry_sequence_breakers": "\n"}, "list of strings"), ({"botkit_rules": 2}, "version"),
-                      ({"botkit_typical_p": float("nan")}, "number"), ({"botkit_evil": 1}, "Unknown"),
-                      ({"botkit_min_tokens": 99}, "min_tokens")]:
+    for bad, says in [
+        ({"botkit_min_p": 7}, "min_p"),
+        ({"botkit_unique": "yes"}, "0 or 1"),
+        ({"botkit_min_p": "0.1"}, "number"),
+        ({"botkit_dry_sequence_breakers": "\n"}, "list of strings"),
+        ({"botkit_rules": 2}, "version"),
+        ({"botkit_typical_p": float("nan")}, "number"),
+        ({"botkit_evil": 1}, "Unknown"),
+        ({"botkit_min_tokens": 99}, "min_tokens"),
+    ]:
         with pytest.raises(InputError, match=says):
             from_xargs(bad)
     assert from_xargs({"other_processor": {"x": 1}}) == SamplingParams()  # another processor's arguments are not ours
 
 
 def test_samplers_in_generate_and_as_chat_settings(tiny_lm):
-    texts = botkit.generate(tiny_lm, prefix="Hi", length=6, nsamples=2, batch_size=2, seed=1, return_as_list=True, temperature=1.0,
-                            min_p=0.05, typical_p=0.95, presence_penalty=0.5, frequency_penalty=0.5, dry_multiplier=0.8, min_tokens=6,
-                            truncate=" the")
+    texts = botkit.generate(
+        tiny_lm,
+        prefix="Hi",
+        length=6,
+        nsamples=2,
+        batch_size=2,
+        seed=1,
+        return_as_list=True,
+        temperature=1.0,
+        min_p=0.05,
+        typical_p=0.95,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        dry_multiplier=0.8,
+        min_tokens=6,
+        truncate=" the",
+    )
     assert len(texts) == 2 and all(len(tiny_lm.tokenizer(t[2:]).input_ids) >= 5 for t in texts)
     with pytest.raises(InputError, match="typical_p"):
         botkit.generate(tiny_lm, prefix="Hi", length=6, typical_p=0, return_as_list=True)

@@ -20,8 +20,7 @@ from botkit.engine.engine import Engine
 from botkit.params import ChatSettings, SamplingParams
 
 NO_LIMITS = LimitsConfig(user_per_minute=0, chat_per_minute=0)
-FAST = {"discord": dict(stream_interval_s=0.05),
-        "telegram": dict(stream_interval_s=0.05, group_stream_interval_s=0.05)}
+FAST = {"discord": dict(stream_interval_s=0.05), "telegram": dict(stream_interval_s=0.05, group_stream_interval_s=0.05)}
 CASES = [("discord", GROUP), ("discord", PRIVATE), ("telegram", GROUP), ("telegram", PRIVATE)]
 
 
@@ -32,15 +31,18 @@ def config(**settings) -> Config:
 # -- what may be shown ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("draft", "visible"), [
-    ("I say ba", "I say"),  # "ba" may still become "bad"
-    ("I say bad", "I say"),
-    ("I say bad things", "I say"),
-    ("fine, b.a.d", "fine,"),  # spelled out, held as one word
-    ("fine b a d and more", "fine b a"),  # spelled with spaces: never the last letter
-    ("a Sh1t day", "a"),
-    ("no such word here", "no such word"),
-])
+@pytest.mark.parametrize(
+    ("draft", "visible"),
+    [
+        ("I say ba", "I say"),  # "ba" may still become "bad"
+        ("I say bad", "I say"),
+        ("I say bad things", "I say"),
+        ("fine, b.a.d", "fine,"),  # spelled out, held as one word
+        ("fine b a d and more", "fine b a"),  # spelled with spaces: never the last letter
+        ("a Sh1t day", "a"),
+        ("no such word here", "no such word"),
+    ],
+)
 def test_the_word_being_written_is_held_back_and_nothing_from_a_banned_word_on(draft, visible):
     assert visible_text(draft, ("bad", "shit")) == visible
     assert visible_text(draft, ()) == draft  # no banned words: all of it
@@ -76,7 +78,11 @@ async def test_a_reply_shows_while_it_is_written_and_ends_as_the_stored_reply(tm
         [(request_id, message_id)] = await delivered(tmp_path, 1)
     updates = bot.updates()
     if (name, chat) == ("telegram", PRIVATE):  # drafts, then the reply sent once as a message
-        assert bot.fake.drafts[42] == [(request_id, "Hello"), (request_id, "Hello there,"), (request_id, "Hello there, friend")]
+        assert bot.fake.drafts[42] == [
+            (request_id, "Hello"),
+            (request_id, "Hello there,"),
+            (request_id, "Hello there, friend"),
+        ]
         assert updates[-1] == "Hello there, friend" and len(bot.fake.calls_of("sendMessage")) == 1
     else:  # one message, sent early and edited: the delivery records it
         assert updates == ["Hello", "Hello there,", "Hello there, friend"]
@@ -85,15 +91,26 @@ async def test_a_reply_shows_while_it_is_written_and_ends_as_the_stored_reply(tm
 
 def bot_message_id(bot, message) -> str:
     if "chat" in message:  # Telegram
-        return next(m["message_id"] for m in bot.fake.sent(message["chat"]["id"])
-                    if m.get("reply_to_message", {}).get("message_id") == message["message_id"])
-    return next(m["id"] for m in bot.fake.bot_messages() if m.get("message_reference", {}).get("message_id") == message["id"])
+        return next(
+            m["message_id"]
+            for m in bot.fake.sent(message["chat"]["id"])
+            if m.get("reply_to_message", {}).get("message_id") == message["message_id"]
+        )
+    return next(
+        m["id"] for m in bot.fake.bot_messages() if m.get("message_reference", {}).get("message_id") == message["id"]
+    )
 
 
 @pytest.mark.parametrize(("name", "chat"), CASES)
 async def test_a_banned_word_never_shows_and_the_draw_drawn_again_replaces_the_draft(tmp_path, monkeypatch, name, chat):
-    script = [("draft", " I say ba"), ("draft", " I say bad"), ("draft", " I say bad things"), ("draft", ""),
-              ("draft", " Kind words"), ("draft", " Kind words only")]
+    script = [
+        ("draft", " I say ba"),
+        ("draft", " I say bad"),
+        ("draft", " I say bad things"),
+        ("draft", ""),
+        ("draft", " Kind words"),
+        ("draft", " Kind words only"),
+    ]
     backend = SteppedBackend(script, " Kind words only")
     async with platform(name, tmp_path, monkeypatch, backend, config(banned_words="bad"), **FAST[name]) as bot:
         message = await send(bot, chat, "hi")
@@ -117,7 +134,8 @@ async def test_candidates_are_judged_whole_so_not_streamed(tmp_path, monkeypatch
         message = await send(bot, chat, "hi")
         backend.step(2)
         typing = len(typing_calls(bot))
-        await until(lambda: len(typing_calls(bot)) >= typing + 2)  # the bot went on past the text: had it streamed, it would show
+        # the bot went on past the text: had it streamed, it would show
+        await until(lambda: len(typing_calls(bot)) >= typing + 2)
         assert bot.showing(message) == []
         backend.step()
         await until(lambda: bot.answers(message) == ["one two"])
@@ -171,8 +189,15 @@ async def test_after_a_restart_mid_stream_the_answer_edits_the_part_shown_once(t
             backend.step()
             await until(lambda: bot.showing(message) == ["half a"])
         [shown_id] = [str(bot_message_id(bot, message))]
-        async with platform(name, tmp_path, monkeypatch, ScriptedBackend(lambda p: " the whole reply"), config(),
-                            fake=fake, **FAST[name]) as bot:
+        async with platform(
+            name,
+            tmp_path,
+            monkeypatch,
+            ScriptedBackend(lambda p: " the whole reply"),
+            config(),
+            fake=fake,
+            **FAST[name],
+        ) as bot:
             await until(lambda: bot.answers(message) == ["the whole reply"])  # the half shown became the answer
             assert [message_id for _, message_id in await delivered(tmp_path, 1)] == [shown_id]
 
@@ -196,7 +221,7 @@ def test_the_engine_previews_a_judged_draw_and_starts_over_when_it_is_drawn_agai
     restart = drafts.index("")
     assert drafts[:restart] and all(plain.startswith(d) for d in drafts[:restart])  # the first draw, previewed
     last_restart = len(drafts) - 1 - drafts[::-1].index("")
-    assert all(text.startswith(d) for d in drafts[last_restart + 1:])  # the draw sent, previewed
+    assert all(text.startswith(d) for d in drafts[last_restart + 1 :])  # the draw sent, previewed
     candidates, _ = drafts_and_text(Engine(tiny_lm, 4), ids, dataclasses.replace(params, candidates=2))
     assert candidates == []  # several candidates compete: nothing before the best is chosen
 

@@ -44,17 +44,34 @@ async def fake():
 async def running(tmp_path, fake, backend, *, config: Config | None = None, chance=lambda: 0.5, **telegram):
     """A core on SQLite in tmp_path and the adapter polling the fake; yields (core, store, adapter)."""
     config = config or Config(chat=QUICK)
-    settings = dict(enabled=True, base_url=fake.url, chat_send_interval_s=0.0, typing_interval_s=0.2,
-                    queue_notice_s=30.0, request_timeout_s=2.0) | telegram
-    async with Store.open(tmp_path / "bot.db") as store, backend, Core(backend, store, config) as core, \
-            TelegramAdapter(Chats(core, store, core.config), TelegramConfig(**settings), fake.token, chance=chance) as adapter:
+    settings = (
+        dict(
+            enabled=True,
+            base_url=fake.url,
+            chat_send_interval_s=0.0,
+            typing_interval_s=0.2,
+            queue_notice_s=30.0,
+            request_timeout_s=2.0,
+        )
+        | telegram
+    )
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        backend,
+        Core(backend, store, config) as core,
+        TelegramAdapter(
+            Chats(core, store, core.config), TelegramConfig(**settings), fake.token, chance=chance
+        ) as adapter,
+    ):
         yield core, store, adapter
 
 
 def reply_to(message: dict):
     """A predicate for fake.wait_for: a sendMessage answering `message`."""
-    return lambda params: (params.get("chat_id") == message["chat"]["id"]
-                           and params.get("reply_parameters", {}).get("message_id") == message["message_id"])
+    return lambda params: (
+        params.get("chat_id") == message["chat"]["id"]
+        and params.get("reply_parameters", {}).get("message_id") == message["message_id"]
+    )
 
 
 async def test_private_message_is_answered_by_the_model_as_a_plain_reply_and_recorded(tmp_path, fake, tiny_lm):
@@ -63,25 +80,37 @@ async def test_private_message_is_answered_by_the_model_as_a_plain_reply_and_rec
         [call] = await fake.wait_for("sendMessage", where=reply_to(question))
         [request] = await store.recent(limit=5)
         assert request["status"] == "done" and request["text"] == "Once upon a time"
-        assert call.params["text"].replace("\u200b", "") == request["reply"].lstrip()  # only "@" defused, leading space dropped
+        # only "@" defused, leading space dropped
+        assert call.params["text"].replace("\u200b", "") == request["reply"].lstrip()
         assert "parse_mode" not in call.params and "entities" not in call.params  # plain text
         assert call.params["link_preview_options"] == {"is_disabled": True}
         [sent] = fake.sent(ALICE)
         assert await delivered(tmp_path, 1) == [(request["id"], str(sent["message_id"]))]
         assert fake.calls_of("sendChatAction")[0].params == {"chat_id": ALICE, "action": "typing"}
-        assert [c["command"] for c in fake.commands] == ["gen", "settings", "reset", "stats", "help", "privacy", "forget"]
+        assert [c["command"] for c in fake.commands] == [
+            "gen",
+            "settings",
+            "reset",
+            "stats",
+            "help",
+            "privacy",
+            "forget",
+        ]
 
 
-@pytest.mark.parametrize("text, answered", [
-    (f"{BOT} tell me a story", True),
-    ("/gen tell me a story", True),
-    (f"/gen{BOT} tell me a story", True),
-    ("!gen tell me a story", True),
-    ("tell me a story", False),
-    ("!generate tell me a story", False),
-    ("/gen@another_bot tell me a story", False),
-    ("@another_bot tell me a story", False),
-])
+@pytest.mark.parametrize(
+    "text, answered",
+    [
+        (f"{BOT} tell me a story", True),
+        ("/gen tell me a story", True),
+        (f"/gen{BOT} tell me a story", True),
+        ("!gen tell me a story", True),
+        ("tell me a story", False),
+        ("!generate tell me a story", False),
+        ("/gen@another_bot tell me a story", False),
+        ("@another_bot tell me a story", False),
+    ],
+)
 async def test_group_triggers(tmp_path, fake, text, answered):
     backend = ScriptedBackend()
     async with running(tmp_path, fake, backend) as (_, _, adapter):
@@ -160,7 +189,9 @@ async def test_queue_position_notice_becomes_the_reply(tmp_path, fake):
         backend.gate.set()
         await fake.wait_for("sendMessage", where=reply_to(first))
         await fake.wait_for("editMessageText", where=lambda p: p["text"] == "a scripted reply")
-        [notice_message] = [m for m in fake.sent(GROUP) if m.get("reply_to_message", {}).get("message_id") == second["message_id"]]
+        [notice_message] = [
+            m for m in fake.sent(GROUP) if m.get("reply_to_message", {}).get("message_id") == second["message_id"]
+        ]
         assert notice_message["text"] == "a scripted reply"  # one message: the notice turned into the reply
 
 
@@ -236,7 +267,8 @@ async def test_stats_and_help(tmp_path, fake):
         assert call.params["text"] == core.stats().summary()
         help_ = fake.push_message(GROUP, f"/help{BOT}")
         [call] = await fake.wait_for("sendMessage", where=reply_to(help_))
-        assert "@\u200bbotkit_bot" in call.params["text"] and "/settings" in call.params["text"]  # defused, like every text
+        # defused, like every text
+        assert "@\u200bbotkit_bot" in call.params["text"] and "/settings" in call.params["text"]
 
 
 async def test_a_429_is_retried_after_retry_after_and_the_reply_appears_once(tmp_path, fake):
@@ -301,9 +333,16 @@ async def test_sends_in_one_chat_are_paced(tmp_path, fake):
 
 async def test_webhook_mode(tmp_path, fake, monkeypatch, unused_tcp_port):
     monkeypatch.setenv("TEST_WEBHOOK_SECRET", "s3cret")
-    async with running(tmp_path, fake, ScriptedBackend(), mode="webhook", webhook_listen="127.0.0.1",
-                       webhook_port=unused_tcp_port, webhook_url="https://bot.example/telegram",
-                       webhook_secret_env="TEST_WEBHOOK_SECRET"):
+    async with running(
+        tmp_path,
+        fake,
+        ScriptedBackend(),
+        mode="webhook",
+        webhook_listen="127.0.0.1",
+        webhook_port=unused_tcp_port,
+        webhook_url="https://bot.example/telegram",
+        webhook_secret_env="TEST_WEBHOOK_SECRET",
+    ):
         assert fake.webhook["url"] == "https://bot.example/telegram"
         assert fake.webhook["secret_token"] == "s3cret" and fake.calls_of("getUpdates", outcome=None) == []
         fake.webhook["url"] = f"http://127.0.0.1:{unused_tcp_port}/telegram"  # what the HTTPS proxy forwards to
@@ -321,5 +360,6 @@ async def test_bad_token_and_bad_webhook_config_are_config_errors(tmp_path, fake
                 pass
     with pytest.raises(ConfigError, match="webhook_url"):
         TelegramAdapter(None, TelegramConfig(mode="webhook"), fake.token)
-    with pytest.raises(ConfigError, match="webhook_secret_env: without it anyone who finds the URL"):  # could forge an admin's /forget all
+    # could forge an admin's /forget all
+    with pytest.raises(ConfigError, match="webhook_secret_env: without it anyone who finds the URL"):
         TelegramAdapter(None, TelegramConfig(mode="webhook", webhook_url="https://bot.example/telegram"), fake.token)

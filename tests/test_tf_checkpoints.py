@@ -39,9 +39,11 @@ def test_tensorflow_checkpoints_give_tensorflows_logits_without_tensorflow(folde
     lm = load_model(FIXTURES / folder, device="cpu")
     expected = np.load(FIXTURES / reference)
     assert np.abs(logits(lm.model) - expected).max() < 1e-5
-    assert lm.tokenizer.encode(EXPECTED["text"]) == EXPECTED["ids"][1:]  # OpenAI's encoder.py, run by the fixture script
+    # OpenAI's encoder.py, run by the fixture script
+    assert lm.tokenizer.encode(EXPECTED["text"]) == EXPECTED["ids"][1:]
     assert lm.eos_token_id == EXPECTED["ids"][0] and lm.max_context == 32
-    assert lm.model.lm_head.weight.data_ptr() == lm.model.transformer.wte.weight.data_ptr()  # tied, as in OpenAI's model
+    # tied, as in OpenAI's model
+    assert lm.model.lm_head.weight.data_ptr() == lm.model.transformer.wte.weight.data_ptr()
     assert "tensorflow" not in sys.modules
 
 
@@ -54,7 +56,10 @@ def test_a_gpt2_simple_run_by_run_name_prefix_or_load_gpt2():
     for lm in (by_name, by_prefix, ported):
         assert np.abs(logits(lm.model) - expected).max() < 1e-5
     assert np.abs(logits(openai.model) - np.load(FIXTURES / "logits_openai.npy")).max() < 1e-5
-    assert resolve(str(FIXTURES / "run1")).kind == "tf" and resolve(str(FIXTURES / "openai" / "model.ckpt")).checkpoint == "model.ckpt"
+    assert (
+        resolve(str(FIXTURES / "run1")).kind == "tf"
+        and resolve(str(FIXTURES / "openai" / "model.ckpt")).checkpoint == "model.ckpt"
+    )
 
 
 def test_convert_writes_a_folder_that_from_pretrained_loads(tmp_path, capsys):
@@ -107,15 +112,18 @@ def damage_tokenizer(run):
     (run / "encoder.json").write_text('{"a": 1}')
 
 
-@pytest.mark.parametrize(("damage", "says"), [
-    (damage_missing_shard, "model-3.data-00000-of-00001 is missing beside model-3.index"),
-    (damage_weights, "fails its checksum"),
-    (damage_truncate, "shorter than its index says"),
-    (damage_index, "is not a TensorFlow checkpoint index botkit can read"),
-    (damage_hparams, "says n_embd = 32 but the checkpoint has 16"),
-    (damage_no_hparams, "but no hparams.json"),
-    (damage_tokenizer, r"has no <\|endoftext\|> token"),
-])
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (damage_missing_shard, "model-3.data-00000-of-00001 is missing beside model-3.index"),
+        (damage_weights, "fails its checksum"),
+        (damage_truncate, "shorter than its index says"),
+        (damage_index, "is not a TensorFlow checkpoint index botkit can read"),
+        (damage_hparams, "says n_embd = 32 but the checkpoint has 16"),
+        (damage_no_hparams, "but no hparams.json"),
+        (damage_tokenizer, r"has no <\|endoftext\|> token"),
+    ],
+)
 def test_damaged_checkpoints_are_one_sentence(tmp_path, damage, says):
     run = copy_of(tmp_path)
     damage(run)
@@ -125,31 +133,54 @@ def test_damaged_checkpoints_are_one_sentence(tmp_path, damage, says):
 
 
 def test_a_tensorflow_checkpoint_of_another_model_is_one_sentence():
-    with pytest.raises(ModelLoadError, match=r"not a GPT-2 in OpenAI's layout \(no model/wte; it holds dense/bias, dense/kernel"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"not a GPT-2 in OpenAI's layout \(no model/wte; it holds dense/bias, "
+        r"dense/kernel",
+    ):
         load_model(FIXTURES / "other", device="cpu")
 
 
 def test_the_command_line_says_one_sentence_for_a_damaged_checkpoint(tmp_path):
     run = copy_of(tmp_path)
     damage_weights(run)
-    out = subprocess.run([sys.executable, "-m", "botkit", "generate", "--model", str(run), "--length", "2"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "botkit", "generate", "--model", str(run), "--length", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines() == ["botkit: model/wte in model-3.data-00000-of-00001 fails its checksum (the file is damaged): copy the checkpoint again."]
+    assert out.stderr.strip().splitlines() == [
+        "botkit: model/wte in model-3.data-00000-of-00001 fails its checksum "
+        "(the file is damaged): copy the checkpoint again."
+    ]
 
 
 async def test_botkit_run_serves_a_gpt2_simple_run(tmp_path, capsys):
-    config = Config(model=ModelConfig(source=str(FIXTURES / "run1"), device="cpu"), store=StoreConfig(path=str(tmp_path / "b.db")),
-                    web=WebConfig(port=0))
+    config = Config(
+        model=ModelConfig(source=str(FIXTURES / "run1"), device="cpu"),
+        store=StoreConfig(path=str(tmp_path / "b.db")),
+        web=WebConfig(port=0),
+    )
     async with serving(config, capsys) as (url, _), aiohttp.ClientSession() as http:
         body = {"prompt": "Hello world", "max_tokens": 6, "temperature": 0}
         async with http.post(url + "v1/completions", json=body) as answer:
             served = (await answer.json())["choices"][0]["text"]
-    [expected] = generate(load_model(FIXTURES / "run1", device="cpu"), prefix="Hello world", length=6, temperature=0, include_prefix=False, return_as_list=True)
+    [expected] = generate(
+        load_model(FIXTURES / "run1", device="cpu"),
+        prefix="Hello world",
+        length=6,
+        temperature=0,
+        include_prefix=False,
+        return_as_list=True,
+    )
     assert served == expected and len(served) > 0
 
 
 def test_an_index_of_many_blocks_and_other_dtypes():
-    bundle = open_bundle(FIXTURES / "many" / "model.ckpt")  # 500 variables: an 11 KB index, a restart point every 16 keys
+    # 500 variables: an 11 KB index, a restart point every 16 keys
+    bundle = open_bundle(FIXTURES / "many" / "model.ckpt")
     assert sorted(bundle.entries) == [f"v{i:03d}" for i in range(500)]
     for i in range(500):
         values = bundle.read(f"v{i:03d}")
@@ -167,7 +198,9 @@ def varint(n: int) -> bytes:
 
 def block(entries: list[tuple[int, bytes, bytes]]) -> bytes:
     """An SSTable block of (shared, unshared key bytes, value) entries, one restart point, then its trailer."""
-    body = b"".join(varint(shared) + varint(len(key)) + varint(len(value)) + key + value for shared, key, value in entries)
+    body = b"".join(
+        varint(shared) + varint(len(key)) + varint(len(value)) + key + value for shared, key, value in entries
+    )
     body += (0).to_bytes(4, "little") + (1).to_bytes(4, "little")
     return body + b"\0" + mask(google_crc32c.value(body + b"\0")).to_bytes(4, "little")
 
@@ -181,10 +214,14 @@ def write_index(path: Path, data_entries: list[tuple[int, bytes, bytes]], num_re
     path.write_bytes(data + index + footer.ljust(40, b"\0") + TABLE_MAGIC.to_bytes(8, "little"))
 
 
-@pytest.mark.parametrize(("entries", "num_references"), [
-    ([(0, b"a" * 200, b"")] + [(200 * i, b"b" * 200, b"") for i in range(1, 500)], 1),  # each key the last plus 200 bytes
-    ([(0, b"model/wte", b"")], 200),  # one block read 200 times
-])
+@pytest.mark.parametrize(
+    ("entries", "num_references"),
+    [
+        # each key the last plus 200 bytes
+        ([(0, b"a" * 200, b"")] + [(200 * i, b"b" * 200, b"") for i in range(1, 500)], 1),
+        ([(0, b"model/wte", b"")], 200),  # one block read 200 times
+    ],
+)
 def test_a_hostile_index_is_refused_before_it_costs_memory_or_time(tmp_path, entries, num_references):
     write_index(tmp_path / "model.ckpt.index", entries, num_references)
     with pytest.raises(ModelLoadError, match="is not a TensorFlow checkpoint index botkit can read"):
@@ -199,7 +236,9 @@ def tensor_entry(*dims: int) -> bytes:
 
 def test_a_checkpoint_of_width_zero_is_one_sentence(tmp_path):
     names = {"model/h0/ln_1/b": (0,), "model/wpe": (8, 0), "model/wte": (50257, 0)}
-    write_index(tmp_path / "model.ckpt.index", [(0, name.encode(), tensor_entry(*dims)) for name, dims in sorted(names.items())])
+    write_index(
+        tmp_path / "model.ckpt.index", [(0, name.encode(), tensor_entry(*dims)) for name, dims in sorted(names.items())]
+    )
     (tmp_path / "model.ckpt.data-00000-of-00001").write_bytes(b"")
     (tmp_path / "hparams.json").write_text(json.dumps({"n_head": 1}))
     with pytest.raises(ModelLoadError, match="does not have GPT-2's shapes") as info:

@@ -10,7 +10,12 @@ from botkit.engine.engine import Engine
 from botkit.engine.training_texts import TEXTS_JSON, TrainingTexts, document_lines, write_texts
 from botkit.params import SamplingParams
 
-EXCUSES = ["My dog ate the report.", "The train was late again, sorry!", "I thought the meeting was tomorrow.", "Wi-Fi down."]
+EXCUSES = [
+    "My dog ate the report.",
+    "The train was late again, sorry!",
+    "I thought the meeting was tomorrow.",
+    "Wi-Fi down.",
+]
 
 
 def test_equal_after_case_and_spaces_or_more_than_half_is_covered():
@@ -19,7 +24,8 @@ def test_equal_after_case_and_spaces_or_more_than_half_is_covered():
     assert texts.covered("Hello there.\nWi-Fi   down.") == 1.0  # a line of the reply is a training text
     # "i thought the meeting was tomorrow ." is 7 words: 4 of them in a row are more than half
     assert texts.covered("Honestly I thought the meeting ended.") == 4 / 7
-    assert texts.covered("My dog ate the homework, not the report") == 4 / 9  # 4 of the 6 words of "my dog ate the report ."
+    # 4 of the 6 words of "my dog ate the report ."
+    assert texts.covered("My dog ate the homework, not the report") == 4 / 9
     assert texts.covered("so I thought the plan was fine") == 0.0  # 3 in a row: not more than half
     assert texts.covered("The Wi-Fi is down.") == 0.0  # "wi - fi down ." is too short for a half: only equal counts
     assert texts.covered("A dog ate my report.") == 0.0
@@ -28,11 +34,17 @@ def test_equal_after_case_and_spaces_or_more_than_half_is_covered():
 def test_the_run_folder_keeps_the_texts_and_refuses_a_foreign_index(tmp_path, tiny_lm):
     tok = tiny_lm.tokenizer
     eos = tok.eos_token_id
-    stream = np.array([t for line in EXCUSES[:2] for t in tok(line).input_ids + [eos]] + tok("\n".join(EXCUSES[2:])).input_ids)
+    stream = np.array(
+        [t for line in EXCUSES[:2] for t in tok(line).input_ids + [eos]] + tok("\n".join(EXCUSES[2:])).input_ids
+    )
     assert list(document_lines(stream, eos, tok.decode)) == EXCUSES  # documents split at end of text, then at newlines
     write_texts(tmp_path, document_lines(stream, eos, tok.decode))
     loaded = TrainingTexts.load(tmp_path)
-    assert loaded is not None and loaded.covered("wi-fi down.") == 1.0 and loaded.covered("The train was late again") == 5 / 5
+    assert (
+        loaded is not None
+        and loaded.covered("wi-fi down.") == 1.0
+        and loaded.covered("The train was late again") == 5 / 5
+    )
     meta = (tmp_path / TEXTS_JSON).read_text()
     (tmp_path / TEXTS_JSON).write_text(meta.replace("blake2b64", "md5"))
     assert TrainingTexts.load(tmp_path) is None
@@ -47,7 +59,8 @@ def test_a_unique_reply_that_is_a_training_text_is_drawn_again(tiny_lm):
         plain.step()
     assert first.text.strip()
     engine = Engine(tiny_lm, 1)
-    engine._index = CopyIndex(np.zeros(0, dtype=np.uint64), texts=TrainingTexts.build([first.text.upper()]))  # a 5-token "training text"
+    # a 5-token "training text"
+    engine._index = CopyIndex(np.zeros(0, dtype=np.uint64), texts=TrainingTexts.build([first.text.upper()]))
     seq = engine.add(ids, dataclasses.replace(params, unique=True))
     while engine.has_work:
         engine.step()

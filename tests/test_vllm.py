@@ -29,7 +29,10 @@ LINES = ["床前明月光，疑是地上霜。", "举头望明月，低头思故
 PROMPTS = ["床前", "举头", "明月", "低头", "疑是", "故乡"]
 
 if not (VENV / "bin" / "python").is_file():  # before the run is trained: without vLLM this file costs nothing
-    pytest.skip(f"no vLLM venv at {VENV}: run scripts/vllm_venv.sh (or set BOTKIT_VLLM_VENV) to test on vLLM", allow_module_level=True)
+    pytest.skip(
+        f"no vLLM venv at {VENV}: run scripts/vllm_venv.sh (or set BOTKIT_VLLM_VENV) to test on vLLM",
+        allow_module_level=True,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -40,8 +43,17 @@ def zh_run(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("zh")
     (folder / "poems.txt").write_text("\n".join(LINES * 30) + "\n", encoding="utf-8")
-    return tiny_run(folder, folder / "poems.txt", n_embd=64, n_head=2, n_ctx=64, steps=120, batch_size=4, learning_rate=1e-2,
-                    run_name="zh").run_dir
+    return tiny_run(
+        folder,
+        folder / "poems.txt",
+        n_embd=64,
+        n_head=2,
+        n_ctx=64,
+        steps=120,
+        batch_size=4,
+        learning_rate=1e-2,
+        run_name="zh",
+    ).run_dir
 
 
 @pytest.fixture(scope="session")
@@ -49,15 +61,31 @@ def vllm_command(tmp_path_factory):
     """The command that starts vLLM's server with this checkout of botkit beside it."""
     python = VENV / "bin" / "python"
     target = tmp_path_factory.mktemp("vllm-botkit")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(ROOT)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return ["env", f"PYTHONPATH={target}", "OMP_NUM_THREADS=1", str(python), "-m", "vllm.entrypoints.openai.api_server"]
 
 
 def vllm_config(run_dir, command) -> Config:
-    return Config(model=ModelConfig(backend="vllm", source=str(run_dir), max_context=64),
-                  vllm=VllmConfig(command=tuple(command), args=("--dtype", "float32", "--max-num-seqs", "16"), cpu_kvcache_gb=1),
-                  limits=LimitsConfig(user_per_minute=0, chat_per_minute=0))
+    return Config(
+        model=ModelConfig(backend="vllm", source=str(run_dir), max_context=64),
+        vllm=VllmConfig(command=tuple(command), args=("--dtype", "float32", "--max-num-seqs", "16"), cpu_kvcache_gb=1),
+        limits=LimitsConfig(user_per_minute=0, chat_per_minute=0),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -98,8 +126,12 @@ def engine(request, session_loop):
 
 
 async def replies(backend, params: SamplingParams, prompts=PROMPTS, num_each: int = 1) -> list[str]:
-    jobs = [Job(i, prompt, params if params.seed is None else SamplingParams(**{**params.__dict__, "seed": params.seed + i}))
-            for i, prompt in enumerate(p for p in prompts for _ in range(num_each))]
+    jobs = [
+        Job(
+            i, prompt, params if params.seed is None else SamplingParams(**{**params.__dict__, "seed": params.seed + i})
+        )
+        for i, prompt in enumerate(p for p in prompts for _ in range(num_each))
+    ]
     return [c.text for c in await asyncio.gather(*(backend.generate(job) for job in jobs))]
 
 
@@ -111,7 +143,9 @@ def test_greedy_text_is_the_own_engines(local_backend, vllm_backend, session_loo
 
 
 def test_no_broken_character_at_temperature_1_3(engine):
-    texts = engine(lambda b: replies(b, SamplingParams(max_new_tokens=32, temperature=1.3, top_k=0, seed=7), num_each=4))
+    texts = engine(
+        lambda b: replies(b, SamplingParams(max_new_tokens=32, temperature=1.3, top_k=0, seed=7), num_each=4)
+    )
     assert sum("\ufffd" in t for t in texts) == 0 and sum(len(t) for t in texts) > 100
 
 
@@ -122,8 +156,14 @@ def test_unique_replies_share_no_8_token_span_with_the_training_text(engine, zh_
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(zh_run)
-    copying = engine(lambda b: replies(b, SamplingParams(max_new_tokens=24, temperature=0.7, top_k=0, seed=1), num_each=2))
-    unique = engine(lambda b: replies(b, SamplingParams(max_new_tokens=24, temperature=0.7, top_k=0, seed=1, unique=True), num_each=2))
+    copying = engine(
+        lambda b: replies(b, SamplingParams(max_new_tokens=24, temperature=0.7, top_k=0, seed=1), num_each=2)
+    )
+    unique = engine(
+        lambda b: replies(
+            b, SamplingParams(max_new_tokens=24, temperature=0.7, top_k=0, seed=1, unique=True), num_each=2
+        )
+    )
     spans = lambda text: index.hits(tokenizer(text).input_ids).sum()  # noqa: E731 - 8-token windows found in the training text
     assert sum(spans(t) for t in copying) > 0  # the run is overfit: left alone, it copies its lines
     assert [spans(t) for t in unique] == [0] * len(unique) and all(unique)
@@ -133,7 +173,9 @@ def test_no_repeated_ngram(engine, zh_run):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(zh_run)
-    texts = engine(lambda b: replies(b, SamplingParams(max_new_tokens=40, temperature=0, top_k=0, no_repeat_ngram_size=2)))
+    texts = engine(
+        lambda b: replies(b, SamplingParams(max_new_tokens=40, temperature=0, top_k=0, no_repeat_ngram_size=2))
+    )
     for prompt, text in zip(PROMPTS, texts, strict=True):
         ids = tokenizer(prompt + text).input_ids
         pairs = list(zip(ids, ids[1:], strict=False))
@@ -141,7 +183,9 @@ def test_no_repeated_ngram(engine, zh_run):
 
 
 def test_banned_words_are_never_sent(engine):
-    greedy = engine(lambda b: replies(b, SamplingParams(max_new_tokens=16, temperature=0, top_k=0), prompts=["床前"]))[0]
+    greedy = engine(lambda b: replies(b, SamplingParams(max_new_tokens=16, temperature=0, top_k=0), prompts=["床前"]))[
+        0
+    ]
     banned = max(re.split(r"[，。\n]", greedy)[1:-1], key=len)  # a whole clause: Chinese has no spaces between words
     assert banned_word_in(greedy, (banned,)) == banned  # the overfit run says it, left alone
     params = SamplingParams(max_new_tokens=16, temperature=1.3, top_k=0, banned_words=(banned,))
@@ -152,15 +196,21 @@ def test_banned_words_are_never_sent(engine):
 
     results = engine(draw)
     sent = [r.text for r in results if not isinstance(r, Exception)]
-    assert all(isinstance(r, GenerationError) and "held a banned word" in str(r) for r in results if isinstance(r, Exception))
+    assert all(
+        isinstance(r, GenerationError) and "held a banned word" in str(r) for r in results if isinstance(r, Exception)
+    )
     assert sent and [banned_word_in(t, (banned,)) for t in sent] == [None] * len(sent)
     assert sum(r.num_draws for r in results if not isinstance(r, Exception)) > len(sent)  # some were drawn again
 
 
 def test_candidates_send_one_of_their_seeded_samples(engine):
     async def best_and_alone(backend):
-        best = await backend.generate(Job(1, "床前", SamplingParams(max_new_tokens=12, temperature=1.0, top_k=0, seed=11, candidates=4)))
-        alone = await backend.generate(Job(2, "床前", SamplingParams(max_new_tokens=12, temperature=1.0, top_k=0, seed=best.seed)))
+        best = await backend.generate(
+            Job(1, "床前", SamplingParams(max_new_tokens=12, temperature=1.0, top_k=0, seed=11, candidates=4))
+        )
+        alone = await backend.generate(
+            Job(2, "床前", SamplingParams(max_new_tokens=12, temperature=1.0, top_k=0, seed=best.seed))
+        )
         return best, alone
 
     best, alone = engine(best_and_alone)

@@ -35,7 +35,8 @@ def test_the_command_is_the_cpu_builds_module_with_botkits_processor():
 async def test_a_dying_engine_is_restarted_and_its_request_rerun_without_repeating_text(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("DIE_ONCE", str(tmp_path / "died"))
     caplog.set_level(logging.INFO, logger="botkit.vllm")
-    caplog.set_level(logging.INFO, logger="botkit.vllm.server")  # `botkit run` without -v (an earlier test) sets it to WARNING
+    # `botkit run` without -v (an earlier test) sets it to WARNING
+    caplog.set_level(logging.INFO, logger="botkit.vllm.server")
     async with backend_on_fake() as backend:
         assert backend.problem() is None and backend.health_details()["unsupported"] == []
         streamed = []
@@ -45,10 +46,18 @@ async def test_a_dying_engine_is_restarted_and_its_request_rerun_without_repeati
         again = await backend.generate(Job(2, "hi", SamplingParams(max_new_tokens=6, seed=5)))
         (tmp_path / "died").unlink()  # the server dies again, in a request with no seed of its own
         streamed_unseeded = []
-        unseeded = await backend.generate(Job(3, "hi", SamplingParams(max_new_tokens=6), on_text=streamed_unseeded.append))
+        unseeded = await backend.generate(
+            Job(3, "hi", SamplingParams(max_new_tokens=6), on_text=streamed_unseeded.append)
+        )
     assert again.text == done.text  # the same seed draws the same words: the rerun was that draw
-    assert backend.server.num_starts == 3 and "".join(streamed_unseeded) == unseeded.text and len(unseeded.text.split()) == 6
-    assert any("restarting" in r.message for r in caplog.records) and any("Starting vLLM server" in r.message for r in caplog.records)
+    assert (
+        backend.server.num_starts == 3
+        and "".join(streamed_unseeded) == unseeded.text
+        and len(unseeded.text.split()) == 6
+    )
+    assert any("restarting" in r.message for r in caplog.records) and any(
+        "Starting vLLM server" in r.message for r in caplog.records
+    )
 
 
 async def test_a_server_that_cannot_start_is_one_sentence_with_its_last_error(monkeypatch):

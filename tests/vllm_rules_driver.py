@@ -19,8 +19,16 @@ def main() -> None:
     config = SimpleNamespace(model_config=SimpleNamespace(model=spec["model_dir"], tokenizer=spec["model_dir"]))
     proc = BotkitRules(config, torch.device("cpu"), False)
     cases = spec["cases"]
-    requests = [SamplingParams(temperature=c["temperature"], top_k=c["top_k"], max_tokens=c["max_tokens"], stop=c["stop"],
-                               extra_args=c["xargs"]) for c in cases]
+    requests = [
+        SamplingParams(
+            temperature=c["temperature"],
+            top_k=c["top_k"],
+            max_tokens=c["max_tokens"],
+            stop=c["stop"],
+            extra_args=c["xargs"],
+        )
+        for c in cases
+    ]
     refused = []
     for bad in spec["hostile"]:
         try:

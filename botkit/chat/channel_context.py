@@ -21,16 +21,30 @@ def _lines(fmt: ChatFormat, author: str, text: str, reply: str | None, bot_name:
     return fmt.line(author, text) + (fmt.line(bot_name, reply.strip()) if reply is not None else "")
 
 
-def channel_lines_to_keep(fmt: ChatFormat, history: History, author: str, message: str, bot_name: str,
-                          budget_tokens: int, count_tokens: Callable[[str], int]) -> int:
+def channel_lines_to_keep(
+    fmt: ChatFormat,
+    history: History,
+    author: str,
+    message: str,
+    bot_name: str,
+    budget_tokens: int,
+    count_tokens: Callable[[str], int],
+) -> int:
     """How many of the newest messages of `history` to keep (prompting.newest_to_keep: past the
     budget, half of it at once, so the next prompts keep their start and reuse the engine's cache)."""
     sizes = [count_tokens(_lines(fmt, who, text, reply, bot_name)) for who, text, reply in history]
     return newest_to_keep(sizes, count_tokens(fmt.line(author, message) + fmt.bot_turn(bot_name)), budget_tokens)
 
 
-def build_channel_prompt(fmt: ChatFormat, history: History, author: str, message: str, bot_name: str,
-                         budget_tokens: int, count_tokens: Callable[[str], int]) -> str:
+def build_channel_prompt(
+    fmt: ChatFormat,
+    history: History,
+    author: str,
+    message: str,
+    bot_name: str,
+    budget_tokens: int,
+    count_tokens: Callable[[str], int],
+) -> str:
     """`history`, then the new message from `author` and the bot's turn, the oldest lines dropped to fit."""
     lines = [_lines(fmt, who, text, reply, bot_name) for who, text, reply in history]
     return fit_newest(lines, fmt.line(author, message) + fmt.bot_turn(bot_name), budget_tokens, count_tokens)

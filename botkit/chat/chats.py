@@ -38,7 +38,8 @@ class Prompt:
     text: str
     message_id: str | None = None
     user_name: str = ""
-    bot_name: str = ""  # how the bot is called in this chat: its lines in channel context (chat setting context = channel)
+    # how the bot is called in this chat: its lines in channel context (chat setting context = channel)
+    bot_name: str = ""
 
     def who(self) -> Who:
         return Who(self.platform, self.chat_id, self.user_id, self.user_name, self.message_id)
@@ -53,7 +54,9 @@ class Chats:
         self._chat_limit = RateLimiter(config.limits.chat_per_minute)
         self._num_forgets: Counter[tuple[str, str]] = Counter()  # per chat: a /forget during a prompt's assembly
 
-    async def submit(self, prompt: Prompt, settings: ChatSettings | None = None, *, retry_empty: bool = False) -> Ticket:
+    async def submit(
+        self, prompt: Prompt, settings: ChatSettings | None = None, *, retry_empty: bool = False
+    ) -> Ticket:
         """Queue a chat message for a reply (BusyError, RateLimitedError, InputError at once). With
         `retry_empty`, a blank sample is drawn once more in the same slot (no second rate-limit slot,
         and the blank one is never stored)."""
@@ -65,8 +68,11 @@ class Chats:
         num_forgets = self._num_forgets[prompt.platform, prompt.chat_id]
         full = await self._chat_prompt(prompt, text, settings)
         # the operator's banned words are added by the core, for every request (Core._with_operator_rules)
-        ticket = await self.core.submit(full, settings.sampling(), who=prompt.who(), kind="chat", message=text, retry_empty=retry_empty)
-        if self._num_forgets[prompt.platform, prompt.chat_id] != num_forgets:  # its context may quote what /forget erased
+        ticket = await self.core.submit(
+            full, settings.sampling(), who=prompt.who(), kind="chat", message=text, retry_empty=retry_empty
+        )
+        # its context may quote what /forget erased
+        if self._num_forgets[prompt.platform, prompt.chat_id] != num_forgets:
             await self.store.blank_prompt(ticket.request_id)
             await self.core.drop_cached_prefixes()
         return ticket
@@ -80,25 +86,26 @@ class Chats:
             fmt = ChatFormat.from_line(settings.chat_format, settings.truncate)
             history = await self.store.channel_context(prompt.platform, prompt.chat_id, limit + 1)
             keep = len(history) if len(history) <= limit else limit // 2  # past the limit, half at once (see below)
-            keep = channel_lines_to_keep(fmt, history[len(history) - keep :], author, text, bot, budget,
-                                         count_tokens)
+            keep = channel_lines_to_keep(fmt, history[len(history) - keep :], author, text, bot, budget, count_tokens)
             if keep < len(history):
                 await self.store.keep_newest_channel_context(prompt.platform, prompt.chat_id, keep)
-            return build_channel_prompt(fmt, history[len(history) - keep :], author, text, bot, budget,
-                                        count_tokens)
+            return build_channel_prompt(fmt, history[len(history) - keep :], author, text, bot, budget, count_tokens)
         separator = settings.truncate or "\n"
         history = await self._stable_history(prompt, settings, text, budget, separator) if settings.use_context else []
         return build_prompt(settings.template, text, history, separator, budget, count_tokens)
 
-    async def _stable_history(self, prompt: Prompt, settings: ChatSettings, text: str, budget: int, separator: str) -> list:
+    async def _stable_history(
+        self, prompt: Prompt, settings: ChatSettings, text: str, budget: int, separator: str
+    ) -> list:
         """The chat's context, trimmed in halves (see prompting.history_to_keep): past `context_messages`
         exchanges or past the token budget, the oldest are dropped for good, so that the following
         turns start the same way and reuse the engine's cache."""
         limit = self.config.limits.context_messages
         history = await self.store.context(prompt.platform, prompt.chat_id, limit + 1)
         keep = len(history) if len(history) <= limit else limit // 2
-        keep = history_to_keep(settings.template, text, history[len(history) - keep :], separator, budget,
-                               self.core.count_tokens)
+        keep = history_to_keep(
+            settings.template, text, history[len(history) - keep :], separator, budget, self.core.count_tokens
+        )
         if keep < len(history):
             await self.store.keep_newest_context(prompt.platform, prompt.chat_id, keep)
         return history[len(history) - keep :]
@@ -115,7 +122,9 @@ class Chats:
         before = await self.settings(platform, chat_id)
         settings = before.replace(**changes)
         defaults = self.config.chat.to_dict()
-        await self.store.set_chat_settings(platform, chat_id, {k: v for k, v in settings.to_dict().items() if v != defaults[k]})
+        await self.store.set_chat_settings(
+            platform, chat_id, {k: v for k, v in settings.to_dict().items() if v != defaults[k]}
+        )
         if settings.dataset_opt_in and not before.dataset_opt_in:
             await self.store.start_export(platform, chat_id)  # training data counts from the moment of opting in
         return settings

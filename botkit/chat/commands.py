@@ -35,8 +35,11 @@ async def settings_command(conv: Conversation, event: ChatEvent, replier: Replie
     words = event.text.split(maxsplit=1)  # NAME VALUE; the value may contain spaces
     if not words:
         lines = "\n".join(f"{k} = {v!r}" for k, v in settings.to_dict().items())
-        await conv.say(replier, f"Settings for this chat:\n{lines}\nChange one with /settings NAME VALUE ({conv.platform.admins} only).",
-                       private=True)
+        await conv.say(
+            replier,
+            f"Settings for this chat:\n{lines}\nChange one with /settings NAME VALUE ({conv.platform.admins} only).",
+            private=True,
+        )
     elif words[0] not in SETTING_KEYS:
         await conv.say(replier, f"Unknown setting {words[0]!r}: use one of {', '.join(SETTING_KEYS)}.", private=True)
     elif len(words) == 1:
@@ -63,11 +66,17 @@ async def stats_command(conv: Conversation, event: ChatEvent, replier: Replier, 
 
 async def help_command(conv: Conversation, event: ChatEvent, replier: Replier, settings: ChatSettings) -> None:
     prefix = conv.platform.command_prefix
-    await conv.say(replier, (
-        f"I continue text with a GPT-2 model. In a group, {conv.platform.mention_hint}, reply to one of my messages, "
-        f"or write /gen TEXT{f' or {prefix} TEXT' if prefix else ''}; in a private chat just write.\n"
-        "/settings shows this chat's settings (admins: /settings NAME VALUE), /reset forgets the conversation, "
-        "/stats shows the queue and speed, /privacy says what I keep about you, /forget erases it."), private=True)
+    await conv.say(
+        replier,
+        (
+            f"I continue text with a GPT-2 model. In a group, {conv.platform.mention_hint}, reply to one of my "
+            "messages, "
+            f"or write /gen TEXT{f' or {prefix} TEXT' if prefix else ''}; in a private chat just write.\n"
+            "/settings shows this chat's settings (admins: /settings NAME VALUE), /reset forgets the conversation, "
+            "/stats shows the queue and speed, /privacy says what I keep about you, /forget erases it."
+        ),
+        private=True,
+    )
 
 
 async def privacy_command(conv: Conversation, event: ChatEvent, replier: Replier, settings: ChatSettings) -> None:
@@ -75,26 +84,42 @@ async def privacy_command(conv: Conversation, event: ChatEvent, replier: Replier
     kept = f"for {days:g} days, then erased" if days else "until erased (this bot's operator set no time limit)"
     room = ""
     if settings.use_context and settings.context == "channel":
-        room = (f" In this chat I also keep the last {conv.chats.config.conversation.max_channel_messages} messages"
-                " not addressed to me, with their authors' names, to follow the conversation.")
+        room = (
+            f" In this chat I also keep the last {conv.chats.config.conversation.max_channel_messages} messages"
+            " not addressed to me, with their authors' names, to follow the conversation."
+        )
     if settings.dataset_opt_in:
-        dataset = (" This chat has opted in to training data: what is kept from messages sent here since then may be exported,"
-                   " without ids, to train the bot's model.")
+        dataset = (
+            " This chat has opted in to training data: what is kept from messages sent here since then may be "
+            "exported,"
+            " without ids, to train the bot's model."
+        )
     else:
-        dataset = (" Nothing from this chat is used as training data unless its admins opt in (/settings dataset_opt_in on),"
-                   " and then only messages sent from that moment on.")
-    await conv.say(replier, (
-        "I keep every message that asks me for a reply, with your user id and name, and my reply, in this bot's "
-        f"database, {kept}.{room}{dataset} /forget erases yours in this chat; its admins can erase everyone's with /forget all."),
-        private=True)
+        dataset = (
+            " Nothing from this chat is used as training data unless its admins opt in (/settings "
+            "dataset_opt_in on),"
+            " and then only messages sent from that moment on."
+        )
+    await conv.say(
+        replier,
+        (
+            "I keep every message that asks me for a reply, with your user id and name, and my reply, in this bot's "
+            f"database, {kept}.{room}{dataset} /forget erases yours in this chat; its admins can erase everyone's with "
+            "/forget all."
+        ),
+        private=True,
+    )
 
 
 async def forget_command(conv: Conversation, event: ChatEvent, replier: Replier, settings: ChatSettings) -> None:
     scope = event.text.strip().lower()
     chats, platform = conv.chats, conv.platform.name
     if scope not in ("", "all"):
-        await conv.say(replier, "Write /forget to erase your messages here, or /forget all to erase everyone's (admins only).",
-                       private=True)
+        await conv.say(
+            replier,
+            "Write /forget to erase your messages here, or /forget all to erase everyone's (admins only).",
+            private=True,
+        )
     elif scope == "all" and not await conv.may_administer(event):
         await conv.say(replier, f"Only {conv.platform.admins} can erase everyone's messages here.", private=True)
     elif scope == "all":
@@ -102,8 +127,11 @@ async def forget_command(conv: Conversation, event: ChatEvent, replier: Replier,
         await conv.say(replier, f"Done: I erased {_messages(erased)} I kept from this chat, and my replies to them.")
     else:
         erased = await chats.forget(platform, event.chat_id, event.user_id)
-        await conv.say(replier, f"Done: I erased {_messages(erased)} I kept from you in this chat, and my replies to them.",
-                       private=True)
+        await conv.say(
+            replier,
+            f"Done: I erased {_messages(erased)} I kept from you in this chat, and my replies to them.",
+            private=True,
+        )
 
 
 def _messages(count: int) -> str:
@@ -115,6 +143,12 @@ async def gen_command(conv: Conversation, event: ChatEvent, replier: Replier, se
 
 
 HANDLERS: dict[str, Command] = {
-    "gen": gen_command, "settings": settings_command, "reset": reset_command, "stats": stats_command,
-    "help": help_command, "start": help_command, "privacy": privacy_command, "forget": forget_command,
+    "gen": gen_command,
+    "settings": settings_command,
+    "reset": reset_command,
+    "stats": stats_command,
+    "help": help_command,
+    "start": help_command,
+    "privacy": privacy_command,
+    "forget": forget_command,
 }

@@ -35,7 +35,9 @@ from botkit.serve.core import Ticket
 log = logging.getLogger("botkit.conversation")
 
 EMPTY_REPLY = "The model had nothing to say twice in a row; try a longer message, or raise length with /settings."
-SWITCHED_OFF = "I'm switched off in this chat (trigger = never); an admin can turn me on with /settings trigger mention."
+SWITCHED_OFF = (
+    "I'm switched off in this chat (trigger = never); an admin can turn me on with /settings trigger mention."
+)
 GEN_USAGE = "Write the start of a text after the command, for example: /gen Once upon a time"
 NOT_ENABLED = "I'm not enabled in this chat."
 UNKNOWN_COMMAND = "I don't know that command; /help lists mine."
@@ -44,8 +46,14 @@ MAX_REMEMBERED_EVENTS = 1000
 
 
 class Conversation:
-    def __init__(self, chats: Chats, platform: Platform, replier_for: Callable[[str, str | None], Replier], *,
-                 chance: Callable[[], float] = random.random):
+    def __init__(
+        self,
+        chats: Chats,
+        platform: Platform,
+        replier_for: Callable[[str, str | None], Replier],
+        *,
+        chance: Callable[[], float] = random.random,
+    ):
         self.chats = chats
         self.core = chats.core  # its public surface only: connections, rerun, stats
         self.platform = platform
@@ -98,7 +106,9 @@ class Conversation:
         try:
             await self._handle(event, replier)
         except Exception:
-            log.exception("%s: handling message %s in chat %s failed", self.platform.name, event.event_id, event.chat_id)
+            log.exception(
+                "%s: handling message %s in chat %s failed", self.platform.name, event.event_id, event.chat_id
+            )
         finally:
             self._handlers.discard(task)
 
@@ -146,8 +156,14 @@ class Conversation:
         except InputError:
             return  # empty, or too long to be useful context
         await self.chats.store.add_channel_message(
-            platform=self.platform.name, chat_id=event.chat_id, user_id=event.user_id, user_name=event.user_name,
-            platform_message_id=event.event_id, text=text, keep=self.chats.config.conversation.max_channel_messages)
+            platform=self.platform.name,
+            chat_id=event.chat_id,
+            user_id=event.user_id,
+            user_name=event.user_name,
+            platform_message_id=event.event_id,
+            text=text,
+            keep=self.chats.config.conversation.max_channel_messages,
+        )
 
     async def _mark_seen(self, event: ChatEvent) -> None:
         await self.chats.store.mark_seen(self.platform.name, event.chat_id, event.event_id)
@@ -172,8 +188,15 @@ class Conversation:
 
     async def answer(self, event: ChatEvent, text: str, replier: Replier, settings: ChatSettings) -> None:
         """Submit `text` for a reply and send it, or the sentence saying why not."""
-        prompt = Prompt(self.platform.name, event.chat_id, event.user_id, text, event.event_id, event.user_name,
-                        bot_name=self.platform.bot_name)
+        prompt = Prompt(
+            self.platform.name,
+            event.chat_id,
+            event.user_id,
+            text,
+            event.event_id,
+            event.user_name,
+            bot_name=self.platform.bot_name,
+        )
         typing = await Typing(replier, self.platform.typing_interval_s).start()
         try:
             try:
@@ -195,7 +218,11 @@ class Conversation:
         `stream` (seconds between updates), the reply shows while it is written (live_reply.py), unless
         several candidates compete: those are judged whole."""
         notice = Notice()
-        live = LiveReply(self.outbox, replier, notice, stream).start(ticket) if stream and ticket.params.candidates == 1 else None
+        live = (
+            LiveReply(self.outbox, replier, notice, stream).start(ticket)
+            if stream and ticket.params.candidates == 1
+            else None
+        )
         try:
             reply = await self.outbox.wait(ticket, replier, notice)
             text, kind = (LINES.decode(reply.text), "reply") if reply.text.strip() else (EMPTY_REPLY, "error")
@@ -215,7 +242,9 @@ class Conversation:
         """The messages a reply was streamed into before a restart, to be edited into its answer."""
         return [(message_id, "") for message_id in await self.chats.store.previews(request_id)]
 
-    async def _deliver(self, replier: Replier, request_id: int, text: str, kind: str, shown: list[tuple[str, str]] = ()) -> None:
+    async def _deliver(
+        self, replier: Replier, request_id: int, text: str, kind: str, shown: list[tuple[str, str]] = ()
+    ) -> None:
         """Send an answer; a shutdown waits for it to end (a half-sent answer would be recorded half)."""
         delivery = asyncio.ensure_future(self.outbox.deliver(replier, request_id, text, kind, shown))
         self._deliveries.add(delivery)
@@ -230,12 +259,19 @@ class Conversation:
         owed = await self.chats.store.owed_answers(self.platform.name, self._resume_up_to)
         if owed:
             log.info("%s: answering %d requests interrupted by the last shutdown", self.platform.name, len(owed))
-        results = await asyncio.gather(*(self._resume(row, self.replier_for(row["chat_id"], row["platform_message_id"]))
-                                         for row in owed), return_exceptions=True)
+        results = await asyncio.gather(
+            *(self._resume(row, self.replier_for(row["chat_id"], row["platform_message_id"])) for row in owed),
+            return_exceptions=True,
+        )
         failed = [(row, r) for row, r in zip(owed, results, strict=True) if isinstance(r, BaseException)]
         for row, result in failed:
-            log.warning("%s: could not answer request %d after the restart (%s: %s)", self.platform.name,
-                        row["id"], type(result).__name__, result)
+            log.warning(
+                "%s: could not answer request %d after the restart (%s: %s)",
+                self.platform.name,
+                row["id"],
+                type(result).__name__,
+                result,
+            )
         if not failed:  # the next start looks only at later requests; otherwise it tries these again
             await self.chats.store.settle_owed(self.platform.name, self._resume_up_to)
 
@@ -255,7 +291,12 @@ class Conversation:
                 await typing.stop()
         elif status == "done":
             reply = row["reply"] or ""
-            await self._deliver(replier, request_id, LINES.decode(reply) if reply.strip() else EMPTY_REPLY,
-                                "reply" if reply.strip() else "error", await self._previews(request_id))
+            await self._deliver(
+                replier,
+                request_id,
+                LINES.decode(reply) if reply.strip() else EMPTY_REPLY,
+                "reply" if reply.strip() else "error",
+                await self._previews(request_id),
+            )
         elif status in ("failed", "cancelled"):
             await self._deliver(replier, request_id, error or SORRY, "error", await self._previews(request_id))

@@ -111,7 +111,9 @@ class LiveReply:
                     await self._edit_messages(request_id, parts or [WRITING])
                 self.num_updates += 1
         except Exception as exc:  # noqa: BLE001 - streaming is a courtesy
-            log.info("%s: could not update a streamed reply (%s: %s)", self.outbox.platform.name, type(exc).__name__, exc)
+            log.info(
+                "%s: could not update a streamed reply (%s: %s)", self.outbox.platform.name, type(exc).__name__, exc
+            )
             return False
         if parts and self.first_shown_at is None:
             self.first_shown_at = time.monotonic()

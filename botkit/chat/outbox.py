@@ -57,8 +57,9 @@ class Outbox:
         except Exception as exc:  # noqa: BLE001 - a notice is a courtesy
             log.info("%s: could not update a notice (%s: %s)", self.platform.name, type(exc).__name__, exc)
 
-    async def deliver(self, replier: Replier, request_id: int, text: str, kind: str,
-                      shown: list[tuple[str, str]] = ()) -> None:
+    async def deliver(
+        self, replier: Replier, request_id: int, text: str, kind: str, shown: list[tuple[str, str]] = ()
+    ) -> None:
         """Send the answer to request `request_id` unless one was already begun (at most once, across
         restarts). The messages on `shown` ((id, text): the queue notice, a streamed reply's parts) become
         its first parts, edited where they differ; those left over are deleted. Each sent part is recorded."""
@@ -75,16 +76,24 @@ class Outbox:
                 else:
                     sent.append(await replier.reply(part))
         except Exception as exc:  # noqa: BLE001 - logged; the parts that went out are still recorded
-            log.warning("%s: could not send the answer to request %d (%s: %s)", self.platform.name, request_id,
-                        type(exc).__name__, exc)
+            log.warning(
+                "%s: could not send the answer to request %d (%s: %s)",
+                self.platform.name,
+                request_id,
+                type(exc).__name__,
+                exc,
+            )
         finally:
             if sent:
                 await self.store.record_delivery(request_id, sent)
-        for message_id, _ in shown[len(parts) if len(sent) == len(parts) else len(shown):]:  # streamed parts not needed now
+        # streamed parts not needed now
+        for message_id, _ in shown[len(parts) if len(sent) == len(parts) else len(shown) :]:
             try:
                 await replier.delete(message_id)
             except Exception as exc:  # noqa: BLE001 - a leftover part is a blemish; the answer is out
-                log.info("%s: could not delete a streamed message (%s: %s)", self.platform.name, type(exc).__name__, exc)
+                log.info(
+                    "%s: could not delete a streamed message (%s: %s)", self.platform.name, type(exc).__name__, exc
+                )
 
     async def wait(self, ticket: Ticket, replier: Replier, notice: Notice) -> Reply:
         """The ticket's reply; while it is still queued after `queue_notice_s`, a notice says where it
@@ -101,7 +110,11 @@ class Outbox:
 
     async def _update_notice(self, ticket: Ticket, replier: Replier, notice: Notice) -> None:
         position = ticket.position()
-        text = f"⏳ You're number {position} in line; your reply will appear here." if position else "⏳ Writing your reply…"
+        text = (
+            f"⏳ You're number {position} in line; your reply will appear here."
+            if position
+            else "⏳ Writing your reply…"
+        )
         async with notice.lock:
             if notice.taken:
                 return

@@ -25,7 +25,7 @@ from botkit.params import ChatSettings
 def prefixed_text(text: str, prefix: str) -> str | None:
     """The text after the command prefix (`"!gen hello"` -> `"hello"`), or None if `text` does not start with it."""
     if prefix and (text == prefix or text.startswith((prefix + " ", prefix + "\n"))):
-        return text[len(prefix):].strip()
+        return text[len(prefix) :].strip()
     return None
 
 

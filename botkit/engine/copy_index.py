@@ -71,8 +71,9 @@ def ngram_hashes(ids: np.ndarray | Sequence[int], n: int = NGRAM, eos_id: int | 
     return h
 
 
-def write_index(run_dir: str | os.PathLike, tokens: np.ndarray, eos_id: int | None, n: int = NGRAM,
-                max_bytes: int = MAX_BUILD_BYTES) -> Path:
+def write_index(
+    run_dir: str | os.PathLike, tokens: np.ndarray, eos_id: int | None, n: int = NGRAM, max_bytes: int = MAX_BUILD_BYTES
+) -> Path:
     """Index the n-grams of `tokens` (a run's whole token stream) into `run_dir`. Windows are hashed
     in chunks and split by their hash's top bits into as many buckets as keep one bucket's hashes
     (held about three times while sorted) within `max_bytes`; buckets are written in order, so the
@@ -140,7 +141,12 @@ class CopyIndex:
             size = (run_dir / INDEX_FILE).stat().st_size
         except (OSError, ValueError):
             return None
-        if not isinstance(meta, dict) or meta.get("hash") != HASH_NAME or not isinstance(meta.get("n"), int) or size != 8 * meta.get("num_ngrams", -1):
+        if (
+            not isinstance(meta, dict)
+            or meta.get("hash") != HASH_NAME
+            or not isinstance(meta.get("n"), int)
+            or size != 8 * meta.get("num_ngrams", -1)
+        ):
             return None
         hashes = np.memmap(run_dir / INDEX_FILE, dtype="<u8", mode="r") if size else np.zeros(0, dtype=np.uint64)
         return cls(hashes, meta["n"], TrainingTexts.load(run_dir))
@@ -161,8 +167,15 @@ class CopyIndex:
         return np.asarray(self.hashes[pos]) == h
 
 
-def check_copying(reply_ids: Sequence[int], index: CopyIndex | None = None, context_ids: Sequence[int] | None = None, *,
-                  span_tokens: int = NGRAM, max_share: float = MAX_SHARE, min_share_tokens: int = MIN_SHARE_TOKENS) -> CopyReport:
+def check_copying(
+    reply_ids: Sequence[int],
+    index: CopyIndex | None = None,
+    context_ids: Sequence[int] | None = None,
+    *,
+    span_tokens: int = NGRAM,
+    max_share: float = MAX_SHARE,
+    min_share_tokens: int = MIN_SHARE_TOKENS,
+) -> CopyReport:
     """How much `reply_ids` copies the training text (through `index`) and `context_ids` (the
     chat's recent messages). A copy shares a run of `span_tokens` or more with either, or a run of
     at least `min_share_tokens` that is more than `max_share` of the reply, or has more than
@@ -179,7 +192,11 @@ def check_copying(reply_ids: Sequence[int], index: CopyIndex | None = None, cont
     context_span = 0
     if context_ids is not None and len(context_ids) and reply:
         context = [int(t) for t in context_ids]
-        context_span = difflib.SequenceMatcher(None, reply, context, autojunk=False).find_longest_match(0, len(reply), 0, len(context)).size
+        context_span = (
+            difflib.SequenceMatcher(None, reply, context, autojunk=False)
+            .find_longest_match(0, len(reply), 0, len(context))
+            .size
+        )
     reason = ""
     longest = max(training_span, context_span)
     where = "a training text" if training_span >= context_span else "the chat's context"

@@ -70,9 +70,16 @@ def _cgroup_limit_bytes(root: Path) -> int | None:
 
 
 class Engine:
-    def __init__(self, lm: LoadedModel, max_batch_size: int = 32, *, cache_mb: int | None = None,
-                 before_step: Callable[[list[Sequence]], None] | None = None, padded_decode: bool | None = None,
-                 mask_utf8: bool = True):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        max_batch_size: int = 32,
+        *,
+        cache_mb: int | None = None,
+        before_step: Callable[[list[Sequence]], None] | None = None,
+        padded_decode: bool | None = None,
+        mask_utf8: bool = True,
+    ):
         """`cache_mb`: memory for conversation reuse (None: default_cache_mb; 0: off). `before_step`
         is called with a step's sequences before its forward pass (fault injection in tests).
         `padded_decode`: decode attention as one padded call per layer (default: on a GPU only).
@@ -85,8 +92,13 @@ class Engine:
         self.mask_utf8 = mask_utf8 and self.token_bytes is not None
         self.before_step = before_step
         self.scheduler = Scheduler(max_batch_size, self.window)
-        self.runner = Runner(lm.model, self.window, max_batch_size, padded_decode=device.type == "cuda" if padded_decode is None else padded_decode,
-                             cache_bytes=(default_cache_mb(device) if cache_mb is None else cache_mb) * 2**20)
+        self.runner = Runner(
+            lm.model,
+            self.window,
+            max_batch_size,
+            padded_decode=device.type == "cuda" if padded_decode is None else padded_decode,
+            cache_bytes=(default_cache_mb(device) if cache_mb is None else cache_mb) * 2**20,
+        )
         self.post = Postprocessor(self.eos, self.token_bytes, lm.tokenizer)
         self.judge = Judge(lm.tokenizer, self._copy_index)
         self._ids = itertools.count()
@@ -111,11 +123,17 @@ class Engine:
         return seqs[0]
 
     def _new_sequence(self, request_id: int, prompt_ids: list[int], params: SamplingParams, seed: int) -> Sequence:
-        seq = Sequence(request_id, list(prompt_ids) or [self.eos], params, torch.Generator(), seed, detok=self.post.detokenizer())
+        seq = Sequence(
+            request_id, list(prompt_ids) or [self.eos], params, torch.Generator(), seed, detok=self.post.detokenizer()
+        )
         seq.generator.manual_seed(_fold_seed(seed))
         max_prompt = self.window - min(params.max_new_tokens, self.window // 2)
         if len(seq.prompt_ids) > max_prompt:
-            log.warning("A prompt of %d tokens is longer than the window allows; keeping its last %d.", len(seq.prompt_ids), max_prompt)
+            log.warning(
+                "A prompt of %d tokens is longer than the window allows; keeping its last %d.",
+                len(seq.prompt_ids),
+                max_prompt,
+            )
             seq.offset = seq.start_offset = len(seq.prompt_ids) - max_prompt
         seq.rules = self._new_rules(seq)
         return seq
@@ -148,7 +166,8 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """Schedule, run the model once, sample, post-process; rows that finish leave (judged ones through the judge)."""
+        """Schedule, run the model once, sample, post-process; rows that finish leave (judged ones through the
+        judge)."""
         batch = self.scheduler.schedule()
         if batch is None:
             return []
@@ -158,8 +177,10 @@ class Engine:
         try:
             if self.before_step:
                 self.before_step(batch.seqs)
-            logits = self.runner.run([(r, s.last_token) for r, s in zip(batch.decode_rows, batch.decoding, strict=True)],
-                                     [self._prefill(s) for s in batch.joining])
+            logits = self.runner.run(
+                [(r, s.last_token) for r, s in zip(batch.decode_rows, batch.decoding, strict=True)],
+                [self._prefill(s) for s in batch.joining],
+            )
             tokens = self._sample(batch.seqs, logits)
         except Exception as exc:  # noqa: BLE001 - keep serving; narrow the fault down to its sequence
             return self._step_failed(batch, states, exc)
@@ -194,8 +215,15 @@ class Engine:
         apply_rules(self.rules_context, [s.rules for s in seqs], logits)
         tokens = sample_next(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
         if any(s.params.unique for s in seqs) and self.rules_context.copy_index is not None:
-            redraw_training_runs(self.rules_context, [s.rules for s in seqs], logits, tokens,
-                                 lambda rows: sample_next(logits[rows], [seqs[i].params for i in rows], [seqs[i].generator for i in rows]).tolist())
+            redraw_training_runs(
+                self.rules_context,
+                [s.rules for s in seqs],
+                logits,
+                tokens,
+                lambda rows: sample_next(
+                    logits[rows], [seqs[i].params for i in rows], [seqs[i].generator for i in rows]
+                ).tolist(),
+            )
         if judged:  # one gather and one copy to the host, not one per row (on a GPU each is a sync)
             picked = raw.gather(1, torch.tensor([[tokens[i]] for i in judged], device=raw.device)).squeeze(1).tolist()
             for i, logprob in zip(judged, picked, strict=True):
@@ -250,8 +278,12 @@ class Engine:
         name = type(exc).__name__  # no details (paths, tensors): users see the reason
         culprit = self.scheduler.failed(batch)
         if culprit is None:
-            log.warning("A generation step failed (%s: %s); running its %d sequences in smaller groups to find the cause.",
-                        name, exc, len(batch.seqs))
+            log.warning(
+                "A generation step failed (%s: %s); running its %d sequences in smaller groups to find the cause.",
+                name,
+                exc,
+                len(batch.seqs),
+            )
             return []
         log.warning("A generation step failed again with one sequence alone (%s: %s); failing that request.", name, exc)
         culprit.finish_reason = "error"

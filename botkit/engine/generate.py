@@ -75,13 +75,28 @@ def generate(
     """
     samplers = {name: value for name, value in locals().items() if name in SAMPLERS}
     if not isinstance(nsamples, int) or nsamples < 1 or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"nsamples and batch_size must be positive whole numbers, not {nsamples!r} and {batch_size!r}.")
+        raise InputError(
+            f"nsamples and batch_size must be positive whole numbers, not {nsamples!r} and {batch_size!r}."
+        )
     prefixes = [prefix] if prefix is None or isinstance(prefix, str) else list(prefix)
     if (nsamples * len(prefixes)) % batch_size:
-        raise InputError(f"nsamples ({nsamples}) times the number of prefixes must be a multiple of batch_size ({batch_size}), as in gpt-2-simple.")
-    base = check_sampling(length=length, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                          truncate=truncate, seed=seed, nsamples=nsamples * len(prefixes), unique=unique,
-                          no_repeat_ngram_size=no_repeat_ngram_size, **samplers)
+        raise InputError(
+            f"nsamples ({nsamples}) times the number of prefixes must be a multiple of batch_size "
+            f"({batch_size}), as in gpt-2-simple."
+        )
+    base = check_sampling(
+        length=length,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        truncate=truncate,
+        seed=seed,
+        nsamples=nsamples * len(prefixes),
+        unique=unique,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        **samplers,
+    )
     if not return_as_list:
         check_destination(destination_path)
     from botkit.engine.engine import Engine  # torch loads here, not when botkit is imported
@@ -101,8 +116,11 @@ def generate(
     while engine.has_work:
         engine.step()
     if failed := [seq for _, seq in samples if seq.finish_reason == "error"]:  # its text is cut short, not a sample
-        raise GenerationError(f"{len(failed)} of {len(samples)} samples could not be generated ({failed[0].error.rstrip('.')}): "
-                              "try another seed, unique=False, or a model with a longer window.")
+        raise GenerationError(
+            f"{len(failed)} of {len(samples)} samples could not be generated "
+            f"({failed[0].error.rstrip('.')}): "
+            "try another seed, unique=False, or a model with a longer window."
+        )
 
     texts = [((p or "") + seq.text if include_prefix else seq.text).lstrip("\n") for p, seq in samples]
     if return_as_list:
@@ -116,12 +134,33 @@ def generate(
     return None
 
 
-def check_sampling(*, length, temperature, top_k, top_p, repetition_penalty, truncate, seed, nsamples: int = 1, unique: bool = False,
-                   no_repeat_ngram_size: int = 0, **samplers) -> SamplingParams:
+def check_sampling(
+    *,
+    length,
+    temperature,
+    top_k,
+    top_p,
+    repetition_penalty,
+    truncate,
+    seed,
+    nsamples: int = 1,
+    unique: bool = False,
+    no_repeat_ngram_size: int = 0,
+    **samplers,
+) -> SamplingParams:
     """The sampling options as SamplingParams (without a seed), refused with a sentence before any model
     loads; the seeds `seed` to `seed + nsamples - 1` that the samples will use are checked too."""
-    base = SamplingParams(max_new_tokens=length, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                          stop=(truncate,) if truncate else (), unique=unique, no_repeat_ngram_size=no_repeat_ngram_size, **samplers)
+    base = SamplingParams(
+        max_new_tokens=length,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        stop=(truncate,) if truncate else (),
+        unique=unique,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        **samplers,
+    )
     if seed is not None:
         for sample_seed in {seed, seed + max(nsamples, 1) - 1}:
             replace(base, seed=sample_seed)
@@ -137,12 +176,12 @@ def check_destination(destination_path: str | None) -> None:
     if path.is_dir():
         raise InputError(f"The destination path {path} is a folder: give a file name, e.g. {path / 'samples.txt'}.")
     if not path.parent.is_dir():
-        raise InputError(f"The folder {path.parent} of the destination path does not exist: create it first or choose another path.")
+        raise InputError(
+            f"The folder {path.parent} of the destination path does not exist: create it first or choose another path."
+        )
 
 
 def generate_to_file(sess: LoadedModel | None = None, destination_path: str = "gpt_2_gen_texts.txt", **kwargs) -> None:
     """gpt-2-simple's `generate_to_file`: `generate` writing every sample to one file."""
     Path(destination_path).parent.mkdir(parents=True, exist_ok=True)
     generate(sess, destination_path=destination_path, return_as_list=False, **kwargs)
-
-

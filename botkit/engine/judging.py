@@ -44,11 +44,23 @@ class Attempt:
         return self.mean_logprob - COPY_PENALTY * self.copy_share
 
 
-def judge(text: str, params, tokenizer, index, *, prompt_ids: list[int], finish_reason: str, num_tokens: int, seed: int,
-          mean_logprob: float) -> Attempt:
+def judge(
+    text: str,
+    params,
+    tokenizer,
+    index,
+    *,
+    prompt_ids: list[int],
+    finish_reason: str,
+    num_tokens: int,
+    seed: int,
+    mean_logprob: float,
+) -> Attempt:
     """A finished draw, judged: its banned word, and with `params.unique` how much it copies the
     run's training text (`index`, a copying.CopyIndex or None) and its prompt."""
-    attempt = Attempt(text, finish_reason, num_tokens, seed, mean_logprob, banned=banned_word_in(text, params.banned_words))
+    attempt = Attempt(
+        text, finish_reason, num_tokens, seed, mean_logprob, banned=banned_word_in(text, params.banned_words)
+    )
     if params.unique and text.strip():
         from botkit.engine.copy_index import check_copying  # numpy, only when judging
 
@@ -74,17 +86,31 @@ class Judge:
     out the request's one event once every candidate is done."""
 
     def __init__(self, tokenizer, copy_index: Callable[[], object | None]):
-        self.tokenizer, self.copy_index = tokenizer, copy_index  # copy_index: the run's CopyIndex, loaded when first asked
+        # copy_index: the run's CopyIndex, loaded when first asked
+        self.tokenizer, self.copy_index = tokenizer, copy_index
 
     def redraws(self, seq: Sequence) -> bool:
-        """True if the finished draw holds a banned word or copies, and may be drawn again (sampled, with draws left)."""
+        """True if the finished draw holds a banned word or copies, and may be drawn again (sampled, with draws
+        left)."""
         seq.text = seq.text.rstrip("\ufffd")
-        attempt = judge(seq.text, seq.params, self.tokenizer, self.copy_index(), prompt_ids=seq.prompt_ids[seq.offset :],
-                        finish_reason=seq.finish_reason, num_tokens=len(seq.generated), seed=seq.seed,
-                        mean_logprob=seq.logprob_sum / max(1, len(seq.generated)))
+        attempt = judge(
+            seq.text,
+            seq.params,
+            self.tokenizer,
+            self.copy_index(),
+            prompt_ids=seq.prompt_ids[seq.offset :],
+            finish_reason=seq.finish_reason,
+            num_tokens=len(seq.generated),
+            seed=seq.seed,
+            mean_logprob=seq.logprob_sum / max(1, len(seq.generated)),
+        )
         seq.attempts.append(attempt)
         # (a greedy row would draw the same again)
-        return bool(attempt.banned or attempt.copies) and seq.params.temperature != 0 and len(seq.attempts) <= MAX_RESAMPLES
+        return (
+            bool(attempt.banned or attempt.copies)
+            and seq.params.temperature != 0
+            and len(seq.attempts) <= MAX_RESAMPLES
+        )
 
     @staticmethod
     def settle(seq: Sequence) -> list[Event]:
@@ -99,7 +125,9 @@ class Judge:
         if chosen is None:
             tried = sum(len(m.attempts) for m in group)
             leader.finish_reason = "error"
-            leader.error = f"each of {tried} draws held a banned word" if tried else leader.error or "no candidate finished"
+            leader.error = (
+                f"each of {tried} draws held a banned word" if tried else leader.error or "no candidate finished"
+            )
             return [Event(leader, "", True)]
         leader.text, leader.finish_reason, leader.seed = chosen.text, chosen.finish_reason, chosen.seed
         return [Event(leader, chosen.text, True)]

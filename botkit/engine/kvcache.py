@@ -62,8 +62,12 @@ def rows_attention(module, query, key, value, attention_mask, *, step: Step | No
         # One call per row: every row's numbers are those of a batch of one (bit for bit what
         # transformers computes for that sequence alone). On this CPU this also measured faster than
         # one padded call (3.4 vs 4.1 ms per layer at 64 rows), which reduces over the padded length.
-        parts = [F.scaled_dot_product_attention(query[:, :, i : i + 1], key[r : r + 1, :, :n], value[r : r + 1, :, :n], scale=scale)
-                 for i, (r, n) in enumerate(step.decode)]
+        parts = [
+            F.scaled_dot_product_attention(
+                query[:, :, i : i + 1], key[r : r + 1, :, :n], value[r : r + 1, :, :n], scale=scale
+            )
+            for i, (r, n) in enumerate(step.decode)
+        ]
     for j in step.joins:
         q = query[:, :, j.start : j.start + j.length - j.past]
         k, v = key[j.row : j.row + 1, :, : j.length], value[j.row : j.row + 1, :, : j.length]
@@ -72,7 +76,9 @@ def rows_attention(module, query, key, value, attention_mask, *, step: Step | No
         else:  # new tokens at columns [past, length) see every column up to their own
             allowed = step.masks.get(j.row)
             if allowed is None:
-                allowed = step.masks[j.row] = torch.ones(j.length - j.past, j.length, dtype=torch.bool, device=q.device).tril_(j.past)
+                allowed = step.masks[j.row] = torch.ones(
+                    j.length - j.past, j.length, dtype=torch.bool, device=q.device
+                ).tril_(j.past)
             parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale))
     return torch.cat(parts, dim=2).transpose(1, 2), None
 
@@ -86,7 +92,10 @@ def _padded_decode(query, key, value, step: Step, scale):
     mask = step.masks.get("padded")
     if mask is None:
         lengths = torch.tensor([n for _, n in step.decode], device=query.device)
-        mask = step.masks["padded"] = (torch.arange(longest, device=query.device)[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        # (B, 1, 1, L)
+        mask = step.masks["padded"] = (torch.arange(longest, device=query.device)[None, :] < lengths[:, None])[
+            :, None, None, :
+        ]
     q = query[0, :, :b].transpose(0, 1).unsqueeze(2)  # (B, H, 1, D)
     out = F.scaled_dot_product_attention(q, key[:b, :, :longest], value[:b, :, :longest], attn_mask=mask, scale=scale)
     return out.squeeze(2).transpose(0, 1).unsqueeze(0)  # (1, H, B, D)
@@ -126,8 +135,10 @@ class SlotCache(Cache):
         # row's end (masked): there uninitialised memory may hold NaN, and NaN x 0 is NaN, so `zeroed`.
         shape = (max_batch, config.n_head, capacity, config.n_embd // config.n_head)
         new = torch.zeros if zeroed else torch.empty
-        layers = [SlotLayer(self, new(shape, dtype=dtype, device=device), new(shape, dtype=dtype, device=device))
-                  for _ in range(config.n_layer)]
+        layers = [
+            SlotLayer(self, new(shape, dtype=dtype, device=device), new(shape, dtype=dtype, device=device))
+            for _ in range(config.n_layer)
+        ]
         super().__init__(layers=layers)
         self.lengths: list[int] = []  # tokens held by each active row
         self.step: Step | None = None
@@ -189,7 +200,9 @@ class SlotCache(Cache):
 
     def read_row(self, row: int, n: int) -> torch.Tensor:
         """Row `row`'s first `n` columns of every layer: (layers, 2, heads, n, head_dim), a copy."""
-        return torch.stack([t for layer in self.layers for t in (layer.k[row, :, :n], layer.v[row, :, :n])]).unflatten(0, (len(self.layers), 2))
+        return torch.stack([t for layer in self.layers for t in (layer.k[row, :, :n], layer.v[row, :, :n])]).unflatten(
+            0, (len(self.layers), 2)
+        )
 
     def write_row(self, row: int, kv: torch.Tensor, n: int) -> None:
         """Put the first `n` columns of `kv` (as read_row returns it) into row `row`'s first columns."""

@@ -103,5 +103,10 @@ class PrefixCache:
                     self.by_hash[h] = holder
 
     def stats(self) -> dict:
-        return {"entries": len(self.entries), "mb": round(self.nbytes / 2**20, 1), "lookups": self.num_lookups, "hits": self.num_hits,
-                "reused_share": round(self.num_reused_tokens / max(1, self.num_prompt_tokens), 3)}
+        return {
+            "entries": len(self.entries),
+            "mb": round(self.nbytes / 2**20, 1),
+            "lookups": self.num_lookups,
+            "hits": self.num_hits,
+            "reused_share": round(self.num_reused_tokens / max(1, self.num_prompt_tokens), 3),
+        }

@@ -13,8 +13,20 @@ from botkit.params import SamplingParams
 # lists of them; booleans go as 0 / 1). temperature, top_k, stop and max_tokens are vLLM's own request
 # fields, which the processor reads from its SamplingParams; vLLM's own repetition / presence /
 # frequency penalties and min_p must then stay neutral in the request, or they apply twice.
-XARGS_FIELDS = ("repetition_penalty", "presence_penalty", "frequency_penalty", "no_repeat_ngram_size", "dry_multiplier", "dry_base",
-                "dry_allowed_length", "dry_sequence_breakers", "min_tokens", "min_p", "typical_p", "unique")
+XARGS_FIELDS = (
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "no_repeat_ngram_size",
+    "dry_multiplier",
+    "dry_base",
+    "dry_allowed_length",
+    "dry_sequence_breakers",
+    "min_tokens",
+    "min_p",
+    "typical_p",
+    "unique",
+)
 XARGS_PREFIX = "botkit_"  # vllm_xargs is shared by every processor a server runs
 XARGS_MARKER = "botkit_rules"  # always sent: a request without it is not botkit's and no rule touches it
 XARGS_VERSION = 1
@@ -27,7 +39,9 @@ def to_xargs(params: SamplingParams) -> dict:
     for name in XARGS_FIELDS:
         value = getattr(params, name)
         if value != getattr(_DEFAULTS, name):
-            out[XARGS_PREFIX + name] = list(value) if isinstance(value, tuple) else int(value) if isinstance(value, bool) else value
+            out[XARGS_PREFIX + name] = (
+                list(value) if isinstance(value, tuple) else int(value) if isinstance(value, bool) else value
+            )
     return out
 
 
@@ -41,13 +55,18 @@ def from_xargs(d: dict | None, **base) -> SamplingParams:
         raise InputError("vllm_xargs must be an object.")
     fields = dict(base)
     if d.get(XARGS_MARKER, XARGS_VERSION) != XARGS_VERSION:
-        raise InputError(f"{XARGS_MARKER} must be {XARGS_VERSION}: this server's botkit is another version than the client's.")
+        raise InputError(
+            f"{XARGS_MARKER} must be {XARGS_VERSION}: this server's botkit is another version than the client's."
+        )
     for key, value in d.items():
         if not isinstance(key, str) or not key.startswith(XARGS_PREFIX) or key == XARGS_MARKER:
             continue
         name = key[len(XARGS_PREFIX) :]
         if name not in XARGS_FIELDS:
-            raise InputError(f"Unknown botkit rule argument {key[:60]!r}: use one of {', '.join(XARGS_PREFIX + f for f in XARGS_FIELDS)}.")
+            raise InputError(
+                f"Unknown botkit rule argument {key[:60]!r}: use one of "
+                f"{', '.join(XARGS_PREFIX + f for f in XARGS_FIELDS)}."
+            )
         fields[name] = _typed(name, value)
     try:
         return SamplingParams(**fields)

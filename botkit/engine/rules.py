@@ -44,7 +44,14 @@ class RuleContext:
     """What every row of one model shares: the token bytes (None for a tokenizer that is not byte
     level), end of text, the run's copy index, and tables built lazily from the vocabulary."""
 
-    def __init__(self, token_bytes: TokenBytes | None, eos_id: int, copy_index: CopyIndex | None = None, *, mask_utf8: bool = True):
+    def __init__(
+        self,
+        token_bytes: TokenBytes | None,
+        eos_id: int,
+        copy_index: CopyIndex | None = None,
+        *,
+        mask_utf8: bool = True,
+    ):
         self.token_bytes = token_bytes
         self.eos = eos_id
         self.copy_index = copy_index
@@ -113,11 +120,21 @@ class RowRules:
     def is_active(self) -> bool:
         """Whether any rule but the UTF-8 mask and the copy index writes this row's logits."""
         p = self.params
-        return bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.no_repeat_ngram_size
-                    or p.dry_multiplier or self.num_generated < p.min_tokens or p.min_p or p.typical_p < 1)
+        return bool(
+            p.repetition_penalty != 1.0
+            or p.presence_penalty
+            or p.frequency_penalty
+            or p.no_repeat_ngram_size
+            or p.dry_multiplier
+            or self.num_generated < p.min_tokens
+            or p.min_p
+            or p.typical_p < 1
+        )
 
 
-def apply_rules(ctx: RuleContext, rows: list[RowRules | None], logits: torch.Tensor, *, candidates: bool = False) -> None:
+def apply_rules(
+    ctx: RuleContext, rows: list[RowRules | None], logits: torch.Tensor, *, candidates: bool = False
+) -> None:
     """In place on raw logits (B, vocab) float, row i by rows[i] (None: a row no rule applies to).
     `candidates=True` also masks the tokens that would complete a training run (vLLM; see the docstring)."""
     if ctx.mask_utf8:
@@ -162,7 +179,9 @@ def apply_repetition_penalty(logits: torch.Tensor, row: int, token_ids: torch.Te
     logits[row, token_ids] = torch.where(scores < 0, scores * penalty, scores / penalty)
 
 
-def apply_presence_frequency(logits: torch.Tensor, row: int, counts: Counter[int], presence: float, frequency: float) -> None:
+def apply_presence_frequency(
+    logits: torch.Tensor, row: int, counts: Counter[int], presence: float, frequency: float
+) -> None:
     """In place, OpenAI's formula: logit[j] -= c[j] * frequency + (c[j] > 0) * presence, c[j] the
     times token j is in the reply so far."""
     if not counts:
@@ -286,8 +305,13 @@ def mask_training_runs(ctx: RuleContext, rows: list[RowRules | None], logits: to
             logits[i, banned] = float("-inf")
 
 
-def redraw_training_runs(ctx: RuleContext, rows: list[RowRules], logits: torch.Tensor, tokens: list[int],
-                         draw: Callable[[list[int]], list[int]]) -> None:
+def redraw_training_runs(
+    ctx: RuleContext,
+    rows: list[RowRules],
+    logits: torch.Tensor,
+    tokens: list[int],
+    draw: Callable[[list[int]], list[int]],
+) -> None:
     """In place, for engines that draw first (botkit's): a `unique` row whose drawn token would
     complete a training run draws again without it, `draw(row_indices)` sampling those rows of
     `logits` again (up to BLOCK_TRIES tokens masked, never a row's last allowed one)."""

@@ -30,7 +30,8 @@ class Prefill:
 class Runner:
     def __init__(self, model, window: int, max_batch_size: int, *, cache_bytes: int, padded_decode: bool):
         self.model = model
-        model.set_attn_implementation(register_attention())  # SDPA, except in our steps: each row reads only its own columns
+        # SDPA, except in our steps: each row reads only its own columns
+        model.set_attn_implementation(register_attention())
         self.window, self.max_batch_size, self.padded_decode = window, max_batch_size, padded_decode
         self.no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=model.device)  # see run()
         self.prefix_cache = PrefixCache(cache_bytes)
@@ -50,16 +51,25 @@ class Runner:
                 cache.copy_row(p.source, row, p.past)
             elif p.past:
                 cache.write_row(row, p.source, p.past)
-        step = cache.begin([r for r, _ in decode], [(p.past, len(p.tokens) - p.past) for p in prefills], padded=self.padded_decode)
+        step = cache.begin(
+            [r for r, _ in decode], [(p.past, len(p.tokens) - p.past) for p in prefills], padded=self.padded_decode
+        )
         ids = [t for _, t in decode] + [t for p in prefills for t in p.tokens[p.past :]]
         positions = [n - 1 for _, n in step.decode] + [c for j in step.joins for c in range(j.past, j.length)]
-        last = list(range(len(decode))) + [j.start + j.length - j.past - 1 for j in step.joins]  # the tokens that predict
+        # the tokens that predict
+        last = list(range(len(decode))) + [j.start + j.length - j.past - 1 for j in step.joins]
         self._step_prompt_tokens = sum(j.length - j.past for j in step.joins)
         device = self.model.device
         # The 4-D "mask" only makes transformers skip building one: rows_attention masks by `step`.
-        out = self.model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
-                         attention_mask=self.no_mask, cache=cache, use_cache=True,
-                         logits_to_keep=torch.tensor(last, device=device), step=step)
+        out = self.model(
+            input_ids=torch.tensor([ids], device=device),
+            position_ids=torch.tensor([positions], device=device),
+            attention_mask=self.no_mask,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=torch.tensor(last, device=device),
+            step=step,
+        )
         return out.logits[0]
 
     def end(self) -> None:
@@ -105,7 +115,9 @@ class Runner:
             device = self.model.device
             # On CPU a full-window buffer costs only the pages rows write; on a GPU memory is real: grow.
             capacity = self.window if device.type == "cpu" else min(self.window, columns + 128)
-            self.cache = SlotCache(self.model.config, self.max_batch_size, capacity, self.model.dtype, device, zeroed=self.padded_decode)
+            self.cache = SlotCache(
+                self.model.config, self.max_batch_size, capacity, self.model.dtype, device, zeroed=self.padded_decode
+            )
         elif self.cache.capacity < columns:
             self.cache.grow(min(self.window, max(columns, 2 * self.cache.capacity)))
         return self.cache

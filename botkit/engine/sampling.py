@@ -1,4 +1,5 @@
-"""Pick each row's next token with its own temperature / top_k / top_p / seed (the logits rules before it are rules.py's).
+"""Pick each row's next token with its own temperature / top_k / top_p / seed (the logits rules before it are
+rules.py's).
 
 transformers' logits processors take one setting for the whole batch; here every row of a mixed
 batch has its own, so the filters are applied with per-row tensors in one pass. Nothing sorts the

@@ -19,8 +19,18 @@ import torch
 # UTF-8 (RFC 3629) as states: (continuation bytes still needed, lowest and highest allowed next byte,
 # a byte excluded in that range or -1). U+FFFD itself (EF BF BD) is excluded too: GPT-2's vocabulary
 # holds tokens that spell it (web text had it), and a reply showing "�" looks just as broken.
-STATES = [(0, 0, 0, -1), (1, 0x80, 0xBF, -1), (2, 0x80, 0xBF, -1), (2, 0xA0, 0xBF, -1), (2, 0x80, 0x9F, -1),
-          (3, 0x80, 0xBF, -1), (3, 0x90, 0xBF, -1), (3, 0x80, 0x8F, -1), (2, 0x80, 0xBF, 0xEF), (1, 0x80, 0xBF, 0xBD)]
+STATES = [
+    (0, 0, 0, -1),
+    (1, 0x80, 0xBF, -1),
+    (2, 0x80, 0xBF, -1),
+    (2, 0xA0, 0xBF, -1),
+    (2, 0x80, 0x9F, -1),
+    (3, 0x80, 0xBF, -1),
+    (3, 0x90, 0xBF, -1),
+    (3, 0x80, 0x8F, -1),
+    (2, 0x80, 0xBF, 0xEF),
+    (1, 0x80, 0xBF, 0xBD),
+]
 _STATE = {s: i for i, s in enumerate(STATES)}
 _AFTER_EF = _STATE[(2, 0x80, 0xBF, 0xEF)]  # tag 0xEF: the lead byte was EF, so EF BF must not be followed by BD
 INVALID = -1
@@ -42,9 +52,13 @@ def _after(state: int, byte: int) -> int:
     if byte == 0xEF:
         return _AFTER_EF
     if 0xE0 <= byte <= 0xEF:
-        return _STATE[(2, 0xA0, 0xBF, -1) if byte == 0xE0 else (2, 0x80, 0x9F, -1) if byte == 0xED else (2, 0x80, 0xBF, -1)]
+        return _STATE[
+            (2, 0xA0, 0xBF, -1) if byte == 0xE0 else (2, 0x80, 0x9F, -1) if byte == 0xED else (2, 0x80, 0xBF, -1)
+        ]
     if 0xF0 <= byte <= 0xF4:
-        return _STATE[(3, 0x90, 0xBF, -1) if byte == 0xF0 else (3, 0x80, 0x8F, -1) if byte == 0xF4 else (3, 0x80, 0xBF, -1)]
+        return _STATE[
+            (3, 0x90, 0xBF, -1) if byte == 0xF0 else (3, 0x80, 0x8F, -1) if byte == 0xF4 else (3, 0x80, 0xBF, -1)
+        ]
     return INVALID  # a stray continuation byte, C0, C1, F5-FF
 
 
@@ -54,7 +68,9 @@ _TRANSITIONS = [[_after(s, b) for b in range(256)] for s in range(len(STATES))]
 def _gpt2_byte_decoder() -> dict[str, int]:
     """GPT-2's printable stand-in for each byte (its `bytes_to_unicode`), inverted. Written out here:
     it is part of the tokenizer's definition, and transformers keeps it only in private modules."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:

@@ -28,7 +28,8 @@ TEXTS_FILE = "copy_texts.u64"  # little-endian uint64 hashes, sorted, distinct
 TEXTS_JSON = "copy_texts.json"
 HASH_NAME = "blake2b64-words-v1"
 MAX_TEXT_WORDS = 32  # longer lines: half of one is at least 16 words, which the 8-token index catches
-MIN_HALF_WORDS = 4  # a shorter run is not "most of a text" ("I am sorry" may be half of "I am sorry ."); whole equality still counts
+# a shorter run is not "most of a text" ("I am sorry" may be half of "I am sorry ."); whole equality still counts
+MIN_HALF_WORDS = 4
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 

@@ -91,5 +91,10 @@ class BotkitRules(LogitsProcessor):
 def _params_of(vllm_params):
     """botkit's SamplingParams for a vLLM request: the rules' fields from its extra_args, the rest from vLLM's own."""
     max_tokens = min(vllm_params.max_tokens or MAX_NEW_TOKENS, MAX_NEW_TOKENS)
-    return from_xargs(vllm_params.extra_args, temperature=float(vllm_params.temperature), top_k=max(0, vllm_params.top_k or 0),
-                      stop=tuple(vllm_params.stop or ()), max_new_tokens=max_tokens)
+    return from_xargs(
+        vllm_params.extra_args,
+        temperature=float(vllm_params.temperature),
+        top_k=max(0, vllm_params.top_k or 0),
+        stop=tuple(vllm_params.stop or ()),
+        max_new_tokens=max_tokens,
+    )

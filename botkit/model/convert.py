@@ -28,7 +28,10 @@ def convert(src: str, dst: str, *, merge: bool = False, checkpoint_dir: str = "c
         path = Path(checkpoint_dir) / src  # a run name, as gpt-2-simple users say it
     source = resolve(path if path.exists() else src)
     if source.kind == "lora" and not merge:
-        raise InputError(f"{src} is a LoRA run (the adapter alone, which is already peft's format): pass --merge to write its base model with the adapter merged in.")
+        raise InputError(
+            f"{src} is a LoRA run (the adapter alone, which is already peft's format): pass --merge to "
+            "write its base model with the adapter merged in."
+        )
     out = Path(dst)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out} already exists and is not an empty folder: choose a new folder.")
@@ -41,25 +44,37 @@ def convert(src: str, dst: str, *, merge: bool = False, checkpoint_dir: str = "c
 
 
 def add_cli(subparsers) -> None:
-    c = subparsers.add_parser("convert", help="write any model botkit loads (TensorFlow GPT-2, LoRA run) as a Hugging Face folder")
-    c.add_argument("src", help="models/124M (OpenAI), checkpoint/run1 (gpt-2-simple or botkit), a hub name, or a run name")
+    c = subparsers.add_parser(
+        "convert", help="write any model botkit loads (TensorFlow GPT-2, LoRA run) as a Hugging Face folder"
+    )
+    c.add_argument(
+        "src", help="models/124M (OpenAI), checkpoint/run1 (gpt-2-simple or botkit), a hub name, or a run name"
+    )
     c.add_argument("dst", help="the new folder to write (config.json, model.safetensors, tokenizer)")
     c.add_argument("--merge", action="store_true", help="a LoRA run: merge its adapter into the base model's weights")
     c.add_argument("--checkpoint-dir", default="checkpoint", help="where run names are looked up")
-    c.set_defaults(func=lambda a: print(f"Wrote {convert(a.src, a.dst, merge=a.merge, checkpoint_dir=a.checkpoint_dir)}."))
+    c.set_defaults(
+        func=lambda a: print(f"Wrote {convert(a.src, a.dst, merge=a.merge, checkpoint_dir=a.checkpoint_dir)}.")
+    )
 
-    d = subparsers.add_parser("download", help="gpt-2-simple's download_gpt2: put 124M, 355M, 774M or 1558M in --model-dir")
+    d = subparsers.add_parser(
+        "download", help="gpt-2-simple's download_gpt2: put 124M, 355M, 774M or 1558M in --model-dir"
+    )
     d.add_argument("model_name", help="124M (gpt2), 355M (gpt2-medium), 774M (gpt2-large) or 1558M (gpt2-xl)")
     d.add_argument("--model-dir", default="models")
     d.set_defaults(func=_download)
 
-    e = subparsers.add_parser("export", help="write a run to one .tar.gz with checksums (gpt-2-simple's copy_checkpoint_to_gdrive)")
+    e = subparsers.add_parser(
+        "export", help="write a run to one .tar.gz with checksums (gpt-2-simple's copy_checkpoint_to_gdrive)"
+    )
     e.add_argument("run", help="a run name in --checkpoint-dir, or a run folder")
     e.add_argument("archive", help="the file to write, such as run1.tar.gz")
     e.add_argument("--checkpoint-dir", default="checkpoint")
     e.set_defaults(func=_export)
 
-    i = subparsers.add_parser("import", help="unpack a run from `botkit export` into --checkpoint-dir, checking every file")
+    i = subparsers.add_parser(
+        "import", help="unpack a run from `botkit export` into --checkpoint-dir, checking every file"
+    )
     i.add_argument("archive")
     i.add_argument("--checkpoint-dir", default="checkpoint")
     i.add_argument("--run-name", default=None, help="import under this name instead of the exported one")
@@ -77,7 +92,10 @@ def _export(args) -> None:
 
     run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.checkpoint_dir) / args.run
     count = export_run(run_dir, Path(args.archive))
-    print(f"Wrote {count} files of {run_dir} to {args.archive}; on the other machine: botkit import {Path(args.archive).name}")
+    print(
+        f"Wrote {count} files of {run_dir} to {args.archive}; on the other machine: botkit import "
+        f"{Path(args.archive).name}"
+    )
 
 
 def _import(args) -> None:

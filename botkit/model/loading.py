@@ -80,7 +80,9 @@ def load_model(
     if dtype not in DTYPE_NAMES:
         raise InputError(f"Unknown dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}.")
     if dtype == "int8" and torch.device(device).type != "cpu":
-        raise InputError(f"int8 runs on CPU only, not on {device!r}: use --device cpu, or bfloat16 or float16 on a GPU.")
+        raise InputError(
+            f"int8 runs on CPU only, not on {device!r}: use --device cpu, or bfloat16 or float16 on a GPU."
+        )
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"Device {device!r} was asked for but no CUDA GPU is available: use --device cpu.")
 
@@ -90,7 +92,8 @@ def load_model(
     else:
         loaded = _load_pretrained(resolve(model, run_name, checkpoint_dir))
     loaded.model.to(device=device, dtype=DTYPES.get(dtype, torch.float32)).eval()
-    loaded.model.loss_type = "ForCausalLM"  # GPT2LMHeadModel's name matches no loss of transformers': given labels it warns, then uses this
+    # GPT2LMHeadModel's name matches no loss of transformers': given labels it warns, then uses this
+    loaded.model.loss_type = "ForCausalLM"
     fuse_gelu(loaded.model)
     if dtype == "int8":
         from botkit.model.quantize import quantize_int8
@@ -139,7 +142,9 @@ def _load_pretrained(source: Source) -> LoadedModel:
         raise ModelLoadError(f"The weights file {where} is damaged ({why}): copy or save the model again.") from None
     except OSError as exc:
         if source.is_local:
-            raise ModelLoadError(f"Could not read the model in {source.path} ({exc.__class__.__name__}): is the folder complete?") from exc
+            raise ModelLoadError(
+                f"Could not read the model in {source.path} ({exc.__class__.__name__}): is the folder complete?"
+            ) from exc
         raise ModelLoadError(
             f"Could not get {source.path!r} from the Hugging Face hub (no such model, or the download failed): "
             "check the name, or pass a local folder with --model."

@@ -37,8 +37,15 @@ def add_lora(model, base: Source, rank: int, alpha: int, dropout: float) -> Peft
     """Wrap `model` with new LoRA adapters (A random, B zero: the model's output is unchanged at first);
     every other weight is frozen. Seed torch first for a reproducible A."""
     model.name_or_path = base_ref(base)  # peft writes it to adapter_config.json as base_model_name_or_path
-    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, target_modules=TARGET_MODULES,
-                        fan_in_fan_out=True, bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha or 2 * rank,
+        lora_dropout=dropout,
+        target_modules=TARGET_MODULES,
+        fan_in_fan_out=True,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     with _peft_on_transformers5():
         return get_peft_model(model, config)
 
@@ -48,9 +55,17 @@ def read_adapter_config(run_dir: Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested deep
-        raise ModelLoadError(f"{path} cannot be read as JSON: the LoRA run is damaged, train it again or copy it again.") from exc
-    if not isinstance(config, dict) or not isinstance(config.get("base_model_name_or_path"), str) or not isinstance(config.get("r"), int):
-        raise ModelLoadError(f"{path} does not name its base model and rank: it is not a LoRA run of `botkit finetune --lora`.")
+        raise ModelLoadError(
+            f"{path} cannot be read as JSON: the LoRA run is damaged, train it again or copy it again."
+        ) from exc
+    if (
+        not isinstance(config, dict)
+        or not isinstance(config.get("base_model_name_or_path"), str)
+        or not isinstance(config.get("r"), int)
+    ):
+        raise ModelLoadError(
+            f"{path} does not name its base model and rank: it is not a LoRA run of `botkit finetune --lora`."
+        )
     return config
 
 
@@ -58,11 +73,15 @@ def base_source(run_dir: Path) -> Source:
     """The model a LoRA run adapts (itself maybe a LoRA run: they stack), checked to end in a plain model."""
     source, chain = _base_of(run_dir), [run_dir.resolve()]
     link = source
-    while link.kind == "lora":  # walked once here, so a run naming itself or a cycle is a sentence, not a RecursionError
+    # walked once here, so a run naming itself or a cycle is a sentence, not a RecursionError
+    while link.kind == "lora":
         path = Path(link.path).resolve()
         if path in chain:
-            raise ModelLoadError(f"The LoRA run {run_dir} adapts {source.path}, and the chain of LoRA runs it names comes back to "
-                                 f"{path}: point its adapter_config.json at the plain base model.")
+            raise ModelLoadError(
+                f"The LoRA run {run_dir} adapts {source.path}, and the chain of LoRA runs it names "
+                "comes back to "
+                f"{path}: point its adapter_config.json at the plain base model."
+            )
         chain.append(path)
         link = _base_of(path)
     return source
@@ -73,8 +92,12 @@ def _base_of(run_dir: Path) -> Source:
     try:
         return resolve(base)
     except ModelLoadError as exc:
-        raise ModelLoadError(f"The LoRA run {run_dir} adapts {base}, which cannot be loaded here ({str(exc).rstrip('.')}): "
-                             "put the base model back at that path, or convert the run on the machine that has it (`botkit convert --merge`).") from exc
+        raise ModelLoadError(
+            f"The LoRA run {run_dir} adapts {base}, which cannot be loaded here "
+            f"({str(exc).rstrip('.')}): "
+            "put the base model back at that path, or convert the run on the machine that has it "
+            "(`botkit convert --merge`)."
+        ) from exc
 
 
 def load_adapter(model, run_dir: Path, is_trainable: bool) -> PeftModel:
@@ -83,14 +106,16 @@ def load_adapter(model, run_dir: Path, is_trainable: bool) -> PeftModel:
         with _peft_on_transformers5():
             return PeftModel.from_pretrained(model, run_dir, is_trainable=is_trainable)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelLoadError(f"The LoRA adapter in {run_dir} does not fit its base model ({exc.__class__.__name__}): the run is damaged or its base changed.") from exc
+        raise ModelLoadError(
+            f"The LoRA adapter in {run_dir} does not fit its base model ({exc.__class__.__name__}): "
+            "the run is damaged or its base changed."
+        ) from exc
 
 
 def merged(model: PeftModel):
     """The base model with the adapter added into its weights: a plain GPT2LMHeadModel again."""
     with torch.no_grad():
         return model.merge_and_unload()
-
 
 
 @contextmanager

@@ -40,7 +40,9 @@ QMAX = 127  # symmetric int8: -127..127 (never -128, so that negating a value st
 def has_fast_int8() -> bool:
     """True where `torch._int_mm` runs oneDNN's VNNI kernel (its CPU code checks the last three things)."""
     vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: False)  # private: a torch without it gets the fallback
-    return hasattr(torch, "_int_mm") and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and vnni()
+    return (
+        hasattr(torch, "_int_mm") and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and vnni()
+    )
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,11 +120,16 @@ def quantize_int8(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
     """Swap the model's matmul layers for int8 ones, in place (the model must be float32, on CPU).
     Returns the model. Inference only: the int8 layers have no gradient."""
     if model.device.type != "cpu":
-        raise InputError(f"int8 runs on CPU only, and this model is on {model.device}: use --dtype bfloat16 or float16 there.")
+        raise InputError(
+            f"int8 runs on CPU only, and this model is on {model.device}: use --dtype bfloat16 or float16 there."
+        )
     fast = has_fast_int8()
     if not fast:
-        log.warning("This CPU lacks AVX-512 VNNI, so int8 matmuls run through float32 here: slower than --dtype float32, "
-                    "only smaller in memory.")
+        log.warning(
+            "This CPU lacks AVX-512 VNNI, so int8 matmuls run through float32 here: slower than --dtype "
+            "float32, "
+            "only smaller in memory."
+        )
     transformer = model.transformer
     for block in transformer.h:
         for parent in (block.attn, block.mlp):

@@ -45,12 +45,17 @@ def export_run(run_dir: Path, archive: Path) -> int:
         raise InputError(f"The run folder name {run_dir.name!r} is not a plain name: rename the folder first.")
     if links := sorted(p for p in run_dir.rglob("*") if p.is_symlink() and ".saving" not in p.parts):
         # left out, the imported run would be broken; followed, a link could carry a file from anywhere
-        raise InputError(f"{links[0]} is a link, which an archive does not carry: replace it with the file itself "
-                         f"(cp --remove-destination \"$(readlink -f {links[0]})\" {links[0]}), then export again.")
+        raise InputError(
+            f"{links[0]} is a link, which an archive does not carry: replace it with the file itself "
+            f'(cp --remove-destination "$(readlink -f {links[0]})" {links[0]}), then export again.'
+        )
     files = sorted(p for p in run_dir.rglob("*") if p.is_file() and ".saving" not in p.parts)
     manifest = {"format": FORMAT, "run_name": run_dir.name, "files": {}}
     for path in files:
-        manifest["files"][(PurePosixPath(run_dir.name) / path.relative_to(run_dir).as_posix()).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        manifest["files"][(PurePosixPath(run_dir.name) / path.relative_to(run_dir).as_posix()).as_posix()] = {
+            "size": path.stat().st_size,
+            "sha256": _sha256(path),
+        }
     body = json.dumps(manifest, indent=1).encode()
     tmp = archive.with_name(archive.name + ".partial")
     # compresslevel 1: weights barely compress, and level 6 costs several times the time for ~1% less
@@ -77,13 +82,22 @@ def import_run(archive: Path, checkpoint_dir: Path, run_name: str | None = None)
             raise InputError(f"{name!r} is not a plain run name: pass another with --run-name.")
         dest = checkpoint_dir / name
         if dest.exists():
-            raise InputError(f"Run {name!r} already exists in {checkpoint_dir}: pass --run-name with a new name, or remove the old run first.")
+            raise InputError(
+                f"Run {name!r} already exists in {checkpoint_dir}: pass --run-name with a new name, or "
+                "remove the old run first."
+            )
         os.replace(tmp / stored_name, dest)
         return dest
     except Refused as exc:
-        raise InputError(f"{archive.name} was refused and nothing was written, because {exc}: export the run again, or copy the archive again.") from exc
+        raise InputError(
+            f"{archive.name} was refused and nothing was written, because {exc}: export the run again, or "
+            "copy the archive again."
+        ) from exc
     except (tarfile.TarError, EOFError, zlib.error, OSError, UnicodeDecodeError, ValueError) as exc:
-        raise InputError(f"{archive.name} is damaged or not a botkit archive ({exc.__class__.__name__}), so nothing was written: copy it again from the machine that exported it.") from exc
+        raise InputError(
+            f"{archive.name} is damaged or not a botkit archive ({exc.__class__.__name__}), so nothing "
+            "was written: copy it again from the machine that exported it."
+        ) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -107,7 +121,10 @@ def _unpack(archive: Path, dest: Path) -> str:
 def _read_manifest(tar: tarfile.TarFile) -> dict:
     first = tar.next()
     if first is None or first.name != MANIFEST or not first.isfile() or first.size > MAX_MANIFEST_BYTES:
-        raise Refused(f"it does not start with {MANIFEST} (gpt-2-simple's checkpoint_run1.tar: extract it with tar and pass the folder to --model)")
+        raise Refused(
+            f"it does not start with {MANIFEST} (gpt-2-simple's checkpoint_run1.tar: extract it with tar and "
+            "pass the folder to --model)"
+        )
     try:
         return _manifest(json.loads(tar.extractfile(first).read()))
     except RecursionError:
@@ -125,7 +142,9 @@ def _walk(tar: tarfile.TarFile, manifest: dict, dest: Path | None = None) -> Non
         if not member.isreg() or member.issparse() or member.name not in expected or member.name in seen:
             raise Refused(f"it holds {member.name!r}, which its manifest does not list as a file")
         if member.size != expected[member.name]["size"]:
-            raise Refused(f"{member.name} has {member.size} bytes, not the {expected[member.name]['size']} of its manifest")
+            raise Refused(
+                f"{member.name} has {member.size} bytes, not the {expected[member.name]['size']} of its manifest"
+            )
         if dest is None:
             digest = _sha256_of(tar.extractfile(member))
         else:
@@ -148,7 +167,11 @@ def _size(num_bytes: int) -> str:
 
 
 def _manifest(manifest) -> dict:
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or not isinstance(manifest.get("files"), dict)
+    ):
         raise Refused(f"its {MANIFEST} is not one this botkit writes")
     run_name = manifest.get("run_name")
     if not isinstance(run_name, str) or not RUN_NAME.match(run_name):
@@ -159,8 +182,13 @@ def _manifest(manifest) -> dict:
             raise Refused(f"its manifest lists {name!r}, outside the run's folder")
         if path.as_posix() != name:  # "run/./a" and "run//a" are "run/a": one file must not arrive twice
             raise Refused(f"its manifest lists {name!r}, a path not written plainly")
-        if (not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or isinstance(entry["size"], bool)
-                or entry["size"] < 0 or not isinstance(entry.get("sha256"), str)):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("size"), int)
+            or isinstance(entry["size"], bool)
+            or entry["size"] < 0
+            or not isinstance(entry.get("sha256"), str)
+        ):
             raise Refused(f"its manifest entry for {name!r} has no size and checksum")
     return manifest
 
@@ -175,4 +203,3 @@ def _sha256_of(f) -> str:
     for chunk in iter(lambda: f.read(1 << 20), b""):
         digest.update(chunk)
     return digest.hexdigest()
-

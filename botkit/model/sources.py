@@ -17,7 +17,14 @@ from botkit.errors import ModelLoadError
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 # gpt-2-simple's (and OpenAI's) model names -> the hub's copies of the same weights
-GPT2_SIMPLE_NAMES = {"124M": "gpt2", "117M": "gpt2", "355M": "gpt2-medium", "345M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl"}
+GPT2_SIMPLE_NAMES = {
+    "124M": "gpt2",
+    "117M": "gpt2",
+    "355M": "gpt2-medium",
+    "345M": "gpt2-medium",
+    "774M": "gpt2-large",
+    "1558M": "gpt2-xl",
+}
 HUB_TIMEOUT_S = 1.5  # a hub that does not answer a TCP connect by then counts as unreachable
 
 
@@ -31,7 +38,9 @@ class Source:
     name: str  # what logs and /v1/models call the model
     is_local: bool
     local_files_only: bool = False  # a hub model already in the local cache, used without the network
-    kind: str = "hf"  # "hf": transformers' files; "tf": an OpenAI or gpt-2-simple TensorFlow folder; "lora": a LoRA run (adapter + its base)
+    # "hf": transformers' files; "tf": an OpenAI or gpt-2-simple TensorFlow folder; "lora": a LoRA run (adapter + its
+    # base)
+    kind: str = "hf"
     checkpoint: str = "latest"  # "tf" only: which checkpoint in the folder (e.g. model-500)
 
 
@@ -51,11 +60,16 @@ def asset_dir(name: str) -> Path:
     return Path(str(resources.files("botkit") / "assets" / name))
 
 
-CLI_NAMES = {"model": "--model", "run_name": "--run-name", "checkpoint_dir": "--checkpoint-dir"}  # what errors call the three values
+# what errors call the three values
+CLI_NAMES = {"model": "--model", "run_name": "--run-name", "checkpoint_dir": "--checkpoint-dir"}
 
 
-def resolve(model: str | os.PathLike | Source | None, run_name: str | None = None, checkpoint_dir: str | os.PathLike = "checkpoint",
-            names: dict[str, str] | None = None) -> Source:
+def resolve(
+    model: str | os.PathLike | Source | None,
+    run_name: str | None = None,
+    checkpoint_dir: str | os.PathLike = "checkpoint",
+    names: dict[str, str] | None = None,
+) -> Source:
     """The Source that `load_model` reads, or a ModelLoadError that says what to do instead; `names`
     are what the errors call model, run_name and checkpoint_dir (a config file's keys, say)."""
     names = {**CLI_NAMES, **(names or {})}
@@ -65,24 +79,37 @@ def resolve(model: str | os.PathLike | Source | None, run_name: str | None = Non
         path = Path(checkpoint_dir) / run_name
         kind = folder_kind(path) if path.is_dir() else None
         if kind is None:
-            raise ModelLoadError(f"No trained model in {path}: check {names['run_name']} and {names['checkpoint_dir']}, or train one with `botkit finetune`.")
+            raise ModelLoadError(
+                f"No trained model in {path}: check {names['run_name']} and "
+                f"{names['checkpoint_dir']}, or train one with `botkit finetune`."
+            )
         return Source(str(path), run_name, is_local=True, kind=kind)
     if model is None:
         path = asset_dir("demo")
         if not (path / "config.json").is_file():
-            raise ModelLoadError("The bundled demo model is missing from this install: pass --model gpt2 (online) or a local model folder.")
+            raise ModelLoadError(
+                "The bundled demo model is missing from this install: pass --model gpt2 (online) or a "
+                "local model folder."
+            )
         return Source(str(path), "botkit-demo", is_local=True)
     path = Path(model).expanduser()
     if path.is_dir():
         kind = folder_kind(path)
         if kind is None:
-            raise ModelLoadError(f"{path} has no config.json: point {names['model']} at a folder saved by `save_pretrained` or `botkit finetune`, "
-                                 "an OpenAI download such as models/124M, or a gpt-2-simple run such as checkpoint/run1.")
+            raise ModelLoadError(
+                f"{path} has no config.json: point {names['model']} at a folder saved by "
+                "`save_pretrained` or `botkit finetune`, "
+                "an OpenAI download such as models/124M, or a gpt-2-simple run such as "
+                "checkpoint/run1."
+            )
         return Source(str(path), path.name, is_local=True, kind=kind)
-    if path.with_name(path.name + ".index").is_file():  # a checkpoint prefix: models/124M/model.ckpt, checkpoint/run1/model-1000
+    # a checkpoint prefix: models/124M/model.ckpt, checkpoint/run1/model-1000
+    if path.with_name(path.name + ".index").is_file():
         return Source(str(path.parent), path.parent.name, is_local=True, kind="tf", checkpoint=path.name)
     if path.exists() or os.sep in str(model) or str(model).startswith("."):
-        raise ModelLoadError(f"Model path {model} ({names['model']}) does not exist: check the path, or use a hub name such as gpt2.")
+        raise ModelLoadError(
+            f"Model path {model} ({names['model']}) does not exist: check the path, or use a hub name such as gpt2."
+        )
     return _hub_source(GPT2_SIMPLE_NAMES.get(str(model), str(model)))
 
 
@@ -94,8 +121,11 @@ def _hub_source(name: str) -> Source:
     if why:
         if is_cached:
             return Source(name, name, is_local=False, local_files_only=True)
-        raise ModelLoadError(f"{name!r} is a hub name, but {why} and it was never downloaded: download it once while online, "
-                             "or pass a local folder that holds config.json and the weights, e.g. --model ./my-gpt2.")
+        raise ModelLoadError(
+            f"{name!r} is a hub name, but {why} and it was never downloaded: download it once while "
+            "online, "
+            "or pass a local folder that holds config.json and the weights, e.g. --model ./my-gpt2."
+        )
     return Source(name, name, is_local=False)
 
 

@@ -39,7 +39,21 @@ MAX_KEY_BYTES = 1024
 MAX_ENTRIES = 20_000  # keys of at most MAX_KEY_BYTES: at most 20 MB of names
 
 # TensorFlow DataType enum values (types.proto) -> numpy dtype; bfloat16 is widened to float32 on read.
-DTYPES = {1: "f4", 2: "f8", 3: "i4", 4: "u1", 5: "i2", 6: "i1", 9: "i8", 10: "?", 14: "u2", 17: "u2", 19: "f2", 22: "u4", 23: "u8"}
+DTYPES = {
+    1: "f4",
+    2: "f8",
+    3: "i4",
+    4: "u1",
+    5: "i2",
+    6: "i1",
+    9: "i8",
+    10: "?",
+    14: "u2",
+    17: "u2",
+    19: "f2",
+    22: "u4",
+    23: "u8",
+}
 DT_BFLOAT16 = 14
 
 
@@ -77,18 +91,31 @@ class Bundle:
         """The tensor's values as a numpy array of its shape (checksum verified when stored)."""
         entry = self.entries[name]
         if entry.is_sliced:
-            raise ModelLoadError(f"{name} in {self.prefix.name} is stored as a partitioned variable, which botkit cannot read: save it unpartitioned.")
+            raise ModelLoadError(
+                f"{name} in {self.prefix.name} is stored as a partitioned variable, which botkit "
+                "cannot read: save it unpartitioned."
+            )
         if entry.dtype not in DTYPES:
-            raise ModelLoadError(f"{name} in {self.prefix.name} has TensorFlow dtype {entry.dtype}, which botkit cannot read.")
+            raise ModelLoadError(
+                f"{name} in {self.prefix.name} has TensorFlow dtype {entry.dtype}, which botkit cannot read."
+            )
         dtype = np.dtype(DTYPES[entry.dtype]).newbyteorder(">" if self.is_big_endian else "<")
         count = math.prod(entry.shape)
         if count * dtype.itemsize != entry.size:
-            raise ModelLoadError(f"{name} in {self.prefix.name} says shape {list(entry.shape)} but {entry.size} bytes: the checkpoint is damaged.")
+            raise ModelLoadError(
+                f"{name} in {self.prefix.name} says shape {list(entry.shape)} but {entry.size} bytes: "
+                "the checkpoint is damaged."
+            )
         if entry.shard >= self.num_shards:
-            raise ModelLoadError(f"{name} in {self.prefix.name} names data shard {entry.shard} of {self.num_shards}: the index is damaged.")
+            raise ModelLoadError(
+                f"{name} in {self.prefix.name} names data shard {entry.shard} of {self.num_shards}: "
+                "the index is damaged."
+            )
         path = self.shard_path(entry.shard)
         if not path.is_file():
-            raise ModelLoadError(f"{path.name} is missing beside {self.prefix.name}.index: copy every file of the checkpoint.")
+            raise ModelLoadError(
+                f"{path.name} is missing beside {self.prefix.name}.index: copy every file of the checkpoint."
+            )
         if entry.offset + entry.size > path.stat().st_size:
             raise ModelLoadError(f"{path.name} is shorter than its index says (cut off while copying?): copy it again.")
         values = np.empty(count, dtype)
@@ -104,7 +131,9 @@ class Bundle:
                 if entry.crc32c is not None:
                     checksum.update(chunk)
         if entry.crc32c is not None and mask(int.from_bytes(checksum.digest(), "big")) != entry.crc32c:
-            raise ModelLoadError(f"{name} in {path.name} fails its checksum (the file is damaged): copy the checkpoint again.")
+            raise ModelLoadError(
+                f"{name} in {path.name} fails its checksum (the file is damaged): copy the checkpoint again."
+            )
         if entry.dtype == DT_BFLOAT16:  # the top half of a float32, exactly
             values = (values.astype(np.uint32) << 16).view(np.float32)
         return values.reshape(entry.shape)
@@ -123,16 +152,23 @@ def open_bundle(prefix: Path) -> Bundle:
             raise Damaged("too large")
         data = index.read_bytes()
     except OSError as exc:
-        raise ModelLoadError(f"Could not read {index} ({exc.strerror or exc.__class__.__name__}): check the path and its permissions.") from exc
+        raise ModelLoadError(
+            f"Could not read {index} ({exc.strerror or exc.__class__.__name__}): check the path and its permissions."
+        ) from exc
     try:
         rows = read_table(data)
         header = _fields(rows.pop(b"")) if b"" in rows else {}
         entries = {key.decode("utf-8"): _entry(key.decode("utf-8"), value) for key, value in rows.items()}
     except (Damaged, IndexError, ValueError, struct.error, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{index.name} is not a TensorFlow checkpoint index botkit can read (damaged or another format): copy it again.") from exc
+        raise ModelLoadError(
+            f"{index.name} is not a TensorFlow checkpoint index botkit can read (damaged or another "
+            "format): copy it again."
+        ) from exc
     num_shards = _one(header, 1, 1)
     if not 1 <= num_shards <= 100_000:
-        raise ModelLoadError(f"{index.name} names {num_shards} data shards, which no checkpoint has: the index is damaged.")
+        raise ModelLoadError(
+            f"{index.name} names {num_shards} data shards, which no checkpoint has: the index is damaged."
+        )
     return Bundle(prefix, num_shards, _one(header, 2, 0) == 1, entries)
 
 
@@ -240,5 +276,13 @@ def _entry(name: str, value: bytes) -> Entry:
         if size >= 1 << 63:
             raise Damaged("negative dimension")
         dims.append(size)
-    return Entry(name=name, dtype=_one(fields, 1, 0), shape=tuple(dims), shard=_one(fields, 3, 0), offset=_one(fields, 4, 0),
-                 size=_one(fields, 5, 0), crc32c=fields[6][-1] if 6 in fields else None, is_sliced=7 in fields)
+    return Entry(
+        name=name,
+        dtype=_one(fields, 1, 0),
+        shape=tuple(dims),
+        shard=_one(fields, 3, 0),
+        offset=_one(fields, 4, 0),
+        size=_one(fields, 5, 0),
+        crc32c=fields[6][-1] if 6 in fields else None,
+        is_sliced=7 in fields,
+    )

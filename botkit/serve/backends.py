@@ -90,8 +90,13 @@ class LocalBackend:
     when the main thread had run torch first (`botkit run` loads the model in a thread that exits).
     """
 
-    def __init__(self, lm: LoadedModel, max_batch_size: int = 32, before_step: Callable[[list[Sequence]], None] | None = None,
-                 cache_mb: int | None = None):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        max_batch_size: int = 32,
+        before_step: Callable[[list[Sequence]], None] | None = None,
+        cache_mb: int | None = None,
+    ):
         self.lm = lm
         self.name = lm.name
         self.max_batch_size = max_batch_size
@@ -152,7 +157,9 @@ class LocalBackend:
         from botkit.engine.engine import Engine
 
         torch.set_grad_enabled(False)
-        engine = self.engine = Engine(self.lm, self.max_batch_size, cache_mb=self.cache_mb, before_step=self.before_step)
+        engine = self.engine = Engine(
+            self.lm, self.max_batch_size, cache_mb=self.cache_mb, before_step=self.before_step
+        )
         while True:
             try:
                 message = self._inbox.get(block=not engine.has_work)
@@ -215,10 +222,19 @@ class LocalBackend:
                 self._resolve(pending, error=GenerationError(f"Generation failed ({seq.error}); please try again."))
                 return
             judged = seq.result  # the draw a judged request sends (judging.py), or None
-            self._resolve(pending, result=Completion(
-                seq.text, seq.finish_reason, len(seq.prompt_ids), judged.num_tokens if judged else len(seq.generated), seq.seed,
-                pending.first_token_at, num_draws=sum(len(m.attempts) for m in (seq.group or [seq])),
-                copies=bool(judged and judged.copies)))
+            self._resolve(
+                pending,
+                result=Completion(
+                    seq.text,
+                    seq.finish_reason,
+                    len(seq.prompt_ids),
+                    judged.num_tokens if judged else len(seq.generated),
+                    seq.seed,
+                    pending.first_token_at,
+                    num_draws=sum(len(m.attempts) for m in (seq.group or [seq])),
+                    copies=bool(judged and judged.copies),
+                ),
+            )
 
     def _fail_all(self, seqs: list[Sequence], reason: str) -> None:
         for seq in seqs:

@@ -20,10 +20,13 @@ from botkit.errors import GenerationError
 
 log = logging.getLogger("botkit.remote")
 
-RULES = "botkit's per-token rules (the UTF-8 mask, unique's copy rule, no_repeat_ngram_size, DRY, typical_p, min_tokens)"
+RULES = (
+    "botkit's per-token rules (the UTF-8 mask, unique's copy rule, no_repeat_ngram_size, DRY, typical_p, min_tokens)"
+)
 LOGPROBS = "candidates' scores (log-probabilities)"
 SAMPLER_PROBES = {"repetition_penalty": 1.1, "min_p": 0.01, "presence_penalty": 0.1, "frequency_penalty": 0.1}
-BAD_XARGS = {"botkit_rules": 1, "botkit_probe": 1}  # the processor refuses a rule it does not know (rule_args.from_xargs)
+# the processor refuses a rule it does not know (rule_args.from_xargs)
+BAD_XARGS = {"botkit_rules": 1, "botkit_probe": 1}
 
 
 async def probe(client) -> list[str]:
@@ -41,9 +44,12 @@ async def probe(client) -> list[str]:
 
 
 def unsupported_sentence(server: str, unsupported: list[str]) -> str:
-    return (f"The model server {server} cannot honour {'; '.join(unsupported)}: chats that set them get replies without them. "
-            "Start vLLM with --logits-processors botkit.engine.vllm_rules:BotkitRules and botkit installed in its venv "
-            '(README, "Scale"), or use backend = "vllm" or "local".')
+    return (
+        f"The model server {server} cannot honour {'; '.join(unsupported)}: chats that set them get replies "
+        "without them. "
+        "Start vLLM with --logits-processors botkit.engine.vllm_rules:BotkitRules and botkit installed in its venv "
+        '(README, "Scale"), or use backend = "vllm" or "local".'
+    )
 
 
 def _body(client, extra: dict) -> dict:

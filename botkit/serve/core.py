@@ -2,7 +2,8 @@
 
 Callers hand `submit` a finished prompt, its sampling parameters and who asked (the web API its
 completions, the chat layer its chat prompts, botkit/chat/chats.py) and get a Ticket to await. Nothing
-here knows chats: no templates, context, chat settings or chat rate limits. The request is committed to the store before it is queued; it
+here knows chats: no templates, context, chat settings or chat rate limits. The request is committed to the store
+before it is queued; it
 ends done, failed (with the reason) or cancelled, in the store and for the caller. A dispatcher task
 hands queued requests to the backend, at most `backend.max_batch_size` at once, serving users in turn.
 """
@@ -36,7 +37,8 @@ from botkit.serve.metrics import Metrics, Stats
 from botkit.serve.scheduler import FairQueue, RateLimiter
 from botkit.serve.store import Store
 
-MAX_CHARS_PER_TOKEN = 64  # a prompt longer than this many characters per window token cannot fit: refused before tokenizing it
+# a prompt longer than this many characters per window token cannot fit: refused before tokenizing it
+MAX_CHARS_PER_TOKEN = 64
 log = logging.getLogger("botkit")
 
 SETTLE_RETRY_S = 2.0  # how often a settlement the store refused (disk full) is tried again
@@ -67,13 +69,22 @@ class Reply:
 class Ticket:
     """A queued request: await `result()`, or follow `stream()` or `draft`, ask `position()`, or `cancel()`."""
 
-    def __init__(self, core: Core, request_id: int, user_key: tuple, prompt: str, params: SamplingParams, *,
-                 retry_empty: bool = False):
+    def __init__(
+        self,
+        core: Core,
+        request_id: int,
+        user_key: tuple,
+        prompt: str,
+        params: SamplingParams,
+        *,
+        retry_empty: bool = False,
+    ):
         self.request_id = request_id
         self.user_key = user_key
         self.prompt = prompt
         self.params = params
-        self.retry_empty = retry_empty  # a blank sample is drawn again once, in the same slot, before anything is stored
+        # a blank sample is drawn again once, in the same slot, before anything is stored
+        self.retry_empty = retry_empty
         self.accepted_at = time.monotonic()
         self._core = core
         self._future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
@@ -156,8 +167,11 @@ class Core:
     async def __aenter__(self) -> Core:
         interrupted = await self.store.recover()
         if interrupted:
-            log.warning("%d requests were interrupted by the last shutdown and are marked so; each chat's adapter"
-                        " runs its own again (or apologises) once connected.", interrupted)
+            log.warning(
+                "%d requests were interrupted by the last shutdown and are marked so; each chat's adapter"
+                " runs its own again (or apologises) once connected.",
+                interrupted,
+            )
         self._dispatcher = asyncio.create_task(self._dispatch(), name="botkit-dispatcher")
         return self
 
@@ -173,14 +187,23 @@ class Core:
         await asyncio.gather(*self._pending_fails)
         if self._settler:
             self._settler.cancel()
-            for write, args, kwargs in self._unsettled:  # a last try; what still fails is "interrupted" at the next start
+            # a last try; what still fails is "interrupted" at the next start
+            for write, args, kwargs in self._unsettled:
                 with contextlib.suppress(StoreUnavailable):
                     await write(*args, **kwargs)
 
     # -- accepting work ---------------------------------------------------------------------
 
-    async def submit(self, prompt: str, params: SamplingParams, *, who: Who = Who(), kind: str = "completion",
-                     message: str | None = None, retry_empty: bool = False) -> Ticket:
+    async def submit(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        *,
+        who: Who = Who(),
+        kind: str = "completion",
+        message: str | None = None,
+        retry_empty: bool = False,
+    ) -> Ticket:
         """The one way in: queue `prompt` (BusyError, RateLimitedError, InputError at once). `message` is
         the text the asker wrote when `prompt` was built around it (a chat's template and context). A
         completion (an API client's raw prefix) is bounded and rate-limited here; the chat layer bounds
@@ -196,8 +219,14 @@ class Core:
         with self._queue_place():
             if kind == "completion":
                 self._check_rate(self._api_limit, who.platform, who.user_id, "You're")
-            return await self._enqueue(kind, who, message if message is not None else prompt, prompt,
-                                       self._with_operator_rules(params), retry_empty=retry_empty)
+            return await self._enqueue(
+                kind,
+                who,
+                message if message is not None else prompt,
+                prompt,
+                self._with_operator_rules(params),
+                retry_empty=retry_empty,
+            )
 
     def _with_operator_rules(self, params: SamplingParams) -> SamplingParams:
         """The config's banned words hold for every request (every chat, the HTTP API, the playground),
@@ -245,12 +274,21 @@ class Core:
         if wait:
             raise RateLimitedError(f"{who} sending requests too fast; try again in {max(1, round(wait))} s.")
 
-    async def _enqueue(self, kind: str, who: Who, text: str, full_prompt: str, params: SamplingParams, *,
-                       retry_empty: bool = False) -> Ticket:
+    async def _enqueue(
+        self, kind: str, who: Who, text: str, full_prompt: str, params: SamplingParams, *, retry_empty: bool = False
+    ) -> Ticket:
         try:
             request_id = await self.store.add_request(
-                kind=kind, platform=who.platform, chat_id=who.chat_id, user_id=who.user_id, user_name=who.user_name,
-                platform_message_id=who.message_id, text=text, prompt=full_prompt, params=dataclasses.asdict(params))
+                kind=kind,
+                platform=who.platform,
+                chat_id=who.chat_id,
+                user_id=who.user_id,
+                user_name=who.user_name,
+                platform_message_id=who.message_id,
+                text=text,
+                prompt=full_prompt,
+                params=dataclasses.asdict(params),
+            )
         except StoreUnavailable as exc:  # not recorded, so not accepted: the caller is told why
             log.warning("Could not record a request: %s", exc.__cause__ or exc)
             raise
@@ -282,7 +320,9 @@ class Core:
         self._running.discard(ticket)
         self._wake.set()
         if not ticket.done:
-            self._fail_soon(ticket, ticket._stop_error or RequestCancelled("botkit stopped before this request finished."))
+            self._fail_soon(
+                ticket, ticket._stop_error or RequestCancelled("botkit stopped before this request finished.")
+            )
 
     def _fail_soon(self, ticket: Ticket, error: BaseException) -> None:
         task = asyncio.ensure_future(self._record_failure(ticket, error))
@@ -293,15 +333,26 @@ class Core:
         try:
             with contextlib.suppress(StoreUnavailable):  # only a timestamp: generating matters more
                 await self.store.mark_running(ticket.request_id)
-            job = Job(ticket.request_id, ticket.prompt, ticket.params, on_text=ticket._on_text, on_draft=ticket._on_draft)
+            job = Job(
+                ticket.request_id, ticket.prompt, ticket.params, on_text=ticket._on_text, on_draft=ticket._on_draft
+            )
             done = await self.backend.generate(job)
             if ticket.retry_empty and not done.text.strip() and ticket.params.seed is None:
                 ticket._set_draft("")  # the blank draw's preview is dropped too
-                job = Job(ticket.request_id, ticket.prompt, ticket.params, on_text=ticket._on_text, on_draft=ticket._on_draft)
+                job = Job(
+                    ticket.request_id, ticket.prompt, ticket.params, on_text=ticket._on_text, on_draft=ticket._on_draft
+                )
                 done = await self.backend.generate(job)
-            await self._record(self.store.finish, ticket.request_id, reply=done.text, finish_reason=done.finish_reason,
-                               num_prompt_tokens=done.num_prompt_tokens, num_tokens=done.num_tokens, seed=done.seed,
-                               first_token_at=done.first_token_at)
+            await self._record(
+                self.store.finish,
+                ticket.request_id,
+                reply=done.text,
+                finish_reason=done.finish_reason,
+                num_prompt_tokens=done.num_prompt_tokens,
+                num_tokens=done.num_tokens,
+                seed=done.seed,
+                first_token_at=done.first_token_at,
+            )
             self.metrics.done(time.monotonic() - ticket.accepted_at, done.num_tokens, ticket.user_key[0])
             if done.num_draws:
                 self.metrics.judged(done.num_draws - ticket.params.candidates, done.copies)
@@ -310,7 +361,11 @@ class Core:
             error = ticket._stop_error or RequestCancelled("botkit stopped before this request finished.")
             await self._record_failure(ticket, error)
         except Exception as exc:  # noqa: BLE001 - every request ends with a recorded reason
-            error = exc if isinstance(exc, BotkitError) else GenerationError(f"Generation failed ({type(exc).__name__}); please try again.")
+            error = (
+                exc
+                if isinstance(exc, BotkitError)
+                else GenerationError(f"Generation failed ({type(exc).__name__}); please try again.")
+            )
             if not isinstance(exc, BotkitError):
                 log.exception("Request %d failed", ticket.request_id)
             await self._record_failure(ticket, error)
@@ -328,7 +383,9 @@ class Core:
         try:
             await write(*args, **kwargs)
         except StoreUnavailable as exc:
-            log.error("Could not record the end of request %s (%s); retrying every %.0f s.", args[0], exc, SETTLE_RETRY_S)
+            log.error(
+                "Could not record the end of request %s (%s); retrying every %.0f s.", args[0], exc, SETTLE_RETRY_S
+            )
             self._unsettled.append((write, args, kwargs))
             if self._settler is None or self._settler.done():
                 self._settler = asyncio.create_task(self._settle_later(), name="botkit-settle-later")

@@ -22,9 +22,12 @@ class Stats:
     num_sent_copying: int = 0  # replies sent although they copy (every draw did; the least copying went)
 
     def summary(self) -> str:
-        return (f"model {self.model} | queue {self.queue_depth} | generating {self.running} | "
-                f"{self.tokens_per_s:.1f} tokens/s | latency p50 {self.p50_ms:.0f} ms, p99 {self.p99_ms:.0f} ms | "
-                f"{self.num_done} done, {self.num_failed} failed | {self.num_redrawn} redrawn, {self.num_sent_copying} sent copying")
+        return (
+            f"model {self.model} | queue {self.queue_depth} | generating {self.running} | "
+            f"{self.tokens_per_s:.1f} tokens/s | latency p50 {self.p50_ms:.0f} ms, p99 {self.p99_ms:.0f} ms | "
+            f"{self.num_done} done, {self.num_failed} failed | {self.num_redrawn} redrawn, {self.num_sent_copying} "
+            "sent copying"
+        )
 
 
 # Upper bounds of the latency histogram's buckets (accepted to done), in seconds; Prometheus' `le`.
@@ -69,5 +72,15 @@ class Metrics:
             self.tokens.popleft()
         lat = sorted(self.latencies_ms)
         pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else 0.0  # noqa: E731
-        return Stats(model, queue_depth, running, sum(n for _, n in self.tokens) / max(1.0, min(self.WINDOW_S, now - self.started)),
-                     pick(0.5), pick(0.99), self.num_done, self.num_failed, self.num_redrawn, self.num_sent_copying)
+        return Stats(
+            model,
+            queue_depth,
+            running,
+            sum(n for _, n in self.tokens) / max(1.0, min(self.WINDOW_S, now - self.started)),
+            pick(0.5),
+            pick(0.99),
+            self.num_done,
+            self.num_failed,
+            self.num_redrawn,
+            self.num_sent_copying,
+        )

@@ -19,36 +19,57 @@ class CoreCollector:
 
     def collect(self):
         stats, metrics = self.core.stats(), self.core.metrics
-        yield GaugeMetricFamily("botkit_queue_depth", "Requests waiting for a generation slot.", value=stats.queue_depth)
+        yield GaugeMetricFamily(
+            "botkit_queue_depth", "Requests waiting for a generation slot.", value=stats.queue_depth
+        )
         yield GaugeMetricFamily("botkit_running", "Requests being generated now.", value=stats.running)
-        yield GaugeMetricFamily("botkit_tokens_per_second", "Tokens generated per second over the last minute.",
-                                value=stats.tokens_per_s)
+        yield GaugeMetricFamily(
+            "botkit_tokens_per_second", "Tokens generated per second over the last minute.", value=stats.tokens_per_s
+        )
         cumulative, buckets = 0, []
         for bound, count in zip([*map(str, LATENCY_BUCKETS_S), "+Inf"], metrics.latency_buckets, strict=True):
             cumulative += count
             buckets.append((bound, cumulative))
-        yield HistogramMetricFamily("botkit_request_latency_seconds", "Time from a request's acceptance to its reply.",
-                                    buckets=buckets, sum_value=metrics.latency_sum_s)
-        requests = CounterMetricFamily("botkit_requests", "Requests that ended, by platform and status.",
-                                       labels=["platform", "status"])
+        yield HistogramMetricFamily(
+            "botkit_request_latency_seconds",
+            "Time from a request's acceptance to its reply.",
+            buckets=buckets,
+            sum_value=metrics.latency_sum_s,
+        )
+        requests = CounterMetricFamily(
+            "botkit_requests", "Requests that ended, by platform and status.", labels=["platform", "status"]
+        )
         for (platform, status), count in sorted(metrics.by_status.items()):
             requests.add_metric([platform, status], count)
         yield requests
-        yield CounterMetricFamily("botkit_replies_redrawn", "Replies drawn again for a banned word or copying before one was sent.",
-                                  value=metrics.num_redrawn)
-        yield CounterMetricFamily("botkit_replies_sent_copying", "Replies sent although every draw copied (the least copying).",
-                                  value=metrics.num_sent_copying)
-        connected = GaugeMetricFamily("botkit_platform_connected", "1 while the platform is connected, else 0.",
-                                      labels=["platform"])
+        yield CounterMetricFamily(
+            "botkit_replies_redrawn",
+            "Replies drawn again for a banned word or copying before one was sent.",
+            value=metrics.num_redrawn,
+        )
+        yield CounterMetricFamily(
+            "botkit_replies_sent_copying",
+            "Replies sent although every draw copied (the least copying).",
+            value=metrics.num_sent_copying,
+        )
+        connected = GaugeMetricFamily(
+            "botkit_platform_connected", "1 while the platform is connected, else 0.", labels=["platform"]
+        )
         for platform, is_up in sorted(self.core.connections.states().items()):
             connected.add_metric([platform], float(is_up))
         yield connected
-        yield GaugeMetricFamily("botkit_worker_alive", "1 while requests can be generated, else 0.",
-                                value=float(self.core.worker_problem() is None))
+        yield GaugeMetricFamily(
+            "botkit_worker_alive",
+            "1 while requests can be generated, else 0.",
+            value=float(self.core.worker_problem() is None),
+        )
         server = getattr(self.core.backend, "server", None)  # an engine botkit runs itself (backend = "vllm")
         if server is not None:
-            yield CounterMetricFamily("botkit_engine_restarts", "Times botkit started the vLLM server again after it died.",
-                                      value=max(0, server.num_starts - 1))
+            yield CounterMetricFamily(
+                "botkit_engine_restarts",
+                "Times botkit started the vLLM server again after it died.",
+                value=max(0, server.num_starts - 1),
+            )
 
 
 def registry_for(core) -> CollectorRegistry:

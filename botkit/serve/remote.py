@@ -73,19 +73,29 @@ class RemoteBackend:
         tokenizer=None,
         run_dir: str | None = None,
     ):
-        self.client = RemoteClient(url, model=model, api_key=api_key, max_concurrency=max_batch_size, timeout_s=timeout_s)
+        self.client = RemoteClient(
+            url, model=model, api_key=api_key, max_concurrency=max_batch_size, timeout_s=timeout_s
+        )
         self.name = model or "remote"
         self.max_batch_size = max_batch_size
         self.max_context = max_context
-        self.tokenizer = tokenizer or count_tokenizer()  # the served model's (`tokenizers`, no torch): counts, cuts, judges copies
+        # the served model's (`tokenizers`, no torch): counts, cuts, judges copies
+        self.tokenizer = tokenizer or count_tokenizer()
         self.run_dir = run_dir  # the run whose copy index judges `unique` replies (None: only the prompt is checked)
         self.unsupported: list[str] = []  # settings this server cannot honour (capabilities.py), found at start
 
     @classmethod
     def from_config(cls, config: Config) -> RemoteBackend:
         if not config.model.url:
-            raise ConfigError('model.backend is "remote" but model.url is empty: set it to the server\'s URL, such as http://gpu-box:8000/v1.')
-        run_dir = config.model.source if config.model.source and (Path(config.model.source) / "config.json").is_file() else None
+            raise ConfigError(
+                'model.backend is "remote" but model.url is empty: set it to the server\'s URL, such as '
+                "http://gpu-box:8000/v1."
+            )
+        run_dir = (
+            config.model.source
+            if config.model.source and (Path(config.model.source) / "config.json").is_file()
+            else None
+        )
         return cls(
             config.model.url,
             model=config.model.remote_model,
@@ -138,8 +148,9 @@ class RemoteBackend:
                 job.on_text(chunk.text)
             last = chunk
         num_prompt_tokens = last.num_prompt_tokens if last.num_prompt_tokens is not None else self.count_tokens(prompt)
-        return Completion("".join(text), last.finish_reason or "stop", num_prompt_tokens, last.num_tokens,
-                          params.seed, first_token_at)
+        return Completion(
+            "".join(text), last.finish_reason or "stop", num_prompt_tokens, last.num_tokens, params.seed, first_token_at
+        )
 
     def copy_index(self):
         """The run's copy index (copy_index.CopyIndex), or None without a local run that has one."""
@@ -229,7 +240,9 @@ class RemoteClient:
                 raise ModelLoadError(f"The remote model server {self.server} lists no models: set model.remote_model.")
             self.model = models[0]
         elif models and self.model not in models:
-            log.warning("The remote server %s lists %s, not %r; sending %r anyway.", self.server, models, self.model, self.model)
+            log.warning(
+                "The remote server %s lists %s, not %r; sending %r anyway.", self.server, models, self.model, self.model
+            )
         return self
 
     async def __aexit__(self, *exc_info) -> None:
@@ -320,10 +333,17 @@ class RemoteClient:
                 "check the environment variable named in model.api_key_env."
             )
         if response.status == 404 and not message:
-            raise GenerationError(f"The remote model server has nothing at {self.url}: check that model.url ends in /v1.")
+            raise GenerationError(
+                f"The remote model server has nothing at {self.url}: check that model.url ends in /v1."
+            )
         if response.status in (429, 503):
-            raise GenerationError(f"The remote model server {self.server} is busy ({response.status}): try again in a moment.")
-        raise GenerationError(f"The remote model server {self.server} refused the request ({response.status}: {message or response.reason}).")
+            raise GenerationError(
+                f"The remote model server {self.server} is busy ({response.status}): try again in a moment."
+            )
+        raise GenerationError(
+            f"The remote model server {self.server} refused the request ({response.status}: "
+            f"{message or response.reason})."
+        )
 
     async def _read_events(self, response: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
         finish_reason, num_tokens, num_prompt_tokens, num_chunks, logprob_sum = None, None, None, 0, None
@@ -338,7 +358,9 @@ class RemoteClient:
             if not isinstance(event, dict):
                 raise ValueError("a stream event that is not a JSON object")
             if event.get("error"):
-                raise GenerationError(f"The remote model server {self.server} failed mid-answer: {self._redact(_message_of(event))}")
+                raise GenerationError(
+                    f"The remote model server {self.server} failed mid-answer: {self._redact(_message_of(event))}"
+                )
             if event.get("usage"):
                 num_tokens = event["usage"].get("completion_tokens")
                 num_prompt_tokens = event["usage"].get("prompt_tokens")
@@ -352,10 +374,18 @@ class RemoteClient:
                 if choice.get("text"):
                     yield Chunk(choice["text"])
         if finish_reason is None:
-            raise GenerationError(f"The remote model server {self.server} ended the answer without a finish reason: is it overloaded or restarting?")
+            raise GenerationError(
+                f"The remote model server {self.server} ended the answer without a finish reason: is "
+                "it overloaded or restarting?"
+            )
         reason = "length" if finish_reason == "length" else "stop"
-        yield Chunk("", finish_reason=reason, num_tokens=num_tokens or num_chunks, num_prompt_tokens=num_prompt_tokens,
-                    logprob_sum=logprob_sum)
+        yield Chunk(
+            "",
+            finish_reason=reason,
+            num_tokens=num_tokens or num_chunks,
+            num_prompt_tokens=num_prompt_tokens,
+            logprob_sum=logprob_sum,
+        )
 
 
 class _NoModelList(GenerationError):
@@ -373,8 +403,12 @@ def _translate(client: RemoteClient, exc: BaseException) -> BaseException:
     if isinstance(exc, TimeoutError):
         return RequestTimeout(f"The remote model server {client.server} did not answer in time: it may be overloaded.")
     if isinstance(exc, ValueError):  # json.JSONDecodeError, or a non-UTF-8 body
-        return GenerationError(f"The remote model server {client.server} sent something other than OpenAI-style JSON: check model.url.")
-    return GenerationError(f"The connection to the remote model server {client.server} failed ({exc.__class__.__name__}): try again.")
+        return GenerationError(
+            f"The remote model server {client.server} sent something other than OpenAI-style JSON: check model.url."
+        )
+    return GenerationError(
+        f"The connection to the remote model server {client.server} failed ({exc.__class__.__name__}): try again."
+    )
 
 
 def _retry_after_s(response: aiohttp.ClientResponse) -> float:
@@ -396,7 +430,9 @@ def _message_of(body) -> str:
     if not isinstance(body, dict):
         return ""
     error = body.get("error")
-    message = error.get("message") if isinstance(error, dict) else error if isinstance(error, str) else body.get("message")
+    message = (
+        error.get("message") if isinstance(error, dict) else error if isinstance(error, str) else body.get("message")
+    )
     return str(message or "")[:300]
 
 
@@ -407,7 +443,9 @@ NATIVE_SAMPLERS = {"repetition_penalty": 1.0, "min_p": 0.0, "presence_penalty": 
 
 def native_samplers(params: SamplingParams) -> dict:
     """The request fields of the samplers that are on."""
-    return {name: getattr(params, name, off) for name, off in NATIVE_SAMPLERS.items() if getattr(params, name, off) != off}
+    return {
+        name: getattr(params, name, off) for name, off in NATIVE_SAMPLERS.items() if getattr(params, name, off) != off
+    }
 
 
 def rule_args(params: SamplingParams) -> dict:

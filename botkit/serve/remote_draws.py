@@ -36,24 +36,49 @@ class _Encoding:
 async def judged_completion(backend, job: Job, prompt: str, params: SamplingParams) -> Completion:
     prompt_ids = backend.tokenizer.encode(prompt).ids
     one = dataclasses.replace(params, candidates=1)
-    samples = await asyncio.gather(*(_sample(backend, prompt, prompt_ids, one, params.seed + i) for i in range(params.candidates)))
+    samples = await asyncio.gather(
+        *(_sample(backend, prompt, prompt_ids, one, params.seed + i) for i in range(params.candidates))
+    )
     attempts = [a for draws, _ in samples for a in draws]
     chosen = judging.best(attempts)
     if chosen is None:
-        raise GenerationError(f"Generation failed (each of {len(attempts)} draws held a banned word); please try again.")
+        raise GenerationError(
+            f"Generation failed (each of {len(attempts)} draws held a banned word); please try again."
+        )
     first_token_at = time.time()
     job.on_text(chosen.text)  # one piece, once judged, as the own engine hands it out
-    return Completion(chosen.text, chosen.finish_reason, samples[0][1], chosen.num_tokens, chosen.seed, first_token_at,
-                      num_draws=len(attempts), copies=chosen.copies)
+    return Completion(
+        chosen.text,
+        chosen.finish_reason,
+        samples[0][1],
+        chosen.num_tokens,
+        chosen.seed,
+        first_token_at,
+        num_draws=len(attempts),
+        copies=chosen.copies,
+    )
 
 
-async def _sample(backend, prompt: str, prompt_ids: list[int], params: SamplingParams, seed: int) -> tuple[list[judging.Attempt], int]:
+async def _sample(
+    backend, prompt: str, prompt_ids: list[int], params: SamplingParams, seed: int
+) -> tuple[list[judging.Attempt], int]:
     """The draws of one sample (the last is allowed, or the draws ran out) and the prompt's token count."""
     draws, num_prompt_tokens = [], len(prompt_ids)
     for _ in range(1 + judging.MAX_RESAMPLES):
-        text, reason, num_tokens, logprob_sum, num_prompt_tokens = await _draw(backend, prompt, dataclasses.replace(params, seed=seed))
-        attempt = judging.judge(text, params, _Encoding(backend.tokenizer), backend.copy_index(), prompt_ids=prompt_ids, finish_reason=reason,
-                                num_tokens=num_tokens, seed=seed, mean_logprob=logprob_sum / max(1, num_tokens))
+        text, reason, num_tokens, logprob_sum, num_prompt_tokens = await _draw(
+            backend, prompt, dataclasses.replace(params, seed=seed)
+        )
+        attempt = judging.judge(
+            text,
+            params,
+            _Encoding(backend.tokenizer),
+            backend.copy_index(),
+            prompt_ids=prompt_ids,
+            finish_reason=reason,
+            num_tokens=num_tokens,
+            seed=seed,
+            mean_logprob=logprob_sum / max(1, num_tokens),
+        )
         draws.append(attempt)
         if not (attempt.banned or attempt.copies) or params.temperature == 0:
             break

@@ -138,12 +138,16 @@ class Store:
         if not path.parent.is_dir():
             raise ConfigError(f"The folder for the database {path} does not exist: create it or set [store] path.")
         if path.is_dir():
-            raise ConfigError(f"The database path {path} is a folder: set [store] path to a file name such as {path / 'botkit.db'}.")
+            raise ConfigError(
+                f"The database path {path} is a folder: set [store] path to a file name such as {path / 'botkit.db'}."
+            )
         with _instance_lock(path):
             try:
                 db = await aiosqlite.connect(path, timeout=10)
             except sqlite3.Error as exc:
-                raise ConfigError(f"Cannot open the database {path} ({exc}): check [store] path and its permissions.") from None
+                raise ConfigError(
+                    f"Cannot open the database {path} ({exc}): check [store] path and its permissions."
+                ) from None
             try:
                 db.row_factory = aiosqlite.Row
                 store = cls(db)
@@ -167,9 +171,15 @@ class Store:
         except sqlite3.DatabaseError as exc:
             text = str(exc)
             if "not a database" in text or "malformed" in text:
-                raise ConfigError(f"{path} is not a botkit database, or it is damaged ({text}): move it away, or set [store] path to another file.") from None
+                raise ConfigError(
+                    f"{path} is not a botkit database, or it is damaged ({text}): move it away, or set "
+                    "[store] path to another file."
+                ) from None
             if "readonly" in text or "unable to open" in text:
-                raise ConfigError(f"botkit cannot write the database {path} or its folder ({text}): give the user running botkit write access to both.") from None
+                raise ConfigError(
+                    f"botkit cannot write the database {path} or its folder ({text}): give the user "
+                    "running botkit write access to both."
+                ) from None
             raise ConfigError(f"The database {path} cannot be used ({text}): check the file and the disk.") from None
 
     async def _migrate(self) -> None:
@@ -210,18 +220,33 @@ class Store:
 
     # -- requests ---------------------------------------------------------------------------
 
-    async def add_request(self, *, kind: str, platform: str, chat_id: str, user_id: str, user_name: str,
-                          platform_message_id: str | None, text: str, prompt: str, params: dict) -> int:
+    async def add_request(
+        self,
+        *,
+        kind: str,
+        platform: str,
+        chat_id: str,
+        user_id: str,
+        user_name: str,
+        platform_message_id: str | None,
+        text: str,
+        prompt: str,
+        params: dict,
+    ) -> int:
         """Record an incoming message and its request (queued); committed when this returns."""
         now = time.time()
 
         async def work(db):
             cur = await db.execute(
                 "INSERT INTO messages (platform, chat_id, user_id, user_name, platform_message_id, text, received_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)", (platform, chat_id, user_id, user_name, platform_message_id, text, now))
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (platform, chat_id, user_id, user_name, platform_message_id, text, now),
+            )
             cur = await db.execute(
                 "INSERT INTO requests (message_id, kind, prompt, params, seed, status, received_at)"
-                " VALUES (?, ?, ?, ?, ?, 'queued', ?)", (cur.lastrowid, kind, prompt, json.dumps(params), params.get("seed"), now))
+                " VALUES (?, ?, ?, ?, ?, 'queued', ?)",
+                (cur.lastrowid, kind, prompt, json.dumps(params), params.get("seed"), now),
+            )
             return cur.lastrowid
 
         return await self._transaction(work)
@@ -229,37 +254,58 @@ class Store:
     async def mark_running(self, request_id: int) -> None:
         await self._write("UPDATE requests SET status='running', started_at=? WHERE id=?", (time.time(), request_id))
 
-    async def finish(self, request_id: int, *, reply: str, finish_reason: str, num_prompt_tokens: int,
-                     num_tokens: int, seed: int | None, first_token_at: float | None) -> None:
+    async def finish(
+        self,
+        request_id: int,
+        *,
+        reply: str,
+        finish_reason: str,
+        num_prompt_tokens: int,
+        num_tokens: int,
+        seed: int | None,
+        first_token_at: float | None,
+    ) -> None:
         if any(text in reply for text in self._erased_quotes.pop(request_id, ())):
             reply = ""  # it copied a message /forget erased while it ran: sent, but never stored or context
         await self._write(
             "UPDATE requests SET status='done', reply=?, finish_reason=?, num_prompt_tokens=?, num_tokens=?,"
             " seed=COALESCE(?, seed), first_token_at=?, done_at=? WHERE id=?",
-            (reply, finish_reason, num_prompt_tokens, num_tokens, seed, first_token_at, time.time(), request_id))
+            (reply, finish_reason, num_prompt_tokens, num_tokens, seed, first_token_at, time.time(), request_id),
+        )
 
     async def fail(self, request_id: int, reason: str, status: str = "failed") -> None:
         self._erased_quotes.pop(request_id, None)
-        await self._write("UPDATE requests SET status=?, error=?, done_at=? WHERE id=? AND status IN ('queued', 'running')",
-                          (status, reason, time.time(), request_id))
+        await self._write(
+            "UPDATE requests SET status=?, error=?, done_at=? WHERE id=? AND status IN ('queued', 'running')",
+            (status, reason, time.time(), request_id),
+        )
 
     async def recover(self) -> int:
         """After a crash or restart: requests left queued or running are failed with the reason."""
         cur_rows = await self._rows("SELECT COUNT(*) FROM requests WHERE status IN ('queued', 'running')")
-        await self._write("UPDATE requests SET status='failed', error='interrupted: botkit restarted before this finished',"
-                          " done_at=? WHERE status IN ('queued', 'running')", (time.time(),))
+        await self._write(
+            "UPDATE requests SET status='failed', error='interrupted: botkit restarted before this "
+            "finished',"
+            " done_at=? WHERE status IN ('queued', 'running')",
+            (time.time(),),
+        )
         return cur_rows[0][0]
 
     async def request(self, request_id: int) -> dict | None:
-        rows = await self._rows("SELECT r.*, m.platform, m.chat_id, m.user_id, m.text FROM requests r"
-                                " JOIN messages m ON m.id = r.message_id WHERE r.id=?", (request_id,))
+        rows = await self._rows(
+            "SELECT r.*, m.platform, m.chat_id, m.user_id, m.text FROM requests r"
+            " JOIN messages m ON m.id = r.message_id WHERE r.id=?",
+            (request_id,),
+        )
         return dict(rows[0]) if rows else None
 
     async def recent(self, limit: int = 20, platform: str | None = None) -> list[dict]:
         rows = await self._rows(
             "SELECT r.id, r.kind, r.status, r.error, r.reply, r.finish_reason, r.num_tokens, r.received_at, r.done_at,"
             " m.platform, m.chat_id, m.text FROM requests r JOIN messages m ON m.id = r.message_id"
-            " WHERE ? IS NULL OR m.platform = ? ORDER BY r.id DESC LIMIT ?", (platform, platform, limit))
+            " WHERE ? IS NULL OR m.platform = ? ORDER BY r.id DESC LIMIT ?",
+            (platform, platform, limit),
+        )
         return [dict(r) for r in rows]
 
     # -- deliveries -------------------------------------------------------------------------
@@ -269,8 +315,10 @@ class Store:
         rows = [(request_id, i, str(mid), time.time(), request_id) for i, mid in enumerate(platform_message_ids)]
 
         async def work(db):
-            await db.executemany("INSERT OR IGNORE INTO deliveries SELECT ?, ?, ?, ?"
-                                 " WHERE EXISTS (SELECT 1 FROM requests WHERE id = ?)", rows)
+            await db.executemany(
+                "INSERT OR IGNORE INTO deliveries SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM requests WHERE id = ?)",
+                rows,
+            )
 
         await self._transaction(work)
 
@@ -279,11 +327,15 @@ class Store:
         if platform_message_id is None:
             await self._write("DELETE FROM previews WHERE request_id=? AND part=?", (request_id, part))
         else:
-            await self._write("INSERT OR REPLACE INTO previews VALUES (?, ?, ?)", (request_id, part, str(platform_message_id)))
+            await self._write(
+                "INSERT OR REPLACE INTO previews VALUES (?, ?, ?)", (request_id, part, str(platform_message_id))
+            )
 
     async def previews(self, request_id: int) -> list[str]:
         """The messages a streamed reply showed in, part by part (none if it was not streamed)."""
-        rows = await self._rows("SELECT platform_message_id FROM previews WHERE request_id=? ORDER BY part", (request_id,))
+        rows = await self._rows(
+            "SELECT platform_message_id FROM previews WHERE request_id=? ORDER BY part", (request_id,)
+        )
         return [r[0] for r in rows]
 
     async def is_delivered(self, request_id: int) -> bool:
@@ -296,31 +348,49 @@ class Store:
         return json.loads(rows[0]["settings"]) if rows else {}
 
     async def set_chat_settings(self, platform: str, chat_id: str, settings: dict) -> None:
-        await self._write("INSERT INTO chats (platform, chat_id, settings) VALUES (?, ?, ?)"
-                          " ON CONFLICT DO UPDATE SET settings=excluded.settings", (platform, chat_id, json.dumps(settings)))
+        await self._write(
+            "INSERT INTO chats (platform, chat_id, settings) VALUES (?, ?, ?)"
+            " ON CONFLICT DO UPDATE SET settings=excluded.settings",
+            (platform, chat_id, json.dumps(settings)),
+        )
 
     async def start_export(self, platform: str, chat_id: str) -> None:
         """Only messages the chat receives from now on may be exported (`botkit export-dataset`)."""
-        await self._write("INSERT INTO chats (platform, chat_id, export_since_message) VALUES (?, ?, (SELECT COALESCE(MAX(id), 0) FROM messages))"
-                          " ON CONFLICT DO UPDATE SET export_since_message=excluded.export_since_message", (platform, chat_id))
+        await self._write(
+            "INSERT INTO chats (platform, chat_id, export_since_message) VALUES (?, ?, (SELECT "
+            "COALESCE(MAX(id), 0) FROM messages))"
+            " ON CONFLICT DO UPDATE SET export_since_message=excluded.export_since_message",
+            (platform, chat_id),
+        )
 
     async def reset_context(self, platform: str, chat_id: str) -> None:
-        last, last_message = (await self._rows("SELECT (SELECT COALESCE(MAX(id), 0) FROM requests),"
-                                               " (SELECT COALESCE(MAX(id), 0) FROM messages)"))[0]
-        await self._write("INSERT INTO chats (platform, chat_id, context_since, context_since_message) VALUES (?, ?, ?, ?)"
-                          " ON CONFLICT DO UPDATE SET context_since=excluded.context_since,"
-                          " context_since_message=excluded.context_since_message", (platform, chat_id, last, last_message))
+        last, last_message = (
+            await self._rows(
+                "SELECT (SELECT COALESCE(MAX(id), 0) FROM requests), (SELECT COALESCE(MAX(id), 0) FROM messages)"
+            )
+        )[0]
+        await self._write(
+            "INSERT INTO chats (platform, chat_id, context_since, context_since_message) VALUES (?, ?, "
+            "?, ?)"
+            " ON CONFLICT DO UPDATE SET context_since=excluded.context_since,"
+            " context_since_message=excluded.context_since_message",
+            (platform, chat_id, last, last_message),
+        )
 
     async def keep_newest_context(self, platform: str, chat_id: str, keep: int) -> None:
         """From now on the chat's context starts after its `keep` newest answered exchanges' predecessor."""
         rows = await self._rows(
             "SELECT r.id FROM requests r JOIN messages m ON m.id = r.message_id"
             " WHERE m.platform=? AND m.chat_id=? AND r.kind='chat' AND r.status='done'"
-            " ORDER BY r.id DESC LIMIT 1 OFFSET ?", (platform, chat_id, keep))
+            " ORDER BY r.id DESC LIMIT 1 OFFSET ?",
+            (platform, chat_id, keep),
+        )
         if rows:
-            await self._write("INSERT INTO chats (platform, chat_id, context_since) VALUES (?, ?, ?)"
-                              " ON CONFLICT DO UPDATE SET context_since=MAX(context_since, excluded.context_since)",
-                              (platform, chat_id, rows[0][0]))
+            await self._write(
+                "INSERT INTO chats (platform, chat_id, context_since) VALUES (?, ?, ?)"
+                " ON CONFLICT DO UPDATE SET context_since=MAX(context_since, excluded.context_since)",
+                (platform, chat_id, rows[0][0]),
+            )
 
     async def context(self, platform: str, chat_id: str, limit: int) -> list[tuple[str, str]]:
         """The chat's last `limit` answered (message, reply) pairs since its /reset, oldest first."""
@@ -328,7 +398,9 @@ class Store:
             "SELECT m.text, r.reply FROM requests r JOIN messages m ON m.id = r.message_id"
             " WHERE m.platform=? AND m.chat_id=? AND r.kind='chat' AND r.status='done' AND trim(r.reply, ?) != ''"
             " AND r.id > COALESCE((SELECT context_since FROM chats WHERE platform=? AND chat_id=?), 0)"
-            " ORDER BY r.id DESC LIMIT ?", (platform, chat_id, BLANK, platform, chat_id, limit))
+            " ORDER BY r.id DESC LIMIT ?",
+            (platform, chat_id, BLANK, platform, chat_id, limit),
+        )
         return [(r["text"], r["reply"]) for r in reversed(rows)]
 
     # -- conversations (botkit/chat/conversation.py) ---------------------------------------------
@@ -338,24 +410,40 @@ class Store:
         rows = await self._rows(
             "SELECT 1 FROM messages WHERE platform=? AND chat_id=? AND platform_message_id=?"
             " UNION ALL SELECT 1 FROM events WHERE platform=? AND chat_id=? AND event_id=? LIMIT 1",
-            (platform, chat_id, event_id) * 2)
+            (platform, chat_id, event_id) * 2,
+        )
         return bool(rows)
 
     async def mark_seen(self, platform: str, chat_id: str, event_id: str) -> None:
-        await self._write("INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?)", (platform, chat_id, event_id, time.time()))
+        await self._write(
+            "INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?)", (platform, chat_id, event_id, time.time())
+        )
 
-    async def add_channel_message(self, *, platform: str, chat_id: str, user_id: str, user_name: str,
-                                  platform_message_id: str, text: str, keep: int) -> None:
+    async def add_channel_message(
+        self,
+        *,
+        platform: str,
+        chat_id: str,
+        user_id: str,
+        user_name: str,
+        platform_message_id: str,
+        text: str,
+        keep: int,
+    ) -> None:
         """Record a message that asked for nothing, as channel context; the chat keeps its newest `keep` of them."""
 
         async def work(db):
             await db.execute(
                 "INSERT INTO messages (platform, chat_id, user_id, user_name, platform_message_id, text, received_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)", (platform, chat_id, user_id, user_name, platform_message_id, text, time.time()))
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (platform, chat_id, user_id, user_name, platform_message_id, text, time.time()),
+            )
             await db.execute(
                 "DELETE FROM messages WHERE id IN (SELECT m.id FROM messages m WHERE m.platform=? AND m.chat_id=?"
-                " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.message_id = m.id) ORDER BY m.id DESC LIMIT -1 OFFSET ?)",
-                (platform, chat_id, keep))
+                " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.message_id = m.id) ORDER BY m.id DESC LIMIT -1 "
+                "OFFSET ?)",
+                (platform, chat_id, keep),
+            )
 
         await self._transaction(work)
 
@@ -363,21 +451,29 @@ class Store:
         """From now on the chat's channel context starts after its `keep` newest messages' predecessor."""
         rows = await self._rows(
             "SELECT m.id FROM messages m LEFT JOIN requests r ON r.message_id = m.id"
-            " WHERE m.platform=? AND m.chat_id=? AND (r.id IS NULL OR r.kind = 'chat') ORDER BY m.id DESC LIMIT 1 OFFSET ?",
-            (platform, chat_id, keep))
+            " WHERE m.platform=? AND m.chat_id=? AND (r.id IS NULL OR r.kind = 'chat') ORDER BY m.id DESC LIMIT 1 "
+            "OFFSET ?",
+            (platform, chat_id, keep),
+        )
         if rows:
-            await self._write("INSERT INTO chats (platform, chat_id, context_since_message) VALUES (?, ?, ?) ON CONFLICT DO UPDATE"
-                              " SET context_since_message=MAX(context_since_message, excluded.context_since_message)",
-                              (platform, chat_id, rows[0][0]))
+            await self._write(
+                "INSERT INTO chats (platform, chat_id, context_since_message) VALUES (?, ?, ?) ON "
+                "CONFLICT DO UPDATE"
+                " SET context_since_message=MAX(context_since_message, excluded.context_since_message)",
+                (platform, chat_id, rows[0][0]),
+            )
 
     async def channel_context(self, platform: str, chat_id: str, limit: int) -> list[tuple[str, str, str | None]]:
         """The chat's last `limit` messages since its /reset, oldest first: (author, text, the bot's reply or None)."""
         rows = await self._rows(
-            "SELECT m.user_name, m.text, CASE WHEN r.status = 'done' AND trim(r.reply, ?) != '' THEN r.reply END AS reply"
+            "SELECT m.user_name, m.text, CASE WHEN r.status = 'done' AND trim(r.reply, ?) != '' THEN r.reply END AS "
+            "reply"
             " FROM messages m LEFT JOIN requests r ON r.message_id = m.id"
             " WHERE m.platform=? AND m.chat_id=? AND (r.id IS NULL OR r.kind = 'chat')"
             " AND m.id > COALESCE((SELECT context_since_message FROM chats WHERE platform=? AND chat_id=?), 0)"
-            " ORDER BY m.id DESC LIMIT ?", (BLANK, platform, chat_id, platform, chat_id, limit))
+            " ORDER BY m.id DESC LIMIT ?",
+            (BLANK, platform, chat_id, platform, chat_id, limit),
+        )
         return [(r["user_name"], r["text"], r["reply"]) for r in reversed(rows)]
 
     async def max_request_id(self) -> int:
@@ -392,7 +488,9 @@ class Store:
         async def work(db):
             if not await (await db.execute("SELECT 1 FROM requests WHERE id=?", (request_id,))).fetchone():
                 return True
-            if await (await db.execute("SELECT 1 FROM deliveries WHERE request_id=? LIMIT 1", (request_id,))).fetchone():
+            if await (
+                await db.execute("SELECT 1 FROM deliveries WHERE request_id=? LIMIT 1", (request_id,))
+            ).fetchone():
                 return False
             cur = await db.execute("INSERT OR IGNORE INTO answers VALUES (?, ?, ?)", (request_id, kind, time.time()))
             return cur.rowcount == 1
@@ -408,22 +506,28 @@ class Store:
             " (SELECT value FROM meta WHERE key = 'answers_owed_after'))"
             " AND NOT EXISTS (SELECT 1 FROM answers a WHERE a.request_id = r.id)"
             " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.request_id = r.id) ORDER BY r.id",
-            (platform, up_to_id, platform))
+            (platform, up_to_id, platform),
+        )
         return [dict(r) for r in rows]
 
     async def settle_owed(self, platform: str, up_to_id: int) -> None:
         """Every answer `platform` owed up to `up_to_id` was given: later restarts look only past it."""
-        await self._write("INSERT INTO meta VALUES ('answers_owed_after:' || ?, ?)"
-                          " ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)", (platform, up_to_id))
+        await self._write(
+            "INSERT INTO meta VALUES ('answers_owed_after:' || ?, ?)"
+            " ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)",
+            (platform, up_to_id),
+        )
 
     async def requeue(self, request_id: int) -> bool:
         """Put a request interrupted by a restart back in the queued state; False if it is not one (or
         /forget blanked its prompt)."""
 
         async def work(db):
-            cur = await db.execute("UPDATE requests SET status='queued', error=NULL, done_at=NULL, started_at=NULL"
-                                   " WHERE id=? AND status='failed' AND error LIKE 'interrupted:%' AND prompt != ''",
-                                   (request_id,))
+            cur = await db.execute(
+                "UPDATE requests SET status='queued', error=NULL, done_at=NULL, started_at=NULL"
+                " WHERE id=? AND status='failed' AND error LIKE 'interrupted:%' AND prompt != ''",
+                (request_id,),
+            )
             return cur.rowcount == 1
 
         return await self._transaction(work)
@@ -444,9 +548,12 @@ class Store:
 
     async def prune(self, older_than: float) -> int:
         """Erase messages received before `older_than` (a time.time()); requests still in flight are kept."""
-        return await self._erase("SELECT m.id FROM messages m WHERE m.received_at < ? AND NOT EXISTS"
-                                 " (SELECT 1 FROM requests r WHERE r.message_id = m.id AND r.status IN ('queued', 'running'))",
-                                 (older_than,))
+        return await self._erase(
+            "SELECT m.id FROM messages m WHERE m.received_at < ? AND NOT EXISTS"
+            " (SELECT 1 FROM requests r WHERE r.message_id = m.id AND r.status IN ('queued', "
+            "'running'))",
+            (older_than,),
+        )
 
     async def forget_events(self, older_than: float) -> None:
         """Drop duplicate-event markers older than `older_than`: platforms redeliver within minutes."""
@@ -466,17 +573,24 @@ class Store:
     async def _erase(self, select_messages: str, args: tuple) -> int:
         """Erase the messages `select_messages` picks, with their requests, the replies and delivery
         records, and blank the stored prompts of the chat's other requests that quote one of them as
-        context (those in flight too: their prompt is in memory, and a blank one is never requeued); the text is overwritten on disk (secure_delete, then the WAL is truncated).
+        context (those in flight too: their prompt is in memory, and a blank one is never requeued); the text is
+        overwritten on disk (secure_delete, then the WAL is truncated).
         Returns how many messages were erased."""
         requests = f"SELECT id FROM requests WHERE message_id IN ({select_messages})"
-        quoting = ("UPDATE requests SET prompt = '' WHERE prompt != ''"
-                   " AND EXISTS (SELECT 1 FROM messages q JOIN messages f ON f.platform = q.platform AND f.chat_id = q.chat_id"
-                   f" WHERE q.id = requests.message_id AND f.id IN ({select_messages}) AND instr(requests.prompt, f.text) > 0)")
+        quoting = (
+            "UPDATE requests SET prompt = '' WHERE prompt != ''"
+            " AND EXISTS (SELECT 1 FROM messages q JOIN messages f ON f.platform = q.platform AND f.chat_id = "
+            "q.chat_id"
+            f" WHERE q.id = requests.message_id AND f.id IN ({select_messages}) AND instr(requests.prompt, "
+            "f.text) > 0)"
+        )
 
-        in_flight_quotes = ("SELECT r.id, f.text FROM requests r JOIN messages q ON q.id = r.message_id"
-                            " JOIN messages f ON f.platform = q.platform AND f.chat_id = q.chat_id"
-                            f" WHERE r.status IN ('queued', 'running') AND f.id IN ({select_messages})"
-                            " AND f.text != '' AND instr(r.prompt, f.text) > 0")
+        in_flight_quotes = (
+            "SELECT r.id, f.text FROM requests r JOIN messages q ON q.id = r.message_id"
+            " JOIN messages f ON f.platform = q.platform AND f.chat_id = q.chat_id"
+            f" WHERE r.status IN ('queued', 'running') AND f.id IN ({select_messages})"
+            " AND f.text != '' AND instr(r.prompt, f.text) > 0"
+        )
 
         async def work(db):
             for request_id, text in await (await db.execute(in_flight_quotes, args)).fetchall():
@@ -545,14 +659,20 @@ class _instance_lock:
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise ConfigError(f"botkit cannot create {self.path} ({exc.strerror}): give the user running botkit write access to that folder.") from None
+            raise ConfigError(
+                f"botkit cannot create {self.path} ({exc.strerror}): give the user running botkit write "
+                "access to that folder."
+            ) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             owner = os.pread(self.fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(self.fd)
-            raise ConfigError(f"Another botkit (process {owner}) is already using the database {self.path.with_suffix('')}: "
-                              "stop it first, or set [store] path to another file.") from None
+            raise ConfigError(
+                f"Another botkit (process {owner}) is already using the database "
+                f"{self.path.with_suffix('')}: "
+                "stop it first, or set [store] path to another file."
+            ) from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, str(os.getpid()).encode(), 0)
         return self

@@ -27,10 +27,26 @@ MAX_RERUNS = 2  # a request in flight when the server died runs again at most th
 
 
 class VllmBackend(RemoteBackend):
-    def __init__(self, server: VllmServer, *, tokenizer, run_dir: str | None, name: str, max_batch_size: int, max_context: int,
-                 timeout_s: float):
-        super().__init__(server.url, model=name, max_batch_size=max_batch_size, max_context=max_context, timeout_s=timeout_s,
-                         tokenizer=tokenizer, run_dir=run_dir)
+    def __init__(
+        self,
+        server: VllmServer,
+        *,
+        tokenizer,
+        run_dir: str | None,
+        name: str,
+        max_batch_size: int,
+        max_context: int,
+        timeout_s: float,
+    ):
+        super().__init__(
+            server.url,
+            model=name,
+            max_batch_size=max_batch_size,
+            max_context=max_context,
+            timeout_s=timeout_s,
+            tokenizer=tokenizer,
+            run_dir=run_dir,
+        )
         self.server = server
         self._stack = AsyncExitStack()
 
@@ -38,13 +54,24 @@ class VllmBackend(RemoteBackend):
     def from_config(cls, config: Config, source) -> VllmBackend:
         """On `source` (model.sources.Source): a local folder, or a hub name vLLM downloads itself."""
         if source.kind != "hf":
-            raise ModelLoadError(f"vLLM serves Hugging Face model folders, and {source.path} is a {source.kind} one: "
-                                 "turn it into one with `botkit convert` and serve that folder.")
+            raise ModelLoadError(
+                f"vLLM serves Hugging Face model folders, and {source.path} is a {source.kind} one: "
+                "turn it into one with `botkit convert` and serve that folder."
+            )
         run_dir = source.path if source.is_local else None
         tokenizer = run_tokenizer(source.path) if source.is_local else None
-        server = VllmServer(config.vllm, source.path, name=source.name, run_dir=run_dir, max_context=config.model.max_context)
-        return cls(server, tokenizer=tokenizer, run_dir=run_dir, name=source.name, max_batch_size=config.batch.max_size,
-                   max_context=config.model.max_context, timeout_s=config.batch.timeout_s)
+        server = VllmServer(
+            config.vllm, source.path, name=source.name, run_dir=run_dir, max_context=config.model.max_context
+        )
+        return cls(
+            server,
+            tokenizer=tokenizer,
+            run_dir=run_dir,
+            name=source.name,
+            max_batch_size=config.batch.max_size,
+            max_context=config.model.max_context,
+            timeout_s=config.batch.timeout_s,
+        )
 
     async def __aenter__(self) -> VllmBackend:
         await self._stack.enter_async_context(self.server)
@@ -67,23 +94,37 @@ class VllmBackend(RemoteBackend):
         return self.server.problem()
 
     def health_details(self) -> dict:
-        return {**super().health_details(), "engine": "vllm", "server": self.server.url, "starts": self.server.num_starts}
+        return {
+            **super().health_details(),
+            "engine": "vllm",
+            "server": self.server.url,
+            "starts": self.server.num_starts,
+        }
 
     async def generate(self, job: Job) -> Completion:
         streamed: list[str] = []  # what reached job.on_text, over every run of this job
-        params = job.params if job.params.seed is not None else dataclasses.replace(job.params, seed=secrets.randbits(63))
+        params = (
+            job.params if job.params.seed is not None else dataclasses.replace(job.params, seed=secrets.randbits(63))
+        )
         for num_reruns in range(MAX_RERUNS + 1):  # every run with the same seed: a rerun draws what the first drew
             starts = self.server.num_starts
             seen: list[str] = []
-            rerun = Job(job.id, job.prompt, params, on_text=lambda delta, seen=seen: self._hand_on(job, delta, seen, streamed))
+            rerun = Job(
+                job.id, job.prompt, params, on_text=lambda delta, seen=seen: self._hand_on(job, delta, seen, streamed)
+            )
             try:
                 return await super().generate(rerun)
             except GenerationError:
                 if num_reruns == MAX_RERUNS or not await self.server.has_died(starts):
                     raise
-            log.warning("Request %d was in flight when vLLM's server died; it runs again once the server is back.", job.id)
+            log.warning(
+                "Request %d was in flight when vLLM's server died; it runs again once the server is back.", job.id
+            )
             if not await self.server.wait_restarted(starts, self.server.config.start_timeout_s):
-                raise GenerationError("vLLM's server died and did not come back: its lines are in botkit's log (`botkit run -v`); please try again later.")
+                raise GenerationError(
+                    "vLLM's server died and did not come back: its lines are in botkit's log "
+                    "(`botkit run -v`); please try again later."
+                )
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -93,8 +134,10 @@ class VllmBackend(RemoteBackend):
         seen.append(delta)
         text, before = "".join(seen), "".join(streamed)
         if not (text.startswith(before) or before.startswith(text)):
-            raise GenerationError("vLLM's server restarted mid-reply and the rerun differs from what was streamed; please try again.")
+            raise GenerationError(
+                "vLLM's server restarted mid-reply and the rerun differs from what was streamed; please try again."
+            )
         if len(text) > len(before):
-            new = text[len(before):]
+            new = text[len(before) :]
             streamed.append(new)
             job.on_text(new)

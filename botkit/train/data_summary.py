@@ -33,21 +33,29 @@ class DataSummary:
         if len(self.samples) < NUM_SAMPLES:
             self.samples.append(text if len(text) <= MAX_SAMPLE_CHARS else text[:MAX_SAMPLE_CHARS] + " [...]")
 
-    def report(self, num_train_tokens: int, num_val_tokens: int, tokens_per_step: int, steps: int, val_note: str = "") -> str:
+    def report(
+        self, num_train_tokens: int, num_val_tokens: int, tokens_per_step: int, steps: int, val_note: str = ""
+    ) -> str:
         """The summary as lines of text for a person."""
         lines = []
         if self.num_conversations:
             total = self.num_kept + sum(self.dropped.values())
-            lines.append(f"Chat messages: {self.num_kept:,} of {total:,} kept, from {len(self.speakers):,} speakers in "
-                         f"{self.num_conversations:,} conversations.")
+            lines.append(
+                f"Chat messages: {self.num_kept:,} of {total:,} kept, from {len(self.speakers):,} speakers in "
+                f"{self.num_conversations:,} conversations."
+            )
             lines += [f"  dropped {n:,}: {reason}" for reason, n in self.dropped.most_common()]
         epochs = steps * tokens_per_step / max(1, num_train_tokens)
         held = f", {num_val_tokens:,} held out" if num_val_tokens else ""
-        lines.append(f"Tokens: {num_train_tokens:,} to train on{held}. {steps:,} steps of {tokens_per_step:,} tokens "
-                     f"read the training part about {epochs:,.1f} times.")
+        lines.append(
+            f"Tokens: {num_train_tokens:,} to train on{held}. {steps:,} steps of {tokens_per_step:,} tokens "
+            f"read the training part about {epochs:,.1f} times."
+        )
         if epochs > 10:
-            lines.append("  That is many passes over small data: the model may learn it by heart; held-out loss "
-                         "and early stopping tell you when to stop.")
+            lines.append(
+                "  That is many passes over small data: the model may learn it by heart; held-out loss "
+                "and early stopping tell you when to stop."
+            )
         if val_note:
             lines.append(val_note)
         for i, sample in enumerate(self.samples, 1):

@@ -47,7 +47,10 @@ def dataset_paths(dataset: str | os.PathLike) -> list[Path]:
     if path.is_dir():
         paths = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
         if not paths:
-            raise DatasetError(f"The folder {path} has no .txt, .csv, .jsonl or .json files: put your text or chat exports there, or pass a file.")
+            raise DatasetError(
+                f"The folder {path} has no .txt, .csv, .jsonl or .json files: put your text or chat "
+                "exports there, or pass a file."
+            )
         return paths
     if not path.is_file():
         raise DatasetError(f"Dataset {path} does not exist: check the path.")
@@ -84,7 +87,9 @@ class DatasetReader:
         with path.open("rb") as f:
             head = f.read(SNIFF_BYTES)
         if b"\x00" in head:
-            raise DatasetError(f"{path} looks like a binary file, not text: pass UTF-8 text, CSV, JSONL or a chat export.")
+            raise DatasetError(
+                f"{path} looks like a binary file, not text: pass UTF-8 text, CSV, JSONL or a chat export."
+            )
         suffix = path.suffix.lower()
         if suffix == ".csv":
             yield from self._csv(path)
@@ -109,16 +114,24 @@ class DatasetReader:
                 if header is not None and chat_exports.is_discord_csv(header):
                     yield from self._chats(path, chat_exports.discord_csv_messages(path, rows))
                     return
-                for row in ([header] if header is not None else []):
+                for row in [header] if header is not None else []:
                     if len(row) > 1:
-                        raise DatasetError(f"{path} has rows with {len(row)} columns: a CSV dataset must have exactly one column of text.")
+                        raise DatasetError(
+                            f"{path} has rows with {len(row)} columns: a CSV dataset must have exactly "
+                            "one column of text."
+                        )
                 for row in rows:  # the header is skipped
                     if len(row) > 1:
-                        raise DatasetError(f"{path} line {rows.line_num} has {len(row)} columns: a CSV dataset must have exactly one column of text.")
+                        raise DatasetError(
+                            f"{path} line {rows.line_num} has {len(row)} columns: a CSV dataset must "
+                            "have exactly one column of text."
+                        )
                     if row and row[0].strip():
                         yield f"{START}{row[0]}{END}", True
             except csv.Error as exc:
-                raise DatasetError(f"{path} line {rows.line_num} is not valid CSV ({exc}): fix or re-export the file.") from None
+                raise DatasetError(
+                    f"{path} line {rows.line_num} is not valid CSV ({exc}): fix or re-export the file."
+                ) from None
             except UnicodeDecodeError:
                 raise DatasetError(f"{path} is not UTF-8 text: convert it to UTF-8.") from None
 
@@ -143,7 +156,10 @@ class DatasetReader:
             raise DatasetError(f"{path} line {line_no} is not valid JSON: each line must be one JSON object.") from None
         value = record if isinstance(record, str) else record.get(self.text_field) if isinstance(record, dict) else None
         if not isinstance(value, str):
-            raise DatasetError(f"{path} line {line_no} has no string field {self.text_field!r}: set --text-field to the field holding the text.")
+            raise DatasetError(
+                f"{path} line {line_no} has no string field {self.text_field!r}: set --text-field to "
+                "the field holding the text."
+            )
         return value
 
 
@@ -164,7 +180,10 @@ def text_segments(path: Path, segment_chars: int = SEGMENT_CHARS) -> Iterator[Se
             try:
                 pending += decoder.decode(data, final=not data)
             except UnicodeDecodeError as exc:
-                raise DatasetError(f"{path} is not UTF-8 text (bad byte at offset {offset - buffered + exc.start}): convert it to UTF-8.") from None
+                raise DatasetError(
+                    f"{path} is not UTF-8 text (bad byte at offset {offset - buffered + exc.start}): "
+                    "convert it to UTF-8."
+                ) from None
             offset += len(data)
             if not has_text:
                 pending = pending.lstrip()

@@ -51,11 +51,15 @@ class TokenStream:
         if val_fraction <= 0:
             return self, None
         cut = int(len(self.tokens) * (1 - val_fraction))
-        return (TokenStream(self.tokens[:cut], self.source, self.chat_format),
-                TokenStream(self.tokens[cut:], self.source + " (held out)", self.chat_format))
+        return (
+            TokenStream(self.tokens[:cut], self.source, self.chat_format),
+            TokenStream(self.tokens[cut:], self.source + " (held out)", self.chat_format),
+        )
 
 
-def read_documents(dataset: str | os.PathLike, text_field: str = "text", chats: ConversationOptions | None = None) -> list[str]:
+def read_documents(
+    dataset: str | os.PathLike, text_field: str = "text", chats: ConversationOptions | None = None
+) -> list[str]:
     """Each document's text. CSV rows come wrapped in <|startoftext|> ... <|endoftext|> (gpt-2-simple's
     convention, so `generate(prefix="<|startoftext|>", truncate="<|endoftext|>")` yields one row);
     chat exports become one document per conversation. Holds everything in memory: for small data."""
@@ -129,8 +133,12 @@ def _batches(segments: Iterable[Segment]) -> Iterator[list[Segment]]:
         yield batch
 
 
-def load_tokens(dataset: str | os.PathLike, tokenizer: PreTrainedTokenizerBase, text_field: str = "text",
-                chats: ConversationOptions | None = None) -> TokenStream:
+def load_tokens(
+    dataset: str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase,
+    text_field: str = "text",
+    chats: ConversationOptions | None = None,
+) -> TokenStream:
     """The dataset as a token stream: from a cache written by `botkit encode`, or read and encoded now."""
     if str(dataset).endswith(CACHE_SUFFIX) and Path(dataset).is_file():
         return _load_cache(Path(dataset), tokenizer)
@@ -141,8 +149,13 @@ def load_tokens(dataset: str | os.PathLike, tokenizer: PreTrainedTokenizerBase, 
     return TokenStream(tokens, str(dataset), reader.chat_format, reader.summary if reader.chat_format else None)
 
 
-def encode_dataset(dataset, tokenizer: PreTrainedTokenizerBase, out_path, text_field: str = "text",
-                   chats: ConversationOptions | None = None) -> TokenStream:
+def encode_dataset(
+    dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    out_path,
+    text_field: str = "text",
+    chats: ConversationOptions | None = None,
+) -> TokenStream:
     """Pre-tokenise a dataset into a compressed .npz cache (gpt-2-simple's `encode_dataset`); a chat
     export's format goes into the cache too, so a run trained from it records the format."""
     out_path = Path(out_path)
@@ -165,7 +178,9 @@ def _write_cache(path: Path, tokens: np.ndarray, dtype, fingerprint: str, chat_f
     tmp = path.with_name(path.name + ".tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
         with archive.open("tokens.npy", "w", force_zip64=True) as f:
-            fmt.write_array_header_1_0(f, {"descr": fmt.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tokens.shape})
+            fmt.write_array_header_1_0(
+                f, {"descr": fmt.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tokens.shape}
+            )
             for start in range(0, len(tokens), WRITE_TOKENS):
                 f.write(tokens[start : start + WRITE_TOKENS].astype(dtype).tobytes())
         for name, value in (("tokenizer", fingerprint), ("chat_format", chat_format)):
@@ -179,15 +194,22 @@ def _load_cache(path: Path, tokenizer: PreTrainedTokenizerBase) -> TokenStream:
         with path.open("rb") as f:  # opened here: np.load leaks its own file when the zip is damaged
             with np.load(f) as data:
                 if str(data["tokenizer"]) != tokenizer_fingerprint(tokenizer):  # checked first: no tokens in memory yet
-                    raise DatasetError(f"{path} was encoded with another tokenizer: re-run `botkit encode` with the model you fine-tune.")
+                    raise DatasetError(
+                        f"{path} was encoded with another tokenizer: re-run `botkit encode` with the "
+                        "model you fine-tune."
+                    )
                 raw = str(data["chat_format"]) if "chat_format" in data.files else ""
                 chat_format = json.loads(raw) if raw else None
             tokens = _read_tokens(f)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-        raise DatasetError(f"{path} is not a cache written by `botkit encode` ({exc.__class__.__name__}): re-encode the dataset.") from None
+        raise DatasetError(
+            f"{path} is not a cache written by `botkit encode` ({exc.__class__.__name__}): re-encode the dataset."
+        ) from None
     if len(tokens) == 0:
         raise DatasetError(f"Dataset {path} is empty: add some text to it.")
-    return TokenStream(tokens, str(path), ChatFormat.from_dict(chat_format, str(path)) if chat_format is not None else None)
+    return TokenStream(
+        tokens, str(path), ChatFormat.from_dict(chat_format, str(path)) if chat_format is not None else None
+    )
 
 
 def _read_tokens(file) -> np.ndarray:
@@ -196,7 +218,9 @@ def _read_tokens(file) -> np.ndarray:
     fmt = np.lib.format
     with zipfile.ZipFile(file) as archive, archive.open("tokens.npy") as f:
         version = fmt.read_magic(f)
-        shape, fortran_order, dtype = fmt.read_array_header_1_0(f) if version == (1, 0) else fmt.read_array_header_2_0(f)
+        shape, fortran_order, dtype = (
+            fmt.read_array_header_1_0(f) if version == (1, 0) else fmt.read_array_header_2_0(f)
+        )
         if dtype not in (np.dtype(np.uint16), np.dtype(np.int32)) or len(shape) != 1:
             raise ValueError(f"tokens of dtype {dtype} and shape {shape}")
         tokens = np.empty(shape[0], dtype=np.int32)
@@ -217,7 +241,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[END, START], show_progress=False)
+    bpe.train_from_iterator(
+        texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[END, START], show_progress=False
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=END, eos_token=END, unk_token=END)
     tokenizer.pad_token = END  # GPT-2 convention: no pad token of its own; padded columns are masked
     tokenizer.padding_side = "left"

@@ -6,7 +6,8 @@ Only people's messages are exported: the bot's own replies would teach the model
 and API completions are not chat. The file names no platform, chat or user id, handle or name:
 chats are numbered, speakers are user1, user2, ... (one pseudonym a person across the file: a
 Telegram name is often an @username), and the text is cleaned as every chat export is (mentions,
-Discord's <@id> markup, links and Telegram profile links removed; see train/conversations.normalise). Read through a read-only connection, so a running
+Discord's <@id> markup, links and Telegram profile links removed; see train/conversations.normalise). Read through a
+read-only connection, so a running
 bot is not disturbed.
 """
 
@@ -34,7 +35,9 @@ class ExportSummary:
     path: Path
 
 
-def export_dataset(db_path: str | os.PathLike, out_path: str | os.PathLike, defaults: ChatSettings | None = None) -> ExportSummary:
+def export_dataset(
+    db_path: str | os.PathLike, out_path: str | os.PathLike, defaults: ChatSettings | None = None
+) -> ExportSummary:
     """Write the opted-in chats' messages of the store at `db_path` to `out_path` (JSONL), oldest
     first per chat. `defaults` are the config's chat settings (a chat's stored settings are changes
     to them, as in the running bot)."""
@@ -42,7 +45,9 @@ def export_dataset(db_path: str | os.PathLike, out_path: str | os.PathLike, defa
     if not db_path.is_file():
         raise DatasetError(f"The database {db_path} does not exist: pass the [store] path of your bot with --db.")
     if out_path.is_dir():
-        raise DatasetError(f"{out_path} is a folder: pass a file name with --out, such as {out_path / 'dataset.jsonl'}.")
+        raise DatasetError(
+            f"{out_path} is a folder: pass a file name with --out, such as {out_path / 'dataset.jsonl'}."
+        )
     if not out_path.parent.is_dir():
         raise DatasetError(f"The folder of {out_path} does not exist: create it or choose another --out.")
     defaults = defaults or ChatSettings()
@@ -56,16 +61,22 @@ def export_dataset(db_path: str | os.PathLike, out_path: str | os.PathLike, defa
     try:
         with db, tmp.open("w", encoding="utf-8") as out:
             out.write(botkit_header() + "\n")
-            chats = db.execute("SELECT DISTINCT m.platform, m.chat_id, COALESCE(c.settings, '{}'), COALESCE(c.export_since_message, 0)"
-                               " FROM messages m LEFT JOIN chats c ON c.platform = m.platform AND c.chat_id = m.chat_id"
-                               " ORDER BY m.platform, m.chat_id")
+            chats = db.execute(
+                "SELECT DISTINCT m.platform, m.chat_id, COALESCE(c.settings, '{}'), "
+                "COALESCE(c.export_since_message, 0)"
+                " FROM messages m LEFT JOIN chats c ON c.platform = m.platform AND c.chat_id = m.chat_id"
+                " ORDER BY m.platform, m.chat_id"
+            )
             for platform, chat_id, settings, since in chats.fetchall():
                 if not _opted_in(defaults, settings, platform, chat_id):
                     continue
                 rows = db.execute(
-                    "SELECT m.user_id, m.text, m.received_at FROM messages m LEFT JOIN requests r ON r.message_id = m.id"
-                    " WHERE m.platform=? AND m.chat_id=? AND m.id > ? AND (r.kind IS NULL OR r.kind = 'chat') ORDER BY m.id",
-                    (platform, chat_id, since))
+                    "SELECT m.user_id, m.text, m.received_at FROM messages m LEFT JOIN requests r ON r.message_id = "
+                    "m.id"
+                    " WHERE m.platform=? AND m.chat_id=? AND m.id > ? AND (r.kind IS NULL OR r.kind = 'chat') ORDER BY "
+                    "m.id",
+                    (platform, chat_id, since),
+                )
                 label = f"chat{num_chats + 1}"
                 for user_id, text, received_at in rows:
                     speaker = pseudonyms.setdefault((platform, user_id), f"user{len(pseudonyms) + 1}")
@@ -91,10 +102,20 @@ def _opted_in(defaults: ChatSettings, stored: str, platform: str, chat_id: str) 
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("export-dataset", help="write the messages of chats that opted in as a fine-tuning dataset")
-    p.add_argument("--db", default=None, help="the bot's SQLite store (default: [store] path of --config, else botkit.db)")
-    p.add_argument("--out", default="dataset.jsonl", help="the JSONL file to write (then: botkit finetune --dataset it)")
-    p.add_argument("--config", default=None, help="the bot's TOML config: its [chat] defaults decide opt-in for chats that kept them")
+    p = subparsers.add_parser(
+        "export-dataset", help="write the messages of chats that opted in as a fine-tuning dataset"
+    )
+    p.add_argument(
+        "--db", default=None, help="the bot's SQLite store (default: [store] path of --config, else botkit.db)"
+    )
+    p.add_argument(
+        "--out", default="dataset.jsonl", help="the JSONL file to write (then: botkit finetune --dataset it)"
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="the bot's TOML config: its [chat] defaults decide opt-in for chats that kept them",
+    )
     p.set_defaults(func=_run)
 
 
@@ -105,8 +126,13 @@ def _run(args) -> None:
     db = args.db or (config.store.path if config else "botkit.db")
     summary = export_dataset(db, args.out, config.chat if config else None)
     if not summary.num_chats:
-        print(f"No chat in {db} has opted in: in a chat, an admin sends `/settings dataset_opt_in on`; wrote an empty {args.out}.")
+        print(
+            f"No chat in {db} has opted in: in a chat, an admin sends `/settings dataset_opt_in on`; wrote an empty "
+            f"{args.out}."
+        )
         return
     chats = f"{summary.num_chats} chat" + ("s" if summary.num_chats != 1 else "")
-    print(f"Wrote {summary.num_messages:,} messages of {chats} to {summary.path}: "
-          f"train on it with `botkit finetune --dataset {summary.path}`.")
+    print(
+        f"Wrote {summary.num_messages:,} messages of {chats} to {summary.path}: "
+        f"train on it with `botkit finetune --dataset {summary.path}`."
+    )

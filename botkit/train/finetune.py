@@ -74,7 +74,8 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune `model` on `dataset`; checkpoints go to `checkpoint_dir/run_name/`.
 
-    `model`: hub name, local folder (OpenAI's or gpt-2-simple's TensorFlow folders too), GPT2Config, "scratch" (a new model from n_layer/n_embd/n_head/n_ctx,
+    `model`: hub name, local folder (OpenAI's or gpt-2-simple's TensorFlow folders too), GPT2Config, "scratch" (a new
+    model from n_layer/n_embd/n_head/n_ctx,
     optionally with a byte-level BPE tokenizer of `vocab_size` trained on the data), or None for the
     bundled demo model. `steps` is the run's total: the learning-rate schedule spans it, and a run
     resumed with `restore_from="latest"` trains until its step count reaches `steps` (pass a larger
@@ -111,14 +112,17 @@ def finetune(
 # ---- command line: `botkit finetune` and `botkit encode` -------------------------------------------
 
 HELP = {
-    "dataset": ".txt file, folder or glob, one-column .csv, .jsonl, a chat export (DiscordChatExporter .json/.csv, Telegram result.json, `botkit export-dataset`), or a .npz from `botkit encode`",
-    "model": "hub name (gpt2, or gpt-2-simple's 124M/355M/774M/1558M), local folder (also OpenAI's models/124M or a gpt-2-simple checkpoint/run1), 'scratch' for a new model, or empty for the bundled demo model",
+    "dataset": ".txt file, folder or glob, one-column .csv, .jsonl, a chat export (DiscordChatExporter .json/.csv, "
+    "Telegram result.json, `botkit export-dataset`), or a .npz from `botkit encode`",
+    "model": "hub name (gpt2, or gpt-2-simple's 124M/355M/774M/1558M), local folder (also OpenAI's models/124M or a "
+    "gpt-2-simple checkpoint/run1), 'scratch' for a new model, or empty for the bundled demo model",
     "steps": "total optimizer steps of the run (the schedule spans them; resuming continues up to this)",
     "accumulate_gradients": "micro-batches per optimizer step (gpt-2-simple's default was 5; here 1)",
     "restore_from": "'latest' continues the run in checkpoint_dir/run_name; '' or 'fresh' starts from --model",
     "block_size": "tokens per training window; 0 = the model's context",
     "val_every": "steps between held-out evaluations; 0 = ten times a run (or at every save, if more often)",
-    "early_stopping": "stop after this many held-out evaluations without improvement (0 = off; default 3 with --val-fraction, else off)",
+    "early_stopping": "stop after this many held-out evaluations without improvement (0 = off; default 3 with "
+    "--val-fraction, else off)",
     "n_layer": "layers of a new model (--model scratch); also --n-embd, --n-head, --n-ctx",
     "train_tokenizer": "train a byte-level BPE tokenizer of --vocab-size on the data (--model scratch only)",
     "stop_at_step": "stop and save at this step without shortening the schedule (0 = run to --steps)",
@@ -126,12 +130,17 @@ HELP = {
     "lora": "train rank-R LoRA adapters (peft) instead of every weight; 0 = full fine-tuning",
     "lora_alpha": "LoRA scale numerator (0 = twice the rank)",
     "gradient_checkpointing": "recompute activations in the backward pass: less memory, about a third slower",
-    "chat_format": 'how chat exports become text: a chat_format.json or JSON such as \'{"speaker": "<{name}> {message}"}\' (default "{name}: {message}" lines)',
+    "chat_format": 'how chat exports become text: a chat_format.json or JSON such as \'{"speaker": "<{name}> '
+    '{message}"}\' (default "{name}: {message}" lines)',
     "conversation_gap_s": "in chat exports, a silence longer than this (seconds) starts a new conversation",
-    "exclude_speakers": "comma-separated names whose messages are dropped (bots a Telegram or CSV export does not mark)",
-    "anonymize_speakers": "in chat exports, name speakers user1, user2, ... (a Discord CSV names people by their username)",
-    "command_prefixes": "in chat exports, a message of one of these characters then a word is a bot command: dropped with its bot's answer ('' = keep)",
-    "dry_run": "print what the data becomes (kept and dropped messages, speakers, tokens, epochs, sample conversations) and stop",
+    "exclude_speakers": "comma-separated names whose messages are dropped (bots a Telegram or CSV export does not "
+    "mark)",
+    "anonymize_speakers": "in chat exports, name speakers user1, user2, ... (a Discord CSV names people by their "
+    "username)",
+    "command_prefixes": "in chat exports, a message of one of these characters then a word is a bot command: dropped "
+    "with its bot's answer ('' = keep)",
+    "dry_run": "print what the data becomes (kept and dropped messages, speakers, tokens, epochs, sample "
+    "conversations) and stop",
 }
 CLI_TYPES = {"early_stopping": int}  # defaults of None
 CLI_SKIP = ("dataset", "progress")
@@ -162,7 +171,12 @@ def add_cli(subparsers) -> None:
     e.add_argument("--text-field", default="text", help="the JSONL field holding the text")
     for name in ("chat_format", "conversation_gap_s", "exclude_speakers", "command_prefixes"):
         default = inspect.signature(finetune).parameters[name].default
-        e.add_argument("--" + name.replace("_", "-"), type=float if isinstance(default, float) else str, default=default, help=HELP[name])
+        e.add_argument(
+            "--" + name.replace("_", "-"),
+            type=float if isinstance(default, float) else str,
+            default=default,
+            help=HELP[name],
+        )
     e.add_argument("--anonymize-speakers", action="store_true", help=HELP["anonymize_speakers"])
     e.set_defaults(func=_run_encode)
 
@@ -177,7 +191,10 @@ def _run_finetune(args) -> None:
         print("That was a dry run: nothing was trained or written. Train with the same options without --dry-run.")
         return
     val = f", held-out loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-    print(f"Trained {result.run_dir} to step {result.step} (average loss {result.avg_loss:.4f}{val}); stopped by {result.stopped}.")
+    print(
+        f"Trained {result.run_dir} to step {result.step} (average loss {result.avg_loss:.4f}{val}); stopped by "
+        f"{result.stopped}."
+    )
 
 
 def _run_encode(args) -> None:
@@ -185,8 +202,9 @@ def _run_encode(args) -> None:
     from botkit.train.encoding import encode_dataset
 
     lm = load_model(args.model, run_name=args.run_name, checkpoint_dir=args.checkpoint_dir, device="cpu")
-    chats = ConversationOptions.of(args.chat_format, args.conversation_gap_s, args.exclude_speakers, args.anonymize_speakers,
-                                   args.command_prefixes)
+    chats = ConversationOptions.of(
+        args.chat_format, args.conversation_gap_s, args.exclude_speakers, args.anonymize_speakers, args.command_prefixes
+    )
     stream = encode_dataset(args.dataset, lm.tokenizer, args.out, args.text_field, chats)
     kind = " (chat conversations)" if stream.chat_format else ""
     print(f"Wrote {len(stream):,} tokens of {args.dataset}{kind} to {args.out} (tokenizer of {lm.name}).")

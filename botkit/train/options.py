@@ -114,16 +114,35 @@ def _check(args: dict) -> None:
             if not isinstance(args[name], int | float) or not 0 <= args[name] < math.inf:
                 raise InputError(f"{name} must be a finite number from 0 up, not {args[name]!r}.")
 
-    positive("steps", "batch_size", "accumulate_gradients", "save_every", "print_every", "max_checkpoints", "sample_num", "sample_length",
-             "val_batches", "n_layer", "n_embd", "n_head", "n_ctx", "vocab_size")
+    positive(
+        "steps",
+        "batch_size",
+        "accumulate_gradients",
+        "save_every",
+        "print_every",
+        "max_checkpoints",
+        "sample_num",
+        "sample_length",
+        "val_batches",
+        "n_layer",
+        "n_embd",
+        "n_head",
+        "n_ctx",
+        "vocab_size",
+    )
     at_least_zero("sample_every", "block_size", "warmup_steps", "val_every", "stop_at_step")
     if args["early_stopping"] is not None:
         at_least_zero("early_stopping")
     finite_at_least_zero("weight_decay", "max_grad_norm")
     if not isinstance(args["seed"], int) or not 0 <= args["seed"] < 2**63:
         raise InputError(f"seed must be a whole number from 0 to 2^63 - 1, not {args['seed']!r}.")
-    for name, allowed in (("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES), ("restore_from", ("", *RESTORE)),
-                          ("mixed_precision", ("auto", "no", "fp16", "bf16")), ("device", ("", "cpu", "cuda"))):
+    for name, allowed in (
+        ("optimizer", OPTIMIZERS),
+        ("lr_schedule", SCHEDULES),
+        ("restore_from", ("", *RESTORE)),
+        ("mixed_precision", ("auto", "no", "fp16", "bf16")),
+        ("device", ("", "cpu", "cuda")),
+    ):
         if args[name] not in allowed:
             raise InputError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, not {args[name]!r}.")
     if not 0 <= args["val_fraction"] < 1:
@@ -136,19 +155,30 @@ def _check(args: dict) -> None:
         raise InputError(f"run_name must be a plain folder name, not {args['run_name']!r}.")
     for name in ("lora", "lora_alpha"):
         if not isinstance(args[name], int) or isinstance(args[name], bool) or args[name] < 0:
-            raise InputError(f"{name} must be a whole number, 0 (off or default) or more such as 8, not {args[name]!r}.")
+            raise InputError(
+                f"{name} must be a whole number, 0 (off or default) or more such as 8, not {args[name]!r}."
+            )
     if args["lora"] and (args["model"] == SCRATCH or not isinstance(args["model"], str | None)):
-        raise InputError("LoRA adapts a trained model: pass one as model (--model gpt2, a folder, or models/124M), not a new one.")
+        raise InputError(
+            "LoRA adapts a trained model: pass one as model (--model gpt2, a folder, or models/124M), not a new one."
+        )
     if args["lora"] and args["only_train_transformer_layers"]:
-        raise InputError("lora already trains only the transformer layers (its adapters): drop only_train_transformer_layers.")
+        raise InputError(
+            "lora already trains only the transformer layers (its adapters): drop only_train_transformer_layers."
+        )
     if not 0 <= args["lora_dropout"] < 1:
         raise InputError(f"lora_dropout must be at least 0 and below 1, not {args['lora_dropout']!r}.")
     if args["n_embd"] % args["n_head"]:
         raise InputError(f"n_embd ({args['n_embd']}) must be divisible by n_head ({args['n_head']}).")
     for name in ("checkpoint_dir", "sample_dir"):
         if Path(args[name]).exists() and not Path(args[name]).is_dir():
-            raise InputError(f"{name} {args[name]} is a file, not a folder: choose a folder for --{name.replace('_', '-')}.")
+            raise InputError(
+                f"{name} {args[name]} is a file, not a folder: choose a folder for --{name.replace('_', '-')}."
+            )
     gap = args["conversation_gap_s"]
     if isinstance(gap, bool) or not (isinstance(gap, int | float) and 0 < gap < math.inf):
         raise InputError(f"conversation_gap_s must be a number of seconds above 0, not {args['conversation_gap_s']!r}.")
-    ConversationOptions.of(args["chat_format"], gap, args["exclude_speakers"], command_prefixes=args["command_prefixes"])  # fails now, not after loading
+    # fails now, not after loading
+    ConversationOptions.of(
+        args["chat_format"], gap, args["exclude_speakers"], command_prefixes=args["command_prefixes"]
+    )

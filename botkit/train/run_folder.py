@@ -56,7 +56,16 @@ def has_checkpoint(run_dir: Path) -> bool:
     return (run_dir / STATE_JSON).is_file() or (run_dir / "config.json").is_file()
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerState, scaler=None, max_checkpoints: int = 1, rng_state=None) -> None:
+def save_checkpoint(
+    run_dir: Path,
+    model,
+    optimizer,
+    scheduler,
+    state: TrainerState,
+    scaler=None,
+    max_checkpoints: int = 1,
+    rng_state=None,
+) -> None:
     """Write the model (Hugging Face format) and the trainer state. Files are written to a temporary
     folder first and moved into place, so a crash mid-save leaves the previous checkpoint readable.
     `rng_state` is the torch RNG as it was when `state.step` ended (default: as it is now)."""
@@ -82,15 +91,26 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerSt
 
 
 def save_model(model, folder: Path) -> None:
-    """save_pretrained; a LoRA model (peft's) saves its adapter alone, without peft's hub look-up of the base's vocabulary size."""
+    """save_pretrained; a LoRA model (peft's) saves its adapter alone, without peft's hub look-up of the base's
+    vocabulary size."""
     if hasattr(model, "peft_config"):
         model.save_pretrained(folder, save_embedding_layers=False)
     else:
         model.save_pretrained(folder)
 
 
-MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "adapter_config.json", "adapter_model.safetensors",
-               "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+)
 
 
 def _archive_previous(run_dir: Path, num_copies: int) -> None:

@@ -82,12 +82,32 @@ def _setup(dataset: str, o: FinetuneOptions) -> _Run:
         resume = o.restore_from == "latest" and checkpoints.has_checkpoint(run_dir)
     else:
         resume = _prepare_run_dir(run_dir, o.restore_from, o.overwrite, accelerator.is_main_process)
-    chats = ConversationOptions.of(o.chat_format, o.conversation_gap_s, o.exclude_speakers, o.anonymize_speakers, o.command_prefixes)
-    lm, base, stream = _model_and_data(dataset, o.model, resume, run_dir, o.run_name, o.seed, o.n_layer, o.n_embd, o.n_head, o.n_ctx, o.train_tokenizer, o.vocab_size, o.text_field, chats, o.lora)
+    chats = ConversationOptions.of(
+        o.chat_format, o.conversation_gap_s, o.exclude_speakers, o.anonymize_speakers, o.command_prefixes
+    )
+    lm, base, stream = _model_and_data(
+        dataset,
+        o.model,
+        resume,
+        run_dir,
+        o.run_name,
+        o.seed,
+        o.n_layer,
+        o.n_embd,
+        o.n_head,
+        o.n_ctx,
+        o.train_tokenizer,
+        o.vocab_size,
+        o.text_field,
+        chats,
+        o.lora,
+    )
     block = o.block_size or lm.model.config.n_positions
     train, val, val_note = held_out(stream, o.val_fraction, block)
     tokens_per_step = o.batch_size * block * o.accumulate_gradients * accelerator.num_processes
-    summary = (stream.summary or DataSummary()).report(len(train), len(val) if val is not None else 0, tokens_per_step, o.steps, val_note)
+    summary = (stream.summary or DataSummary()).report(
+        len(train), len(val) if val is not None else 0, tokens_per_step, o.steps, val_note
+    )
     try:
         _check_lengths(train, val, block, lm)
     except BotkitError as exc:
@@ -99,20 +119,30 @@ def _setup(dataset: str, o: FinetuneOptions) -> _Run:
         return run
     if accelerator.is_main_process:
         log.info("The data of run %s:\n%s", o.run_name, summary)
-    run.early_stopping = o.early_stopping if o.early_stopping is not None else DEFAULT_PATIENCE if val is not None else 0
+    run.early_stopping = (
+        o.early_stopping if o.early_stopping is not None else DEFAULT_PATIENCE if val is not None else 0
+    )
 
     if o.lora > lm.model.config.n_embd:  # checked before peft allocates the adapters (7.5 GB for a huge rank)
-        raise InputError(f"lora rank {o.lora} is above the model's width of {lm.model.config.n_embd}, where a rank stops adding anything: "
-                         "pass a smaller one such as 8.")
+        raise InputError(
+            f"lora rank {o.lora} is above the model's width of {lm.model.config.n_embd}, where a rank "
+            "stops adding anything: "
+            "pass a smaller one such as 8."
+        )
     net = lm.model.train()
     if o.lora:
         from botkit.model import lora
 
         torch.manual_seed(o.seed)  # the adapters' random A matrices
-        net = lora.load_adapter(net, run_dir, is_trainable=True) if resume else lora.add_lora(net, base, o.lora, o.lora_alpha, o.lora_dropout)
+        net = (
+            lora.load_adapter(net, run_dir, is_trainable=True)
+            if resume
+            else lora.add_lora(net, base, o.lora, o.lora_alpha, o.lora_dropout)
+        )
     if o.gradient_checkpointing:
         net.config.use_cache = False
-        (getattr(net, "activation_checkpointing_enable", None) or net.gradient_checkpointing_enable)()  # renamed in transformers 5
+        # renamed in transformers 5
+        (getattr(net, "activation_checkpointing_enable", None) or net.gradient_checkpointing_enable)()
     params = _trainable(net, o.only_train_transformer_layers)  # with LoRA: the adapters only
     opt = _optimizer(o.optimizer, params, o.learning_rate, o.weight_decay)
     run.sched = get_scheduler(o.lr_schedule, opt, num_warmup_steps=o.warmup_steps, num_training_steps=o.steps)
@@ -124,7 +154,10 @@ def _setup(dataset: str, o: FinetuneOptions) -> _Run:
         run.state = checkpoints.load_trainer_state(run_dir, run.opt, run.sched, accelerator.scaler)
         log.info("Resuming %s at step %d of %d.", o.run_name, run.state.step, o.steps)
         if run.state.step >= o.steps:
-            raise InputError(f"Run {o.run_name!r} has already trained {run.state.step} steps: pass a larger steps (--steps) to train it further.")
+            raise InputError(
+                f"Run {o.run_name!r} has already trained {run.state.step} steps: pass a larger steps "
+                "(--steps) to train it further."
+            )
     else:
         run.state = TrainerState()
         torch.manual_seed(o.seed)  # dropout; a resumed run restores this RNG from the checkpoint instead
@@ -133,7 +166,8 @@ def _setup(dataset: str, o: FinetuneOptions) -> _Run:
             if stream.chat_format is not None:
                 stream.chat_format.save(run_dir)  # serving and `botkit generate` read it back (LoadedModel.chat_format)
             write_index(run_dir, stream.tokens, lm.tokenizer.eos_token_id)  # for copying.check_copying: no parroting
-            write_texts(run_dir, document_lines(stream.tokens, lm.tokenizer.eos_token_id, lm.tokenizer.decode))  # no short text whole
+            # no short text whole
+            write_texts(run_dir, document_lines(stream.tokens, lm.tokenizer.eos_token_id, lm.tokenizer.decode))
     run.loss_log = LossLog.open(run_dir, run.state.step) if accelerator.is_main_process else None
     return run
 
@@ -149,10 +183,19 @@ def _loop(run: _Run, o: FinetuneOptions) -> tuple[str, float | None]:
     try:
         while state.step < last_stop:
             started, rng_state = time.perf_counter(), torch.get_rng_state()
-            loss = _forward_backward(accelerator, net, run.train, run.block, o.batch_size, o.accumulate_gradients, o.seed, state.step)
+            loss = _forward_backward(
+                accelerator, net, run.train, run.block, o.batch_size, o.accumulate_gradients, o.seed, state.step
+            )
             if not math.isfinite(loss):
-                kept = f"the last good checkpoint (step {_saved_step(run.run_dir)}) is kept" if checkpoints.has_checkpoint(run.run_dir) else "no checkpoint was saved"
-                raise InputError(f"The loss became {loss} at step {state.step + 1}, so training stopped and {kept}: lower learning_rate (now {o.learning_rate}) and train again.")
+                kept = (
+                    f"the last good checkpoint (step {_saved_step(run.run_dir)}) is kept"
+                    if checkpoints.has_checkpoint(run.run_dir)
+                    else "no checkpoint was saved"
+                )
+                raise InputError(
+                    f"The loss became {loss} at step {state.step + 1}, so training stopped and {kept}: "
+                    f"lower learning_rate (now {o.learning_rate}) and train again."
+                )
             if save_pending:  # saved only now that these weights gave a finite loss: a checkpoint is always a good one
                 _save(run, o, rng_state)
                 save_pending = False
@@ -169,16 +212,43 @@ def _loop(run: _Run, o: FinetuneOptions) -> tuple[str, float | None]:
                 if _improved(state, val_loss, run.early_stopping, accelerator, net, run.run_dir):
                     stopped = "early stopping"
             if run.loss_log is not None:
-                run.loss_log.append(step=state.step, loss=loss, avg_loss=state.avg_loss, learning_rate=run.sched.get_last_lr()[0], tokens_per_s=rate, val_loss=val_loss)
+                run.loss_log.append(
+                    step=state.step,
+                    loss=loss,
+                    avg_loss=state.avg_loss,
+                    learning_rate=run.sched.get_last_lr()[0],
+                    tokens_per_s=rate,
+                    val_loss=val_loss,
+                )
             if state.step % o.print_every == 0 or val_loss is not None:
-                bar.set_postfix(loss=f"{loss:.3f}", avg=f"{state.avg_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
+                bar.set_postfix(
+                    loss=f"{loss:.3f}",
+                    avg=f"{state.avg_loss:.3f}",
+                    tok_s=f"{tokens_per_s:,.0f}",
+                    **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}),
+                )
             bar.update(state.step)
             if o.sample_every and state.step % o.sample_every == 0 and accelerator.is_main_process:
-                _write_samples(run.lm, accelerator.unwrap_model(net), Path(o.sample_dir) / o.run_name, state.step, o.sample_num, o.sample_length, o.seed)
+                _write_samples(
+                    run.lm,
+                    accelerator.unwrap_model(net),
+                    Path(o.sample_dir) / o.run_name,
+                    state.step,
+                    o.sample_num,
+                    o.sample_length,
+                    o.seed,
+                )
                 net.train()
             if stopped == "early stopping":
-                log.info("Held-out loss has not improved for %d evaluations: stopping at step %d (best %.4f at step %d, saved in %s).",
-                         run.early_stopping, state.step, state.best_val_loss, state.best_val_step, run.run_dir / "best")
+                log.info(
+                    "Held-out loss has not improved for %d evaluations: stopping at step %d (best %.4f at step "
+                    "%d, saved in %s).",
+                    run.early_stopping,
+                    state.step,
+                    state.best_val_loss,
+                    state.best_val_step,
+                    run.run_dir / "best",
+                )
                 break
             save_pending = state.step % o.save_every == 0
     except KeyboardInterrupt:
@@ -201,14 +271,31 @@ def _finish(run: _Run, o: FinetuneOptions, stopped: str, val_loss: float | None)
 
         net = lora.merged(net)  # saved already: the result is the plain model with the adapter added in
     trained = LoadedModel(net, run.lm.tokenizer, o.run_name, run.stream.chat_format, run.run_dir)
-    return FinetuneResult(trained, run.run_dir, run.state.step, run.state.avg_loss, val_loss, run.state.best_val_loss, stopped, run.summary)
+    return FinetuneResult(
+        trained,
+        run.run_dir,
+        run.state.step,
+        run.state.avg_loss,
+        val_loss,
+        run.state.best_val_loss,
+        stopped,
+        run.summary,
+    )
 
 
 def _save(run: _Run, o: FinetuneOptions, rng_state=None) -> None:
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
-        checkpoints.save_checkpoint(run.run_dir, run.accelerator.unwrap_model(run.net), run.opt, run.sched, run.state,
-                                    run.accelerator.scaler, o.max_checkpoints, rng_state)
+        checkpoints.save_checkpoint(
+            run.run_dir,
+            run.accelerator.unwrap_model(run.net),
+            run.opt,
+            run.sched,
+            run.state,
+            run.accelerator.scaler,
+            o.max_checkpoints,
+            rng_state,
+        )
         run.loss_log.plot()
 
 
@@ -216,7 +303,9 @@ def _forward_backward(accelerator, net, train: TokenStream, block, batch_size, a
     """Gradients of one optimizer step over `accumulate` micro-batches; returns the mean loss (nats/token)."""
     total = 0.0
     for micro in range(accumulate):
-        x = batch_windows(train.tokens, block, batch_size, seed, step, micro, accelerator.process_index).to(accelerator.device)
+        x = batch_windows(train.tokens, block, batch_size, seed, step, micro, accelerator.process_index).to(
+            accelerator.device
+        )
         loss = net(input_ids=x, labels=x).loss / accumulate  # (B, T) in; labels are shifted inside the model
         accelerator.backward(loss)
         total += loss.item()
@@ -231,7 +320,9 @@ def _optimizer_step(accelerator, net, opt, sched, max_grad_norm: float) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def batch_windows(tokens: np.ndarray, block: int, batch_size: int, seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Tensor:
+def batch_windows(
+    tokens: np.ndarray, block: int, batch_size: int, seed: int, step: int, micro: int = 0, rank: int = 0
+) -> torch.Tensor:
     """(batch_size, block) random windows of the token stream, a pure function of (seed, step, micro,
     rank): a resumed run draws exactly the batches the uninterrupted run would have drawn."""
     rng = np.random.default_rng([seed, step, micro, rank])
@@ -245,7 +336,10 @@ def evaluate_loss(model, stream: TokenStream, block: int, batch_size: int, max_b
     model.eval()
     num_blocks = min(len(stream) // block, max(1, max_batches) * batch_size)
     windows = torch.from_numpy(stream.tokens[: num_blocks * block].astype(np.int64)).view(num_blocks, block)
-    losses = [model(input_ids=x.to(model.device), labels=x.to(model.device)).loss.item() * len(x) for x in windows.split(batch_size)]
+    losses = [
+        model(input_ids=x.to(model.device), labels=x.to(model.device)).loss.item() * len(x)
+        for x in windows.split(batch_size)
+    ]
     return sum(losses) / num_blocks
 
 
@@ -266,7 +360,15 @@ def _write_samples(lm: LoadedModel, model, out_dir: Path, step: int, num: int, l
     model.eval()
     with torch.random.fork_rng(devices=[]):  # sampling must not move the training RNG, or a resumed run would differ
         gpt2 = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA: applied on the fly
-        texts = generate(LoadedModel(gpt2, lm.tokenizer, lm.name), nsamples=num, batch_size=num, length=length, top_k=40, seed=seed + step, return_as_list=True)
+        texts = generate(
+            LoadedModel(gpt2, lm.tokenizer, lm.name),
+            nsamples=num,
+            batch_size=num,
+            length=length,
+            top_k=40,
+            seed=seed + step,
+            return_as_list=True,
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     sep = "\n" + "=" * 20 + "\n"
     (out_dir / f"samples-{step}.txt").write_text(sep.join(texts), encoding="utf-8")
@@ -281,20 +383,46 @@ def _prepare_run_dir(run_dir: Path, restore_from: str, overwrite: bool, is_main:
     """Return True to resume. An existing run is never replaced or continued unless asked."""
     exists = checkpoints.has_checkpoint(run_dir)
     if not exists and folder_kind(run_dir) == "tf":
-        raise InputError(f"{run_dir} holds a TensorFlow run (gpt-2-simple's): pass it as --model {run_dir} and choose another --run-name.")
+        raise InputError(
+            f"{run_dir} holds a TensorFlow run (gpt-2-simple's): pass it as --model {run_dir} and choose "
+            "another --run-name."
+        )
     if restore_from == "latest" and exists:
         if not (run_dir / checkpoints.STATE_PT).is_file():
-            raise InputError(f"{run_dir} has a model but no trainer state to resume from: pass it as --model instead, with a new --run-name.")
+            raise InputError(
+                f"{run_dir} has a model but no trainer state to resume from: pass it as --model instead, "
+                "with a new --run-name."
+            )
         return True
     if exists and not overwrite:
-        raise InputError(f"Run {run_dir.name!r} already exists in {run_dir.parent}: pass restore_from='latest' (--restore-from latest) to continue it, overwrite=True (--overwrite) to start it over, or another run_name.")
+        raise InputError(
+            f"Run {run_dir.name!r} already exists in {run_dir.parent}: pass restore_from='latest' "
+            "(--restore-from latest) to continue it, overwrite=True (--overwrite) to start it over, or "
+            "another run_name."
+        )
     if exists and is_main:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return False
 
 
-def _model_and_data(dataset, model, resume, run_dir, run_name, seed, n_layer, n_embd, n_head, n_ctx, new_tokenizer, vocab_size, text_field, chats, rank):
+def _model_and_data(
+    dataset,
+    model,
+    resume,
+    run_dir,
+    run_name,
+    seed,
+    n_layer,
+    n_embd,
+    n_head,
+    n_ctx,
+    new_tokenizer,
+    vocab_size,
+    text_field,
+    chats,
+    rank,
+):
     """The model to train (for LoRA: its base, and the Source it came from) and the data as one token stream."""
     base = None
     if resume:
@@ -304,7 +432,11 @@ def _model_and_data(dataset, model, resume, run_dir, run_name, seed, n_layer, n_
             raise InputError("A tokenizer cannot be trained on an encoded .npz dataset: pass the text dataset.")
         segments = DatasetReader(dataset, text_field, chats).segments() if new_tokenizer else ()
         tokenizer = train_tokenizer((text for text, _ in segments), vocab_size) if new_tokenizer else None
-        config = model if isinstance(model, GPT2Config) else GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_ctx)
+        config = (
+            model
+            if isinstance(model, GPT2Config)
+            else GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_ctx)
+        )
         if tokenizer is not None:
             config.vocab_size = len(tokenizer)
             config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
@@ -314,7 +446,10 @@ def _model_and_data(dataset, model, resume, run_dir, run_name, seed, n_layer, n_
             tokenizer.model_max_length = config.n_positions
     else:
         if new_tokenizer:
-            raise InputError("train_tokenizer needs a new model (model='scratch'): a pretrained model only understands its own tokenizer.")
+            raise InputError(
+                "train_tokenizer needs a new model (model='scratch'): a pretrained model only understands "
+                "its own tokenizer."
+            )
         base = resolve(model)
         lm = load_model(base, device="cpu", dtype="float32")
     return lm, base, load_tokens(dataset, lm.tokenizer, text_field, chats)
@@ -324,7 +459,10 @@ def _resumed_model(run_dir: Path, rank: int) -> LoadedModel:
     """The run's model to continue; for a LoRA run its base, unmerged (the adapter is loaded on it later)."""
     if folder_kind(run_dir) != "lora":
         if rank:
-            raise InputError(f"Run {run_dir.name!r} trains every weight: continue it without --lora, or start a LoRA run under another --run-name.")
+            raise InputError(
+                f"Run {run_dir.name!r} trains every weight: continue it without --lora, or start a LoRA "
+                "run under another --run-name."
+            )
         return load_model(str(run_dir), device="cpu", dtype="float32")
     from botkit.model import lora
 
@@ -342,22 +480,34 @@ def held_out(stream: TokenStream, val_fraction: float, block: int) -> tuple[Toke
         return stream, None, ""
     num_val = max(math.ceil(len(stream) * val_fraction), block)
     if num_val > len(stream) // 2:
-        note = (f"No held-out part: {len(stream):,} tokens are too few to hold out a block of {block} and train on the rest "
-                "(add text or lower block_size to get held-out loss and early stopping).")
+        note = (
+            f"No held-out part: {len(stream):,} tokens are too few to hold out a block of {block} and train on the "
+            "rest "
+            "(add text or lower block_size to get held-out loss and early stopping)."
+        )
         log.warning(note)
         return stream, None, note
     train, val = stream.split(num_val / len(stream))
-    note = f"Held out: the last {len(val):,} tokens{' (one block, more than val_fraction)' if len(val) <= block else ''}."
+    note = (
+        f"Held out: the last {len(val):,} tokens{' (one block, more than val_fraction)' if len(val) <= block else ''}."
+    )
     return train, val, note
 
 
 def _check_lengths(train: TokenStream, val: TokenStream | None, block: int, lm: LoadedModel) -> None:
     if block > lm.model.config.n_positions:
-        raise InputError(f"block_size {block} is longer than the model's context of {lm.model.config.n_positions} tokens: lower it.")
+        raise InputError(
+            f"block_size {block} is longer than the model's context of {lm.model.config.n_positions} tokens: lower it."
+        )
     if len(train) < block:
-        raise DatasetError(f"The dataset has {len(train)} training tokens, fewer than one block of {block}: add text or lower block_size.")
+        raise DatasetError(
+            f"The dataset has {len(train)} training tokens, fewer than one block of {block}: add text "
+            "or lower block_size."
+        )
     if int(train.tokens.max()) >= lm.model.config.vocab_size:
-        raise DatasetError(f"{train.source} has token ids beyond this model's vocabulary: it was encoded for another model.")
+        raise DatasetError(
+            f"{train.source} has token ids beyond this model's vocabulary: it was encoded for another model."
+        )
 
 
 def _trainable(net, only_transformer_layers: bool) -> list[torch.nn.Parameter]:
@@ -370,7 +520,8 @@ def _trainable(net, only_transformer_layers: bool) -> list[torch.nn.Parameter]:
 def _optimizer(name: str, params, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=learning_rate, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=True)  # one kernel per step, not one per tensor
+    # one kernel per step, not one per tensor
+    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=True)
 
 
 def _precision(mixed_precision: str, device: str) -> str:
@@ -391,7 +542,9 @@ class Progress:
     def __init__(self, total: int, initial: int, enabled: bool):
         self.total, self.enabled = total, enabled
         self.is_plain = enabled and not sys.stderr.isatty()
-        self.bar = tqdm(total=total, initial=initial, disable=not enabled or self.is_plain, unit="step", dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total, initial=initial, disable=not enabled or self.is_plain, unit="step", dynamic_ncols=True
+        )
         self.postfix: dict[str, str] = {}
         self.last_line_at = time.monotonic()
         self._redirect = logging_redirect_tqdm()
@@ -406,7 +559,11 @@ class Progress:
         now = time.monotonic()
         if self.is_plain and (now - self.last_line_at >= PLAIN_PROGRESS_EVERY_S or step == self.total):
             self.last_line_at = now
-            print(f"step {step}/{self.total} " + " ".join(f"{k} {v}" for k, v in self.postfix.items()), file=sys.stderr, flush=True)
+            print(
+                f"step {step}/{self.total} " + " ".join(f"{k} {v}" for k, v in self.postfix.items()),
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         self.bar.close()

@@ -41,8 +41,11 @@ class Heartbeat:
 
 
 async def test_ten_thousand_prompts_at_once(tmp_path, record_property):
-    async with Store.open(tmp_path / "bot.db") as store, EchoBackend() as backend, \
-            Core(backend, store, make_config(max_queue=MAX_QUEUE)) as core:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        EchoBackend() as backend,
+        Core(backend, store, make_config(max_queue=MAX_QUEUE)) as core,
+    ):
         chats = Chats(core, store, core.config)
         heartbeat = Heartbeat(core)
         rss_before_mb = heartbeat.peak_rss_mb
@@ -78,12 +81,21 @@ async def test_ten_thousand_prompts_at_once(tmp_path, record_property):
         assert backend.num_jobs == len(done)
 
     growth_mb = heartbeat.peak_rss_mb - rss_before_mb
-    for key, value in [("accepted", len(done)), ("busy", num_busy), ("peak_rss_mb", round(heartbeat.peak_rss_mb)),
-                       ("rss_growth_mb", round(growth_mb)), ("max_loop_lag_ms", round(heartbeat.max_lag_s * 1000)),
-                       ("max_queue_depth", heartbeat.max_queue_depth), ("elapsed_s", round(elapsed_s, 1))]:
+    for key, value in [
+        ("accepted", len(done)),
+        ("busy", num_busy),
+        ("peak_rss_mb", round(heartbeat.peak_rss_mb)),
+        ("rss_growth_mb", round(growth_mb)),
+        ("max_loop_lag_ms", round(heartbeat.max_lag_s * 1000)),
+        ("max_queue_depth", heartbeat.max_queue_depth),
+        ("elapsed_s", round(elapsed_s, 1)),
+    ]:
         record_property(key, value)
-    print(f"\nburst: {len(done)} answered, {num_busy} busy, peak RSS {heartbeat.peak_rss_mb:.0f} MB (+{growth_mb:.0f}), "
-          f"max loop lag {heartbeat.max_lag_s * 1000:.0f} ms, max queue {heartbeat.max_queue_depth}, {elapsed_s:.1f} s")
+    print(
+        f"\nburst: {len(done)} answered, {num_busy} busy, peak RSS {heartbeat.peak_rss_mb:.0f} MB "
+        f"(+{growth_mb:.0f}), "
+        f"max loop lag {heartbeat.max_lag_s * 1000:.0f} ms, max queue {heartbeat.max_queue_depth}, {elapsed_s:.1f} s"
+    )
     assert heartbeat.max_lag_s < MAX_LAG_S
     assert growth_mb < MAX_RSS_GROWTH_MB
     assert heartbeat.max_queue_depth <= MAX_QUEUE, "the queue grew past batch.max_queue"
@@ -105,11 +117,15 @@ class StuckBackend(EchoBackend):
 
 
 async def test_concurrent_submits_never_grow_the_queue_past_max_queue(tmp_path):
-    async with Store.open(tmp_path / "bot.db") as store, StuckBackend() as backend, \
-            Core(backend, store, make_config(max_queue=10)) as core:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        StuckBackend() as backend,
+        Core(backend, store, make_config(max_queue=10)) as core,
+    ):
         chats = Chats(core, store, core.config)
-        results = await asyncio.gather(*(chats.submit(Prompt("test", "c", f"u{i}", f"hi {i}")) for i in range(100)),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(chats.submit(Prompt("test", "c", f"u{i}", f"hi {i}")) for i in range(100)), return_exceptions=True
+        )
         tickets = [r for r in results if not isinstance(r, BaseException)]
         busy = [r for r in results if isinstance(r, BusyError)]
         try:
@@ -119,5 +135,3 @@ async def test_concurrent_submits_never_grow_the_queue_past_max_queue(tmp_path):
         finally:
             backend.release.set()
             await asyncio.gather(*(t.result() for t in tickets), return_exceptions=True)
-
-

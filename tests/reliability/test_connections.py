@@ -24,8 +24,11 @@ from .conftest import EchoBackend, make_config
 
 KEY = "connections-test-key-0123456789"
 KEYED = {"Authorization": f"Bearer {KEY}"}
-POST_HEAD = (b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer " + KEY.encode()
-             + b"\r\nContent-Type: application/json\r\n")
+POST_HEAD = (
+    b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer "
+    + KEY.encode()
+    + b"\r\nContent-Type: application/json\r\n"
+)
 
 
 class GatedBackend(EchoBackend):
@@ -45,8 +48,12 @@ class GatedBackend(EchoBackend):
 async def serving(tmp_path, backend=None, **web):
     config = make_config()
     web_config = dataclasses.replace(WebConfig(port=0), **web)
-    async with Store.open(tmp_path / "bot.db") as store, (backend or EchoBackend()) as backend, \
-            Core(backend, store, config) as core, WebAdapter(core, web_config, KEY) as adapter:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        backend or EchoBackend() as backend,
+        Core(backend, store, config) as core,
+        WebAdapter(core, web_config, KEY) as adapter,
+    ):
         host, port = adapter.url.removeprefix("http://").rstrip("/").rsplit(":", 1)
         yield adapter, (host, int(port))
 
@@ -79,7 +86,9 @@ async def test_idle_and_half_sent_connections_are_closed(tmp_path):
         slow_head_w.write(b"GET /api/stats HTTP/1.1\r\nHost: local")  # and then a byte every 0.1 s, never the end
         slow_body_w.write(POST_HEAD + b"Content-Length: 100\r\n\r\n" + b'{"prompt": ')
         chunked_w.write(POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + b"1\r\n{\r\n")
-        kept_w.write(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n")
+        kept_w.write(
+            b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n"
+        )
 
         async def trickle(writer, piece: bytes):
             with contextlib.suppress(ConnectionError):
@@ -87,7 +96,10 @@ async def test_idle_and_half_sent_connections_are_closed(tmp_path):
                     await asyncio.sleep(0.1)
                     writer.write(piece)
 
-        tricklers = [asyncio.create_task(trickle(slow_head_w, b"h")), asyncio.create_task(trickle(chunked_w, b"1\r\n \r\n"))]
+        tricklers = [
+            asyncio.create_task(trickle(slow_head_w, b"h")),
+            asyncio.create_task(trickle(chunked_w, b"1\r\n \r\n")),
+        ]
         idle_s, nothing = await closed_after(idle, 5)
         head_s, nothing_either = await closed_after(slow_head, 5)
         body_s, body_answer = await closed_after(slow_body, 5)
@@ -102,12 +114,17 @@ async def test_idle_and_half_sent_connections_are_closed(tmp_path):
     assert head_s < 3 and nothing_either == b"", "a head sent a byte at a time is held"
     for waited, answer in ((body_s, body_answer), (chunked_s, chunked_answer)):
         assert waited < 3, "a body that never arrives whole is held"
-        assert answer.startswith(b"HTTP/1.1 408") and b'"error": {"message": "The request body did not arrive' in answer, answer
+        assert (
+            answer.startswith(b"HTTP/1.1 408") and b'"error": {"message": "The request body did not arrive' in answer
+        ), answer
     assert kept_s < 3 and kept_answer.startswith(b"HTTP/1.1 200"), "an idle keep-alive connection is held"
 
 
 async def test_over_the_cap_the_longest_idle_connections_close_and_keyed_clients_get_through(tmp_path):
-    async with serving(tmp_path, max_connections=8, header_timeout_s=60) as (web, address), aiohttp.ClientSession() as http:
+    async with (
+        serving(tmp_path, max_connections=8, header_timeout_s=60) as (web, address),
+        aiohttp.ClientSession() as http,
+    ):
         idle = [await asyncio.open_connection(*address) for _ in range(20)]
         await asyncio.sleep(0.2)
         statuses = [await keyed_completion(http, web.url) for _ in range(5)]
@@ -146,7 +163,8 @@ async def test_accept_errors_are_logged_once_not_per_attempt(tmp_path, caplog):
         for client in clients:
             client.setblocking(False)
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) - 1, hard))  # no fd left to accept with
+            # no fd left to accept with
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) - 1, hard))
             for client in clients:
                 client.connect_ex(address)
             await asyncio.sleep(2.5)  # asyncio retries the accept every second

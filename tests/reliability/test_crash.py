@@ -20,7 +20,7 @@ NUM_KILLS = 3
 SEED = 20240611
 READY_TIMEOUT_S = 120.0
 
-DRIVER = '''
+DRIVER = """
 import asyncio, dataclasses, random, sys
 import torch
 from transformers import GPT2Config
@@ -48,7 +48,8 @@ async def main(db, run):
         batch=dataclasses.replace(config.batch, max_queue=64),
         chat=dataclasses.replace(config.chat, length=8),  # short replies: many finish between kills
     )
-    async with Store.open(db) as store, LocalBackend(lm, max_batch_size=8) as backend, Core(backend, store, config) as core:
+    async with Store.open(db) as store, LocalBackend(lm, max_batch_size=8) as backend, \
+            Core(backend, store, config) as core:
         chats = Chats(core, store, core.config)
         print("READY", flush=True)
 
@@ -79,7 +80,7 @@ async def main(db, run):
 
 
 asyncio.run(main(sys.argv[1], int(sys.argv[2])))
-'''
+"""
 
 
 def _lines(path: Path, kind: str) -> list[int]:
@@ -89,8 +90,12 @@ def _lines(path: Path, kind: str) -> list[int]:
 def _start(driver: Path, db: Path, out: Path, run: int) -> tuple[subprocess.Popen, float]:
     started = time.monotonic()
     with out.open("w") as stdout:
-        proc = subprocess.Popen([sys.executable, str(driver), str(db), str(run)], stdout=stdout,
-                                stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[2])
+        proc = subprocess.Popen(
+            [sys.executable, str(driver), str(db), str(run)],
+            stdout=stdout,
+            stderr=subprocess.DEVNULL,
+            cwd=Path(__file__).parents[2],
+        )
     while "READY" not in out.read_text():
         assert proc.poll() is None, f"the driver exited with {proc.returncode} before it was ready"
         assert time.monotonic() - started < READY_TIMEOUT_S, "the driver never became ready"
@@ -109,9 +114,12 @@ def _wait_for(out: Path, kind: str, proc: subprocess.Popen, timeout_s: float = 6
 def _check_recovered(db: Path, accepted: list[int]) -> dict[str, int]:
     """Every earlier accepted request ended, with a reason if it failed; returns counts by status."""
     with closing(sqlite3.connect(db)) as conn:
-        rows = dict(conn.execute(
-            f"SELECT id, status || '|' || COALESCE(error, '') || '|' || COALESCE(reply, 'NULL') FROM requests"
-            f" WHERE id IN ({','.join(map(str, accepted))})"))
+        rows = dict(
+            conn.execute(
+                f"SELECT id, status || '|' || COALESCE(error, '') || '|' || COALESCE(reply, 'NULL') FROM requests"
+                f" WHERE id IN ({','.join(map(str, accepted))})"
+            )
+        )
     missing = set(accepted) - set(rows)
     assert not missing, f"accepted prompts lost after a kill: {sorted(missing)[:10]}"
     counts: dict[str, int] = {}
@@ -129,7 +137,9 @@ def _check_recovered(db: Path, accepted: list[int]) -> dict[str, int]:
 def _check_file(db: Path) -> None:
     with closing(sqlite3.connect(db)) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        per_request = conn.execute("SELECT request_id, COUNT(*), COUNT(DISTINCT part) FROM deliveries GROUP BY request_id").fetchall()
+        per_request = conn.execute(
+            "SELECT request_id, COUNT(*), COUNT(DISTINCT part) FROM deliveries GROUP BY request_id"
+        ).fetchall()
     for request_id, num_rows, num_parts in per_request:
         assert num_rows == num_parts == 1 + request_id % 3, f"request {request_id} has {num_rows} delivery rows"
 
@@ -169,5 +179,7 @@ def test_sigkill_under_load_loses_nothing(tmp_path):
     assert set(delivered) <= recorded, "a delivery the bot reported is missing from the store"
     assert interrupted > 0, "no kill hit a request in flight, so recovery was not exercised"
     assert statuses.get("done", 0) > 0, "no accepted request was done before a kill"
-    print(f"\ncrash: {NUM_KILLS} kills, {len(accepted)} accepted, statuses {statuses}, {len(delivered)} delivered, "
-          f"{interrupted} interrupted, restart-to-ready max {max(recovery_s[1:]):.1f} s")
+    print(
+        f"\ncrash: {NUM_KILLS} kills, {len(accepted)} accepted, statuses {statuses}, {len(delivered)} delivered, "
+        f"{interrupted} interrupted, restart-to-ready max {max(recovery_s[1:]):.1f} s"
+    )

@@ -41,12 +41,12 @@ def _config(tmp_path: Path, telegram_url: str) -> Path:
     path = tmp_path / "bot.toml"
     path.write_text(f"""
 [model]
-source = "{tmp_path / 'model'}"
+source = "{tmp_path / "model"}"
 device = "cpu"
 [batch]
 max_size = 2  # the ten requests wait their turn: all are in flight when the kill comes
 [store]
-path = "{tmp_path / 'bot.db'}"
+path = "{tmp_path / "bot.db"}"
 [limits]
 user_per_minute = 0
 chat_per_minute = 0
@@ -80,8 +80,16 @@ async def _start(tmp_path: Path, dfake: FakeDiscord, tfake: FakeTelegram, run: i
     env = {**os.environ, "BOTKIT_TEST_DISCORD": dfake.token, "BOTKIT_TEST_TELEGRAM": tfake.token, "PTB_TIMEDELTA": "1"}
     with (tmp_path / f"run{run}.log").open("w") as log:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(driver), str(_config(tmp_path, tfake.url)), dfake.api_url, dfake.gateway_url,
-            stdout=log, stderr=log, env=env, cwd=tmp_path)
+            sys.executable,
+            str(driver),
+            str(_config(tmp_path, tfake.url)),
+            dfake.api_url,
+            dfake.gateway_url,
+            stdout=log,
+            stderr=log,
+            env=env,
+            cwd=tmp_path,
+        )
     polls = len(tfake.calls_of("getUpdates", outcome=None))
     await dfake.wait_connected(num_sessions=run + 1, timeout_s=READY_TIMEOUT_S)
     await tfake.wait_for("getUpdates", polls + 1, outcome=None, timeout_s=READY_TIMEOUT_S)
@@ -93,11 +101,21 @@ def _answers(dfake: FakeDiscord, tfake: FakeTelegram, asked: list[dict]) -> list
     result = []
     for message in asked:
         if "message_id" in message:  # Telegram
-            result.append([(str(m["message_id"]), m["text"]) for m in tfake.sent(message["chat"]["id"])
-                           if m.get("reply_to_message", {}).get("message_id") == message["message_id"]])
+            result.append(
+                [
+                    (str(m["message_id"]), m["text"])
+                    for m in tfake.sent(message["chat"]["id"])
+                    if m.get("reply_to_message", {}).get("message_id") == message["message_id"]
+                ]
+            )
         else:
-            result.append([(str(m["id"]), m["content"]) for m in dfake.bot_messages()
-                           if m.get("message_reference", {}).get("message_id") == message["id"]])
+            result.append(
+                [
+                    (str(m["id"]), m["content"])
+                    for m in dfake.bot_messages()
+                    if m.get("message_reference", {}).get("message_id") == message["id"]
+                ]
+            )
     return result
 
 
@@ -121,7 +139,9 @@ async def test_sigkill_with_ten_requests_in_flight_then_every_asker_gets_one_ans
         # While the bot is down, every other request ages an hour, as if the bot had been down that long.
         aged = [r for (r,) in _rows(db, "SELECT id FROM requests ORDER BY id")][::2]
         with contextlib.closing(sqlite3.connect(db)) as conn:
-            conn.execute(f"UPDATE requests SET received_at = received_at - 3600 WHERE id IN ({','.join(map(str, aged))})")
+            conn.execute(
+                f"UPDATE requests SET received_at = received_at - 3600 WHERE id IN ({','.join(map(str, aged))})"
+            )
             conn.commit()
 
         proc = await _start(tmp_path, dfake, tfake, run=1)
@@ -129,7 +149,9 @@ async def test_sigkill_with_ten_requests_in_flight_then_every_asker_gets_one_ans
             started = time.monotonic()
             while not all(_answers(dfake, tfake, asked)):
                 assert proc.returncode is None, (tmp_path / "run1.log").read_text()[-2000:]
-                assert time.monotonic() - started < 180, f"unanswered after the restart: {_answers(dfake, tfake, asked)}"
+                assert time.monotonic() - started < 180, (
+                    f"unanswered after the restart: {_answers(dfake, tfake, asked)}"
+                )
                 await asyncio.sleep(0.1)
             # Sentinels, not a wait, before looking for a second answer: each platform's resume has ended (it
             # marks what it owed as given after its last answer), and a message sent now is answered (the
@@ -137,9 +159,12 @@ async def test_sigkill_with_ten_requests_in_flight_then_every_asker_gets_one_ans
             while len(_rows(db, "SELECT key FROM meta WHERE key LIKE 'answers_owed_after:%'")) < 2:
                 assert time.monotonic() - started < 180, "the restart never finished answering what it owed"
                 await asyncio.sleep(0.1)
-            sentinels = [await dfake.send_message("discord sentinel", author=ALICE, mention_bot=True),
-                         tfake.push_message(-100, "@botkit_bot telegram sentinel", user_id=99)]
-            while _rows(db, "SELECT COUNT(DISTINCT request_id) FROM deliveries") != [(12,)]:  # sent whole, not streaming
+            sentinels = [
+                await dfake.send_message("discord sentinel", author=ALICE, mention_bot=True),
+                tfake.push_message(-100, "@botkit_bot telegram sentinel", user_id=99),
+            ]
+            # sent whole, not streaming
+            while _rows(db, "SELECT COUNT(DISTINCT request_id) FROM deliveries") != [(12,)]:
                 assert time.monotonic() - started < 180, "the sentinels were not answered"
                 await asyncio.sleep(0.1)
             answers = _answers(dfake, tfake, asked)
@@ -149,14 +174,21 @@ async def test_sigkill_with_ten_requests_in_flight_then_every_asker_gets_one_ans
             await asyncio.wait_for(proc.wait(), 60)
     assert proc.returncode == 0 and "Traceback" not in (tmp_path / "run1.log").read_text()
     assert in_flight == 2 * NUM_PER_PLATFORM and answered_before == 0
-    by_request = {r: (chat, mid) for r, chat, mid in _rows(
-        db, "SELECT r.id, m.chat_id, m.platform_message_id FROM requests r JOIN messages m ON m.id = r.message_id")}
+    by_request = {
+        r: (chat, mid)
+        for r, chat, mid in _rows(
+            db, "SELECT r.id, m.chat_id, m.platform_message_id FROM requests r JOIN messages m ON m.id = r.message_id"
+        )
+    }
     delivered = {by_request[r]: [] for r in by_request}  # each request's answer: the parts recorded as sent, in order
     for r, mid in _rows(db, "SELECT request_id, platform_message_id FROM deliveries ORDER BY request_id, part"):
         delivered[by_request[r]].append(mid)
     sorry = {by_request[r] for r in aged}
     for message, answer in zip(asked, answers, strict=True):
-        key = (str(message.get("channel_id") or message["chat"]["id"]), str(message.get("id") or message.get("message_id")))
+        key = (
+            str(message.get("channel_id") or message["chat"]["id"]),
+            str(message.get("id") or message.get("message_id")),
+        )
         # Exactly one answer: every message replying to it is a part of its request's one recorded answer.
         assert [mid for mid, _ in answer] == delivered[key], (key, answer, delivered[key])
         text = "".join(t for _, t in answer)
@@ -165,6 +197,9 @@ async def test_sigkill_with_ten_requests_in_flight_then_every_asker_gets_one_ans
     kinds = _rows(db, "SELECT kind, COUNT(*) FROM answers GROUP BY kind ORDER BY kind")
     assert kinds == [("reply", NUM_PER_PLATFORM + 2), ("sorry", NUM_PER_PLATFORM)]  # + the 2 sentinels
     assert _rows(db, "SELECT COUNT(DISTINCT request_id), COUNT(*) FROM deliveries") == [
-        (12, sum(map(len, answers)) + num_sentinel_parts)]  # a part each message
-    print(f"\ncrash (chat): {in_flight} in flight at the SIGKILL; after the restart {NUM_PER_PLATFORM} replies and"
-          f" {NUM_PER_PLATFORM} 'sorry', each a reply to its message, 0 answered twice")
+        (12, sum(map(len, answers)) + num_sentinel_parts)
+    ]  # a part each message
+    print(
+        f"\ncrash (chat): {in_flight} in flight at the SIGKILL; after the restart {NUM_PER_PLATFORM} replies and"
+        f" {NUM_PER_PLATFORM} 'sorry', each a reply to its message, 0 answered twice"
+    )

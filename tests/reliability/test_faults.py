@@ -50,14 +50,20 @@ async def settle(tickets):
     return await asyncio.gather(*(t.result() for t in tickets), return_exceptions=True)
 
 
-@pytest.mark.parametrize("error, reason", [
-    (RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED"), "RuntimeError"),
-    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "OutOfMemoryError"),
-])
+@pytest.mark.parametrize(
+    "error, reason",
+    [
+        (RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED"), "RuntimeError"),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "OutOfMemoryError"),
+    ],
+)
 async def test_a_failing_request_fails_alone_and_the_worker_keeps_serving(tiny_lm, tmp_path, error, reason):
     poison = Poison(tiny_lm.tokenizer, "POISON", error)
-    async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, max_batch_size=8, before_step=poison) as backend, \
-            Core(backend, store, make_config()) as core:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        LocalBackend(tiny_lm, max_batch_size=8, before_step=poison) as backend,
+        Core(backend, store, make_config()) as core,
+    ):
         chats = Chats(core, store, core.config)
         tickets = [await chats.submit(prompt(f"hello number {i}", i)) for i in range(5)]
         bad = await chats.submit(prompt("this one is POISON", 99))
@@ -82,8 +88,11 @@ async def test_a_failing_request_fails_alone_and_the_worker_keeps_serving(tiny_l
 @pytest.mark.parametrize("error", [RuntimeError("transient"), torch.OutOfMemoryError("CUDA out of memory")])
 async def test_a_step_that_fails_once_is_retried_and_nobody_sees_it(tiny_lm, tmp_path, error):
     poison = Poison(tiny_lm.tokenizer, "hello", error, times=1)
-    async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, max_batch_size=8, before_step=poison) as backend, \
-            Core(backend, store, make_config()) as core:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        LocalBackend(tiny_lm, max_batch_size=8, before_step=poison) as backend,
+        Core(backend, store, make_config()) as core,
+    ):
         chats = Chats(core, store, core.config)
         tickets = [await chats.submit(prompt(f"hello number {i}", i)) for i in range(4)]
         results = await settle(tickets)
@@ -103,8 +112,11 @@ async def test_a_fault_inside_the_forward_pass_loses_none_of_the_prompts_joining
 
     hook = tiny_lm.model.register_forward_pre_hook(fail_once, with_kwargs=True)
     try:
-        async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, max_batch_size=8) as backend, \
-                Core(backend, store, make_config()) as core:
+        async with (
+            Store.open(tmp_path / "bot.db") as store,
+            LocalBackend(tiny_lm, max_batch_size=8) as backend,
+            Core(backend, store, make_config()) as core,
+        ):
             chats = Chats(core, store, core.config)
             tickets = [await chats.submit(prompt(f"hello number {i}", i)) for i in range(4)]
             results = await asyncio.wait_for(settle(tickets), 60)
@@ -128,9 +140,11 @@ class FailAfterSteps:
 
 async def test_a_retried_request_streams_exactly_the_reply_it_ends_with(tiny_lm, tmp_path):
     """The streamed deltas joined are the final reply: the retry neither repeats nor changes sent text."""
-    async with Store.open(tmp_path / "bot.db") as store, \
-            LocalBackend(tiny_lm, max_batch_size=4, before_step=FailAfterSteps(6)) as backend, \
-            Core(backend, store, make_config()) as core:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        LocalBackend(tiny_lm, max_batch_size=4, before_step=FailAfterSteps(6)) as backend,
+        Core(backend, store, make_config()) as core,
+    ):
         params = SamplingParams(max_new_tokens=20, temperature=1.0)
         tickets = [await core.submit(f"Story {i}:", params, who=Who(user_id=str(i))) for i in range(3)]
 
@@ -153,8 +167,11 @@ async def test_a_hang_past_the_timeout_fails_that_request_and_the_bot_recovers(t
             hung.set()
             time.sleep(2.0)  # the worker is stuck in this step, past the 1 s timeout
 
-    async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, max_batch_size=8, before_step=hang_once) as backend, \
-            Core(backend, store, make_config(timeout_s=1.0)) as core:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        LocalBackend(tiny_lm, max_batch_size=8, before_step=hang_once) as backend,
+        Core(backend, store, make_config(timeout_s=1.0)) as core,
+    ):
         chats = Chats(core, store, core.config)
         ticket = await chats.submit(prompt("please HANG here"))
         with pytest.raises(RequestTimeout) as caught:
@@ -182,8 +199,11 @@ def hold_write_lock(path, seconds: float, locked: threading.Event) -> None:
 @pytest.mark.parametrize("busy_timeout_ms", [5000, 50])  # sqlite's own wait; 50 ms exercises the store's retries
 async def test_a_locked_database_delays_writes_and_loses_none(tiny_lm, tmp_path, busy_timeout_ms):
     path = tmp_path / "bot.db"
-    async with Store.open(path) as store, LocalBackend(tiny_lm, max_batch_size=8) as backend, \
-            Core(backend, store, make_config()) as core:
+    async with (
+        Store.open(path) as store,
+        LocalBackend(tiny_lm, max_batch_size=8) as backend,
+        Core(backend, store, make_config()) as core,
+    ):
         chats = Chats(core, store, core.config)
         await store.db.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         locked = threading.Event()
@@ -205,8 +225,11 @@ async def test_a_locked_database_delays_writes_and_loses_none(tiny_lm, tmp_path,
 
 async def test_a_database_locked_for_too_long_is_answered_with_a_sentence(tiny_lm, tmp_path):
     path = tmp_path / "bot.db"
-    async with Store.open(path) as store, LocalBackend(tiny_lm, max_batch_size=8) as backend, \
-            Core(backend, store, make_config()) as core:
+    async with (
+        Store.open(path) as store,
+        LocalBackend(tiny_lm, max_batch_size=8) as backend,
+        Core(backend, store, make_config()) as core,
+    ):
         chats = Chats(core, store, core.config)
         await store.db.execute("PRAGMA busy_timeout=10")
         locked = threading.Event()
@@ -221,7 +244,11 @@ async def test_a_database_locked_for_too_long_is_answered_with_a_sentence(tiny_l
 
 
 async def test_a_request_stopped_just_as_it_is_dispatched_is_still_answered(tmp_path):
-    async with Store.open(tmp_path / "bot.db") as store, EchoBackend() as backend, Core(backend, store, make_config()) as core:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        EchoBackend() as backend,
+        Core(backend, store, make_config()) as core,
+    ):
         chats = Chats(core, store, core.config)
         ticket = await chats.submit(prompt("cancel me at the worst moment"))
         while ticket.position() != 0:  # the dispatcher has handed it a task, which has not run yet

@@ -27,8 +27,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 async def serve_all(tiny_lm, tmp_path, texts, before_step=None):
     """Submit every text at once as completions of 16 tokens; returns (results, forward passes)."""
     tmp_path.mkdir()
-    async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, max_batch_size=32, before_step=before_step) as backend, \
-            Core(backend, store, make_config()) as core:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        LocalBackend(tiny_lm, max_batch_size=32, before_step=before_step) as backend,
+        Core(backend, store, make_config()) as core,
+    ):
         params = SamplingParams(max_new_tokens=16, temperature=0)
         tickets = [await core.submit(text, params, who=Who(user_id=str(i))) for i, text in enumerate(texts)]
         results = await asyncio.gather(*(t.result() for t in tickets), return_exceptions=True)
@@ -39,7 +42,9 @@ async def test_one_poisoned_request_among_32_costs_the_others_a_few_steps_not_a_
     texts = [f"request number {i} says hello" for i in range(32)]
     clean, clean_passes = await serve_all(tiny_lm, tmp_path / "a", texts)
     poison = Poison(tiny_lm.tokenizer, "POISON", RuntimeError("top_k overflow"))
-    poisoned, poisoned_passes = await serve_all(tiny_lm, tmp_path / "b", texts[:16] + ["this is POISON"] + texts[16:], poison)
+    poisoned, poisoned_passes = await serve_all(
+        tiny_lm, tmp_path / "b", texts[:16] + ["this is POISON"] + texts[16:], poison
+    )
 
     assert isinstance(poisoned[16], GenerationError) and "RuntimeError" in str(poisoned[16])
     innocent = poisoned[:16] + poisoned[17:]
@@ -51,14 +56,19 @@ async def test_one_poisoned_request_among_32_costs_the_others_a_few_steps_not_a_
 
 async def test_requests_arriving_while_a_fault_is_narrowed_down_are_served(tiny_lm, tmp_path):
     poison = Poison(tiny_lm.tokenizer, "POISON", RuntimeError("bad row"))
-    async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, max_batch_size=8, before_step=poison) as backend, \
-            Core(backend, store, make_config(timeout_s=30)) as core:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        LocalBackend(tiny_lm, max_batch_size=8, before_step=poison) as backend,
+        Core(backend, store, make_config(timeout_s=30)) as core,
+    ):
         params = SamplingParams(max_new_tokens=40, temperature=0)
         long = [await core.submit(f"long one {i}", params, who=Who(user_id=str(i))) for i in range(6)]
         bad = await core.submit("POISON", params, who=Who(user_id="bad"))
         while poison.num_raised == 0:
             await asyncio.sleep(0.01)
-        quick = await core.submit("one token please", SamplingParams(max_new_tokens=1, temperature=0), who=Who(user_id="q"))
+        quick = await core.submit(
+            "one token please", SamplingParams(max_new_tokens=1, temperature=0), who=Who(user_id="q")
+        )
         assert (await quick.result()).num_tokens == 1
         assert not any(t.done for t in long), "the 1-token request waited for the long ones to finish"
         with pytest.raises(GenerationError):
@@ -96,8 +106,11 @@ async def test_a_request_that_times_out_while_it_fails_logs_no_unretrieved_excep
         time.sleep(0.15)  # every step is slow, so the request times out while its fault is narrowed down
         slow_poison(seqs)
 
-    async with Store.open(tmp_path / "bot.db") as store, LocalBackend(tiny_lm, max_batch_size=8, before_step=slowly) as backend, \
-            Core(backend, store, make_config(timeout_s=0.2)) as core:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        LocalBackend(tiny_lm, max_batch_size=8, before_step=slowly) as backend,
+        Core(backend, store, make_config(timeout_s=0.2)) as core,
+    ):
         chats = Chats(core, store, core.config)
         ticket = await chats.submit(Prompt("t", "c", "u", "POISON now"))
         with pytest.raises(RequestTimeout):

@@ -17,8 +17,27 @@ from botkit.prompting import build_prompt
 
 FEW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-PIECES = ["a", "bc", " ", "\n", "é", "e\u0301", "😀", "👍🏽", "👨‍👩‍👧", "𝕏", "\u200b", "@everyone", "@here",
-          "<@123>", "<@!45>", "<@&6789>", "\\*", "END", "。"]
+PIECES = [
+    "a",
+    "bc",
+    " ",
+    "\n",
+    "é",
+    "e\u0301",
+    "😀",
+    "👍🏽",
+    "👨‍👩‍👧",
+    "𝕏",
+    "\u200b",
+    "@everyone",
+    "@here",
+    "<@123>",
+    "<@!45>",
+    "<@&6789>",
+    "\\*",
+    "END",
+    "。",
+]
 TEXT = st.lists(st.sampled_from(PIECES) | st.text(max_size=3), max_size=60).map("".join)
 ESCAPED = regex.compile(r"<@\u200b[!&]?\d+>|@\u200b(?:everyone|here)", regex.IGNORECASE)
 
@@ -48,7 +67,7 @@ def test_split_reply_never_cuts_a_character_or_a_mention_escape(text, limit):
     boundaries = {m.end() for m in regex.finditer(r"\X", text)}
     protected = [(m.start(), m.end()) for m in ESCAPED.finditer(text)]
     for point in cut_points(parts):
-        assert point in boundaries, f"cut inside a character at {point}: {text[point - 2:point + 2]!r}"
+        assert point in boundaries, f"cut inside a character at {point}: {text[point - 2 : point + 2]!r}"
         assert not any(start < point < end for start, end in protected), f"cut inside a mention escape at {point}"
     for part in parts:
         part.encode("utf-16", "strict")  # no half surrogate pair (a lone surrogate would not encode)
@@ -152,13 +171,20 @@ def to_toml(config: Config) -> str:
 
 CONFIGS = st.builds(
     Config,
-    batch=st.builds(BatchConfig, max_size=st.integers(1, 512), max_queue=st.integers(1, 10**6),
-                    timeout_s=st.floats(0.001, 1e6, allow_nan=False)),
+    batch=st.builds(
+        BatchConfig,
+        max_size=st.integers(1, 512),
+        max_queue=st.integers(1, 10**6),
+        timeout_s=st.floats(0.001, 1e6, allow_nan=False),
+    ),
     limits=st.builds(LimitsConfig, max_message_chars=st.integers(1, 10**6), user_per_minute=st.integers(0, 1000)),
     web=st.builds(WebConfig, enabled=st.booleans(), host=NAMES, port=st.integers(0, 65535), api_key_env=ENV_NAMES),
-    discord=st.builds(DiscordConfig, token_env=st.sampled_from(["DISCORD_TOKEN", "BOT_TOKEN_2"]),
-                      admin_user_ids=st.lists(st.from_regex(r"\A[0-9]{1,20}\Z"), max_size=3).map(tuple),
-                      command_prefix=NAMES),
+    discord=st.builds(
+        DiscordConfig,
+        token_env=st.sampled_from(["DISCORD_TOKEN", "BOT_TOKEN_2"]),
+        admin_user_ids=st.lists(st.from_regex(r"\A[0-9]{1,20}\Z"), max_size=3).map(tuple),
+        command_prefix=NAMES,
+    ),
 )
 
 
@@ -168,6 +194,8 @@ def test_config_survives_a_round_trip_through_toml(tmp_path, config):
     path = tmp_path / "bot.toml"
     path.write_text(to_toml(config), encoding="utf-8")
     anchored = dataclasses.replace(  # a config file's relative paths count from its folder
-        config, model=dataclasses.replace(config.model, checkpoint_dir=str(tmp_path / config.model.checkpoint_dir)),
-        store=dataclasses.replace(config.store, path=str(tmp_path / config.store.path)))
+        config,
+        model=dataclasses.replace(config.model, checkpoint_dir=str(tmp_path / config.model.checkpoint_dir)),
+        store=dataclasses.replace(config.store, path=str(tmp_path / config.store.path)),
+    )
     assert load_config(path) == anchored

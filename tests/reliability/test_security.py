@@ -43,8 +43,12 @@ async def test_no_secret_in_logs_database_replies_or_stats(tmp_path, monkeypatch
     web_config = WebConfig(port=0, api_key_env=KEY_ENV)
     written: list[bytes] = []
 
-    async with Store.open(tmp_path / "bot.db") as store, FlakyBackend() as backend, Core(backend, store, config) as core, \
-            WebAdapter(core, web_config, secret(KEY_ENV, "The web API key")) as web:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        FlakyBackend() as backend,
+        Core(backend, store, config) as core,
+        WebAdapter(core, web_config, secret(KEY_ENV, "The web API key")) as web,
+    ):
         chats = Chats(core, store, core.config)
         good = {"Authorization": f"Bearer {key}"}
         calls = [
@@ -84,27 +88,38 @@ async def test_no_secret_in_logs_database_replies_or_stats(tmp_path, monkeypatch
 
 
 HOSTILE = [
-    ("discord", "1'; DROP TABLE chats; --", "u\" OR 1=1 --", "Robert'); DROP TABLE messages;--", "%' OR '1'='1"),
+    ("discord", "1'; DROP TABLE chats; --", 'u" OR 1=1 --', "Robert'); DROP TABLE messages;--", "%' OR '1'='1"),
     ("telegram", "-100; DELETE FROM requests", "0x27", "名前 \\' \"", "'); UPDATE requests SET status='done'; --"),
     ("discord", "%", "_", "%_%", "SELECT * FROM deliveries WHERE 1=1"),
 ]
 
 
 async def test_hostile_names_and_texts_are_stored_and_read_back_intact(tmp_path):
-    async with Store.open(tmp_path / "bot.db") as store, EchoBackend() as backend, Core(backend, store, make_config()) as core:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        EchoBackend() as backend,
+        Core(backend, store, make_config()) as core,
+    ):
         chats = Chats(core, store, core.config)
         innocent = await (await chats.submit(Prompt("discord", "innocent", "u0", "plain message"))).result()
         ids = []
         for platform, chat_id, user_id, user_name, text in HOSTILE:
-            ticket = await chats.submit(Prompt(platform, chat_id, user_id, text, message_id=chat_id, user_name=user_name))
+            ticket = await chats.submit(
+                Prompt(platform, chat_id, user_id, text, message_id=chat_id, user_name=user_name)
+            )
             await ticket.result()
             ids.append(ticket.request_id)
             await chats.update_settings(platform, chat_id, template=f"{user_name} {{message}}")
             assert (await chats.settings(platform, chat_id)).template == f"{user_name} {{message}}"
         for request_id, (platform, chat_id, user_id, _, text) in zip(ids, HOSTILE, strict=True):
             row = await store.request(request_id)
-            assert (row["platform"], row["chat_id"], row["user_id"], row["text"], row["status"]) == \
-                   (platform, chat_id, user_id, text, "done")
+            assert (row["platform"], row["chat_id"], row["user_id"], row["text"], row["status"]) == (
+                platform,
+                chat_id,
+                user_id,
+                text,
+                "done",
+            )
         names = {r[0] for r in await store._rows("SELECT user_name FROM messages")}
         assert {h[3] for h in HOSTILE} <= names
         assert await store.context("discord", "%", 10) == [(HOSTILE[2][4], "ok")]  # "%" is a name, not a pattern
@@ -119,7 +134,11 @@ async def test_hostile_names_and_texts_are_stored_and_read_back_intact(tmp_path)
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "bot.example.com"])
 async def test_the_web_adapter_refuses_a_public_bind_without_an_api_key(tmp_path, host):
-    async with Store.open(tmp_path / "bot.db") as store, EchoBackend() as backend, Core(backend, store, make_config()) as core:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        EchoBackend() as backend,
+        Core(backend, store, make_config()) as core,
+    ):
         with pytest.raises(ConfigError) as refused:
             async with WebAdapter(core, WebConfig(host=host, port=0)):
                 pass
@@ -128,8 +147,13 @@ async def test_the_web_adapter_refuses_a_public_bind_without_an_api_key(tmp_path
 
 async def test_a_public_bind_with_a_key_serves_only_callers_with_the_key(tmp_path):
     key = secrets.token_urlsafe(24)
-    async with Store.open(tmp_path / "bot.db") as store, EchoBackend() as backend, Core(backend, store, make_config()) as core, \
-            WebAdapter(core, WebConfig(host="0.0.0.0", port=0), key) as web, aiohttp.ClientSession() as http:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        EchoBackend() as backend,
+        Core(backend, store, make_config()) as core,
+        WebAdapter(core, WebConfig(host="0.0.0.0", port=0), key) as web,
+        aiohttp.ClientSession() as http,
+    ):
         url = web.url.replace("0.0.0.0", "127.0.0.1")
         async with http.get(url + "api/stats") as response:
             assert response.status == 401
@@ -138,8 +162,13 @@ async def test_a_public_bind_with_a_key_serves_only_callers_with_the_key(tmp_pat
 
 
 async def test_without_a_key_only_requests_addressed_to_localhost_are_answered(tmp_path):
-    async with Store.open(tmp_path / "bot.db") as store, EchoBackend() as backend, Core(backend, store, make_config()) as core, \
-            WebAdapter(core, WebConfig(port=0)) as web, aiohttp.ClientSession() as http:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        EchoBackend() as backend,
+        Core(backend, store, make_config()) as core,
+        WebAdapter(core, WebConfig(port=0)) as web,
+        aiohttp.ClientSession() as http,
+    ):
         async with http.get(web.url + "api/stats", headers={"Host": "evil.example:80"}) as response:
             assert response.status == 403  # a DNS-rebinding page reaches 127.0.0.1 under another name
         async with http.get(web.url + "api/stats") as response:
@@ -151,8 +180,13 @@ async def test_api_recent_shows_only_the_apis_own_requests_unless_configured(tmp
     """Anyone holding the API key could read every platform's private chats through /api/recent."""
     key = "sk-" + secrets.token_urlsafe(32)
     web_config = WebConfig(port=0, recent_all_platforms=all_platforms)
-    async with Store.open(tmp_path / "bot.db") as store, EchoBackend() as backend, Core(backend, store, make_config()) as core, \
-            WebAdapter(core, web_config, key) as web, aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        EchoBackend() as backend,
+        Core(backend, store, make_config()) as core,
+        WebAdapter(core, web_config, key) as web,
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http,
+    ):
         chats = Chats(core, store, core.config)
         await (await chats.submit(Prompt("telegram", "dm-42", "u42", "my private note"))).result()
         async with http.post(web.url + "v1/completions", json={"prompt": "public prompt", "max_tokens": 2}) as response:

@@ -31,11 +31,21 @@ def status_of(path, request_id) -> str:
 
 
 async def queued_request(store: Store, text: str = "hello") -> int:
-    return await store.add_request(kind="chat", platform="web", chat_id="c", user_id="u", user_name="", platform_message_id=None,
-                                   text=text, prompt=text, params={})
+    return await store.add_request(
+        kind="chat",
+        platform="web",
+        chat_id="c",
+        user_id="u",
+        user_name="",
+        platform_message_id=None,
+        text=text,
+        prompt=text,
+        params={},
+    )
 
 
 # -- a second `botkit run` on the same database ---------------------------------------------------
+
 
 async def test_a_second_instance_on_the_same_database_is_refused_before_it_touches_a_record(tmp_path):
     path = tmp_path / "bot.db"
@@ -64,9 +74,12 @@ async def test_a_taken_port_is_found_before_the_store_is_touched(tmp_path):
 
 def test_a_killed_instance_leaves_no_lock_behind(tmp_path):
     path = tmp_path / "bot.db"
-    code = ("import asyncio, sys, time\nfrom botkit.serve.store import Store\n"
-            "async def main():\n    async with Store.open(sys.argv[1]):\n        print('open', flush=True); time.sleep(60)\n"
-            "asyncio.run(main())\n")
+    code = (
+        "import asyncio, sys, time\nfrom botkit.serve.store import Store\n"
+        "async def main():\n    async with Store.open(sys.argv[1]):\n        print('open', flush=True); "
+        "time.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "open"
@@ -86,6 +99,7 @@ async def _open_and_close(path):
 
 # -- a failed write leaves nothing behind ------------------------------------------------------------
 
+
 async def test_a_seed_of_2_to_the_63_is_refused_with_a_sentence():
     with pytest.raises(InputError, match="2\\^63"):
         SamplingParams(seed=2**63)
@@ -96,8 +110,17 @@ async def test_a_write_that_fails_halfway_leaves_no_orphan_rows(tmp_path):
     path = tmp_path / "bot.db"
     async with Store.open(path) as store:
         with pytest.raises(OverflowError):  # the second INSERT cannot bind the seed
-            await store.add_request(kind="completion", platform="api", chat_id="c", user_id="u", user_name="",
-                                    platform_message_id=None, text="orphan?", prompt="orphan?", params={"seed": 2**64})
+            await store.add_request(
+                kind="completion",
+                platform="api",
+                chat_id="c",
+                user_id="u",
+                user_name="",
+                platform_message_id=None,
+                text="orphan?",
+                prompt="orphan?",
+                params={"seed": 2**64},
+            )
         ok = await queued_request(store, "the next one")
     with closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT text FROM messages").fetchall() == [("the next one",)]
@@ -105,6 +128,7 @@ async def test_a_write_that_fails_halfway_leaves_no_orphan_rows(tmp_path):
 
 
 # -- a full disk ---------------------------------------------------------------------------------------
+
 
 async def fill_up(store: Store) -> None:
     """SQLite's own limit on the file's pages: every write that needs a new page fails as on a full disk."""
@@ -115,7 +139,11 @@ async def fill_up(store: Store) -> None:
 
 
 async def test_a_full_disk_is_said_to_be_a_full_disk(tmp_path):
-    async with Store.open(tmp_path / "bot.db") as store, EchoBackend() as backend, Core(backend, store, make_config()) as core:
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        EchoBackend() as backend,
+        Core(backend, store, make_config()) as core,
+    ):
         chats = Chats(core, store, core.config)
         await fill_up(store)
         with pytest.raises(BusyError) as refused:
@@ -144,10 +172,14 @@ async def test_an_accepted_request_is_answered_and_settled_once_the_disk_has_roo
 
 # -- database files that cannot be used ------------------------------------------------------------
 
-@pytest.mark.parametrize("content, says", [
-    (b"this is not a database at all\n" * 100, "not a botkit database"),
-    (None, "not a botkit database"),  # a real database cut in half
-])
+
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        (b"this is not a database at all\n" * 100, "not a botkit database"),
+        (None, "not a botkit database"),  # a real database cut in half
+    ],
+)
 async def test_a_garbage_or_truncated_database_is_one_sentence(tmp_path, content, says):
     path = tmp_path / "bot.db"
     if content is None:
@@ -181,9 +213,11 @@ def run_as_another_user(code: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*drop, sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
 
 
-OPEN = ("import asyncio, sys\nfrom botkit.serve.store import Store\nfrom botkit.errors import BotkitError\n"
-        "async def main():\n    async with Store.open(sys.argv[1]) as s:\n        await s.recover()\n"
-        "try:\n    asyncio.run(main()); print('opened')\nexcept BotkitError as e:\n    print(e)\n")
+OPEN = (
+    "import asyncio, sys\nfrom botkit.serve.store import Store\nfrom botkit.errors import BotkitError\n"
+    "async def main():\n    async with Store.open(sys.argv[1]) as s:\n        await s.recover()\n"
+    "try:\n    asyncio.run(main()); print('opened')\nexcept BotkitError as e:\n    print(e)\n"
+)
 
 
 @pytest.mark.parametrize("what", ["file", "folder"])
