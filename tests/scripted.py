@@ -1,10 +1,13 @@
 """Test helpers shared by several test modules: a scripted backend, the store's delivery records,
-a tiny fine-tuning run, and `botkit run` serving in a task."""
+a tiny fine-tuning run, `botkit run` serving in a task, and botkit installed beside vLLM."""
 
 import asyncio
 import contextlib
+import os
 import re
 import sqlite3
+import subprocess
+from pathlib import Path
 
 from botkit.serve.backends import Completion
 
@@ -143,3 +146,17 @@ class SteppedBackend:
 
     async def __aexit__(self, *exc):
         pass
+
+
+ROOT = Path(__file__).resolve().parent.parent
+VLLM_VENV = Path(os.environ.get("BOTKIT_VLLM_VENV", ROOT / ".vllm-venv"))  # scripts/vllm_venv.sh makes it
+VLLM_PYTHON = VLLM_VENV / "bin" / "python"
+
+
+def install_beside_vllm(target: Path) -> Path:
+    """This checkout of botkit installed for vLLM's python as a user does (`pip install --no-deps`), into
+    `target`, a folder to put on its PYTHONPATH so that a shared venv stays untouched. With
+    --no-build-isolation the venv's own setuptools builds botkit: nothing is downloaded."""
+    command = [str(VLLM_PYTHON), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target"]
+    subprocess.run([*command, str(target), str(ROOT)], check=True, capture_output=True, timeout=300)
+    return target

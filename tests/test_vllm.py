@@ -10,12 +10,10 @@ break characters, and its replies copy the training text unless `unique` stops t
 
 import asyncio
 import dataclasses
-import os
 import re
-import subprocess
-from pathlib import Path
 
 import pytest
+from scripted import VLLM_PYTHON, VLLM_VENV, install_beside_vllm
 
 from botkit.banned_words import banned_word_in
 from botkit.config import Config, LimitsConfig, ModelConfig, VllmConfig
@@ -23,14 +21,12 @@ from botkit.errors import GenerationError
 from botkit.params import SamplingParams
 from botkit.serve.backends import Job, LocalBackend
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV = Path(os.environ.get("BOTKIT_VLLM_VENV", ROOT / ".vllm-venv"))
 LINES = ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。"]
 PROMPTS = ["床前", "举头", "明月", "低头", "疑是", "故乡"]
 
-if not (VENV / "bin" / "python").is_file():  # before the run is trained: without vLLM this file costs nothing
+if not VLLM_PYTHON.is_file():  # before the run is trained: without vLLM this file costs nothing
     pytest.skip(
-        f"no vLLM venv at {VENV}: run scripts/vllm_venv.sh (or set BOTKIT_VLLM_VENV) to test on vLLM",
+        f"no vLLM venv at {VLLM_VENV}: run scripts/vllm_venv.sh (or set BOTKIT_VLLM_VENV) to test on vLLM",
         allow_module_level=True,
     )
 
@@ -59,25 +55,15 @@ def zh_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def vllm_command(tmp_path_factory):
     """The command that starts vLLM's server with this checkout of botkit beside it."""
-    python = VENV / "bin" / "python"
-    target = tmp_path_factory.mktemp("vllm-botkit")
-    subprocess.run(
-        [
-            str(python),
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(ROOT),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return ["env", f"PYTHONPATH={target}", "OMP_NUM_THREADS=1", str(python), "-m", "vllm.entrypoints.openai.api_server"]
+    target = install_beside_vllm(tmp_path_factory.mktemp("vllm-botkit"))
+    return [
+        "env",
+        f"PYTHONPATH={target}",
+        "OMP_NUM_THREADS=1",
+        str(VLLM_PYTHON),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+    ]
 
 
 def vllm_config(run_dir, command) -> Config:

