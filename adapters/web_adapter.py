@@ -298,14 +298,8 @@ class WebAdapter:
                 },
             )
         num_tokens = 0
-        async with contextlib.aclosing(merge_streams(tickets, self._streams)) as events:
+        async with contextlib.aclosing(self._sse_events(response, tickets)) as events:
             async for index, kind, value in events:
-                if kind == "waiting":
-                    await response.write(b": waiting in line\n\n")  # an SSE comment: clients skip it
-                    continue
-                if kind == "error":
-                    await _send(response, {"error": {"message": value, "type": "server_error", "code": 500}})
-                    continue
                 if kind == "delta":
                     text = decoders[index].feed(value)
                     if text:
@@ -401,14 +395,8 @@ class WebAdapter:
         response = await self._open_sse(request)
         envelope = self._envelope([])
         num_tokens = 0
-        async with contextlib.aclosing(merge_streams(tickets, self._streams)) as events:
+        async with contextlib.aclosing(self._sse_events(response, tickets)) as events:
             async for index, kind, value in events:
-                if kind == "waiting":
-                    await response.write(b": waiting in line\n\n")  # an SSE comment: clients skip it
-                    continue
-                if kind == "error":
-                    await _send(response, {"error": {"message": value, "type": "server_error", "code": 500}})
-                    continue
                 if kind == "delta":
                     choice = {"text": value, "index": index, "logprobs": None, "finish_reason": None}
                 else:
@@ -424,6 +412,18 @@ class WebAdapter:
             await _send(response, {**envelope, "choices": [], "usage": self._usage(tickets, num_tokens)})
         await response.write(b"data: [DONE]\n\n")
         return response
+
+    async def _sse_events(self, response: web.StreamResponse, tickets: list):
+        """The samples' (index, "delta" | "done", text | reply) events; waiting in line and a sample's
+        failure are written to the stream here, the same way for every streamed route."""
+        async with contextlib.aclosing(merge_streams(tickets, self._streams)) as events:
+            async for index, kind, value in events:
+                if kind == "waiting":
+                    await response.write(b": waiting in line\n\n")  # an SSE comment: clients skip it
+                elif kind == "error":
+                    await _send(response, {"error": {"message": value, "type": "server_error", "code": 500}})
+                else:
+                    yield index, kind, value
 
     @property
     def model_name(self) -> str:
