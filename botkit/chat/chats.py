@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from botkit.chat.channel_context import build_channel_prompt, channel_lines_to_keep
 from botkit.chat_format import ChatFormat
 from botkit.config import Config
-from botkit.errors import InputError, RateLimitedError
+from botkit.errors import InputError
 from botkit.params import ChatSettings
 from botkit.prompting import build_prompt, clean_message, history_to_keep
 from botkit.serve.core import Core, Ticket, Who
@@ -62,8 +62,8 @@ class Chats:
         and the blank one is never stored)."""
         text = clean_message(prompt.text, self.config.limits.max_message_chars)
         self.core.check_room()  # a full queue refuses before a rate-limit slot is spent
-        _check_rate(self._user_limit, prompt.platform, prompt.user_id, "You're")
-        _check_rate(self._chat_limit, prompt.platform, prompt.chat_id, "This chat is")
+        self._user_limit.check((prompt.platform, prompt.user_id), "You're")
+        self._chat_limit.check((prompt.platform, prompt.chat_id), "This chat is")
         settings = settings or await self.settings(prompt.platform, prompt.chat_id)
         num_forgets = self._num_forgets[prompt.platform, prompt.chat_id]
         full = await self._chat_prompt(prompt, text, settings)
@@ -139,9 +139,3 @@ class Chats:
         erased = await self.store.forget(platform, chat_id, user_id)
         await self.core.drop_cached_prefixes()
         return erased
-
-
-def _check_rate(limiter: RateLimiter, platform: str, key: str, who: str) -> None:
-    wait = limiter.retry_after((platform, key))
-    if wait:
-        raise RateLimitedError(f"{who} sending requests too fast; try again in {max(1, round(wait))} s.")

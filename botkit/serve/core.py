@@ -25,7 +25,6 @@ from botkit.errors import (
     BusyError,
     GenerationError,
     InputError,
-    RateLimitedError,
     RequestCancelled,
     RequestTimeout,
     StoreUnavailable,
@@ -218,7 +217,7 @@ class Core:
                 raise InputError(f"The prompt is longer than the model's window of {window} tokens: shorten it.")
         with self._queue_place():
             if kind == "completion":
-                self._check_rate(self._api_limit, who.platform, who.user_id, "You're")
+                self._api_limit.check((who.platform, who.user_id), "You're")
             return await self._enqueue(
                 kind,
                 who,
@@ -267,12 +266,6 @@ class Core:
             yield
         finally:
             self._arriving -= 1
-
-    @staticmethod
-    def _check_rate(limiter: RateLimiter, platform: str, key: str, who: str) -> None:
-        wait = limiter.retry_after((platform, key))
-        if wait:
-            raise RateLimitedError(f"{who} sending requests too fast; try again in {max(1, round(wait))} s.")
 
     async def _enqueue(
         self, kind: str, who: Who, text: str, full_prompt: str, params: SamplingParams, *, retry_empty: bool = False

@@ -11,6 +11,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
+from botkit.errors import RateLimitedError
+
 T = TypeVar("T")
 
 
@@ -73,6 +75,12 @@ class RateLimiter:
     def __init__(self, limit: int, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
         self.limit, self.window_s, self.clock = limit, window_s, clock
         self._events: dict[Hashable, deque[float]] = {}
+
+    def check(self, key: Hashable, who: str) -> None:
+        """Count an event of `key`, or refuse it: RateLimitedError, whose sentence starts with `who`."""
+        wait = self.retry_after(key)
+        if wait:
+            raise RateLimitedError(f"{who} sending requests too fast; try again in {max(1, round(wait))} s.")
 
     def retry_after(self, key: Hashable) -> float:
         """Seconds until `key` may act again; 0 means now (and the event is counted)."""
