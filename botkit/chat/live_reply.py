@@ -24,7 +24,7 @@ import time
 from botkit.banned_words import banned_word_in
 from botkit.chat.events import Replier
 from botkit.chat.outbox import Notice, Outbox
-from botkit.chat_format import ChatFormat
+from botkit.chat_format import ChatFormat, ReplyDecoder
 from botkit.serve.core import Ticket
 
 log = logging.getLogger("botkit.conversation")
@@ -37,9 +37,7 @@ _WORD_END = re.compile(r"\S(?=\s)")  # the last character of a word that whitesp
 def as_written(draft: str) -> str:
     """A draft's "<br>" as line breaks, as the final reply will be (conversation.LINES), holding back a
     "<br>" still being written ("<b"), so what is shown only grows."""
-    text = LINES.decode(draft)
-    held = next((n for n in range(len(LINES.line_break) - 1, 0, -1) if text.endswith(LINES.line_break[:n])), 0)
-    return text[: len(text) - held]
+    return ReplyDecoder(LINES.line_break).feed(draft)
 
 
 def visible_text(draft: str, banned: tuple[str, ...]) -> str:
