@@ -52,27 +52,8 @@ COMPLETION_FIELDS = frozenset(
         *(key for key, _, _ in SAMPLER_FIELDS),
     }
 )
-CHAT_FIELDS = frozenset(
-    {
-        "messages",
-        "max_tokens",
-        "max_completion_tokens",
-        "temperature",
-        "top_p",
-        "n",
-        "stop",
-        "stream",
-        "stream_options",
-        "seed",
-        "top_k",
-        "repetition_penalty",
-        "model",
-        "user",
-        "dry_sequence_breakers",
-        *(key for key, _ in NEUTRAL_ONLY if key not in ("echo", "suffix")),
-        *(key for key, _, _ in SAMPLER_FIELDS),
-    }
-)
+# The chat route takes the completions' fields, with messages instead of a prompt.
+CHAT_FIELDS = (COMPLETION_FIELDS - {"prompt", "best_of", "echo", "suffix"}) | {"messages", "max_completion_tokens"}
 ROLES = frozenset({"system", "developer", "user", "assistant"})
 # Speaker names for messages without a `name`, in a run that has no names of its own (documented in the README)
 DEFAULT_NAMES = {"user": "User", "assistant": "Assistant", "system": "System", "developer": "System"}
