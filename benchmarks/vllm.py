@@ -39,6 +39,7 @@ import asyncio
 import dataclasses
 import json
 import shutil
+import statistics
 import tempfile
 import time
 from collections import defaultdict, deque
@@ -211,6 +212,39 @@ def same(a: dict, b: dict) -> str:
     return f"{sum(a[k] == b[k] for k in shared)}/{len(shared)}"
 
 
+async def front_arms(out, vllm, client, config, levels, requests, chats, tmp: Path, repeat: int) -> None:
+    """botkit in front of vLLM, rules off and on, against vLLM directly: `repeat` rounds in alternating
+    order (so drift and warm-up fall on every arm alike), each arm's median kept."""
+    runs = defaultdict(list)  # (level or "chat", arm) -> results
+    for rep in range(repeat):
+        names = ["front", "front+rules", "vllm"]
+        for name in names if rep % 2 == 0 else names[::-1]:
+            if name == "vllm":
+                for c in levels:
+                    log(f"vLLM directly, {c} chats (round {rep + 1})")
+                    runs[c, name].append(await shared_level(client, requests[: 2 * c], c))
+                log(f"vLLM directly, chat workload (the front arm's prompts, round {rep + 1})")
+                runs["chat", name].append(await chat_direct(client, runs["chat", "front"][0]["records"]))
+                continue
+            vllm.client.has_rules = name == "front+rules"
+            async with Store.open(tmp / f"{name}{rep}.db") as store, Core(vllm, store, config) as core:
+                for c in levels:
+                    log(f"botkit in front of vLLM ({name}), {c} chats (round {rep + 1})")
+                    runs[c, name].append(await shared_level(core, requests[: 2 * c], c))
+                log(f"botkit in front of vLLM ({name}), chat workload (round {rep + 1})")
+                runs["chat", name].append(await chat_arm(core, chats))
+    for (where, name), got in runs.items():
+        median = dict(got[0])  # texts of the first round; figures the median of the rounds
+        for key in ("tok_s", "ttft_p50_ms", "ttft_p99_ms"):
+            if key in median:
+                median[key] = statistics.median(r[key] for r in got)
+        median["rounds"] = [r["tok_s"] for r in got]
+        if where == "chat":
+            out["chat"]["vllm (front's prompts)" if name == "vllm" else name] = median
+        else:
+            out["levels"][where][name] = median
+
+
 async def run(args) -> dict:
     requests = load_requests(args.workload)
     turns = [t for t in load_requests(args.chat_workload) if t["turn"] < args.turns]
@@ -218,7 +252,7 @@ async def run(args) -> dict:
     for t in turns:
         if t["chat_id"] in chats or len(chats) < args.chats:
             chats[t["chat_id"]].append(t)
-    levels = (1, 16) if args.quick else (1, 16, 64)
+    levels = tuple(args.levels or ((1, 16) if args.quick else (1, 16, 64)))
     max_chats = max(levels[-1], len(chats))
     out = {"levels": {}, "chat": {}, "model": "small (4 x 256)" if args.small else "gpt2-124m shapes"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -262,19 +296,8 @@ async def run(args) -> dict:
                     if "chat" in out and "own" in out["chat"]:
                         log(f"vLLM{suffix} directly, chat workload (the own arm's prompts)")
                         out["chat"]["vllm" + suffix] = await chat_direct(client, out["chat"]["own"]["records"])
-                    if both_cores or args.skip_front:
-                        continue
-                    for rules in (False, True):
-                        vllm.client.has_rules = rules
-                        name = "front+rules" if rules else "front"
-                        async with Store.open(tmp / f"{name}.db") as store, Core(vllm, store, config) as core:
-                            for c in levels:
-                                log(f"botkit in front of vLLM ({name}), {c} chats")
-                                out["levels"][c][name] = await shared_level(core, requests[: 2 * c], c)
-                            log(f"botkit in front of vLLM ({name}), chat workload")
-                            out["chat"][name] = await chat_arm(core, chats)
-                    log("vLLM directly, chat workload (the front arm's prompts)")
-                    out["chat"]["vllm (front's prompts)"] = await chat_direct(client, out["chat"]["front"]["records"])
+                    if not (both_cores or args.skip_front):
+                        await front_arms(out, vllm, client, config, levels, requests, chats, tmp, args.repeat)
     return out
 
 
@@ -318,6 +341,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="levels 1 and 16 only")
     parser.add_argument("--skip-own", action="store_true", help="only the vLLM arms")
     parser.add_argument("--skip-front", action="store_true", help="no botkit-in-front-of-vLLM arms")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of the front comparison (alternating order)")
+    parser.add_argument("--levels", type=int, nargs="+", default=None, help="chats per level (default 1 16 64)")
     parser.add_argument(
         "--vllm-both-cores", action="store_true", help="vLLM directly again, computing on both cores (a second start)"
     )
