@@ -8,6 +8,7 @@ processor loaded; the vLLM arms are skipped (one line) when that venv is missing
 Arms, one after another in this process:
 - own: `botkit run` on its own engine (LocalBackend, Core, the web adapter's /v1/completions; prepacked
   weights as served);
+- own engine alone: the same engine's steps with no HTTP, Core or store (`--engine-alone`), what serving costs;
 - vllm: vLLM directly, its defaults (one core computes, one schedules);
 - vllm (both cores): the same started again with VLLM_CPU_NUM_OF_RESERVED_CPU=0 (`--vllm-both-cores`);
 - front: botkit's Core on the first vLLM server (VllmBackend), the rules off (no vllm_xargs sent);
@@ -53,6 +54,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from botkit.chat.chats import Chats, Prompt
 from botkit.config import Config, ModelConfig, VllmConfig, WebConfig
+from botkit.engine.engine import Engine
 from botkit.model.loading import load_model
 from botkit.model.sources import asset_dir, resolve
 from botkit.serve.backends import LocalBackend
@@ -93,6 +95,36 @@ def make_config(model_dir: Path, num_chats: int, venv: Path, pythonpath: str, bo
         batch=dataclasses.replace(config.batch, max_size=num_chats, max_queue=4 * num_chats, timeout_s=7200),
         limits=dataclasses.replace(config.limits, user_per_minute=0, chat_per_minute=0, context_messages=20),
     )
+
+
+def engine_level(lm, requests: list[dict], num_chats: int) -> dict:
+    """The own engine alone (no HTTP, no Core, no store): `num_chats` closed loops over `requests`, each
+    chat's next request added when its reply ends. What serving costs is the own arm's tok/s over this."""
+    engine, todo, texts, num_tokens = Engine(lm, num_chats, prepack=True), deque(requests), {}, 0
+    ids = {}
+
+    def add(request: dict) -> None:
+        ids[engine.add(lm.tokenizer(request["prompt"]).input_ids, params_of(request)).id] = request["id"]
+
+    started = time.perf_counter()
+    for _ in range(min(num_chats, len(todo))):
+        add(todo.popleft())
+    while engine.has_work:
+        for event in engine.step():
+            if event.finished and event.seq.id in ids:
+                texts[ids.pop(event.seq.id)] = event.seq.text
+                num_tokens += len([t for t in event.seq.generated if t != lm.eos_token_id])
+                if todo:
+                    add(todo.popleft())
+    seconds = time.perf_counter() - started
+    log(f"  {num_chats} chats: {num_tokens} tokens in {seconds:.1f} s, {num_tokens / seconds:.1f} tok/s")
+    return {
+        "chats": num_chats,
+        "tokens": num_tokens,
+        "seconds": round(seconds, 2),
+        "tok_s": round(num_tokens / seconds, 1),
+        "texts": texts,
+    }
 
 
 async def shared_level(core_or_client, requests: list[dict], num_chats: int) -> dict:
@@ -276,6 +308,10 @@ async def run(args) -> dict:
                     out["levels"][c]["own"] = await shared_level(client, requests[: 2 * c], c)
                 log("own engine, chat workload")
                 out["chat"]["own"] = await chat_arm(core, chats)
+            if args.engine_alone:
+                for c in levels:
+                    log(f"own engine alone (no HTTP, core or store), {c} chats")
+                    out["levels"][c]["own engine alone"] = in_own_thread(engine_level, lm, requests[: 2 * c], c)
             del lm
         if not (args.vllm_venv / "bin" / "python").is_file():
             log(f"no vLLM venv at {args.vllm_venv}: the vLLM arms are skipped (scripts/vllm_venv.sh makes one)")
@@ -341,6 +377,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="levels 1 and 16 only")
     parser.add_argument("--skip-own", action="store_true", help="only the vLLM arms")
     parser.add_argument("--skip-front", action="store_true", help="no botkit-in-front-of-vLLM arms")
+    parser.add_argument("--engine-alone", action="store_true", help="the own engine's steps alone, as an arm")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of the front comparison (alternating order)")
     parser.add_argument("--levels", type=int, nargs="+", default=None, help="chats per level (default 1 16 64)")
     parser.add_argument(
