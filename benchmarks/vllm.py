@@ -6,8 +6,9 @@ itself (`backend = "vllm"`, from the venv named by --vllm-venv, default .vllm-ve
 processor loaded; the vLLM arms are skipped (one line) when that venv is missing.
 
 Arms, one after another in this process:
-- own: `botkit run` on its own engine (LocalBackend, Core, the web adapter's /v1/completions; prepacked
-  weights as served);
+- own: `botkit run` on its own engine, in its own process as vLLM's server is (LocalBackend, Core, the web
+  adapter's /v1/completions; prepacked weights as served); its chat workload runs botkit's chat layer
+  in this process;
 - own engine alone: the same engine's steps with no HTTP, Core or store (`--engine-alone`), what serving costs;
 - vllm: vLLM directly, its defaults (one core computes, one schedules);
 - vllm (both cores): the same started again with VLLM_CPU_NUM_OF_RESERVED_CPU=0 (`--vllm-both-cores`);
@@ -37,23 +38,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import shutil
+import socket
 import statistics
+import sys
 import tempfile
 import time
 from collections import defaultdict, deque
 from pathlib import Path
 
+import aiohttp
 import torch
-from botkit.adapters.web_adapter import WebAdapter
 from chat import settings_of
 from serve import in_own_thread, load_requests, log, params_of, percentile
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from botkit.chat.chats import Chats, Prompt
-from botkit.config import Config, ModelConfig, VllmConfig, WebConfig
+from botkit.config import Config, ModelConfig, VllmConfig
 from botkit.engine.engine import Engine
 from botkit.model.loading import load_model
 from botkit.model.sources import asset_dir, resolve
@@ -244,6 +248,43 @@ def same(a: dict, b: dict) -> str:
     return f"{sum(a[k] == b[k] for k in shared)}/{len(shared)}"
 
 
+@contextlib.asynccontextmanager
+async def botkit_run(model_dir: Path, num_chats: int, tmp: Path):
+    """`botkit run` on `model_dir` in its own process, serving only its web API; yields its /v1 URL."""
+    port = free_port()
+    config = tmp / "botkit.toml"
+    config.write_text(
+        f"[model]\nsource = {json.dumps(str(model_dir))}\n"
+        f"[batch]\nmax_size = {num_chats}\nmax_queue = {4 * num_chats}\ntimeout_s = 7200\n"
+        "[limits]\nuser_per_minute = 0\nchat_per_minute = 0\n"
+        f"[store]\npath = {json.dumps(str(tmp / 'run.db'))}\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "botkit", "run", "--config", str(config), "--port", str(port), cwd=tmp
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(600):
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(url + "healthz") as response:
+                        if response.status == 200:
+                            break
+                if process.returncode is not None:
+                    raise RuntimeError("botkit run exited before it was ready")
+                await asyncio.sleep(0.5)
+        yield url + "v1"
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 async def front_arms(out, vllm, client, config, levels, requests, chats, tmp: Path, repeat: int) -> None:
     """botkit in front of vLLM, rules off and on, against vLLM directly: `repeat` rounds in alternating
     order (so drift and warm-up fall on every arm alike), each arm's median kept."""
@@ -294,20 +335,21 @@ async def run(args) -> dict:
         for c in levels:
             out["levels"][c] = {}
         if not args.skip_own:
+            async with botkit_run(model_dir, max_chats, tmp) as url:  # its own process, as vLLM's server is
+                async with RemoteClient(url, max_concurrency=max_chats, timeout_s=7200) as client:
+                    client.has_rules = False  # the same requests as vLLM's direct arm
+                    for c in levels:
+                        log(f"own engine (botkit run's /v1/completions), {c} chats")
+                        out["levels"][c]["own"] = await shared_level(client, requests[: 2 * c], c)
             lm = in_own_thread(lambda: load_model(str(model_dir), device="cpu"))
             async with (
                 Store.open(tmp / "own.db") as store,
                 LocalBackend(lm, max_batch_size=max_chats) as backend,
                 Core(backend, store, config) as core,
-                WebAdapter(core, WebConfig(port=0)) as web,  # what `botkit run` serves
-                RemoteClient(web.url + "v1", max_concurrency=max_chats, timeout_s=7200) as client,
             ):
-                client.has_rules = False  # the same requests as vLLM's direct arm
-                for c in levels:
-                    log(f"own engine (botkit run's /v1/completions), {c} chats")
-                    out["levels"][c]["own"] = await shared_level(client, requests[: 2 * c], c)
-                log("own engine, chat workload")
+                log("own engine, chat workload (botkit's chat layer in this process)")
                 out["chat"]["own"] = await chat_arm(core, chats)
+            del backend  # its engine's memory
             if args.engine_alone:
                 for c in levels:
                     log(f"own engine alone (no HTTP, core or store), {c} chats")
