@@ -94,6 +94,8 @@ class Engine:
         self.window = lm.max_context
         self.eos = lm.eos_token_id
         self.token_bytes = TokenBytes.of(lm.tokenizer)
+        if self.token_bytes is not None:
+            self.token_bytes.build()
         self.mask_utf8 = mask_utf8 and self.token_bytes is not None
         self.before_step = before_step
         self.scheduler = Scheduler(max_batch_size, self.window)

@@ -99,6 +99,13 @@ class TokenBytes:
 
     # -- the UTF-8 mask ------------------------------------------------------------------------------
 
+    def build(self) -> TokenBytes:
+        """The UTF-8 tables now rather than at the first step that needs them (a second for GPT-2's
+        vocabulary, once per tokenizer: the first reply should not wait for it)."""
+        if self._masks is None:
+            self._build()
+        return self
+
     def _build(self) -> None:
         """allowed (states, vocab) bool and next state (states, vocab), walking every token's bytes
         from every state once (~50k tokens x 8 states, a second at most, once per tokenizer)."""
