@@ -143,10 +143,8 @@ class SlotCache(Cache):
         # row's end (masked): there uninitialised memory may hold NaN, and NaN x 0 is NaN, so `zeroed`.
         # Each slot is zeroed when first taken, so a large pool costs only the slots in use.
         shape = (num_slots, config.n_head, capacity, config.n_embd // config.n_head)
-        layers = [
-            SlotLayer(self, torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
-            for _ in range(config.n_layer)
-        ]
+        new = lambda: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
+        layers = [SlotLayer(self, new(), new()) for _ in range(config.n_layer)]
         super().__init__(layers=layers)
         self.lengths = [0] * num_slots  # tokens each slot holds
         # Taken from the end: the lowest slot first, and a slot just freed next (its pages are paid for on CPU)
