@@ -163,9 +163,11 @@ async def test_a_long_chat_trims_its_context_in_halves_so_most_turns_extend_the_
             await ticket.result()
             prompts.append((await store.request(ticket.request_id))["prompt"])
         reused = backend.engine.prefix_cache.stats()["reused_share"]
+        num_copied = backend.engine.runner.cache.num_copied_tokens
     extends = [prompts[t].startswith(prompts[t - 1]) for t in range(1, len(prompts))]
     assert extends.count(False) <= 4, extends  # a cut every few turns, not one on every turn
     assert reused > 0.5, reused
+    assert num_copied == 0  # each turn took its conversation's slot over (the reply's text tokenised afresh included)
 
 
 def test_the_gpu_path_one_padded_attention_call_per_layer_gives_the_same_greedy_tokens_on_cpu(tiny_lm):
