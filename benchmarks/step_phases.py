@@ -24,7 +24,6 @@ Progress goes to stderr; the last stdout line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import platform
@@ -141,9 +140,9 @@ def main() -> None:
     lm = load_model(GPT2Config(), device="cpu", dtype="float32", seed=0)
     ids = prompts(lm, args.workload, max(args.rows))
     if "prepack" in args.arms:
-        ARMS["prepack"]["lm"] = dataclasses.replace(lm, model=prepack(copy.deepcopy(lm.model)))
+        ARMS["prepack"]["lm"] = dataclasses.replace(lm, model=prepack(lm.model))
     if "prepack_head" in args.arms:
-        ARMS["prepack_head"]["lm"] = dataclasses.replace(lm, model=prepack(copy.deepcopy(lm.model), blocks=False))
+        ARMS["prepack_head"]["lm"] = dataclasses.replace(lm, model=prepack(lm.model, blocks=False))
     phases = Phases()
     results: dict = {}
     for rows in args.rows:

@@ -1,29 +1,34 @@
 """botkit on vLLM: the own engine, vLLM directly, and botkit in front of vLLM (rules off and on), one run.
 
-GPT-2 124M shapes (`GPT2Config()`; `--small`: 4 layers of width 256), random weights, seed 0, saved as a Hugging Face
-folder with the
-tokenizer botkit ships, fp32, greedy. vLLM's CPU build is started once by botkit itself
-(`backend = "vllm"`, from the venv named by --vllm-venv, default .vllm-venv) with botkit's logits
+GPT-2 124M shapes (`GPT2Config()`; `--small`: 4 layers of width 256), random weights, seed 0, saved as a
+Hugging Face folder with the tokenizer botkit ships, fp32, greedy. vLLM's CPU build is started by botkit
+itself (`backend = "vllm"`, from the venv named by --vllm-venv, default .vllm-venv) with botkit's logits
 processor loaded; the vLLM arms are skipped (one line) when that venv is missing.
 
 Arms, one after another in this process:
-- own: botkit's Core on its own engine (LocalBackend), as benchmarks/serve.py drives it;
-- vllm: vLLM directly, through botkit's RemoteClient to its /v1/completions (no Core, no store, no rules);
-- front: botkit's Core on that vLLM server (VllmBackend), the rules off (no vllm_xargs sent);
+- own: `botkit run` on its own engine (LocalBackend, Core, the web adapter's /v1/completions; prepacked
+  weights as served);
+- vllm: vLLM directly, its defaults (one core computes, one schedules);
+- vllm (both cores): the same started again with VLLM_CPU_NUM_OF_RESERVED_CPU=0 (`--vllm-both-cores`);
+- front: botkit's Core on the first vLLM server (VllmBackend), the rules off (no vllm_xargs sent);
 - front+rules: the same with the rules on (vllm_xargs; the processor runs its UTF-8 mask on every row).
+own and the vllm arms of the shared workload go through the same closed-loop client (botkit's
+RemoteClient streaming each server's /v1/completions).
 
 Workloads:
 - shared: the first 2 requests of each of 1 / 16 / 64 chats of ../shared/bench/workload.jsonl
   (the first 2C requests in order), C closed loops; useful tokens/s over the level's wall time;
 - chat: the first --turns turns of the 64 chats of ../shared/bench/chat_workload.jsonl with
   `use_context` on, closed loop per chat; time to first streamed text p50 of the follow-up turns
-  and tokens/s. vLLM directly replays, per chat and in order, the prompts botkit built in `front`.
+  and tokens/s. vLLM directly replays, per chat and in order, the prompts botkit built (own's, and
+  front's for the front comparison).
 
 Greedy texts of the arms are compared request by request. Progress goes to stderr; the last stdout
 line is one JSON object.
 
     python benchmarks/vllm.py --quick --chats 16     # levels 1 and 16, 2 turns of 16 chats
     python benchmarks/vllm.py              # levels 1, 16, 64; 2 chat turns of 64 chats
+    python benchmarks/vllm.py --skip-front --vllm-both-cores   # issue 21: the own engine against vLLM
     python benchmarks/vllm.py --small      # the same with a 4-layer model (a shared, loaded machine)
 """
 
@@ -40,12 +45,13 @@ from collections import defaultdict, deque
 from pathlib import Path
 
 import torch
+from botkit.adapters.web_adapter import WebAdapter
 from chat import settings_of
 from serve import in_own_thread, load_requests, log, params_of, percentile
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from botkit.chat.chats import Chats, Prompt
-from botkit.config import Config, ModelConfig, VllmConfig
+from botkit.config import Config, ModelConfig, VllmConfig, WebConfig
 from botkit.model.loading import load_model
 from botkit.model.sources import asset_dir, resolve
 from botkit.serve.backends import LocalBackend
@@ -70,11 +76,13 @@ def save_model(folder: Path, config: GPT2Config) -> Path:
     return folder
 
 
-def make_config(model_dir: Path, num_chats: int, venv: Path, pythonpath: str) -> Config:
-    """botkit's config for every arm; vLLM from `venv`, with botkit on `pythonpath` if it is not installed there."""
-    command = (
-        ("env", f"PYTHONPATH={pythonpath}", str(venv / "bin" / "python"), "-m", SERVER_MODULE) if pythonpath else ()
+def make_config(model_dir: Path, num_chats: int, venv: Path, pythonpath: str, both_cores: bool = False) -> Config:
+    """botkit's config for every arm; vLLM from `venv`, with botkit on `pythonpath` if it is not installed there,
+    computing on both cores with `both_cores` (by default the CPU build keeps one for its scheduler)."""
+    env = ([f"PYTHONPATH={pythonpath}"] if pythonpath else []) + (
+        ["VLLM_CPU_NUM_OF_RESERVED_CPU=0"] if both_cores else []
     )
+    command = ("env", *env, str(venv / "bin" / "python"), "-m", SERVER_MODULE) if env else ()
     config = Config(
         model=ModelConfig(backend="vllm", source=str(model_dir), max_context=1024),
         vllm=VllmConfig(venv=str(venv), command=command),
@@ -225,38 +233,48 @@ async def run(args) -> dict:
                 Store.open(tmp / "own.db") as store,
                 LocalBackend(lm, max_batch_size=max_chats) as backend,
                 Core(backend, store, config) as core,
+                WebAdapter(core, WebConfig(port=0)) as web,  # what `botkit run` serves
+                RemoteClient(web.url + "v1", max_concurrency=max_chats, timeout_s=7200) as client,
             ):
+                client.has_rules = False  # the same requests as vLLM's direct arm
                 for c in levels:
-                    log(f"own engine, {c} chats")
-                    out["levels"][c]["own"] = await shared_level(core, requests[: 2 * c], c)
+                    log(f"own engine (botkit run's /v1/completions), {c} chats")
+                    out["levels"][c]["own"] = await shared_level(client, requests[: 2 * c], c)
                 log("own engine, chat workload")
                 out["chat"]["own"] = await chat_arm(core, chats)
             del lm
         if not (args.vllm_venv / "bin" / "python").is_file():
             log(f"no vLLM venv at {args.vllm_venv}: the vLLM arms are skipped (scripts/vllm_venv.sh makes one)")
             return out
-        started = time.perf_counter()
-        async with VllmBackend.from_config(config, resolve(str(model_dir))) as vllm:
-            out["vllm_start_s"] = round(time.perf_counter() - started, 1)
-            log(f"vLLM ready in {out['vllm_start_s']} s")
-            client = RemoteClient(vllm.server.url, model=vllm.name, max_concurrency=max_chats, timeout_s=7200)
-            async with client:
-                client.has_rules = False  # vLLM alone: no botkit arguments
-                for rules in (False, True):
-                    vllm.client.has_rules = rules
-                    name = "front+rules" if rules else "front"
-                    async with Store.open(tmp / f"{name}.db") as store, Core(vllm, store, config) as core:
-                        for c in levels:
-                            if not rules:
-                                log(f"vLLM directly, {c} chats")
-                                out["levels"][c]["vllm"] = await shared_level(client, requests[: 2 * c], c)
-                            log(f"botkit in front of vLLM ({name}), {c} chats")
-                            out["levels"][c][name] = await shared_level(core, requests[: 2 * c], c)
-                        log(f"botkit in front of vLLM ({name}), chat workload")
-                        out["chat"][name] = await chat_arm(core, chats)
-                    if not rules:
-                        log("vLLM directly, chat workload")
-                        out["chat"]["vllm"] = await chat_direct(client, out["chat"]["front"]["records"])
+        for both_cores in (False, True) if args.vllm_both_cores else (False,):
+            suffix = " (both cores)" if both_cores else ""
+            config = make_config(model_dir, max_chats, args.vllm_venv, args.pythonpath, both_cores)
+            started = time.perf_counter()
+            async with VllmBackend.from_config(config, resolve(str(model_dir))) as vllm:
+                out["vllm_start_s"] = round(time.perf_counter() - started, 1)
+                log(f"vLLM{suffix} ready in {out['vllm_start_s']} s")
+                client = RemoteClient(vllm.server.url, model=vllm.name, max_concurrency=max_chats, timeout_s=7200)
+                async with client:
+                    client.has_rules = False  # vLLM alone: no botkit arguments
+                    for c in levels:
+                        log(f"vLLM{suffix} directly, {c} chats")
+                        out["levels"][c]["vllm" + suffix] = await shared_level(client, requests[: 2 * c], c)
+                    if "chat" in out and "own" in out["chat"]:
+                        log(f"vLLM{suffix} directly, chat workload (the own arm's prompts)")
+                        out["chat"]["vllm" + suffix] = await chat_direct(client, out["chat"]["own"]["records"])
+                    if both_cores or args.skip_front:
+                        continue
+                    for rules in (False, True):
+                        vllm.client.has_rules = rules
+                        name = "front+rules" if rules else "front"
+                        async with Store.open(tmp / f"{name}.db") as store, Core(vllm, store, config) as core:
+                            for c in levels:
+                                log(f"botkit in front of vLLM ({name}), {c} chats")
+                                out["levels"][c][name] = await shared_level(core, requests[: 2 * c], c)
+                            log(f"botkit in front of vLLM ({name}), chat workload")
+                            out["chat"][name] = await chat_arm(core, chats)
+                    log("vLLM directly, chat workload (the front arm's prompts)")
+                    out["chat"]["vllm (front's prompts)"] = await chat_direct(client, out["chat"]["front"]["records"])
     return out
 
 
@@ -264,26 +282,34 @@ def report(out: dict) -> dict:
     figures = {"model": out["model"], "levels": {}, "chat": {}, "vllm_start_s": out.get("vllm_start_s")}
     for c, arms in out["levels"].items():
         figures["levels"][c] = {name: arm["tok_s"] for name, arm in arms.items()}
-        if "front" in arms:
-            figures["levels"][c]["same_texts_as_front"] = {
-                name: same(arms["front"]["texts"], arm["texts"]) for name, arm in arms.items()
+        first = next(iter(arms.values()), None)
+        if first is not None:
+            figures["levels"][c]["same_texts"] = {
+                name: same(first["texts"], arm["texts"]) for name, arm in arms.items()
             }
     for name, arm in out["chat"].items():
-        figures["chat"][name] = {
-            "tok_s": arm["tok_s"],
-            "ttft_p50_ms": arm["ttft_p50_ms"],
-            "ttft_p99_ms": arm["ttft_p99_ms"],
-        }
-    top = out["levels"][max(out["levels"])]
-    if "vllm" in top:
+        figures["chat"][name] = {key: arm[key] for key in ("tok_s", "ttft_p50_ms", "ttft_p99_ms")}
+    top, chat = out["levels"][max(out["levels"])], out["chat"]
+
+    def ratio(a: dict, b: dict, name: str, key: str) -> float | None:
+        return round(a[name][key] / b[name][key], 3) if name in a and name in b else None
+
+    for vllm in ("vllm", "vllm (both cores)"):  # issue 21: the own engine against vLLM, tok/s and chat TTFT p50
+        if vllm in top and "own" in top:
+            figures[f"own_vs_{vllm}_tok_s"] = round(top["own"]["tok_s"] / top[vllm]["tok_s"], 3)
+        if vllm in chat and "own" in chat:
+            figures[f"own_vs_{vllm}_chat_ttft_p50"] = round(chat["own"]["ttft_p50_ms"] / chat[vllm]["ttft_p50_ms"], 3)
+    if "front" in top and "vllm" in top:  # issue 20: botkit in front of vLLM against vLLM directly
         figures["front_vs_vllm_tok_s"] = round(top["front"]["tok_s"] / top["vllm"]["tok_s"], 3)
         figures["rules_cost_tok_s"] = round(1 - top["front+rules"]["tok_s"] / top["front"]["tok_s"], 3)
-        chat = out["chat"]
-        figures["front_vs_vllm_chat_ttft_p50"] = round(chat["front"]["ttft_p50_ms"] / chat["vllm"]["ttft_p50_ms"], 3)
+        direct = chat["vllm (front's prompts)"]
+        figures["front_vs_vllm_chat_ttft_p50"] = round(chat["front"]["ttft_p50_ms"] / direct["ttft_p50_ms"], 3)
         figures["rules_cost_chat_ttft_p50"] = round(
             chat["front+rules"]["ttft_p50_ms"] / chat["front"]["ttft_p50_ms"] - 1, 3
         )
-        figures["chat_same_texts"] = {name: same(chat["front"]["texts"], chat[name]["texts"]) for name in chat}
+        figures["chat_same_texts_as_front"] = {
+            name: same(chat["front"]["texts"], chat[name]["texts"]) for name in chat if name != "own"
+        }
     return figures
 
 
@@ -291,6 +317,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="levels 1 and 16 only")
     parser.add_argument("--skip-own", action="store_true", help="only the vLLM arms")
+    parser.add_argument("--skip-front", action="store_true", help="no botkit-in-front-of-vLLM arms")
+    parser.add_argument(
+        "--vllm-both-cores", action="store_true", help="vLLM directly again, computing on both cores (a second start)"
+    )
     parser.add_argument("--small", action="store_true", help="a 4-layer, width-256 GPT-2 instead of 124M's shapes")
     parser.add_argument("--turns", type=int, default=2, help="chat turns per chat (of 8)")
     parser.add_argument("--chats", type=int, default=64, help="chats of the chat workload (of 64)")

@@ -412,7 +412,7 @@ def _make_backend(config: Config, source):
     route_transformers_logs()
     lm = load_model(source, device=config.model.device or None, dtype=config.model.dtype or None)
     cache_mb = None if config.batch.cache_mb < 0 else config.batch.cache_mb
-    return LocalBackend(lm, max_batch_size=config.batch.max_size, cache_mb=cache_mb)
+    return LocalBackend(lm, max_batch_size=config.batch.max_size, cache_mb=cache_mb, prepack=config.batch.prepack)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ class BatchConfig:
     # memory that keeps recent conversations' keys and values for their next turn (-1: a quarter of RAM or of the
     # container's memory limit, or of the GPU's; 0: off)
     cache_mb: int = setting(-1, at_least=-1)
+    # on CPU in float32, matmul weights in oneDNN's layout: decode steps ~1.3x faster, ~490 MB more for GPT-2 124M
+    prepack: bool = True
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,8 @@ from botkit.engine.scheduler import Batch, Scheduler
 from botkit.engine.sequence import Event, Sequence
 from botkit.engine.token_bytes import TokenBytes
 from botkit.model.loading import LoadedModel
+from botkit.model.prepack import can_prepack
+from botkit.model.prepack import prepack as prepack_weights
 from botkit.params import SamplingParams
 
 __all__ = ["Engine", "Event", "Sequence"]
@@ -79,11 +81,14 @@ class Engine:
         before_step: Callable[[list[Sequence]], None] | None = None,
         padded_decode: bool | None = None,
         mask_utf8: bool = True,
+        prepack: bool = False,
     ):
         """`cache_mb`: memory for conversation reuse (None: default_cache_mb; 0: off). `before_step`
         is called with a step's sequences before its forward pass (fault injection in tests).
         `padded_decode`: decode attention as one padded call per layer (default: on a GPU only).
-        `mask_utf8=False` lets a row sample bytes that are not UTF-8 (only to measure what the mask prevents)."""
+        `mask_utf8=False` lets a row sample bytes that are not UTF-8 (only to measure what the mask prevents).
+        `prepack`: on CPU in float32, run a copy of the model whose matmul weights are in oneDNN's layout
+        (model/prepack.py; serving turns it on: decode steps ~1.3x faster for GPT-2 124M, ~490 MB more)."""
         self.lm = lm
         device = lm.model.device
         self.window = lm.max_context
@@ -93,7 +98,7 @@ class Engine:
         self.before_step = before_step
         self.scheduler = Scheduler(max_batch_size, self.window)
         self.runner = Runner(
-            lm.model,
+            prepack_weights(lm.model) if prepack and can_prepack(lm.model) else lm.model,
             self.window,
             max_batch_size,
             padded_decode=device.type == "cuda" if padded_decode is None else padded_decode,

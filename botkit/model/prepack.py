@@ -13,16 +13,26 @@ to the token embedding, so its packed copy is the only extra one (~150 MB).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 MIN_ROWS = 8  # rows of a matmul from which the packed weight is used
 PACK_ROWS_HINT = 64  # the batch size oneDNN picks its layout for
+MIN_WIDTH = 512  # narrower models keep addmm: at width 128-256 packed matmuls measured 0.6-1.0x at 16-64 rows
 
 
 def can_prepack(model: nn.Module) -> bool:
-    return model.device.type == "cpu" and model.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    """Whether packing pays: CPU, float32, a model at least MIN_WIDTH wide (int8 and LoRA layers are
+    left as they are: only plain Conv1D / Linear layers are packed)."""
+    return (
+        model.device.type == "cpu"
+        and model.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and model.config.n_embd >= MIN_WIDTH
+    )
 
 
 class PackedLinear(nn.Module):
@@ -45,14 +55,32 @@ class PackedLinear(nn.Module):
 
 @torch.no_grad()
 def prepack(model: nn.Module, blocks: bool = True) -> nn.Module:
-    """In place: every Conv1D of GPT-2's blocks (unless `blocks` is False) and its LM head become
-    PackedLinear. Returns `model`."""
-    for block in model.transformer.h if blocks else ():
-        for owner, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
-            layer = getattr(owner, name)
-            if isinstance(layer, Conv1D):  # weight (in, out)
-                setattr(owner, name, PackedLinear(layer, layer.weight.t(), layer.bias))
-    head = model.lm_head
-    if isinstance(head, nn.Linear):
-        model.lm_head = PackedLinear(head, head.weight, head.bias)
+    """A copy of GPT-2 `model` in which every Conv1D of the blocks (unless `blocks` is False) and the
+    LM head are PackedLinear; it shares every parameter with `model`, which is left untouched (it can
+    still be trained or saved; the copy's packed weights are a snapshot)."""
+    model = _own(model)
+    model.transformer = _own(model.transformer)
+    if blocks:
+        model.transformer.h = _own(model.transformer.h)
+        for i, block in enumerate(model.transformer.h):
+            block = model.transformer.h[i] = _own(block)
+            block.attn, block.mlp = _own(block.attn), _own(block.mlp)
+            for owner, name in (
+                (block.attn, "c_attn"),
+                (block.attn, "c_proj"),
+                (block.mlp, "c_fc"),
+                (block.mlp, "c_proj"),
+            ):
+                layer = getattr(owner, name)
+                if isinstance(layer, Conv1D):  # weight (in, out)
+                    setattr(owner, name, PackedLinear(layer, layer.weight.t(), layer.bias))
+    if isinstance(model.lm_head, nn.Linear):
+        model.lm_head = PackedLinear(model.lm_head, model.lm_head.weight, model.lm_head.bias)
     return model
+
+
+def _own(module: nn.Module) -> nn.Module:
+    """A shallow copy of `module`: the same parameters, its own children (and hooks) to replace."""
+    new = copy.copy(module)
+    new.__dict__.update({key: copy.copy(value) for key, value in vars(module).items() if isinstance(value, dict)})
+    return new

@@ -96,8 +96,10 @@ class LocalBackend:
         max_batch_size: int = 32,
         before_step: Callable[[list[Sequence]], None] | None = None,
         cache_mb: int | None = None,
+        prepack: bool = True,
     ):
         self.lm = lm
+        self.prepack = prepack
         self.name = lm.name
         self.max_batch_size = max_batch_size
         self.max_context = lm.max_context
@@ -158,7 +160,7 @@ class LocalBackend:
 
         torch.set_grad_enabled(False)
         engine = self.engine = Engine(
-            self.lm, self.max_batch_size, cache_mb=self.cache_mb, before_step=self.before_step
+            self.lm, self.max_batch_size, cache_mb=self.cache_mb, before_step=self.before_step, prepack=self.prepack
         )
         while True:
             try:
