@@ -135,7 +135,8 @@ class SlotLayer(DynamicLayer):
 
 class SlotCache(Cache):
     """The KV pool: `num_slots` slots of `capacity` columns in every layer, each free, a running row or a
-    cached conversation (the runner and prefix_cache.py say which). Allocated once: its size is the peak."""
+    cached conversation (the runner and prefix_cache.py say which). Allocated once, so its size is the
+    most the keys and values take (on a GPU its columns grow up to the window, for the whole pool at once)."""
 
     def __init__(self, config, num_slots: int, capacity: int, dtype, device, zeroed: bool = False):
         # Uninitialised: a row's attention reads only the columns it has written, and on CPU an
@@ -143,8 +144,10 @@ class SlotCache(Cache):
         # row's end (masked): there uninitialised memory may hold NaN, and NaN x 0 is NaN, so `zeroed`.
         # Each slot is zeroed when first taken, so a large pool costs only the slots in use.
         shape = (num_slots, config.n_head, capacity, config.n_embd // config.n_head)
-        new = lambda: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
-        layers = [SlotLayer(self, new(), new()) for _ in range(config.n_layer)]
+        layers = [
+            SlotLayer(self, *(torch.empty(shape, dtype=dtype, device=device) for _ in "kv"))
+            for _ in range(config.n_layer)
+        ]
         super().__init__(layers=layers)
         self.lengths = [0] * num_slots  # tokens each slot holds
         # Taken from the end: the lowest slot first, and a slot just freed next (its pages are paid for on CPU)
