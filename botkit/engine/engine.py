@@ -301,7 +301,7 @@ class Engine:
         """`seq` leaves; with `keep`, its row's keys and values stay in the prefix cache (no copy)."""
         row = self.scheduler.remove(seq)
         if row is not None:
-            self.runner.drop_row(row, seq.context if keep else None)
+            self.runner.drop_row(row, seq.context if keep else None, max(0, len(seq.prompt_ids) - seq.offset))
 
 
 def _fold_seed(seed: int) -> int:

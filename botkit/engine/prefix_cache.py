@@ -3,10 +3,10 @@
 start (a template) prefills only its new tokens.
 
 An entry is a token list and the pool slot that holds their keys and values: nothing is copied when
-a row finishes and becomes an entry. A hit on an entry the prompt extends (`is_extended_by`: the
-chat's next turn) takes the slot over as the prompt's row, again with no copy; the entry comes back,
-longer, when that row finishes. Any other hit (a shared template, a redraw) copies the matched columns
-into a free slot (runner.py decides; this file only knows tokens and slot numbers).
+a row finishes and becomes an entry. A hit that continues the entry's conversation (`is_continued_by`:
+the chat's next turn) takes the slot over as the prompt's row, again with no copy; the entry comes
+back, longer, when that row finishes. Any other hit (a shared template, a redraw) copies the matched
+columns into a free slot (runner.py decides; this file only knows tokens and slot numbers).
 
 Why whole sequences indexed by a hash of blocks, not a radix tree of pages (SGLang) or paged blocks
 (vLLM): the engine keeps every sequence contiguous from column 0 of its slot (no block tables,
@@ -30,14 +30,17 @@ BLOCK = 16  # tokens per hashed block
 class Entry:
     tokens: list[int]
     slot: int  # the pool slot holding their keys and values in columns [0, len(tokens))
+    num_prompt_tokens: int = 0  # how many of `tokens` were the prompt of the row that wrote them
     hashes: set[int] = field(default_factory=set)  # chain hash of each full block
 
-    def is_extended_by(self, matched: int) -> bool:
-        """Whether a prompt that matched `matched` of its tokens may take its slot over: it matched all
-        but at most the last block, which is where a chat's next turn differs from the row that wrote the
-        entry (the reply's stop string and the end of its text tokenised afresh). A shared template or
-        another chat's turn leaves more unmatched, and must copy instead."""
-        return len(self.tokens) - matched < BLOCK
+    def is_continued_by(self, matched: int) -> bool:
+        """Whether a prompt that matched `matched` of its tokens continues its conversation, and may take
+        its slot over: it matched the prompt that wrote it, but maybe that prompt's last token (a trailing
+        space or line break merges with the reply's first characters when the next turn's text is
+        tokenised afresh). What it does not match is the reply's end, which the chat cut (a stop string,
+        a speaker line) or tokenised differently: no one else would match it. A shared template matches
+        less, and copies instead."""
+        return matched >= self.num_prompt_tokens - 1
 
 
 def block_hashes(tokens: list[int]) -> list[int]:
@@ -83,12 +86,13 @@ class PrefixCache:
         self.num_reused_tokens += matched
         return best, matched
 
-    def add(self, tokens: list[int], slot: int) -> list[int]:
-        """Keep `slot`, which holds `tokens`; entries it contains go, and the least recently used past
-        max_entries. Returns the slots no entry holds any more (`slot` itself when it is not kept)."""
+    def add(self, tokens: list[int], slot: int, num_prompt_tokens: int = 0) -> list[int]:
+        """Keep `slot`, which holds `tokens` (the first `num_prompt_tokens` of them a prompt); entries it
+        contains go, and the least recently used past max_entries. Returns the slots no entry holds any
+        more (`slot` itself when it is not kept)."""
         if len(tokens) < BLOCK or self.max_entries == 0:
             return [slot]
-        entry = Entry(tokens, slot, set(block_hashes(tokens)))
+        entry = Entry(tokens, slot, num_prompt_tokens, set(block_hashes(tokens)))
         contained = [
             old
             for old in {self.by_hash.get(h) for h in entry.hashes} - {None}

@@ -8,7 +8,7 @@ kvcache.py's.
 Rows (numbered as the scheduler numbers them) live in slots of one pool: `slots[row]` is row's slot,
 and a row that leaves hands its number to the last row, as the scheduler does (a list entry moves, no
 keys and values). A finished row's slot becomes a prefix cache entry (prefix_cache.py) instead of
-being freed; a joining prompt that extends an entry takes its slot over, and other hits (a shared
+being freed; a joining prompt that continues an entry takes its slot over, and other hits (a shared
 template, a request's candidates starting from their leader's row) copy the reused columns into a free
 slot. The pool holds `max_batch_size` rows plus the entries the cache budget pays for (`cache_bytes`
 over a full-window slot's bytes), allocated once: the running rows never wait for a slot, and peak KV
@@ -96,11 +96,11 @@ class Runner:
         return out.logits[0]
 
     def _slot_for(self, p: Prefill) -> tuple[int, Entry | None]:
-        """A joining row's slot, and the entry it took over: the cached conversation it extends (no copy),
+        """A joining row's slot, and the entry it took over: the cached conversation it continues (no copy),
         else a free slot holding a copy of the columns it reuses."""
         entry = p.source if isinstance(p.source, Entry) else None
         # (an entry an earlier row of this step took over is no longer cached: copy from it)
-        if entry and entry.is_extended_by(p.past) and id(entry) in self.prefix_cache.entries:
+        if entry and entry.is_continued_by(p.past) and id(entry) in self.prefix_cache.entries:
             return self.prefix_cache.take(entry), entry
         slot = self.cache.allocate()
         if p.past:
@@ -133,13 +133,17 @@ class Runner:
             return None, 0
         return self.prefix_cache.lookup(tokens)
 
-    def drop_row(self, row: int, keep: list[int] | None = None) -> None:
+    def drop_row(self, row: int, keep: list[int] | None = None, num_prompt_tokens: int = 0) -> None:
         """Free `row` (the last row takes its number, as Scheduler.drop_row does). With `keep` (the row's
-        context), its slot becomes a prefix cache entry for a later prompt that extends it."""
+        context, its first `num_prompt_tokens` the prompt), its slot becomes a prefix cache entry for a
+        later prompt that continues it."""
         slot = self.slots[row]
         self.slots[row] = self.slots[-1]
         self.slots.pop()
-        freed = self.prefix_cache.add(keep[: self.cache.lengths[slot]], slot) if keep is not None else [slot]
+        if keep is None:
+            freed = [slot]
+        else:
+            freed = self.prefix_cache.add(keep[: self.cache.lengths[slot]], slot, num_prompt_tokens)
         for s in freed:
             self.cache.release(s)
 
