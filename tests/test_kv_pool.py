@@ -77,6 +77,18 @@ def test_a_turn_that_retokenised_the_end_of_the_reply_still_takes_the_slot_over(
     assert second.generated == hf_greedy(tiny_lm, prompt, 12)
 
 
+def test_a_turn_that_cut_the_reply_and_retokenised_the_prompts_end_still_takes_the_slot_over(tiny_lm):
+    """A chat may cut the reply (a stop string, a speaker line), and the prompt's last token (a trailing
+    space) may merge with the reply's first characters: the turn still continues that conversation."""
+    engine = Engine(tiny_lm, 2, cache_mb=4)
+    first = run(engine, random_ids(40, 0), SamplingParams(max_new_tokens=30, temperature=0))
+    prompt = first.prompt_ids[:-1] + random_ids(12, 1)
+    second = run(engine, prompt)
+    assert second.num_reused == 39 and engine.runner.cache.num_copied_tokens == 0
+    assert len(engine.prefix_cache.entries) == 1
+    assert second.generated == hf_greedy(tiny_lm, prompt, 12)
+
+
 def test_a_template_two_chats_share_is_copied_and_both_conversations_stay(tiny_lm):
     engine = Engine(tiny_lm, 2, cache_mb=4)
     template = random_ids(48, 0)
