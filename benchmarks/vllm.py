@@ -6,8 +6,10 @@ itself (`backend = "vllm"`, from the venv named by --vllm-venv, default .vllm-ve
 processor loaded; the vLLM arms are skipped (one line) when that venv is missing.
 
 Arms, one after another in this process:
-- own: `botkit run` on its own engine (LocalBackend, Core, the web adapter's /v1/completions; prepacked
-  weights as served);
+- own: `botkit run` on its own engine, in its own process as vLLM's server is (LocalBackend, Core, the web
+  adapter's /v1/completions; prepacked weights as served); its chat workload runs botkit's chat layer
+  in this process;
+- own engine alone: the same engine's steps with no HTTP, Core or store (`--engine-alone`), what serving costs;
 - vllm: vLLM directly, its defaults (one core computes, one schedules);
 - vllm (both cores): the same started again with VLLM_CPU_NUM_OF_RESERVED_CPU=0 (`--vllm-both-cores`);
 - front: botkit's Core on the first vLLM server (VllmBackend), the rules off (no vllm_xargs sent);
@@ -36,22 +38,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import shutil
+import socket
+import statistics
+import sys
 import tempfile
 import time
 from collections import defaultdict, deque
 from pathlib import Path
 
+import aiohttp
 import torch
-from botkit.adapters.web_adapter import WebAdapter
 from chat import settings_of
 from serve import in_own_thread, load_requests, log, params_of, percentile
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from botkit.chat.chats import Chats, Prompt
-from botkit.config import Config, ModelConfig, VllmConfig, WebConfig
+from botkit.config import Config, ModelConfig, VllmConfig
+from botkit.engine.engine import Engine
 from botkit.model.loading import load_model
 from botkit.model.sources import asset_dir, resolve
 from botkit.serve.backends import LocalBackend
@@ -92,6 +99,36 @@ def make_config(model_dir: Path, num_chats: int, venv: Path, pythonpath: str, bo
         batch=dataclasses.replace(config.batch, max_size=num_chats, max_queue=4 * num_chats, timeout_s=7200),
         limits=dataclasses.replace(config.limits, user_per_minute=0, chat_per_minute=0, context_messages=20),
     )
+
+
+def engine_level(lm, requests: list[dict], num_chats: int) -> dict:
+    """The own engine alone (no HTTP, no Core, no store): `num_chats` closed loops over `requests`, each
+    chat's next request added when its reply ends. What serving costs is the own arm's tok/s over this."""
+    engine, todo, texts, num_tokens = Engine(lm, num_chats, prepack=True), deque(requests), {}, 0
+    ids = {}
+
+    def add(request: dict) -> None:
+        ids[engine.add(lm.tokenizer(request["prompt"]).input_ids, params_of(request)).id] = request["id"]
+
+    started = time.perf_counter()
+    for _ in range(min(num_chats, len(todo))):
+        add(todo.popleft())
+    while engine.has_work:
+        for event in engine.step():
+            if event.finished and event.seq.id in ids:
+                texts[ids.pop(event.seq.id)] = event.seq.text
+                num_tokens += len([t for t in event.seq.generated if t != lm.eos_token_id])
+                if todo:
+                    add(todo.popleft())
+    seconds = time.perf_counter() - started
+    log(f"  {num_chats} chats: {num_tokens} tokens in {seconds:.1f} s, {num_tokens / seconds:.1f} tok/s")
+    return {
+        "chats": num_chats,
+        "tokens": num_tokens,
+        "seconds": round(seconds, 2),
+        "tok_s": round(num_tokens / seconds, 1),
+        "texts": texts,
+    }
 
 
 async def shared_level(core_or_client, requests: list[dict], num_chats: int) -> dict:
@@ -211,6 +248,76 @@ def same(a: dict, b: dict) -> str:
     return f"{sum(a[k] == b[k] for k in shared)}/{len(shared)}"
 
 
+@contextlib.asynccontextmanager
+async def botkit_run(model_dir: Path, num_chats: int, tmp: Path):
+    """`botkit run` on `model_dir` in its own process, serving only its web API; yields its /v1 URL."""
+    port = free_port()
+    config = tmp / "botkit.toml"
+    config.write_text(
+        f"[model]\nsource = {json.dumps(str(model_dir))}\n"
+        f"[batch]\nmax_size = {num_chats}\nmax_queue = {4 * num_chats}\ntimeout_s = 7200\n"
+        "[limits]\nuser_per_minute = 0\nchat_per_minute = 0\n"
+        f"[store]\npath = {json.dumps(str(tmp / 'run.db'))}\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "botkit", "run", "--config", str(config), "--port", str(port), cwd=tmp
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(600):
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(url + "healthz") as response:
+                        if response.status == 200:
+                            break
+                if process.returncode is not None:
+                    raise RuntimeError("botkit run exited before it was ready")
+                await asyncio.sleep(0.5)
+        yield url + "v1"
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def front_arms(out, vllm, client, config, levels, requests, chats, tmp: Path, repeat: int) -> None:
+    """botkit in front of vLLM, rules off and on, against vLLM directly: `repeat` rounds in alternating
+    order (so drift and warm-up fall on every arm alike), each arm's median kept."""
+    runs = defaultdict(list)  # (level or "chat", arm) -> results
+    for rep in range(repeat):
+        names = ["front", "front+rules", "vllm"]
+        for name in names if rep % 2 == 0 else names[::-1]:
+            if name == "vllm":
+                for c in levels:
+                    log(f"vLLM directly, {c} chats (round {rep + 1})")
+                    runs[c, name].append(await shared_level(client, requests[: 2 * c], c))
+                log(f"vLLM directly, chat workload (the front arm's prompts, round {rep + 1})")
+                runs["chat", name].append(await chat_direct(client, runs["chat", "front"][0]["records"]))
+                continue
+            vllm.client.has_rules = name == "front+rules"
+            async with Store.open(tmp / f"{name}{rep}.db") as store, Core(vllm, store, config) as core:
+                for c in levels:
+                    log(f"botkit in front of vLLM ({name}), {c} chats (round {rep + 1})")
+                    runs[c, name].append(await shared_level(core, requests[: 2 * c], c))
+                log(f"botkit in front of vLLM ({name}), chat workload (round {rep + 1})")
+                runs["chat", name].append(await chat_arm(core, chats))
+    for (where, name), got in runs.items():
+        median = dict(got[0])  # texts of the first round; figures the median of the rounds
+        for key in ("tok_s", "ttft_p50_ms", "ttft_p99_ms"):
+            if key in median:
+                median[key] = statistics.median(r[key] for r in got)
+        median["rounds"] = [r["tok_s"] for r in got]
+        if where == "chat":
+            out["chat"]["vllm (front's prompts)" if name == "vllm" else name] = median
+        else:
+            out["levels"][where][name] = median
+
+
 async def run(args) -> dict:
     requests = load_requests(args.workload)
     turns = [t for t in load_requests(args.chat_workload) if t["turn"] < args.turns]
@@ -218,7 +325,7 @@ async def run(args) -> dict:
     for t in turns:
         if t["chat_id"] in chats or len(chats) < args.chats:
             chats[t["chat_id"]].append(t)
-    levels = (1, 16) if args.quick else (1, 16, 64)
+    levels = tuple(args.levels or ((1, 16) if args.quick else (1, 16, 64)))
     max_chats = max(levels[-1], len(chats))
     out = {"levels": {}, "chat": {}, "model": "small (4 x 256)" if args.small else "gpt2-124m shapes"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -228,20 +335,25 @@ async def run(args) -> dict:
         for c in levels:
             out["levels"][c] = {}
         if not args.skip_own:
+            async with botkit_run(model_dir, max_chats, tmp) as url:  # its own process, as vLLM's server is
+                async with RemoteClient(url, max_concurrency=max_chats, timeout_s=7200) as client:
+                    client.has_rules = False  # the same requests as vLLM's direct arm
+                    for c in levels:
+                        log(f"own engine (botkit run's /v1/completions), {c} chats")
+                        out["levels"][c]["own"] = await shared_level(client, requests[: 2 * c], c)
             lm = in_own_thread(lambda: load_model(str(model_dir), device="cpu"))
             async with (
                 Store.open(tmp / "own.db") as store,
                 LocalBackend(lm, max_batch_size=max_chats) as backend,
                 Core(backend, store, config) as core,
-                WebAdapter(core, WebConfig(port=0)) as web,  # what `botkit run` serves
-                RemoteClient(web.url + "v1", max_concurrency=max_chats, timeout_s=7200) as client,
             ):
-                client.has_rules = False  # the same requests as vLLM's direct arm
-                for c in levels:
-                    log(f"own engine (botkit run's /v1/completions), {c} chats")
-                    out["levels"][c]["own"] = await shared_level(client, requests[: 2 * c], c)
-                log("own engine, chat workload")
+                log("own engine, chat workload (botkit's chat layer in this process)")
                 out["chat"]["own"] = await chat_arm(core, chats)
+            del backend  # its engine's memory
+            if args.engine_alone:
+                for c in levels:
+                    log(f"own engine alone (no HTTP, core or store), {c} chats")
+                    out["levels"][c]["own engine alone"] = in_own_thread(engine_level, lm, requests[: 2 * c], c)
             del lm
         if not (args.vllm_venv / "bin" / "python").is_file():
             log(f"no vLLM venv at {args.vllm_venv}: the vLLM arms are skipped (scripts/vllm_venv.sh makes one)")
@@ -262,19 +374,8 @@ async def run(args) -> dict:
                     if "chat" in out and "own" in out["chat"]:
                         log(f"vLLM{suffix} directly, chat workload (the own arm's prompts)")
                         out["chat"]["vllm" + suffix] = await chat_direct(client, out["chat"]["own"]["records"])
-                    if both_cores or args.skip_front:
-                        continue
-                    for rules in (False, True):
-                        vllm.client.has_rules = rules
-                        name = "front+rules" if rules else "front"
-                        async with Store.open(tmp / f"{name}.db") as store, Core(vllm, store, config) as core:
-                            for c in levels:
-                                log(f"botkit in front of vLLM ({name}), {c} chats")
-                                out["levels"][c][name] = await shared_level(core, requests[: 2 * c], c)
-                            log(f"botkit in front of vLLM ({name}), chat workload")
-                            out["chat"][name] = await chat_arm(core, chats)
-                    log("vLLM directly, chat workload (the front arm's prompts)")
-                    out["chat"]["vllm (front's prompts)"] = await chat_direct(client, out["chat"]["front"]["records"])
+                    if not (both_cores or args.skip_front):
+                        await front_arms(out, vllm, client, config, levels, requests, chats, tmp, args.repeat)
     return out
 
 
@@ -318,6 +419,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="levels 1 and 16 only")
     parser.add_argument("--skip-own", action="store_true", help="only the vLLM arms")
     parser.add_argument("--skip-front", action="store_true", help="no botkit-in-front-of-vLLM arms")
+    parser.add_argument("--engine-alone", action="store_true", help="the own engine's steps alone, as an arm")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of the front comparison (alternating order)")
+    parser.add_argument("--levels", type=int, nargs="+", default=None, help="chats per level (default 1 16 64)")
     parser.add_argument(
         "--vllm-both-cores", action="store_true", help="vLLM directly again, computing on both cores (a second start)"
     )

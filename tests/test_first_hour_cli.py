@@ -89,6 +89,6 @@ def test_opt_in_counts_from_the_moment_of_opting_in_as_the_readme_shows(tmp_path
     assert "only messages sent from that moment on" in out.stdout and "dataset_opt_in is now True." in out.stdout
     assert "This chat has opted in to training data" in out.stdout
     export = botkit("export-dataset", "--out", "ours.jsonl", cwd=tmp_path)
-    assert "Wrote 1 messages of 1 chat to ours.jsonl" in export.stdout, export.stdout + export.stderr
+    assert "Wrote 1 message of 1 chat to ours.jsonl" in export.stdout, export.stdout + export.stderr
     records = [json.loads(line) for line in (tmp_path / "ours.jsonl").read_text().splitlines()[1:]]
     assert [r["text"] for r in records] == ["anyone watching the match tonight?"]

@@ -35,7 +35,7 @@ import torch
 
 from botkit.engine.judging import Judge
 from botkit.engine.postprocess import Postprocessor
-from botkit.engine.rules import RowRules, RuleContext, apply_rules, redraw_training_runs
+from botkit.engine.rules import MIN_TEMPERATURE, RowRules, RuleContext, apply_rules, redraw_training_runs
 from botkit.engine.runner import Prefill, Runner
 from botkit.engine.sampling import sample_next
 from botkit.engine.scheduler import Batch, Scheduler
@@ -94,6 +94,8 @@ class Engine:
         self.window = lm.max_context
         self.eos = lm.eos_token_id
         self.token_bytes = TokenBytes.of(lm.tokenizer)
+        if self.token_bytes is not None:
+            self.token_bytes.build()
         self.mask_utf8 = mask_utf8 and self.token_bytes is not None
         self.before_step = before_step
         self.scheduler = Scheduler(max_batch_size, self.window)
@@ -178,7 +180,8 @@ class Engine:
             return []
         for row in batch.freed_rows:  # rows that slid: they rejoin on their last half-window
             self.runner.drop_row(row)
-        states = [s.generator.get_state() for s in batch.seqs]  # a failed step must not move a random stream
+        # a failed step must not move a random stream (greedy rows draw nothing: no state to keep)
+        states = [(s, s.generator.get_state()) for s in batch.seqs if s.params.temperature >= MIN_TEMPERATURE]
         try:
             if self.before_step:
                 self.before_step(batch.seqs)
@@ -275,7 +278,7 @@ class Engine:
         return self._index
 
     def _step_failed(self, batch: Batch, states: list, exc: Exception) -> list[Event]:
-        for seq, state in zip(batch.seqs, states, strict=True):
+        for seq, state in states:
             seq.generator.set_state(state)
         self.runner.abort()
         name = type(exc).__name__  # no details (paths, tensors): users see the reason

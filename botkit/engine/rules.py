@@ -140,11 +140,11 @@ def apply_rules(
     if ctx.mask_utf8:
         live = [i for i, r in enumerate(rows) if r is not None]
         if live:
-            allowed = ctx.token_bytes.allowed([rows[i].utf8_state for i in live], logits.device)  # (R, vocab)
+            blocked = ctx.token_bytes.blocked([rows[i].utf8_state for i in live], logits.device)  # (R or 1, vocab)
             if len(live) == len(rows):
-                logits.masked_fill_(~allowed, float("-inf"))
+                logits.masked_fill_(blocked, float("-inf"))
             else:
-                logits[live] = logits[live].masked_fill(~allowed, float("-inf"))
+                logits[live] = logits[live].masked_fill(blocked, float("-inf"))
     for i, row in enumerate(rows):
         if row is not None and row.is_active:
             _apply_row(row, logits, i)

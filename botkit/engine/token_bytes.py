@@ -85,7 +85,8 @@ class TokenBytes:
     def __init__(self, table: list[bytes], eos_token_id: int):
         self.table = table
         self.eos = eos_token_id
-        self._masks: torch.Tensor | None = None
+        self._masks: torch.Tensor | None = None  # (states, vocab): allowed
+        self._blocked: torch.Tensor | None = None  # its negation, on the logits' device
         self._next: torch.Tensor | None = None
 
     @staticmethod
@@ -97,6 +98,13 @@ class TokenBytes:
         return Detokenizer(self.table)
 
     # -- the UTF-8 mask ------------------------------------------------------------------------------
+
+    def build(self) -> TokenBytes:
+        """The UTF-8 tables now rather than at the first step that needs them (a second for GPT-2's
+        vocabulary, once per tokenizer: the first reply should not wait for it)."""
+        if self._masks is None:
+            self._build()
+        return self
 
     def _build(self) -> None:
         """allowed (states, vocab) bool and next state (states, vocab), walking every token's bytes
@@ -114,13 +122,16 @@ class TokenBytes:
                     masks[start, token], after[start, token] = True, state
         self._masks, self._next = masks, after
 
-    def allowed(self, states: list[int], device) -> torch.Tensor:
-        """(rows, vocab) bool: the tokens each row may take."""
+    def blocked(self, states: list[int], device) -> torch.Tensor:
+        """(rows, vocab) bool: the tokens each row may not take; (1, vocab) when every row is in one
+        state (the usual case: all at a character boundary), so that it broadcasts instead of being copied."""
         if self._masks is None:
             self._build()
-        if self._masks.device != torch.device(device):
-            self._masks = self._masks.to(device)
-        return self._masks[torch.tensor(states, device=device)]
+        if self._blocked is None or self._blocked.device != torch.device(device):
+            self._blocked = (~self._masks).to(device)
+        if all(state == states[0] for state in states):
+            return self._blocked[states[0]].unsqueeze(0)
+        return self._blocked[torch.tensor(states, device=device)]
 
     def next_state(self, state: int, token: int) -> int:
         if self._next is None:

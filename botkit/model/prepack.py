@@ -1,14 +1,15 @@
-"""float32 weights reordered once into oneDNN's blocked layout, for the matmuls of batched steps on CPU.
+"""float32 weights reordered once into oneDNN's blocked layout, for the matmuls of every step on CPU.
 
 vLLM's CPU build does the same (`dispatch_cpu_unquantized_gemm`: a oneDNN matmul handle made once per
 weight); torch has it as `mkldnn._reorder_linear_weight` + `mkldnn._linear_pointwise`, the pair its
-compiler uses when it freezes a CPU model. A plain `addmm` lays the weight out again on every call.
+compiler uses when it freezes a CPU model. A plain `addmm` lays the weight out again on every call,
+which at 2-7 rows made a step slower than at one row.
 
-Why the plain path stays for few rows: measured here (torch 2.13, 2-core AVX-512 EPYC), the packed
-matmul of 768 x 3072 took ~16 ms for one row against ~1 ms for addmm, while from 8 rows on it was
-1.4-2.4x faster. So a `PackedLinear` keeps the module it replaces and calls it below MIN_ROWS; the
-price is a second copy of the block weights (85M floats for GPT-2 124M, ~340 MB). The LM head is tied
-to the token embedding, so its packed copy is the only extra one (~150 MB).
+Measured here (torch 2.13, 2-core AVX2 EPYC, GPT-2 124M shapes, a decode step of R rows, packed vs
+plain): 1 row 1.23x, 2 rows 2.25x, 4 rows 2.66x, 8 rows 2.0x, 16 rows 1.49x (blocks packed from one
+row on; from 8 rows on they gave 1.23-1.34x at 1-4 rows). The packed weights are a second copy of
+every matmul weight (~490 MB for GPT-2 124M: ~340 MB of blocks, ~150 MB of the LM head, which is tied
+to the embedding); the model's own weights stay as they are.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-MIN_ROWS = 8  # rows of a matmul from which the packed weight is used
 PACK_ROWS_HINT = 64  # the batch size oneDNN picks its layout for
 MIN_WIDTH = 512  # narrower models keep addmm: at width 128-256 packed matmuls measured 0.6-1.0x at 16-64 rows
 
@@ -36,19 +36,16 @@ def can_prepack(model: nn.Module) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W in oneDNN's layout; the replaced module `plain` for fewer than MIN_ROWS rows."""
+    """y = x W^T + b with W in oneDNN's layout."""
 
-    def __init__(self, plain: nn.Module, weight_out_in: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight_out_in: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.plain = plain
         self.bias = bias
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight_out_in.detach().contiguous(), PACK_ROWS_HINT)
         self.out_features = weight_out_in.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows < MIN_ROWS:
-            return self.plain(x)
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), self.packed, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -73,9 +70,9 @@ def prepack(model: nn.Module, blocks: bool = True) -> nn.Module:
             ):
                 layer = getattr(owner, name)
                 if isinstance(layer, Conv1D):  # weight (in, out)
-                    setattr(owner, name, PackedLinear(layer, layer.weight.t(), layer.bias))
+                    setattr(owner, name, PackedLinear(layer.weight.t(), layer.bias))
     if isinstance(model.lm_head, nn.Linear):
-        model.lm_head = PackedLinear(model.lm_head, model.lm_head.weight, model.lm_head.bias)
+        model.lm_head = PackedLinear(model.lm_head.weight, model.lm_head.bias)
     return model
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
 import queue
 import threading
@@ -204,39 +205,47 @@ class LocalBackend:
             log.exception("The generation engine failed; failing the requests in flight.")
             self._fail_all(engine.reset(), f"the generation engine failed ({type(exc).__name__})")
             return
+        # One wake-up of each event loop per step, not one per row: at 64 rows, 64 wake-ups a step
+        # made the loop thread take the GIL from this one between every pair of torch calls.
+        calls: dict[asyncio.AbstractEventLoop, list[Callable[[], None]]] = {}
         for event in events:
-            self._deliver(event)
+            self._deliver(event, calls)
+        for loop, todo in calls.items():
+            try:
+                loop.call_soon_threadsafe(_call_all, todo)
+            except RuntimeError:  # the event loop is closed: nobody is waiting any more
+                pass
 
-    def _deliver(self, event: Event) -> None:
+    def _deliver(self, event: Event, calls: dict) -> None:
         pending = self._by_seq.get(event.seq.id)
         if pending is None:
             return
+        todo = calls.setdefault(pending.loop, [])
         if event.delta:
             if pending.first_token_at is None:
                 pending.first_token_at = time.time()
-            pending.loop.call_soon_threadsafe(pending.job.on_text, event.delta)
+            todo.append(functools.partial(pending.job.on_text, event.delta))
         if event.draft is not None:
-            pending.loop.call_soon_threadsafe(pending.job.on_draft, event.draft)
+            todo.append(functools.partial(pending.job.on_draft, event.draft))
         if event.finished:
             del self._by_seq[event.seq.id]
             seq = event.seq
             if seq.finish_reason == "error":
-                self._resolve(pending, error=GenerationError(f"Generation failed ({seq.error}); please try again."))
+                error = GenerationError(f"Generation failed ({seq.error}); please try again.")
+                todo.append(functools.partial(_settle, pending.future, error=error))
                 return
             judged = seq.result  # the draw a judged request sends (judging.py), or None
-            self._resolve(
-                pending,
-                result=Completion(
-                    seq.text,
-                    seq.finish_reason,
-                    len(seq.prompt_ids),
-                    judged.num_tokens if judged else len(seq.generated),
-                    seq.seed,
-                    pending.first_token_at,
-                    num_draws=sum(len(m.attempts) for m in (seq.group or [seq])),
-                    copies=bool(judged and judged.copies),
-                ),
+            completion = Completion(
+                seq.text,
+                seq.finish_reason,
+                len(seq.prompt_ids),
+                judged.num_tokens if judged else len(seq.generated),
+                seq.seed,
+                pending.first_token_at,
+                num_draws=sum(len(m.attempts) for m in (seq.group or [seq])),
+                copies=bool(judged and judged.copies),
             )
+            todo.append(functools.partial(_settle, pending.future, result=completion))
 
     def _fail_all(self, seqs: list[Sequence], reason: str) -> None:
         for seq in seqs:
@@ -246,14 +255,23 @@ class LocalBackend:
 
     @staticmethod
     def _resolve(pending: _Pending, result: Completion | None = None, error: Exception | None = None) -> None:
-        def settle():
-            if not pending.future.done():
-                if error is not None:
-                    pending.future.set_exception(error)
-                else:
-                    pending.future.set_result(result)
-
         try:
-            pending.loop.call_soon_threadsafe(settle)
+            pending.loop.call_soon_threadsafe(functools.partial(_settle, pending.future, result, error))
         except RuntimeError:  # the event loop is closed: nobody is waiting any more
             pass
+
+
+def _settle(future: asyncio.Future, result: Completion | None = None, error: Exception | None = None) -> None:
+    if not future.done():
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+
+def _call_all(calls: list[Callable[[], None]]) -> None:
+    for call in calls:  # each alone, as separate callbacks were: one that fails does not stop the others
+        try:
+            call()
+        except Exception:  # noqa: BLE001
+            log.exception("A reply's callback failed.")

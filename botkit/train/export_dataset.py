@@ -132,7 +132,7 @@ def _run(args) -> None:
         )
         return
     chats = f"{summary.num_chats} chat" + ("s" if summary.num_chats != 1 else "")
+    messages = f"{summary.num_messages:,} message" + ("s" if summary.num_messages != 1 else "")
     print(
-        f"Wrote {summary.num_messages:,} messages of {chats} to {summary.path}: "
-        f"train on it with `botkit finetune --dataset {summary.path}`."
+        f"Wrote {messages} of {chats} to {summary.path}: train on it with `botkit finetune --dataset {summary.path}`."
     )
