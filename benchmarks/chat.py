@@ -15,10 +15,15 @@ Arms, one after another in this process:
 
 Figures: follow-up time to first token (turns 1-7: submit to first streamed text) p50/p99, useful
 tokens/s (generated tokens over the arm's wall time), the share of prompt tokens reused, peak memory.
+Memory (`memory` in the JSON, per arm): the process's peak RSS (ru_maxrss: run one arm per process,
+`--arms reuse`, for a figure of that arm alone), the RSS before the arm, the most tokens whose keys
+and values the engine held at once (running rows and cached conversations, sampled every 0.2 s), the
+bytes one token's keys and values take in every layer, and the columns copied from slot to slot.
 Progress goes to stderr; the last stdout line is one JSON object.
 
     python benchmarks/chat.py --quick     # 16 chats (128 turns), a few minutes
     python benchmarks/chat.py             # 64 chats (512 turns)
+    python benchmarks/chat.py --arms reuse --cache-mb 2048   # peak memory of the reuse arm alone
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import resource
 import tempfile
 import time
@@ -65,9 +71,36 @@ def make_config(num_chats: int) -> Config:
     )
 
 
+def rss_mb() -> float:
+    """The process's resident memory now (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def kv_tokens(engine) -> int:
+    """Tokens whose keys and values the engine holds: running rows and cached conversations."""
+    runner = engine.runner
+    cache = runner.cache
+    if cache is None:
+        return 0
+    held = sum(cache.lengths)  # one pool: every slot's tokens, running or cached
+    if not hasattr(runner, "slots"):  # before the pool (main up to issue 21 part 4): the rows, then the copies
+        held += sum(len(e.tokens) for e in engine.prefix_cache.entries.values())
+    return held
+
+
+async def sample_memory(backend, peak: dict) -> None:
+    while True:
+        await asyncio.sleep(0.2)
+        if backend.engine is not None:
+            peak["kv_tokens"] = max(peak["kv_tokens"], kv_tokens(backend.engine))
+            peak["rss_mb"] = max(peak["rss_mb"], rss_mb())
+
+
 async def run_arm(lm, chats: dict[str, list[dict]], cache_mb: int | None) -> dict:
     """All chats as closed loops through one Core; returns per-turn records and the arm's figures."""
     records = []
+    rss_before_mb, peak = rss_mb(), {"kv_tokens": 0, "rss_mb": 0.0}
     with tempfile.TemporaryDirectory() as tmp:
         async with LocalBackend(lm, max_batch_size=len(chats), cache_mb=cache_mb) as backend:
             from botkit.serve.store import Store
@@ -106,10 +139,22 @@ async def run_arm(lm, chats: dict[str, list[dict]], cache_mb: int | None) -> dic
                             }
                         )
 
+                sampler = asyncio.create_task(sample_memory(backend, peak))
                 started = time.perf_counter()
                 await asyncio.gather(*(one_chat(turns) for turns in chats.values()))
                 wall = time.perf_counter() - started
+                sampler.cancel()
             cache = backend.engine.prefix_cache.stats()
+            runner = backend.engine.runner
+            memory = {
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+                "rss_before_mb": round(rss_before_mb),
+                "sampled_peak_rss_mb": round(peak["rss_mb"]),
+                "peak_kv_tokens": peak["kv_tokens"],
+                "kv_bytes_per_token": 2 * lm.model.config.n_layer * lm.model.config.n_embd * lm.model.dtype.itemsize,
+                "copied_tokens": getattr(runner.cache, "num_copied_tokens", None),  # None: not counted (main)
+                "pool_slots": getattr(runner, "num_slots", None),
+            }
     follow = [r["ttft_s"] for r in records if r["turn"] > 0]
     return {
         "records": records,
@@ -120,7 +165,8 @@ async def run_arm(lm, chats: dict[str, list[dict]], cache_mb: int | None) -> dic
         "prompt_tokens": sum(r["prompt_tokens"] for r in records),
         "reused_share": cache["reused_share"],
         "cache_mb": cache["mb"],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        "peak_rss_mb": memory["peak_rss_mb"],
+        "memory": memory,
     }
 
 
@@ -143,6 +189,27 @@ def sequential_generate(lm, records: list[dict]) -> dict:
     return {"tok_s": tokens / (time.perf_counter() - started), "num_prompts": len(records)}
 
 
+def reuse_alone(lm, chats: dict[str, list[dict]], cache_mb: int | None) -> None:
+    """The reuse arm alone in this process, so that its peak RSS is its own."""
+    log(f"arm: reuse on (cache_mb {'default' if cache_mb is None else cache_mb})")
+    on = asyncio.run(run_arm(lm, chats, cache_mb=cache_mb))
+    log(f"  {on['tok_s']:.1f} tok/s, {on['wall_s']:.0f} s, memory {on['memory']}")
+    result = {
+        "memory": on["memory"],
+        "reused_share": on["reused_share"],
+        "cache_mb_held_at_end": on["cache_mb"],
+        "cache_mb_setting": cache_mb,
+        "tok_s": round(on["tok_s"], 1),
+        "ttft_s": {"p50": round(on["ttft_p50_s"], 3), "p99": round(on["ttft_p99_s"], 3)},
+        "wall_s": round(on["wall_s"], 1),
+        "prompt_tokens": on["prompt_tokens"],
+        "chats": len(chats),
+        "turns": len(on["records"]),
+        "threads": torch.get_num_threads(),
+    }
+    print(json.dumps(result))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="16 chats instead of 64")
@@ -150,6 +217,10 @@ def main() -> None:
     parser.add_argument("--chats", type=int, default=None)
     parser.add_argument(
         "--no-ctranslate2", action="store_true", help="skip the CTranslate2 arm even when it is installed"
+    )
+    parser.add_argument("--arms", choices=["all", "reuse"], default="all", help="reuse: that arm alone (its memory)")
+    parser.add_argument(
+        "--cache-mb", type=int, default=None, help="the reuse arm's [batch] cache_mb (default: botkit's)"
     )
     args = parser.parse_args()
     num_chats = args.chats or (16 if args.quick else 64)
@@ -160,6 +231,9 @@ def main() -> None:
             chats[turn["chat_id"]].append(turn)
     log(f"{len(chats)} chats, {sum(map(len, chats.values()))} turns; loading GPT-2 124M shapes (random weights)")
     lm = load_model(GPT2Config(), device="cpu", seed=0)
+    if args.arms == "reuse":
+        reuse_alone(lm, chats, args.cache_mb)
+        return
 
     log("arm: reuse off")
     off = asyncio.run(run_arm(lm, chats, cache_mb=0))
@@ -168,7 +242,7 @@ def main() -> None:
         f"{off['wall_s']:.0f} s"
     )
     log("arm: reuse on")
-    on = asyncio.run(run_arm(lm, chats, cache_mb=None))
+    on = asyncio.run(run_arm(lm, chats, cache_mb=args.cache_mb))
     log(
         f"  {on['tok_s']:.1f} tok/s, follow-up TTFT p50 {on['ttft_p50_s']:.2f} s p99 {on['ttft_p99_s']:.2f} s, "
         f"{on['wall_s']:.0f} s,"

@@ -90,17 +90,26 @@ def test_a_tiny_cache_evicts_the_least_recently_used_and_stays_within_its_bytes(
     assert run(engine, prompts[0] + [5, 6], SamplingParams(max_new_tokens=2, temperature=0)).num_reused == 0  # evicted
 
 
-def test_the_prefix_cache_drops_an_entry_its_newer_turn_contains():
-    cache = PrefixCache(max_bytes=2**30)
-    kv = lambda n: torch.zeros(1, 2, 1, n, 4)  # noqa: E731
+def test_the_prefix_cache_drops_an_entry_its_newer_turn_contains_and_frees_its_slot():
+    cache = PrefixCache(max_entries=4, bytes_per_token=8)
     turn1 = list(range(40))
-    cache.add(turn1, kv(40))
+    assert cache.add(turn1, slot=3) == []
     entry, matched = cache.lookup(turn1 + [99, 98])
-    assert matched == 40 and entry.tokens == turn1
-    cache.add(turn1 + [99, 98, 97], kv(43))
-    assert len(cache.entries) == 1 and cache.nbytes == kv(43).numel() * 4
+    assert matched == 40 and entry.tokens == turn1 and entry.slot == 3
+    assert cache.add(turn1 + [99, 98, 97], slot=5) == [3]  # the older turn's slot is free again
+    assert len(cache.entries) == 1 and cache.nbytes == 43 * 8
     assert cache.lookup(turn1[:20] + [7] * 30)[1] == 20  # a shared start, then the match ends
     assert cache.lookup([5] * 40)[0] is None
+
+
+def test_past_its_slots_the_prefix_cache_evicts_the_least_recently_used_and_frees_its_slot():
+    cache = PrefixCache(max_entries=2)
+    chats = [[c] * 20 for c in range(3)]
+    assert cache.add(chats[0], slot=0) == [] and cache.add(chats[1], slot=1) == []
+    assert cache.lookup(chats[0] + [1])[1] == 20  # chat 0 is now the most recently used
+    assert cache.add(chats[2], slot=2) == [1]
+    assert [e.slot for e in cache.entries.values()] == [0, 2]
+    assert cache.add([9] * 5, slot=7) == [7]  # shorter than a block: not worth a slot
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -154,9 +163,11 @@ async def test_a_long_chat_trims_its_context_in_halves_so_most_turns_extend_the_
             await ticket.result()
             prompts.append((await store.request(ticket.request_id))["prompt"])
         reused = backend.engine.prefix_cache.stats()["reused_share"]
+        num_copied = backend.engine.runner.cache.num_copied_tokens
     extends = [prompts[t].startswith(prompts[t - 1]) for t in range(1, len(prompts))]
     assert extends.count(False) <= 4, extends  # a cut every few turns, not one on every turn
     assert reused > 0.5, reused
+    assert num_copied == 0  # each turn took its conversation's slot over (the reply's text tokenised afresh included)
 
 
 def test_the_gpu_path_one_padded_attention_call_per_layer_gives_the_same_greedy_tokens_on_cpu(tiny_lm):

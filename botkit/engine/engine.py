@@ -151,13 +151,13 @@ class Engine:
         found = [s for s in self.scheduler.everyone() if s.id == seq_id]
         for seq in found:
             seq.finish_reason = "cancelled"
-            self._forget(seq)
+            self._forget(seq, keep=seq.is_reusable)  # its conversation so far, for the chat's next turn
         return found[0].leader if found else None
 
     def drop_cached_prefixes(self, not_reusable_ids=()) -> None:
         """/forget: drop every kept conversation, and keep none of those in flight (they may quote the
         erased text), nor the requests `not_reusable_ids` still queued elsewhere when they arrive."""
-        self.runner.prefix_cache.clear()
+        self.runner.drop_cached_prefixes()
         for seq in self.scheduler.everyone():
             seq.is_reusable = False
         self._not_reusable_ids.update(not_reusable_ids)
@@ -209,12 +209,12 @@ class Engine:
         """A joining row, starting from its request leader's row or a prefix cache entry when it can."""
         if seq.generated:  # a slid row restarts on new positions
             return Prefill(seq.context)
-        leader, rows = seq.leader, self.scheduler.rows
+        leader, rows = seq.leader, self.scheduler.rows[: len(self.runner.slots)]  # rows that ran before this step
         if leader is not seq and leader in rows and leader.offset == seq.offset:
             seq.num_reused = len(seq.context) - 1  # the leader's row holds the whole prompt
             return Prefill(seq.context, seq.num_reused, rows.index(leader))
-        kv, seq.num_reused = self.runner.lookup(seq.context)
-        return Prefill(seq.context, seq.num_reused, kv)
+        entry, seq.num_reused = self.runner.lookup(seq.context)
+        return Prefill(seq.context, seq.num_reused, entry)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         logits = logits.float()  # (rows, vocab)
@@ -253,9 +253,7 @@ class Engine:
         if seq.is_judged and self.judge.redraws(seq):
             self._redraw(seq)
             return [Event(seq, "", False, draft="")] if seq.params.candidates == 1 else []  # the preview starts over
-        if seq.is_reusable and seq in self.scheduler.rows:
-            self.runner.keep(self.scheduler.rows.index(seq), seq.context)
-        self._forget(seq)
+        self._forget(seq, keep=seq.is_reusable)
         return self.judge.settle(seq) if seq.is_judged else []
 
     def _redraw(self, seq: Sequence) -> None:
@@ -302,10 +300,11 @@ class Engine:
             return self.judge.settle(culprit)
         return [Event(culprit, "", True)]
 
-    def _forget(self, seq: Sequence) -> None:
+    def _forget(self, seq: Sequence, keep: bool = False) -> None:
+        """`seq` leaves; with `keep`, its row's keys and values stay in the prefix cache (no copy)."""
         row = self.scheduler.remove(seq)
         if row is not None:
-            self.runner.drop_row(row)
+            self.runner.drop_row(row, seq.context if keep else None, max(0, len(seq.prompt_ids) - seq.offset))
 
 
 def _fold_seed(seed: int) -> int:

@@ -1,18 +1,19 @@
-"""A preallocated KV cache in which every row is its own sequence, and the attention that reads it,
-for continuous batching with transformers' GPT-2.
+"""The KV pool, in which every running row and every cached conversation is its own slot, and the
+attention that reads it, for continuous batching with transformers' GPT-2.
 
 transformers' DynamicCache concatenates every layer's keys and values on every step (a copy of the
 whole cache per token) and cannot take in or drop rows cheaply; a padded batch also makes every row
-pay for the longest one. Here each layer owns buffers of shape (max_batch, heads, capacity, head_dim);
-row i holds its `lengths[i]` tokens in columns [0, lengths[i]) (no padding, nothing ever shifts),
-so a token at column c sits at GPT-2 position c. A finished row is replaced by the last row (one
-row copied).
+pay for the longest one. Here each layer owns buffers of shape (num_slots, heads, capacity, head_dim),
+allocated once; a slot holds its `lengths[slot]` tokens in columns [0, lengths[slot]) (no padding,
+nothing ever shifts), so a token at column c sits at GPT-2 position c. A slot is free, a running row
+or a cached conversation (prefix_cache.py); the runner maps rows to slots, so a row that leaves copies
+nothing, and a finished conversation stays in its slot for its next turn.
 
 A step is one forward pass over a flat list of tokens (batch 1, sequence N): first one new token for
 each decoding row, then the new tokens of each sequence that joins. A joining row may already hold
-a reused prefix (copied from the prefix cache) in its first columns; its new tokens attend to it.
-`Step` says where each token's keys and values go and what each token attends to; `rows_attention`
-reads only each row's own columns.
+a reused prefix in its first columns (a cached conversation's slot it took over, or columns copied
+into its slot); its new tokens attend to it. `Step` says where each token's keys and values go and
+what each token attends to; `rows_attention` reads only each row's own columns.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ ROWS_ATTENTION = "botkit_rows"
 
 @dataclass
 class Join:
-    row: int
+    slot: int
     start: int  # its first token's index in the flat step
     past: int  # columns already holding its reused prefix
     length: int  # columns it holds after the step (past + new tokens)
@@ -39,20 +40,20 @@ class Join:
 
 @dataclass
 class Step:
-    """One flat forward pass: token i < len(decode) is the next token of row decode[i][0], which then
-    holds decode[i][1] tokens; each Join's new tokens follow."""
+    """One flat forward pass: token i < len(decode) is the next token of the row in slot decode[i][0],
+    which then holds decode[i][1] tokens; each Join's new tokens follow."""
 
     decode: list[tuple[int, int]]
     joins: list[Join]
     where: torch.Tensor  # (tokens * heads,): each token's key row in a layer buffer seen as (-1, head_dim)
-    padded: bool = False  # decode attention as one padded call (rows 0..len(decode)-1, in order)
+    padded: bool = False  # decode attention as one padded call over the decode slots
     masks: dict = field(default_factory=dict)  # attention masks built by the first layer, reused by the others
 
 
 def rows_attention(module, query, key, value, attention_mask, *, step: Step | None = None, **kwargs):
     """Attention of a flat step: each decode token over its row's columns, each joining row's new
     tokens causally over its columns. Calls without `step` use transformers' SDPA.
-    query (1, H, N, D); key/value: the whole layer buffers (B, H, capacity, D); returns (1, N, H, D)."""
+    query (1, H, N, D); key/value: the whole layer buffers (slots, H, capacity, D); returns (1, N, H, D)."""
     if step is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     scale = kwargs.get("scaling")
@@ -66,17 +67,17 @@ def rows_attention(module, query, key, value, attention_mask, *, step: Step | No
             F.scaled_dot_product_attention(
                 query[:, :, i : i + 1], key[r : r + 1, :, :n], value[r : r + 1, :, :n], scale=scale
             )
-            for i, (r, n) in enumerate(step.decode)
+            for i, (r, n) in enumerate(step.decode)  # r: the row's slot
         ]
     for j in step.joins:
         q = query[:, :, j.start : j.start + j.length - j.past]
-        k, v = key[j.row : j.row + 1, :, : j.length], value[j.row : j.row + 1, :, : j.length]
+        k, v = key[j.slot : j.slot + 1, :, : j.length], value[j.slot : j.slot + 1, :, : j.length]
         if j.past == 0:
             parts.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale))
         else:  # new tokens at columns [past, length) see every column up to their own
-            allowed = step.masks.get(j.row)
+            allowed = step.masks.get(j.slot)
             if allowed is None:
-                allowed = step.masks[j.row] = torch.ones(
+                allowed = step.masks[j.slot] = torch.ones(
                     j.length - j.past, j.length, dtype=torch.bool, device=q.device
                 ).tril_(j.past)
             parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale))
@@ -84,20 +85,24 @@ def rows_attention(module, query, key, value, attention_mask, *, step: Step | No
 
 
 def _padded_decode(query, key, value, step: Step, scale):
-    """All decode rows in one call (the GPU path: one kernel per layer instead of one per row). Rows
-    are 0..B-1 in order, padded to the longest; padded columns are masked. Reducing over the padded
-    length can change a row's numbers in the last bit, so greedy text may differ from a batch of one
-    where two tokens tie within rounding; on a GPU the launches saved are worth it."""
+    """All decode rows in one call (the GPU path: one kernel per layer instead of one per row), padded
+    to the longest; padded columns are masked. Rows in slots 0..B-1, in order, read the pool in place;
+    others are gathered first. Reducing over the padded length can change a row's numbers in the last
+    bit, so greedy text may differ from a batch of one where two tokens tie within rounding; on a GPU
+    the launches saved are worth it."""
     b, longest = len(step.decode), max(n for _, n in step.decode)  # from the host's list: no device sync
-    mask = step.masks.get("padded")
-    if mask is None:
+    masks = step.masks
+    if "padded" not in masks:
         lengths = torch.tensor([n for _, n in step.decode], device=query.device)
         # (B, 1, 1, L)
-        mask = step.masks["padded"] = (torch.arange(longest, device=query.device)[None, :] < lengths[:, None])[
-            :, None, None, :
-        ]
+        masks["padded"] = (torch.arange(longest, device=query.device)[None, :] < lengths[:, None])[:, None, None, :]
+        slots = [s for s, _ in step.decode]
+        masks["slots"] = None if slots == list(range(b)) else torch.tensor(slots, device=query.device)
+    slots = masks["slots"]
+    k = key[:b, :, :longest] if slots is None else key[slots, :, :longest]  # (B, H, L, D)
+    v = value[:b, :, :longest] if slots is None else value[slots, :, :longest]
     q = query[0, :, :b].transpose(0, 1).unsqueeze(2)  # (B, H, 1, D)
-    out = F.scaled_dot_product_attention(q, key[:b, :, :longest], value[:b, :, :longest], attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=masks["padded"], scale=scale)
     return out.squeeze(2).transpose(0, 1).unsqueeze(0)  # (1, H, B, D)
 
 
@@ -129,83 +134,92 @@ class SlotLayer(DynamicLayer):
 
 
 class SlotCache(Cache):
-    def __init__(self, config, max_batch: int, capacity: int, dtype, device, zeroed: bool = False):
+    """The KV pool: `num_slots` slots of `capacity` columns in every layer, each free, a running row or a
+    cached conversation (the runner and prefix_cache.py say which). Allocated once, so its size is the
+    most the keys and values take (on a GPU its columns grow up to the window, for the whole pool at once)."""
+
+    def __init__(self, config, num_slots: int, capacity: int, dtype, device, zeroed: bool = False):
         # Uninitialised: a row's attention reads only the columns it has written, and on CPU an
         # untouched page of a full-window buffer costs no memory. Padded decode attention reads past a
         # row's end (masked): there uninitialised memory may hold NaN, and NaN x 0 is NaN, so `zeroed`.
-        shape = (max_batch, config.n_head, capacity, config.n_embd // config.n_head)
-        new = torch.zeros if zeroed else torch.empty
+        # Each slot is zeroed when first taken, so a large pool costs only the slots in use.
+        shape = (num_slots, config.n_head, capacity, config.n_embd // config.n_head)
         layers = [
-            SlotLayer(self, new(shape, dtype=dtype, device=device), new(shape, dtype=dtype, device=device))
+            SlotLayer(self, *(torch.empty(shape, dtype=dtype, device=device) for _ in "kv"))
             for _ in range(config.n_layer)
         ]
         super().__init__(layers=layers)
-        self.lengths: list[int] = []  # tokens held by each active row
+        self.lengths = [0] * num_slots  # tokens each slot holds
+        # Taken from the end: the lowest slot first, and a slot just freed next (its pages are paid for on CPU)
+        self.free = list(range(num_slots - 1, -1, -1))
+        self.zeroed, self.num_taken_slots = zeroed, 0  # slots below num_taken_slots have been taken (and zeroed)
         self.step: Step | None = None
+        self.num_copied_tokens = 0  # columns copied from slot to slot (a shared start, candidates)
 
     @property
     def capacity(self) -> int:
         return self.layers[0].k.shape[2]
 
     @property
+    def num_slots(self) -> int:
+        return len(self.lengths)
+
+    @property
     def max_length(self) -> int:
         return max(self.lengths, default=0)
 
-    def begin(self, decode_rows: list[int], joins: list[tuple[int, int]], padded: bool = False) -> Step:
-        """Plan a step: each of `decode_rows` takes one token; rows (past, new) of `joins` are added
-        after the active rows, holding `past` reused columns and taking `new` tokens. Nothing changes
-        until `end()`: a step that fails leaves the cache as it was."""
+    def allocate(self) -> int:
+        """A free slot (the runner never asks for more than the pool holds)."""
+        slot = self.free.pop()
+        if slot >= self.num_taken_slots:  # never taken before: the free list hands these out in order
+            if self.zeroed:
+                for layer in self.layers:
+                    layer.k[slot].zero_()
+                    layer.v[slot].zero_()
+            self.num_taken_slots = slot + 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.lengths[slot] = 0
+        self.free.append(slot)
+
+    def begin(self, decode_slots: list[int], joins: list[tuple[int, int, int]], padded: bool = False) -> Step:
+        """Plan a step: each of `decode_slots` takes one token; each join (slot, past, new) holds `past`
+        reused columns in `slot` and takes `new` tokens. Nothing changes until `end()`: a step that fails
+        leaves the lengths as they were (columns it wrote past them are never read)."""
         _, heads, capacity, _ = self.layers[0].k.shape
-        decode = [(r, self.lengths[r] + 1) for r in decode_rows]
-        rows, columns = list(decode_rows), [self.lengths[r] for r in decode_rows]
+        decode = [(s, self.lengths[s] + 1) for s in decode_slots]
+        slots, columns = list(decode_slots), [self.lengths[s] for s in decode_slots]
         planned, start = [], len(decode)
-        for row, (past, new) in enumerate(joins, start=len(self.lengths)):
-            planned.append(Join(row, start, past, past + new))
-            rows += [row] * new
+        for slot, past, new in joins:
+            planned.append(Join(slot, start, past, past + new))
+            slots += [slot] * new
             columns += range(past, past + new)
             start += new
-        where = (torch.tensor(rows)[:, None] * heads + torch.arange(heads)) * capacity + torch.tensor(columns)[:, None]
-        padded = padded and decode_rows == list(range(len(decode_rows)))
+        where = (torch.tensor(slots)[:, None] * heads + torch.arange(heads)) * capacity + torch.tensor(columns)[:, None]
         self.step = Step(decode, planned, where.reshape(-1).to(self.layers[0].k.device), padded)
         return self.step
 
     def end(self) -> None:
-        for row, n in self.step.decode:
-            self.lengths[row] = n
-        self.lengths += [j.length for j in self.step.joins]
+        for slot, n in self.step.decode:
+            self.lengths[slot] = n
+        for j in self.step.joins:
+            self.lengths[j.slot] = j.length
         self.step = None
 
     def grow(self, capacity: int) -> None:
-        """Reallocate to hold `capacity` columns (keeps the active rows' tokens)."""
-        b, n = len(self.lengths), self.max_length
+        """Reallocate to hold `capacity` columns (keeps every slot's tokens)."""
+        n = self.max_length
         for layer in self.layers:
             for name in ("k", "v"):
                 old = getattr(layer, name)
                 new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
-                new[:b, :, :n] = old[:b, :, :n]
+                new[:, :, :n] = old[:, :, :n]
                 setattr(layer, name, new)
 
-    def move_row(self, src: int, dst: int) -> None:
-        self.copy_row(src, dst, self.lengths[src])
-        self.lengths[dst] = self.lengths[src]
-
-    def copy_row(self, src: int, dst: int, n: int) -> None:
-        """Row `src`'s first `n` columns into row `dst` (a request's candidates share its prompt)."""
+    def copy_slot(self, src: int, dst: int, n: int) -> None:
+        """Slot `src`'s first `n` columns into slot `dst` (a shared start, or a request's candidates)."""
         for layer in self.layers:
             layer.k[dst, :, :n] = layer.k[src, :, :n]
             layer.v[dst, :, :n] = layer.v[src, :, :n]
-
-    def pop_row(self) -> None:
-        self.lengths.pop()
-
-    def read_row(self, row: int, n: int) -> torch.Tensor:
-        """Row `row`'s first `n` columns of every layer: (layers, 2, heads, n, head_dim), a copy."""
-        return torch.stack([t for layer in self.layers for t in (layer.k[row, :, :n], layer.v[row, :, :n])]).unflatten(
-            0, (len(self.layers), 2)
-        )
-
-    def write_row(self, row: int, kv: torch.Tensor, n: int) -> None:
-        """Put the first `n` columns of `kv` (as read_row returns it) into row `row`'s first columns."""
-        for layer, (k, v) in zip(self.layers, kv, strict=True):
-            layer.k[row, :, :n] = k[:, :n]
-            layer.v[row, :, :n] = v[:, :n]
+        self.num_copied_tokens += n

@@ -1,30 +1,41 @@
-"""The model over one step, and the keys and values it reads and writes (nano-vllm's `ModelRunner` shape).
+"""The model over one step, and the KV pool it reads and writes (nano-vllm's `ModelRunner` shape).
 
 A step is one forward pass over a flat list of tokens: the next token of every decoding row, then
 the new tokens of each joining row (no padding; the running rows share the prompts' pass over the
-weights). A joining row may start from columns it reuses: its request leader's row (candidates of
-one request) or a prefix cache entry (a chat's earlier turn, prefix_cache.py). The model forward is
-transformers'; the cache layout and the attention over it are kvcache.py's.
+weights). The model forward is transformers'; the pool's layout and the attention over it are
+kvcache.py's.
+
+Rows (numbered as the scheduler numbers them) live in slots of one pool: `slots[row]` is row's slot,
+and a row that leaves hands its number to the last row, as the scheduler does (a list entry moves, no
+keys and values). A finished row's slot becomes a prefix cache entry (prefix_cache.py) instead of
+being freed; a joining prompt that continues an entry takes its slot over, and other hits (a shared
+template, a request's candidates starting from their leader's row) copy the reused columns into a free
+slot. The pool holds `max_batch_size` rows plus the entries the cache budget pays for (`cache_bytes`
+over a full-window slot's bytes), allocated once: the running rows never wait for a slot, and peak KV
+memory is known when the pool is built.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from botkit.engine.kvcache import SlotCache, register_attention
-from botkit.engine.prefix_cache import PrefixCache
+from botkit.engine.prefix_cache import Entry, PrefixCache
+
+log = logging.getLogger("botkit")
 
 
 @dataclass
 class Prefill:
     """A joining row: its tokens (the whole context), of which the first `past` are reused from
-    `source` (a row of this cache, a prefix cache entry's tensor, or None when past is 0)."""
+    `source` (a running row, a prefix cache entry, or None when past is 0)."""
 
     tokens: list[int]
     past: int = 0
-    source: int | torch.Tensor | None = None
+    source: int | Entry | None = None
 
 
 class Runner:
@@ -34,8 +45,21 @@ class Runner:
         model.set_attn_implementation(register_attention())
         self.window, self.max_batch_size, self.padded_decode = window, max_batch_size, padded_decode
         self.no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=model.device)  # see run()
-        self.prefix_cache = PrefixCache(cache_bytes)
+        config = model.config
+        self.bytes_per_token = 2 * config.n_layer * config.n_embd * model.dtype.itemsize  # keys and values
+        num_cached = cache_bytes // (self.bytes_per_token * window)
+        if cache_bytes and not num_cached:
+            log.warning(
+                "cache_mb = %d holds no conversation: one takes %d MB at this model's window; "
+                "conversation reuse is off. Set [batch] cache_mb to at least that, or to 0.",
+                cache_bytes // 2**20,
+                -(-self.bytes_per_token * window // 2**20),
+            )
+        self.num_slots = max_batch_size + num_cached
+        self.prefix_cache = PrefixCache(num_cached, self.bytes_per_token)
         self.cache: SlotCache | None = None
+        self.slots: list[int] = []  # row i's slot
+        self._joined: list[tuple[int, Entry | None]] = []  # this step's joining rows: slot, the entry it took over
         self.num_forward_passes = 0
         self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (not reused)
         self._step_prompt_tokens = 0
@@ -43,16 +67,15 @@ class Runner:
     def run(self, decode: list[tuple[int, int]], prefills: list[Prefill]) -> torch.Tensor:
         """One forward: `decode` is (row, its next token) of each decoding row; each Prefill becomes
         the next new row. Returns (rows, vocab) logits, decode rows first. Nothing is kept until end()."""
-        needed = [self.cache.lengths[r] + 1 for r, _ in decode] + [len(p.tokens) for p in prefills]
+        needed = [self.cache.lengths[self.slots[r]] + 1 for r, _ in decode] + [len(p.tokens) for p in prefills]
         cache = self._ensure_cache(max(needed))
-        first_row = len(cache.lengths)
-        for row, p in enumerate(prefills, start=first_row):
-            if isinstance(p.source, int):
-                cache.copy_row(p.source, row, p.past)
-            elif p.past:
-                cache.write_row(row, p.source, p.past)
+        self._joined = []
+        for p in prefills:
+            self._joined.append(self._slot_for(p))
         step = cache.begin(
-            [r for r, _ in decode], [(p.past, len(p.tokens) - p.past) for p in prefills], padded=self.padded_decode
+            [self.slots[r] for r, _ in decode],
+            [(slot, p.past, len(p.tokens) - p.past) for (slot, _), p in zip(self._joined, prefills, strict=True)],
+            padded=self.padded_decode,
         )
         ids = [t for _, t in decode] + [t for p in prefills for t in p.tokens[p.past :]]
         positions = [n - 1 for _, n in step.decode] + [c for j in step.joins for c in range(j.past, j.length)]
@@ -72,51 +95,77 @@ class Runner:
         )
         return out.logits[0]
 
+    def _slot_for(self, p: Prefill) -> tuple[int, Entry | None]:
+        """A joining row's slot, and the entry it took over: the cached conversation it continues (no copy),
+        else a free slot holding a copy of the columns it reuses."""
+        entry = p.source if isinstance(p.source, Entry) else None
+        # (an entry an earlier row of this step took over is no longer cached: copy from it)
+        if entry and entry.is_continued_by(p.past) and id(entry) in self.prefix_cache.entries:
+            return self.prefix_cache.take(entry), entry
+        slot = self.cache.allocate()
+        if p.past:
+            self.cache.copy_slot(entry.slot if entry else self.slots[p.source], slot, p.past)
+        return slot, None
+
     def end(self) -> None:
         """The step succeeded: its rows keep their new keys and values."""
         self.cache.end()
+        self.slots += [slot for slot, _ in self._joined]
+        self._joined = []
         self.num_forward_passes += 1
         self.num_prompt_tokens_computed += self._step_prompt_tokens
 
     def abort(self) -> None:
-        """The step failed: the cache stays as it was before it."""
+        """The step failed: the pool and the prefix cache are as they were before it (an entry a joining
+        row took over is cached again: the step wrote only past its tokens)."""
+        for slot, entry in self._joined:
+            if entry is not None:
+                self.prefix_cache.restore(entry)
+            else:
+                self.cache.release(slot)
+        self._joined = []
         if self.cache is not None:
             self.cache.step = None
 
-    def lookup(self, tokens: list[int]) -> tuple[torch.Tensor | None, int]:
-        """The longest cached prefix of `tokens`: (its keys and values, its length), or (None, 0)."""
-        if self.prefix_cache.max_bytes == 0:
+    def lookup(self, tokens: list[int]) -> tuple[Entry | None, int]:
+        """The cached conversation sharing the longest prefix with `tokens`, and that prefix's length."""
+        if self.prefix_cache.max_entries == 0:
             return None, 0
-        entry, past = self.prefix_cache.lookup(tokens)
-        return (entry.kv, past) if entry else (None, 0)
+        return self.prefix_cache.lookup(tokens)
 
-    def keep(self, row: int, tokens: list[int]) -> None:
-        """A finished row's keys and values, for a later prompt that extends it (the chat's next turn)."""
-        if self.prefix_cache.max_bytes:
-            n = self.cache.lengths[row]
-            self.prefix_cache.add(tokens[:n], self.cache.read_row(row, n))
+    def drop_row(self, row: int, keep: list[int] | None = None, num_prompt_tokens: int = 0) -> None:
+        """Free `row` (the last row takes its number, as Scheduler.drop_row does). With `keep` (the row's
+        context, its first `num_prompt_tokens` the prompt), its slot becomes a prefix cache entry for a
+        later prompt that continues it."""
+        slot = self.slots[row]
+        self.slots[row] = self.slots[-1]
+        self.slots.pop()
+        if keep is None:
+            freed = [slot]
+        else:
+            freed = self.prefix_cache.add(keep[: self.cache.lengths[slot]], slot, num_prompt_tokens)
+        for s in freed:
+            self.cache.release(s)
 
-    def drop_row(self, row: int) -> None:
-        """Free `row`: the last row moves into it (as Scheduler.drop_row does to its list)."""
-        last = len(self.cache.lengths) - 1
-        if row != last:
-            self.cache.move_row(last, row)
-        self.cache.pop_row()
+    def drop_cached_prefixes(self) -> None:
+        for slot in self.prefix_cache.clear():
+            self.cache.release(slot)
 
     def rewind_row(self, row: int, length: int) -> None:
         """Keep only the first `length` columns of `row` (a redraw from its prompt)."""
-        self.cache.lengths[row] = length
+        self.cache.lengths[self.slots[row]] = length
 
     def reset(self) -> None:
-        self.cache = None
+        self.cache, self.slots, self._joined = None, [], []
+        self.prefix_cache.clear()
 
     def _ensure_cache(self, columns: int) -> SlotCache:
         if self.cache is None:
             device = self.model.device
-            # On CPU a full-window buffer costs only the pages rows write; on a GPU memory is real: grow.
+            # On CPU a full-window slot costs only the pages it writes; on a GPU memory is real: grow.
             capacity = self.window if device.type == "cpu" else min(self.window, columns + 128)
             self.cache = SlotCache(
-                self.model.config, self.max_batch_size, capacity, self.model.dtype, device, zeroed=self.padded_decode
+                self.model.config, self.num_slots, capacity, self.model.dtype, device, zeroed=self.padded_decode
             )
         elif self.cache.capacity < columns:
             self.cache.grow(min(self.window, max(columns, 2 * self.cache.capacity)))

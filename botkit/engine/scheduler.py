@@ -1,8 +1,8 @@
 """Who runs in the next step: which waiting sequences join, which rows slide, who leaves. Torch-free
 (nano-vllm's `Scheduler` shape): it knows rows and token counts, never tensors, and its tests load no model.
 
-Row i of `rows` lives in row i of the runner's cache. A row that leaves is replaced by the last row;
-the runner applies the same rule to its cache (`Runner.drop_row`), so both stay in step. A running
+Row i of `rows` lives in the runner's slot `slots[i]` (runner.py). A row that leaves is replaced by
+the last row; the runner applies the same rule to its slot list (`Runner.drop_row`), so both stay in step. A running
 row holds the keys and values of its context but its last token, which the next step feeds.
 
 A step that raises fails no one at first: `failed()` splits its sequences in two groups, each
