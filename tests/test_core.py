@@ -18,7 +18,15 @@ import pytest
 from botkit.chat.chats import Chats, Prompt
 from botkit.config import Config
 from botkit.engine.engine import Engine
-from botkit.errors import BusyError, GenerationError, InputError, RateLimitedError, RequestCancelled, RequestTimeout
+from botkit.errors import (
+    BusyError,
+    GenerationError,
+    InputError,
+    ModelLoadError,
+    RateLimitedError,
+    RequestCancelled,
+    RequestTimeout,
+)
 from botkit.params import SamplingParams
 from botkit.serve.backends import LocalBackend
 from botkit.serve.core import Core, Who
@@ -192,6 +200,21 @@ async def test_a_flooding_user_does_not_starve_a_light_user(serve):
         t._future.add_done_callback(lambda f, t=t: order.append(t))
     await asyncio.gather(*(t.result() for t in [*flood, light]))
     assert order.index(light) == 2
+
+
+async def test_an_engine_that_cannot_start_stops_the_backend_with_its_reason(tiny_lm, monkeypatch):
+    def out_of_memory(engine):
+        raise MemoryError("cannot allocate 512 MB")
+
+    monkeypatch.setattr(Engine, "warm_up", out_of_memory)
+    with pytest.raises(ModelLoadError, match=r"engine could not start \(MemoryError: cannot allocate 512 MB\)"):
+        async with LocalBackend(tiny_lm, max_batch_size=2):
+            pass
+
+
+async def test_the_backend_serves_once_its_engine_is_warm(tiny_lm):
+    async with LocalBackend(tiny_lm, max_batch_size=2) as backend:
+        assert backend.engine is not None and backend.engine.num_forward_passes == 0  # the warm-up is not a step
 
 
 async def test_a_failing_step_fails_only_its_requests_after_one_retry_alone(serve, tiny_lm):

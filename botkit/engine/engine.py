@@ -162,6 +162,12 @@ class Engine:
             seq.is_reusable = False
         self._not_reusable_ids.update(not_reusable_ids)
 
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """One forward pass of one token outside any step (nothing cached or counted), so that the first
+        reply does not pay for the first calls into oneDNN, OpenMP and the allocator."""
+        self.runner.model(input_ids=torch.tensor([[self.eos]], device=self.runner.model.device))
+
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work

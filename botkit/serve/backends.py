@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from botkit.errors import GenerationError
+from botkit.errors import GenerationError, ModelLoadError
 from botkit.params import SamplingParams
 
 if TYPE_CHECKING:  # torch loads with the worker, not with the core
@@ -112,6 +112,8 @@ class LocalBackend:
         self._tokenizer = copy.deepcopy(lm.tokenizer)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._started = threading.Event()  # the engine is built and warm, or failed (_start_error)
+        self._start_error: Exception | None = None
         self._by_seq: dict[int, _Pending] = {}
 
     def count_tokens(self, text: str) -> int:
@@ -121,8 +123,15 @@ class LocalBackend:
         return self._tokenizer(text, verbose=False).input_ids  # not verbose: long chats are slid, not truncated
 
     async def __aenter__(self) -> LocalBackend:
+        """Returns once the engine is built and warm: until then nothing would be served (/healthz, the
+        first reply), and an engine that cannot start stops botkit with its reason."""
         self._thread = threading.Thread(target=self._run, name="botkit-generation", daemon=True)
         self._thread.start()
+        await asyncio.to_thread(self._started.wait)
+        if self._start_error is not None:
+            await asyncio.to_thread(self._thread.join)
+            error = self._start_error
+            raise ModelLoadError(f"The generation engine could not start ({type(error).__name__}: {error}).")
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -160,9 +169,16 @@ class LocalBackend:
         from botkit.engine.engine import Engine
 
         torch.set_grad_enabled(False)
-        engine = self.engine = Engine(
-            self.lm, self.max_batch_size, cache_mb=self.cache_mb, before_step=self.before_step, prepack=self.prepack
-        )
+        try:
+            engine = self.engine = Engine(
+                self.lm, self.max_batch_size, cache_mb=self.cache_mb, before_step=self.before_step, prepack=self.prepack
+            )
+            engine.warm_up()
+        except Exception as exc:  # noqa: BLE001 - __aenter__ raises it with botkit's sentence
+            self._start_error = exc
+            return
+        finally:
+            self._started.set()
         while True:
             try:
                 message = self._inbox.get(block=not engine.has_work)
