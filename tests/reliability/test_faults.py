@@ -110,20 +110,20 @@ async def test_a_fault_inside_the_forward_pass_loses_none_of_the_prompts_joining
             raised.append(True)
             raise RuntimeError("fault inside the forward pass")
 
-    hook = tiny_lm.model.register_forward_pre_hook(fail_once, with_kwargs=True)
-    try:
-        async with (
-            Store.open(tmp_path / "bot.db") as store,
-            LocalBackend(tiny_lm, max_batch_size=8) as backend,
-            Core(backend, store, make_config()) as core,
-        ):
+    async with (
+        Store.open(tmp_path / "bot.db") as store,
+        LocalBackend(tiny_lm, max_batch_size=8) as backend,
+        Core(backend, store, make_config()) as core,
+    ):
+        hook = tiny_lm.model.register_forward_pre_hook(fail_once, with_kwargs=True)  # after the engine's warm-up
+        try:
             chats = Chats(core, store, core.config)
             tickets = [await chats.submit(prompt(f"hello number {i}", i)) for i in range(4)]
             results = await asyncio.wait_for(settle(tickets), 60)
             assert raised and all(not isinstance(r, BaseException) for r in results), results
             assert [(await row(store, t.request_id))["status"] for t in tickets] == ["done"] * 4
-    finally:
-        hook.remove()
+        finally:
+            hook.remove()
 
 
 class FailAfterSteps:
