@@ -101,6 +101,17 @@ def make_config(model_dir: Path, num_chats: int, venv: Path, pythonpath: str, bo
     )
 
 
+def level_result(num_chats: int, num_tokens: int, seconds: float, texts: dict) -> dict:
+    log(f"  {num_chats} chats: {num_tokens} tokens in {seconds:.1f} s, {num_tokens / seconds:.1f} tok/s")
+    return {
+        "chats": num_chats,
+        "tokens": num_tokens,
+        "seconds": round(seconds, 2),
+        "tok_s": round(num_tokens / seconds, 1),
+        "texts": texts,
+    }
+
+
 def engine_level(lm, requests: list[dict], num_chats: int) -> dict:
     """The own engine alone (no HTTP, no Core, no store): `num_chats` closed loops over `requests`, each
     chat's next request added when its reply ends. What serving costs is the own arm's tok/s over this."""
@@ -120,15 +131,7 @@ def engine_level(lm, requests: list[dict], num_chats: int) -> dict:
                 num_tokens += len([t for t in event.seq.generated if t != lm.eos_token_id])
                 if todo:
                     add(todo.popleft())
-    seconds = time.perf_counter() - started
-    log(f"  {num_chats} chats: {num_tokens} tokens in {seconds:.1f} s, {num_tokens / seconds:.1f} tok/s")
-    return {
-        "chats": num_chats,
-        "tokens": num_tokens,
-        "seconds": round(seconds, 2),
-        "tok_s": round(num_tokens / seconds, 1),
-        "texts": texts,
-    }
+    return level_result(num_chats, num_tokens, time.perf_counter() - started, texts)
 
 
 async def shared_level(core_or_client, requests: list[dict], num_chats: int) -> dict:
@@ -154,15 +157,7 @@ async def shared_level(core_or_client, requests: list[dict], num_chats: int) -> 
 
     started = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(num_chats)))
-    seconds = time.perf_counter() - started
-    log(f"  {num_chats} chats: {num_tokens} tokens in {seconds:.1f} s, {num_tokens / seconds:.1f} tok/s")
-    return {
-        "chats": num_chats,
-        "tokens": num_tokens,
-        "seconds": round(seconds, 2),
-        "tok_s": round(num_tokens / seconds, 1),
-        "texts": texts,
-    }
+    return level_result(num_chats, num_tokens, time.perf_counter() - started, texts)
 
 
 async def direct(client: RemoteClient, prompt: str, params, first_at: list | None = None) -> tuple[str, int]:

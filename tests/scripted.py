@@ -160,3 +160,19 @@ def install_beside_vllm(target: Path) -> Path:
     command = [str(VLLM_PYTHON), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target"]
     subprocess.run([*command, str(target), str(ROOT)], check=True, capture_output=True, timeout=300)
     return target
+
+
+def hf_greedy(lm, ids: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation of token ids `ids` alone: exactly n new tokens."""
+    import torch
+
+    ids = torch.tensor([ids])
+    out = lm.model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        pad_token_id=lm.eos_token_id,
+    )
+    return out[0, ids.shape[1] :].tolist()

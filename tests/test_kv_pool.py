@@ -3,6 +3,7 @@ a chat's next turn takes its conversation's slot over with no copy, eviction fre
 never grows past what was planned, and a failed step leaves the cache as it was."""
 
 import torch
+from scripted import hf_greedy
 from transformers import GPT2Config
 
 from botkit.engine.engine import Engine
@@ -11,19 +12,6 @@ from botkit.params import SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
 SLOT_MB = 2 * 2 * 32 * 4 * 1024 / 2**20  # tiny_lm: layers x (k, v) x width x fp32 bytes x window = 0.5 MB
-
-
-def hf_greedy(lm, ids, n):
-    ids = torch.tensor([ids])
-    out = lm.model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        do_sample=False,
-        max_new_tokens=n,
-        min_new_tokens=n,
-        pad_token_id=lm.eos_token_id,
-    )
-    return out[0, ids.shape[1] :].tolist()
 
 
 def random_ids(n, seed):

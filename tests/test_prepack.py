@@ -3,6 +3,7 @@ and the model itself is left as it was (it may still be trained or saved)."""
 
 import pytest
 import torch
+from scripted import hf_greedy
 from transformers import GPT2Config
 from transformers.pytorch_utils import Conv1D
 
@@ -59,13 +60,4 @@ def test_greedy_text_on_packed_weights_equals_transformers(wide_lm):
     while engine.has_work:
         engine.step()
     for prompt, n, seq in zip(prompts, lengths, seqs, strict=True):
-        ids = torch.tensor([prompt])
-        expected = wide_lm.model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=n,
-            min_new_tokens=n,
-            pad_token_id=0,
-        )[0, len(prompt) :].tolist()
-        assert seq.generated == expected
+        assert seq.generated == hf_greedy(wide_lm, prompt, n)

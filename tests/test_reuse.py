@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scripted import hf_greedy
 from transformers import GPT2Config
 
 from botkit.engine.engine import Engine, default_cache_mb
@@ -15,19 +16,6 @@ from botkit.model.loading import load_model
 from botkit.params import SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
-
-
-def hf_greedy(lm, ids, n):
-    ids = torch.tensor([ids])
-    out = lm.model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        do_sample=False,
-        max_new_tokens=n,
-        min_new_tokens=n,
-        pad_token_id=lm.eos_token_id,
-    )
-    return out[0, ids.shape[1] :].tolist()
 
 
 def run(engine, prompt_ids, params=GREEDY):
